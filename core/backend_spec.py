@@ -1,0 +1,57 @@
+"""What a backend plugin registers: its name, device kind, formats, a cheap probe and a lazy factory."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import PluginError
+
+if TYPE_CHECKING:
+    from .experts import ExpertBackend
+    from .hardware.inventory import HardwareInventory
+
+DEVICE_KINDS = ("cpu", "cuda", "rocm", "npu")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A backend's answer to "can you run here?". score 0 = unusable; reason always says why.
+
+    downgrade=True marks a backend the hardware could run but the software cannot yet (not built, a
+    library missing): choosing something else instead is a downgrade, which --strict refuses.
+    """
+
+    score: int
+    reason: str
+    downgrade: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return self.score > 0
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    device: str
+    formats: tuple[str, ...]
+    probe: Callable[[HardwareInventory], Probe]
+    factory: Callable[[HardwareInventory], ExpertBackend]
+    description: str = ""
+
+    def __post_init__(self):
+        if self.device not in DEVICE_KINDS:
+            raise PluginError(f"backend {self.name!r}: device must be one of {DEVICE_KINDS}, got {self.device!r}")
+        if not self.name or not isinstance(self.formats, tuple):
+            raise PluginError(f"backend {self.name!r}: needs a name and a tuple of formats")
+
+    def safe_probe(self, inventory: HardwareInventory) -> Probe:
+        """The probe, with a crash turned into an unusable verdict that names the exception."""
+        try:
+            p = self.probe(inventory)
+        except Exception as exc:  # a probe must never take the process down
+            return Probe(0, f"probe failed: {type(exc).__name__}: {exc}")
+        if not isinstance(p, Probe):
+            return Probe(0, f"probe returned {type(p).__name__}, not Probe")
+        return p

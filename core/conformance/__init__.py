@@ -1,0 +1,1 @@
+"""The backend conformance suite: generic cases any backend runs against the float64 oracle."""

@@ -1,0 +1,300 @@
+"""The expert-compute contract every backend implements, and the checks every backend shares.
+
+A backend computes, for T tokens each routed to k experts,
+
+    out[t] = sum_j  topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])
+    expert_e(x) = down_e( act(gate_e(x)) * up_e(x) )          (activation "silu")
+
+over the experts it holds; ids it does not hold contribute nothing, which is how placement splits one
+layer across tiers. `ExpertBackend` does the validation, the format conversion and the async plumbing
+once, so a backend only writes `pack` and `compute`.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .errors import DTypeError, ExpertIdError, FormatError, NonFiniteError, ShapeError
+from .formats import QuantizedTensor, WeightFormat, convert, get_format
+
+ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+@dataclass(frozen=True)
+class ExpertLayerSpec:
+    """The shape of one MoE layer's routed experts.
+
+    activation "silu": down(silu(gate x) * up x). "swiglu_oai" (gpt-oss): gate = min(gate x + bg, limit),
+    up = clamp(up x + bu, -limit, limit), down((up + 1) * gate * sigmoid(alpha * gate)) + bd.
+    """
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    has_bias: bool = False
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ShapeError(f"ExpertLayerSpec.{name} must be a positive int, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise ShapeError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if self.activation not in ACTIVATIONS:
+            raise FormatError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
+
+    def expert_bytes(self, fmt: str | WeightFormat) -> int:
+        """Bytes of one expert's three matrices in `fmt`."""
+        f = get_format(fmt)
+        h, i = self.hidden_size, self.intermediate_size
+        return 2 * f.nbytes(i, h) + f.nbytes(h, i)
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertTensors:
+    """One expert: gate and up are [I, H], down is [H, I]; biases (fp32) only for activation swiglu_oai."""
+
+    gate: QuantizedTensor
+    up: QuantizedTensor
+    down: QuantizedTensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def fmt(self) -> WeightFormat:
+        return self.gate.fmt
+
+    def to_format(self, fmt: str | WeightFormat) -> ExpertTensors:
+        fmt = get_format(fmt)
+        if self.gate.fmt == self.up.fmt == self.down.fmt == fmt:
+            return self
+        return ExpertTensors(convert(self.gate, fmt), convert(self.up, fmt), convert(self.down, fmt),
+                             self.gate_bias, self.up_bias, self.down_bias)
+
+
+class ExpertSource(Protocol):
+    """Where a backend's `prepare` reads experts from: in memory, or a checkpoint read one expert at a time."""
+
+    def expert(self, expert_id: int) -> ExpertTensors: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertWeights:
+    """An in-memory ExpertSource: a mapping from expert id to its tensors."""
+
+    experts: Mapping[int, ExpertTensors]
+
+    def expert(self, expert_id: int) -> ExpertTensors:
+        try:
+            return self.experts[expert_id]
+        except KeyError:
+            raise ExpertIdError(f"expert {expert_id} is not in this weight set (have {len(self.experts)} experts)") from None
+
+    @classmethod
+    def from_float(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fmt: str | WeightFormat,
+                   biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> ExpertWeights:
+        """Quantize stacked float weights gate/up [E, I, H], down [E, H, I] (biases [E,I],[E,I],[E,H])."""
+        from .formats import quantize
+
+        if gate.ndim != 3 or up.shape != gate.shape or down.ndim != 3 or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
+            raise ShapeError(f"expected gate/up [E, I, H] and down [E, H, I], got {list(gate.shape)}, {list(up.shape)}, {list(down.shape)}")
+        out = {}
+        for e in range(gate.shape[0]):
+            b = (biases[0][e].float(), biases[1][e].float(), biases[2][e].float()) if biases is not None else (None, None, None)
+            out[e] = ExpertTensors(quantize(gate[e], fmt), quantize(up[e], fmt), quantize(down[e], fmt), *b)
+        return cls(out)
+
+
+@dataclass(eq=False)
+class PreparedExperts:
+    """Experts packed into one backend's layout on its tier. `payload` is the backend's own business."""
+
+    backend: str
+    layer: ExpertLayerSpec
+    fmt: WeightFormat
+    expert_ids: tuple[int, ...]
+    payload: Any = field(repr=False)
+    nbytes: int = 0
+
+    def holds(self, expert_id: int) -> bool:
+        return expert_id in self._held
+
+    def __post_init__(self):
+        self._held = frozenset(self.expert_ids)
+
+
+class Pending:
+    """A submitted forward; `wait()` returns its output (or raises the error it hit)."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+NAN_POLICIES = ("raise", "propagate")
+_HIDDEN_DTYPES = (torch.float32, torch.bfloat16)
+_OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """Validated forward inputs: contiguous, ids int64 in range, weights fp32."""
+
+    hidden: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    out_dtype: torch.dtype
+
+
+class ExpertBackend(ABC):
+    """Base of every backend. Subclasses set `name` and `formats` and implement `pack` and `compute`."""
+
+    name: str = "?"
+    formats: tuple[str, ...] = ()
+
+    def __init__(self, nan_policy: str = "raise"):
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    # ---- what a backend implements -------------------------------------------------------------
+    @abstractmethod
+    def pack(self, layer: ExpertLayerSpec, fmt: WeightFormat, experts: Mapping[int, ExpertTensors]) -> Any:
+        """Repack validated experts (all already in `fmt`) into this backend's layout; return the payload."""
+
+    @abstractmethod
+    def compute(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
+        """Return out [T, H] in inputs.out_dtype for validated inputs. Must be safe to call from two threads."""
+
+    # ---- the contract ---------------------------------------------------------------------------
+    def prepare(self, layer: ExpertLayerSpec, weights: ExpertSource, experts: Iterable[int],
+                fmt: str | WeightFormat) -> PreparedExperts:
+        fmt = get_format(fmt)
+        if fmt.name not in self.formats:
+            raise FormatError(f"backend {self.name} does not compute format {fmt}; it computes {', '.join(self.formats)}")
+        ids = tuple(int(e) for e in experts)
+        if len(set(ids)) != len(ids):
+            raise ExpertIdError(f"expert ids given to prepare repeat: {sorted(ids)}")
+        for e in ids:
+            if not 0 <= e < layer.num_experts:
+                raise ExpertIdError(f"expert id {e} out of range [0, {layer.num_experts})")
+        tensors = {}
+        for e in ids:
+            t = weights.expert(e)
+            check_expert_tensors(layer, e, t)
+            tensors[e] = t.to_format(fmt)
+        payload = self.pack(layer, fmt, tensors)
+        return PreparedExperts(self.name, layer, fmt, ids, payload, nbytes=len(ids) * layer.expert_bytes(fmt))
+
+    def forward(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        inputs = self.validate(prepared, hidden, topk_ids, topk_weights, out_dtype)
+        if inputs.hidden.shape[0] == 0 or not prepared.expert_ids:
+            return torch.zeros(inputs.hidden.shape, dtype=out_dtype)
+        return self.compute(prepared, inputs)
+
+    def submit(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> Pending:
+        """Start a forward and return at once; the inputs must stay unchanged until `wait()` returns.
+        Bad inputs raise here, not at wait()."""
+        inputs = self.validate(prepared, hidden, topk_ids, topk_weights, out_dtype)
+        return Pending(self._pool().submit(self._run, prepared, inputs))
+
+    def _run(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
+        if inputs.hidden.shape[0] == 0 or not prepared.expert_ids:
+            return torch.zeros(inputs.hidden.shape, dtype=inputs.out_dtype)
+        return self.compute(prepared, inputs)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"moetier-{self.name}")
+            return self._executor
+
+    def validate(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, out_dtype: torch.dtype) -> ForwardInputs:
+        """The typed checks every backend's forward gets; see the conformance suite for each case."""
+        if not isinstance(prepared, PreparedExperts) or prepared.backend != self.name:
+            got = prepared.backend if isinstance(prepared, PreparedExperts) else type(prepared).__name__
+            raise TypeError(f"backend {self.name} got experts prepared by {got}")
+        return validate_forward_inputs(prepared.layer, hidden, topk_ids, topk_weights, out_dtype, self.nan_policy)
+
+
+def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                            topk_weights: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                            nan_policy: str = "raise") -> ForwardInputs:
+    for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise DTypeError(f"{name} must be a CPU tensor for this backend, got device {t.device}")
+    if hidden.ndim != 2 or hidden.shape[1] != layer.hidden_size:
+        raise ShapeError(f"hidden must be [T, {layer.hidden_size}], got {list(hidden.shape)}")
+    if hidden.dtype not in _HIDDEN_DTYPES:
+        raise DTypeError(f"hidden must be float32 or bfloat16, got {hidden.dtype}")
+    if out_dtype not in _OUT_DTYPES:
+        raise DTypeError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    T = hidden.shape[0]
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != T or topk_ids.shape[1] < 1:
+        raise ShapeError(f"topk_ids must be [T={T}, k>=1], got {list(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ShapeError(f"topk_weights must match topk_ids {list(topk_ids.shape)}, got {list(topk_weights.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise DTypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not t.is_contiguous():
+            raise ShapeError(f"{name} must be contiguous (call .contiguous() first); got strides {t.stride()}")
+    if topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= layer.num_experts:
+            bad = lo if lo < 0 else hi
+            raise ExpertIdError(f"expert id {bad} in topk_ids is out of range [0, {layer.num_experts})")
+    weights = topk_weights.to(torch.float32).contiguous()
+    if nan_policy == "raise" and T:
+        if not torch.isfinite(hidden).all():
+            raise NonFiniteError("hidden contains NaN or Inf (nan_policy='raise')")
+        if not torch.isfinite(weights).all():
+            raise NonFiniteError("topk_weights contain NaN or Inf (nan_policy='raise')")
+    return ForwardInputs(hidden, topk_ids.to(torch.int64).contiguous(), weights, out_dtype)
+
+
+def check_expert_tensors(layer: ExpertLayerSpec, expert_id: int, t: ExpertTensors) -> None:
+    """Shapes of one expert against its layer; raises ShapeError naming the expert and the matrix."""
+    h, i = layer.hidden_size, layer.intermediate_size
+    for name, q, want in (("gate", t.gate, (i, h)), ("up", t.up, (i, h)), ("down", t.down, (h, i))):
+        if not isinstance(q, QuantizedTensor):
+            raise DTypeError(f"expert {expert_id} {name}: expected a QuantizedTensor, got {type(q).__name__}")
+        if tuple(q.shape) != want:
+            raise ShapeError(f"expert {expert_id} {name} weight must be {list(want)}, got {list(q.shape)}")
+    biases = (("gate_bias", t.gate_bias, i), ("up_bias", t.up_bias, i), ("down_bias", t.down_bias, h))
+    if layer.has_bias:
+        for name, b, n in biases:
+            if b is None or tuple(b.shape) != (n,):
+                raise ShapeError(f"expert {expert_id} {name} must be [{n}], got {None if b is None else list(b.shape)}")
+    elif any(b is not None for _, b, _ in biases):
+        raise ShapeError(f"expert {expert_id} carries biases but the layer has has_bias=False")
+
+
+def expert_ids_in(topk_ids: torch.Tensor) -> Sequence[int]:
+    """The distinct expert ids a batch routes to, ascending."""
+    return torch.unique(topk_ids).tolist()

@@ -1,0 +1,227 @@
+"""Weight formats: one reference quantize and dequantize per format, used by every backend and test.
+
+A quantized matrix is always stored in PyTorch's [out, in] orientation. Scales multiply (they are what
+checkpoints call `weight_scale_inv`, the inverse of the quantization factor). Packed layouts depend on
+the matrix alone, never on the thread or NUMA count of the machine that made them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DTypeError, FormatError, NonFiniteError, ShapeError
+
+FP8_BLOCK = 128
+FP8_E4M3_MAX = 448.0
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One storage format of expert weights.
+
+    kind: "float" (bf16/fp16/fp32), "int8" (symmetric per output row), "int4" (symmetric groups along the
+    input dimension, two values per byte, low nibble first, stored as q+8), "fp8" (e4m3 with 128x128
+    block scales: the DeepSeek-V3 / Kimi-K2 / MiniMax-M2 shipping format).
+    """
+
+    name: str
+    kind: str
+    dtype: torch.dtype | None = None  # float formats: the storage dtype
+    group_size: int | None = None  # int4: elements per scale along the input dimension
+    block: tuple[int, int] | None = None  # fp8: (rows, cols) per scale
+
+    def __str__(self) -> str:
+        return self.name
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        """Bytes one [out, in] matrix occupies in this format, scales included."""
+        n = out_features * in_features
+        if self.kind == "float":
+            return n * torch.empty((), dtype=self.dtype).element_size()
+        if self.kind == "int8":
+            return n + 4 * out_features
+        if self.kind == "int4":
+            return out_features * ((in_features + 1) // 2) + 4 * out_features * math.ceil(in_features / self.group_size)
+        if self.kind == "fp8":
+            return n + 4 * math.ceil(out_features / FP8_BLOCK) * math.ceil(in_features / FP8_BLOCK)
+        raise FormatError(f"unknown format kind {self.kind!r}")
+
+
+FORMATS: dict[str, WeightFormat] = {
+    "fp32": WeightFormat("fp32", "float", dtype=torch.float32),
+    "bf16": WeightFormat("bf16", "float", dtype=torch.bfloat16),
+    "fp16": WeightFormat("fp16", "float", dtype=torch.float16),
+    "int8": WeightFormat("int8", "int8"),
+    **{f"int4_g{g}": WeightFormat(f"int4_g{g}", "int4", group_size=g) for g in INT4_GROUP_SIZES},
+    "fp8_e4m3": WeightFormat("fp8_e4m3", "fp8", block=(FP8_BLOCK, FP8_BLOCK)),
+}
+
+
+def get_format(fmt: str | WeightFormat) -> WeightFormat:
+    """The format named `fmt` (or `fmt` itself); FormatError lists the known names otherwise."""
+    if isinstance(fmt, WeightFormat):
+        return fmt
+    try:
+        return FORMATS[fmt]
+    except (KeyError, TypeError):
+        raise FormatError(f"unknown weight format {fmt!r}; known formats: {', '.join(FORMATS)}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A [out, in] weight matrix in one format.
+
+    data: float formats: the matrix in `fmt.dtype`; int8: int8 [out, in]; int4: uint8 [out, ceil(in/2)];
+    fp8: torch.float8_e4m3fn [out, in].
+    scales (fp32): int8: [out]; int4: [out, ceil(in/group)]; fp8: [ceil(out/128), ceil(in/128)].
+    """
+
+    fmt: WeightFormat
+    shape: tuple[int, int]
+    data: torch.Tensor
+    scales: torch.Tensor | None = None
+
+    def __post_init__(self):
+        _check_layout(self)
+
+    @property
+    def nbytes(self) -> int:
+        return self.fmt.nbytes(*self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+
+def _scale_shape(fmt: WeightFormat, out_f: int, in_f: int) -> tuple[int, ...] | None:
+    if fmt.kind == "int8":
+        return (out_f,)
+    if fmt.kind == "int4":
+        return (out_f, math.ceil(in_f / fmt.group_size))
+    if fmt.kind == "fp8":
+        return (math.ceil(out_f / fmt.block[0]), math.ceil(in_f / fmt.block[1]))
+    return None
+
+
+def _data_spec(fmt: WeightFormat, out_f: int, in_f: int) -> tuple[tuple[int, int], torch.dtype]:
+    if fmt.kind == "float":
+        return (out_f, in_f), fmt.dtype
+    if fmt.kind == "int8":
+        return (out_f, in_f), torch.int8
+    if fmt.kind == "int4":
+        return (out_f, (in_f + 1) // 2), torch.uint8
+    return (out_f, in_f), torch.float8_e4m3fn
+
+
+def _check_layout(q: QuantizedTensor) -> None:
+    if len(q.shape) != 2 or min(q.shape) < 1:
+        raise ShapeError(f"{q.fmt} tensor: logical shape must be [out, in] with positive sizes, got {q.shape}")
+    want_shape, want_dtype = _data_spec(q.fmt, *q.shape)
+    if tuple(q.data.shape) != want_shape:
+        raise ShapeError(f"{q.fmt} tensor of shape {q.shape}: data must be {list(want_shape)}, got {list(q.data.shape)}")
+    if q.data.dtype != want_dtype:
+        raise DTypeError(f"{q.fmt} tensor: data must be {want_dtype}, got {q.data.dtype}")
+    want_scales = _scale_shape(q.fmt, *q.shape)
+    if want_scales is None:
+        if q.scales is not None:
+            raise FormatError(f"{q.fmt} tensor takes no scales")
+        return
+    if q.scales is None:
+        raise FormatError(f"{q.fmt} tensor needs scales of shape {list(want_scales)}")
+    if tuple(q.scales.shape) != want_scales:
+        raise ShapeError(f"{q.fmt} tensor of shape {q.shape}: scales must be {list(want_scales)}, got {list(q.scales.shape)}")
+    if q.scales.dtype != torch.float32:
+        raise DTypeError(f"{q.fmt} tensor: scales must be float32, got {q.scales.dtype}")
+
+
+def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    # An all-zero row or group gets scale 1: its codes are 0 and it dequantizes to exact zeros.
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(torch.float32)
+
+
+def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedTensor:
+    """Quantize a float [out, in] matrix to `fmt` with the reference (round-to-nearest) scheme."""
+    fmt = get_format(fmt)
+    if weight.ndim != 2:
+        raise ShapeError(f"expected a 2-D [out, in] weight, got shape {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise DTypeError(f"expected a floating-point weight, got {weight.dtype}")
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        raise NonFiniteError("weight contains NaN or Inf; refusing to quantize it")
+    out_f, in_f = w.shape
+    if fmt.kind == "float":
+        return QuantizedTensor(fmt, (out_f, in_f), weight.detach().to(fmt.dtype).contiguous())
+    if fmt.kind == "int8":
+        scale = _safe_scale(w.abs().amax(dim=1), 127.0)
+        q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+        return QuantizedTensor(fmt, (out_f, in_f), q.contiguous(), scale.contiguous())
+    if fmt.kind == "int4":
+        g = fmt.group_size
+        n_groups = math.ceil(in_f / g)
+        padded = torch.zeros(out_f, n_groups * g, dtype=torch.float32)
+        padded[:, :in_f] = w
+        grouped = padded.view(out_f, n_groups, g)
+        scale = _safe_scale(grouped.abs().amax(dim=2), 7.0)
+        q = torch.clamp(torch.round(grouped / scale[:, :, None]), -7, 7).view(out_f, -1)[:, :in_f]
+        return QuantizedTensor(fmt, (out_f, in_f), pack_int4(q.to(torch.int8)), scale.contiguous())
+    if fmt.kind == "fp8":
+        br, bc = fmt.block
+        sr, sc = math.ceil(out_f / br), math.ceil(in_f / bc)
+        padded = torch.zeros(sr * br, sc * bc, dtype=torch.float32)
+        padded[:out_f, :in_f] = w
+        blocks = padded.view(sr, br, sc, bc)
+        scale = _safe_scale(blocks.abs().amax(dim=(1, 3)), FP8_E4M3_MAX)
+        scaled = w / _expand_blocks(scale, out_f, in_f, fmt.block)
+        q = scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return QuantizedTensor(fmt, (out_f, in_f), q.contiguous(), scale.contiguous())
+    raise FormatError(f"no quantizer for format {fmt}")
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float matrix a QuantizedTensor stands for (exact: no rounding beyond `dtype`'s)."""
+    out_f, in_f = q.shape
+    fmt = q.fmt
+    if fmt.kind == "float":
+        return q.data.to(dtype)
+    if fmt.kind == "int8":
+        w = q.data.to(torch.float64) * q.scales.to(torch.float64)[:, None]
+    elif fmt.kind == "int4":
+        codes = unpack_int4(q.data, in_f).to(torch.float64)
+        w = codes * q.scales.to(torch.float64).repeat_interleave(fmt.group_size, dim=1)[:, :in_f]
+    elif fmt.kind == "fp8":
+        w = q.data.to(torch.float64) * _expand_blocks(q.scales.to(torch.float64), out_f, in_f, fmt.block)
+    else:
+        raise FormatError(f"no dequantizer for format {fmt}")
+    return w.to(dtype)
+
+
+def convert(q: QuantizedTensor, fmt: str | WeightFormat) -> QuantizedTensor:
+    """`q` in another format (identity when it already is): dequantize, then the reference quantize."""
+    fmt = get_format(fmt)
+    if q.fmt == fmt:
+        return q
+    return quantize(dequantize(q, torch.float32), fmt)
+
+
+def _expand_blocks(scale: torch.Tensor, out_f: int, in_f: int, block: tuple[int, int]) -> torch.Tensor:
+    # Partial last blocks keep the full block size: row r uses scale row r // 128, never out/n_blocks.
+    return scale.repeat_interleave(block[0], dim=0)[:out_f].repeat_interleave(block[1], dim=1)[:, :in_f]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Signed codes in [-8, 7], [out, in] -> uint8 [out, ceil(in/2)]: even column in the low nibble, stored as q+8."""
+    out_f, in_f = codes.shape
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if in_f % 2:
+        u = torch.cat([u, torch.full((out_f, 1), 8, dtype=torch.uint8)], dim=1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of pack_int4: int8 codes [out, in_features]."""
+    lo = (packed & 0x0F).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=2).view(packed.shape[0], -1)[:, :in_features]

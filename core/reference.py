@@ -1,0 +1,65 @@
+"""The reference MoE math in plain torch: the cpu.torch backend runs it in fp32, the conformance oracle
+in float64. Every other backend is judged against this one implementation."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .experts import ExpertLayerSpec, ExpertTensors
+
+
+@dataclass(frozen=True, eq=False)
+class DenseExpert:
+    """One expert dequantized to a compute dtype; gate/up [I, H], down [H, I]."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @classmethod
+    def from_tensors(cls, t: ExpertTensors, dtype: torch.dtype) -> DenseExpert:
+        b = [None if x is None else x.to(dtype) for x in (t.gate_bias, t.up_bias, t.down_bias)]
+        return cls(t.gate.dequantize(dtype), t.up.dequantize(dtype), t.down.dequantize(dtype), *b)
+
+
+def expert_mlp(layer: ExpertLayerSpec, e: DenseExpert, x: torch.Tensor) -> torch.Tensor:
+    """One expert on rows x [n, H] -> [n, H], in x's dtype."""
+    g = x @ e.gate.T
+    u = x @ e.up.T
+    if layer.activation == "silu":
+        h = F.silu(g) * u
+        y = h @ e.down.T
+    else:  # swiglu_oai (gpt-oss): clamped, biased, (up + 1) * glu
+        if e.gate_bias is not None:
+            g = g + e.gate_bias
+            u = u + e.up_bias
+        g = g.clamp(max=layer.swiglu_limit)
+        u = u.clamp(-layer.swiglu_limit, layer.swiglu_limit)
+        h = (u + 1) * (g * torch.sigmoid(layer.swiglu_alpha * g))
+        y = h @ e.down.T
+    if e.down_bias is not None:
+        y = y + e.down_bias
+    return y
+
+
+def moe_forward(layer: ExpertLayerSpec, experts: Mapping[int, DenseExpert], hidden: torch.Tensor,
+                topk_ids: torch.Tensor, topk_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum over (t, j) of topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]) for held experts, in `dtype`."""
+    T, H = hidden.shape
+    out = torch.zeros(T, H, dtype=dtype)
+    x_all = hidden.to(dtype)
+    w_all = topk_weights.to(dtype)
+    for e in torch.unique(topk_ids).tolist():
+        dense = experts.get(e)
+        if dense is None:
+            continue  # not held here: another tier computes it
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        y = expert_mlp(layer, dense, x_all[tok])
+        out.index_add_(0, tok, y * w_all[tok, slot, None])
+    return out

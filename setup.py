@@ -1,0 +1,57 @@
+"""Build of the compiled parts: the CPUID probe and one kernel module per ISA variant.
+
+The variants are compiled with explicit feature flags, never -march=native, so a wheel built on one
+machine runs on every CPU that has the variant's features; the loader imports only a variant the host
+can execute.
+"""
+import os
+import platform
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ParallelCompile("MOETIER_BUILD_JOBS", default=0).install()
+
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+# ISA variant -> compiler flags. Each becomes the module moetier.backends.native._moe_<variant>.
+KERNEL_VARIANTS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "avx512_bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                    "-mavx512vnni", "-mavx512bf16"],
+    "amx": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+            "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16"],
+}
+
+KERNEL_SOURCES = ["kernels/moe_module.cpp"]
+
+
+def packages():
+    found = ["moetier"] + [f"moetier.{p}" for p in find_packages("core")]
+    found += ["moetier.backends"] + [f"moetier.backends.{p}" for p in find_packages("backends")]
+    found += ["moetier.model_zoo"] + [f"moetier.model_zoo.{p}" for p in find_packages("model_zoo")]
+    return found
+
+
+def extensions():
+    if not IS_X86:
+        return []
+    exts = [
+        # Baseline x86-64 only: it must run on every CPU, since it decides which variant may load.
+        Pybind11Extension("moetier.hardware._cpuid", ["kernels/cpuid/cpuid.cpp"], cxx_std=17,
+                          extra_compile_args=["-O2"]),
+    ]
+    if all(os.path.exists(s) for s in KERNEL_SOURCES):
+        for variant, flags in KERNEL_VARIANTS.items():
+            exts.append(Pybind11Extension(
+                f"moetier.backends.native._moe_{variant}", KERNEL_SOURCES, cxx_std=17,
+                include_dirs=["kernels"],
+                define_macros=[("MOETIER_VARIANT", f'"{variant}"'), ("MOETIER_VARIANT_" + variant.upper(), "1")],
+                extra_compile_args=["-O3", "-fno-math-errno", "-pthread", *flags],
+                extra_link_args=["-pthread"],
+            ))
+    return exts
+
+
+setup(packages=packages(), ext_modules=extensions(), cmdclass={"build_ext": build_ext})
