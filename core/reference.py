@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .experts import ExpertLayerSpec, ExpertTensors
+from .experts import ExpertBackend, ExpertLayerSpec, ExpertTensors
+from .formats import FORMATS
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,3 +64,30 @@ def moe_forward(layer: ExpertLayerSpec, experts: Mapping[int, DenseExpert], hidd
         y = expert_mlp(layer, dense, x_all[tok])
         out.index_add_(0, tok, y * w_all[tok, slot, None])
     return out
+
+
+class ReferenceBackend(ExpertBackend):
+    """The reference math as a backend: weights dequantized once at prepare to `precision` (fp32, or
+    float64 for the oracle), then `moe_forward`. Slow and memory-hungry by design."""
+
+    name = "reference"
+    formats = tuple(FORMATS)
+
+    def __init__(self, precision: torch.dtype = torch.float32, nan_policy: str = "raise"):
+        super().__init__(nan_policy=nan_policy)
+        if precision not in (torch.float32, torch.float64):
+            raise ValueError(f"precision must be torch.float32 or torch.float64, got {precision}")
+        self.precision = precision
+
+    def pack(self, layer, fmt, experts):
+        return {e: DenseExpert.from_tensors(t, self.precision) for e, t in experts.items()}
+
+    def compute(self, prepared, inputs):
+        out = moe_forward(prepared.layer, prepared.payload, inputs.hidden, inputs.topk_ids, inputs.topk_weights,
+                          self.precision)
+        return out.to(inputs.out_dtype)
+
+
+def oracle() -> ReferenceBackend:
+    """The float64 reference every backend is compared with (NaNs propagate: it must never refuse)."""
+    return ReferenceBackend(precision=torch.float64, nan_policy="propagate")

@@ -1,0 +1,273 @@
+"""The conformance cases: generic over any ExpertBackend, each compared with the float64 oracle."""
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DTypeError, ExpertIdError, FormatError, MoetierError, NonFiniteError, ShapeError
+from ..experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ExpertWeights, PreparedExperts
+from ..formats import FORMATS, quantize
+from .tolerances import tolerance
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+
+
+# Tiny, odd (not multiples of 8/16/32), partial 128-blocks, and real family shapes scaled down.
+SHAPES = (
+    Shape("tiny", 4, 2, 16, 8),
+    Shape("odd", 5, 3, 50, 37),
+    Shape("partial-blocks", 6, 2, 130, 200),
+    Shape("qwen3-30b/8", 16, 8, 256, 96),
+    Shape("deepseek-v3/16", 32, 8, 448, 128),
+    Shape("qwen3-next/16", 48, 10, 128, 32),
+)
+TOKEN_COUNTS = (0, 1, 3, 130)
+TOPK_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 10)
+
+
+class CaseFailure(AssertionError):
+    """A conformance case did not hold."""
+
+
+@dataclass
+class Context:
+    """Per-run caches: weights per (shape, fmt), prepared experts per (backend, shape, fmt, subset)."""
+
+    backend: ExpertBackend
+    oracle: ExpertBackend
+    seed: int
+    _weights: dict = field(default_factory=dict)
+    _prepared: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def generator(self, *key) -> torch.Generator:
+        g = torch.Generator()
+        # crc32 of the key, not hash(): str hashes change per process and the seed must reproduce a run.
+        g.manual_seed(zlib.crc32(repr((self.seed,) + key).encode()) + (self.seed << 32))
+        return g
+
+    def layer(self, shape: Shape) -> ExpertLayerSpec:
+        return ExpertLayerSpec(shape.num_experts, shape.top_k, shape.hidden, shape.intermediate)
+
+    def weights(self, shape: Shape, fmt: str) -> ExpertWeights:
+        key = (shape, fmt)
+        if key not in self._weights:
+            g = self.generator("weights", shape.name, fmt)
+            E, H, I = shape.num_experts, shape.hidden, shape.intermediate
+            gate = torch.randn(E, I, H, generator=g) / H ** 0.5
+            up = torch.randn(E, I, H, generator=g) / H ** 0.5
+            down = torch.randn(E, H, I, generator=g) / I ** 0.5
+            self._weights[key] = ExpertWeights.from_float(gate, up, down, fmt)
+        return self._weights[key]
+
+    def prepared(self, which: str, shape: Shape, fmt: str, held: tuple[int, ...]) -> PreparedExperts:
+        key = (which, shape, fmt, held)
+        with self._lock:
+            if key not in self._prepared:
+                b = self.backend if which == "backend" else self.oracle
+                self._prepared[key] = b.prepare(self.layer(shape), self.weights(shape, fmt), held, fmt)
+            return self._prepared[key]
+
+
+def random_routing(g: torch.Generator, T: int, E: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct top-k ids per token and positive weights that sum to one, as a router produces."""
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
+    w = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
+    return ids.to(torch.int64).contiguous(), w.contiguous()
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, fmt: str, out_dtype: torch.dtype = torch.float32) -> float:
+    if tuple(out.shape) != tuple(ref.shape):
+        raise CaseFailure(f"output shape {list(out.shape)}, expected {list(ref.shape)}")
+    if out.dtype != out_dtype:
+        raise CaseFailure(f"output dtype {out.dtype}, expected {out_dtype}")
+    o = out.to(torch.float64)
+    if not torch.isfinite(o).all():
+        raise CaseFailure("output has NaN/Inf")
+    ref_norm = float(ref.norm())
+    if ref_norm == 0.0:
+        if o.numel() and float(o.abs().max()) != 0.0:
+            raise CaseFailure("expected an all-zero output (no held expert routed), got non-zeros")
+        return 0.0
+    rel = float((o - ref).norm()) / ref_norm
+    tol = tolerance(fmt)
+    if out_dtype == torch.bfloat16:
+        tol = max(tol, 1e-2)  # bf16 output rounding alone is 2^-9 per element
+    if not rel <= tol:
+        raise CaseFailure(f"relative error {rel:.3g} exceeds the {fmt} bound {tol:g}")
+    return rel
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    category: str
+    fmt: str
+    run: Callable[[Context], float | None]  # returns the relative error when it compares numbers
+
+
+# ---- case builders ---------------------------------------------------------------------------------
+
+def _forward_case(shape: Shape, fmt: str, T: int, *, k: int | None = None, held: str = "all",
+                  hidden_dtype=torch.float32, out_dtype=torch.float32, one_expert: bool = False,
+                  mode: str = "forward") -> Callable[[Context], float]:
+    def run(ctx: Context) -> float:
+        kk = k or shape.top_k
+        E = shape.num_experts
+        g = ctx.generator("inputs", shape.name, fmt, T, kk, held, str(hidden_dtype), str(out_dtype), one_expert, mode)
+        if held == "all":
+            held_ids = tuple(range(E))
+        else:  # a random strict subset: the rest must contribute nothing
+            held_ids = tuple(sorted(torch.randperm(E, generator=g)[: max(1, E // 2)].tolist()))
+        hidden = torch.randn(T, shape.hidden, generator=g).to(hidden_dtype)
+        if one_expert:
+            ids = torch.full((T, 1), int(torch.randint(E, (1,), generator=g)), dtype=torch.int64)
+            w = torch.rand(T, 1, generator=g) + 0.5
+        else:
+            ids, w = random_routing(g, T, E, kk)
+        p = ctx.prepared("backend", shape, fmt, held_ids)
+        ref = ctx.oracle.forward(ctx.prepared("oracle", shape, fmt, held_ids), hidden, ids, w, out_dtype=torch.float32)
+        ref = ref.to(torch.float64)
+        if mode == "submit":
+            out = ctx.backend.submit(p, hidden, ids, w, out_dtype=out_dtype).wait(timeout=600)
+        elif mode == "threads":
+            return _two_threads(ctx, p, shape, fmt, hidden, ids, w, ref, out_dtype)
+        else:
+            out = ctx.backend.forward(p, hidden, ids, w, out_dtype=out_dtype)
+        return check_close(out, ref, fmt, out_dtype)
+    return run
+
+
+def _two_threads(ctx, p, shape, fmt, hidden, ids, w, ref, out_dtype) -> float:
+    # Two threads call forward at once with different inputs; each must get its own correct answer.
+    g = ctx.generator("thread2", shape.name, fmt)
+    hidden2 = torch.randn(hidden.shape, generator=g)
+    ids2, w2 = random_routing(g, hidden.shape[0], shape.num_experts, ids.shape[1])
+    ref2 = ctx.oracle.forward(ctx.prepared("oracle", shape, fmt, p.expert_ids), hidden2, ids2, w2).to(torch.float64)
+    results: dict[int, torch.Tensor | BaseException] = {}
+
+    def work(i, h, d, ww):
+        try:
+            for _ in range(3):
+                results[i] = ctx.backend.forward(p, h, d, ww, out_dtype=out_dtype)
+        except BaseException as exc:  # surfaced below
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(0, hidden, ids, w)),
+               threading.Thread(target=work, args=(1, hidden2, ids2, w2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    for i in (0, 1):
+        if isinstance(results.get(i), BaseException):
+            raise CaseFailure(f"thread {i} raised {type(results[i]).__name__}: {results[i]}")
+        if i not in results:
+            raise CaseFailure(f"thread {i} did not finish")
+    return max(check_close(results[0], ref, fmt, out_dtype), check_close(results[1], ref2, fmt, out_dtype))
+
+
+def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
+    def expect(exc_type, fn, label):
+        try:
+            fn()
+        except exc_type:
+            return
+        except MoetierError as exc:
+            raise CaseFailure(f"{label}: raised {type(exc).__name__} ({exc}), expected {exc_type.__name__}") from None
+        except Exception as exc:
+            raise CaseFailure(f"{label}: raised untyped {type(exc).__name__} ({exc}), expected {exc_type.__name__}") from None
+        raise CaseFailure(f"{label}: no error raised, expected {exc_type.__name__}")
+
+    def run(ctx: Context) -> None:
+        E, H, k = shape.num_experts, shape.hidden, shape.top_k
+        g = ctx.generator("errors", shape.name, fmt, what)
+        p = ctx.prepared("backend", shape, fmt, tuple(range(E)))
+        hidden = torch.randn(4, H, generator=g)
+        ids, w = random_routing(g, 4, E, k)
+        b = ctx.backend
+        if what == "hidden-shape":
+            expect(ShapeError, lambda: b.forward(p, torch.randn(4, H + 1, generator=g), ids, w), "hidden [T, H+1]")
+            expect(ShapeError, lambda: b.forward(p, torch.randn(H, generator=g), ids[:1], w[:1]), "1-D hidden")
+        elif what == "ids-shape":
+            expect(ShapeError, lambda: b.forward(p, hidden, ids[:3], w[:3]), "topk_ids with fewer rows")
+            expect(ShapeError, lambda: b.forward(p, hidden, ids, w[:, :1].contiguous()), "topk_weights [T, 1] vs ids [T, k]")
+        elif what == "dtype":
+            expect(DTypeError, lambda: b.forward(p, hidden.to(torch.float64), ids, w), "float64 hidden")
+            expect(DTypeError, lambda: b.forward(p, hidden, ids.to(torch.float32), w), "float ids")
+            expect(DTypeError, lambda: b.forward(p, hidden, ids, w, out_dtype=torch.int32), "int32 out_dtype")
+        elif what == "ids-range":
+            bad = ids.clone()
+            bad[2, 0] = E
+            expect(ExpertIdError, lambda: b.forward(p, hidden, bad, w), f"expert id {E} with {E} experts")
+            bad[2, 0] = -1
+            expect(ExpertIdError, lambda: b.forward(p, hidden, bad, w), "expert id -1")
+            expect(ExpertIdError, lambda: b.submit(p, hidden, bad, w), "expert id -1 through submit")
+        elif what == "non-contiguous":
+            wide = torch.randn(H, 4, generator=g).T  # [4, H] view with strides (1, 4)
+            expect(ShapeError, lambda: b.forward(p, wide, ids, w), "non-contiguous hidden")
+        elif what == "nan":
+            bad_h = hidden.clone()
+            bad_h[1, 0] = float("nan")
+            if getattr(b, "nan_policy", "raise") == "raise":
+                expect(NonFiniteError, lambda: b.forward(p, bad_h, ids, w), "NaN in hidden")
+        elif what == "prepare-shape":
+            layer = ctx.layer(shape)
+            good = ctx.weights(shape, fmt).expert(0)
+            wrong = ExpertTensors(quantize(torch.randn(shape.intermediate + 1, H, generator=g), fmt), good.up, good.down)
+            expect(ShapeError, lambda: b.prepare(layer, ExpertWeights({0: wrong}), [0], fmt), "gate [I+1, H] at prepare")
+            expect(ExpertIdError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [E], fmt), f"prepare expert {E}")
+        elif what == "format":
+            layer = ctx.layer(shape)
+            expect(FormatError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [0], "int3_g7"), "unknown format")
+            undeclared = [f for f in FORMATS if f not in b.formats]
+            if undeclared:
+                expect(FormatError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [0], undeclared[0]),
+                       f"format {undeclared[0]} the backend does not declare")
+        else:
+            raise ValueError(what)
+    return run
+
+
+ERROR_KINDS = ("hidden-shape", "ids-shape", "dtype", "ids-range", "non-contiguous", "nan", "prepare-shape", "format")
+
+
+def build_cases(formats: tuple[str, ...]) -> list[Case]:
+    """Every case for a backend that declares `formats`."""
+    cases: list[Case] = []
+    for fmt in formats:
+        for shape in SHAPES:
+            for T in TOKEN_COUNTS:
+                cases.append(Case(f"{fmt}/{shape.name}/T{T}", "shapes", fmt, _forward_case(shape, fmt, T)))
+        sweep = Shape("topk-sweep", 12, 10, 64, 40)
+        for k in TOPK_SWEEP:
+            cases.append(Case(f"{fmt}/topk{k}", "top-k", fmt, _forward_case(sweep, fmt, 17, k=k)))
+        odd, qwen = SHAPES[1], SHAPES[3]
+        cases += [
+            Case(f"{fmt}/one-expert", "routing", fmt, _forward_case(qwen, fmt, 40, one_expert=True)),
+            Case(f"{fmt}/subset/T1", "subset", fmt, _forward_case(qwen, fmt, 1, held="subset")),
+            Case(f"{fmt}/subset/T130", "subset", fmt, _forward_case(qwen, fmt, 130, held="subset")),
+            Case(f"{fmt}/subset-odd", "subset", fmt, _forward_case(odd, fmt, 9, held="subset")),
+            Case(f"{fmt}/bf16-in", "dtypes", fmt, _forward_case(odd, fmt, 5, hidden_dtype=torch.bfloat16)),
+            Case(f"{fmt}/bf16-out", "dtypes", fmt, _forward_case(qwen, fmt, 5, out_dtype=torch.bfloat16)),
+            Case(f"{fmt}/bf16-in-out/T130", "dtypes", fmt,
+                 _forward_case(qwen, fmt, 130, hidden_dtype=torch.bfloat16, out_dtype=torch.bfloat16)),
+            Case(f"{fmt}/submit/T1", "async", fmt, _forward_case(qwen, fmt, 1, mode="submit")),
+            Case(f"{fmt}/submit/T130", "async", fmt, _forward_case(qwen, fmt, 130, mode="submit")),
+            Case(f"{fmt}/two-threads/T2", "concurrency", fmt, _forward_case(qwen, fmt, 2, mode="threads")),
+            Case(f"{fmt}/two-threads/T64", "concurrency", fmt, _forward_case(qwen, fmt, 64, mode="threads")),
+        ]
+        for what in ERROR_KINDS:
+            cases.append(Case(f"{fmt}/errors/{what}", "bad-input", fmt, _error_case(odd, fmt, what)))
+    return cases

@@ -1,0 +1,31 @@
+"""Relative-error bounds per weight format: ||out - ref||_F / ||ref||_F against the float64 oracle run
+on the SAME dequantized weights. Weight quantization error is therefore not part of the budget; only
+what a backend does on top of the weights (activation rounding, accumulation order) is.
+
+Inputs are N(0, 1), weights scaled so every intermediate is O(1). A genuine bug (a wrong scale, a
+dropped group, a missing expert, a transposed block) moves the error to >= 1e-1, far above every bound.
+"""
+
+TOLERANCES: dict[str, float] = {
+    # fp32 weights and fp32 activations: only the summation order differs from float64; the relative error
+    # of a length-K fp32 dot product is ~sqrt(K) * 2^-24 ~ 3e-6 for K ~ 2000. 2e-5 leaves headroom.
+    "fp32": 2e-5,
+    # 16-bit weights: a backend may round activations to bf16 before vdpbf16ps (unit roundoff 2^-9 ~ 2e-3)
+    # at the input and at the intermediate act(g) * u, and round a bf16 output once more. Independent
+    # rounding errors average in the norm to ~2e-3; 1e-2 is a 4-5x margin.
+    "bf16": 1e-2,
+    "fp16": 1e-2,
+    # fp8 e4m3 values are exact in bf16, so the budget is the bf16 one.
+    "fp8_e4m3": 1e-2,
+    # int8/int4 weights: a backend may quantize activations per token to int8 for vpdpbusd. Step
+    # amax/127 with amax ~ 3-6 sigma gives a uniform error of ~1% of the rms per quantized operand (x and
+    # the heavier-tailed intermediate); combined ~1.5-2%. 4e-2 is a 2x margin.
+    "int8": 4e-2,
+    "int4_g32": 4e-2,
+    "int4_g64": 4e-2,
+    "int4_g128": 4e-2,
+}
+
+
+def tolerance(fmt: str) -> float:
+    return TOLERANCES[fmt]
