@@ -1,11 +1,192 @@
-"""cpu.numba: a portable backend written with numba."""
+"""cpu.numba: a portable backend written with numba, for every weight format.
+
+It runs where no native kernel variant fits (ARM, x86 without AVX2) and is an independent second
+implementation to check the native kernels against. Weights stay in their packed format: `pack` only
+re-lays them out as raw bytes per row plus per-row scales, and the kernels in `numba_kernels` decode each
+row in registers/L1 while streaming it. numba is an optional extra (`moetier[numba]`): this module imports
+without it, and the probe then says why the backend cannot run.
+"""
 from __future__ import annotations
 
-from moetier import BackendSpec, Probe, hookimpl
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moetier import BackendSpec, ExpertBackend, Probe, hookimpl
+from moetier.formats import FORMATS, FP8_BLOCK
+
+NAME = "cpu.numba"
+SCORE = 20
+
+# WeightFormat.name -> kernel kind code (the numbers of numba_kernels.KIND_*; kept here so the plugin
+# module can describe itself without importing numba).
+_KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4_g32": 4, "int4_g64": 4, "int4_g128": 4, "fp8_e4m3": 5}
+_ACTS = {"silu": 0, "swiglu_oai": 1}
+assert set(_KINDS) == set(FORMATS), "cpu.numba must map every core format"
+
+
+def numba_status() -> tuple[bool, str]:
+    """(importable, version or the import error)."""
+    try:
+        import numba
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, numba.__version__
+
+
+def _kernels():
+    from . import numba_kernels  # noqa: PLC0415 - numba is optional, import it only when computing
+    return numba_kernels
+
+
+@dataclass(frozen=True, eq=False)
+class PackedMatrix:
+    """One matrix of every held expert: raw row bytes [E, rows, row_bytes] and fp32 per-row scales
+    [E, rows, n_groups] (n_groups 0 for float formats)."""
+
+    raw: np.ndarray
+    scales: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class NumbaPayload:
+    kind: int
+    group: int  # columns per scale: int4 group size, 128 for fp8 (1, unused, otherwise)
+    slot_of: np.ndarray  # [num_experts] int64: global expert id -> index into the stacked arrays, -1 if not held
+    gate: PackedMatrix
+    up: PackedMatrix
+    down: PackedMatrix
+    gate_bias: np.ndarray  # [E, I] fp32 (zeros when the layer has no biases)
+    up_bias: np.ndarray
+    down_bias: np.ndarray  # [E, H]
+    lut: np.ndarray  # [256] fp32: fp8 e4m3 code -> value (unused by other formats)
+
+
+def _fp8_table() -> np.ndarray:
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).numpy().copy()
+
+
+def _row_bytes(q) -> np.ndarray:
+    """The packed data of one QuantizedTensor as uint8 [rows, row_bytes], zero-copy where possible."""
+    data = q.data.contiguous()
+    if data.dtype == torch.float8_e4m3fn:
+        data = data.view(torch.uint8)
+    elif data.dtype in (torch.bfloat16, torch.float16):
+        data = data.view(torch.int16)  # numpy has no bf16: move the bits as int16
+    return data.numpy().view(np.uint8).reshape(q.shape[0], -1)
+
+
+def _row_scales(q) -> np.ndarray:
+    """Scales of one QuantizedTensor laid out per row: [rows, n_groups]."""
+    fmt, rows = q.fmt, q.shape[0]
+    if fmt.kind == "float":
+        return np.zeros((rows, 0), np.float32)
+    s = q.scales.numpy()
+    if fmt.kind == "int8":
+        return s.reshape(rows, 1)
+    if fmt.kind == "int4":
+        return s
+    # fp8: block row r // 128 serves row r; repeating it per row costs 1/128 of the fp8 bytes and keeps the
+    # kernel's scale lookup identical for every format.
+    return np.repeat(s, FP8_BLOCK, axis=0)[:rows]
+
+
+def _stack(mats) -> PackedMatrix:
+    return PackedMatrix(np.ascontiguousarray(np.stack([_row_bytes(q) for q in mats])),
+                        np.ascontiguousarray(np.stack([_row_scales(q) for q in mats]), dtype=np.float32))
+
+
+# The workqueue threading layer (numba's fallback when neither OpenMP nor TBB is present) aborts the
+# process if two threads launch parallel kernels at once, so calls are serialised unless we know the layer
+# in use is thread-safe. The layer is only known after the first parallel launch, which is therefore locked.
+_launch_lock = threading.Lock()
+_layer_is_threadsafe: bool | None = None
+
+
+class NumbaBackend(ExpertBackend):
+    name = NAME
+    formats = tuple(_KINDS)
+
+    def __init__(self, num_threads: int | None = None, nan_policy: str = "raise"):
+        super().__init__(nan_policy=nan_policy)
+        ok, why = numba_status()
+        if not ok:
+            from moetier import BackendUnavailable
+            raise BackendUnavailable(f"{NAME}: numba not importable: {why}")
+        import numba
+        if num_threads is not None and not 1 <= num_threads <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"num_threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {num_threads}")
+        self.num_threads = num_threads
+
+    def pack(self, layer, fmt, experts):
+        ids = sorted(experts)
+        slot_of = np.full(layer.num_experts, -1, np.int64)
+        slot_of[ids] = np.arange(len(ids))
+        ts = [experts[e] for e in ids]
+        E, H, I = len(ids), layer.hidden_size, layer.intermediate_size
+
+        def bias(name, n):
+            if not layer.has_bias:
+                return np.zeros((E, n), np.float32)
+            return np.ascontiguousarray(np.stack([getattr(t, name).to(torch.float32).numpy() for t in ts]))
+
+        group = {"int4": fmt.group_size, "fp8": FP8_BLOCK}.get(fmt.kind, 1)  # float and int8 use no groups
+        return NumbaPayload(
+            kind=_KINDS[fmt.name], group=group, slot_of=slot_of,
+            gate=_stack([t.gate for t in ts]), up=_stack([t.up for t in ts]), down=_stack([t.down for t in ts]),
+            gate_bias=bias("gate_bias", I), up_bias=bias("up_bias", I), down_bias=bias("down_bias", H),
+            lut=_fp8_table())
+
+    def compute(self, prepared, inputs):
+        global _layer_is_threadsafe
+        k = _kernels()
+        layer, pl = prepared.layer, prepared.payload
+        H, I = layer.hidden_size, layer.intermediate_size
+        x = inputs.hidden.to(torch.float32).contiguous().numpy()
+        ids = inputs.topk_ids.numpy()
+        w = inputs.topk_weights.numpy()
+        act = _ACTS[layer.activation]
+        alpha, limit = np.float32(layer.swiglu_alpha), np.float32(layer.swiglu_limit)
+        group = pl.group
+
+        def launch():
+            import numba
+            if self.num_threads is not None:
+                numba.set_num_threads(self.num_threads)  # thread-local: affects only this caller's launches
+            offsets, pair_tok, pair_w, active = k.group_pairs(ids, w, pl.slot_of)
+            out = np.zeros((x.shape[0], H), np.float32)
+            if active.shape[0] == 0:
+                return out
+            h = np.empty((pair_tok.shape[0], I), np.float32)
+            k.gate_up(pl.kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
+                      pl.gate.raw, pl.gate.scales, pl.up.raw, pl.up.scales, pl.gate_bias, pl.up_bias, pl.lut, h)
+            k.down_accumulate(pl.kind, group, H, I, offsets, pair_tok, pair_w, active,
+                              pl.down.raw, pl.down.scales, pl.down_bias, pl.lut, h, out)
+            return out
+
+        if _layer_is_threadsafe:
+            out = launch()
+        else:
+            with _launch_lock:
+                out = launch()
+                if _layer_is_threadsafe is None:
+                    import numba
+                    _layer_is_threadsafe = numba.threading_layer() in ("omp", "tbb")
+        return torch.from_numpy(out).to(inputs.out_dtype)
+
+
+def _probe(inv) -> Probe:
+    ok, why = numba_status()
+    if not ok:
+        return Probe(0, f"numba not importable: {why}", downgrade=True)
+    return Probe(SCORE, f"portable numba kernels (numba {why}); JIT-compiled on first use")
 
 
 @hookimpl
 def moetier_register_backends(register):
-    register(BackendSpec(name="cpu.numba", device="cpu", formats=(),
-                         probe=lambda inv: Probe(0, "numba backend not built yet"),
-                         factory=lambda inv: None, description="portable numba kernels"))
+    register(BackendSpec(name=NAME, device="cpu", formats=tuple(_KINDS), probe=_probe,
+                         factory=lambda inv: NumbaBackend(),
+                         description="portable numba kernels, all formats, fp32 accumulation"))
