@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .conformance import cli as conformance_cli
     conformance_cli.register(sub, _common)
+    from .bench import cli as bench_cli
+    bench_cli.register(sub, _common)
     return parser
 
 

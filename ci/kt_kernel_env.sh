@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create (or reuse) a separate virtual environment holding the peer project's published CPU kernels
+# (PyPI `kt-kernel`). It is separate because kt-kernel pins its own torch version.
+#
+#   ci/kt_kernel_env.sh            # venv in build/kt-venv (override with KT_VENV=DIR)
+#   KT_KERNEL_VERSION=0.7.2 ci/kt_kernel_env.sh
+#
+# kt-kernel ships cp3XX wheels: use the same Python version as the main environment (PYTHON=...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${KT_VENV:-build/kt-venv}
+KT_VERSION=${KT_KERNEL_VERSION:-0.7.2}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# pluggy and rich: the runner imports moetier's workload definitions (shapes, routing, byte accounting)
+# from this checkout so that both sides measure exactly the same thing.
+"$VENV/bin/python" -m pip install "kt-kernel==$KT_VERSION" pluggy rich
+"$VENV/bin/python" -c "import kt_kernel, torch; print('kt-kernel', getattr(kt_kernel, '__version__', '?'), 'variant', kt_kernel.__cpu_variant__, 'torch', torch.__version__)"
+echo "$VENV"

@@ -1,0 +1,129 @@
+"""`moetier bench kernels`: the command line of the kernel benchmark."""
+from __future__ import annotations
+
+import sys
+
+from ..errors import MoetierError
+from .workload import BENCH_FORMATS, GIB, SHAPE_NAMES
+
+QUICK = {"shapes": ("qwen3-30b",), "formats": ("bf16", "int4_g64"), "batches": (1, 512), "threads": (2,)}
+
+DESCRIPTION = """\
+Time expert backends on model-sized MoE layers, side by side with the machine's limits measured in the
+same run (DRAM read bandwidth, vdpbf16ps and vpdpbusd peaks) and the torch per-expert loop baseline.
+--backend NAME (repeatable) chooses the backends to time (default: the CPU backend selection picks).
+"""
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        if not items:
+            raise ValueError(f"empty {kind} list")
+        if kind == "int":
+            vals = tuple(int(x) for x in items)
+            if any(v < 1 for v in vals):
+                raise ValueError("values must be >= 1")
+            return vals
+        if choices is not None:
+            bad = [x for x in items if x not in choices]
+            if bad:
+                raise ValueError(f"unknown {kind}: {', '.join(bad)} (known: {', '.join(choices)})")
+        return items
+    parse.__name__ = kind  # argparse names the type in its error message
+    return parse
+
+
+def register(sub, common) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (kernels against the machine's limits and baselines)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser("kernels", help="time expert backends against bandwidth, vector peak, torch and peers",
+                        description=DESCRIPTION)
+    common(p)
+    p.add_argument("--shapes", type=_csv("shape", SHAPE_NAMES), metavar="LIST",
+                   help=f"comma-separated shapes (default: qwen3-30b,deepseek-v3; known: {', '.join(SHAPE_NAMES)})")
+    p.add_argument("--formats", type=_csv("format", BENCH_FORMATS + ("fp16", "fp32")), metavar="LIST",
+                   help="comma-separated weight formats (default: every one of "
+                        f"{','.join(BENCH_FORMATS)} the backend declares)")
+    p.add_argument("--batches", type=_csv("int"), metavar="LIST", help="tokens per forward (default: 1,4,128,512)")
+    p.add_argument("--threads", type=_csv("int"), metavar="LIST", help="thread counts (default: 1,2)")
+    p.add_argument("--quick", action="store_true",
+                   help="a run of under a minute: qwen3-30b, bf16 and int4_g64, batches 1 and 512, 2 threads, "
+                        "short timings (explicit options override these)")
+    p.add_argument("--no-baseline", action="store_true", help="do not time the torch per-expert loop")
+    p.add_argument("--max-weights-gib", type=float, default=3.0, metavar="GIB",
+                   help="memory for all prepared copies of one backend and format; also sizes the DeepSeek-V3 "
+                        "expert count (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
+    p.add_argument("--json", metavar="FILE", help="write every measurement, the limits and the machine as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the results table as Markdown")
+    p.add_argument("--peer", metavar="FILE.json",
+                   help="results of the peer runner (ci/bench_kt_kernel.py) to show side by side")
+    p.set_defaults(func=run_cli)
+
+
+class _RichProgress:
+    def __init__(self, progress):
+        self._p = progress
+        self._task = None
+
+    def start(self, total: int) -> None:
+        self._task = self._p.add_task("measuring machine limits", total=total)
+
+    def status(self, text: str) -> None:
+        self._p.update(self._task, description=text)
+
+    def advance(self, text: str) -> None:
+        self._p.update(self._task, advance=1, description=text)
+
+
+def run_cli(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..hardware import load_inventory
+    from ..plugins import load_registry
+    from . import report
+    from .kernels import BenchConfig, default_backends, run_kernel_bench
+    from .workload import l3_bytes
+
+    inventory = load_inventory(args.inventory)
+    registry = load_registry(no_plugins=args.no_plugins)
+    backends = tuple(n for item in (args.backend or ()) for n in item.split(",") if n.strip())
+    if not backends:
+        backends = default_backends(registry, inventory)
+        if not backends:
+            raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
+    if args.max_weights_gib <= 0:
+        raise MoetierError(f"--max-weights-gib must be positive, got {args.max_weights_gib}")
+    preset = QUICK if args.quick else {}
+    config = BenchConfig(
+        shapes=args.shapes or preset.get("shapes", ("qwen3-30b", "deepseek-v3")),
+        backends=backends,
+        formats=args.formats or preset.get("formats"),
+        batches=args.batches or preset.get("batches", (1, 4, 128, 512)),
+        threads=args.threads or preset.get("threads", (1, 2)),
+        baseline=not args.no_baseline,
+        quick=args.quick,
+        max_weight_bytes=int(args.max_weights_gib * GIB),
+        l3_bytes=l3_bytes(),
+        seed=args.seed,
+    )
+    peers, peer_records = report.load_peer_measurements(args.peer) if args.peer else ([], [])
+    console = Console(stderr=False)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        result = run_kernel_bench(config, inventory, registry, _RichProgress(progress))
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items() if k != "plans"}
+    doc = report.document(result, inventory, command=["moetier", *sys.argv[1:]], settings=settings,
+                          peers=peers, peer_records=peer_records)
+    report.print_report(doc, console)
+    if args.json:
+        report.write_json(doc, args.json)
+        console.print(f"wrote {len(doc['records'])} records to {args.json}")
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text(report.markdown_table(doc["records"], peer=bool(peer_records)) + "\n")
+        console.print(f"wrote the Markdown table to {args.markdown}")
+    return 0

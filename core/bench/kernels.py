@@ -1,0 +1,252 @@
+"""`moetier bench kernels`: drive expert backends through the public contract on model-sized layers
+and time them against the machine's limits and the torch baseline, all in one run.
+
+For each shape and format, random weights are quantized once and prepared into several independent
+copies (enough that a decode step never finds its weights in the L3, within the memory budget); each
+timed forward uses the next copy and the next pre-drawn routing, so the weights stream from DRAM as they
+do when a real model walks its layers.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MoetierError
+from ..experts import ExpertLayerSpec
+from ..hardware.inventory import HardwareInventory
+from ..plugins import Registry
+from . import baseline as torch_baseline
+from .measure import (DECODE_PLAN, PREFILL_PLAN, QUICK_DECODE_PLAN, QUICK_PREFILL_PLAN, TINY_PLAN, Measurement,
+                      TimingPlan, summarize, time_calls)
+from .probes import MachineLimits, measure_limits
+from .workload import (BENCH_FORMATS, GIB, BenchShape, distinct_experts, flops_per_forward, get_shape, plan_copies,
+                       random_hidden, random_routing, random_weights)
+
+DECODE_MAX_TOKENS = 16  # batches up to this are timed with the decode plan
+ROUTING_SETS_DECODE = 32
+ROUTING_SETS_PREFILL = 4
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    shapes: tuple[str, ...] = ("qwen3-30b", "deepseek-v3")
+    backends: tuple[str, ...] = ()
+    formats: tuple[str, ...] | None = None  # None: every bench format the backend declares
+    batches: tuple[int, ...] = (1, 4, 128, 512)
+    threads: tuple[int, ...] = (1, 2)
+    baseline: bool = True
+    quick: bool = False
+    max_weight_bytes: int = 3 * GIB  # all prepared copies of one (backend, format) together
+    l3_bytes: int = 32 << 20
+    seed: int = 0
+    plans: tuple[TimingPlan, TimingPlan] | None = None  # (decode, prefill); None: by `quick`
+
+    def plan_for(self, batch: int) -> TimingPlan:
+        if self.plans is not None:
+            decode, prefill = self.plans
+        elif self.quick:
+            decode, prefill = QUICK_DECODE_PLAN, QUICK_PREFILL_PLAN
+        else:
+            decode, prefill = DECODE_PLAN, PREFILL_PLAN
+        return decode if batch <= DECODE_MAX_TOKENS else prefill
+
+
+@dataclass
+class BenchResult:
+    limits: MachineLimits
+    shapes: dict[str, BenchShape] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """What the runner reports while it works; the CLI shows it with rich, tests pass nothing."""
+
+    def start(self, total: int) -> None: ...
+    def status(self, text: str) -> None: ...
+    def advance(self, text: str) -> None: ...
+
+
+def apply_threads(backend, threads: int) -> str:
+    """Ask a backend to compute on `threads` threads; returns how ("set_threads", "threads", "torch").
+
+    Native backends own a thread pool (set_threads / a threads attribute); torch-based ones use torch's
+    intra-op threads, which are set in every case since input validation runs torch ops too.
+    """
+    torch.set_num_threads(threads)
+    setter = getattr(backend, "set_threads", None)
+    if callable(setter):
+        setter(threads)
+        return "set_threads"
+    if hasattr(backend, "threads"):
+        try:
+            setattr(backend, "threads", threads)
+            return "threads"
+        except AttributeError:
+            pass
+    return "torch"
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+    """(formats to run, formats skipped because the backend does not declare them)."""
+    if wanted is None:
+        return [f for f in BENCH_FORMATS if f in spec_formats], []
+    return [f for f in wanted if f in spec_formats], [f for f in wanted if f not in spec_formats]
+
+
+class KernelBench:
+    def __init__(self, config: BenchConfig, inventory: HardwareInventory, registry: Registry,
+                 progress: Progress | None = None, limits: MachineLimits | None = None):
+        self.config = config
+        self.inventory = inventory
+        self.registry = registry
+        self.progress = progress or Progress()
+        self._limits = limits
+
+    # ---- planning -------------------------------------------------------------------------------
+    def _backends(self) -> list[tuple[str, object, list[str], list[str]]]:
+        """(name, spec, formats to run, formats skipped) for every requested backend that can run here."""
+        out = []
+        for name in self.config.backends:
+            spec = self.registry.backend(name)
+            probe = spec.safe_probe(self.inventory)
+            if not probe.usable:
+                raise MoetierError(f"backend {name} cannot run here: {probe.reason}")
+            fmts, skipped = formats_for(spec.formats, self.config.formats)
+            out.append((name, spec, fmts, skipped))
+        return out
+
+    def count(self) -> int:
+        c = self.config
+        per_fmt = len(c.batches) * len(c.threads) * len(c.shapes)
+        return sum(len(fmts) for _, _, fmts, _ in self._backends()) * per_fmt + (per_fmt if c.baseline else 0)
+
+    # ---- running --------------------------------------------------------------------------------
+    def run(self) -> BenchResult:
+        c = self.config
+        backends = self._backends()
+        self.progress.start(self.count())
+        limits = self._limits or measure_limits(self.inventory, c.threads, quick=c.quick, progress=self.progress.status)
+        result = BenchResult(limits)
+        for name, _, _, skipped in backends:
+            for f in skipped:
+                result.notes.append(f"{name} does not compute {f}: skipped")
+        saved_threads = torch.get_num_threads()
+        try:
+            for shape_name in c.shapes:
+                shape = get_shape(shape_name, c.max_weight_bytes)
+                result.shapes[shape.name] = shape
+                inputs = self._inputs(shape)
+                if c.baseline:
+                    self._run_one(result, shape, inputs, torch_baseline.NAME, None, torch_baseline.FORMAT)
+                for name, spec, fmts, _ in backends:
+                    for fmt in fmts:
+                        self._run_one(result, shape, inputs, name, spec, fmt)
+        finally:
+            torch.set_num_threads(saved_threads)
+        return result
+
+    def _inputs(self, shape: BenchShape) -> dict[int, tuple[torch.Tensor, list]]:
+        """Per batch: the hidden states and the pre-drawn routings (the same for every backend)."""
+        out = {}
+        for b in self.config.batches:
+            sets = ROUTING_SETS_DECODE if b <= DECODE_MAX_TOKENS else ROUTING_SETS_PREFILL
+            seed = self.config.seed * 1_000_003 + b
+            out[b] = (random_hidden(shape.layer, b, seed), random_routing(shape.layer, b, sets, seed + 1))
+        return out
+
+    def _run_one(self, result: BenchResult, shape: BenchShape, inputs, name: str, spec, fmt: str) -> None:
+        c = self.config
+        layer = shape.layer
+        label = f"{shape.name} {name} {fmt}"
+        try:
+            backend = torch_baseline.TorchLoopBaseline() if spec is None else spec.factory(self.inventory)
+            prepared, copies = self._prepare_copies(backend, spec is None, layer, fmt, label)
+        except MoetierError as exc:
+            result.notes.append(f"{label}: not measured: {type(exc).__name__}: {exc}")
+            for _ in range(len(c.batches) * len(c.threads)):
+                self.progress.advance(f"{label} skipped")
+            return
+        forward = backend.forward
+        for t in c.threads:
+            via = apply_threads(backend, t)
+            for b in c.batches:
+                hidden, routings = inputs[b]
+                n_r = len(routings)
+                text = f"{label} batch {b} threads {t}"
+                self.progress.status(text + " (timing)")
+
+                def call(i, _p=prepared, _h=hidden, _r=routings):
+                    r = _r[i % n_r]
+                    return forward(_p[i % copies], _h, r.topk_ids, r.topk_weights)
+
+                plan = c.plan_for(b)
+                try:
+                    times = time_calls(call, plan)
+                except MoetierError as exc:
+                    result.notes.append(f"{text}: failed: {type(exc).__name__}: {exc}")
+                    self.progress.advance(text)
+                    continue
+                first = plan.warmup
+                nbytes = [distinct_experts(routings[(first + j) % n_r].topk_ids) * layer.expert_bytes(fmt)
+                          for j in range(len(times))]
+                med, p10, p90, mean_bytes = summarize(times, nbytes)
+                result.measurements.append(Measurement(
+                    shape.name, layer.num_experts, layer.top_k, layer.hidden_size, layer.intermediate_size,
+                    name, fmt, b, t, med, p10, p90, len(times), copies, mean_bytes,
+                    float(flops_per_forward(layer, b)), via))
+                self.progress.advance(text)
+        del prepared, backend
+        gc.collect()
+
+    def _prepare_copies(self, backend, is_baseline: bool, layer: ExpertLayerSpec, fmt: str, label: str):
+        c = self.config
+        self.progress.status(f"{label}: random weights")
+        weights = random_weights(layer, fmt, seed=c.seed * 7919 + zlib.crc32(fmt.encode()) % 1000)
+        nominal = layer.num_experts * layer.expert_bytes(fmt)
+
+        def prepare():
+            if is_baseline:
+                return backend.prepare(layer, weights)
+            return backend.prepare(layer, weights, range(layer.num_experts), fmt)
+
+        self.progress.status(f"{label}: prepare copy 1")
+        rss0 = _rss_bytes()
+        first = prepare()
+        rss1 = _rss_bytes()
+        footprint = max(nominal, (rss1 - rss0) if rss0 is not None and rss1 is not None else 0)
+        step = layer.top_k * layer.expert_bytes(fmt)  # a batch-1 step: the fewest bytes, the worst case
+        copies = plan_copies(layer, footprint, step, c.max_weight_bytes, c.l3_bytes)
+        prepared = [first]
+        for k in range(1, copies):
+            self.progress.status(f"{label}: prepare copy {k + 1}/{copies}")
+            prepared.append(prepare())
+        del weights
+        gc.collect()
+        return prepared, copies
+
+
+def default_backends(registry: Registry, inventory: HardwareInventory) -> tuple[str, ...]:
+    """The CPU backend selection picks on this machine (the torch baseline is added separately)."""
+    from ..selection import select_backends
+
+    chosen = select_backends(registry, inventory).for_device("cpu")
+    return (chosen,) if chosen else ()
+
+
+def run_kernel_bench(config: BenchConfig, inventory: HardwareInventory, registry: Registry,
+                     progress: Progress | None = None, limits: MachineLimits | None = None) -> BenchResult:
+    return KernelBench(config, inventory, registry, progress, limits).run()
+
