@@ -33,11 +33,21 @@ ShapeSpec = Sequence[int | None]  # None matches any size on that axis
 
 
 class Checkpoint:
-    """A safetensors checkpoint (directory or single file), read lazily. Use as a context manager."""
+    """A safetensors checkpoint (directory or single file), read lazily. Use as a context manager.
 
-    def __init__(self, path: str | os.PathLike, *, max_open_files: int = 32):
+    max_open_files: shard handles kept open (least recently used closed first).
+    max_mapped_bytes: after this many bytes were read through the open handles, they are all closed
+    (and reopened on demand). Pages of a memory-mapped file stay in the process's RSS until it is
+    unmapped, so without this an expert-by-expert load would show the whole checkpoint as resident.
+    Every tensor returned owns its memory (it is copied out of the mapping), so closing never
+    invalidates it and peak memory is what the caller keeps plus one tensor plus this budget.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, max_open_files: int = 32, max_mapped_bytes: int = 128 * 2**20):
         self.path = Path(path)
         self._max_open = max(1, int(max_open_files))
+        self._max_mapped = max(0, int(max_mapped_bytes))
+        self._mapped = 0
         self._headers: dict[Path, FileHeader] = {}
         self._handles: OrderedDict[Path, object] = OrderedDict()
         self._lock = threading.RLock()
@@ -197,7 +207,7 @@ class Checkpoint:
 
     def read(self, name: str, *, shape: ShapeSpec | None = None,
              dtype: torch.dtype | Iterable[torch.dtype] | None = None) -> torch.Tensor:
-        """One whole tensor (only its own bytes are read; the result may be backed by the file's mmap)."""
+        """One whole tensor, in memory of its own (only its bytes are read from the file)."""
         info = self.check(name, shape=shape, dtype=dtype)
         return self._get(info, None)
 
@@ -206,12 +216,33 @@ class Checkpoint:
         return self._get(self.info(name), index)
 
     def _get(self, info: TensorInfo, index) -> torch.Tensor:
-        try:
-            with self._lock:
-                h = self._handle(info.file)
-                return h.get_tensor(info.name) if index is None else h.get_slice(info.name)[index]
-        except SafetensorError as e:
-            raise CorruptFileError(f"{info.file}: cannot read tensor {info.name!r}: {e}") from None
+        with self._lock:
+            h = self._handle(info.file)
+            try:
+                view = h.get_tensor(info.name) if index is None else h.get_slice(info.name)[index]
+            except SafetensorError as e:
+                raise CorruptFileError(f"{info.file}: cannot read tensor {info.name!r}: {e}") from None
+            except (IndexError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{info.file}: bad index {index!r} for tensor {info.name!r} "
+                                      f"of shape {list(info.shape)}: {e}") from None
+            # safetensors hands out views of its mmap: copy, so the mapping can be dropped below.
+            out = view.clone(memory_format=torch.contiguous_format)
+            del view
+            self._mapped += out.numel() * out.element_size()
+            if self._mapped > self._max_mapped:
+                self._release_locked()
+            return out
+
+    def release(self) -> None:
+        """Close the open shard handles (unmapping their pages); the checkpoint stays usable."""
+        with self._lock:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        while self._handles:
+            _, h = self._handles.popitem()
+            _close_handle(h)
+        self._mapped = 0
 
     def _handle(self, file: Path):
         if self._closed:
@@ -276,9 +307,7 @@ class Checkpoint:
     def close(self) -> None:
         """Close every open shard. Tensors already returned stay valid."""
         with self._lock:
-            while self._handles:
-                _, h = self._handles.popitem()
-                _close_handle(h)
+            self._release_locked()
             self._closed = True
 
     def __enter__(self) -> Checkpoint:
