@@ -398,3 +398,28 @@ def test_progress_is_quiet_without_a_terminal_and_lazy(monkeypatch, capsys):
             assert produced == list(range(i + 1))  # never reads ahead: one item resident at a time
     assert list(track(range(3), enabled=True)) == [0, 1, 2]
     capsys.readouterr()
+
+
+def test_writer_accepts_tensors_sharing_storage(tmp_path, rng):
+    w = _t(rng.standard_normal((6, 4)).astype(np.float32))
+    fused = _t(rng.standard_normal((3, 4, 5)).astype(np.float32))
+    write_checkpoint(tmp_path, {"embed.weight": w, "lm_head.weight": w, "e0": fused[0], "e1": fused[1]})
+    with Checkpoint(tmp_path) as ckpt:
+        assert torch.equal(ckpt.read("lm_head.weight"), w) and torch.equal(ckpt.read("embed.weight"), w)
+        assert torch.equal(ckpt.read("e1"), fused[1])
+        ckpt.release()
+        assert torch.equal(ckpt.read("e0"), fused[0])
+
+
+def test_e8m0_block_scales_are_widened_exactly(tmp_path, rng):
+    if not hasattr(torch, "float8_e8m0fnu"):
+        pytest.skip("torch without float8_e8m0fnu")
+    bits = random_fp8_bits(rng, (130, 256))
+    exps = rng.integers(-12, 2, size=(2, 2))
+    scale = torch.from_numpy(np.exp2(exps).astype(np.float32))
+    save_file({"x.weight": _t(bits).view(torch.float8_e4m3fn), "x.weight_scale_inv": scale.to(torch.float8_e8m0fnu)},
+              str(tmp_path / "model.safetensors"))
+    with Checkpoint(tmp_path) as ckpt:
+        q = ckpt.read_matrix("x")
+    assert torch.equal(q.scales, scale)
+    assert np.array_equal(q.dequantize(torch.float64).numpy(), fp8_block_dequant(bits, scale.numpy()))

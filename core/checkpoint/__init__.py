@@ -10,13 +10,16 @@ Reading
     from moetier.checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:          # a directory (index / model.safetensors / *.safetensors) or one file
+                                            # options: max_open_files=32, max_mapped_bytes=128 MiB (see Checkpoint)
         ckpt.names(prefix="model.layers.3.")  # sorted names, no data read
         "x.weight" in ckpt                    # membership
         ckpt.info(name)                       # TensorInfo(name, file, dtype, shape, offsets, nbytes)
         ckpt.check(name, shape=(8, None), dtype=torch.bfloat16)   # info after checking; None = any size
-        ckpt.read(name, shape=..., dtype=...) # one whole tensor (may stay backed by the file's mmap)
+        ckpt.read(name, shape=..., dtype=...) # one whole tensor, in memory of its own (valid after close)
         ckpt.read_slice(name, (e, slice(0, 64)))                   # basic indexing, only those bytes
         ckpt.config                           # parsed config.json next to the weights, or None
+        ckpt.release()                        # unmap the open shards now (e.g. after each layer); stays usable
+    Reads are serialized by a lock, so one Checkpoint may be shared by threads.
 
 Matrices (`base` is the name without `.weight`, e.g. "model.layers.3.mlp.experts.7.gate_proj"):
 

@@ -35,9 +35,12 @@ INT4_PACKED = "weight_packed"
 INT4_SCALE = "weight_scale"
 INT4_SHAPE = "weight_shape"
 INT4_ZERO_POINT = "weight_zero_point"
+INT4_G_IDX = "weight_g_idx"
 
 FLOAT_FORMATS: dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Scales are widened to fp32 exactly; e8m0 (powers of two) is how some FP8 exports store block scales.
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16) + (
+    (torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ())
 
 Target = torch.dtype | str | WeightFormat | None
 
@@ -96,6 +99,9 @@ def _detect_int4(ckpt, base: str, group_size: int | None) -> MatrixOnDisk:
     if _n(base, INT4_ZERO_POINT) in ckpt:
         raise QuantizedLayoutError(f"{ckpt.file_of(packed_name)}: {base!r} has {INT4_ZERO_POINT!r}; only symmetric "
                                    "INT4 (no zero point) is supported")
+    if _n(base, INT4_G_IDX) in ckpt:
+        raise QuantizedLayoutError(f"{ckpt.file_of(packed_name)}: {base!r} has {INT4_G_IDX!r} (activation-ordered "
+                                   "groups); only contiguous groups along the input dimension are supported")
     shape_name = _n(base, INT4_SHAPE)
     ckpt.check(shape_name, shape=(2,), dtype=(torch.int32, torch.int64))
     out_f, in_f = (int(v) for v in ckpt.read(shape_name).tolist())

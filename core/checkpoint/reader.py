@@ -101,8 +101,9 @@ class Checkpoint:
             shards.setdefault(p, []).append(name)
         for p, names in shards.items():
             if not p.is_file():
+                some = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
                 raise MissingShardError(f"{index}: shard {p.name!r} is missing from {self.root} "
-                                        f"({len(names)} tensors map to it, e.g. {names[0]!r})")
+                                        f"({len(names)} tensors map to it: {some})")
         return weight_map, tuple(sorted(shards))
 
     def _map_from_headers(self) -> dict[str, Path]:

@@ -25,7 +25,14 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: value of {name!r} is {type(t).__name__}, not a torch.Tensor")
     meta = {"format": "pt", **(metadata or {})}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share storage (tied weights, views of one fused tensor).
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    save_file(out, str(path), metadata=meta)
     return path
 
 
