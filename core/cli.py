@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     conformance_cli.register(sub, _common)
     from .bench import cli as bench_cli
     bench_cli.register(sub, _common)
+    from . import zoo_cli
+    zoo_cli.register(sub)
     return parser
 
 

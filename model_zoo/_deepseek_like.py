@@ -121,3 +121,19 @@ def version_from_name(config: Mapping, candidates: tuple[str, ...], default: str
         if name.endswith(v.lower()):
             return v
     return default
+
+
+def standard_tiny_spec(version: str, hf_config, model_cls, arch: str, layout_fn, *, mtp_layers: int = 0,
+                       default_quant: str | None = None, **config_overrides):
+    """TinySpec of a text-only DeepSeek-style model kept under `model.` (DeepSeek, Kimi-K2, GLM)."""
+    from .tiny import TinySpec
+
+    config = config_dict(hf_config, version=version, architectures=[arch], num_nextn_predict_layers=mtp_layers,
+                         **config_overrides)
+    mtp = ()
+    if mtp_layers:
+        lay = layout_fn(config)
+        mtp = mtp_spec(lay.moe_layers[-1].names, lay.num_hidden_layers, "model.", lay.hidden_size,
+                       hf_config.vocab_size)
+    return TinySpec(version, config, lambda: model_cls(hf_config), mtp=mtp, default_quant=default_quant,
+                    extra={"hf_class": model_cls.__name__})

@@ -7,7 +7,7 @@ import moetier
 from moetier.errors import LayoutError
 from moetier.family import ModelFamily
 
-from ._deepseek_like import (TINY_COMMON, TINY_INDEXER, TINY_MLA, config_dict, deepseek_like_layout, mtp_spec,
+from ._deepseek_like import (TINY_COMMON, TINY_INDEXER, TINY_MLA, deepseek_like_layout, standard_tiny_spec,
                              version_from_name)
 from .tiny import TinySpec, write_tiny
 
@@ -65,17 +65,11 @@ def tiny_spec(version: str) -> TinySpec:
         else:
             cfg = tf.DeepseekV3Config(**kw)
             cls, arch = tf.DeepseekV3ForCausalLM, "DeepseekV3ForCausalLM"
-        extra, mtp = {"num_nextn_predict_layers": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}, True
-    config = config_dict(cfg, version=version, architectures=[arch], **extra)
-    mtp_blocks = ()
-    if mtp:
-        lay = layout(config)
-        mtp_blocks = mtp_spec(lay.moe_layers[-1].names, lay.num_hidden_layers, "model.", 64, 128)
-    return TinySpec(version, config, lambda: cls(cfg), mtp=mtp_blocks,
-                    extra={"hf_class": cls.__name__})
+        extra, mtp = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}, True
+    return standard_tiny_spec(version, cfg, cls, arch, layout, mtp_layers=1 if mtp else 0, **extra)
 
 
-def tiny(version: str, out_dir: str, quant: str | None = None, seed: int = 0):
+def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0):
     return write_tiny(tiny_spec(version), layout, out_dir, quant=quant, seed=seed)
 
 

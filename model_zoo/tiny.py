@@ -50,7 +50,8 @@ class TinySpec:
     config: the config.json to write (quantization_config is added by write_tiny). build_model(): the
     transformers model with the text tower, random; its state dict names its tensors. layers_prefix:
     where that model keeps its decoder layers ("model.layers"). rename: (in-memory prefix, on-disk
-    prefix) pairs applied to non-MoE tensor names. mtp: extra MTP blocks, as (TensorNames, layer number
+    prefix) pairs applied to non-MoE tensor names. default_quant: the quantization the version ships
+    with when the caller asks for the default. mtp: extra MTP blocks, as (TensorNames, layer number
     for the template, prefix of the non-MoE part to copy the last decoder layer to, extra 1-D/2-D tensors).
     """
 
@@ -62,13 +63,17 @@ class TinySpec:
     mtp: tuple[tuple[TensorNames, int, str, dict], ...] = ()
     float_dtype: torch.dtype = torch.bfloat16
     quant_targets: tuple[str, ...] = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")
+    default_quant: str | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
 
-def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: str, *, quant: str | None = None,
+def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: str, *, quant: str | None = "default",
                seed: int = 0, shards: int = 2) -> MoELayout:
-    """Write spec's checkpoint to out_dir (config.json + safetensors shards + index); return its layout."""
+    """Write spec's checkpoint to out_dir (config.json + safetensors shards + index); return its layout.
+    quant: "fp8", "int4", None (unquantized) or "default" (what the version ships: spec.default_quant)."""
+    if quant == "default":
+        quant = spec.default_quant
     if quant not in QUANTS:
         raise LayoutError(f"--quant must be fp8 or int4, got {quant!r}")
     config = copy.deepcopy(spec.config)

@@ -1,0 +1,90 @@
+"""`moetier zoo`: the model families plugins registered, tiny checkpoints in their real layouts, and a
+checkpoint's layout."""
+from __future__ import annotations
+
+import json
+
+from .errors import LayoutError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("zoo", help="model families: list them, write tiny checkpoints, show a checkpoint's layout")
+    zsub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+
+    q = zsub.add_parser("list", help="families and the versions they claim")
+    q.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    q.add_argument("--no-plugins", action="store_true", help="load only moetier's own plugins")
+    q.set_defaults(func=_cmd_list)
+
+    q = zsub.add_parser("tiny", help="write a small random checkpoint in a family's real on-disk layout")
+    q.add_argument("family")
+    q.add_argument("out_dir")
+    q.add_argument("--version", help="model version (default: the family's first); see `moetier zoo list`")
+    q.add_argument("--quant", choices=("fp8", "int4", "none", "default"), default="default",
+                   help="quantize: fp8 (128x128 blocks) or int4 (compressed-tensors, routed experts); "
+                        "default: what the version ships")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-plugins", action="store_true", help="load only moetier's own plugins")
+    q.set_defaults(func=_cmd_tiny)
+
+    q = zsub.add_parser("show", help="the MoE layout moetier reads from a checkpoint directory")
+    q.add_argument("path", help="checkpoint directory (with config.json) or a config.json")
+    q.add_argument("--verify", action="store_true", help="also check every MoE tensor's presence and shape")
+    q.add_argument("--no-plugins", action="store_true", help="load only moetier's own plugins")
+    q.set_defaults(func=_cmd_show)
+
+
+def _registry(args):
+    from .plugins import load_registry
+    return load_registry(no_plugins=args.no_plugins)
+
+
+def _cmd_list(args) -> int:
+    registry = _registry(args)
+    rows = []
+    for name in sorted(registry.families):
+        fam = registry.families[name]
+        rows.append({"family": name, "versions": list(fam.versions), "description": fam.description,
+                     "plugin": registry.owners.get(("family", name), "?"), "tiny": fam.tiny is not None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="moetier model families")
+    for col in ("family", "versions", "plugin", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["family"], ", ".join(r["versions"]), r["plugin"], r["description"])
+    Console(width=160).print(table)
+    return 0
+
+
+def _cmd_tiny(args) -> int:
+    registry = _registry(args)
+    fam = registry.family(args.family)
+    if fam.tiny is None:
+        raise LayoutError(f"family {fam.name!r} does not write tiny checkpoints")
+    version = args.version or fam.versions[0]
+    if version not in fam.versions:
+        raise LayoutError(f"family {fam.name!r} has no version {version!r}; versions: {', '.join(fam.versions)}")
+    quant = None if args.quant == "none" else args.quant
+    layout = fam.tiny(version, args.out_dir, quant=quant, seed=args.seed)
+    print(json.dumps({"wrote": args.out_dir, **layout.summary()}, indent=2))
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from .family import load_layout
+
+    layout = load_layout(args.path, _registry(args))
+    out = layout.summary()
+    if args.verify:
+        from .checkpoint import Checkpoint
+        from .moe_block import verify_checkpoint
+
+        with Checkpoint(args.path) as ckpt:
+            out["verified_matrices"] = verify_checkpoint(ckpt, layout)
+    print(json.dumps(out, indent=2))
+    return 0

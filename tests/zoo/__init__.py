@@ -1,0 +1,1 @@
+"""Helpers and fixtures for the model-zoo golden tests (transformers is the reference)."""
