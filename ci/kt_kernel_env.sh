@@ -19,5 +19,11 @@ fi
 # pluggy and rich: the runner imports moetier's workload definitions (shapes, routing, byte accounting)
 # from this checkout so that both sides measure exactly the same thing.
 "$VENV/bin/python" -m pip install "kt-kernel==$KT_VERSION" pluggy rich
-"$VENV/bin/python" -c "import kt_kernel, torch; print('kt-kernel', getattr(kt_kernel, '__version__', '?'), 'variant', kt_kernel.__cpu_variant__, 'torch', torch.__version__)"
+# Make this checkout's `moetier` importable in the venv without building it again: a link named
+# moetier to core/, found through a .pth file (only pure-Python modules and the bench probes are used).
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+mkdir -p "$VENV/moetier-checkout"
+ln -sfn "$PWD/core" "$VENV/moetier-checkout/moetier"
+echo "$(cd "$VENV/moetier-checkout" && pwd)" > "$SITE/moetier_checkout.pth"
+"$VENV/bin/python" -c "import kt_kernel, torch, moetier.bench.workload; print('kt-kernel', kt_kernel.__version__, 'variant', kt_kernel.__cpu_variant__, 'torch', torch.__version__)"
 echo "$VENV"

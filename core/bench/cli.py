@@ -1,6 +1,7 @@
 """`moetier bench kernels`: the command line of the kernel benchmark."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import MoetierError
@@ -19,18 +20,20 @@ def _csv(kind, choices=None):
     def parse(text: str):
         items = tuple(x.strip() for x in text.split(",") if x.strip())
         if not items:
-            raise ValueError(f"empty {kind} list")
+            raise argparse.ArgumentTypeError(f"empty {kind} list")
         if kind == "int":
-            vals = tuple(int(x) for x in items)
+            try:
+                vals = tuple(int(x) for x in items)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
             if any(v < 1 for v in vals):
-                raise ValueError("values must be >= 1")
+                raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
             return vals
         if choices is not None:
             bad = [x for x in items if x not in choices]
             if bad:
-                raise ValueError(f"unknown {kind}: {', '.join(bad)} (known: {', '.join(choices)})")
+                raise argparse.ArgumentTypeError(f"unknown {kind}: {', '.join(bad)} (known: {', '.join(choices)})")
         return items
-    parse.__name__ = kind  # argparse names the type in its error message
     return parse
 
 
@@ -78,7 +81,6 @@ class _RichProgress:
 
 
 def run_cli(args) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..hardware import load_inventory
@@ -110,7 +112,7 @@ def run_cli(args) -> int:
         seed=args.seed,
     )
     peers, peer_records = report.load_peer_measurements(args.peer) if args.peer else ([], [])
-    console = Console(stderr=False)
+    console = report.make_console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         result = run_kernel_bench(config, inventory, registry, _RichProgress(progress))

@@ -9,8 +9,8 @@ do when a real model walks its layers.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +24,7 @@ from .measure import (DECODE_PLAN, PREFILL_PLAN, QUICK_DECODE_PLAN, QUICK_PREFIL
                       TimingPlan, summarize, time_calls)
 from .probes import MachineLimits, measure_limits
 from .workload import (BENCH_FORMATS, GIB, BenchShape, distinct_experts, flops_per_forward, get_shape, plan_copies,
-                       random_hidden, random_routing, random_weights)
+                       random_hidden, random_routing, random_weights, weights_seed)
 
 DECODE_MAX_TOKENS = 16  # batches up to this are timed with the decode plan
 ROUTING_SETS_DECODE = 32
@@ -71,24 +71,34 @@ class Progress:
     def advance(self, text: str) -> None: ...
 
 
-def apply_threads(backend, threads: int) -> str:
-    """Ask a backend to compute on `threads` threads; returns how ("set_threads", "threads", "torch").
+def _factory_takes_threads(factory) -> bool:
+    try:
+        return "threads" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
-    Native backends own a thread pool (set_threads / a threads attribute); torch-based ones use torch's
-    intra-op threads, which are set in every case since input validation runs torch ops too.
+
+def apply_threads(backend, threads: int, spec=None, inventory=None):
+    """A backend computing on `threads` threads, and how that was arranged.
+
+    In order: the backend's own `set_threads`; a factory that takes `threads=` (native backends own a
+    pinned pool sized at construction: a new instance computes on the same prepared experts, since a
+    packed layout never depends on the thread count); a live `num_threads` attribute (numba); otherwise
+    torch's intra-op threads, which are set in every case since input validation runs torch ops too.
     """
     torch.set_num_threads(threads)
     setter = getattr(backend, "set_threads", None)
     if callable(setter):
         setter(threads)
-        return "set_threads"
-    if hasattr(backend, "threads"):
-        try:
-            setattr(backend, "threads", threads)
-            return "threads"
-        except AttributeError:
-            pass
-    return "torch"
+        return backend, "set_threads"
+    if spec is not None and _factory_takes_threads(spec.factory):
+        if getattr(backend, "threads", None) == threads:
+            return backend, "factory(threads=)"
+        return spec.factory(inventory, threads=threads), "factory(threads=)"
+    if hasattr(backend, "num_threads"):
+        backend.num_threads = threads
+        return backend, "num_threads"
+    return backend, "torch"
 
 
 def _rss_bytes() -> int | None:
@@ -104,6 +114,16 @@ def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None) -
     if wanted is None:
         return [f for f in BENCH_FORMATS if f in spec_formats], []
     return [f for f in wanted if f in spec_formats], [f for f in wanted if f not in spec_formats]
+
+
+def make_inputs(shape: BenchShape, batches: tuple[int, ...], seed: int) -> dict[int, tuple[torch.Tensor, list]]:
+    """Per batch: the bf16 hidden states and the pre-drawn routings, the same for every implementation."""
+    out = {}
+    for b in batches:
+        sets = ROUTING_SETS_DECODE if b <= DECODE_MAX_TOKENS else ROUTING_SETS_PREFILL
+        s = seed * 1_000_003 + b
+        out[b] = (random_hidden(shape.layer, b, s), random_routing(shape.layer, b, sets, s + 1))
+    return out
 
 
 class KernelBench:
@@ -148,7 +168,7 @@ class KernelBench:
             for shape_name in c.shapes:
                 shape = get_shape(shape_name, c.max_weight_bytes)
                 result.shapes[shape.name] = shape
-                inputs = self._inputs(shape)
+                inputs = make_inputs(shape, c.batches, c.seed)
                 if c.baseline:
                     self._run_one(result, shape, inputs, torch_baseline.NAME, None, torch_baseline.FORMAT)
                 for name, spec, fmts, _ in backends:
@@ -158,30 +178,27 @@ class KernelBench:
             torch.set_num_threads(saved_threads)
         return result
 
-    def _inputs(self, shape: BenchShape) -> dict[int, tuple[torch.Tensor, list]]:
-        """Per batch: the hidden states and the pre-drawn routings (the same for every backend)."""
-        out = {}
-        for b in self.config.batches:
-            sets = ROUTING_SETS_DECODE if b <= DECODE_MAX_TOKENS else ROUTING_SETS_PREFILL
-            seed = self.config.seed * 1_000_003 + b
-            out[b] = (random_hidden(shape.layer, b, seed), random_routing(shape.layer, b, sets, seed + 1))
-        return out
-
     def _run_one(self, result: BenchResult, shape: BenchShape, inputs, name: str, spec, fmt: str) -> None:
         c = self.config
         layer = shape.layer
         label = f"{shape.name} {name} {fmt}"
         try:
-            backend = torch_baseline.TorchLoopBaseline() if spec is None else spec.factory(self.inventory)
+            if spec is None:
+                backend = torch_baseline.TorchLoopBaseline()
+            elif _factory_takes_threads(spec.factory):  # pack on every thread the run uses
+                backend = spec.factory(self.inventory, threads=max(c.threads))
+            else:
+                backend = spec.factory(self.inventory)
             prepared, copies = self._prepare_copies(backend, spec is None, layer, fmt, label)
         except MoetierError as exc:
             result.notes.append(f"{label}: not measured: {type(exc).__name__}: {exc}")
             for _ in range(len(c.batches) * len(c.threads)):
                 self.progress.advance(f"{label} skipped")
             return
-        forward = backend.forward
         for t in c.threads:
-            via = apply_threads(backend, t)
+            forward = runner = None  # drop the previous thread count's pool before making the next one
+            runner, via = apply_threads(backend, t, spec, self.inventory)
+            forward = runner.forward
             for b in c.batches:
                 hidden, routings = inputs[b]
                 n_r = len(routings)
@@ -208,13 +225,13 @@ class KernelBench:
                     name, fmt, b, t, med, p10, p90, len(times), copies, mean_bytes,
                     float(flops_per_forward(layer, b)), via))
                 self.progress.advance(text)
-        del prepared, backend
+        del prepared, backend, runner
         gc.collect()
 
     def _prepare_copies(self, backend, is_baseline: bool, layer: ExpertLayerSpec, fmt: str, label: str):
         c = self.config
         self.progress.status(f"{label}: random weights")
-        weights = random_weights(layer, fmt, seed=c.seed * 7919 + zlib.crc32(fmt.encode()) % 1000)
+        weights = random_weights(layer, fmt, weights_seed(c.seed, fmt))
         nominal = layer.num_experts * layer.expert_bytes(fmt)
 
         def prepare():

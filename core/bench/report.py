@@ -153,10 +153,18 @@ def results_table(records: list[dict], peer_name: str | None = None):
     return t
 
 
-def print_report(doc: dict, console=None) -> None:
+def make_console():
+    """A rich console; when output is not a terminal (a log, a pipe) it is wide enough for the table."""
     from rich.console import Console
 
-    console = console or Console()
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 180))
+    return console
+
+
+def print_report(doc: dict, console=None) -> None:
+    console = console or make_console()
     limits = MachineLimits(
         {int(k): v for k, v in doc["limits"]["read_gb_per_s"].items()},
         {int(k): v for k, v in doc["limits"]["read_gb_per_s_best"].items()},
@@ -168,7 +176,7 @@ def print_report(doc: dict, console=None) -> None:
         console.print(f"[bold]{name}[/bold]: {desc}")
     peer = None
     if doc.get("peer_records"):
-        peer = "peer"
+        peer = doc["peer_records"][0]["backend"].split(" ")[0]
     console.print(results_table(doc["records"], peer))
     for n in doc["notes"]:
         console.print(f"[yellow]note:[/yellow] {n}")

@@ -6,6 +6,7 @@ implementation (the peer's kernels, in their own environment) and compared numbe
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ L3_MULTIPLE = 4
 # Expert popularity: log-normal with this sigma (the hottest of 128 experts gets about 3x the mean
 # load), so routing is neither uniform nor degenerate.
 POPULARITY_SIGMA = 0.5
+MAX_COPIES = 64  # small test shapes would otherwise ask for hundreds
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,13 @@ def plan_copies(layer: ExpertLayerSpec, copy_bytes: int, step_bytes: int, max_we
     """How many independent prepared copies of the layer to rotate through.
 
     Enough that between two uses of one copy at least L3_MULTIPLE x the L3 of other weights is streamed
-    (the copy's own step counts), never more than the budget holds, at least one.
+    (the copy's own step counts), never more than the budget holds or MAX_COPIES, at least one.
     """
     if copy_bytes <= 0 or step_bytes <= 0:
         raise ValueError("copy_bytes and step_bytes must be positive")
     wanted = max(1, math.ceil(L3_MULTIPLE * l3_bytes / step_bytes))
     affordable = max(1, max_weight_bytes // copy_bytes)
-    return int(min(wanted, affordable))
+    return int(min(wanted, affordable, MAX_COPIES))
 
 
 def l3_bytes() -> int:
@@ -125,6 +127,11 @@ def l3_bytes() -> int:
 
 
 # ---- random data --------------------------------------------------------------------------------
+
+def weights_seed(seed: int, fmt: str) -> int:
+    """The weight seed of one format in a run (stable across processes, unlike hash())."""
+    return seed * 7919 + zlib.crc32(fmt.encode()) % 1000
+
 
 def random_weights(layer: ExpertLayerSpec, fmt: str, seed: int) -> ExpertWeights:
     """Every expert of `layer` with N(0, 1/fan_in) weights, quantized to `fmt` one matrix at a time
