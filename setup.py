@@ -25,6 +25,9 @@ KERNEL_VARIANTS = {
 }
 
 KERNEL_SOURCES = ["kernels/moe_module.cpp"]
+# Headers of the kernel tree: a change to any of them rebuilds every variant.
+KERNEL_HEADERS = ["kernels/variant.h", "kernels/simd.h", "kernels/packed_format.h", "kernels/panel_kernels.h",
+                  "kernels/thread_pool.h", "kernels/moe_layer.h"]
 
 
 def packages():
@@ -50,7 +53,7 @@ def extensions():
         for variant, flags in KERNEL_VARIANTS.items():
             exts.append(Pybind11Extension(
                 f"moetier.backends.native._moe_{variant}", KERNEL_SOURCES, cxx_std=17,
-                include_dirs=["kernels"],
+                include_dirs=["kernels"], depends=KERNEL_HEADERS,
                 define_macros=[("MOETIER_VARIANT", f'"{variant}"'), ("MOETIER_VARIANT_" + variant.upper(), "1")],
                 extra_compile_args=["-O3", "-fno-math-errno", "-pthread", *flags],
                 extra_link_args=["-pthread"],

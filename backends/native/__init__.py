@@ -1,0 +1,115 @@
+"""The native C++ kernels: one compiled module per ISA variant, and the loader that picks one safely.
+
+A variant is imported only when the hardware inventory says this CPU (and its OS) can execute every
+instruction the variant was compiled for: importing a higher one would crash the process with SIGILL.
+`MOETIER_CPU_VARIANT` caps the variant (so an AVX-512 machine tests the AVX2 build); naming a variant the
+CPU lacks, or an unknown one, raises KernelVariantError instead of loading anything.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+from moetier.errors import KernelVariantError
+
+ENV_VARIANT = "MOETIER_CPU_VARIANT"
+
+# Lowest to highest; each variant's features include those of the variants below it.
+VARIANTS = ("avx2", "avx512", "avx512_bf16", "amx")
+_AVX2 = ("avx2", "fma", "f16c")
+_AVX512 = _AVX2 + ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+_AVX512_BF16 = _AVX512 + ("avx512_vnni", "avx512_bf16")
+VARIANT_FEATURES = {
+    "avx2": _AVX2,
+    "avx512": _AVX512,
+    "avx512_bf16": _AVX512_BF16,
+    "amx": _AVX512_BF16 + ("amx_tile", "amx_int8", "amx_bf16"),
+}
+
+
+def module_name(variant: str) -> str:
+    return f"{__name__}._moe_{variant}"
+
+
+def _check_known(variant: str) -> None:
+    if variant not in VARIANT_FEATURES:
+        raise KernelVariantError(f"unknown CPU kernel variant {variant!r}; known variants: {', '.join(VARIANTS)}")
+
+
+def missing_features(variant: str, inventory) -> list[str]:
+    """Features `variant` needs that this CPU (as the inventory reports it) lacks."""
+    _check_known(variant)
+    if not inventory.cpu.is_x86:
+        return [f"x86 CPU (this is {inventory.cpu.arch})"]
+    return inventory.cpu.missing(*VARIANT_FEATURES[variant])
+
+
+def is_built(variant: str) -> bool:
+    """Whether the extension of `variant` exists, found without importing (importing might SIGILL)."""
+    _check_known(variant)
+    try:
+        return importlib.util.find_spec(module_name(variant)) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def forced_variant(inventory) -> str | None:
+    """The variant MOETIER_CPU_VARIANT names, checked: unknown or beyond this CPU raises KernelVariantError."""
+    forced = os.environ.get(ENV_VARIANT, "").strip()
+    if not forced:
+        return None
+    _check_known(forced)
+    missing = missing_features(forced, inventory)
+    if missing:
+        raise KernelVariantError(f"{ENV_VARIANT}={forced} but this CPU lacks {', '.join(missing)}")
+    return forced
+
+
+def choose_variant(candidates: tuple[str, ...], inventory) -> str:
+    """The highest of `candidates` (a backend's variants) that the CPU runs, is built, and the cap allows.
+
+    Raises KernelVariantError naming why none qualifies."""
+    for v in candidates:
+        _check_known(v)
+    cap = forced_variant(inventory)
+    reasons = []
+    for v in sorted(candidates, key=VARIANTS.index, reverse=True):
+        if cap is not None and VARIANTS.index(v) > VARIANTS.index(cap):
+            reasons.append(f"{v}: above {ENV_VARIANT}={cap}")
+            continue
+        missing = missing_features(v, inventory)
+        if missing:
+            reasons.append(f"{v}: CPU lacks {', '.join(missing)}")
+            continue
+        if not is_built(v):
+            reasons.append(f"{v}: extension not built (run `python setup.py build_ext --inplace`)")
+            continue
+        return v
+    raise KernelVariantError("no usable native variant: " + "; ".join(reasons))
+
+
+def load_variant(variant: str, inventory=None) -> ModuleType:
+    """Import the extension of `variant` after checking that this CPU can execute it."""
+    _check_known(variant)
+    if inventory is None:
+        from moetier.hardware import detect_inventory
+
+        inventory = detect_inventory()
+    missing = missing_features(variant, inventory)
+    if missing:
+        raise KernelVariantError(f"refusing to load kernel variant {variant}: this CPU lacks {', '.join(missing)}")
+    cap = forced_variant(inventory)
+    if cap is not None and VARIANTS.index(variant) > VARIANTS.index(cap):
+        raise KernelVariantError(f"kernel variant {variant} is above {ENV_VARIANT}={cap}")
+    if not is_built(variant):
+        raise KernelVariantError(f"kernel variant {variant} is not built (run `python setup.py build_ext --inplace`)")
+    try:
+        return importlib.import_module(module_name(variant))
+    except ImportError as exc:
+        raise KernelVariantError(f"kernel variant {variant} failed to import: {exc}") from exc
+
+
+__all__ = ["ENV_VARIANT", "VARIANTS", "VARIANT_FEATURES", "choose_variant", "forced_variant", "is_built",
+           "load_variant", "missing_features", "module_name"]

@@ -1,0 +1,534 @@
+// One MoE layer's held experts in the packed layout, and the fused forward over them.
+//
+// forward: route (token, slot) pairs to held experts; phase 0 converts the activations once (fp32, and
+// bf16 / int8 copies when a prefill kernel wants them); phase 1 runs gate+up+activation per (expert,
+// block of 4 panels) into h; phase 2 runs down per block of output panels, looping over the experts, and
+// accumulates w * (down h + bias) in fp32, so no two tasks ever write the same output element. With
+// more than one NUMA node, every node reduces its own experts into its own buffer and phase 3 sums them.
+#pragma once
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <vector>
+
+#include "panel_kernels.h"
+#include "thread_pool.h"
+
+namespace moetier_kernels {
+inline namespace MOETIER_NS {
+
+enum Act : int { SILU = 0, SWIGLU_OAI = 1 };
+constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming fp32 path runs
+constexpr int GU_CHUNK = 4;           // gate/up panels per phase-1 task
+constexpr int DN_CHUNK = 2;           // down panels per phase-2 task
+
+// Page-aligned memory for packed experts: transparent huge pages cut TLB misses while streaming, and on
+// a multi-node machine the pages are preferred on the node whose threads compute this expert.
+class NodeBuffer {
+   public:
+    NodeBuffer(size_t bytes, int node, int num_nodes) : bytes_(bytes) {
+        void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) throw std::bad_alloc();
+        ptr_ = static_cast<uint8_t*>(p);
+        if (bytes_ >= (2u << 20)) madvise(ptr_, bytes_, MADV_HUGEPAGE);
+#ifdef SYS_mbind
+        if (num_nodes > 1 && node >= 0 && node < 64) {
+            unsigned long mask = 1ul << node;
+            syscall(SYS_mbind, ptr_, bytes_, 1 /* MPOL_PREFERRED */, &mask, 64ul, 0u);
+        }
+#endif
+    }
+    ~NodeBuffer() { munmap(ptr_, bytes_); }
+    NodeBuffer(const NodeBuffer&) = delete;
+    NodeBuffer& operator=(const NodeBuffer&) = delete;
+    uint8_t* data() const { return ptr_; }
+    size_t size() const { return bytes_; }
+
+   private:
+    uint8_t* ptr_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+struct ExpertSlot {
+    int id = -1, node = 0;
+    std::unique_ptr<NodeBuffer> mem;  // gate/up panels interleaved (g0 u0 g1 u1 ...), then down panels
+    std::vector<float> bg, bu, bd;    // zero-padded biases (empty without biases)
+};
+
+enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2 };
+
+struct TaskQueue {
+    std::vector<std::array<int, 3>> items;
+    std::atomic<int> next{0};
+};
+
+class MoELayer {
+   public:
+    MoELayer(int num_experts, int H, int I, int fmt, int group, int act, float alpha, float limit, bool has_bias,
+             bool int8_activations)
+        : num_experts_(num_experts), H_(H), I_(I), fmt_(fmt), act_(act), alpha_(alpha), limit_(limit),
+          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H), dn_(fmt, group, H, I) {
+        if (num_experts < 1) throw std::invalid_argument("num_experts must be positive");
+        if (act != SILU && act != SWIGLU_OAI) throw std::invalid_argument("unknown activation code");
+        slot_of_.assign(num_experts, -1);
+    }
+
+    const Geometry& gate_up_geometry() const { return gu_; }
+    const Geometry& down_geometry() const { return dn_; }
+    int64_t expert_bytes() const { return 2 * gu_.bytes() + dn_.bytes(); }
+    int num_slots() const { return int(slots_.size()); }
+    int num_experts() const { return num_experts_; }
+    bool int8_activations() const { return int8_acts_; }
+    static bool has_dot_kernels() { return MOETIER_HAS_DOT; }
+
+    // Pack one expert (reference storage, see pack_matrix). Biases: fp32 [I], [I], [H] or null.
+    void add_expert(int id, const uint8_t* g, const float* gs, const uint8_t* u, const float* us, const uint8_t* d,
+                    const float* ds, const float* bg, const float* bu, const float* bd, int node, int num_nodes) {
+        if (id < 0 || id >= num_experts_) throw std::out_of_range("expert id out of range");
+        {
+            std::lock_guard<std::mutex> lk(slots_m_);
+            if (slot_of_[id] >= 0) throw std::invalid_argument("expert " + std::to_string(id) + " is already packed");
+        }
+        auto slot = std::make_unique<ExpertSlot>();
+        slot->id = id;
+        slot->node = node < 0 ? 0 : node;
+        slot->mem = std::make_unique<NodeBuffer>(size_t(expert_bytes()), node, num_nodes);
+        uint8_t* base = slot->mem->data();
+        // Pack gate and up into scratch, then interleave panel by panel so one task streams both.
+        std::vector<uint8_t> gp(size_t(gu_.bytes())), up(size_t(gu_.bytes()));
+        pack_matrix(gu_, g, gs, gp.data());
+        pack_matrix(gu_, u, us, up.data());
+        for (int p = 0; p < gu_.panels; ++p) {
+            std::memcpy(base + (2 * int64_t(p)) * gu_.panel_bytes, gp.data() + int64_t(p) * gu_.panel_bytes,
+                        size_t(gu_.panel_bytes));
+            std::memcpy(base + (2 * int64_t(p) + 1) * gu_.panel_bytes, up.data() + int64_t(p) * gu_.panel_bytes,
+                        size_t(gu_.panel_bytes));
+        }
+        pack_matrix(dn_, d, ds, base + 2 * gu_.bytes());
+        if (has_bias_) {
+            slot->bg.assign(size_t(gu_.panels) * PANEL, 0.f);
+            slot->bu.assign(size_t(gu_.panels) * PANEL, 0.f);
+            slot->bd.assign(size_t(dn_.panels) * PANEL, 0.f);
+            if (bg) std::copy(bg, bg + I_, slot->bg.begin());
+            if (bu) std::copy(bu, bu + I_, slot->bu.begin());
+            if (bd) std::copy(bd, bd + H_, slot->bd.begin());
+        }
+        std::lock_guard<std::mutex> lk(slots_m_);  // experts may be packed from several threads at once
+        if (slot_of_[id] >= 0) throw std::invalid_argument("expert " + std::to_string(id) + " is already packed");
+        slot_of_[id] = int(slots_.size());
+        slots_.push_back(std::move(slot));
+    }
+
+    // hidden [T, H] fp32 or bf16 bits; ids [T, k] int64 (validated by the caller); w [T, k] fp32;
+    // out [T, H] fp32 or bf16 bits, fully overwritten.
+    void forward(ThreadPool& pool, const void* hidden, bool hidden_bf16, int T, int K, const int64_t* ids,
+                 const float* w, void* out, bool out_bf16) const;
+
+   private:
+    int num_experts_, H_, I_, fmt_, act_;
+    float alpha_, limit_;
+    bool has_bias_, int8_acts_;
+    Geometry gu_, dn_;
+    std::vector<int> slot_of_;
+    std::vector<std::unique_ptr<ExpertSlot>> slots_;
+    std::mutex slots_m_;
+
+    struct Ctx;
+    void phase_convert(Ctx& c, int t0, int t1) const;
+    void phase_gate_up(Ctx& c, int a, int p0, int p1) const;
+    void phase_quantize_h(Ctx& c, int r0, int r1) const;
+    void phase_down(Ctx& c, int node, int p0, int p1) const;
+    void phase_reduce(Ctx& c, int t0, int t1) const;
+    void write_out(Ctx& c, const float* acc, int t0, int t1, int c0, int c1) const;
+};
+
+struct MoELayer::Ctx {
+    int T = 0;
+    const void* hidden = nullptr;
+    bool hidden_bf16 = false, out_bf16 = false;
+    void* out = nullptr;
+    // routing: active slots (ascending expert id), their rows [row0, row0 + M)
+    std::vector<int> act_slot, act_row0, act_m, act_path;
+    std::vector<int> row_tok;
+    std::vector<float> row_w;
+    std::vector<std::vector<int>> node_active;  // per node: indices into act_*
+    std::vector<int> active_nodes;
+    bool need_xb = false, need_xq = false;
+    int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator
+    std::vector<float> X, Xscale, Hf, Hscale, acc;
+    std::vector<uint16_t> Xb, Hb;
+    std::vector<uint8_t> Xq, Hq;
+    std::vector<int> q_rows;  // rows whose h is quantized for the int8 dot path
+};
+
+// ---- kernel dispatch on the runtime token-block size -----------------------------------------------
+template <int NP, class D, bool SC>
+MOE_INLINE void run_f32(int mb, const uint8_t* const* pan, const Geometry& g, const float* const* x, float* o) {
+    switch (mb) {
+        case 1: gemm_f32<D, 1, NP, SC>(pan, g, x, o); break;
+        case 2: gemm_f32<D, 2, NP, SC>(pan, g, x, o); break;
+        case 3: gemm_f32<D, 3, NP, SC>(pan, g, x, o); break;
+        default: gemm_f32<D, 4, NP, SC>(pan, g, x, o); break;
+    }
+}
+template <int NP>
+inline void run_f32_fmt(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const float* const* x,
+                        float* o) {
+    switch (fmt) {
+        case F32: run_f32<NP, DecF32, false>(mb, pan, g, x, o); break;
+        case F16: run_f32<NP, DecF16, false>(mb, pan, g, x, o); break;
+        case BF16: run_f32<NP, DecBF16, false>(mb, pan, g, x, o); break;
+        case I8: run_f32<NP, DecI8, true>(mb, pan, g, x, o); break;
+        case I4: run_f32<NP, DecI4, true>(mb, pan, g, x, o); break;
+        default: run_f32<NP, DecFP8, true>(mb, pan, g, x, o); break;
+    }
+}
+constexpr int F32_BLOCK = 4;
+#if MOETIER_HAS_DOT
+constexpr int DOT_BLOCK = 8;
+template <int NP, int M>
+MOE_INLINE void run_dot_m(int path, int fmt, const uint8_t* const* pan, const Geometry& g, const uint16_t* const* xb,
+                          const uint8_t* const* xq, const float* xs, float* o) {
+    if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pan, g, xb, o);
+    else if (fmt == I4) gemm_int8dot<true, M, NP>(pan, g, xq, xs, o);
+    else gemm_int8dot<false, M, NP>(pan, g, xq, xs, o);
+}
+template <int NP>
+inline void run_dot(int path, int fmt, int mb, const uint8_t* const* pan, const Geometry& g,
+                    const uint16_t* const* xb, const uint8_t* const* xq, const float* xs, float* o) {
+    switch (mb) {
+        case 1: run_dot_m<NP, 1>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 2: run_dot_m<NP, 2>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 3: run_dot_m<NP, 3>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 4: run_dot_m<NP, 4>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 5: run_dot_m<NP, 5>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 6: run_dot_m<NP, 6>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 7: run_dot_m<NP, 7>(path, fmt, pan, g, xb, xq, xs, o); break;
+        default: run_dot_m<NP, 8>(path, fmt, pan, g, xb, xq, xs, o); break;
+    }
+}
+#else
+constexpr int DOT_BLOCK = 4;
+#endif
+
+// Symmetric per-row int8 quantization stored as u8 = q + 128 (vpdpbusd wants unsigned activations).
+inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
+    float amax = 0.f;
+    bool finite = true;
+    for (int i = 0; i < n; ++i) {
+        amax = std::max(amax, std::fabs(x[i]));
+        finite &= std::isfinite(x[i]);
+    }
+    if (!finite) {  // nan_policy "propagate": a NaN scale carries the NaN to every output of the row
+        std::memset(q, 128, size_t(n));
+        *scale = std::numeric_limits<float>::quiet_NaN();
+        return;
+    }
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    const float inv = 1.f / s;
+    for (int i = 0; i < n; ++i) {
+        float v = std::nearbyint(x[i] * inv);
+        v = std::min(127.f, std::max(-127.f, v));
+        q[i] = uint8_t(int(v) + 128);
+    }
+    *scale = s;
+}
+
+inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
+    for (int t = t0; t < t1; ++t) {
+        float* x = c.X.data() + int64_t(t) * c.xs;
+        if (c.hidden_bf16) {
+            const uint16_t* h = static_cast<const uint16_t*>(c.hidden) + int64_t(t) * H_;
+            for (int i = 0; i < H_; ++i) x[i] = bf16_to_f32(h[i]);
+        } else {
+            std::memcpy(x, static_cast<const float*>(c.hidden) + int64_t(t) * H_, size_t(H_) * 4);
+        }
+        std::fill(x + H_, x + c.xs, 0.f);
+        if (c.need_xb) {
+            uint16_t* xb = c.Xb.data() + int64_t(t) * c.xs;
+            for (int i = 0; i < c.xs; ++i) xb[i] = f32_to_bf16(x[i]);
+        }
+        if (c.need_xq) quantize_row_u8(x, c.xs, c.Xq.data() + int64_t(t) * c.xs, &c.Xscale[t]);
+    }
+}
+
+inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
+    const ExpertSlot& s = *slots_[c.act_slot[a]];
+    const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
+    const int block = path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+    float o[2 * 8 * PANEL];
+    for (int p = p0; p < p1; ++p) {
+        const uint8_t* pan[2] = {s.mem->data() + 2 * int64_t(p) * gu_.panel_bytes,
+                                 s.mem->data() + (2 * int64_t(p) + 1) * gu_.panel_bytes};
+        for (int m0 = 0; m0 < M; m0 += block) {
+            const int mb = std::min(block, M - m0);
+            if (path == P_F32) {
+                const float* x[F32_BLOCK];
+                for (int m = 0; m < mb; ++m) x[m] = c.X.data() + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
+                run_f32_fmt<2>(fmt_, mb, pan, gu_, x, o);
+            } else {
+#if MOETIER_HAS_DOT
+                const uint16_t* xb[DOT_BLOCK];
+                const uint8_t* xq[DOT_BLOCK];
+                float xsc[DOT_BLOCK];
+                for (int m = 0; m < mb; ++m) {
+                    const int t = c.row_tok[row0 + m0 + m];
+                    xb[m] = c.need_xb ? c.Xb.data() + int64_t(t) * c.xs : nullptr;
+                    xq[m] = c.need_xq ? c.Xq.data() + int64_t(t) * c.xs : nullptr;
+                    xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
+                }
+                run_dot<2>(path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
+#endif
+            }
+            for (int m = 0; m < mb; ++m) {
+                V gv = vload(o + m * PANEL), uv = vload(o + (mb + m) * PANEL), h;
+                if (has_bias_) {
+                    gv = vadd(gv, vload(s.bg.data() + p * PANEL));
+                    uv = vadd(uv, vload(s.bu.data() + p * PANEL));
+                }
+                if (act_ == SILU) {
+                    h = vmul(vmul(gv, vsigmoid(gv)), uv);
+                } else {
+                    gv = vmin(gv, vset1(limit_));
+                    uv = vmax(vmin(uv, vset1(limit_)), vset1(-limit_));
+                    h = vmul(vadd(uv, vset1(1.f)), vmul(gv, vsigmoid(vmul(gv, vset1(alpha_)))));
+                }
+                const int64_t r = row0 + m0 + m;
+                float* hf = c.Hf.data() + r * c.hs + p * PANEL;
+                vstore(hf, h);
+                if (path == P_BF16DOT)
+                    for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
+            }
+        }
+    }
+    if (p1 == gu_.panels) {  // the columns past the last panel are read by the down kernel: zero them
+        for (int m = 0; m < M; ++m) {
+            const int64_t r = row0 + m;
+            std::fill(c.Hf.begin() + r * c.hs + gu_.panels * PANEL, c.Hf.begin() + (r + 1) * c.hs, 0.f);
+            if (path == P_BF16DOT)
+                std::fill(c.Hb.begin() + r * c.hs + gu_.panels * PANEL, c.Hb.begin() + (r + 1) * c.hs, uint16_t(0));
+        }
+    }
+}
+
+inline void MoELayer::phase_quantize_h(Ctx& c, int r0, int r1) const {
+    for (int i = r0; i < r1; ++i) {
+        const int64_t r = c.q_rows[i];
+        quantize_row_u8(c.Hf.data() + r * c.hs, c.hs, c.Hq.data() + r * c.hs, &c.Hscale[r]);
+    }
+}
+
+inline void MoELayer::write_out(Ctx& c, const float* acc, int t0, int t1, int c0, int c1) const {
+    c1 = std::min(c1, H_);
+    for (int t = t0; t < t1; ++t) {
+        const float* a = acc + int64_t(t) * c.hp;
+        if (c.out_bf16) {
+            uint16_t* o = static_cast<uint16_t*>(c.out) + int64_t(t) * H_;
+            for (int i = c0; i < c1; ++i) o[i] = f32_to_bf16(a[i]);
+        } else {
+            float* o = static_cast<float*>(c.out) + int64_t(t) * H_;
+            std::memcpy(o + c0, a + c0, size_t(c1 - c0) * 4);
+        }
+    }
+}
+
+inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
+    float* acc = c.acc.data() + int64_t(node) * c.T * c.hp;
+    for (int t = 0; t < c.T; ++t) std::fill(acc + int64_t(t) * c.hp + p0 * PANEL, acc + int64_t(t) * c.hp + p1 * PANEL, 0.f);
+    float o[2 * 8 * PANEL];
+    for (int a : c.node_active[node]) {
+        const ExpertSlot& s = *slots_[c.act_slot[a]];
+        const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
+        const int block = path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+        const uint8_t* down = s.mem->data() + 2 * gu_.bytes();
+        for (int p = p0; p < p1; p += 2) {
+            const int np = std::min(2, p1 - p);
+            const uint8_t* pan[2] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes};
+            for (int m0 = 0; m0 < M; m0 += block) {
+                const int mb = std::min(block, M - m0);
+                if (path == P_F32) {
+                    const float* x[F32_BLOCK];
+                    for (int m = 0; m < mb; ++m) x[m] = c.Hf.data() + int64_t(row0 + m0 + m) * c.hs;
+                    if (np == 2) run_f32_fmt<2>(fmt_, mb, pan, dn_, x, o);
+                    else run_f32_fmt<1>(fmt_, mb, pan, dn_, x, o);
+                } else {
+#if MOETIER_HAS_DOT
+                    const uint16_t* xb[DOT_BLOCK];
+                    const uint8_t* xq[DOT_BLOCK];
+                    float xsc[DOT_BLOCK];
+                    for (int m = 0; m < mb; ++m) {
+                        const int64_t r = row0 + m0 + m;
+                        xb[m] = path == P_BF16DOT ? c.Hb.data() + r * c.hs : nullptr;
+                        xq[m] = path == P_INT8DOT ? c.Hq.data() + r * c.hs : nullptr;
+                        xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
+                    }
+                    if (np == 2) run_dot<2>(path, fmt_, mb, pan, dn_, xb, xq, xsc, o);
+                    else run_dot<1>(path, fmt_, mb, pan, dn_, xb, xq, xsc, o);
+#endif
+                }
+                for (int q = 0; q < np; ++q)
+                    for (int m = 0; m < mb; ++m) {
+                        const int r = row0 + m0 + m;
+                        V y = vload(o + (q * mb + m) * PANEL);
+                        if (has_bias_) y = vadd(y, vload(s.bd.data() + (p + q) * PANEL));
+                        float* dst = acc + int64_t(c.row_tok[r]) * c.hp + (p + q) * PANEL;
+                        vstore(dst, vfma(y, vset1(c.row_w[r]), vload(dst)));
+                    }
+            }
+        }
+    }
+    if (c.active_nodes.size() == 1) write_out(c, acc, 0, c.T, p0 * PANEL, p1 * PANEL);
+}
+
+inline void MoELayer::phase_reduce(Ctx& c, int t0, int t1) const {
+    // Multi-node: sum the per-node accumulators into node 0's, then convert.
+    float* a0 = c.acc.data();
+    const int n0 = c.active_nodes[0];
+    for (int t = t0; t < t1; ++t) {
+        float* dst = a0 + int64_t(t) * c.hp;
+        if (n0 != 0) std::memcpy(dst, c.acc.data() + (int64_t(n0) * c.T + t) * c.hp, size_t(c.hp) * 4);
+        for (size_t i = 1; i < c.active_nodes.size(); ++i) {
+            const float* src = c.acc.data() + (int64_t(c.active_nodes[i]) * c.T + t) * c.hp;
+            for (int j = 0; j < c.hp; ++j) dst[j] += src[j];
+        }
+    }
+    write_out(c, a0, t0, t1, 0, H_);
+}
+
+inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_bf16, int T, int K,
+                              const int64_t* ids, const float* w, void* out, bool out_bf16) const {
+    Ctx c;
+    c.T = T;
+    c.hidden = hidden;
+    c.hidden_bf16 = hidden_bf16;
+    c.out = out;
+    c.out_bf16 = out_bf16;
+    const int num_nodes = pool.num_nodes();
+    // ---- routing (counting sort by slot; rows keep token order inside an expert) ----
+    std::vector<int> count(slots_.size(), 0);
+    for (int64_t i = 0; i < int64_t(T) * K; ++i) {
+        const int64_t e = ids[i];
+        if (e < 0 || e >= num_experts_) throw std::out_of_range("expert id out of range");
+        const int s = slot_of_[e];
+        if (s >= 0) ++count[s];
+    }
+    std::vector<int> order;
+    for (int s = 0; s < int(slots_.size()); ++s)
+        if (count[s]) order.push_back(s);
+    std::sort(order.begin(), order.end(), [&](int x, int y) { return slots_[x]->id < slots_[y]->id; });
+    std::vector<int> fill_pos(slots_.size(), 0);
+    int R = 0;
+    for (int s : order) {
+        c.act_slot.push_back(s);
+        c.act_row0.push_back(R);
+        c.act_m.push_back(count[s]);
+        fill_pos[s] = R;
+        int path = P_F32;
+        if (MOETIER_HAS_DOT && count[s] > DECODE_MAX_TOKENS) {
+            if (fmt_ == BF16) path = P_BF16DOT;
+            else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_) path = P_INT8DOT;
+        }
+        c.act_path.push_back(path);
+        c.need_xb |= path == P_BF16DOT;
+        c.need_xq |= path == P_INT8DOT;
+        R += count[s];
+    }
+    c.row_tok.resize(R);
+    c.row_w.resize(R);
+    for (int t = 0; t < T; ++t)
+        for (int j = 0; j < K; ++j) {
+            const int s = slot_of_[ids[int64_t(t) * K + j]];
+            if (s < 0) continue;
+            const int r = fill_pos[s]++;
+            c.row_tok[r] = t;
+            c.row_w[r] = w[int64_t(t) * K + j];
+        }
+    c.node_active.assign(num_nodes, {});
+    for (int a = 0; a < int(c.act_slot.size()); ++a)
+        c.node_active[std::min(slots_[c.act_slot[a]]->node, num_nodes - 1)].push_back(a);
+    for (int nd = 0; nd < num_nodes; ++nd)
+        if (!c.node_active[nd].empty()) c.active_nodes.push_back(nd);
+    // ---- buffers ----
+    c.xs = gu_.Kp;
+    c.hs = std::max<int>(dn_.Kp, gu_.panels * PANEL);
+    c.hp = dn_.panels * PANEL;
+    if (c.active_nodes.empty()) {  // nothing held is routed to: zeros
+        if (out_bf16) std::memset(out, 0, size_t(T) * H_ * 2);
+        else std::memset(out, 0, size_t(T) * H_ * 4);
+        return;
+    }
+    c.X.resize(size_t(T) * c.xs);
+    if (c.need_xb) c.Xb.resize(size_t(T) * c.xs);
+    if (c.need_xq) {
+        c.Xq.resize(size_t(T) * c.xs);
+        c.Xscale.resize(T);
+    }
+    c.Hf.resize(size_t(R) * c.hs);
+    bool need_hb = false;
+    for (size_t a = 0; a < c.act_slot.size(); ++a) {
+        need_hb |= c.act_path[a] == P_BF16DOT;
+        if (c.act_path[a] == P_INT8DOT)
+            for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
+    }
+    if (need_hb) c.Hb.resize(size_t(R) * c.hs);
+    if (!c.q_rows.empty()) {
+        c.Hq.resize(size_t(R) * c.hs);
+        c.Hscale.resize(R);
+    }
+    c.acc.resize(size_t(num_nodes) * T * c.hp);
+    // ---- task lists ----
+    constexpr int CONVERT_CHUNK = 16, QUANT_CHUNK = 16;
+    std::vector<std::unique_ptr<TaskQueue>> gu_tasks, dn_tasks;
+    for (int nd = 0; nd < num_nodes; ++nd) {
+        gu_tasks.push_back(std::make_unique<TaskQueue>());
+        dn_tasks.push_back(std::make_unique<TaskQueue>());
+        for (int a : c.node_active[nd])
+            for (int p = 0; p < gu_.panels; p += GU_CHUNK)
+                gu_tasks[nd]->items.push_back({a, p, std::min(gu_.panels, p + GU_CHUNK)});
+        if (!c.node_active[nd].empty())
+            for (int p = 0; p < dn_.panels; p += DN_CHUNK)
+                dn_tasks[nd]->items.push_back({nd, p, std::min(dn_.panels, p + DN_CHUNK)});
+    }
+    std::atomic<int> convert_next{0}, quant_next{0}, reduce_next{0};
+    SpinBarrier barrier(pool.size());
+    const bool multi = c.active_nodes.size() > 1;
+    // Take tasks from the worker's own node first, then help the other nodes.
+    auto drain = [&](std::vector<std::unique_ptr<TaskQueue>>& qs, int worker, auto&& fn) {
+        const int home = pool.node_of(worker) % num_nodes;
+        for (int i = 0; i < num_nodes; ++i) {
+            TaskQueue& q = *qs[(home + i) % num_nodes];
+            for (int idx; (idx = q.next.fetch_add(1, std::memory_order_relaxed)) < int(q.items.size());)
+                fn(q.items[idx]);
+        }
+    };
+    auto chunks = [](std::atomic<int>& next, int total, int chunk, auto&& fn) {
+        for (int i; (i = next.fetch_add(chunk, std::memory_order_relaxed)) < total;) fn(i, std::min(total, i + chunk));
+    };
+    const std::function<void(int)> job = [&](int worker) {
+        chunks(convert_next, T, CONVERT_CHUNK, [&](int a, int b) { phase_convert(c, a, b); });
+        barrier.wait();
+        drain(gu_tasks, worker, [&](const std::array<int, 3>& t) { phase_gate_up(c, t[0], t[1], t[2]); });
+        barrier.wait();
+        if (!c.q_rows.empty()) {
+            chunks(quant_next, int(c.q_rows.size()), QUANT_CHUNK, [&](int a, int b) { phase_quantize_h(c, a, b); });
+            barrier.wait();
+        }
+        drain(dn_tasks, worker, [&](const std::array<int, 3>& t) { phase_down(c, t[0], t[1], t[2]); });
+        if (multi) {
+            barrier.wait();
+            chunks(reduce_next, T, CONVERT_CHUNK, [&](int a, int b) { phase_reduce(c, a, b); });
+        }
+    };
+    pool.run(job);
+}
+
+}  // namespace MOETIER_NS
+}  // namespace moetier_kernels

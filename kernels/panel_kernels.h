@@ -1,0 +1,158 @@
+// Micro-kernels: NP weight panels (16 rows each) times M token rows -> out[NP][M][16] in fp32.
+//
+// gemm_f32: every format, weights dequantized in registers, fp32 FMA. With M <= 4 it is the decode path:
+//   each weight byte is loaded once for all of an expert's tokens. Independent partial sums per column
+//   phase (NA) keep enough FMAs in flight when M is 1 or 2.
+// gemm_bf16dot: vdpbf16ps on the bf16 pair layout; activations rounded to bf16 (prefill).
+// gemm_int8dot: vpdpbusd on int8/int4 with activations quantized per token to int8 (prefill).
+#pragma once
+#include "packed_format.h"
+
+namespace moetier_kernels {
+inline namespace MOETIER_NS {
+
+template <class D, int M, int NP, bool SCALED>
+void gemm_f32(const uint8_t* const* panels, const Geometry& g, const float* const* x, float* out) {
+    constexpr int NA = kAvx512 ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M == 1 ? 2 : 1);
+    const float* xr[M];
+    for (int m = 0; m < M; ++m) xr[m] = x[m];
+    const uint8_t* p[NP];
+    for (int q = 0; q < NP; ++q) p[q] = panels[q] + g.head;
+    V acc[NP][M];
+    for (int q = 0; q < NP; ++q)
+        for (int m = 0; m < M; ++m) acc[q][m] = vzero();
+    const int ngroups = g.Kp / g.G;
+    for (int gi = 0; gi < ngroups; ++gi) {
+        V scl[NP];
+        if constexpr (SCALED) {
+            for (int q = 0; q < NP; ++q) {
+                scl[q] = vload(reinterpret_cast<const float*>(p[q]));
+                p[q] += 64;
+            }
+        }
+        V t[NA][NP][M];
+        for (int a = 0; a < NA; ++a)
+            for (int q = 0; q < NP; ++q)
+                for (int m = 0; m < M; ++m) t[a][q][m] = vzero();
+        const int k_end = (gi + 1) * g.G;
+        for (int k = gi * g.G; k < k_end; k += D::UK) {
+            for (int q = 0; q < NP; ++q) {
+                D::unit(p[q], [&](auto J, V w) {
+                    constexpr int j = decltype(J)::value;
+                    constexpr int a = j % NA;
+                    for (int m = 0; m < M; ++m) t[a][q][m] = vfma(w, vset1(xr[m][k + j]), t[a][q][m]);
+                });
+                p[q] += D::UB;
+            }
+        }
+        for (int q = 0; q < NP; ++q)
+            for (int m = 0; m < M; ++m) {
+                V s = t[0][q][m];
+                for (int a = 1; a < NA; ++a) s = vadd(s, t[a][q][m]);
+                acc[q][m] = SCALED ? vfma(s, scl[q], acc[q][m]) : vadd(acc[q][m], s);
+            }
+    }
+    for (int q = 0; q < NP; ++q)
+        for (int m = 0; m < M; ++m) vstore(out + (q * M + m) * PANEL, acc[q][m]);
+}
+
+#if MOETIER_HAS_DOT
+// xb[m]: bf16 activations, Kp columns (pairs read as one 32-bit broadcast).
+template <int M, int NP>
+void gemm_bf16dot(const uint8_t* const* panels, const Geometry& g, const uint16_t* const* xb, float* out) {
+    const uint16_t* xr[M];
+    for (int m = 0; m < M; ++m) xr[m] = xb[m];
+    const uint8_t* p[NP];
+    for (int q = 0; q < NP; ++q) p[q] = panels[q];
+    __m512 acc[NP][M];
+    for (int q = 0; q < NP; ++q)
+        for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
+    for (int k = 0; k < g.Kp; k += 2) {
+        __m512i w[NP];
+        for (int q = 0; q < NP; ++q) w[q] = _mm512_loadu_si512(p[q] + int64_t(k) * 32);
+        for (int m = 0; m < M; ++m) {
+            int32_t pair;
+            std::memcpy(&pair, xr[m] + k, 4);
+            const __m512i xv = _mm512_set1_epi32(pair);
+            for (int q = 0; q < NP; ++q) acc[q][m] = _mm512_dpbf16_ps(acc[q][m], (__m512bh)w[q], (__m512bh)xv);
+        }
+    }
+    for (int q = 0; q < NP; ++q)
+        for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + (q * M + m) * PANEL, acc[q][m]);
+}
+
+// xq[m]: activations as u8 (q + 128), xs[m]: their per-row scale. Weights int8 quads or int4 octets.
+// sum_k (q_x + 128) w = sum_k q_x w + 128 sum_k w: the second term is the panel head (per row, scaled).
+template <bool INT4, int M, int NP>
+void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t* const* xq, const float* xs,
+                  float* out) {
+    const uint8_t* xr[M];
+    for (int m = 0; m < M; ++m) xr[m] = xq[m];
+    const uint8_t* p[NP];
+    __m512 comp[NP];
+    for (int q = 0; q < NP; ++q) {
+        comp[q] = _mm512_loadu_ps(reinterpret_cast<const float*>(panels[q]));
+        p[q] = panels[q] + g.head;
+    }
+    __m512 acc[NP][M];
+    for (int q = 0; q < NP; ++q)
+        for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
+    const int ngroups = g.Kp / g.G;
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    for (int gi = 0; gi < ngroups; ++gi) {
+        __m512 scl[NP];
+        for (int q = 0; q < NP; ++q) {
+            scl[q] = _mm512_loadu_ps(reinterpret_cast<const float*>(p[q]));
+            p[q] += 64;
+        }
+        __m512i ai[NP][M];
+        for (int q = 0; q < NP; ++q)
+            for (int m = 0; m < M; ++m) ai[q][m] = _mm512_setzero_si512();
+        const int k_end = (gi + 1) * g.G;
+        if constexpr (!INT4) {
+            for (int k = gi * g.G; k < k_end; k += 4) {
+                __m512i w[NP];
+                for (int q = 0; q < NP; ++q) {
+                    w[q] = _mm512_loadu_si512(p[q]);
+                    p[q] += 64;
+                }
+                for (int m = 0; m < M; ++m) {
+                    int32_t quad;
+                    std::memcpy(&quad, xr[m] + k, 4);
+                    const __m512i xv = _mm512_set1_epi32(quad);
+                    for (int q = 0; q < NP; ++q) ai[q][m] = _mm512_dpbusd_epi32(ai[q][m], xv, w[q]);
+                }
+            }
+        } else {
+            for (int k = gi * g.G; k < k_end; k += 8) {
+                __m512i wl[NP], wh[NP];
+                for (int q = 0; q < NP; ++q) {
+                    const __m512i raw = _mm512_loadu_si512(p[q]);
+                    wl[q] = _mm512_sub_epi8(_mm512_and_si512(raw, lo4), eight);
+                    wh[q] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4), eight);
+                    p[q] += 64;
+                }
+                for (int m = 0; m < M; ++m) {
+                    int32_t q0, q1;
+                    std::memcpy(&q0, xr[m] + k, 4);
+                    std::memcpy(&q1, xr[m] + k + 4, 4);
+                    const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
+                    for (int q = 0; q < NP; ++q) {
+                        ai[q][m] = _mm512_dpbusd_epi32(ai[q][m], x0, wl[q]);
+                        ai[q][m] = _mm512_dpbusd_epi32(ai[q][m], x1, wh[q]);
+                    }
+                }
+            }
+        }
+        for (int q = 0; q < NP; ++q)
+            for (int m = 0; m < M; ++m) acc[q][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[q][m]), scl[q], acc[q][m]);
+    }
+    for (int q = 0; q < NP; ++q)
+        for (int m = 0; m < M; ++m)
+            _mm512_storeu_ps(out + (q * M + m) * PANEL,
+                             _mm512_mul_ps(_mm512_sub_ps(acc[q][m], comp[q]), _mm512_set1_ps(xs[m])));
+}
+#endif
+
+}  // namespace MOETIER_NS
+}  // namespace moetier_kernels

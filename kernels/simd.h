@@ -1,0 +1,199 @@
+// A 16-lane fp32 vector (one panel of 16 weight rows) and the in-register decoders of every packed
+// format. On AVX-512 a V is one zmm; on AVX2 it is two ymm, so the kernels above are written once.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "variant.h"
+
+#define MOE_INLINE inline __attribute__((always_inline))
+
+namespace moetier_kernels {
+inline namespace MOETIER_NS {
+
+template <class F, int... I>
+MOE_INLINE void unroll_impl(F& f, std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+}
+// f(std::integral_constant<int, 0>), ..., f(<N-1>): compile-time indices for shift immediates.
+template <int N, class F>
+MOE_INLINE void unroll(F&& f) {
+    unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+#if defined(__AVX512F__)
+constexpr bool kAvx512 = true;
+
+struct V {
+    __m512 v;
+};
+struct R {  // 64 raw packed bytes: 16 lanes of 4 bytes, lane = weight row
+    __m512i v;
+};
+MOE_INLINE V vzero() { return {_mm512_setzero_ps()}; }
+MOE_INLINE V vset1(float x) { return {_mm512_set1_ps(x)}; }
+MOE_INLINE V vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+MOE_INLINE void vstore(float* p, V a) { _mm512_storeu_ps(p, a.v); }
+MOE_INLINE V vadd(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
+MOE_INLINE V vsub(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }
+MOE_INLINE V vmul(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
+MOE_INLINE V vdiv(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
+MOE_INLINE V vmin(V a, V b) { return {_mm512_min_ps(a.v, b.v)}; }
+MOE_INLINE V vmax(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
+MOE_INLINE V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+MOE_INLINE R rload(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+
+// 2^n * p for float n (integral valued)
+MOE_INLINE V vscale2(V p, V n) { return {_mm512_scalef_ps(p.v, n.v)}; }
+MOE_INLINE V vround(V a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+
+// bf16 pair layout: lane r holds (w[r][k], w[r][k+1]); j=0 -> k, j=1 -> k+1.
+template <int J>
+MOE_INLINE V bf16_get(R r) {
+    if constexpr (J == 0) return {_mm512_castsi512_ps(_mm512_slli_epi32(r.v, 16))};
+    else return {_mm512_castsi512_ps(_mm512_and_si512(r.v, _mm512_set1_epi32(int(0xFFFF0000u))))};
+}
+// int8 quad layout: lane r holds w[r][k..k+3] as signed bytes.
+template <int J>
+MOE_INLINE V i8_get(R r) {
+    __m512i t = J == 3 ? _mm512_srai_epi32(r.v, 24) : _mm512_srai_epi32(_mm512_slli_epi32(r.v, 24 - 8 * J), 24);
+    return {_mm512_cvtepi32_ps(t)};
+}
+// int4 octet layout: lane r byte b = (q[k+b]+8) | (q[k+4+b]+8) << 4. vpermps reads only the low 4
+// index bits, so a 16-entry table {-8..7} turns each nibble into its float in one instruction.
+template <int J>
+MOE_INLINE V i4_get(R r) {
+    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
+    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512i t = sh ? _mm512_srli_epi32(r.v, sh) : r.v;
+    return {_mm512_permutexvar_ps(t, lut)};
+}
+// 16 e4m3 bytes -> 16 floats / 256. Sign-extending to 16 bits and shifting left by 7 puts the sign in
+// bit 15 and exponent|mantissa in bits 13..7: exactly an fp16 (subnormals included) 2^8 smaller than the
+// e4m3 value; the 2^8 is folded into the packed scales.
+MOE_INLINE V fp8_get(const uint8_t* p) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(int16_t(0xBF80)));
+    return {_mm512_cvtph_ps(h)};
+}
+MOE_INLINE V f16_get(const uint8_t* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+MOE_INLINE V f32_get(const uint8_t* p) { return {_mm512_loadu_ps(reinterpret_cast<const float*>(p))}; }
+
+#else  // AVX2: a V is two ymm (rows 0-7, rows 8-15)
+constexpr bool kAvx512 = false;
+
+struct V {
+    __m256 a, b;
+};
+struct R {
+    __m256i a, b;
+};
+MOE_INLINE V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+MOE_INLINE V vset1(float x) {
+    __m256 s = _mm256_set1_ps(x);
+    return {s, s};
+}
+MOE_INLINE V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+MOE_INLINE void vstore(float* p, V a) {
+    _mm256_storeu_ps(p, a.a);
+    _mm256_storeu_ps(p + 8, a.b);
+}
+#define MOE_V2(name, op) \
+    MOE_INLINE V name(V x, V y) { return {op(x.a, y.a), op(x.b, y.b)}; }
+MOE_V2(vadd, _mm256_add_ps)
+MOE_V2(vsub, _mm256_sub_ps)
+MOE_V2(vmul, _mm256_mul_ps)
+MOE_V2(vdiv, _mm256_div_ps)
+MOE_V2(vmin, _mm256_min_ps)
+MOE_V2(vmax, _mm256_max_ps)
+#undef MOE_V2
+MOE_INLINE V vfma(V x, V y, V z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
+MOE_INLINE R rload(const uint8_t* p) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
+}
+MOE_INLINE __m256 scale2_half(__m256 p, __m256 n) {
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+MOE_INLINE V vscale2(V p, V n) { return {scale2_half(p.a, n.a), scale2_half(p.b, n.b)}; }
+MOE_INLINE V vround(V x) {
+    return {_mm256_round_ps(x.a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+            _mm256_round_ps(x.b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+template <int J>
+MOE_INLINE V bf16_get(R r) {
+    if constexpr (J == 0)
+        return {_mm256_castsi256_ps(_mm256_slli_epi32(r.a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(r.b, 16))};
+    else {
+        const __m256i m = _mm256_set1_epi32(int(0xFFFF0000u));
+        return {_mm256_castsi256_ps(_mm256_and_si256(r.a, m)), _mm256_castsi256_ps(_mm256_and_si256(r.b, m))};
+    }
+}
+template <int J>
+MOE_INLINE __m256 i8_half(__m256i x) {
+    __m256i t = J == 3 ? _mm256_srai_epi32(x, 24) : _mm256_srai_epi32(_mm256_slli_epi32(x, 24 - 8 * J), 24);
+    return _mm256_cvtepi32_ps(t);
+}
+template <int J>
+MOE_INLINE V i8_get(R r) { return {i8_half<J>(r.a), i8_half<J>(r.b)}; }
+template <int J>
+MOE_INLINE __m256 i4_half(__m256i x) {
+    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
+    __m256i t = _mm256_and_si256(sh ? _mm256_srli_epi32(x, sh) : x, _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(t, _mm256_set1_epi32(8)));
+}
+template <int J>
+MOE_INLINE V i4_get(R r) { return {i4_half<J>(r.a), i4_half<J>(r.b)}; }
+MOE_INLINE V fp8_get(const uint8_t* p) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(int16_t(0xBF80)));
+    return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+}
+MOE_INLINE V f16_get(const uint8_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))};
+}
+MOE_INLINE V f32_get(const uint8_t* p) { return vload(reinterpret_cast<const float*>(p)); }
+#endif
+
+// exp(x) to ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, then scale by 2^n.
+MOE_INLINE V vexp(V x) {
+    x = vmin(vmax(x, vset1(-87.0f)), vset1(88.0f));
+    V n = vround(vmul(x, vset1(1.44269504088896341f)));
+    V r = vfma(n, vset1(-0.693145751953125f), x);
+    r = vfma(n, vset1(-1.428606765330187045e-06f), r);
+    V p = vset1(1.0f / 720);
+    p = vfma(p, r, vset1(1.0f / 120));
+    p = vfma(p, r, vset1(1.0f / 24));
+    p = vfma(p, r, vset1(1.0f / 6));
+    p = vfma(p, r, vset1(0.5f));
+    p = vfma(p, r, vset1(1.0f));
+    p = vfma(p, r, vset1(1.0f));
+    return vscale2(p, n);
+}
+MOE_INLINE V vsigmoid(V x) { return vdiv(vset1(1.0f), vadd(vset1(1.0f), vexp(vsub(vzero(), x)))); }
+
+// fp32 -> bf16, round to nearest even (NaN stays NaN).
+MOE_INLINE uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+MOE_INLINE float bf16_to_f32(uint16_t h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+}  // namespace MOETIER_NS
+}  // namespace moetier_kernels
