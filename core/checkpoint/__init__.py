@@ -10,7 +10,7 @@ Reading
     from moetier.checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:          # a directory (index / model.safetensors / *.safetensors) or one file
-                                            # options: max_open_files=32, max_mapped_bytes=128 MiB (see Checkpoint)
+                                            # options: max_open_files=32, max_mapped_bytes=64 MiB (see Checkpoint)
         ckpt.names(prefix="model.layers.3.")  # sorted names, no data read
         "x.weight" in ckpt                    # membership
         ckpt.info(name)                       # TensorInfo(name, file, dtype, shape, offsets, nbytes)

@@ -181,17 +181,47 @@ def read_fused_gate_up(ckpt, name: str, expert: int, *, to: Target = None) -> tu
             read_fused_matrix(ckpt, name, expert, (i, 2 * i), to=to))
 
 
+# Conversions run over blocks of rows: the core's reference dequantize works in float64 on the whole
+# matrix (several times its size in temporaries); per block the peak stays small and the result is
+# identical, because every format's scales are row-local at this granularity (fp8 blocks are 128 rows).
+ROW_BLOCK = FP8_BLOCK
+
+
 def convert_to(q: QuantizedTensor, to: Target) -> QuantizedTensor:
     """`q` as asked: None keeps the native format; a float torch dtype dequantizes to that dtype; a format
-    name or WeightFormat converts through the core's reference dequantize + quantize."""
+    name or WeightFormat converts through the core's reference dequantize + quantize (same result as
+    moetier.formats.convert, computed block of rows by block of rows)."""
     if to is None:
         return q
     if isinstance(to, torch.dtype):
         if to not in FLOAT_FORMATS:
             raise DTypeError(f"can only dequantize to {', '.join(str(d) for d in FLOAT_FORMATS)}, not {to}")
         fmt = FORMATS[FLOAT_FORMATS[to]]
-        return q if q.fmt == fmt else QuantizedTensor(fmt, q.shape, dequantize(q, to).contiguous())
-    return convert(q, get_format(to))
+        if q.fmt == fmt:
+            return q
+        out = torch.empty(q.shape, dtype=to)
+        for r0, r1, part in _row_blocks(q):
+            out[r0:r1] = dequantize(part, to)
+        return QuantizedTensor(fmt, q.shape, out)
+    fmt = get_format(to)
+    if q.fmt == fmt:
+        return q
+    parts = [convert(part, fmt) for _, _, part in _row_blocks(q)]
+    scales = None if parts[0].scales is None else torch.cat([p.scales for p in parts])
+    return QuantizedTensor(fmt, q.shape, torch.cat([p.data for p in parts]), scales)
+
+
+def _row_blocks(q: QuantizedTensor):
+    out_f, in_f = q.shape
+    for r0 in range(0, out_f, ROW_BLOCK):
+        r1 = min(r0 + ROW_BLOCK, out_f)
+        if q.scales is None:
+            scales = None
+        elif q.fmt.kind == "fp8":
+            scales = q.scales[r0 // FP8_BLOCK: math.ceil(r1 / FP8_BLOCK)]
+        else:
+            scales = q.scales[r0:r1]
+        yield r0, r1, QuantizedTensor(q.fmt, (r1 - r0, in_f), q.data[r0:r1], scales)
 
 
 def int4_from_packed(packed: torch.Tensor, in_f: int) -> torch.Tensor:

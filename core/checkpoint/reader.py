@@ -8,6 +8,7 @@ their handles kept in a small LRU cache until `close()`. Reading a tensor touche
 """
 from __future__ import annotations
 
+import bisect
 import difflib
 import json
 import os
@@ -43,7 +44,7 @@ class Checkpoint:
     invalidates it and peak memory is what the caller keeps plus one tensor plus this budget.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_open_files: int = 32, max_mapped_bytes: int = 128 * 2**20):
+    def __init__(self, path: str | os.PathLike, *, max_open_files: int = 32, max_mapped_bytes: int = 64 * 2**20):
         self.path = Path(path)
         self._max_open = max(1, int(max_open_files))
         self._max_mapped = max(0, int(max_mapped_bytes))
@@ -52,6 +53,7 @@ class Checkpoint:
         self._handles: OrderedDict[Path, object] = OrderedDict()
         self._lock = threading.RLock()
         self._closed = False
+        self._sorted: list[str] | None = None
         self.index_file: Path | None = None
         if self.path.is_file():
             self.root = self.path.parent
@@ -131,7 +133,15 @@ class Checkpoint:
 
     def names(self, prefix: str = "") -> list[str]:
         """Sorted tensor names (those starting with `prefix`), from the index or headers: no data read."""
-        return sorted(n for n in self._weight_map if n.startswith(prefix))
+        if self._sorted is None:
+            self._sorted = sorted(self._weight_map)
+        if not prefix:
+            return list(self._sorted)
+        lo = bisect.bisect_left(self._sorted, prefix)
+        hi = lo
+        while hi < len(self._sorted) and self._sorted[hi].startswith(prefix):
+            hi += 1
+        return self._sorted[lo:hi]
 
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
