@@ -41,11 +41,13 @@ def _registry(args):
 
 def _cmd_list(args) -> int:
     registry = _registry(args)
+    dists = {p.name: p.distribution for p in registry.plugins}
     rows = []
     for name in sorted(registry.families):
         fam = registry.families[name]
+        plugin = registry.owners.get(("family", name), "?")
         rows.append({"family": name, "versions": list(fam.versions), "description": fam.description,
-                     "plugin": registry.owners.get(("family", name), "?"), "tiny": fam.tiny is not None})
+                     "plugin": plugin, "distribution": dists.get(plugin, "?"), "tiny": fam.tiny is not None})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -53,10 +55,10 @@ def _cmd_list(args) -> int:
     from rich.table import Table
 
     table = Table(title="moetier model families")
-    for col in ("family", "versions", "plugin", "description"):
+    for col in ("family", "versions", "from", "description"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["family"], ", ".join(r["versions"]), r["plugin"], r["description"])
+        table.add_row(r["family"], ", ".join(r["versions"]), f"{r['plugin']} ({r['distribution']})", r["description"])
     Console(width=160).print(table)
     return 0
 
