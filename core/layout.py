@@ -286,6 +286,8 @@ def get_key(config: Mapping, *keys: str, default=_MISSING):
 
 def get_int(config: Mapping, *keys: str, default=_MISSING) -> int:
     v = get_key(config, *keys, default=default)
+    if v is None and default is None:
+        return None
     if isinstance(v, bool) or not isinstance(v, int):
         raise LayoutError(f"config key {keys[0]!r} must be an integer, got {v!r}")
     return v
