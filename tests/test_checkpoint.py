@@ -472,3 +472,15 @@ def test_blockwise_conversion_equals_the_core_reference(rng, src):
         assert got.fmt == ref.fmt and got.shape == ref.shape
         assert torch.equal(got.data.view(torch.uint8), ref.data.view(torch.uint8))
         assert (got.scales is None and ref.scales is None) or torch.equal(got.scales, ref.scales)
+
+
+def test_concurrent_reads_from_threads(tmp_path, rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = _random_state(rng, n=16)
+    write_checkpoint(tmp_path, state, max_shard_bytes=1500)
+    names = sorted(state) * 4
+    # A tiny mapped budget makes handles close under other threads' feet if reads were not serialized.
+    with Checkpoint(tmp_path, max_mapped_bytes=256, max_open_files=2) as ckpt, ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ckpt.read, names))
+    assert all(torch.equal(g, state[n]) for g, n in zip(got, names))

@@ -288,3 +288,23 @@ def test_int4_with_activation_order_is_refused(tmp_path, rng):
     _single(tmp_path, t)
     with Checkpoint(tmp_path) as ckpt, pytest.raises(QuantizedLayoutError, match="g_idx"):
         ckpt.read_matrix("p")
+
+
+@pytest.mark.parametrize("offsets,extra,match", [
+    ({"a": [0, 16], "b": [8, 24]}, 0, r"'b' overlaps"),
+    ({"a": [0, 16], "b": [20, 36]}, 0, r"'b' leaves a gap"),
+    ({"a": [0, 16], "b": [16, 32]}, 8, "8 bytes after the last tensor"),
+])
+def test_data_offsets_must_tile_the_file(tmp_path, offsets, extra, match):
+    header = {k: {"dtype": "F32", "shape": [4], "data_offsets": v} for k, v in offsets.items()}
+    end = max(v[1] for v in offsets.values())
+    _raw_safetensors(tmp_path / "model.safetensors", header, bytes(end + extra))
+    with pytest.raises(CorruptFileError, match=match):
+        Checkpoint(tmp_path)
+
+
+def test_bad_config_json(tmp_path, rng):
+    _single(tmp_path, {"a": _rand(rng, 2)})
+    (tmp_path / "config.json").write_text("{oops")
+    with Checkpoint(tmp_path) as ckpt, pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        ckpt.config

@@ -103,6 +103,15 @@ def read_header(path: str | os.PathLike) -> FileHeader:
         raise TruncatedFileError(
             f"{path}: the header promises {end_max} bytes but the file holds {size} "
             f"(tensor {last_name!r} ends past the end of the file; truncated download?)")
+    # safetensors itself insists on tensors tiling the data section exactly; say which one breaks it.
+    pos = data_start
+    for info in sorted(tensors.values(), key=lambda i: i.offsets):
+        if info.offsets[0] != pos:
+            what = "overlaps the previous tensor" if info.offsets[0] < pos else "leaves a gap before it"
+            raise CorruptFileError(f"{path}: tensor {info.name!r} {what} (data_offsets do not tile the data)")
+        pos = info.offsets[1]
+    if pos != size:
+        raise CorruptFileError(f"{path}: {size - pos} bytes after the last tensor; the header does not cover the file")
     return FileHeader(path, tensors, dict(metadata), data_start)
 
 
