@@ -484,3 +484,30 @@ def test_concurrent_reads_from_threads(tmp_path, rng):
     with Checkpoint(tmp_path, max_mapped_bytes=256, max_open_files=2) as ckpt, ThreadPoolExecutor(4) as pool:
         got = list(pool.map(ckpt.read, names))
     assert all(torch.equal(g, state[n]) for g, n in zip(got, names))
+
+
+def test_shards_may_be_symlinks_into_a_blob_store(tmp_path, rng):
+    # Hub caches keep snapshot files as symlinks to ../../blobs/<hash>; the index check must allow that.
+    state = _random_state(rng, n=6)
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    write_checkpoint(blobs, state, max_shard_bytes=2000)
+    snap.mkdir(parents=True)
+    for f in blobs.iterdir():
+        (snap / f.name).symlink_to(os.path.relpath(f, snap))
+    with Checkpoint(snap) as ckpt:
+        assert ckpt.verify_files() == len(state)
+        assert all(torch.equal(ckpt.read(n), t) for n, t in state.items())
+
+
+def test_command_line_summary(tmp_path, rng, capsys):
+    from moetier.checkpoint.__main__ import main
+
+    state = _random_state(rng, n=5)
+    write_checkpoint(tmp_path, state, max_shard_bytes=1000)
+    assert main([str(tmp_path), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(state)} tensors" in out and all(n in out for n in state)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    os.truncate(shard, shard.stat().st_size - 3)
+    assert main([str(tmp_path)]) == 1
+    assert "truncated" in capsys.readouterr().err

@@ -19,6 +19,7 @@ Reading
         ckpt.read_slice(name, (e, slice(0, 64)))                   # basic indexing, only those bytes
         ckpt.config                           # parsed config.json next to the weights, or None
         ckpt.release()                        # unmap the open shards now (e.g. after each layer); stays usable
+        ckpt.verify_files()                   # size-check every shard header up front; returns the tensor count
     Reads are serialized by a lock, so one Checkpoint may be shared by threads.
 
 Matrices (`base` is the name without `.weight`, e.g. "model.layers.3.mlp.experts.7.gate_proj"):
@@ -66,6 +67,8 @@ Errors (all subclasses of moetier.errors.CheckpointError; every message names th
         MissingShardError    the index names a shard file that is not there (checked at open)
         QuantizedLayoutError (also FormatError)  tensors of one quantized matrix disagree
 An expert id outside a fused tensor raises moetier.errors.ExpertIdError.
+
+`python -m moetier.checkpoint PATH [--list]` checks every header and summarizes a checkpoint.
 """
 from .errors import (CheckpointIndexError, CorruptFileError, MissingShardError, MissingTensorError,
                      QuantizedLayoutError, TensorDTypeError, TensorShapeError, TruncatedFileError)

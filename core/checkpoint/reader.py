@@ -172,6 +172,18 @@ class Checkpoint:
         """`info` of every tensor whose name starts with `prefix` (reads the shards' headers only)."""
         return [self.info(n) for n in self.names(prefix)]
 
+    def verify_files(self) -> int:
+        """Parse and size-check every shard's header now (truncated or corrupt shards fail here instead of
+        midway through a load); return the number of tensors found. Reads headers only."""
+        n = 0
+        for f in self._files:
+            n += len(self._header(f).tensors)
+        for name, f in self._weight_map.items():
+            if name not in self._header(f).tensors:
+                raise CheckpointIndexError(f"{self.index_file or f}: the index maps {name!r} to {f.name!r}, "
+                                           "which does not hold it")
+        return n
+
     @property
     def total_bytes(self) -> int:
         """Tensor data bytes of the whole checkpoint (reads every shard's header, no data)."""
