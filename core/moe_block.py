@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, track
 from .errors import CheckpointError, ExpertIdError
 from .experts import ExpertBackend, ExpertTensors, PreparedExperts
 from .formats import WeightFormat, get_format
@@ -26,8 +26,11 @@ class CheckpointExperts:
     a float dtype dequantizes; a format name converts with the core's reference quantizer."""
 
     def __init__(self, ckpt: Checkpoint, layout: MoELayout, layer: MoELayerLayout,
-                 to: torch.dtype | str | WeightFormat | None = None):
+                 to: torch.dtype | str | WeightFormat | None = None, *, progress: bool | None = False):
         self.ckpt, self.layer, self.to = ckpt, layer, to
+        # One tick per expert read (a transient bar on a terminal; see moetier.checkpoint.track).
+        self._ticks = track(range(layer.experts.num_experts), description=f"layer {layer.index} experts",
+                            enabled=progress)
         fmt = get_format(layout.quantization.fmt)
         self.group_size = fmt.group_size if fmt.kind == "int4" else None
         if layer.names.fused:
@@ -41,6 +44,7 @@ class CheckpointExperts:
         if not 0 <= expert_id < spec.num_experts:
             raise ExpertIdError(f"layer {i}: expert id {expert_id} out of range [0, {spec.num_experts})")
         H, I = spec.hidden_size, spec.intermediate_size
+        next(self._ticks, None)
         if names.fused:
             gu, dn = names.fused_names(i)
             gate, up = self.ckpt.read_fused_gate_up(gu, expert_id, to=self.to)
@@ -51,6 +55,11 @@ class CheckpointExperts:
             read(names.expert_module(i, expert_id, "gate"), shape=(I, H), to=self.to, group_size=self.group_size),
             read(names.expert_module(i, expert_id, "up"), shape=(I, H), to=self.to, group_size=self.group_size),
             read(names.expert_module(i, expert_id, "down"), shape=(H, I), to=self.to, group_size=self.group_size))
+
+    def done(self) -> None:
+        """Finish the progress bar."""
+        for _ in self._ticks:
+            pass
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,10 +114,12 @@ class MoEBlock:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, layout: MoELayout, layer_index: int, backend: ExpertBackend, *,
                         fmt: str | WeightFormat | None = None, experts: Iterable[int] | None = None,
-                        read_as: torch.dtype | str | WeightFormat | None = None) -> MoEBlock:
+                        read_as: torch.dtype | str | WeightFormat | None = None,
+                        progress: bool | None = None) -> MoEBlock:
         """Read layer `layer_index` of `ckpt` (router, shared expert, routed experts one at a time) and
         prepare its experts on `backend` in `fmt` (default: the checkpoint's own format when the backend
-        computes it, else bf16). `experts`: the ids this backend holds (default all)."""
+        computes it, else bf16). `experts`: the ids this backend holds (default all). `progress`: a bar
+        per layer (default: on a terminal, unless MOETIER_PROGRESS=0)."""
         layer = layout.layer(layer_index)
         E, H = layer.experts.num_experts, layer.experts.hidden_size
         names, i = layer.names, layer.index
@@ -119,9 +130,12 @@ class MoEBlock:
         if fmt is None:
             native = layout.quantization.fmt
             fmt = native if native in backend.formats else "bf16"
-        source = CheckpointExperts(ckpt, layout, layer, to=read_as)
+        source = CheckpointExperts(ckpt, layout, layer, to=read_as, progress=progress)
         ids = range(E) if experts is None else experts
-        prepared = backend.prepare(layer.experts, source, ids, fmt)
+        try:
+            prepared = backend.prepare(layer.experts, source, ids, fmt)
+        finally:
+            source.done()
         return cls(layer, w, backend, prepared, selection_bias=sel, logit_bias=lb, shared=shared)
 
 
