@@ -459,10 +459,11 @@ def test_e8m0_block_scales_are_widened_exactly(tmp_path, rng):
 
 
 @pytest.mark.parametrize("src", ["fp8_e4m3", "int4_g32", "int8", "bf16"])
-def test_blockwise_conversion_equals_the_core_reference(rng, src):
-    from moetier.checkpoint import convert_to
+def test_blockwise_conversion_equals_the_core_reference(rng, monkeypatch, src):
+    from moetier.checkpoint import convert_to, matrices
     from moetier.formats import convert, dequantize
-    w = _t(rng.standard_normal((300, 200)).astype(np.float32))  # 3 row blocks, the last one partial
+    monkeypatch.setattr(matrices, "BLOCK_ELEMENTS", 128 * 200)
+    w = _t(rng.standard_normal((300, 200)).astype(np.float32))  # 3 blocks of 128 rows, the last one partial
     q = quantize(w, src)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         got = convert_to(q, dtype)

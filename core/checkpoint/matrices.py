@@ -182,9 +182,10 @@ def read_fused_gate_up(ckpt, name: str, expert: int, *, to: Target = None) -> tu
 
 
 # Conversions run over blocks of rows: the core's reference dequantize works in float64 on the whole
-# matrix (several times its size in temporaries); per block the peak stays small and the result is
-# identical, because every format's scales are row-local at this granularity (fp8 blocks are 128 rows).
-ROW_BLOCK = FP8_BLOCK
+# matrix (several times its size in temporaries); per block the peak stays bounded and the result is
+# identical, because every format's scales are row-local at 128-row granularity (fp8 blocks are 128 rows).
+# About 1M elements (8 MiB of float64) per block: bounds the temporaries, keeps per-op overhead small.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def convert_to(q: QuantizedTensor, to: Target) -> QuantizedTensor:
@@ -213,8 +214,9 @@ def convert_to(q: QuantizedTensor, to: Target) -> QuantizedTensor:
 
 def _row_blocks(q: QuantizedTensor):
     out_f, in_f = q.shape
-    for r0 in range(0, out_f, ROW_BLOCK):
-        r1 = min(r0 + ROW_BLOCK, out_f)
+    rows = max(FP8_BLOCK, BLOCK_ELEMENTS // in_f // FP8_BLOCK * FP8_BLOCK)
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
         if q.scales is None:
             scales = None
         elif q.fmt.kind == "fp8":
