@@ -86,12 +86,21 @@ class NativeBackend(ExpertBackend):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.name = name
         self.variant = variant
-        self.threads = threads
         self.int8_activations = bool(int8_activations)
         self._ext = load_variant(variant, inventory)
-        cpus, nodes = worker_cpus(inventory, threads)
-        self._pool = self._ext.ThreadPool(threads, cpus, nodes)
-        self.num_nodes = self._pool.num_nodes
+        self._inventory = inventory
+        self._kernel_pool = None
+        self.set_threads(threads)
+
+    def set_threads(self, threads: int) -> None:
+        """Compute on `threads` pinned workers from now on. Prepared experts stay valid: the packed layout
+        never depends on the thread count (a forward already running keeps its old pool)."""
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        cpus, nodes = worker_cpus(self._inventory, threads)
+        self._kernel_pool = self._ext.ThreadPool(threads, cpus, nodes)
+        self.threads = threads
+        self.num_nodes = self._kernel_pool.num_nodes
 
     def __repr__(self) -> str:
         return f"NativeBackend({self.name}, variant={self.variant}, threads={self.threads})"
@@ -128,7 +137,7 @@ class NativeBackend(ExpertBackend):
         out = torch.empty(T, H, dtype=inputs.out_dtype)
         out_bf16 = inputs.out_dtype == torch.bfloat16
         prepared.payload.forward(
-            self._pool,
+            self._kernel_pool,
             hidden.view(torch.uint16).numpy() if hidden_bf16 else hidden.numpy(), hidden_bf16,
             inputs.topk_ids.numpy(), inputs.topk_weights.numpy(),
             out.view(torch.uint16).numpy() if out_bf16 else out.numpy(), out_bf16,

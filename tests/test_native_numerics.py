@@ -1,0 +1,122 @@
+"""Native kernels against the float64 oracle, every format, both paths, every variant this CPU runs.
+
+Bounds (relative Frobenius error against the oracle on the same dequantized weights):
+- decode path (<= 4 tokens per expert) and the fp32 prefill kernel: weights are dequantized exactly in
+  registers and everything is accumulated in fp32, so only fp32 rounding remains: ~sqrt(K) * 2^-24
+  ~ 1e-6 for K <= 300. Bound 2e-5.
+- bf16 prefill with vdpbf16ps (avx512_bf16/amx variants): the input and the intermediate act(g) * u are
+  rounded to bf16 (rms relative error 2^-9/sqrt(3) ~ 1.1e-3 each, in quadrature ~ 1.6e-3). Bound 1e-2.
+- int8/int4 prefill with vpdpbusd: activations quantized per row to int8 (step amax/127, ~0.8% rms of
+  the row each for the input and the intermediate, ~1.2% combined, measured 1.1-1.3%). Bound 4e-2.
+- a bf16 output adds one rounding (~1.1e-3 rms): bound 1e-2 on top of the path's own.
+A wrong scale, dropped group, swapped nibble or transposed block moves the error above 1e-1.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_native_common import (DOT_VARIANTS, RUNNABLE, make_backend, needs_native, random_layer, reference,
+                                rel_err, routing)
+
+pytestmark = needs_native
+
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
+DECODE_MAX_TOKENS = 4
+
+
+def bound(fmt: str, variant: str, prefill: bool) -> float:
+    if prefill and variant in DOT_VARIANTS:
+        if fmt == "bf16":
+            return 1e-2
+        if fmt.startswith("int"):
+            return 4e-2
+    return 2e-5
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_format_matches_oracle(variant, fmt, path, monkeypatch):
+    gen = torch.Generator().manual_seed(torch.seed())
+    # Odd sizes: not multiples of 8/16/32, partial int4 groups and partial fp8 128-blocks.
+    E, k, H, I = 5, 2, 50, 37
+    layer, weights = random_layer(gen, fmt, E, k, H, I)
+    held = [0, 1, 3, 4]  # expert 2 lives on another tier: it must contribute nothing
+    T = 2 if path == "decode" else 26  # decode: <= 2 tokens per expert; prefill: ~10 per expert
+    hidden = torch.randn(T, H, generator=gen)
+    ids, w = routing(gen, T, E, k)
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    assert (counts[held].max() <= DECODE_MAX_TOKENS) == (path == "decode")
+    be = make_backend(variant, monkeypatch)
+    out = be.forward(be.prepare(layer, weights, held, fmt), hidden, ids, w)
+    ref = reference(layer, weights, held, fmt, hidden, ids, w)
+    assert out.dtype == torch.float32 and out.shape == (T, H)
+    err = rel_err(out, ref)
+    assert err < bound(fmt, variant, path == "prefill"), f"{variant} {fmt} {path}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", ["bf16", "int4_g32", "fp8_e4m3"])
+def test_swiglu_oai_with_biases_and_bf16_io(variant, fmt, monkeypatch):
+    gen = torch.Generator().manual_seed(torch.seed())
+    E, k, H, I = 4, 2, 130, 200
+    layer, weights = random_layer(gen, fmt, E, k, H, I, activation="swiglu_oai", bias=True)
+    be = make_backend(variant, monkeypatch)
+    prepared = be.prepare(layer, weights, range(E), fmt)
+    for T in (1, 20):
+        hidden = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+        ids, w = routing(gen, T, E, k)
+        ref = reference(layer, weights, range(E), fmt, hidden, ids, w)
+        out = be.forward(prepared, hidden, ids, w, out_dtype=torch.bfloat16)
+        assert out.dtype == torch.bfloat16
+        err = rel_err(out, ref)
+        assert err < bound(fmt, variant, T > 2 * DECODE_MAX_TOKENS) + 1e-2, f"{variant} {fmt} T={T}: {err:.2e}"
+        out32 = be.forward(prepared, hidden, ids, w)
+        assert rel_err(out32, ref) < bound(fmt, variant, T > 2 * DECODE_MAX_TOKENS)
+
+
+@pytest.mark.skipif(not set(DOT_VARIANTS) & set(RUNNABLE), reason="no vpdpbusd variant runs on this CPU")
+def test_int8_activations_switch_selects_the_exact_prefill(monkeypatch):
+    """The int8-activation prefill is a real, different path: turning it off gives fp32-exact results."""
+    variant = [v for v in DOT_VARIANTS if v in RUNNABLE][0]
+    gen = torch.Generator().manual_seed(torch.seed())
+    layer, weights = random_layer(gen, "int8", 4, 2, 64, 48)
+    hidden = torch.randn(40, 64, generator=gen)
+    ids, w = routing(gen, 40, 4, 2)
+    ref = reference(layer, weights, range(4), "int8", hidden, ids, w)
+    errs = {}
+    for quantized in (True, False):
+        be = make_backend(variant, monkeypatch, int8_activations=quantized)
+        errs[quantized] = rel_err(be.forward(be.prepare(layer, weights, range(4), "int8"), hidden, ids, w), ref)
+    assert errs[False] < 2e-5
+    assert 1e-4 < errs[True] < 4e-2  # activation quantization is visible, and bounded
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_threads_do_not_change_the_result(variant, monkeypatch):
+    """Each output element is reduced by one task in expert order, so thread count is bitwise invisible."""
+    gen = torch.Generator().manual_seed(torch.seed())
+    layer, weights = random_layer(gen, "int4_g64", 8, 3, 96, 80)
+    hidden = torch.randn(37, 96, generator=gen)
+    ids, w = routing(gen, 37, 8, 3)
+    outs = []
+    for threads in (1, 2, 3):
+        be = make_backend(variant, monkeypatch, threads=threads)
+        outs.append(be.forward(be.prepare(layer, weights, range(8), "int4_g64"), hidden, ids, w))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert rel_err(outs[0], reference(layer, weights, range(8), "int4_g64", hidden, ids, w)) < 4e-2
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_duplicate_ids_and_unheld_experts(variant, monkeypatch):
+    gen = torch.Generator().manual_seed(torch.seed())
+    layer, weights = random_layer(gen, "bf16", 6, 3, 32, 24)
+    hidden = torch.randn(4, 32, generator=gen)
+    ids = torch.tensor([[1, 1, 5], [2, 3, 3], [0, 0, 0], [5, 4, 1]])  # repeats count twice; 0 and 3 not held
+    w = torch.rand(4, 3, generator=gen)
+    be = make_backend(variant, monkeypatch)
+    out = be.forward(be.prepare(layer, weights, [1, 2, 4, 5], "bf16"), hidden, ids, w)
+    ref = reference(layer, weights, [1, 2, 4, 5], "bf16", hidden, ids, w)
+    assert torch.all(out[2] == 0)  # only unheld experts: exactly zero
+    assert rel_err(out, ref) < 2e-5
