@@ -91,16 +91,20 @@ class Checkpoint:
         if not isinstance(wm, dict) or not wm:
             raise CheckpointIndexError(f"{index}: no non-empty object 'weight_map' (tensor name -> shard file)")
         weight_map: dict[str, Path] = {}
+        paths: dict[str, Path] = {}  # one Path per shard: real indexes list ~10^5 tensors over ~10^2 shards
         shards: dict[Path, list[str]] = {}
         for name, shard in wm.items():
-            if not isinstance(shard, str) or not shard:
-                raise CheckpointIndexError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name")
-            p = self.root / shard
-            # Checked lexically: hub caches make shards symlinks into a blob store elsewhere, which is fine.
-            if Path(shard).is_absolute() or ".." in Path(shard).parts:
-                raise CheckpointIndexError(f"{index}: tensor {name!r} maps to {shard!r}, outside the checkpoint directory")
+            p = paths.get(shard) if isinstance(shard, str) else None
+            if p is None:
+                if not isinstance(shard, str) or not shard:
+                    raise CheckpointIndexError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name")
+                # Checked lexically: hub caches make shards symlinks into a blob store elsewhere, which is fine.
+                if Path(shard).is_absolute() or ".." in Path(shard).parts:
+                    raise CheckpointIndexError(f"{index}: tensor {name!r} maps to {shard!r}, outside the checkpoint directory")
+                p = paths[shard] = self.root / shard
+                shards[p] = []
             weight_map[name] = p
-            shards.setdefault(p, []).append(name)
+            shards[p].append(name)
         for p, names in shards.items():
             if not p.is_file():
                 some = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
