@@ -336,11 +336,9 @@ def test_reading_one_tensor_does_not_load_the_others(tmp_path, rng):
     big_mib = 96
     small = _t(rng.standard_normal((8, 8)).astype(np.float32))
     save_file({"big": torch.ones(big_mib * 2**20 // 4), "small": small}, str(tmp_path / "model.safetensors"))
-    warm = tmp_path / "warm"
     save_file({"x": torch.ones(4)}, str(tmp_path / "warm.safetensors"))
     with Checkpoint(tmp_path / "warm.safetensors") as w:
         float(w.read("x").sum())  # first-use allocations of the reader and torch happen here
-    del warm
     with Checkpoint(tmp_path / "model.safetensors") as ckpt:
         before = _rss_bytes()
         got = ckpt.read("small")
