@@ -47,3 +47,18 @@ def test_every_claimed_version_is_tested(registry):
 def test_golden_against_transformers(registry, tiny_checkpoint, family, version, quant):
     ckpt_dir, layout = tiny_checkpoint(family, version, quant)
     check_golden(registry, family, version, quant, ckpt_dir, layout)
+
+
+def test_fp8_partial_last_blocks(registry, tmp_path):
+    """Expert width 160 = one full 128-block plus a partial one (the case transformers' CPU FP8 path
+    gets wrong): moetier reading the FP8 checkpoint natively still matches the independent dequantization."""
+    import dataclasses
+
+    from moetier.model_zoo.tiny import write_tiny
+
+    fam = registry.family("deepseek")
+    spec = fam.extras["tiny_spec"]("DeepSeek-V3")
+    spec = dataclasses.replace(spec, config=dict(spec.config, moe_intermediate_size=160))
+    layout = write_tiny(spec, fam.layout, str(tmp_path), quant="fp8", seed=7)
+    assert layout.moe_layers[0].experts.intermediate_size == 160
+    check_golden(registry, "deepseek", "DeepSeek-V3", "fp8", tmp_path, layout)
