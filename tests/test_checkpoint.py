@@ -431,6 +431,47 @@ def test_progress_is_quiet_without_a_terminal_and_lazy(monkeypatch, capsys):
     capsys.readouterr()
 
 
+def test_experts_read_from_a_checkpoint_into_a_backend_with_progress(tmp_path, rng):
+    from moetier.checkpoint import TrackedExperts
+    from moetier.experts import ExpertLayerSpec, ExpertTensors, ExpertWeights
+    from moetier.reference import ReferenceBackend
+
+    n_exp, hidden, inter, fmt = 6, 64, 40, "fp8_e4m3"
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    mem = ExpertWeights.from_float(torch.randn(n_exp, inter, hidden, generator=gen) / 8,
+                                   torch.randn(n_exp, inter, hidden, generator=gen) / 8,
+                                   torch.randn(n_exp, hidden, inter, generator=gen) / 6, fmt)
+    tensors = {}
+    for e in range(n_exp):
+        t = mem.expert(e)
+        for which, q in (("gate_proj", t.gate), ("up_proj", t.up), ("down_proj", t.down)):
+            tensors.update(matrix_tensors(f"mlp.experts.{e}.{which}", q))
+    write_checkpoint(tmp_path, tensors, max_shard_bytes=20000)
+
+    class FromCheckpoint:
+        def __init__(self, ckpt):
+            self.ckpt = ckpt
+
+        def expert(self, e):
+            r = self.ckpt.read_matrix
+            return ExpertTensors(r(f"mlp.experts.{e}.gate_proj", shape=(inter, hidden)),
+                                 r(f"mlp.experts.{e}.up_proj", shape=(inter, hidden)),
+                                 r(f"mlp.experts.{e}.down_proj", shape=(hidden, inter)))
+
+    spec = ExpertLayerSpec(num_experts=n_exp, top_k=2, hidden_size=hidden, intermediate_size=inter)
+    backend = ReferenceBackend(precision=torch.float64)
+    held = [0, 2, 3, 5]
+    with Checkpoint(tmp_path) as ckpt, TrackedExperts(FromCheckpoint(ckpt), total=len(held), enabled=True) as src:
+        from_disk = backend.prepare(spec, src, held, fmt)
+        assert src.bar.count == len(held)
+    in_memory = backend.prepare(spec, mem, held, fmt)
+    x = torch.randn(7, hidden, generator=gen)
+    ids = torch.tensor([[0, 2], [3, 5], [5, 0], [2, 3], [0, 5], [3, 2], [5, 3]])
+    w = torch.rand(7, 2, generator=gen)
+    got, want = backend.forward(from_disk, x, ids, w), backend.forward(in_memory, x, ids, w)
+    assert torch.equal(got, want) and want.abs().max() > 0
+
+
 def test_writer_accepts_tensors_sharing_storage(tmp_path, rng):
     w = _t(rng.standard_normal((6, 4)).astype(np.float32))
     fused = _t(rng.standard_normal((3, 4, 5)).astype(np.float32))

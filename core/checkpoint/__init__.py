@@ -49,6 +49,9 @@ Many matrices with a progress bar (one resident at a time; silent when stderr is
 
         for base, q in ckpt.iter_matrices(bases, to=None, description="layer 3"): ...
         from moetier.checkpoint import track      # the same bar around any iterable
+        with TrackedExperts(source, total=len(ids), description=f"layer {i}") as src:
+            backend.prepare(spec, src, ids, fmt)   # a bar per expert read through any ExpertSource
+        ProgressBar(total, description)           # the bar itself: advance(n), close(); a no-op when quiet
 
 Writing (tests, `moetier zoo tiny`)
 -----------------------------------
@@ -75,7 +78,7 @@ from .errors import (CheckpointIndexError, CorruptFileError, MissingShardError, 
 from .header import FileHeader, TensorInfo, read_header
 from .matrices import (MatrixOnDisk, convert_to, detect_matrix, fused_expert_tensors, infer_group_size,
                        int4_from_packed, int4_to_packed, matrix_tensors)
-from .progress import progress_enabled, track
+from .progress import ProgressBar, TrackedExperts, progress_enabled, track
 from .reader import Checkpoint, open_checkpoint
 from .writer import shard_plan, write_checkpoint, write_safetensors
 
@@ -83,7 +86,7 @@ __all__ = [
     "Checkpoint", "open_checkpoint", "TensorInfo", "FileHeader", "read_header",
     "MatrixOnDisk", "detect_matrix", "convert_to", "infer_group_size", "int4_from_packed", "int4_to_packed",
     "matrix_tensors", "fused_expert_tensors", "write_checkpoint", "write_safetensors", "shard_plan",
-    "track", "progress_enabled",
+    "track", "progress_enabled", "ProgressBar", "TrackedExperts",
     "MissingTensorError", "TensorShapeError", "TensorDTypeError", "TruncatedFileError", "CorruptFileError",
     "CheckpointIndexError", "MissingShardError", "QuantizedLayoutError",
 ]
