@@ -1,7 +1,9 @@
 """Reading (and writing) safetensors checkpoints lazily, one tensor at a time.
 
-The whole model is never materialized: shard headers are parsed on demand, shards are memory-mapped by
-safetensors' `safe_open`, and each read touches only the bytes of the tensor (or expert slice) asked for.
+The whole model is never materialized: shard headers are parsed on demand (and checked against the file
+size before any mmap access), shards are memory-mapped by safetensors' `safe_open`, and each read touches
+only the bytes of the tensor (or expert slice) asked for, copies them out, and unmaps the shards once
+`max_mapped_bytes` were read, so resident memory stays what the caller keeps plus about one tensor.
 Families build their tensor naming and their ExpertSource on top of this module; it knows nothing about
 families.
 
