@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from moetier import BackendSpec, ExpertBackend, Probe, hookimpl
-from moetier.formats import FORMATS, FP8_BLOCK
+from moetier.formats import FORMATS, FP8_BLOCK, unpack_int4
 
 NAME = "cpu.numba"
 SCORE = 20
@@ -44,11 +44,35 @@ def _kernels():
 
 @dataclass(frozen=True, eq=False)
 class PackedMatrix:
-    """One matrix of every held expert: raw row bytes [E, rows, row_bytes] and fp32 per-row scales
-    [E, rows, n_groups] (n_groups 0 for float formats)."""
+    """One matrix of every held expert: the packed row bytes [E, rows, row_bytes] seen through the typed
+    view the format's kernel reads (u16 for bf16/fp16, i8 for int8, f32 for fp32, u8 for int4/fp8; the
+    other views are 1-element placeholders so every format calls the kernel with the same argument
+    types), plus fp32 per-row scales [E, rows, n_groups] (n_groups 0 for float formats)."""
 
-    raw: np.ndarray
+    u8: np.ndarray
+    u16: np.ndarray
+    i8: np.ndarray
+    f32: np.ndarray
     scales: np.ndarray
+
+    @classmethod
+    def from_rows(cls, raw: np.ndarray, scales: np.ndarray, kind: int) -> PackedMatrix:
+        views = {np.uint8: _PLACEHOLDER[np.uint8], np.uint16: _PLACEHOLDER[np.uint16],
+                 np.int8: _PLACEHOLDER[np.int8], np.float32: _PLACEHOLDER[np.float32]}
+        dtype = _VIEW_OF_KIND[kind]
+        views[dtype] = raw.view(dtype)
+        return cls(views[np.uint8], views[np.uint16], views[np.int8], views[np.float32], scales)
+
+    def args(self) -> tuple[np.ndarray, ...]:
+        return self.u8, self.u16, self.i8, self.f32, self.scales
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.args())
+
+
+_PLACEHOLDER = {t: np.zeros((1, 1, 1), t) for t in (np.uint8, np.uint16, np.int8, np.float32)}
+_VIEW_OF_KIND = {0: np.float32, 1: np.uint16, 2: np.uint16, 3: np.int8, 4: np.uint8, 5: np.uint8}
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,13 +94,27 @@ def _fp8_table() -> np.ndarray:
 
 
 def _row_bytes(q) -> np.ndarray:
-    """The packed data of one QuantizedTensor as uint8 [rows, row_bytes], zero-copy where possible."""
+    """The packed data of one QuantizedTensor as uint8 [rows, row_bytes] in the kernel's layout."""
+    if q.fmt.kind == "int4":
+        return _repack_int4(q)
     data = q.data.contiguous()
     if data.dtype == torch.float8_e4m3fn:
         data = data.view(torch.uint8)
     elif data.dtype in (torch.bfloat16, torch.float16):
         data = data.view(torch.int16)  # numpy has no bf16: move the bits as int16
     return data.numpy().view(np.uint8).reshape(q.shape[0], -1)
+
+
+def _repack_int4(q) -> np.ndarray:
+    """int4 rows re-laid as two half-rows: with half = ceil(in / 2), byte j holds value j in its low nibble
+    and value half + j in its high one (codes q + 8; an odd row pads one zero code). Same bytes as the
+    reference layout, but the kernel decodes each half as one contiguous, vectorisable run."""
+    rows, cols = q.shape
+    half = (cols + 1) // 2
+    codes = torch.zeros(rows, 2 * half, dtype=torch.int16)
+    codes[:, :cols] = unpack_int4(q.data, cols).to(torch.int16)
+    u = (codes + 8).to(torch.uint8)
+    return (u[:, :half] | (u[:, half:] << 4)).contiguous().numpy()
 
 
 def _row_scales(q) -> np.ndarray:
@@ -94,9 +132,10 @@ def _row_scales(q) -> np.ndarray:
     return np.repeat(s, FP8_BLOCK, axis=0)[:rows]
 
 
-def _stack(mats) -> PackedMatrix:
-    return PackedMatrix(np.ascontiguousarray(np.stack([_row_bytes(q) for q in mats])),
-                        np.ascontiguousarray(np.stack([_row_scales(q) for q in mats]), dtype=np.float32))
+def _stack(mats, kind: int) -> PackedMatrix:
+    raw = np.ascontiguousarray(np.stack([_row_bytes(q) for q in mats]))
+    scales = np.ascontiguousarray(np.stack([_row_scales(q) for q in mats]), dtype=np.float32)
+    return PackedMatrix.from_rows(raw, scales, kind)
 
 
 # The workqueue threading layer (numba's fallback when neither OpenMP nor TBB is present) aborts the
@@ -134,9 +173,10 @@ class NumbaBackend(ExpertBackend):
             return np.ascontiguousarray(np.stack([getattr(t, name).to(torch.float32).numpy() for t in ts]))
 
         group = {"int4": fmt.group_size, "fp8": FP8_BLOCK}.get(fmt.kind, 1)  # float and int8 use no groups
+        kind = _KINDS[fmt.name]
         return NumbaPayload(
-            kind=_KINDS[fmt.name], group=group, slot_of=slot_of,
-            gate=_stack([t.gate for t in ts]), up=_stack([t.up for t in ts]), down=_stack([t.down for t in ts]),
+            kind=kind, group=group, slot_of=slot_of, gate=_stack([t.gate for t in ts], kind),
+            up=_stack([t.up for t in ts], kind), down=_stack([t.down for t in ts], kind),
             gate_bias=bias("gate_bias", I), up_bias=bias("up_bias", I), down_bias=bias("down_bias", H),
             lut=_fp8_table())
 
@@ -162,9 +202,9 @@ class NumbaBackend(ExpertBackend):
                 return out
             h = np.empty((pair_tok.shape[0], I), np.float32)
             k.gate_up(pl.kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
-                      pl.gate.raw, pl.gate.scales, pl.up.raw, pl.up.scales, pl.gate_bias, pl.up_bias, pl.lut, h)
+                      *pl.gate.args(), *pl.up.args(), pl.gate_bias, pl.up_bias, pl.lut, h)
             k.down_accumulate(pl.kind, group, H, I, offsets, pair_tok, pair_w, active,
-                              pl.down.raw, pl.down.scales, pl.down_bias, pl.lut, h, out)
+                              *pl.down.args(), pl.down_bias, pl.lut, h, out)
             return out
 
         if _layer_is_threadsafe:

@@ -1,19 +1,33 @@
 """The jitted fused-MoE kernels of cpu.numba. Importing this module needs numba; cpu_numba imports it lazily.
 
-Every format goes through one compiled function: weights arrive as raw bytes ([E, rows, row_bytes] uint8)
-plus fp32 scales already laid out per row ([E, rows, n_groups]), and a small integer `kind` picks how a row
-is decoded. Keeping the argument types identical across formats means one compilation serves them all, so
-the first call pays the JIT once (and `cache=True` keeps it on disk for the next process).
+Every format goes through the same compiled functions: the packed bytes of a matrix arrive as typed views
+[E, rows, ...] (u8 / u16 / i8 / f32; only the one the format reads is real, the others are 1-element
+placeholders) plus fp32 scales laid out per row [E, rows, n_groups], and a small integer `kind` picks the
+decoding. Identical argument types across formats mean one compilation serves them all, so the first call
+pays the JIT once (and `cache=True` keeps it on disk for the next process).
 
-A weight row is decoded into an fp32 scratch row that stays in L1 and is then dotted with every token the
-expert serves, so each packed byte is read from memory exactly once per call.
+Each packed weight byte is read from memory once per call. An expert with one token (decode) dots each
+row with the token straight from the packed bytes where the format allows it (fp32, bf16, int8: decode
+and multiply-add in registers); otherwise a row is decoded into an fp32 scratch row in L1 and dotted with
+every token the expert serves.
+
+Numba/LLVM notes that shaped this code (measured, not guessed):
+- rows are indexed (w[e, r, k]), never sliced (w[e, r]): a slice is a new array whose reference count
+  every thread bumps on the one shared parent, a cache line bounced between cores on every row (3x
+  slower at 2 threads);
+- inner loops are `for j in range(length)` with the offset added inside: `range(a, min(b, n))` defeats
+  the vectoriser (10x slower scale loops);
+- short fixed-trip inner loops (16-32) do not vectorise, so int4 is laid out as two half-rows (see
+  cpu_numba._repack_int4) and decoded in one long loop, then scaled group by group.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-# Format kinds understood by `decode_row` (cpu_numba maps WeightFormat names onto these).
+# Format kinds (cpu_numba maps WeightFormat names onto these).
 KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8, KIND_INT4, KIND_FP8 = range(6)
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
@@ -21,72 +35,135 @@ ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 # per-item bookkeeping is noise, small enough that Qwen-sized layers give every core dozens of items.
 ROWS_PER_ITEM = 16
 TOKENS_PER_PASS = 4  # tokens dotted against one decoded row in a single pass over it
+SCRATCH_ALIGN = 128  # scratch rows are rounded up to this many values (room for int4's pad value)
 
 # No 'nnan'/'ninf': with nan_policy="propagate" a NaN input must come out as NaN, not be optimised away.
-# 'reassoc' is what lets LLVM vectorise the fp32 dot-product reductions.
+# 'reassoc' lets LLVM vectorise the fp32 dot-product reductions, 'contract' fuse them into FMAs.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _JIT = dict(nogil=True, cache=True, fastmath=_FAST)
 
 
-@njit(inline="always", **_JIT)
-def decode_row(kind, group, raw, scales, n, lut, buf):
-    """Decode the first n values of one packed weight row (`raw`, its `scales`) into fp32 `buf`."""
+@intrinsic
+def bits_to_f32(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as an fp32 (a register move, so loops using it vectorise)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width != 32:
+            v = builder.trunc(v, ir.IntType(32)) if v.type.width > 32 else builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@njit(**_JIT)
+def fp16_to_f32(h):
+    """IEEE half (as an integer) -> fp32, exactly, branch-free (selects only, so it vectorises)."""
+    em = h & 0x7FFF
+    sign = (h & 0x8000) << 16
+    normal = bits_to_f32(sign | ((em << 13) + 0x38000000))  # rebias the exponent by 127 - 15
+    sub = np.float32(em) * np.float32(5.9604644775390625e-08)  # subnormal: mantissa * 2^-24, exact
+    sub = -sub if sign else sub
+    special = bits_to_f32(sign | 0x7F800000 | ((em & 0x3FF) << 13))  # inf / nan, mantissa kept
+    v = sub if em < 0x0400 else normal
+    return special if em >= 0x7C00 else v
+
+
+@njit(**_JIT)
+def scale_groups(buf, sc, e, r, n, group):
+    """buf[k] *= sc[e, r, k // group] for k < n, for groups of 32, 64 or 128 values.
+
+    Works in chunks of 128 values with one scale per 32-value quarter picked by selects: a constant
+    128-trip loop vectorises, while loops over one group (a runtime or a 32-value trip count) do not.
+    """
+    n_full = n // 128
+    for c in range(n_full):
+        k0 = c * 128
+        s0 = sc[e, r, k0 // group]
+        s1 = sc[e, r, (k0 + 32) // group]
+        s2 = sc[e, r, (k0 + 64) // group]
+        s3 = sc[e, r, (k0 + 96) // group]
+        for j in range(128):
+            buf[k0 + j] *= (s0 if j < 32 else s1) if j < 64 else (s2 if j < 96 else s3)
+    k0 = n_full * 128
+    for j in range(n - k0):
+        buf[k0 + j] *= sc[e, r, (k0 + j) // group]
+
+
+@njit(**_JIT)
+def decode_row(kind, group, n, e, r, u8, u16, i8, f32, sc, lut, buf, bits):
+    """Decode row r of expert e (n values) into the fp32 scratch `buf` (`bits`: the same memory as uint32)."""
     if kind == KIND_FP32:
-        src = raw.view(np.float32)
         for k in range(n):
-            buf[k] = src[k]
+            buf[k] = f32[e, r, k]
     elif kind == KIND_BF16:
-        src16 = raw.view(np.uint16)
-        bits = buf.view(np.uint32)
         for k in range(n):
-            bits[k] = np.uint32(src16[k]) << np.uint32(16)
+            bits[k] = np.uint32(u16[e, r, k]) << 16
     elif kind == KIND_FP16:
-        src16 = raw.view(np.uint16)
-        bits = buf.view(np.uint32)
         for k in range(n):
-            h = np.uint32(src16[k])
-            em = h & np.uint32(0x7FFF)
-            sign = (h & np.uint32(0x8000)) << np.uint32(16)
-            if em >= np.uint32(0x7C00):  # inf / nan: all-ones exponent, mantissa kept
-                bits[k] = sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13))
-            elif em >= np.uint32(0x0400):  # normal: rebias the exponent by 127 - 15
-                bits[k] = sign | ((em << np.uint32(13)) + np.uint32(0x38000000))
-            else:  # subnormal: mantissa * 2^-24 is exact in fp32
-                buf[k] = np.float32(em) * np.float32(5.9604644775390625e-08)
-                bits[k] = bits[k] | sign
+            buf[k] = fp16_to_f32(np.uint32(u16[e, r, k]))
     elif kind == KIND_INT8:
-        src8 = raw.view(np.int8)
-        s = scales[0]
+        s = sc[e, r, 0]
         for k in range(n):
-            buf[k] = np.float32(src8[k]) * s
+            buf[k] = np.float32(i8[e, r, k]) * s
     elif kind == KIND_INT4:
-        # Two codes per byte, low nibble first, stored as q + 8; groups are even-sized, so a group never
-        # starts in the middle of a byte. buf has room for one value past n (the odd row's pad nibble).
-        for gi in range((n + group - 1) // group):
-            s = scales[gi]
-            j0 = (gi * group) // 2
-            j1 = (min(gi * group + group, n) + 1) // 2
-            for j in range(j0, j1):
-                b = np.int32(raw[j])
-                buf[2 * j] = np.float32((b & 15) - 8) * s
-                buf[2 * j + 1] = np.float32((b >> 4) - 8) * s
-    else:  # KIND_FP8: e4m3 code -> value through the 256-entry table, times its 128-column block scale
-        for gi in range((n + group - 1) // group):
-            s = scales[gi]
-            for k in range(gi * group, min(gi * group + group, n)):
-                buf[k] = lut[raw[k]] * s
+        # Byte j holds value j (low nibble) and value half + j (high nibble) as q + 8; an odd row's pad
+        # value lands in buf[n], which the scratch has room for and nothing reads.
+        # Nibbles split in fp32 (b / 16 is exact, truncation is floor for b >= 0): 2x faster than the
+        # integer route, which numba widens to 64-bit lanes.
+        half = (n + 1) // 2
+        for j in range(half):
+            b = np.float32(u8[e, r, j])
+            hi = np.float32(np.int32(b * np.float32(0.0625)))
+            buf[j] = b - np.float32(16.0) * hi - np.float32(8.0)
+            buf[half + j] = hi - np.float32(8.0)
+        scale_groups(buf, sc, e, r, n, group)
+    else:  # KIND_FP8: e4m3 code -> value through the 256-entry table, then the 128-column block scales
+        for k in range(n):
+            buf[k] = lut[u8[e, r, k]]
+        scale_groups(buf, sc, e, r, n, group)
 
 
-@njit(inline="always", **_JIT)
-def _dot(a, b, n):
+@njit(**_JIT)
+def dot_row(buf, m, row, n):
+    """buf[:n] . m[row, :n] in fp32."""
     acc = np.float32(0.0)
     for k in range(n):
-        acc += a[k] * b[k]
+        acc += buf[k] * m[row, k]
     return acc
 
 
-@njit(inline="always", **_JIT)
-def _act(act, alpha, limit, g, u):
+@njit(**_JIT)
+def packed_dot(kind, group, n, e, r, u8, u16, i8, f32, sc, lut, buf, bits, v, t):
+    """W[e, r, :n] . v[t, :n]: straight from the packed bytes for fp32/bf16/int8, else through `buf`."""
+    acc = np.float32(0.0)
+    if kind == KIND_BF16:
+        for k in range(n):
+            acc += bits_to_f32(np.uint32(u16[e, r, k]) << 16) * v[t, k]
+        return acc
+    if kind == KIND_FP32:
+        for k in range(n):
+            acc += f32[e, r, k] * v[t, k]
+        return acc
+    if kind == KIND_INT8:
+        for k in range(n):
+            acc += np.float32(i8[e, r, k]) * v[t, k]
+        return acc * sc[e, r, 0]
+    decode_row(kind, group, n, e, r, u8, u16, i8, f32, sc, lut, buf, bits)
+    return dot_row(buf, v, t, n)
+
+
+@njit(**_JIT)
+def scratch(n):
+    """An fp32 row buffer and its uint32 view (made once per work item, not per row)."""
+    buf = np.empty((n + SCRATCH_ALIGN) // SCRATCH_ALIGN * SCRATCH_ALIGN, np.float32)
+    return buf, buf.view(np.uint32)
+
+
+@njit(**_JIT)
+def activation(act, alpha, limit, g, u):
     if act == ACT_SILU:
         return g / (np.float32(1.0) + np.exp(-g)) * u
     g = min(g, limit)
@@ -137,7 +214,7 @@ def group_pairs(topk_ids, topk_weights, slot_of):
 
 @njit(parallel=True, **_JIT)
 def gate_up(kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
-            g_raw, g_sc, u_raw, u_sc, g_bias, u_bias, lut, h_out):
+            g8, g16, gi8, g32, g_sc, u8, u16, ui8, u32, u_sc, g_bias, u_bias, lut, h_out):
     """Phase 1: h_out[p, :] = act(gate x_p + bg, up x_p + bu) for every pair p, parallel over (expert, row block).
 
     Work items interleave experts (item i -> expert i % n_active) so a static split of the item range
@@ -149,42 +226,50 @@ def gate_up(kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
     for item in prange(n_active * n_blocks):
         e = active[item % n_active]
         r0 = (item // n_active) * ROWS_PER_ITEM
-        r1 = min(r0 + ROWS_PER_ITEM, I)
-        bg = np.empty(H + 1, np.float32)
-        bu = np.empty(H + 1, np.float32)
+        bg, bg_bits = scratch(H)
+        bu, bu_bits = scratch(H)
         p0, p1 = offsets[e], offsets[e + 1]
-        for r in range(r0, r1):
-            decode_row(kind, group, g_raw[e, r], g_sc[e, r], H, lut, bg)
-            decode_row(kind, group, u_raw[e, r], u_sc[e, r], H, lut, bu)
+        for i in range(min(ROWS_PER_ITEM, I - r0)):
+            r = r0 + i
             gb = g_bias[e, r] if use_bias else np.float32(0.0)
             ub = u_bias[e, r] if use_bias else np.float32(0.0)
+            if p1 - p0 == 1:  # decode: one token, dot straight from the packed bytes
+                t = pair_tok[p0]
+                g = packed_dot(kind, group, H, e, r, g8, g16, gi8, g32, g_sc, lut, bg, bg_bits, x, t)
+                u = packed_dot(kind, group, H, e, r, u8, u16, ui8, u32, u_sc, lut, bu, bu_bits, x, t)
+                h_out[p0, r] = activation(act, alpha, limit, g + gb, u + ub)
+                continue
+            decode_row(kind, group, H, e, r, g8, g16, gi8, g32, g_sc, lut, bg, bg_bits)
+            decode_row(kind, group, H, e, r, u8, u16, ui8, u32, u_sc, lut, bu, bu_bits)
             p = p0
             while p + TOKENS_PER_PASS <= p1:  # four tokens per pass over the decoded rows
-                x0, x1, x2, x3 = x[pair_tok[p]], x[pair_tok[p + 1]], x[pair_tok[p + 2]], x[pair_tok[p + 3]]
+                t0, t1, t2, t3 = pair_tok[p], pair_tok[p + 1], pair_tok[p + 2], pair_tok[p + 3]
                 g0 = g1 = g2 = g3 = u0 = u1 = u2 = u3 = np.float32(0.0)
                 for k in range(H):
                     wg, wu = bg[k], bu[k]
-                    g0 += wg * x0[k]
-                    g1 += wg * x1[k]
-                    g2 += wg * x2[k]
-                    g3 += wg * x3[k]
-                    u0 += wu * x0[k]
-                    u1 += wu * x1[k]
-                    u2 += wu * x2[k]
-                    u3 += wu * x3[k]
-                h_out[p, r] = _act(act, alpha, limit, g0 + gb, u0 + ub)
-                h_out[p + 1, r] = _act(act, alpha, limit, g1 + gb, u1 + ub)
-                h_out[p + 2, r] = _act(act, alpha, limit, g2 + gb, u2 + ub)
-                h_out[p + 3, r] = _act(act, alpha, limit, g3 + gb, u3 + ub)
+                    x0, x1, x2, x3 = x[t0, k], x[t1, k], x[t2, k], x[t3, k]
+                    g0 += wg * x0
+                    g1 += wg * x1
+                    g2 += wg * x2
+                    g3 += wg * x3
+                    u0 += wu * x0
+                    u1 += wu * x1
+                    u2 += wu * x2
+                    u3 += wu * x3
+                h_out[p, r] = activation(act, alpha, limit, g0 + gb, u0 + ub)
+                h_out[p + 1, r] = activation(act, alpha, limit, g1 + gb, u1 + ub)
+                h_out[p + 2, r] = activation(act, alpha, limit, g2 + gb, u2 + ub)
+                h_out[p + 3, r] = activation(act, alpha, limit, g3 + gb, u3 + ub)
                 p += TOKENS_PER_PASS
             while p < p1:
-                xt = x[pair_tok[p]]
-                h_out[p, r] = _act(act, alpha, limit, _dot(bg, xt, H) + gb, _dot(bu, xt, H) + ub)
+                t = pair_tok[p]
+                h_out[p, r] = activation(act, alpha, limit, dot_row(bg, x, t, H) + gb, dot_row(bu, x, t, H) + ub)
                 p += 1
 
 
 @njit(parallel=True, **_JIT)
-def down_accumulate(kind, group, H, I, offsets, pair_tok, pair_w, active, d_raw, d_sc, d_bias, lut, h, out):
+def down_accumulate(kind, group, H, I, offsets, pair_tok, pair_w, active, d8, d16, di8, d32, d_sc, d_bias, lut,
+                    h, out):
     """Phase 2: out[t, r] += w_p * (down_e[r] . h_p + bd_e[r]), parallel over blocks of output rows r.
 
     One thread owns each block of output columns, so experts accumulate into `out` without races and in a
@@ -193,29 +278,32 @@ def down_accumulate(kind, group, H, I, offsets, pair_tok, pair_w, active, d_raw,
     n_blocks = (H + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     for blk in prange(n_blocks):
         r0 = blk * ROWS_PER_ITEM
-        r1 = min(r0 + ROWS_PER_ITEM, H)
-        bd = np.empty(I + 1, np.float32)
+        bd, bd_bits = scratch(I)
         for ai in range(active.shape[0]):
             e = active[ai]
             p0, p1 = offsets[e], offsets[e + 1]
-            for r in range(r0, r1):
-                decode_row(kind, group, d_raw[e, r], d_sc[e, r], I, lut, bd)
+            for i in range(min(ROWS_PER_ITEM, H - r0)):
+                r = r0 + i
                 bias = d_bias[e, r]
+                if p1 - p0 == 1:
+                    y = packed_dot(kind, group, I, e, r, d8, d16, di8, d32, d_sc, lut, bd, bd_bits, h, p0)
+                    out[pair_tok[p0], r] += pair_w[p0] * (y + bias)
+                    continue
+                decode_row(kind, group, I, e, r, d8, d16, di8, d32, d_sc, lut, bd, bd_bits)
                 p = p0
                 while p + TOKENS_PER_PASS <= p1:
-                    h0, h1, h2, h3 = h[p], h[p + 1], h[p + 2], h[p + 3]
                     y0 = y1 = y2 = y3 = np.float32(0.0)
                     for k in range(I):
                         wd = bd[k]
-                        y0 += wd * h0[k]
-                        y1 += wd * h1[k]
-                        y2 += wd * h2[k]
-                        y3 += wd * h3[k]
+                        y0 += wd * h[p, k]
+                        y1 += wd * h[p + 1, k]
+                        y2 += wd * h[p + 2, k]
+                        y3 += wd * h[p + 3, k]
                     out[pair_tok[p], r] += pair_w[p] * (y0 + bias)
                     out[pair_tok[p + 1], r] += pair_w[p + 1] * (y1 + bias)
                     out[pair_tok[p + 2], r] += pair_w[p + 2] * (y2 + bias)
                     out[pair_tok[p + 3], r] += pair_w[p + 3] * (y3 + bias)
                     p += TOKENS_PER_PASS
                 while p < p1:
-                    out[pair_tok[p], r] += pair_w[p] * (_dot(bd, h[p], I) + bias)
+                    out[pair_tok[p], r] += pair_w[p] * (dot_row(bd, h, p, I) + bias)
                     p += 1
