@@ -216,14 +216,14 @@ class ExpertBackend(ABC):
         """Start a forward and return at once; the inputs must stay unchanged until `wait()` returns.
         Bad inputs raise here, not at wait()."""
         inputs = self.validate(prepared, hidden, topk_ids, topk_weights, out_dtype)
-        return Pending(self._pool().submit(self._run, prepared, inputs))
+        return Pending(self._submit_executor().submit(self._run, prepared, inputs))
 
     def _run(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
         if inputs.hidden.shape[0] == 0 or not prepared.expert_ids:
             return torch.zeros(inputs.hidden.shape, dtype=inputs.out_dtype)
         return self.compute(prepared, inputs)
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def _submit_executor(self) -> ThreadPoolExecutor:
         with self._executor_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"moetier-{self.name}")
