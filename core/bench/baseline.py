@@ -31,9 +31,8 @@ class TorchLoopBaseline:
         gate, up, down = [], [], []
         for e in range(layer.num_experts):
             t = weights.expert(e)
-            gate.append(t.gate.dequantize(torch.float32).to(torch.bfloat16).clone())
-            up.append(t.up.dequantize(torch.float32).to(torch.bfloat16).clone())
-            down.append(t.down.dequantize(torch.float32).to(torch.bfloat16).clone())
+            for out, q in ((gate, t.gate), (up, t.up), (down, t.down)):
+                out.append(q.data.clone() if q.data.dtype == torch.bfloat16 else q.dequantize(torch.float32).to(torch.bfloat16))
         return LoopExperts(layer, tuple(gate), tuple(up), tuple(down))
 
     def set_threads(self, threads: int) -> None:

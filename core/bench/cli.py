@@ -7,7 +7,7 @@ import sys
 from ..errors import MoetierError
 from .workload import BENCH_FORMATS, GIB, SHAPE_NAMES
 
-QUICK = {"shapes": ("qwen3-30b",), "formats": ("bf16", "int4_g64"), "batches": (1, 512), "threads": (2,)}
+QUICK = {"shapes": ("qwen3-30b",), "formats": ("bf16", "int4_g64"), "batches": (1, 128), "threads": (2,)}
 
 DESCRIPTION = """\
 Time expert backends on model-sized MoE layers, side by side with the machine's limits measured in the
@@ -51,7 +51,7 @@ def register(sub, common) -> None:
     p.add_argument("--batches", type=_csv("int"), metavar="LIST", help="tokens per forward (default: 1,4,128,512)")
     p.add_argument("--threads", type=_csv("int"), metavar="LIST", help="thread counts (default: 1,2)")
     p.add_argument("--quick", action="store_true",
-                   help="a run of under a minute: qwen3-30b, bf16 and int4_g64, batches 1 and 512, 2 threads, "
+                   help="a run of under a minute: qwen3-30b, bf16 and int4_g64, batches 1 and 128, 2 threads, "
                         "short timings (explicit options override these)")
     p.add_argument("--no-baseline", action="store_true", help="do not time the torch per-expert loop")
     p.add_argument("--max-weights-gib", type=float, default=3.0, metavar="GIB",

@@ -8,6 +8,7 @@ do when a real model walks its layers.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import os
@@ -101,6 +102,30 @@ def apply_threads(backend, threads: int, spec=None, inventory=None):
     return backend, "torch"
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run setup on `n` torch threads: on a small, shared machine torch's spinning intra-op threads make
+    elementwise setup ops several times slower (the timed part sets its own thread count)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise), so the next
+    layer's footprint is measured, and the machine's memory shared, correctly."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
@@ -169,16 +194,26 @@ class KernelBench:
                 shape = get_shape(shape_name, c.max_weight_bytes)
                 result.shapes[shape.name] = shape
                 inputs = make_inputs(shape, c.batches, c.seed)
-                if c.baseline:
-                    self._run_one(result, shape, inputs, torch_baseline.NAME, None, torch_baseline.FORMAT)
-                for name, spec, fmts, _ in backends:
-                    for fmt in fmts:
-                        self._run_one(result, shape, inputs, name, spec, fmt)
+                wanted = {torch_baseline.FORMAT} if c.baseline else set()
+                for _, _, fmts, _ in backends:
+                    wanted.update(fmts)
+                order = [f for f in BENCH_FORMATS if f in wanted] + sorted(wanted - set(BENCH_FORMATS))
+                for fmt in order:  # one set of random weights per format, shared by every implementation
+                    self.progress.status(f"{shape.name} {fmt}: random weights")
+                    with _torch_threads(1):
+                        weights = random_weights(shape.layer, fmt, weights_seed(c.seed, fmt))
+                    if c.baseline and fmt == torch_baseline.FORMAT:
+                        self._run_one(result, shape, inputs, weights, torch_baseline.NAME, None, fmt)
+                    for name, spec, fmts, _ in backends:
+                        if fmt in fmts:
+                            self._run_one(result, shape, inputs, weights, name, spec, fmt)
+                    del weights
+                    release_memory()
         finally:
             torch.set_num_threads(saved_threads)
         return result
 
-    def _run_one(self, result: BenchResult, shape: BenchShape, inputs, name: str, spec, fmt: str) -> None:
+    def _run_one(self, result: BenchResult, shape: BenchShape, inputs, weights, name: str, spec, fmt: str) -> None:
         c = self.config
         layer = shape.layer
         label = f"{shape.name} {name} {fmt}"
@@ -189,7 +224,8 @@ class KernelBench:
                 backend = spec.factory(self.inventory, threads=max(c.threads))
             else:
                 backend = spec.factory(self.inventory)
-            prepared, copies = self._prepare_copies(backend, spec is None, layer, fmt, label)
+            with _torch_threads(1):
+                prepared, copies = self._prepare_copies(backend, spec is None, layer, weights, fmt, label)
         except MoetierError as exc:
             result.notes.append(f"{label}: not measured: {type(exc).__name__}: {exc}")
             for _ in range(len(c.batches) * len(c.threads)):
@@ -226,12 +262,10 @@ class KernelBench:
                     float(flops_per_forward(layer, b)), via))
                 self.progress.advance(text)
         del prepared, backend, runner
-        gc.collect()
+        release_memory()
 
-    def _prepare_copies(self, backend, is_baseline: bool, layer: ExpertLayerSpec, fmt: str, label: str):
+    def _prepare_copies(self, backend, is_baseline: bool, layer: ExpertLayerSpec, weights, fmt: str, label: str):
         c = self.config
-        self.progress.status(f"{label}: random weights")
-        weights = random_weights(layer, fmt, weights_seed(c.seed, fmt))
         nominal = layer.num_experts * layer.expert_bytes(fmt)
 
         def prepare():
@@ -250,8 +284,6 @@ class KernelBench:
         for k in range(1, copies):
             self.progress.status(f"{label}: prepare copy {k + 1}/{copies}")
             prepared.append(prepare())
-        del weights
-        gc.collect()
         return prepared, copies
 
 

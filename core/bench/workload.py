@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ShapeError
 from ..experts import ExpertLayerSpec, ExpertTensors, ExpertWeights
-from ..formats import get_format, quantize
+from ..formats import QuantizedTensor, get_format
 
 GIB = 1 << 30
 # The formats the benchmark covers by default (fp32/fp16 are storage formats no fast path targets).
@@ -133,19 +133,51 @@ def weights_seed(seed: int, fmt: str) -> int:
     return seed * 7919 + zlib.crc32(fmt.encode()) % 1000
 
 
+def random_matrix(out_f: int, in_f: int, fmt: str, g: torch.Generator) -> QuantizedTensor:
+    """A random [out_f, in_f] matrix stored in `fmt`, drawn directly as that format's codes and scales.
+
+    Timing does not depend on the values, only on valid, incompressible data; drawing codes (rather than
+    quantizing a float matrix) keeps a model-sized layer's setup to seconds. Magnitudes follow
+    1/sqrt(in_f) so outputs stay finite: bf16/fp16/fp32 values have a random sign and mantissa and an
+    exponent spread over four octaves below 2/sqrt(in_f); int8 codes are in [-127, 127] and int4 codes in
+    [-7, 7] (the reference quantizer's ranges); fp8 codes are every finite e4m3 value.
+    """
+    f = get_format(fmt)
+    top = 2.0 / math.sqrt(in_f)
+    if f.kind == "float":
+        bits = torch.randint(-(1 << 15), 1 << 15, (out_f, in_f), dtype=torch.int16, generator=g)
+        base = 127 + math.floor(math.log2(top)) - 4
+        # keep sign and mantissa (0x807F), put a biased exponent base..base+3 into bits 7-14
+        bits = (bits & -0x7F81) | (((bits >> 7) & 3) + base) << 7
+        bf16 = bits.view(torch.bfloat16)
+        return QuantizedTensor(f, (out_f, in_f), bf16.to(f.dtype).contiguous())
+    if f.kind == "int8":
+        codes = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=g)
+        scales = (0.5 + torch.rand(out_f, generator=g)) * (top / 127)
+        return QuantizedTensor(f, (out_f, in_f), codes, scales.contiguous())
+    if f.kind == "int4":
+        half = (in_f + 1) // 2
+        lo = torch.randint(1, 16, (out_f, half), dtype=torch.uint8, generator=g)  # stored q+8: q in [-7, 7]
+        hi = torch.randint(1, 16, (out_f, half), dtype=torch.uint8, generator=g)
+        groups = math.ceil(in_f / f.group_size)
+        scales = (0.5 + torch.rand(out_f, groups, generator=g)) * (top / 7)
+        return QuantizedTensor(f, (out_f, in_f), (lo | (hi << 4)).contiguous(), scales.contiguous())
+    if f.kind == "fp8":
+        codes = torch.randint(0, 256, (out_f, in_f), dtype=torch.uint8, generator=g)
+        codes = torch.where((codes & 0x7F) == 0x7F, codes - 1, codes)  # 0x7F / 0xFF are NaN in e4m3fn
+        br, bc = f.block
+        scales = (0.5 + torch.rand(math.ceil(out_f / br), math.ceil(in_f / bc), generator=g)) * (top / 448)
+        return QuantizedTensor(f, (out_f, in_f), codes.view(torch.float8_e4m3fn).contiguous(), scales.contiguous())
+    raise ShapeError(f"no random generator for format {f}")
+
+
 def random_weights(layer: ExpertLayerSpec, fmt: str, seed: int) -> ExpertWeights:
-    """Every expert of `layer` with N(0, 1/fan_in) weights, quantized to `fmt` one matrix at a time
-    (never the whole float layer at once)."""
-    get_format(fmt)
+    """Every expert of `layer` as random matrices in `fmt` (see random_matrix)."""
     g = torch.Generator().manual_seed(seed)
     h, i = layer.hidden_size, layer.intermediate_size
-    experts = {}
-    for e in range(layer.num_experts):
-        gate = torch.randn(i, h, generator=g) / math.sqrt(h)
-        up = torch.randn(i, h, generator=g) / math.sqrt(h)
-        down = torch.randn(h, i, generator=g) / math.sqrt(i)
-        experts[e] = ExpertTensors(quantize(gate, fmt), quantize(up, fmt), quantize(down, fmt))
-    return ExpertWeights(experts)
+    return ExpertWeights({e: ExpertTensors(random_matrix(i, h, fmt, g), random_matrix(i, h, fmt, g),
+                                           random_matrix(h, i, fmt, g))
+                          for e in range(layer.num_experts)})
 
 
 def random_hidden(layer: ExpertLayerSpec, tokens: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
