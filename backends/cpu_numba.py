@@ -225,8 +225,15 @@ def _probe(inv) -> Probe:
     return Probe(SCORE, f"portable numba kernels (numba {why}); JIT-compiled on first use")
 
 
+def _factory(inv) -> NumbaBackend:
+    # One thread per physical core: the decode kernels are bandwidth-bound, SMT siblings only add contention.
+    import numba
+    cores = getattr(getattr(inv, "cpu", None), "physical_cores", 0) or None
+    return NumbaBackend(num_threads=None if cores is None else min(cores, numba.config.NUMBA_NUM_THREADS))
+
+
 @hookimpl
 def moetier_register_backends(register):
     register(BackendSpec(name=NAME, device="cpu", formats=tuple(_KINDS), probe=_probe,
-                         factory=lambda inv: NumbaBackend(),
+                         factory=_factory,
                          description="portable numba kernels, all formats, fp32 accumulation"))
