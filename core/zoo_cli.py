@@ -3,6 +3,7 @@ checkpoint's layout."""
 from __future__ import annotations
 
 import json
+import sys
 
 from .errors import LayoutError
 
@@ -72,7 +73,12 @@ def _cmd_tiny(args) -> int:
     if version not in fam.versions:
         raise LayoutError(f"family {fam.name!r} has no version {version!r}; versions: {', '.join(fam.versions)}")
     quant = None if args.quant == "none" else args.quant
-    layout = fam.tiny(version, args.out_dir, quant=quant, seed=args.seed)
+    try:
+        layout = fam.tiny(version, args.out_dir, quant=quant, seed=args.seed)
+    except ModuleNotFoundError as exc:
+        # Tiny checkpoints take their non-MoE tensors from transformers' own model classes.
+        print(f"moetier zoo tiny: error: {exc}; install transformers (pip install 'moetier[hf]')", file=sys.stderr)
+        return 2
     print(json.dumps({"wrote": args.out_dir, **layout.summary()}, indent=2))
     return 0
 
