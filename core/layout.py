@@ -12,6 +12,7 @@ INT4) as the quantization says.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -244,6 +245,28 @@ class MoELayout:
 
     def is_skipped(self, tensor_name: str) -> bool:
         return any(tensor_name.startswith(s.prefix) for s in self.skipped)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data; `MoELayout.from_dict` rebuilds an equal layout."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> MoELayout:
+        def layer(m):
+            names = dict(m["names"])
+            for key in ("projections", "shared_projections"):
+                names[key] = tuple(names[key])
+            return MoELayerLayout(m["index"], ExpertLayerSpec(**m["experts"]), RouterSpec(**m["router"]),
+                                  TensorNames(**names), None if m["shared"] is None else SharedExpertSpec(**m["shared"]))
+
+        try:
+            return cls(family=d["family"], version=d["version"], num_hidden_layers=d["num_hidden_layers"],
+                       hidden_size=d["hidden_size"], moe_layers=tuple(layer(m) for m in d["moe_layers"]),
+                       dense_layers=tuple(d["dense_layers"]), dense_intermediate_size=d["dense_intermediate_size"],
+                       skipped=tuple(SkippedLayer(**s) for s in d["skipped"]),
+                       quantization=Quantization(**d["quantization"]), dtype=d["dtype"])
+        except (KeyError, TypeError) as exc:
+            raise LayoutError(f"not a serialized MoELayout: {type(exc).__name__}: {exc}") from None
 
     def summary(self) -> dict:
         """A short JSON-able description (CLI and docs)."""

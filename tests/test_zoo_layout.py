@@ -151,3 +151,17 @@ def test_refusals_name_the_key(families, base, change, key):
 def test_unknown_config_is_refused_with_the_families(families):
     with pytest.raises(LayoutError, match="no model family claims.*llama.*deepseek"):
         identify({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, families.values())
+
+
+@pytest.mark.parametrize("config", [DEEPSEEK_V3, KIMI_K25, QWEN35, MINIMAX_M2], ids=["v3", "k25", "q35", "m2"])
+def test_layout_is_json_data(families, config):
+    import json
+
+    from moetier.layout import MoELayout
+
+    fam, _ = identify(config, families.values())
+    lay = fam.layout(config)
+    again = MoELayout.from_dict(json.loads(json.dumps(lay.to_dict())))
+    assert again == lay
+    with pytest.raises(LayoutError, match="not a serialized MoELayout"):
+        MoELayout.from_dict({"family": "x"})
