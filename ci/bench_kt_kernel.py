@@ -21,6 +21,7 @@ Bytes per forward are counted in moetier's format (the GB/s column means the sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -131,11 +132,12 @@ def run(config: BenchConfig, progress=print) -> tuple[BenchResult, list[dict]]:
                     out = torch.empty(b, layer.hidden_size, dtype=torch.bfloat16)
                     qlen = torch.tensor([b], dtype=torch.int32)
 
-                    def call(i, _h=hidden, _r=routings, _o=out, _q=qlen):
+                    def call(i, _kt=kt, _h=hidden, _r=routings, _o=out, _q=qlen):
                         r = _r[i % n_r]
-                        return kt[i % copies].forward(_h, r.topk_ids, r.topk_weights, _o, _q)
+                        return _kt[i % copies].forward(_h, r.topk_ids, r.topk_weights, _o, _q)
 
-                    plan = config.plan_for(b)
+                    base = config.plan_for(b)
+                    plan = dataclasses.replace(base, warmup=max(base.warmup, copies))  # warm every copy
                     times = time_calls(call, plan)
                     nbytes = [distinct_experts(routings[(plan.warmup + j) % n_r].topk_ids) * layer.expert_bytes(fmt)
                               for j in range(len(times))]

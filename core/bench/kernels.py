@@ -9,6 +9,7 @@ do when a real model walks its layers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import inspect
 import os
@@ -21,8 +22,8 @@ from ..experts import ExpertLayerSpec
 from ..hardware.inventory import HardwareInventory
 from ..plugins import Registry
 from . import baseline as torch_baseline
-from .measure import (DECODE_PLAN, PREFILL_PLAN, QUICK_DECODE_PLAN, QUICK_PREFILL_PLAN, TINY_PLAN, Measurement,
-                      TimingPlan, summarize, time_calls)
+from .measure import (DECODE_PLAN, PREFILL_PLAN, QUICK_DECODE_PLAN, QUICK_PREFILL_PLAN, Measurement, TimingPlan,
+                      summarize, time_calls)
 from .probes import MachineLimits, measure_limits
 from .workload import (BENCH_FORMATS, GIB, BenchShape, distinct_experts, flops_per_forward, get_shape, plan_copies,
                        random_hidden, random_routing, random_weights, weights_seed)
@@ -245,7 +246,8 @@ class KernelBench:
                     r = _r[i % n_r]
                     return forward(_p[i % copies], _h, r.topk_ids, r.topk_weights)
 
-                plan = c.plan_for(b)
+                base = c.plan_for(b)
+                plan = dataclasses.replace(base, warmup=max(base.warmup, copies))  # warm every copy
                 try:
                     times = time_calls(call, plan)
                 except MoetierError as exc:

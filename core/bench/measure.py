@@ -19,8 +19,8 @@ class TimingPlan:
     max_seconds: float
 
 
-DECODE_PLAN = TimingPlan(warmup=10, min_iters=30, max_iters=400, min_seconds=2.0, max_seconds=4.0)
-PREFILL_PLAN = TimingPlan(warmup=2, min_iters=5, max_iters=40, min_seconds=2.0, max_seconds=6.0)
+DECODE_PLAN = TimingPlan(warmup=10, min_iters=20, max_iters=400, min_seconds=1.0, max_seconds=3.0)
+PREFILL_PLAN = TimingPlan(warmup=1, min_iters=3, max_iters=40, min_seconds=1.0, max_seconds=4.0)
 QUICK_DECODE_PLAN = TimingPlan(warmup=3, min_iters=10, max_iters=200, min_seconds=0.3, max_seconds=0.6)
 QUICK_PREFILL_PLAN = TimingPlan(warmup=1, min_iters=2, max_iters=20, min_seconds=0.3, max_seconds=1.0)
 TINY_PLAN = TimingPlan(warmup=2, min_iters=5, max_iters=50, min_seconds=0.05, max_seconds=0.2)
