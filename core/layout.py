@@ -23,6 +23,7 @@ from .formats import get_format
 SCORINGS = ("softmax", "sigmoid", "softmax_topk")
 GROUP_SCORES = ("max", "top2_sum")
 QUANT_SCHEMES = ("none", "fp8_block", "int4_pack")
+FUSED_STYLES = ("rows", "interleaved_in_out")
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,12 @@ class TensorNames:
 
     block: the MoE block's module ("model.layers.{layer}.mlp"); the others are relative to it. router:
     the gate's linear module. selection_bias / router_bias: full tensor names. Routed experts are either
-    per expert (`expert` with `projections` = the gate, up and down module names) or fused
-    (`fused_gate_up` [E, 2I, H] with gate rows first, `fused_down` [E, H, I]). shared: the shared
-    expert's modules (`{proj}` from `projections`), shared_gate its sigmoid gate (a linear H -> 1).
+    per expert (`expert` with `projections` = the gate, up and down module names) or fused, in one of
+    two styles: "rows" (`fused_gate_up` [E, 2I, H] with gate rows first, `fused_down` [E, H, I]; Qwen3.5)
+    or "interleaved_in_out" (`fused_gate_up` [E, H, 2I] with gate/up in even/odd columns, `fused_down`
+    [E, I, H]; gpt-oss). Fused expert biases (gpt-oss): `fused_gate_up_bias` [E, 2I] (same order as the
+    weight's gate/up), `fused_down_bias` [E, H]. shared: the shared expert's modules (`{proj}` from
+    `projections`), shared_gate its sigmoid gate (a linear H -> 1).
     """
 
     block: str
@@ -106,10 +110,19 @@ class TensorNames:
     shared: str | None = None
     shared_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     shared_gate: str | None = None
+    fused_style: str = "rows"
+    fused_gate_up_bias: str | None = None
+    fused_down_bias: str | None = None
 
     def __post_init__(self):
         if (self.fused_gate_up is None) != (self.fused_down is None):
             raise LayoutError("fused experts need both fused_gate_up and fused_down names")
+        if self.fused_style not in FUSED_STYLES:
+            raise LayoutError(f"fused style {self.fused_style!r} unknown; known: {', '.join(FUSED_STYLES)}")
+        if (self.fused_gate_up_bias is None) != (self.fused_down_bias is None):
+            raise LayoutError("fused expert biases need both fused_gate_up_bias and fused_down_bias names")
+        if self.fused_gate_up_bias is not None and not self.fused:
+            raise LayoutError("expert biases are only supported with fused experts")
 
     @property
     def fused(self) -> bool:
@@ -138,6 +151,11 @@ class TensorNames:
         if not self.fused:
             raise LayoutError(f"layer {layer} stores its experts per expert, not fused")
         return self._full(layer, self.fused_gate_up), self._full(layer, self.fused_down)
+
+    def fused_bias_names(self, layer: int) -> tuple[str, str]:
+        if self.fused_gate_up_bias is None:
+            raise LayoutError(f"layer {layer} has no expert biases")
+        return self._full(layer, self.fused_gate_up_bias), self._full(layer, self.fused_down_bias)
 
     def shared_module(self, layer: int, which: str) -> str:
         if self.shared is None:
@@ -205,6 +223,9 @@ class MoELayerLayout:
             raise LayoutError(f"layer {self.index} uses a selection bias but names no tensor for it")
         if self.router.logit_bias and self.names.router_bias is None:
             raise LayoutError(f"layer {self.index} uses a router bias but names no tensor for it")
+        if self.experts.has_bias != (self.names.fused_gate_up_bias is not None):
+            raise LayoutError(f"layer {self.index}: experts {'have' if self.experts.has_bias else 'have no'} biases "
+                              f"but the tensor names {'lack' if self.experts.has_bias else 'name'} them")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,33 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Checkpoint, track
+from .checkpoint import Checkpoint, convert_to, track
 from .errors import CheckpointError, ExpertIdError
 from .experts import ExpertBackend, ExpertTensors, PreparedExperts
-from .formats import WeightFormat, get_format
+from .formats import QuantizedTensor, WeightFormat, get_format
 from .layout import MoELayerLayout, MoELayout
 from .routing import route
+
+
+_FLOAT_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def check_fused(ckpt: Checkpoint, layer: MoELayerLayout) -> int:
+    """Shapes of a layer's fused expert tensors (and biases) against the layout, from the headers."""
+    E, H, I = layer.experts.num_experts, layer.experts.hidden_size, layer.experts.intermediate_size
+    names, i = layer.names, layer.index
+    gu, dn = names.fused_names(i)
+    if names.fused_style == "interleaved_in_out":
+        ckpt.check(gu, shape=(E, H, 2 * I))
+        ckpt.check(dn, shape=(E, I, H))
+    else:
+        ckpt.check(gu, shape=(E, 2 * I, H))
+        ckpt.check(dn, shape=(E, H, I))
+    if layer.experts.has_bias:
+        gub, dnb = names.fused_bias_names(i)
+        ckpt.check(gub, shape=(E, 2 * I))
+        ckpt.check(dnb, shape=(E, H))
+    return 2
 
 
 class CheckpointExperts:
@@ -34,10 +55,7 @@ class CheckpointExperts:
         fmt = get_format(layout.quantization.fmt)
         self.group_size = fmt.group_size if fmt.kind == "int4" else None
         if layer.names.fused:
-            E, H, I = layer.experts.num_experts, layer.experts.hidden_size, layer.experts.intermediate_size
-            gu, dn = layer.names.fused_names(layer.index)
-            ckpt.check(gu, shape=(E, 2 * I, H))
-            ckpt.check(dn, shape=(E, H, I))
+            check_fused(ckpt, layer)
 
     def expert(self, expert_id: int) -> ExpertTensors:
         spec, names, i = self.layer.experts, self.layer.names, self.layer.index
@@ -45,16 +63,35 @@ class CheckpointExperts:
             raise ExpertIdError(f"layer {i}: expert id {expert_id} out of range [0, {spec.num_experts})")
         H, I = spec.hidden_size, spec.intermediate_size
         next(self._ticks, None)
-        if names.fused:
+        if names.fused and names.fused_style == "interleaved_in_out":
+            gu, dn = names.fused_names(i)
+            t = self.ckpt.read_slice(gu, (expert_id,))  # [H, 2I], x @ W: gate/up in even/odd columns
+            d = self.ckpt.read_slice(dn, (expert_id,))  # [I, H]
+            gate, up, down = (self._matrix(gu, t[:, 0::2].T), self._matrix(gu, t[:, 1::2].T), self._matrix(dn, d.T))
+        elif names.fused:
             gu, dn = names.fused_names(i)
             gate, up = self.ckpt.read_fused_gate_up(gu, expert_id, to=self.to)
             down = self.ckpt.read_fused_matrix(dn, expert_id, to=self.to)
+        else:
+            read = self.ckpt.read_matrix
+            gs = self.group_size
+            gate = read(names.expert_module(i, expert_id, "gate"), shape=(I, H), to=self.to, group_size=gs)
+            up = read(names.expert_module(i, expert_id, "up"), shape=(I, H), to=self.to, group_size=gs)
+            down = read(names.expert_module(i, expert_id, "down"), shape=(H, I), to=self.to, group_size=gs)
+        if not spec.has_bias:
             return ExpertTensors(gate, up, down)
-        read = self.ckpt.read_matrix
-        return ExpertTensors(
-            read(names.expert_module(i, expert_id, "gate"), shape=(I, H), to=self.to, group_size=self.group_size),
-            read(names.expert_module(i, expert_id, "up"), shape=(I, H), to=self.to, group_size=self.group_size),
-            read(names.expert_module(i, expert_id, "down"), shape=(H, I), to=self.to, group_size=self.group_size))
+        gub, dnb = names.fused_bias_names(i)
+        b = self.ckpt.read_slice(gub, (expert_id,)).to(torch.float32)
+        gate_b, up_b = (b[0::2], b[1::2]) if names.fused_style == "interleaved_in_out" else (b[:I], b[I:])
+        down_b = self.ckpt.read_slice(dnb, (expert_id,)).to(torch.float32)
+        return ExpertTensors(gate, up, down, gate_b.contiguous(), up_b.contiguous(), down_b.contiguous())
+
+    def _matrix(self, name: str, w: torch.Tensor) -> QuantizedTensor:
+        """A float slice of a fused tensor as a QuantizedTensor in its own dtype, converted as asked."""
+        fmt = _FLOAT_FORMATS.get(w.dtype)
+        if fmt is None:
+            raise CheckpointError(f"tensor {name!r} has dtype {w.dtype}; fused experts are read as bf16/fp16/fp32 only")
+        return convert_to(QuantizedTensor(get_format(fmt), tuple(w.shape), w.contiguous()), self.to)
 
     def done(self) -> None:
         """Finish the progress bar."""
@@ -168,10 +205,7 @@ def verify_checkpoint(ckpt: Checkpoint, layout: MoELayout) -> int:
         if layer.router.logit_bias:
             ckpt.check(names.router_bias_name(i), shape=(E,))
         if names.fused:
-            gu, dn = names.fused_names(i)
-            ckpt.check(gu, shape=(E, 2 * I, H))
-            ckpt.check(dn, shape=(E, H, I))
-            n += 2
+            n += check_fused(ckpt, layer)
         else:
             for e in range(E):
                 for which, want in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):

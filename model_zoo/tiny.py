@@ -173,8 +173,18 @@ def _write_moe_block(tensors, names: TensorNames, layer: int, m: MoELayerLayout,
         if q.scheme != "none":
             raise LayoutError("tiny checkpoints write fused experts only unquantized")
         gu, dn = names.fused_names(layer)
-        tensors[gu] = torch.cat([gates, ups], dim=1).to(float_dtype)
-        tensors[dn] = downs.to(float_dtype)
+        if names.fused_style == "interleaved_in_out":  # gpt-oss: x @ W, gate/up in even/odd columns
+            gate_up = torch.empty(E, H, 2 * I)
+            gate_up[:, :, 0::2], gate_up[:, :, 1::2] = gates.transpose(1, 2), ups.transpose(1, 2)
+            tensors[gu] = gate_up.to(float_dtype)
+            tensors[dn] = downs.transpose(1, 2).contiguous().to(float_dtype)
+        else:
+            tensors[gu] = torch.cat([gates, ups], dim=1).to(float_dtype)
+            tensors[dn] = downs.to(float_dtype)
+        if m.experts.has_bias:
+            gub, dnb = names.fused_bias_names(layer)
+            tensors[gub] = _randn((E, 2 * I), 0.5, gen).to(float_dtype)
+            tensors[dnb] = _randn((E, H), 0.5, gen).to(float_dtype)
     else:
         for e in range(E):
             linear(names.expert_module(layer, e, "gate"), gates[e], True)
