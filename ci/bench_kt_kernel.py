@@ -30,17 +30,15 @@ import torch
 
 import kt_kernel
 from moetier.bench import report
-from moetier.bench.kernels import BenchConfig, BenchResult, make_inputs
+from moetier.bench.kernels import CHECK_TOKENS, BenchConfig, BenchResult, make_inputs, reference_relerr
 from moetier.bench.measure import Measurement, summarize, time_calls
 from moetier.bench.probes import measure_limits
 from moetier.bench.workload import (BENCH_FORMATS, GIB, distinct_experts, flops_per_forward, get_shape, l3_bytes,
                                     plan_copies, random_weights, weights_seed)
 from moetier.hardware import detect_inventory
-from moetier.reference import DenseExpert, moe_forward
 
 CLASSES = {"bf16": "AMXBF16_MOE", "int8": "AMXInt8_MOE", "int4_g32": "AMXInt4_1KGroup_MOE",
            "int4_g64": "AMXInt4_1KGroup_MOE", "int4_g128": "AMXInt4_1KGroup_MOE", "fp8_e4m3": "AMXFP8_MOE"}
-CHECK_TOKENS = 16
 
 
 def _stack(weights, layer, fmt):
@@ -85,29 +83,21 @@ class KtLayer:
         return out
 
 
-def check_error(kt_layer, weights, layer, fmt, seed) -> float:
-    """Relative L2 error of kt's output against the fp32 reference on the exact weights moetier made
-    (bf16 for the formats kt quantizes itself, so their quantization error is included)."""
-    from moetier.bench.workload import random_hidden, random_routing
-
-    x = random_hidden(layer, CHECK_TOKENS, seed)
-    r = random_routing(layer, CHECK_TOKENS, 1, seed + 1)[0]
-    used = torch.unique(r.topk_ids).tolist()
-    dense = {e: DenseExpert.from_tensors(weights.expert(e), torch.float32) for e in used}
-    ref = moe_forward(layer, dense, x, r.topk_ids, r.topk_weights, torch.float32)
-    out = torch.zeros(CHECK_TOKENS, layer.hidden_size, dtype=torch.bfloat16)
-    kt_layer.forward(x, r.topk_ids, r.topk_weights, out, torch.tensor([CHECK_TOKENS], dtype=torch.int32))
-    return float((out.float() - ref).norm() / ref.norm())
+def kt_forward(kt_layer, layer):
+    """forward(hidden, topk_ids, topk_weights) -> bf16 out, for the reference check."""
+    def forward(x, ids, w):
+        out = torch.zeros(x.shape[0], layer.hidden_size, dtype=torch.bfloat16)
+        return kt_layer.forward(x, ids, w, out, torch.tensor([x.shape[0]], dtype=torch.int32))
+    return forward
 
 
-def run(config: BenchConfig, progress=print) -> tuple[BenchResult, list[dict]]:
+def run(config: BenchConfig, progress=print) -> BenchResult:
     ext = kt_kernel.kt_kernel_ext
     inventory = detect_inventory()
     limits = measure_limits(inventory, config.threads, quick=config.quick)
     result = BenchResult(limits)
-    extra: list[dict] = []
     version = getattr(kt_kernel, "__version__", "?")
-    max_len = max(config.batches + (CHECK_TOKENS,))
+    max_len = max(config.batches + (CHECK_TOKENS,))  # the reference check runs a few tokens too
     for shape_name in config.shapes:
         shape = get_shape(shape_name, config.max_weight_bytes)
         layer = shape.layer
@@ -125,7 +115,7 @@ def run(config: BenchConfig, progress=print) -> tuple[BenchResult, list[dict]]:
                 cpu = ext.CPUInfer(t)
                 progress(f"{shape.name} {fmt} threads {t}: loading {copies} copies into {CLASSES[fmt]}")
                 kt = [KtLayer(ext, cpu, layer, fmt, data, scales, max_len) for _ in range(copies)]
-                relerr = check_error(kt[0], weights, layer, fmt, config.seed + 17)
+                relerr = reference_relerr(layer, weights, kt_forward(kt[0], layer), config.seed + 17)
                 for b in config.batches:
                     hidden, routings = inputs[b]
                     n_r = len(routings)
@@ -144,16 +134,15 @@ def run(config: BenchConfig, progress=print) -> tuple[BenchResult, list[dict]]:
                     med, p10, p90, mean_bytes = summarize(times, nbytes)
                     m = Measurement(shape.name, layer.num_experts, layer.top_k, layer.hidden_size,
                                     layer.intermediate_size, backend, fmt, b, t, med, p10, p90, len(times), copies,
-                                    mean_bytes, float(flops_per_forward(layer, b)), "CPUInfer")
+                                    mean_bytes, float(flops_per_forward(layer, b)), "CPUInfer", relerr)
                     result.measurements.append(m)
-                    extra.append({"check_relerr": relerr})
                     progress(f"  batch {b:4d}: {m.tokens_per_s:10.1f} tok/s {m.gb_per_s:7.2f} GB/s "
                              f"{m.gflop_per_s:8.1f} GFLOP/s (relerr {relerr:.4f})")
                 del kt, cpu
                 gc.collect()
             del weights, data, scales
             gc.collect()
-    return result, extra
+    return result
 
 
 def main(argv=None) -> int:
@@ -185,13 +174,11 @@ def main(argv=None) -> int:
                          threads=pick(args.threads, "threads", (1, 2), int), baseline=False, quick=args.quick,
                          max_weight_bytes=int(args.max_weights_gib * GIB), l3_bytes=l3_bytes(), seed=args.seed)
     t0 = time.time()
-    result, extra = run(config)
+    result = run(config)
     doc = report.document(result, detect_inventory(), command=["python", *sys.argv],
                           settings={"kt_kernel": getattr(kt_kernel, "__version__", "?"),
                                     "kt_cpu_variant": kt_kernel.__cpu_variant__, "torch": torch.__version__,
                                     "quick": args.quick, "seed": args.seed})
-    for rec, more in zip(doc["records"], extra):
-        rec.update(more)
     report.print_report(doc)
     print(f"{len(doc['records'])} measurements in {time.time() - t0:.0f} s")
     if args.json:

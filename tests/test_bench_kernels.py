@@ -7,7 +7,7 @@ import torch
 
 from moetier.bench import report
 from moetier.bench.baseline import TorchLoopBaseline
-from moetier.bench.kernels import BenchConfig, KernelBench, apply_threads, formats_for
+from moetier.bench.kernels import BenchConfig, KernelBench, apply_threads, formats_for, reference_relerr
 from moetier.bench.measure import TINY_PLAN, Measurement, quantile, time_calls
 from moetier.bench.probes import measure_limits
 from moetier.bench.workload import (GIB, deepseek_v3, flops_per_forward, plan_copies, qwen3_30b, random_routing,
@@ -100,6 +100,17 @@ def test_torch_loop_baseline_matches_the_float64_reference():
     assert rel < 3e-2, rel
 
 
+def test_reference_check_catches_a_wrong_forward():
+    layer = ExpertLayerSpec(8, 2, 128, 64)
+    w = random_weights(layer, "int8", random.randrange(1 << 30))
+    assert reference_relerr(layer, w, lambda x, i, wt: torch.zeros(x.shape), 3) == pytest.approx(1.0)
+    dense = {e: DenseExpert.from_tensors(w.expert(e), torch.float64) for e in range(8)}
+    exact = lambda x, i, wt: moe_forward(layer, dense, x, i, wt, torch.float64)  # noqa: E731
+    assert reference_relerr(layer, w, exact, 3) < 1e-6
+    doubled = lambda x, i, wt: 2 * exact(x, i, wt)  # noqa: E731
+    assert reference_relerr(layer, w, doubled, 3) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_formats_for():
     declared = ("fp32", "bf16", "int8", "int4_g64")
     assert formats_for(declared, None) == (["bf16", "int8", "int4_g64"], [])
@@ -171,6 +182,9 @@ def test_records_have_the_documented_fields_and_consistent_arithmetic(tiny_doc, 
                 and b["threads"] == r["threads"]]
         assert len(base) == 1
         assert r["x_vs_torch"] == pytest.approx(r["tokens_per_s"] / base[0]["tokens_per_s"])
+        # What was timed computes the right thing: cpu.torch is fp32 on the same weights (float32
+        # rounding only), the torch loop rounds activations to bf16 (8 significant bits, a few roundings).
+        assert r["check_relerr"] < (1e-4 if r["backend"] == "cpu.torch" else 3e-2), r
     assert {r["peak_kind"] for r in recs if r["format"] == "int4_g64"} == {"int8"}
     assert {r["peak_kind"] for r in recs if r["format"] == "bf16"} == {"bf16"}
     # The document names the machine, the date, and survives a JSON round trip.

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import inspect
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from ..errors import MoetierError
 from ..experts import ExpertLayerSpec
 from ..hardware.inventory import HardwareInventory
 from ..plugins import Registry
+from ..reference import DenseExpert, moe_forward
 from . import baseline as torch_baseline
 from .measure import (DECODE_PLAN, PREFILL_PLAN, QUICK_DECODE_PLAN, QUICK_PREFILL_PLAN, Measurement, TimingPlan,
                       summarize, time_calls)
@@ -142,6 +144,39 @@ def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None) -
     return [f for f in wanted if f in spec_formats], [f for f in wanted if f not in spec_formats]
 
 
+CHECK_TOKENS = 4
+
+
+class _DequantizedOnDemand(Mapping):
+    """expert id -> DenseExpert (fp32), dequantized when asked: the reference then holds one expert at a
+    time instead of a whole model-sized layer in fp32."""
+
+    def __init__(self, weights, num_experts: int):
+        self._weights, self._n = weights, num_experts
+
+    def __getitem__(self, e):
+        if not 0 <= e < self._n:
+            raise KeyError(e)
+        return DenseExpert.from_tensors(self._weights.expert(e), torch.float32)
+
+    def __iter__(self):
+        return iter(range(self._n))
+
+    def __len__(self):
+        return self._n
+
+
+def reference_relerr(layer: ExpertLayerSpec, weights, forward, seed: int, tokens: int = CHECK_TOKENS) -> float:
+    """Relative L2 error of forward(hidden, topk_ids, topk_weights) against moetier's fp32 reference on
+    the same weights, for a few tokens: a check that what is timed computes the right thing."""
+    x = random_hidden(layer, tokens, seed)
+    r = random_routing(layer, tokens, 1, seed + 1)[0]
+    out = forward(x, r.topk_ids, r.topk_weights).float()
+    ref = moe_forward(layer, _DequantizedOnDemand(weights, layer.num_experts), x, r.topk_ids, r.topk_weights,
+                      torch.float32)
+    return float((out - ref).norm() / ref.norm())
+
+
 def make_inputs(shape: BenchShape, batches: tuple[int, ...], seed: int) -> dict[int, tuple[torch.Tensor, list]]:
     """Per batch: the bf16 hidden states and the pre-drawn routings, the same for every implementation."""
     out = {}
@@ -232,10 +267,15 @@ class KernelBench:
             for _ in range(len(c.batches) * len(c.threads)):
                 self.progress.advance(f"{label} skipped")
             return
+        relerr = None
         for t in c.threads:
             forward = runner = None  # drop the previous thread count's pool before making the next one
             runner, via = apply_threads(backend, t, spec, self.inventory)
             forward = runner.forward
+            if relerr is None:
+                self.progress.status(f"{label}: checking the output against the reference")
+                relerr = reference_relerr(layer, weights, lambda x, i, w, _f=forward, _p=prepared[0]: _f(_p, x, i, w),
+                                          c.seed + 17)
             for b in c.batches:
                 hidden, routings = inputs[b]
                 n_r = len(routings)
@@ -261,7 +301,7 @@ class KernelBench:
                 result.measurements.append(Measurement(
                     shape.name, layer.num_experts, layer.top_k, layer.hidden_size, layer.intermediate_size,
                     name, fmt, b, t, med, p10, p90, len(times), copies, mean_bytes,
-                    float(flops_per_forward(layer, b)), via))
+                    float(flops_per_forward(layer, b)), via, relerr))
                 self.progress.advance(text)
         del prepared, backend, runner
         release_memory()

@@ -77,6 +77,7 @@ class Measurement:
     weight_bytes: float
     flops: float
     threads_via: str = ""
+    check_relerr: float | None = None  # output vs the fp32 reference on the same weights (a few tokens)
 
     @property
     def tokens_per_s(self) -> float:

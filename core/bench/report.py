@@ -21,7 +21,7 @@ SCHEMA = "moetier.bench.kernels/1"
 # The fields every record carries (documented in docs/benchmarks.md; tests check them).
 RECORD_FIELDS = (
     "shape", "num_experts", "top_k", "hidden", "intermediate", "backend", "format", "batch", "threads",
-    "seconds", "seconds_p10", "seconds_p90", "iterations", "copies", "weight_bytes", "flops",
+    "seconds", "seconds_p10", "seconds_p90", "iterations", "copies", "weight_bytes", "flops", "check_relerr",
     "tokens_per_s", "gb_per_s", "gflop_per_s",
     "read_gb_per_s", "peak_kind", "peak_gflop_per_s", "pct_bandwidth", "pct_peak",
     "torch_tokens_per_s", "x_vs_torch", "peer_backend", "peer_tokens_per_s", "x_vs_peer",
@@ -132,7 +132,7 @@ def results_table(records: list[dict], peer_name: str | None = None):
                     "format's dot-product peak)", title_justify="left")
     for col, just in (("shape", "left"), ("format", "left"), ("batch", "right"), ("thr", "right"),
                       ("backend", "left"), ("tok/s", "right"), ("GB/s", "right"), ("%BW", "right"),
-                      ("GFLOP/s", "right"), ("%peak", "right"), ("x torch", "right")):
+                      ("GFLOP/s", "right"), ("%peak", "right"), ("x torch", "right"), ("rel err", "right")):
         t.add_column(col, justify=just)
     if peer_name:
         t.add_column(f"{peer_name} tok/s", justify="right")
@@ -146,7 +146,8 @@ def results_table(records: list[dict], peer_name: str | None = None):
         last = group
         row = [r["shape"], r["format"], str(r["batch"]), str(r["threads"]), r["backend"],
                _f(r["tokens_per_s"]), _f(r["gb_per_s"]), _f(r["pct_bandwidth"], 0, "%"),
-               _f(r["gflop_per_s"]), _f(r["pct_peak"], 0, "%"), _f(r["x_vs_torch"], 2, "x")]
+               _f(r["gflop_per_s"]), _f(r["pct_peak"], 0, "%"), _f(r["x_vs_torch"], 2, "x"),
+               _f(r.get("check_relerr"), 4)]
         if peer_name:
             row += [_f(r["peer_tokens_per_s"]), _f(r["x_vs_peer"], 2, "x")]
         t.add_row(*row)
