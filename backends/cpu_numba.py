@@ -20,6 +20,7 @@ from moetier.formats import FORMATS, FP8_BLOCK, unpack_int4
 
 NAME = "cpu.numba"
 SCORE = 20
+TOKENS_PER_LAUNCH = 1024
 
 # WeightFormat.name -> kernel kind code (the numbers of numba_kernels.KIND_*; kept here so the plugin
 # module can describe itself without importing numba).
@@ -181,41 +182,46 @@ class NumbaBackend(ExpertBackend):
             lut=_fp8_table())
 
     def compute(self, prepared, inputs):
-        global _layer_is_threadsafe
         k = _kernels()
+        x = inputs.hidden.to(torch.float32).contiguous().numpy()
+        ids, w = inputs.topk_ids.numpy(), inputs.topk_weights.numpy()
+        out = np.zeros((x.shape[0], prepared.layer.hidden_size), np.float32)
+        # Bounded chunks keep the [pairs, I] fp32 intermediate small on long prompts; weights are then
+        # streamed once per chunk, which a chunk this long amortises (the work is compute-bound by then).
+        for t0 in range(0, x.shape[0], TOKENS_PER_LAUNCH):
+            t1 = min(t0 + TOKENS_PER_LAUNCH, x.shape[0])
+            self._launch(k, prepared, x[t0:t1], ids[t0:t1], w[t0:t1], out[t0:t1])
+        return torch.from_numpy(out).to(inputs.out_dtype)
+
+    def _launch(self, k, prepared, x, ids, w, out):
+        global _layer_is_threadsafe
+        if _layer_is_threadsafe:
+            return self._run_kernels(k, prepared, x, ids, w, out)
+        with _launch_lock:
+            self._run_kernels(k, prepared, x, ids, w, out)
+            if _layer_is_threadsafe is None:
+                import numba
+                try:
+                    _layer_is_threadsafe = numba.threading_layer() in ("omp", "tbb")
+                except ValueError:  # no parallel kernel has run yet (nothing was routed here)
+                    pass
+
+    def _run_kernels(self, k, prepared, x, ids, w, out):
+        import numba
         layer, pl = prepared.layer, prepared.payload
         H, I = layer.hidden_size, layer.intermediate_size
-        x = inputs.hidden.to(torch.float32).contiguous().numpy()
-        ids = inputs.topk_ids.numpy()
-        w = inputs.topk_weights.numpy()
+        if self.num_threads is not None:
+            numba.set_num_threads(self.num_threads)  # thread-local: affects only this caller's launches
+        offsets, pair_tok, pair_w, active = k.group_pairs(ids, w, pl.slot_of)
+        if active.shape[0] == 0:
+            return
+        h = np.empty((pair_tok.shape[0], I), np.float32)
         act = _ACTS[layer.activation]
         alpha, limit = np.float32(layer.swiglu_alpha), np.float32(layer.swiglu_limit)
-        group = pl.group
-
-        def launch():
-            import numba
-            if self.num_threads is not None:
-                numba.set_num_threads(self.num_threads)  # thread-local: affects only this caller's launches
-            offsets, pair_tok, pair_w, active = k.group_pairs(ids, w, pl.slot_of)
-            out = np.zeros((x.shape[0], H), np.float32)
-            if active.shape[0] == 0:
-                return out
-            h = np.empty((pair_tok.shape[0], I), np.float32)
-            k.gate_up(pl.kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
-                      *pl.gate.args(), *pl.up.args(), pl.gate_bias, pl.up_bias, pl.lut, h)
-            k.down_accumulate(pl.kind, group, H, I, offsets, pair_tok, pair_w, active,
-                              *pl.down.args(), pl.down_bias, pl.lut, h, out)
-            return out
-
-        if _layer_is_threadsafe:
-            out = launch()
-        else:
-            with _launch_lock:
-                out = launch()
-                if _layer_is_threadsafe is None:
-                    import numba
-                    _layer_is_threadsafe = numba.threading_layer() in ("omp", "tbb")
-        return torch.from_numpy(out).to(inputs.out_dtype)
+        k.gate_up(pl.kind, pl.group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
+                  *pl.gate.args(), *pl.up.args(), pl.gate_bias, pl.up_bias, pl.lut, h)
+        k.down_accumulate(pl.kind, pl.group, H, I, offsets, pair_tok, pair_w, active,
+                          *pl.down.args(), pl.down_bias, pl.lut, h, out)
 
 
 def _probe(inv) -> Probe:

@@ -188,6 +188,20 @@ def test_two_threads_at_once(backend, ref):
         assert rel_err(pend.wait(60), expected) < FP32_BOUND
 
 
+def test_long_inputs_run_in_token_chunks(backend, ref, monkeypatch):
+    import moetier.backends.cpu_numba as mod
+
+    monkeypatch.setattr(mod, "TOKENS_PER_LAUNCH", 7)  # 30 tokens -> chunks of 7, 7, 7, 7, 2
+    g, seed = fresh_generator()
+    E, k, H, I, T = 5, 2, 40, 24, 30
+    layer = ExpertLayerSpec(E, k, H, I)
+    weights = make_weights(E, H, I, "int4_g32", g)
+    hidden = torch.randn(T, H, generator=g)
+    ids, w = routing(g, T, E, k)
+    out, expected = compare(backend, ref, layer, weights, range(E), "int4_g32", hidden, ids, w)
+    assert rel_err(out, expected) < FP32_BOUND, f"seed {seed}"
+
+
 def test_result_does_not_depend_on_thread_count(ref):
     g, _ = fresh_generator()
     E, k, H, I, T = 6, 2, 96, 70, 9
@@ -278,6 +292,9 @@ layer = ExpertLayerSpec(E, k, H, I)
 W = ExpertWeights.from_float(torch.randn(E, I, H), torch.randn(E, I, H), torch.randn(E, H, I), "bf16")
 b, o = NumbaBackend(num_threads=2), oracle()
 p, po = b.prepare(layer, W, range(E), "bf16"), o.prepare(layer, W, range(E), "bf16")
+# the very first call launches no kernel (nothing routed to the held expert): must not trip the layer check
+first = b.forward(b.prepare(layer, W, [0], "bf16"), torch.randn(2, H), torch.tensor([[1, 2], [3, 4]]), torch.rand(2, 2))
+assert torch.equal(first, torch.zeros(2, H))
 jobs = []
 for T in (1, 25):
     x, ids = torch.randn(T, H), torch.stack([torch.randperm(E)[:k] for _ in range(T)])
