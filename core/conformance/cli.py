@@ -8,8 +8,9 @@ from rich.table import Table
 
 
 def register(sub, common):
-    p = sub.add_parser("conformance", help="run the backend conformance suite (default: every CPU backend that runs here)")
+    p = sub.add_parser("conformance", help="run the backend conformance suite (default: the backend chosen for each device)")
     p.add_argument("--backend", action="append", metavar="NAME", help="backend to test (repeatable)")
+    p.add_argument("--all", action="store_true", help="test every backend that can run on this host")
     p.add_argument("--format", action="append", metavar="FMT", dest="formats", help="only this weight format (repeatable)")
     p.add_argument("--seed", type=int, help="reproduce a run (the report prints its seed)")
     p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
@@ -27,7 +28,13 @@ def run(args) -> int:
     console = Console(stderr=False)
     inventory = load_inventory(args.inventory)
     registry = load_registry(no_plugins=args.no_plugins)
-    names = args.backend or runnable_backends(registry, inventory)
+    if args.backend:
+        names = args.backend
+    elif args.all:
+        names = runnable_backends(registry, inventory)
+    else:
+        from ..selection import select_backends
+        names = sorted(select_backends(registry, inventory, force=[]).chosen.values())
     if not names:
         console.print("[red]no backend can run on this host; nothing to test[/red]")
         return 1
