@@ -28,7 +28,8 @@ inline namespace MOETIER_NS {
 enum Act : int { SILU = 0, SWIGLU_OAI = 1 };
 constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming fp32 path runs
 constexpr int GU_CHUNK = 4;           // gate/up panels per phase-1 task
-constexpr int DN_CHUNK = 2;           // down panels per phase-2 task
+constexpr int DN_CHUNK_MIN = 2;       // down panels per phase-2 task: at least, at most
+constexpr int DN_CHUNK_MAX = 16;
 
 // Page-aligned memory for packed experts: transparent huge pages cut TLB misses while streaming, and on
 // a multi-node machine the pages are preferred on the node whose threads compute this expert.
@@ -431,9 +432,12 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         c.act_row0.push_back(R);
         c.act_m.push_back(count[s]);
         fill_pos[s] = R;
+        // bf16 decode streams at DRAM speed with exact fp32 math, so vdpbf16ps only pays off for prefill.
+        // Integer weights take vpdpbusd at every size: unpacking them to fp32 costs more instructions per
+        // byte than a core can issue at DRAM speed (measured: ~15 GB/s int8, ~10 GB/s int4 per core).
         int path = P_F32;
-        if (MOETIER_HAS_DOT && count[s] > DECODE_MAX_TOKENS) {
-            if (fmt_ == BF16) path = P_BF16DOT;
+        if (MOETIER_HAS_DOT) {
+            if (fmt_ == BF16 && count[s] > DECODE_MAX_TOKENS) path = P_BF16DOT;
             else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_) path = P_INT8DOT;
         }
         c.act_path.push_back(path);
@@ -485,7 +489,10 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     }
     c.acc.resize(size_t(num_nodes) * T * c.hp);
     // ---- task lists ----
-    constexpr int CONVERT_CHUNK = 16, QUANT_CHUNK = 16;
+    constexpr int CONVERT_CHUNK = 4, QUANT_CHUNK = 2;
+    // Down tasks loop over every routed expert, each streaming its slice of panels: longer slices keep
+    // the hardware prefetcher on one stream longer; ~8 tasks per thread still balance the load.
+    const int dn_chunk = std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, dn_.panels / (8 * pool.size())));
     std::vector<std::unique_ptr<TaskQueue>> gu_tasks, dn_tasks;
     for (int nd = 0; nd < num_nodes; ++nd) {
         gu_tasks.push_back(std::make_unique<TaskQueue>());
@@ -494,8 +501,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             for (int p = 0; p < gu_.panels; p += GU_CHUNK)
                 gu_tasks[nd]->items.push_back({a, p, std::min(gu_.panels, p + GU_CHUNK)});
         if (!c.node_active[nd].empty())
-            for (int p = 0; p < dn_.panels; p += DN_CHUNK)
-                dn_tasks[nd]->items.push_back({nd, p, std::min(dn_.panels, p + DN_CHUNK)});
+            for (int p = 0; p < dn_.panels; p += dn_chunk)
+                dn_tasks[nd]->items.push_back({nd, p, std::min(dn_.panels, p + dn_chunk)});
     }
     std::atomic<int> convert_next{0}, quant_next{0}, reduce_next{0};
     SpinBarrier barrier(pool.size());

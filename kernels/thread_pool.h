@@ -1,14 +1,16 @@
 // A persistent pool of pinned worker threads that park on a condition variable between jobs.
 //
-// run(job) hands job(worker) to every worker and parks the caller until all return; concurrent run()
-// calls from several Python threads are serialized. Workers never spin while idle (on a small machine a
-// spinning worker steals the core the caller needs); inside a job the phases meet at a barrier that
-// spins briefly and then yields.
+// run(job) runs job(worker) on the calling thread and every background worker and returns when all are
+// done; concurrent run() calls from several Python threads are serialized. An idle worker spins for at
+// most 50 microseconds (to catch back-to-back calls) and then parks: on a small machine a spinning
+// worker would steal the core the caller needs. Inside a job the phases meet at a barrier that spins
+// briefly and then yields.
 #pragma once
 #include <sched.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -48,7 +50,8 @@ class SpinBarrier {
 
 class ThreadPool {
    public:
-    // cpus[i]: the CPU worker i is pinned to (empty: not pinned); nodes[i]: its NUMA node.
+    // threads workers in all: the calling thread is worker 0, threads - 1 background workers are pinned
+    // to cpus[1..] (empty: not pinned); nodes[i]: NUMA node of worker i.
     ThreadPool(int threads, std::vector<int> cpus, std::vector<int> nodes)
         : n_(threads < 1 ? 1 : threads), cpus_(std::move(cpus)), nodes_(std::move(nodes)) {
         nodes_.resize(n_, 0);
@@ -56,13 +59,12 @@ class ThreadPool {
         num_nodes_ = 1;
         for (int nd : nodes_) num_nodes_ = std::max(num_nodes_, nd + 1);
         pinned_.assign(n_, 0);
-        if (n_ > 1)
-            for (int i = 0; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+        for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
     }
     ~ThreadPool() {
         {
             std::lock_guard<std::mutex> lk(m_);
-            stop_ = true;
+            stop_.store(true);
         }
         cv_.notify_all();
         for (auto& t : workers_) t.join();
@@ -79,27 +81,42 @@ class ThreadPool {
         return c;
     }
 
-    // job(worker_index) on every worker; the caller parks until all are done. With one thread the
-    // caller runs the job itself (no hand-off latency).
+    // job(w) for w = 0..size()-1, w = 0 on the calling thread; returns when all are done. Calls from
+    // several threads are serialized.
     void run(const std::function<void(int)>& job) {
         std::lock_guard<std::mutex> serial(call_m_);
         if (n_ == 1) {
             job(0);
             return;
         }
+        job_ = &job;
+        pending_.store(n_ - 1, std::memory_order_relaxed);
+        generation_.fetch_add(1, std::memory_order_release);
         {
-            std::lock_guard<std::mutex> lk(m_);
-            job_ = &job;
-            pending_ = n_;
-            ++generation_;
+            std::lock_guard<std::mutex> lk(m_);  // pairs with the parked workers' predicate check
         }
         cv_.notify_all();
-        std::unique_lock<std::mutex> lk(m_);
-        done_cv_.wait(lk, [&] { return pending_ == 0; });
-        job_ = nullptr;
+        job(0);
+        if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+            std::unique_lock<std::mutex> lk(m_);
+            done_cv_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+        }
     }
 
    private:
+    // Spin for at most SPIN_US waiting for pred: back-to-back calls (the two halves of a layer, the
+    // next layer) skip the futex round trip, and an idle pool is parked again within microseconds.
+    static constexpr int SPIN_US = 50;
+    template <class P>
+    static bool spin_until(P&& pred) {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
+        for (int i = 0;; ++i) {
+            if (pred()) return true;
+            cpu_relax();
+            if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) return pred();
+        }
+    }
+
     void loop(int idx) {
         if (idx < int(cpus_.size()) && cpus_[idx] >= 0 && cpus_[idx] < CPU_SETSIZE) {
             cpu_set_t set;
@@ -109,18 +126,19 @@ class ThreadPool {
         }
         uint64_t seen = 0;
         for (;;) {
-            const std::function<void(int)>* job;
-            {
+            auto ready = [&] {
+                return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+            };
+            if (!spin_until(ready)) {
                 std::unique_lock<std::mutex> lk(m_);
-                cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-                if (stop_) return;
-                seen = generation_;
-                job = job_;
+                cv_.wait(lk, ready);
             }
-            (*job)(idx);
-            {
+            if (stop_.load()) return;
+            seen = generation_.load(std::memory_order_acquire);
+            (*job_)(idx);
+            if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
                 std::lock_guard<std::mutex> lk(m_);
-                if (--pending_ == 0) done_cv_.notify_one();
+                done_cv_.notify_one();
             }
         }
     }
@@ -133,9 +151,9 @@ class ThreadPool {
     std::mutex call_m_, m_;
     std::condition_variable cv_, done_cv_;
     const std::function<void(int)>* job_ = nullptr;
-    int pending_ = 0;
-    uint64_t generation_ = 0;
-    bool stop_ = false;
+    std::atomic<int> pending_{0};
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<bool> stop_{false};
 };
 
 }  // namespace MOETIER_NS
