@@ -64,7 +64,7 @@ class TinySpec:
     float_dtype: torch.dtype = torch.bfloat16
     quant_targets: tuple[str, ...] = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")
     default_quant: str | None = None
-    notes: str = ""
+    notes: str = ""  # what the tiny checkpoint leaves out (e.g. a vision tower)
     extra: dict = field(default_factory=dict)
 
 
@@ -93,7 +93,7 @@ def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: 
         if name.startswith(moe_prefixes):
             continue  # MoE blocks are written from the layout below
         disk = _rename(name, spec.rename)
-        _put(tensors, disk, t, spec, layout, quant)
+        _put(tensors, disk, t, spec, quant)
     for m in layout.moe_layers:
         _write_moe_block(tensors, m.names, m.index, m, layout, quant, spec.float_dtype, gen)
     for names, number, copy_prefix, extras in spec.mtp:
@@ -118,7 +118,7 @@ def _rename(name: str, rename) -> str:
     return name
 
 
-def _put(tensors, name, t, spec, layout, quant) -> None:
+def _put(tensors, name, t, spec, quant) -> None:
     t = t.detach().clone().contiguous()
     if t.is_floating_point():
         t = t.to(spec.float_dtype)
