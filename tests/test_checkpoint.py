@@ -259,6 +259,14 @@ def test_sharded_checkpoint_with_index(tmp_path, rng):
                            state["model.embed.weight"][3:9, :5])
 
 
+def test_index_file_itself_may_be_named(tmp_path, rng):
+    state = _random_state(rng, n=6)
+    index = write_checkpoint(tmp_path, state, max_shard_bytes=1500)
+    with Checkpoint(index) as ckpt:
+        assert ckpt.names() == sorted(state) and ckpt.index_file == index
+        assert all(torch.equal(ckpt.read(n), t) for n, t in state.items())
+
+
 def test_reads_checkpoint_sharded_by_huggingface_hub(tmp_path, rng):
     hub = pytest.importorskip("huggingface_hub")
     state = _random_state(rng, n=20)

@@ -55,7 +55,11 @@ class Checkpoint:
         self._closed = False
         self._sorted: list[str] | None = None
         self.index_file: Path | None = None
-        if self.path.is_file():
+        if self.path.is_file() and self.path.name.endswith(".index.json"):
+            self.root = self.path.parent  # the index itself was named: read the checkpoint it describes
+            self.index_file = self.path
+            self._weight_map, self._files = self._read_index(self.path)
+        elif self.path.is_file():
             self.root = self.path.parent
             self._weight_map = None
             self._files = (self.path,)
