@@ -42,6 +42,18 @@ def check_fused(ckpt: Checkpoint, layer: MoELayerLayout) -> int:
     return 2
 
 
+def stored_fused(ckpt: Checkpoint, layer: MoELayerLayout) -> bool:
+    """Whether this checkpoint stores the layer's routed experts fused. A layout that says fused (Qwen3.5)
+    still reads a checkpoint written per expert under the same block, as transformers' save_pretrained
+    writes it by default; rows-style fused layouts only, and only when the fused tensor is absent."""
+    names, i = layer.names, layer.index
+    if not names.fused:
+        return False
+    if names.fused_style != "rows" or names.fused_names(i)[0] in ckpt:
+        return True
+    return names.expert_module(i, 0, "gate") + ".weight" not in ckpt
+
+
 class CheckpointExperts:
     """ExpertSource over a checkpoint for one MoE layer. `to`: None keeps each matrix's native format;
     a float dtype dequantizes; a format name converts with the core's reference quantizer."""
@@ -54,7 +66,8 @@ class CheckpointExperts:
                             enabled=progress)
         fmt = get_format(layout.quantization.fmt)
         self.group_size = fmt.group_size if fmt.kind == "int4" else None
-        if layer.names.fused:
+        self.fused = stored_fused(ckpt, layer)
+        if self.fused:
             check_fused(ckpt, layer)
 
     def expert(self, expert_id: int) -> ExpertTensors:
@@ -63,12 +76,12 @@ class CheckpointExperts:
             raise ExpertIdError(f"layer {i}: expert id {expert_id} out of range [0, {spec.num_experts})")
         H, I = spec.hidden_size, spec.intermediate_size
         next(self._ticks, None)
-        if names.fused and names.fused_style == "interleaved_in_out":
+        if self.fused and names.fused_style == "interleaved_in_out":
             gu, dn = names.fused_names(i)
             t = self.ckpt.read_slice(gu, (expert_id,))  # [H, 2I], x @ W: gate/up in even/odd columns
             d = self.ckpt.read_slice(dn, (expert_id,))  # [I, H]
             gate, up, down = (self._matrix(gu, t[:, 0::2].T), self._matrix(gu, t[:, 1::2].T), self._matrix(dn, d.T))
-        elif names.fused:
+        elif self.fused:
             gu, dn = names.fused_names(i)
             gate, up = self.ckpt.read_fused_gate_up(gu, expert_id, to=self.to)
             down = self.ckpt.read_fused_matrix(dn, expert_id, to=self.to)
@@ -204,7 +217,7 @@ def verify_checkpoint(ckpt: Checkpoint, layout: MoELayout) -> int:
             ckpt.check(names.selection_bias_name(i), shape=(E,))
         if layer.router.logit_bias:
             ckpt.check(names.router_bias_name(i), shape=(E,))
-        if names.fused:
+        if stored_fused(ckpt, layer):
             n += check_fused(ckpt, layer)
         else:
             for e in range(E):

@@ -25,7 +25,7 @@ def _hf_kwargs():
     return dict(dtype=torch.float32, experts_implementation="eager", attn_implementation="eager")
 
 
-def _mlp_modules(model) -> dict[int, torch.nn.Module]:
+def mlp_modules(model) -> dict[int, torch.nn.Module]:
     out = {}
     for name, module in model.named_modules():
         m = LAYER_MLP.match(name)
@@ -49,7 +49,7 @@ def hf_blocks_pretrained(ckpt_dir, hf_class: str):
         kwargs["config"] = cfg
     model, info = cls.from_pretrained(str(ckpt_dir), output_loading_info=True, **kwargs, **_hf_kwargs())
     model.eval()
-    return _mlp_modules(model), info
+    return mlp_modules(model), info
 
 
 def hf_blocks_dequantized(ckpt_dir, hf_class: str, layout):
@@ -67,7 +67,7 @@ def hf_blocks_dequantized(ckpt_dir, hf_class: str, layout):
     model_cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)] if "text_config" in raw \
         else getattr(transformers, hf_class)
     model = model_cls._from_config(cfg, **_hf_kwargs()).eval()
-    blocks = _mlp_modules(model)
+    blocks = mlp_modules(model)
     raw_tensors = RawTensors(ckpt_dir)
     for layer in layout.moe_layers:
         fill_block(blocks[layer.index], layer, raw_tensors)
@@ -190,12 +190,7 @@ TOKENS = 48
 
 def check_golden(registry, family: str, version: str, quant, ckpt_dir, layout) -> None:
     """The whole golden comparison of one tiny checkpoint (see tests/test_zoo_golden.py)."""
-    import random
-
-    from moetier.backends.cpu_torch import TorchBackend
-    from moetier.checkpoint import Checkpoint
     from moetier.family import identify, load_layout
-    from moetier.moe_block import MoEBlock, verify_checkpoint
 
     fam = registry.family(family)
     config = json.loads((Path(ckpt_dir) / "config.json").read_text())
@@ -216,6 +211,17 @@ def check_golden(registry, family: str, version: str, quant, ckpt_dir, layout) -
     # Dense-first / mlp_only layers: the layout's MoE layers are exactly transformers' MoE blocks.
     assert {i for i, b in blocks.items() if hasattr(b, "experts")} == set(layout.moe_layer_indices)
 
+    compare_blocks(ckpt_dir, layout, blocks, f"{version} ({quant})")
+
+
+def compare_blocks(ckpt_dir, layout, blocks, label: str) -> None:
+    """moetier's MoE layers read from ckpt_dir against transformers' blocks (by layer index)."""
+    import random
+
+    from moetier.backends.cpu_torch import TorchBackend
+    from moetier.checkpoint import Checkpoint
+    from moetier.moe_block import MoEBlock, verify_checkpoint
+
     seed = random.SystemRandom().randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     backend = TorchBackend()
@@ -228,7 +234,7 @@ def check_golden(registry, family: str, version: str, quant, ckpt_dir, layout) -
             assert block.prepared.fmt.name == layout.quantization.fmt
             hf_block = blocks[layer.index]
             x = torch.randn(TOKENS, layout.hidden_size, generator=gen)
-            where = f"{version} ({quant}) layer {layer.index}, seed {seed}"
+            where = f"{label} layer {layer.index}, seed {seed}"
             with torch.no_grad():
                 ids, weights = block.route(x)
                 hf_ids, hf_weights = hf_route(hf_block, x)
