@@ -225,7 +225,8 @@ def test_cli_quick_run_writes_json(tmp_path, capsys):
         ("torch.loop", "bf16", 1, 1), ("cpu.torch", "int8", 1, 1)]
     assert doc["command"][0] == "moetier"
     assert "Machine limits" in capsys.readouterr().out
-    assert md.read_text().startswith("| shape |")
+    text = md.read_text()
+    assert text.startswith("- date: ") and inventory.cpu.model in text and "| shape |" in text
 
 
 def test_cli_rejects_bad_options(capsys):

@@ -59,7 +59,7 @@ def register(sub, common) -> None:
                         "expert count (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write every measurement, the limits and the machine as JSON")
-    p.add_argument("--markdown", metavar="FILE", help="write the results table as Markdown")
+    p.add_argument("--markdown", metavar="FILE", help="write the run (date, machine, limits, results) as Markdown")
     p.add_argument("--peer", metavar="FILE.json",
                    help="results of the peer runner (ci/bench_kt_kernel.py) to show side by side")
     p.set_defaults(func=run_cli)
@@ -126,6 +126,6 @@ def run_cli(args) -> int:
     if args.markdown:
         from pathlib import Path
 
-        Path(args.markdown).write_text(report.markdown_table(doc["records"], peer=bool(peer_records)) + "\n")
-        console.print(f"wrote the Markdown table to {args.markdown}")
+        Path(args.markdown).write_text(report.markdown_report(doc) + "\n")
+        console.print(f"wrote the Markdown report to {args.markdown}")
     return 0

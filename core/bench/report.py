@@ -186,15 +186,39 @@ def print_report(doc: dict, console=None) -> None:
 def markdown_table(records: list[dict], peer: bool = False) -> str:
     """The results as a Markdown table (what docs/benchmarks.md records)."""
     head = ["shape", "format", "batch", "threads", "backend", "tok/s", "GB/s", "% read BW", "GFLOP/s", "% peak",
-            "x torch"]
+            "x torch", "rel err"]
     if peer:
         head += ["peer", "peer tok/s", "x peer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(records, key=lambda r: (r["shape"], r["batch"], r["threads"], r["format"], r["backend"])):
         row = [r["shape"], r["format"], str(r["batch"]), str(r["threads"]), r["backend"], _f(r["tokens_per_s"]),
                _f(r["gb_per_s"]), _f(r["pct_bandwidth"], 0, "%"), _f(r["gflop_per_s"]), _f(r["pct_peak"], 0, "%"),
-               _f(r["x_vs_torch"], 2, "x")]
+               _f(r["x_vs_torch"], 2, "x"), _f(r.get("check_relerr"), 4)]
         if peer:
             row += [r["peer_backend"] or "-", _f(r["peer_tokens_per_s"]), _f(r["x_vs_peer"], 2, "x")]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(doc: dict) -> str:
+    """Date, command, machine, the limits and the results of one run, as Markdown."""
+    cpu = doc["machine"]["cpu"]
+    lim = doc["limits"]
+    lines = [
+        f"- date: {doc['date']}",
+        f"- command: `{' '.join(doc['command'] or [])}`",
+        f"- machine: {cpu['model']} ({cpu['vendor']}, {cpu['arch']}), {cpu['physical_cores']} physical / "
+        f"{cpu['logical_cores']} logical cores, {doc['machine']['dram_total_bytes'] / 2**30:.1f} GiB DRAM, "
+        f"{len(doc['machine']['numa_nodes'])} NUMA node(s); features: {' '.join(cpu['features'])}",
+        f"- moetier {doc['moetier_version']}, torch {doc['torch_version']}, Python {doc['python']}",
+        "",
+        "| threads | DRAM read GB/s (best) | median | bf16 vdpbf16ps GFLOP/s | int8 vpdpbusd GOP/s |",
+        "|---|---|---|---|---|",
+    ]
+    for th in sorted(lim["read_gb_per_s"], key=int):
+        lines.append(f"| {th} | {_f(lim['read_gb_per_s_best'][th])} | {_f(lim['read_gb_per_s'][th])} | "
+                     f"{_f(lim['bf16_gflop_per_s'].get(th))} | {_f(lim['int8_gop_per_s'].get(th))} |")
+    lines += ["", markdown_table(doc["records"], peer=bool(doc.get("peer_records")))]
+    if doc["notes"]:
+        lines += [""] + [f"- note: {n}" for n in doc["notes"]]
     return "\n".join(lines)
