@@ -64,7 +64,8 @@ struct ExpertSlot {
     std::vector<float> bg, bu, bd;    // zero-padded biases (empty without biases)
 };
 
-enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2 };
+// P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only).
+enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3 };
 
 struct TaskQueue {
     std::vector<std::array<int, 3>> items;
@@ -220,6 +221,19 @@ inline void run_dot(int path, int fmt, int mb, const uint8_t* const* pan, const 
 constexpr int DOT_BLOCK = 4;
 #endif
 
+// fp8/fp16 panels -> bf16 pair layout (see dequant_bf16_pairs), `np` panels into consecutive slots.
+inline void dequant_pair(const uint8_t* const* pan, int np, const Geometry& g, uint8_t* dst) {
+#if MOETIER_HAS_DOT
+    for (int q = 0; q < np; ++q) {
+        uint8_t* d = dst + size_t(q) * g.Kp * PANEL * 2;
+        if (g.fmt == FP8) dequant_bf16_pairs<DecFP8, true>(pan[q], g, d);
+        else dequant_bf16_pairs<DecF16, false>(pan[q], g, d);
+    }
+#else
+    (void)pan, (void)np, (void)g, (void)dst;
+#endif
+}
+
 // Symmetric per-row int8 quantization stored as u8 = q + 128 (vpdpbusd wants unsigned activations).
 inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
     float amax = 0.f;
@@ -265,10 +279,13 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
     const ExpertSlot& s = *slots_[c.act_slot[a]];
     const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
     const int block = path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+    const bool bf16_h = path == P_BF16DOT || path == P_DEQDOT;
     float o[2 * 8 * PANEL];
+    std::vector<uint8_t> deq(path == P_DEQDOT ? size_t(2) * gu_.Kp * PANEL * 2 : 0);
     for (int p = p0; p < p1; ++p) {
         const uint8_t* pan[2] = {s.mem->data() + 2 * int64_t(p) * gu_.panel_bytes,
                                  s.mem->data() + (2 * int64_t(p) + 1) * gu_.panel_bytes};
+        if (path == P_DEQDOT) dequant_pair(pan, 2, gu_, deq.data());
         for (int m0 = 0; m0 < M; m0 += block) {
             const int mb = std::min(block, M - m0);
             if (path == P_F32) {
@@ -286,7 +303,12 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                     xq[m] = c.need_xq ? c.Xq.data() + int64_t(t) * c.xs : nullptr;
                     xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                 }
-                run_dot<2>(path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
+                if (path == P_DEQDOT) {
+                    const uint8_t* dp[2] = {deq.data(), deq.data() + size_t(gu_.Kp) * PANEL * 2};
+                    run_dot<2>(P_BF16DOT, fmt_, mb, dp, gu_, xb, xq, xsc, o);
+                } else {
+                    run_dot<2>(path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
+                }
 #endif
             }
             for (int m = 0; m < mb; ++m) {
@@ -305,7 +327,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                 const int64_t r = row0 + m0 + m;
                 float* hf = c.Hf.data() + r * c.hs + p * PANEL;
                 vstore(hf, h);
-                if (path == P_BF16DOT)
+                if (bf16_h)
                     for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
             }
         }
@@ -314,7 +336,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
         for (int m = 0; m < M; ++m) {
             const int64_t r = row0 + m;
             std::fill(c.Hf.begin() + r * c.hs + gu_.panels * PANEL, c.Hf.begin() + (r + 1) * c.hs, 0.f);
-            if (path == P_BF16DOT)
+            if (bf16_h)
                 std::fill(c.Hb.begin() + r * c.hs + gu_.panels * PANEL, c.Hb.begin() + (r + 1) * c.hs, uint16_t(0));
         }
     }
@@ -345,6 +367,7 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
     float* acc = c.acc.data() + int64_t(node) * c.T * c.hp;
     for (int t = 0; t < c.T; ++t) std::fill(acc + int64_t(t) * c.hp + p0 * PANEL, acc + int64_t(t) * c.hp + p1 * PANEL, 0.f);
     float o[2 * 8 * PANEL];
+    std::vector<uint8_t> deq;
     for (int a : c.node_active[node]) {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
         const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
@@ -353,6 +376,12 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
         for (int p = p0; p < p1; p += 2) {
             const int np = std::min(2, p1 - p);
             const uint8_t* pan[2] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes};
+            if (path == P_DEQDOT) {
+                if (deq.empty()) deq.resize(size_t(2) * dn_.Kp * PANEL * 2);
+                dequant_pair(pan, np, dn_, deq.data());
+                pan[0] = deq.data();
+                pan[1] = deq.data() + size_t(dn_.Kp) * PANEL * 2;
+            }
             for (int m0 = 0; m0 < M; m0 += block) {
                 const int mb = std::min(block, M - m0);
                 if (path == P_F32) {
@@ -367,12 +396,13 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                     float xsc[DOT_BLOCK];
                     for (int m = 0; m < mb; ++m) {
                         const int64_t r = row0 + m0 + m;
-                        xb[m] = path == P_BF16DOT ? c.Hb.data() + r * c.hs : nullptr;
+                        xb[m] = path != P_INT8DOT ? c.Hb.data() + r * c.hs : nullptr;
                         xq[m] = path == P_INT8DOT ? c.Hq.data() + r * c.hs : nullptr;
                         xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
                     }
-                    if (np == 2) run_dot<2>(path, fmt_, mb, pan, dn_, xb, xq, xsc, o);
-                    else run_dot<1>(path, fmt_, mb, pan, dn_, xb, xq, xsc, o);
+                    const int kp = path == P_DEQDOT ? P_BF16DOT : path;
+                    if (np == 2) run_dot<2>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
+                    else run_dot<1>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
 #endif
                 }
                 for (int q = 0; q < np; ++q)
@@ -438,10 +468,11 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         int path = P_F32;
         if (MOETIER_HAS_DOT) {
             if (fmt_ == BF16 && count[s] > DECODE_MAX_TOKENS) path = P_BF16DOT;
+            else if ((fmt_ == FP8 || fmt_ == F16) && count[s] > DECODE_MAX_TOKENS) path = P_DEQDOT;
             else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_) path = P_INT8DOT;
         }
         c.act_path.push_back(path);
-        c.need_xb |= path == P_BF16DOT;
+        c.need_xb |= path == P_BF16DOT || path == P_DEQDOT;
         c.need_xq |= path == P_INT8DOT;
         R += count[s];
     }
@@ -478,7 +509,7 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     c.Hf.resize(size_t(R) * c.hs);
     bool need_hb = false;
     for (size_t a = 0; a < c.act_slot.size(); ++a) {
-        need_hb |= c.act_path[a] == P_BF16DOT;
+        need_hb |= c.act_path[a] == P_BF16DOT || c.act_path[a] == P_DEQDOT;
         if (c.act_path[a] == P_INT8DOT)
             for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
     }

@@ -85,6 +85,34 @@ void gemm_bf16dot(const uint8_t* const* panels, const Geometry& g, const uint16_
         for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + (q * M + m) * PANEL, acc[q][m]);
 }
 
+// Dequantize one panel (fp8 or fp16, scales applied) to bf16 in the vdpbf16ps pair layout, so a prefill
+// block of tokens runs gemm_bf16dot on it from L2. Rounding the scaled weight to bf16 costs ~2^-9
+// relative per weight, the same as rounding the activations.
+template <class D, bool SCALED>
+void dequant_bf16_pairs(const uint8_t* panel, const Geometry& g, uint8_t* dst) {
+    const uint8_t* p = panel + g.head;
+    uint8_t* out = dst;
+    const int ngroups = g.Kp / g.G;
+    for (int gi = 0; gi < ngroups; ++gi) {
+        V scl = vset1(1.f);
+        if constexpr (SCALED) {
+            scl = vload(reinterpret_cast<const float*>(p));
+            p += 64;
+        }
+        for (int k = 0; k < g.G; k += D::UK) {
+            V w[D::UK];
+            D::unit(p, [&](auto J, V v) { w[decltype(J)::value] = SCALED ? vmul(v, scl) : v; });
+            for (int j = 0; j < D::UK; j += 2) {
+                const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(w[j].v));
+                const __m512i b = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(w[j + 1].v));
+                _mm512_storeu_si512(out, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+                out += 64;
+            }
+            p += D::UB;
+        }
+    }
+}
+
 // xq[m]: activations as u8 (q + 128), xs[m]: their per-row scale. Weights int8 quads or int4 octets.
 // sum_k (q_x + 128) w = sum_k q_x w + 128 sum_k w: the second term is the panel head (per row, scaled).
 template <bool INT4, int M, int NP>

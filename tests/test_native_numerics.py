@@ -5,7 +5,8 @@ Bounds (relative Frobenius error against the oracle on the same dequantized weig
   registers and everything is accumulated in fp32, so only fp32 rounding remains: ~sqrt(K) * 2^-24
   ~ 1e-6 for K <= 300. Bound 2e-5.
 - bf16 prefill with vdpbf16ps (avx512_bf16/amx variants): the input and the intermediate act(g) * u are
-  rounded to bf16 (rms relative error 2^-9/sqrt(3) ~ 1.1e-3 each, in quadrature ~ 1.6e-3). Bound 1e-2.
+  rounded to bf16 (rms relative error 2^-9/sqrt(3) ~ 1.1e-3 each, in quadrature ~ 1.6e-3). fp16 and fp8
+  prefill there also round the scaled weights to bf16 (one more such term, ~2e-3). Bound 1e-2.
 - int8/int4 with vpdpbusd (decode and prefill on the VNNI variants): activations quantized per row to int8 (step amax/127, ~0.8% rms of
   the row each for the input and the intermediate, ~1.2% combined, measured 1.1-1.3%). Bound 4e-2.
 - a bf16 output adds one rounding (~1.1e-3 rms): bound 1e-2 on top of the path's own.
@@ -27,7 +28,7 @@ DECODE_MAX_TOKENS = 4
 
 def bound(fmt: str, variant: str, prefill: bool) -> float:
     if variant in DOT_VARIANTS:
-        if fmt == "bf16" and prefill:
+        if fmt in ("bf16", "fp16", "fp8_e4m3") and prefill:  # fp16/fp8 weights also rounded to bf16
             return 1e-2
         if fmt.startswith("int"):  # vpdpbusd on both paths (int8_activations=True, the default)
             return 4e-2
