@@ -66,7 +66,9 @@ def tiny_spec(version: str) -> TinySpec:
             cfg = tf.DeepseekV3Config(**kw)
             cls, arch = tf.DeepseekV3ForCausalLM, "DeepseekV3ForCausalLM"
         extra, mtp = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}, True
-    return standard_tiny_spec(version, cfg, cls, arch, layout, mtp_layers=1 if mtp else 0, **extra)
+    # V3 / R1 / V3.1 / V3.2 ship FP8 128x128 blocks; V2 ships bf16.
+    return standard_tiny_spec(version, cfg, cls, arch, layout, mtp_layers=1 if mtp else 0,
+                              default_quant="fp8" if mtp else None, **extra)
 
 
 def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0):

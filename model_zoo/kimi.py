@@ -63,7 +63,7 @@ def tiny_spec(version: str) -> TinySpec:
     if version != "Kimi-K2.5":
         return standard_tiny_spec(version, cfg, tf.DeepseekV3ForCausalLM, "DeepseekV3ForCausalLM", layout,
                                   model_type="kimi_k2", auto_map=auto_map, scoring_func="sigmoid",
-                                  topk_method="noaux_tc", default_quant="int4" if version == "Kimi-K2-Thinking" else None)
+                                  topk_method="noaux_tc", default_quant="int4" if version == "Kimi-K2-Thinking" else "fp8")
     text = config_dict(cfg, version=version, model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
                        scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0)
     vision = tf.Kimi_K25VisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

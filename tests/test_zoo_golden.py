@@ -25,11 +25,13 @@ VERSIONS = {
              "Qwen3.5-35B-A3B", "Qwen3.5-397B-A17B"),
     "minimax": ("MiniMax-M2", "MiniMax-M2.1", "MiniMax-M2.5", "MiniMax-Text-01"),
 }
-# Every version as shipped (Kimi-K2-Thinking/K2.5 INT4, MiniMax-M2.x FP8, the rest unquantized), plus
-# the other variants real releases exist in.
+# Every version as shipped (DeepSeek-V3 family, Kimi-K2 and MiniMax-M2.x FP8; Kimi-K2-Thinking/K2.5 INT4;
+# the rest unquantized), plus the other forms real releases exist in. Unquantized checkpoints are also
+# loaded by transformers' from_pretrained, which checks the on-disk names against transformers' own.
 CASES = [(f, v, "default") for f, vs in VERSIONS.items() for v in vs] + [
-    ("deepseek", "DeepSeek-V3", "fp8"), ("kimi", "Kimi-K2", "fp8"), ("glm", "GLM-4.7", "fp8"),
-    ("qwen", "Qwen3-30B-A3B", "fp8"), ("minimax", "MiniMax-M2", None), ("deepseek", "DeepSeek-V3", "int4"),
+    ("deepseek", "DeepSeek-V3", None), ("deepseek", "DeepSeek-V3.2", None), ("kimi", "Kimi-K2", None),
+    ("minimax", "MiniMax-M2", None), ("glm", "GLM-4.7", "fp8"), ("qwen", "Qwen3-30B-A3B", "fp8"),
+    ("deepseek", "DeepSeek-V3", "int4"),
 ]
 
 
