@@ -22,6 +22,7 @@ from .routing import route
 
 
 _FLOAT_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_FLOAT_DTYPES = tuple(_FLOAT_FORMATS)
 
 
 def check_fused(ckpt: Checkpoint, layer: MoELayerLayout) -> int:
@@ -173,9 +174,10 @@ class MoEBlock:
         layer = layout.layer(layer_index)
         E, H = layer.experts.num_experts, layer.experts.hidden_size
         names, i = layer.names, layer.index
-        w = ckpt.read(names.router_module(i) + ".weight", shape=(E, H))
-        sel = ckpt.read(names.selection_bias_name(i), shape=(E,)) if layer.router.selection_bias else None
-        lb = ckpt.read(names.router_bias_name(i), shape=(E,)) if layer.router.logit_bias else None
+        w = ckpt.read(names.router_module(i) + ".weight", shape=(E, H), dtype=_FLOAT_DTYPES)
+        sel = ckpt.read(names.selection_bias_name(i), shape=(E,), dtype=_FLOAT_DTYPES) \
+            if layer.router.selection_bias else None
+        lb = ckpt.read(names.router_bias_name(i), shape=(E,), dtype=_FLOAT_DTYPES) if layer.router.logit_bias else None
         shared = read_shared(ckpt, layer)
         if fmt is None:
             native = layout.quantization.fmt
@@ -201,7 +203,8 @@ def read_shared(ckpt: Checkpoint, layer: MoELayerLayout) -> SharedExpert | None:
 
     gate_w = None
     if layer.shared.gated:
-        gate_w = ckpt.read(layer.names.shared_gate_module(i) + ".weight", shape=(1, H)).to(torch.float32)
+        gate_w = ckpt.read(layer.names.shared_gate_module(i) + ".weight", shape=(1, H),
+                           dtype=_FLOAT_DTYPES).to(torch.float32)
     return SharedExpert(read(m(i, "gate"), (S, H)), read(m(i, "up"), (S, H)), read(m(i, "down"), (H, S)), gate_w)
 
 

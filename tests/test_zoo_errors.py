@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from moetier.backends.cpu_torch import TorchBackend
@@ -98,3 +99,19 @@ def test_zoo_tiny_refuses_bad_arguments(tmp_path, capsys):
     assert "Qwen3-30B-A3B" in capsys.readouterr().err
     assert main(["zoo", "tiny", "qwen", str(tmp_path / "x"), "--version", "Qwen3.5-35B-A3B", "--quant", "fp8"]) == 2
     assert "fused" in capsys.readouterr().err
+
+
+def test_wrong_router_dtype_is_named(v3, tmp_path):
+    from safetensors import safe_open as so
+
+    name = "model.layers.1.mlp.gate.weight"
+    bad = rewrite(v3, tmp_path / "bad", drop={name})
+    # Put the router back as integers: a wrong dtype, not a silently cast one.
+    tensors = {}
+    for f in sorted(bad.glob("*.safetensors")):
+        with so(str(f), "pt") as h:
+            tensors.update({n: h.get_tensor(n) for n in h.keys()})
+    tensors[name] = torch.ones(32, 64, dtype=torch.int32)
+    write_checkpoint(bad, tensors, config=json.loads((bad / "config.json").read_text()))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.gate\.weight.*I32"):
+        load_layer(bad, 1)
