@@ -12,9 +12,11 @@ kt-kernel is driven through its pybind extension (CPUInfer + MOEConfig + a MoE c
 benchmarks do: KTMoEWrapper needs CUDA pinned buffers and a weight directory. Format mapping:
   bf16      AMXBF16_MOE          (bf16 weights)
   int8      AMXInt8_MOE          (kt quantizes the bf16 weights itself, per channel)
-  int4_gG   AMXInt4_1KGroup_MOE  (kt quantizes the bf16 weights itself, groups of G, with zero points)
+  int4_gG   AMXInt4_1KGroup_MOE  (kt quantizes the bf16 weights itself, groups of G, with zero points;
+                                  G=32 crashes kt-kernel 0.7.2 with SIGSEGV)
   fp8_e4m3  AMXFP8_MOE           (moetier's e4m3 data and 128x128 block scales, as checkpoints ship them)
 Bytes per forward are counted in moetier's format (the GB/s column means the same on both sides).
+Each shape x format runs in its own process, so a crash of kt-kernel becomes a note, not a lost run.
 
     build/kt-venv/bin/python ci/bench_kt_kernel.py --quick --json kt.json
 """
@@ -23,8 +25,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -91,17 +98,17 @@ def kt_forward(kt_layer, layer):
     return forward
 
 
-def run(config: BenchConfig, progress=print) -> BenchResult:
+def run(config: BenchConfig, progress=print) -> list[Measurement]:
+    """Time every shape x format x thread count x batch of `config` (the child process's work)."""
     ext = kt_kernel.kt_kernel_ext
-    inventory = detect_inventory()
-    limits = measure_limits(inventory, config.threads, quick=config.quick)
-    result = BenchResult(limits)
+    measurements: list[Measurement] = []
     version = getattr(kt_kernel, "__version__", "?")
-    max_len = max(config.batches + (CHECK_TOKENS,))  # the reference check runs a few tokens too
+    # Tokens per forward kt sizes its buffers for: a multiple of its 32-row tiles (the reference check
+    # runs a few tokens too).
+    max_len = -(-max(config.batches + (CHECK_TOKENS, 32)) // 32) * 32
     for shape_name in config.shapes:
         shape = get_shape(shape_name, config.max_weight_bytes)
         layer = shape.layer
-        result.shapes[shape.name] = shape
         inputs = make_inputs(shape, config.batches, config.seed)
         for fmt in config.formats or BENCH_FORMATS:
             src_fmt = "fp8_e4m3" if fmt == "fp8_e4m3" else "bf16"
@@ -135,13 +142,40 @@ def run(config: BenchConfig, progress=print) -> BenchResult:
                     m = Measurement(shape.name, layer.num_experts, layer.top_k, layer.hidden_size,
                                     layer.intermediate_size, backend, fmt, b, t, med, p10, p90, len(times), copies,
                                     mean_bytes, float(flops_per_forward(layer, b)), "CPUInfer", relerr)
-                    result.measurements.append(m)
+                    measurements.append(m)
                     progress(f"  batch {b:4d}: {m.tokens_per_s:10.1f} tok/s {m.gb_per_s:7.2f} GB/s "
                              f"{m.gflop_per_s:8.1f} GFLOP/s (relerr {relerr:.4f})")
                 del kt, cpu
                 gc.collect()
             del weights, data, scales
             gc.collect()
+    return measurements
+
+
+def run_isolated(config: BenchConfig, args) -> BenchResult:
+    """Measure the limits here, then each shape x format in its own process: kt-kernel kills the process
+    on some inputs (SIGFPE, SIGSEGV), and one crash must not lose the other formats."""
+    result = BenchResult(measure_limits(detect_inventory(), config.threads, quick=config.quick))
+    for shape_name in config.shapes:
+        shape = get_shape(shape_name, config.max_weight_bytes)
+        result.shapes[shape.name] = shape
+        for fmt in config.formats:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "part.json"
+                cmd = [sys.executable, __file__, "--child", "--shapes", shape_name, "--formats", fmt,
+                       "--batches", ",".join(map(str, config.batches)),
+                       "--threads", ",".join(map(str, config.threads)),
+                       "--max-weights-gib", str(args.max_weights_gib), "--seed", str(config.seed), "--json", str(out)]
+                if config.quick:
+                    cmd.append("--quick")
+                rc = subprocess.run(cmd).returncode
+                if rc == 0:
+                    result.measurements += [Measurement.from_record(r) for r in json.loads(out.read_text())]
+                    continue
+            why = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+            result.notes.append(f"kt-kernel {CLASSES[fmt]} on {shape_name} {fmt}: the process died ({why}); "
+                                "no measurement")
+            print(result.notes[-1], flush=True)
     return result
 
 
@@ -155,6 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-weights-gib", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one shape x format, records only
     args = p.parse_args(argv)
     from moetier.bench.cli import QUICK
 
@@ -173,8 +208,12 @@ def main(argv=None) -> int:
                          batches=pick(args.batches, "batches", (1, 4, 128, 512), int),
                          threads=pick(args.threads, "threads", (1, 2), int), baseline=False, quick=args.quick,
                          max_weight_bytes=int(args.max_weights_gib * GIB), l3_bytes=l3_bytes(), seed=args.seed)
+    if args.child:
+        measurements = run(config, progress=lambda text: print(text, flush=True))
+        Path(args.json).write_text(json.dumps([m.to_record() for m in measurements]))
+        return 0
     t0 = time.time()
-    result = run(config)
+    result = run_isolated(config, args)
     doc = report.document(result, detect_inventory(), command=["python", *sys.argv],
                           settings={"kt_kernel": getattr(kt_kernel, "__version__", "?"),
                                     "kt_cpu_variant": kt_kernel.__cpu_variant__, "torch": torch.__version__,

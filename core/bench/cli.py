@@ -60,8 +60,8 @@ def register(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write every measurement, the limits and the machine as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the run (date, machine, limits, results) as Markdown")
-    p.add_argument("--peer", metavar="FILE.json",
-                   help="results of the peer runner (ci/bench_kt_kernel.py) to show side by side")
+    p.add_argument("--peer", metavar="FILE.json", action="append",
+                   help="results of the peer runner (ci/bench_kt_kernel.py) to show side by side (repeatable)")
     p.set_defaults(func=run_cli)
 
 
@@ -111,7 +111,11 @@ def run_cli(args) -> int:
         l3_bytes=l3_bytes(),
         seed=args.seed,
     )
-    peers, peer_records = report.load_peer_measurements(args.peer) if args.peer else ([], [])
+    peers, peer_records = [], []
+    for path in args.peer or ():
+        more, recs = report.load_peer_measurements(path)
+        peers += more
+        peer_records += recs
     console = report.make_console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
