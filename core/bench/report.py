@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 from collections.abc import Iterable
 from pathlib import Path
@@ -79,6 +80,8 @@ def document(result: BenchResult, inventory: HardwareInventory, *, command: list
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "machine": inventory.to_dict(),
+        # Other processes share small machines: the 1/5/15-minute load averages when the run ended.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "settings": settings or {},
         "limits": result.limits.to_dict(),
         "shapes": {name: s.description for name, s in result.shapes.items()},
@@ -211,6 +214,8 @@ def markdown_report(doc: dict) -> str:
         f"{cpu['logical_cores']} logical cores, {doc['machine']['dram_total_bytes'] / 2**30:.1f} GiB DRAM, "
         f"{len(doc['machine']['numa_nodes'])} NUMA node(s); features: {' '.join(cpu['features'])}",
         f"- moetier {doc['moetier_version']}, torch {doc['torch_version']}, Python {doc['python']}",
+        f"- load average (1/5/15 min) at the end of the run: "
+        f"{' / '.join(f'{x:.1f}' for x in doc['load_average']) if doc.get('load_average') else 'unknown'}",
         "",
         "| threads | DRAM read GB/s (best) | median | bf16 vdpbf16ps GFLOP/s | int8 vpdpbusd GOP/s |",
         "|---|---|---|---|---|",
