@@ -1,7 +1,7 @@
 """`moetier bench kernels`: drive expert backends through the public contract on model-sized layers
 and time them against the machine's limits and the torch baseline, all in one run.
 
-For each shape and format, random weights are quantized once and prepared into several independent
+For each shape and format, random weights are drawn once and prepared into several independent
 copies (enough that a decode step never finds its weights in the L3, within the memory budget); each
 timed forward uses the next copy and the next pre-drawn routing, so the weights stream from DRAM as they
 do when a real model walks its layers.
