@@ -104,17 +104,10 @@ class MoELayer {
         slot->node = node < 0 ? 0 : node;
         slot->mem = std::make_unique<NodeBuffer>(size_t(expert_bytes()), node, num_nodes);
         uint8_t* base = slot->mem->data();
-        // Pack gate and up into scratch, then interleave panel by panel so one task streams both.
-        std::vector<uint8_t> gp(size_t(gu_.bytes())), up(size_t(gu_.bytes()));
-        pack_matrix(gu_, g, gs, gp.data());
-        pack_matrix(gu_, u, us, up.data());
-        for (int p = 0; p < gu_.panels; ++p) {
-            std::memcpy(base + (2 * int64_t(p)) * gu_.panel_bytes, gp.data() + int64_t(p) * gu_.panel_bytes,
-                        size_t(gu_.panel_bytes));
-            std::memcpy(base + (2 * int64_t(p) + 1) * gu_.panel_bytes, up.data() + int64_t(p) * gu_.panel_bytes,
-                        size_t(gu_.panel_bytes));
-        }
-        pack_matrix(dn_, d, ds, base + 2 * gu_.bytes());
+        // Gate and up panels interleaved (g0 u0 g1 u1 ...) so one task streams both.
+        pack_matrix(gu_, g, gs, base, 2 * gu_.panel_bytes);
+        pack_matrix(gu_, u, us, base + gu_.panel_bytes, 2 * gu_.panel_bytes);
+        pack_matrix(dn_, d, ds, base + 2 * gu_.bytes(), dn_.panel_bytes);
         if (has_bias_) {
             slot->bg.assign(size_t(gu_.panels) * PANEL, 0.f);
             slot->bu.assign(size_t(gu_.panels) * PANEL, 0.f);
@@ -165,11 +158,29 @@ struct MoELayer::Ctx {
     std::vector<int> active_nodes;
     bool need_xb = false, need_xq = false;
     int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator
-    std::vector<float> X, Xscale, Hf, Hscale, acc;
-    std::vector<uint16_t> Xb, Hb;
-    std::vector<uint8_t> Xq, Hq;
+    // Scratch (not zero-initialized; every element read is written first), see Scratch.
+    float *X = nullptr, *Xscale = nullptr, *Hf = nullptr, *Hscale = nullptr, *acc = nullptr;
+    uint16_t *Xb = nullptr, *Hb = nullptr;
+    uint8_t *Xq = nullptr, *Hq = nullptr;
     std::vector<int> q_rows;  // rows whose h is quantized for the int8 dot path
 };
+
+// Per-thread scratch that only grows: a fresh allocation per call would page-fault and zero tens of
+// megabytes for a prefill batch. thread_local keeps concurrent callers (and pool workers) apart.
+template <class T>
+inline T* scratch(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+}
+struct Scratch {
+    std::vector<float> X, Xscale, Hf, Hscale, acc;
+    std::vector<uint16_t> Xb, Hb;
+    std::vector<uint8_t> Xq, Hq, deq;
+};
+inline Scratch& thread_scratch() {
+    static thread_local Scratch s;
+    return s;
+}
 
 // ---- kernel dispatch on the runtime token-block size -----------------------------------------------
 template <int NP, class D, bool SC>
@@ -259,7 +270,7 @@ inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
 
 inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
     for (int t = t0; t < t1; ++t) {
-        float* x = c.X.data() + int64_t(t) * c.xs;
+        float* x = c.X + int64_t(t) * c.xs;
         if (c.hidden_bf16) {
             const uint16_t* h = static_cast<const uint16_t*>(c.hidden) + int64_t(t) * H_;
             for (int i = 0; i < H_; ++i) x[i] = bf16_to_f32(h[i]);
@@ -268,10 +279,10 @@ inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
         }
         std::fill(x + H_, x + c.xs, 0.f);
         if (c.need_xb) {
-            uint16_t* xb = c.Xb.data() + int64_t(t) * c.xs;
+            uint16_t* xb = c.Xb + int64_t(t) * c.xs;
             for (int i = 0; i < c.xs; ++i) xb[i] = f32_to_bf16(x[i]);
         }
-        if (c.need_xq) quantize_row_u8(x, c.xs, c.Xq.data() + int64_t(t) * c.xs, &c.Xscale[t]);
+        if (c.need_xq) quantize_row_u8(x, c.xs, c.Xq + int64_t(t) * c.xs, &c.Xscale[t]);
     }
 }
 
@@ -281,16 +292,16 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
     const int block = path == P_F32 ? F32_BLOCK : DOT_BLOCK;
     const bool bf16_h = path == P_BF16DOT || path == P_DEQDOT;
     float o[2 * 8 * PANEL];
-    std::vector<uint8_t> deq(path == P_DEQDOT ? size_t(2) * gu_.Kp * PANEL * 2 : 0);
+    uint8_t* deq = path == P_DEQDOT ? scratch(thread_scratch().deq, size_t(2) * gu_.Kp * PANEL * 2) : nullptr;
     for (int p = p0; p < p1; ++p) {
         const uint8_t* pan[2] = {s.mem->data() + 2 * int64_t(p) * gu_.panel_bytes,
                                  s.mem->data() + (2 * int64_t(p) + 1) * gu_.panel_bytes};
-        if (path == P_DEQDOT) dequant_pair(pan, 2, gu_, deq.data());
+        if (path == P_DEQDOT) dequant_pair(pan, 2, gu_, deq);
         for (int m0 = 0; m0 < M; m0 += block) {
             const int mb = std::min(block, M - m0);
             if (path == P_F32) {
                 const float* x[F32_BLOCK];
-                for (int m = 0; m < mb; ++m) x[m] = c.X.data() + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
+                for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
                 run_f32_fmt<2>(fmt_, mb, pan, gu_, x, o);
             } else {
 #if MOETIER_HAS_DOT
@@ -299,12 +310,12 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                 float xsc[DOT_BLOCK];
                 for (int m = 0; m < mb; ++m) {
                     const int t = c.row_tok[row0 + m0 + m];
-                    xb[m] = c.need_xb ? c.Xb.data() + int64_t(t) * c.xs : nullptr;
-                    xq[m] = c.need_xq ? c.Xq.data() + int64_t(t) * c.xs : nullptr;
+                    xb[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
+                    xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
                     xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                 }
                 if (path == P_DEQDOT) {
-                    const uint8_t* dp[2] = {deq.data(), deq.data() + size_t(gu_.Kp) * PANEL * 2};
+                    const uint8_t* dp[2] = {deq, deq + size_t(gu_.Kp) * PANEL * 2};
                     run_dot<2>(P_BF16DOT, fmt_, mb, dp, gu_, xb, xq, xsc, o);
                 } else {
                     run_dot<2>(path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
@@ -325,7 +336,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                     h = vmul(vadd(uv, vset1(1.f)), vmul(gv, vsigmoid(vmul(gv, vset1(alpha_)))));
                 }
                 const int64_t r = row0 + m0 + m;
-                float* hf = c.Hf.data() + r * c.hs + p * PANEL;
+                float* hf = c.Hf + r * c.hs + p * PANEL;
                 vstore(hf, h);
                 if (bf16_h)
                     for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
@@ -335,9 +346,9 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
     if (p1 == gu_.panels) {  // the columns past the last panel are read by the down kernel: zero them
         for (int m = 0; m < M; ++m) {
             const int64_t r = row0 + m;
-            std::fill(c.Hf.begin() + r * c.hs + gu_.panels * PANEL, c.Hf.begin() + (r + 1) * c.hs, 0.f);
+            std::fill(c.Hf + r * c.hs + gu_.panels * PANEL, c.Hf + (r + 1) * c.hs, 0.f);
             if (bf16_h)
-                std::fill(c.Hb.begin() + r * c.hs + gu_.panels * PANEL, c.Hb.begin() + (r + 1) * c.hs, uint16_t(0));
+                std::fill(c.Hb + r * c.hs + gu_.panels * PANEL, c.Hb + (r + 1) * c.hs, uint16_t(0));
         }
     }
 }
@@ -345,7 +356,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
 inline void MoELayer::phase_quantize_h(Ctx& c, int r0, int r1) const {
     for (int i = r0; i < r1; ++i) {
         const int64_t r = c.q_rows[i];
-        quantize_row_u8(c.Hf.data() + r * c.hs, c.hs, c.Hq.data() + r * c.hs, &c.Hscale[r]);
+        quantize_row_u8(c.Hf + r * c.hs, c.hs, c.Hq + r * c.hs, &c.Hscale[r]);
     }
 }
 
@@ -364,10 +375,9 @@ inline void MoELayer::write_out(Ctx& c, const float* acc, int t0, int t1, int c0
 }
 
 inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
-    float* acc = c.acc.data() + int64_t(node) * c.T * c.hp;
+    float* acc = c.acc + int64_t(node) * c.T * c.hp;
     for (int t = 0; t < c.T; ++t) std::fill(acc + int64_t(t) * c.hp + p0 * PANEL, acc + int64_t(t) * c.hp + p1 * PANEL, 0.f);
     float o[2 * 8 * PANEL];
-    std::vector<uint8_t> deq;
     for (int a : c.node_active[node]) {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
         const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
@@ -377,16 +387,16 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
             const int np = std::min(2, p1 - p);
             const uint8_t* pan[2] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes};
             if (path == P_DEQDOT) {
-                if (deq.empty()) deq.resize(size_t(2) * dn_.Kp * PANEL * 2);
-                dequant_pair(pan, np, dn_, deq.data());
-                pan[0] = deq.data();
-                pan[1] = deq.data() + size_t(dn_.Kp) * PANEL * 2;
+                uint8_t* deq = scratch(thread_scratch().deq, size_t(2) * dn_.Kp * PANEL * 2);
+                dequant_pair(pan, np, dn_, deq);
+                pan[0] = deq;
+                pan[1] = deq + size_t(dn_.Kp) * PANEL * 2;
             }
             for (int m0 = 0; m0 < M; m0 += block) {
                 const int mb = std::min(block, M - m0);
                 if (path == P_F32) {
                     const float* x[F32_BLOCK];
-                    for (int m = 0; m < mb; ++m) x[m] = c.Hf.data() + int64_t(row0 + m0 + m) * c.hs;
+                    for (int m = 0; m < mb; ++m) x[m] = c.Hf + int64_t(row0 + m0 + m) * c.hs;
                     if (np == 2) run_f32_fmt<2>(fmt_, mb, pan, dn_, x, o);
                     else run_f32_fmt<1>(fmt_, mb, pan, dn_, x, o);
                 } else {
@@ -396,8 +406,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                     float xsc[DOT_BLOCK];
                     for (int m = 0; m < mb; ++m) {
                         const int64_t r = row0 + m0 + m;
-                        xb[m] = path != P_INT8DOT ? c.Hb.data() + r * c.hs : nullptr;
-                        xq[m] = path == P_INT8DOT ? c.Hq.data() + r * c.hs : nullptr;
+                        xb[m] = path != P_INT8DOT ? c.Hb + r * c.hs : nullptr;
+                        xq[m] = path == P_INT8DOT ? c.Hq + r * c.hs : nullptr;
                         xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
                     }
                     const int kp = path == P_DEQDOT ? P_BF16DOT : path;
@@ -421,13 +431,13 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
 
 inline void MoELayer::phase_reduce(Ctx& c, int t0, int t1) const {
     // Multi-node: sum the per-node accumulators into node 0's, then convert.
-    float* a0 = c.acc.data();
+    float* a0 = c.acc;
     const int n0 = c.active_nodes[0];
     for (int t = t0; t < t1; ++t) {
         float* dst = a0 + int64_t(t) * c.hp;
-        if (n0 != 0) std::memcpy(dst, c.acc.data() + (int64_t(n0) * c.T + t) * c.hp, size_t(c.hp) * 4);
+        if (n0 != 0) std::memcpy(dst, c.acc + (int64_t(n0) * c.T + t) * c.hp, size_t(c.hp) * 4);
         for (size_t i = 1; i < c.active_nodes.size(); ++i) {
-            const float* src = c.acc.data() + (int64_t(c.active_nodes[i]) * c.T + t) * c.hp;
+            const float* src = c.acc + (int64_t(c.active_nodes[i]) * c.T + t) * c.hp;
             for (int j = 0; j < c.hp; ++j) dst[j] += src[j];
         }
     }
@@ -500,25 +510,26 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         else std::memset(out, 0, size_t(T) * H_ * 4);
         return;
     }
-    c.X.resize(size_t(T) * c.xs);
-    if (c.need_xb) c.Xb.resize(size_t(T) * c.xs);
+    Scratch& sc = thread_scratch();
+    c.X = scratch(sc.X, size_t(T) * c.xs);
+    if (c.need_xb) c.Xb = scratch(sc.Xb, size_t(T) * c.xs);
     if (c.need_xq) {
-        c.Xq.resize(size_t(T) * c.xs);
-        c.Xscale.resize(T);
+        c.Xq = scratch(sc.Xq, size_t(T) * c.xs);
+        c.Xscale = scratch(sc.Xscale, size_t(T));
     }
-    c.Hf.resize(size_t(R) * c.hs);
+    c.Hf = scratch(sc.Hf, size_t(R) * c.hs);
     bool need_hb = false;
     for (size_t a = 0; a < c.act_slot.size(); ++a) {
         need_hb |= c.act_path[a] == P_BF16DOT || c.act_path[a] == P_DEQDOT;
         if (c.act_path[a] == P_INT8DOT)
             for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
     }
-    if (need_hb) c.Hb.resize(size_t(R) * c.hs);
+    if (need_hb) c.Hb = scratch(sc.Hb, size_t(R) * c.hs);
     if (!c.q_rows.empty()) {
-        c.Hq.resize(size_t(R) * c.hs);
-        c.Hscale.resize(R);
+        c.Hq = scratch(sc.Hq, size_t(R) * c.hs);
+        c.Hscale = scratch(sc.Hscale, size_t(R));
     }
-    c.acc.resize(size_t(num_nodes) * T * c.hp);
+    c.acc = scratch(sc.acc, size_t(num_nodes) * T * c.hp);
     // ---- task lists ----
     constexpr int CONVERT_CHUNK = 4, QUANT_CHUNK = 2;
     // Down tasks loop over every routed expert, each streaming its slice of panels: longer slices keep

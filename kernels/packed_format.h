@@ -81,75 +81,98 @@ struct Geometry {
     }
 };
 
-// Byte offset of weight (row r, column kk within its group) from the group's first weight byte, and,
-// for int4, which nibble. Units: bf16 pairs of columns, int8 quads, int4 octets (vpdpbusd/vdpbf16ps order).
-inline int64_t weight_offset(int fmt, int r, int kk, int* nibble) {
-    switch (fmt) {
-        case F32: return int64_t(kk) * 64 + r * 4;
-        case F16: return int64_t(kk) * 32 + r * 2;
-        case BF16: return int64_t(kk / 2) * 64 + r * 4 + (kk % 2) * 2;
-        case FP8: return int64_t(kk) * 16 + r;
-        case I8: return int64_t(kk / 4) * 64 + r * 4 + kk % 4;
-        default: *nibble = (kk % 8) / 4; return int64_t(kk / 8) * 64 + r * 4 + kk % 4;
-    }
-}
-
 // Repack one matrix. src: the reference storage (row-major [N, K] data; int4: [N, ceil(K/2)] bytes, low
 // nibble = even column, stored q+8); scales: fp32 as moetier.formats lays them out (or null).
-inline void pack_matrix(const Geometry& g, const uint8_t* src, const float* scales, uint8_t* dst) {
-    const int fmt = g.fmt, N = g.N, K = g.K, G = g.G;
+// The format is a template parameter so the per-element loop has no branches (packing a 600 GB
+// checkpoint is bound by how fast this loop runs).
+template <int FMT>
+void pack_matrix_fmt(const Geometry& g, const uint8_t* src, const float* scales, uint8_t* dst, int64_t stride) {
+    const int N = g.N, K = g.K, G = g.G;
     const int ngroups = g.Kp / G;
     const int64_t wbytes = g.group_bytes - (g.scaled ? 64 : 0);
     const int K2 = (K + 1) / 2;
     const int sgroups_in = (K + G - 1) / G;  // int4 scale columns
     const int fp8_cols = (K + FP8_BLOCK - 1) / FP8_BLOCK;
     for (int p = 0; p < g.panels; ++p) {
-        uint8_t* panel = dst + int64_t(p) * g.panel_bytes;
+        uint8_t* panel = dst + int64_t(p) * stride;
         std::memset(panel, 0, size_t(g.panel_bytes));
         double comp[PANEL] = {0};  // 128 * sum_g scale_g * sum_k q[k]: the u8 activation offset, folded out
         for (int gi = 0; gi < ngroups; ++gi) {
             uint8_t* grp = panel + g.head + int64_t(gi) * g.group_bytes;
             uint8_t* w = grp + (g.scaled ? 64 : 0);
-            if (fmt == I4) std::memset(w, 0x88, size_t(wbytes));  // code 8 = weight 0
+            if (FMT == I4) std::memset(w, 0x88, size_t(wbytes));  // code 8 = weight 0
             float* sc = reinterpret_cast<float*>(grp);
-            for (int r = 0; r < PANEL; ++r) {
+            const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
+            const int rows = std::min(PANEL, N - p * PANEL);
+            float s_row[PANEL] = {0};
+            for (int r = 0; r < rows; ++r) {
                 const int row = p * PANEL + r;
-                if (row >= N) continue;
                 float s = 0.f;
-                if (fmt == I8) s = scales[row];
-                else if (fmt == I4) s = scales[int64_t(row) * sgroups_in + gi];
-                else if (fmt == FP8) s = scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;
+                if (FMT == I8) s = scales[row];
+                else if (FMT == I4) s = scales[int64_t(row) * sgroups_in + gi];
+                else if (FMT == FP8) s = scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;
                 if (g.scaled) sc[r] = s;
+                s_row[r] = s;
+            }
+            int64_t qsum_row[PANEL] = {0};
+            // 32 columns x 16 rows at a time: the destination block stays in L1, every source row is read
+            // sequentially.
+            for (int kb = g0; kb < g1; kb += 32)
+            for (int r = 0; r < rows; ++r) {
+                const int row = p * PANEL + r;
+                const int k1 = std::min(g1, kb + 32);
                 int64_t qsum = 0;
-                const int k_end = std::min(K, (gi + 1) * G);
-                for (int k = gi * G; k < k_end; ++k) {
-                    int nib = 0;
-                    const int64_t off = weight_offset(fmt, r, k - gi * G, &nib);
-                    switch (fmt) {
-                        case F32: std::memcpy(w + off, src + (int64_t(row) * K + k) * 4, 4); break;
-                        case F16: case BF16: std::memcpy(w + off, src + (int64_t(row) * K + k) * 2, 2); break;
-                        case FP8: w[off] = src[int64_t(row) * K + k]; break;
-                        case I8: {
-                            const int8_t q = int8_t(src[int64_t(row) * K + k]);
-                            w[off] = uint8_t(q);
-                            qsum += q;
-                            break;
-                        }
-                        default: {
-                            const uint8_t b = src[int64_t(row) * K2 + k / 2];
-                            const uint8_t code = (k & 1) ? (b >> 4) : (b & 15);
-                            w[off] = nib ? uint8_t((w[off] & 0x0F) | (code << 4)) : uint8_t((w[off] & 0xF0) | code);
-                            qsum += int(code) - 8;
-                        }
+                if constexpr (FMT == F32) {
+                    const uint32_t* in = reinterpret_cast<const uint32_t*>(src) + int64_t(row) * K;
+                    for (int k = kb; k < k1; ++k) std::memcpy(w + int64_t(k - g0) * 64 + r * 4, in + k, 4);
+                } else if constexpr (FMT == F16) {
+                    const uint16_t* in = reinterpret_cast<const uint16_t*>(src) + int64_t(row) * K;
+                    for (int k = kb; k < k1; ++k) std::memcpy(w + int64_t(k - g0) * 32 + r * 2, in + k, 2);
+                } else if constexpr (FMT == BF16) {
+                    const uint16_t* in = reinterpret_cast<const uint16_t*>(src) + int64_t(row) * K;
+                    for (int k = kb; k < k1; ++k)
+                        std::memcpy(w + int64_t((k - g0) / 2) * 64 + r * 4 + ((k - g0) & 1) * 2, in + k, 2);
+                } else if constexpr (FMT == FP8) {
+                    const uint8_t* in = src + int64_t(row) * K;
+                    for (int k = kb; k < k1; ++k) w[int64_t(k - g0) * 16 + r] = in[k];
+                } else if constexpr (FMT == I8) {
+                    const int8_t* in = reinterpret_cast<const int8_t*>(src) + int64_t(row) * K;
+                    for (int k = kb; k < k1; ++k) {
+                        w[int64_t((k - g0) / 4) * 64 + r * 4 + ((k - g0) & 3)] = uint8_t(in[k]);
+                        qsum += in[k];
+                    }
+                } else {  // I4: 8 columns (4 source bytes) per 32-bit lane
+                    const uint8_t* in = src + int64_t(row) * K2;
+                    for (int k = kb; k < k1; ++k) {
+                        const int kk = k - g0;
+                        const uint8_t b = in[k / 2];
+                        const uint8_t code = (k & 1) ? (b >> 4) : (b & 15);
+                        uint8_t& dstb = w[int64_t(kk / 8) * 64 + r * 4 + (kk & 3)];
+                        dstb = (kk & 4) ? uint8_t((dstb & 0x0F) | (code << 4)) : uint8_t((dstb & 0xF0) | code);
+                        qsum += int(code) - 8;
                     }
                 }
-                if (fmt == I8 || fmt == I4) comp[r] += 128.0 * double(s) * double(qsum);
+                qsum_row[r] += qsum;
             }
+            if (FMT == I8 || FMT == I4)
+                for (int r = 0; r < rows; ++r) comp[r] += 128.0 * double(s_row[r]) * double(qsum_row[r]);
         }
         if (g.head) {
             float* c = reinterpret_cast<float*>(panel);
             for (int r = 0; r < PANEL; ++r) c[r] = float(comp[r]);
         }
+    }
+}
+
+// stride: bytes from one panel to the next in dst (panel_bytes, or 2x that for interleaved gate/up).
+inline void pack_matrix(const Geometry& g, const uint8_t* src, const float* scales, uint8_t* dst, int64_t stride) {
+    switch (g.fmt) {
+        case F32: pack_matrix_fmt<F32>(g, src, scales, dst, stride); break;
+        case F16: pack_matrix_fmt<F16>(g, src, scales, dst, stride); break;
+        case BF16: pack_matrix_fmt<BF16>(g, src, scales, dst, stride); break;
+        case I8: pack_matrix_fmt<I8>(g, src, scales, dst, stride); break;
+        case I4: pack_matrix_fmt<I4>(g, src, scales, dst, stride); break;
+        default: pack_matrix_fmt<FP8>(g, src, scales, dst, stride); break;
     }
 }
 
