@@ -118,6 +118,9 @@ void dequant_bf16_pairs(const uint8_t* panel, const Geometry& g, uint8_t* dst) {
 template <bool INT4, int M, int NP>
 void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t* const* xq, const float* xs,
                   float* out) {
+    // Few tokens: two accumulator sets (int4: low/high nibbles; int8: even/odd quads) so each dpbusd chain
+    // has half the length and decode is not bound by the instruction's latency.
+    constexpr int NS = M <= 4 ? 2 : 1;
     const uint8_t* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = xq[m];
     const uint8_t* p[NP];
@@ -137,23 +140,30 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
             scl[q] = _mm512_loadu_ps(reinterpret_cast<const float*>(p[q]));
             p[q] += 64;
         }
-        __m512i ai[NP][M];
-        for (int q = 0; q < NP; ++q)
-            for (int m = 0; m < M; ++m) ai[q][m] = _mm512_setzero_si512();
+        __m512i ai[NS][NP][M];
+        for (int a = 0; a < NS; ++a)
+            for (int q = 0; q < NP; ++q)
+                for (int m = 0; m < M; ++m) ai[a][q][m] = _mm512_setzero_si512();
         const int k_end = (gi + 1) * g.G;
         if constexpr (!INT4) {
-            for (int k = gi * g.G; k < k_end; k += 4) {
-                __m512i w[NP];
+            // Group sizes are multiples of 8 columns: two quads per step.
+            for (int k = gi * g.G; k < k_end; k += 8) {
+                __m512i w0[NP], w1[NP];
                 for (int q = 0; q < NP; ++q) {
                     _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES, _MM_HINT_T0);
-                    w[q] = _mm512_loadu_si512(p[q]);
-                    p[q] += 64;
+                    w0[q] = _mm512_loadu_si512(p[q]);
+                    w1[q] = _mm512_loadu_si512(p[q] + 64);
+                    p[q] += 128;
                 }
                 for (int m = 0; m < M; ++m) {
-                    int32_t quad;
-                    std::memcpy(&quad, xr[m] + k, 4);
-                    const __m512i xv = _mm512_set1_epi32(quad);
-                    for (int q = 0; q < NP; ++q) ai[q][m] = _mm512_dpbusd_epi32(ai[q][m], xv, w[q]);
+                    int32_t q0, q1;
+                    std::memcpy(&q0, xr[m] + k, 4);
+                    std::memcpy(&q1, xr[m] + k + 4, 4);
+                    const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
+                    for (int q = 0; q < NP; ++q) {
+                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], x0, w0[q]);
+                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], x1, w1[q]);
+                    }
                 }
             }
         } else {
@@ -172,14 +182,18 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
                     std::memcpy(&q1, xr[m] + k + 4, 4);
                     const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
                     for (int q = 0; q < NP; ++q) {
-                        ai[q][m] = _mm512_dpbusd_epi32(ai[q][m], x0, wl[q]);
-                        ai[q][m] = _mm512_dpbusd_epi32(ai[q][m], x1, wh[q]);
+                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], x0, wl[q]);
+                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], x1, wh[q]);
                     }
                 }
             }
         }
         for (int q = 0; q < NP; ++q)
-            for (int m = 0; m < M; ++m) acc[q][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[q][m]), scl[q], acc[q][m]);
+            for (int m = 0; m < M; ++m) {
+                __m512i t = ai[0][q][m];
+                if constexpr (NS == 2) t = _mm512_add_epi32(t, ai[1][q][m]);
+                acc[q][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scl[q], acc[q][m]);
+            }
     }
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m)

@@ -134,3 +134,48 @@ def test_extension_checks_sizes_itself(monkeypatch):
         layer.forward(pool, x, False, np.full((2, 2), 9, np.int64), np.zeros((2, 2), np.float32), out, False)
     with pytest.raises(ValueError):
         layer.forward(pool, x[:, :30].copy(), False, np.zeros((2, 2), np.int64), np.zeros((2, 2), np.float32), out, False)
+
+
+def test_background_workers_are_pinned(monkeypatch):
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two allowed CPUs")
+    be = make_backend(BEST, monkeypatch, threads=2)
+    assert be._kernel_pool.size == 2
+    # The caller is worker 0; the one background worker pins itself when it starts.
+    deadline = time.time() + 5
+    while be._kernel_pool.pinned != 1 and time.time() < deadline:
+        time.sleep(0.01)
+    assert be._kernel_pool.pinned == 1
+
+
+def test_two_numa_nodes_split_and_reduce(monkeypatch):
+    """A (recorded-style) two-node inventory over this machine's CPUs: experts are homed on alternate
+    nodes, each node reduces its own experts and a last phase sums the nodes. Same result as one node."""
+    import dataclasses
+    import os
+
+    from moetier.backends.native.backend import NativeBackend
+    from moetier.hardware import NumaNode
+
+    from test_native_common import BACKEND_OF, INVENTORY
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two allowed CPUs")
+    nodes = (NumaNode(0, (cpus[0],), 1 << 30, 1 << 30), NumaNode(1, (cpus[1],), 1 << 30, 1 << 30))
+    two_nodes = dataclasses.replace(INVENTORY, numa_nodes=nodes)
+    monkeypatch.setenv("MOETIER_CPU_VARIANT", BEST)
+    be2 = NativeBackend(BACKEND_OF[BEST], BEST, two_nodes, threads=2)
+    assert be2.num_nodes == 2
+    gen = torch.Generator().manual_seed(torch.seed())
+    layer, weights = random_layer(gen, "bf16", 7, 3, 48, 40)
+    be1 = make_backend(BEST, monkeypatch, threads=1)
+    for T in (1, 30):
+        hidden = torch.randn(T, 48, generator=gen)
+        ids, w = routing(gen, T, 7, 3)
+        out2 = be2.forward(be2.prepare(layer, weights, range(7), "bf16"), hidden, ids, w)
+        out1 = be1.forward(be1.prepare(layer, weights, range(7), "bf16"), hidden, ids, w)
+        assert rel_err(out2, out1) < 1e-6  # only the order of the fp32 sums across nodes differs
+        assert rel_err(out2, reference(layer, weights, range(7), "bf16", hidden, ids, w)) < 1e-2
