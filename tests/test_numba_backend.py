@@ -264,6 +264,11 @@ def test_probe_and_registration():
     assert spec.device == "cpu" and set(spec.formats) == set(FORMATS)
     with pytest.raises(ValueError, match="num_threads"):
         NumbaBackend(num_threads=0)
+    # the plugin's numba-free format table agrees with the kernels' kind codes
+    from moetier.backends import cpu_numba, numba_kernels as k
+    kinds = {"fp32": k.KIND_FP32, "bf16": k.KIND_BF16, "fp16": k.KIND_FP16, "int8": k.KIND_INT8,
+             "int4_g32": k.KIND_INT4, "int4_g64": k.KIND_INT4, "int4_g128": k.KIND_INT4, "fp8_e4m3": k.KIND_FP8}
+    assert cpu_numba._KINDS == kinds
 
 
 def test_plugin_imports_and_probes_without_numba():
