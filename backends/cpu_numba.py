@@ -208,8 +208,8 @@ class NumbaBackend(ExpertBackend):
         import numba
         layer, pl = prepared.layer, prepared.payload
         H, I = layer.hidden_size, layer.intermediate_size
-        if self.num_threads is not None:
-            numba.set_num_threads(self.num_threads)  # thread-local: affects only this caller's launches
+        # Thread-local in numba: set on every call, since another backend may have changed it on this thread.
+        numba.set_num_threads(self.num_threads or numba.config.NUMBA_NUM_THREADS)
         offsets, pair_tok, pair_w, active = k.group_pairs(ids, w, pl.slot_of)
         if active.shape[0] == 0:
             return
