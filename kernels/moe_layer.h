@@ -27,6 +27,7 @@ inline namespace MOETIER_NS {
 
 enum Act : int { SILU = 0, SWIGLU_OAI = 1 };
 constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming fp32 path runs
+constexpr int INT8_DECODE_MIN_K = 256;  // shortest rows (hidden and intermediate) for int8-activation decode
 constexpr int GU_CHUNK = 4;           // gate/up panels per phase-1 task
 constexpr int DN_CHUNK_MIN = 2;       // down panels per phase-2 task: at least, at most
 constexpr int DN_CHUNK_MAX = 16;
@@ -473,13 +474,17 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         c.act_m.push_back(count[s]);
         fill_pos[s] = R;
         // bf16 decode streams at DRAM speed with exact fp32 math, so vdpbf16ps only pays off for prefill.
-        // Integer weights take vpdpbusd at every size: unpacking them to fp32 costs more instructions per
-        // byte than a core can issue at DRAM speed (measured: ~15 GB/s int8, ~10 GB/s int4 per core).
+        // Integer weights also take vpdpbusd for decode on model-sized rows: unpacking them to fp32 costs
+        // more instructions per byte than a core issues at DRAM speed (measured ~15 GB/s int8, ~10 GB/s
+        // int4 per core). On short rows (< INT8_DECODE_MIN_K) a token's quantization error does not
+        // average out (up to 7% on a 16 x 8 expert), and the exact path costs nothing there.
+        const bool prefill = count[s] > DECODE_MAX_TOKENS;
         int path = P_F32;
         if (MOETIER_HAS_DOT) {
-            if (fmt_ == BF16 && count[s] > DECODE_MAX_TOKENS) path = P_BF16DOT;
-            else if ((fmt_ == FP8 || fmt_ == F16) && count[s] > DECODE_MAX_TOKENS) path = P_DEQDOT;
-            else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_) path = P_INT8DOT;
+            if (fmt_ == BF16 && prefill) path = P_BF16DOT;
+            else if ((fmt_ == FP8 || fmt_ == F16) && prefill) path = P_DEQDOT;
+            else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_ && (prefill || std::min(H_, I_) >= INT8_DECODE_MIN_K))
+                path = P_INT8DOT;
         }
         c.act_path.push_back(path);
         c.need_xb |= path == P_BF16DOT || path == P_DEQDOT;
@@ -546,34 +551,47 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             for (int p = 0; p < dn_.panels; p += dn_chunk)
                 dn_tasks[nd]->items.push_back({nd, p, std::min(dn_.panels, p + dn_chunk)});
     }
+    // Phases are ordered by counting finished work, not by waiting for every thread: a worker the OS
+    // descheduled (another process on its core) finds the work taken by the others when it comes back
+    // and falls through, instead of holding everyone at a barrier.
     std::atomic<int> convert_next{0}, quant_next{0}, reduce_next{0};
-    SpinBarrier barrier(pool.size());
+    std::atomic<int> convert_done{0}, gu_done{0}, quant_done{0}, dn_done{0}, reduce_done{0};
+    int gu_total = 0, dn_total = 0;
+    for (int nd = 0; nd < num_nodes; ++nd) {
+        gu_total += int(gu_tasks[nd]->items.size());
+        dn_total += int(dn_tasks[nd]->items.size());
+    }
+    const int q_total = int(c.q_rows.size());
     const bool multi = c.active_nodes.size() > 1;
     // Take tasks from the worker's own node first, then help the other nodes.
-    auto drain = [&](std::vector<std::unique_ptr<TaskQueue>>& qs, int worker, auto&& fn) {
+    auto drain = [&](std::vector<std::unique_ptr<TaskQueue>>& qs, int worker, std::atomic<int>& done, auto&& fn) {
         const int home = pool.node_of(worker) % num_nodes;
         for (int i = 0; i < num_nodes; ++i) {
             TaskQueue& q = *qs[(home + i) % num_nodes];
-            for (int idx; (idx = q.next.fetch_add(1, std::memory_order_relaxed)) < int(q.items.size());)
+            for (int idx; (idx = q.next.fetch_add(1, std::memory_order_relaxed)) < int(q.items.size());) {
                 fn(q.items[idx]);
+                done.fetch_add(1, std::memory_order_release);
+            }
         }
     };
-    auto chunks = [](std::atomic<int>& next, int total, int chunk, auto&& fn) {
-        for (int i; (i = next.fetch_add(chunk, std::memory_order_relaxed)) < total;) fn(i, std::min(total, i + chunk));
+    auto chunks = [](std::atomic<int>& next, std::atomic<int>& done, int total, int chunk, auto&& fn) {
+        for (int i; (i = next.fetch_add(chunk, std::memory_order_relaxed)) < total;) {
+            const int e = std::min(total, i + chunk);
+            fn(i, e);
+            done.fetch_add(e - i, std::memory_order_release);
+        }
     };
     const std::function<void(int)> job = [&](int worker) {
-        chunks(convert_next, T, CONVERT_CHUNK, [&](int a, int b) { phase_convert(c, a, b); });
-        barrier.wait();
-        drain(gu_tasks, worker, [&](const std::array<int, 3>& t) { phase_gate_up(c, t[0], t[1], t[2]); });
-        barrier.wait();
-        if (!c.q_rows.empty()) {
-            chunks(quant_next, int(c.q_rows.size()), QUANT_CHUNK, [&](int a, int b) { phase_quantize_h(c, a, b); });
-            barrier.wait();
-        }
-        drain(dn_tasks, worker, [&](const std::array<int, 3>& t) { phase_down(c, t[0], t[1], t[2]); });
+        chunks(convert_next, convert_done, T, CONVERT_CHUNK, [&](int a, int b) { phase_convert(c, a, b); });
+        wait_count(convert_done, T);
+        drain(gu_tasks, worker, gu_done, [&](const std::array<int, 3>& t) { phase_gate_up(c, t[0], t[1], t[2]); });
+        wait_count(gu_done, gu_total);
+        chunks(quant_next, quant_done, q_total, QUANT_CHUNK, [&](int a, int b) { phase_quantize_h(c, a, b); });
+        wait_count(quant_done, q_total);
+        drain(dn_tasks, worker, dn_done, [&](const std::array<int, 3>& t) { phase_down(c, t[0], t[1], t[2]); });
         if (multi) {
-            barrier.wait();
-            chunks(reduce_next, T, CONVERT_CHUNK, [&](int a, int b) { phase_reduce(c, a, b); });
+            wait_count(dn_done, dn_total);
+            chunks(reduce_next, reduce_done, T, CONVERT_CHUNK, [&](int a, int b) { phase_reduce(c, a, b); });
         }
     };
     pool.run(job);

@@ -3,8 +3,8 @@
 // run(job) runs job(worker) on the calling thread and every background worker and returns when all are
 // done; concurrent run() calls from several Python threads are serialized. An idle worker spins for at
 // most 50 microseconds (to catch back-to-back calls) and then parks: on a small machine a spinning
-// worker would steal the core the caller needs. Inside a job the phases meet at a barrier that spins
-// briefly and then yields.
+// worker would steal the core the caller needs. A job orders its phases by counting finished tasks
+// (wait_count), so a worker the OS descheduled never holds up the others.
 #pragma once
 #include <sched.h>
 
@@ -25,28 +25,14 @@ inline namespace MOETIER_NS {
 
 inline void cpu_relax() { __builtin_ia32_pause(); }
 
-class SpinBarrier {
-   public:
-    explicit SpinBarrier(int n) : n_(n) {}
-    void wait() {
-        if (n_ == 1) return;
-        const int phase = phase_.load(std::memory_order_acquire);
-        if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
-            arrived_.store(0, std::memory_order_relaxed);
-            phase_.fetch_add(1, std::memory_order_release);
-            return;
-        }
-        for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
-            if (spins < 4000) cpu_relax();
-            else std::this_thread::yield();  // a straggler was descheduled: give it the core
-        }
+// Wait until `count` reaches `target`: spin briefly, then yield (a straggler may have been descheduled:
+// give it the core).
+inline void wait_count(const std::atomic<int>& count, int target) {
+    for (int spins = 0; count.load(std::memory_order_acquire) < target; ++spins) {
+        if (spins < 4000) cpu_relax();
+        else std::this_thread::yield();
     }
-
-   private:
-    const int n_;
-    std::atomic<int> arrived_{0};
-    std::atomic<int> phase_{0};
-};
+}
 
 class ThreadPool {
    public:
@@ -89,17 +75,20 @@ class ThreadPool {
             job(0);
             return;
         }
-        job_ = &job;
-        pending_.store(n_ - 1, std::memory_order_relaxed);
-        generation_.fetch_add(1, std::memory_order_release);
+        job_.store(&job);
+        closed_.store(false);
+        generation_.fetch_add(1);
         {
             std::lock_guard<std::mutex> lk(m_);  // pairs with the parked workers' predicate check
         }
         cv_.notify_all();
         job(0);
-        if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+        // The job's work is done (it waits for its own tasks). Close it: a worker that has not entered yet
+        // skips it; wait only for those inside, which are finishing.
+        closed_.store(true);
+        if (!spin_until([&] { return active_.load() == 0; })) {
             std::unique_lock<std::mutex> lk(m_);
-            done_cv_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+            done_cv_.wait(lk, [&] { return active_.load() == 0; });
         }
     }
 
@@ -134,9 +123,10 @@ class ThreadPool {
                 cv_.wait(lk, ready);
             }
             if (stop_.load()) return;
-            seen = generation_.load(std::memory_order_acquire);
-            (*job_)(idx);
-            if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            seen = generation_.load();
+            active_.fetch_add(1);  // seq_cst with closed_: either run() sees us active, or we see it closed
+            if (!closed_.load()) (*job_.load())(idx);
+            if (active_.fetch_sub(1) == 1) {
                 std::lock_guard<std::mutex> lk(m_);
                 done_cv_.notify_one();
             }
@@ -150,8 +140,9 @@ class ThreadPool {
     std::vector<std::thread> workers_;
     std::mutex call_m_, m_;
     std::condition_variable cv_, done_cv_;
-    const std::function<void(int)>* job_ = nullptr;
-    std::atomic<int> pending_{0};
+    std::atomic<const std::function<void(int)>*> job_{nullptr};
+    std::atomic<int> active_{0};
+    std::atomic<bool> closed_{true};
     std::atomic<uint64_t> generation_{0};
     std::atomic<bool> stop_{false};
 };

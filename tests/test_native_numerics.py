@@ -7,7 +7,8 @@ Bounds (relative Frobenius error against the oracle on the same dequantized weig
 - bf16 prefill with vdpbf16ps (avx512_bf16/amx variants): the input and the intermediate act(g) * u are
   rounded to bf16 (rms relative error 2^-9/sqrt(3) ~ 1.1e-3 each, in quadrature ~ 1.6e-3). fp16 and fp8
   prefill there also round the scaled weights to bf16 (one more such term, ~2e-3). Bound 1e-2.
-- int8/int4 with vpdpbusd (decode and prefill on the VNNI variants): activations quantized per row to int8 (step amax/127, ~0.8% rms of
+- int8/int4 with vpdpbusd (prefill, and decode when hidden and intermediate are >= 256, on the VNNI
+  variants): activations quantized per row to int8 (step amax/127, ~0.8% rms of
   the row each for the input and the intermediate, ~1.2% combined, measured 1.1-1.3%). Bound 4e-2.
 - a bf16 output adds one rounding (~1.1e-3 rms): bound 1e-2 on top of the path's own.
 A wrong scale, dropped group, swapped nibble or transposed block moves the error above 1e-1.
@@ -26,11 +27,12 @@ FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", 
 DECODE_MAX_TOKENS = 4
 
 
-def bound(fmt: str, variant: str, prefill: bool) -> float:
+def bound(fmt: str, variant: str, prefill: bool, min_k: int = 0) -> float:
     if variant in DOT_VARIANTS:
         if fmt in ("bf16", "fp16", "fp8_e4m3") and prefill:  # fp16/fp8 weights also rounded to bf16
             return 1e-2
-        if fmt.startswith("int"):  # vpdpbusd on both paths (int8_activations=True, the default)
+        # vpdpbusd (int8_activations=True, the default): prefill, and decode on rows >= 256 long
+        if fmt.startswith("int") and (prefill or min_k >= 256):
             return 4e-2
     return 2e-5
 
@@ -121,3 +123,20 @@ def test_duplicate_ids_and_unheld_experts(variant, monkeypatch):
     ref = reference(layer, weights, [1, 2, 4, 5], "bf16", hidden, ids, w)
     assert torch.all(out[2] == 0)  # only unheld experts: exactly zero
     assert rel_err(out, ref) < 2e-5
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128"])
+def test_model_sized_rows_decode(variant, fmt, monkeypatch):
+    """Rows >= 256: on the VNNI variants integer decode switches to int8 activations (still bounded)."""
+    gen = torch.Generator().manual_seed(torch.seed())
+    E, k, H, I = 4, 2, 320, 256
+    layer, weights = random_layer(gen, fmt, E, k, H, I)
+    hidden = torch.randn(1, H, generator=gen)
+    ids, w = routing(gen, 1, E, k)
+    be = make_backend(variant, monkeypatch)
+    err = rel_err(be.forward(be.prepare(layer, weights, range(E), fmt), hidden, ids, w),
+                  reference(layer, weights, range(E), fmt, hidden, ids, w))
+    assert err < bound(fmt, variant, False, min(H, I))
+    if variant in DOT_VARIANTS:
+        assert err > 1e-4  # the int8-activation path really ran
