@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -155,7 +156,9 @@ def run(config: BenchConfig, progress=print) -> list[Measurement]:
 def run_isolated(config: BenchConfig, args) -> BenchResult:
     """Measure the limits here, then each shape x format in its own process: kt-kernel kills the process
     on some inputs (SIGFPE, SIGSEGV), and one crash must not lose the other formats."""
-    result = BenchResult(measure_limits(detect_inventory(), config.threads, quick=config.quick))
+    inventory = detect_inventory()
+    result = BenchResult(measure_limits(inventory, config.threads, quick=config.quick))
+    result.load_average_start = list(os.getloadavg())
     for shape_name in config.shapes:
         shape = get_shape(shape_name, config.max_weight_bytes)
         result.shapes[shape.name] = shape
@@ -176,6 +179,8 @@ def run_isolated(config: BenchConfig, args) -> BenchResult:
             result.notes.append(f"kt-kernel {CLASSES[fmt]} on {shape_name} {fmt}: the process died ({why}); "
                                 "no measurement")
             print(result.notes[-1], flush=True)
+    # As `moetier bench kernels` does: the limits again at the end, keeping the better of the two.
+    result.limits = result.limits.best_of(measure_limits(inventory, config.threads, quick=config.quick))
     return result
 
 

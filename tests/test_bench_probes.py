@@ -78,3 +78,14 @@ def test_measure_limits_records_missing_peaks_as_notes():
     assert limits.read_gb_per_s[1] > 0.2
     assert any("bf16" in n for n in limits.notes) and any("int8" in n for n in limits.notes)
     assert limits.to_dict()["read_gb_per_s"] == {"1": limits.read_gb_per_s[1]}
+
+
+def test_best_of_keeps_the_higher_limit():
+    a = probes.MachineLimits({1: 10.0, 2: 18.0}, {1: 11.0, 2: 19.0}, {1: 200.0, 2: None}, {1: None, 2: None},
+                             1 << 30, "avx512", ("x",))
+    b = probes.MachineLimits({1: 12.0, 2: 15.0}, {1: 12.5, 2: 16.0}, {1: 150.0, 2: 300.0}, {1: None, 2: None},
+                             1 << 30, "avx512", ("x", "y"))
+    m = a.best_of(b)
+    assert m.read_gb_per_s == {1: 12.0, 2: 18.0} and m.read_gb_per_s_best == {1: 12.5, 2: 19.0}
+    assert m.bf16_gflop_per_s == {1: 200.0, 2: 300.0} and m.int8_gop_per_s == {1: None, 2: None}
+    assert m.notes == ("x", "y")

@@ -98,6 +98,18 @@ class MachineLimits:
         table = self.bf16_gflop_per_s if kind == "bf16" else self.int8_gop_per_s
         return kind, table.get(threads)
 
+    def best_of(self, other: MachineLimits) -> MachineLimits:
+        """Per thread count, the higher of two measurements of each limit: on a shared machine a limit
+        measured once may coincide with someone else's burst, and the limit is what the machine can do."""
+        def mx(a: dict, b: dict) -> dict:
+            return {k: max((v for v in (a.get(k), b.get(k)) if v is not None), default=None) for k in a.keys() | b.keys()}
+
+        return MachineLimits(mx(self.read_gb_per_s, other.read_gb_per_s),
+                             mx(self.read_gb_per_s_best, other.read_gb_per_s_best),
+                             mx(self.bf16_gflop_per_s, other.bf16_gflop_per_s),
+                             mx(self.int8_gop_per_s, other.int8_gop_per_s), self.read_bytes, self.read_isa,
+                             tuple(dict.fromkeys(self.notes + other.notes)))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("read_gb_per_s", "read_gb_per_s_best", "bf16_gflop_per_s", "int8_gop_per_s"):

@@ -80,7 +80,8 @@ def document(result: BenchResult, inventory: HardwareInventory, *, command: list
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "machine": inventory.to_dict(),
-        # Other processes share small machines: the 1/5/15-minute load averages when the run ended.
+        # Other processes share small machines: the 1/5/15-minute load averages when the run began and ended.
+        "load_average_start": result.load_average_start,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "settings": settings or {},
         "limits": result.limits.to_dict(),
@@ -203,6 +204,10 @@ def markdown_table(records: list[dict], peer: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _loads(values) -> str:
+    return " / ".join(f"{x:.1f}" for x in values) if values else "unknown"
+
+
 def markdown_report(doc: dict) -> str:
     """Date, command, machine, the limits and the results of one run, as Markdown."""
     cpu = doc["machine"]["cpu"]
@@ -214,8 +219,8 @@ def markdown_report(doc: dict) -> str:
         f"{cpu['logical_cores']} logical cores, {doc['machine']['dram_total_bytes'] / 2**30:.1f} GiB DRAM, "
         f"{len(doc['machine']['numa_nodes'])} NUMA node(s); features: {' '.join(cpu['features'])}",
         f"- moetier {doc['moetier_version']}, torch {doc['torch_version']}, Python {doc['python']}",
-        f"- load average (1/5/15 min) at the end of the run: "
-        f"{' / '.join(f'{x:.1f}' for x in doc['load_average']) if doc.get('load_average') else 'unknown'}",
+        f"- load average (1/5/15 min) at the start / end of the run: {_loads(doc.get('load_average_start'))}; "
+        f"{_loads(doc.get('load_average'))} (the machine has {cpu['logical_cores']} logical cores)",
         "",
         "| threads | DRAM read GB/s (best) | median | bf16 vdpbf16ps GFLOP/s | int8 vpdpbusd GOP/s |",
         "|---|---|---|---|---|",
