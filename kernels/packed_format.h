@@ -207,7 +207,13 @@ struct DecFP8 {
     static constexpr int UK = 4, UB = 64;
     template <class Fn>
     static MOE_INLINE void unit(const uint8_t* p, Fn&& fn) {
-        unroll<4>([&](auto J) { fn(J, fp8_get(p + 16 * J)); });
+        V a, b, c, d;
+        fp8_get2(p, a, b);
+        fp8_get2(p + 32, c, d);
+        fn(std::integral_constant<int, 0>{}, a);
+        fn(std::integral_constant<int, 1>{}, b);
+        fn(std::integral_constant<int, 2>{}, c);
+        fn(std::integral_constant<int, 3>{}, d);
     }
 };
 struct DecI8 {

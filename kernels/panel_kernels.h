@@ -41,6 +41,9 @@ void gemm_f32(const uint8_t* const* panels, const Geometry& g, const float* cons
         const int k_end = (gi + 1) * g.G;
         for (int k = gi * g.G; k < k_end; k += D::UK) {
             for (int q = 0; q < NP; ++q) {
+                _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES, _MM_HINT_T0);
+                if constexpr (D::UB > 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES + 64, _MM_HINT_T0);
                 D::unit(p[q], [&](auto J, V w) {
                     constexpr int j = decltype(J)::value;
                     constexpr int a = j % NA;

@@ -80,6 +80,13 @@ MOE_INLINE V fp8_get(const uint8_t* p) {
     h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(int16_t(0xBF80)));
     return {_mm512_cvtph_ps(h)};
 }
+// Two columns (32 bytes) at once: one sign extension, shift and mask for 32 weights.
+MOE_INLINE void fp8_get2(const uint8_t* p, V& a, V& b) {
+    __m512i h = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    h = _mm512_and_si512(_mm512_slli_epi16(h, 7), _mm512_set1_epi16(int16_t(0xBF80)));
+    a = {_mm512_cvtph_ps(_mm512_castsi512_si256(h))};
+    b = {_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1))};
+}
 MOE_INLINE V f16_get(const uint8_t* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
@@ -155,6 +162,10 @@ MOE_INLINE V fp8_get(const uint8_t* p) {
     __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(int16_t(0xBF80)));
     return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+}
+MOE_INLINE void fp8_get2(const uint8_t* p, V& a, V& b) {
+    a = fp8_get(p);
+    b = fp8_get(p + 16);
 }
 MOE_INLINE V f16_get(const uint8_t* p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
