@@ -103,6 +103,14 @@ def test_many_tokens_on_one_expert(backend, ref, fmt):
     assert rel_err(out, expected) < FP32_BOUND, f"seed {seed}"
 
 
+def test_holding_no_expert_gives_zeros(backend):
+    layer = ExpertLayerSpec(4, 2, 16, 8)
+    weights = make_weights(4, 16, 8, "int8", torch.Generator().manual_seed(0))
+    p = backend.prepare(layer, weights, [], "int8")
+    out = backend.submit(p, torch.randn(3, 16), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2)).wait(60)
+    assert torch.equal(out, torch.zeros(3, 16))
+
+
 def test_held_subset_others_contribute_nothing(backend, ref):
     g, seed = fresh_generator()
     E, k, H, I, T = 8, 2, 48, 24, 20
