@@ -86,11 +86,6 @@ class NumbaPayload:
     gate_bias: np.ndarray  # [E, I] fp32 (zeros when the layer has no biases)
     up_bias: np.ndarray
     down_bias: np.ndarray  # [E, H]
-    lut: np.ndarray  # [256] fp32: fp8 e4m3 code -> value (unused by other formats)
-
-
-def _fp8_table() -> np.ndarray:
-    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).numpy().copy()
 
 
 def _row_bytes(q) -> np.ndarray:
@@ -178,8 +173,7 @@ class NumbaBackend(ExpertBackend):
         return NumbaPayload(
             kind=kind, group=group, slot_of=slot_of, gate=_stack([t.gate for t in ts], kind),
             up=_stack([t.up for t in ts], kind), down=_stack([t.down for t in ts], kind),
-            gate_bias=bias("gate_bias", I), up_bias=bias("up_bias", I), down_bias=bias("down_bias", H),
-            lut=_fp8_table())
+            gate_bias=bias("gate_bias", I), up_bias=bias("up_bias", I), down_bias=bias("down_bias", H))
 
     def compute(self, prepared, inputs):
         k = _kernels()
@@ -219,9 +213,9 @@ class NumbaBackend(ExpertBackend):
         act = _ACTS[layer.activation]
         alpha, limit = np.float32(layer.swiglu_alpha), np.float32(layer.swiglu_limit)
         k.gate_up(pl.kind, pl.group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
-                  *pl.gate.args(), *pl.up.args(), pl.gate_bias, pl.up_bias, pl.lut, h)
+                  *pl.gate.args(), *pl.up.args(), pl.gate_bias, pl.up_bias, h)
         k.down_accumulate(pl.kind, pl.group, H, I, offsets, pair_tok, pair_w, active,
-                          *pl.down.args(), pl.down_bias, pl.lut, h, out)
+                          *pl.down.args(), pl.down_bias, h, out)
 
 
 def _probe(inv) -> Probe:
