@@ -16,6 +16,7 @@ from . import baseline as torch_baseline
 from .kernels import BenchResult
 from .measure import Measurement
 from .probes import MachineLimits
+from .workload import BENCH_FORMATS
 
 SCHEMA = "moetier.bench.kernels/1"
 
@@ -27,6 +28,13 @@ RECORD_FIELDS = (
     "read_gb_per_s", "peak_kind", "peak_gflop_per_s", "pct_bandwidth", "pct_peak",
     "torch_tokens_per_s", "x_vs_torch", "peer_backend", "peer_tokens_per_s", "x_vs_peer",
 )
+
+
+def _order(r: dict) -> tuple:
+    """Table order: shape, batch, threads, then formats in the bench's order, then backend."""
+    fmts = list(BENCH_FORMATS)
+    f = fmts.index(r["format"]) if r["format"] in fmts else len(fmts)
+    return (r["shape"], r["batch"], r["threads"], f, r["format"], r["backend"])
 
 
 def _baseline_key(m: Measurement) -> tuple:
@@ -141,7 +149,7 @@ def results_table(records: list[dict], peer_name: str | None = None):
     if peer_name:
         t.add_column(f"{peer_name} tok/s", justify="right")
         t.add_column(f"x {peer_name}", justify="right")
-    order = sorted(records, key=lambda r: (r["shape"], r["batch"], r["threads"], r["format"], r["backend"]))
+    order = sorted(records, key=_order)
     last = None
     for r in order:
         group = (r["shape"], r["batch"])
@@ -194,7 +202,7 @@ def markdown_table(records: list[dict], peer: bool = False) -> str:
     if peer:
         head += ["peer", "peer tok/s", "x peer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(records, key=lambda r: (r["shape"], r["batch"], r["threads"], r["format"], r["backend"])):
+    for r in sorted(records, key=_order):
         row = [r["shape"], r["format"], str(r["batch"]), str(r["threads"]), r["backend"], _f(r["tokens_per_s"]),
                _f(r["gb_per_s"]), _f(r["pct_bandwidth"], 0, "%"), _f(r["gflop_per_s"]), _f(r["pct_peak"], 0, "%"),
                _f(r["x_vs_torch"], 2, "x"), _f(r.get("check_relerr"), 4)]
