@@ -76,7 +76,11 @@ void gemm_bf16dot(const uint8_t* const* panels, const Geometry& g, const uint16_
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
     for (int k = 0; k < g.Kp; k += 2) {
         __m512i w[NP];
-        for (int q = 0; q < NP; ++q) w[q] = _mm512_loadu_si512(p[q] + int64_t(k) * 32);
+        for (int q = 0; q < NP; ++q) {
+            // Weights of a few-token expert come from DRAM: fetch ahead so the dot products overlap them.
+            _mm_prefetch(reinterpret_cast<const char*>(p[q] + int64_t(k) * 32) + PREFETCH_BYTES, _MM_HINT_T0);
+            w[q] = _mm512_loadu_si512(p[q] + int64_t(k) * 32);
+        }
         for (int m = 0; m < M; ++m) {
             int32_t pair;
             std::memcpy(&pair, xr[m] + k, 4);
