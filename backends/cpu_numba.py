@@ -102,15 +102,16 @@ def _row_bytes(q) -> np.ndarray:
 
 
 def _repack_int4(q) -> np.ndarray:
-    """int4 rows re-laid as two half-rows: with half = ceil(in / 2), byte j holds value j in its low nibble
-    and value half + j in its high one (codes q + 8; an odd row pads one zero code). Same bytes as the
-    reference layout, but the kernel decodes each half as one contiguous, vectorisable run."""
+    """int4 rows re-laid in chunks of 128 values stored in 64 bytes: byte j of a chunk holds value j in its
+    low nibble and value 64 + j in its high one (codes q + 8; the last chunk is padded with zero codes).
+    The reference layout's bytes plus at most 63 pad bytes a row, and the kernel decodes and scales a
+    chunk in one vectorisable pass."""
     rows, cols = q.shape
-    half = (cols + 1) // 2
-    codes = torch.zeros(rows, 2 * half, dtype=torch.int16)
+    chunks = -(-cols // 128)
+    codes = torch.zeros(rows, chunks * 128, dtype=torch.int16)
     codes[:, :cols] = unpack_int4(q.data, cols).to(torch.int16)
-    u = (codes + 8).to(torch.uint8)
-    return (u[:, :half] | (u[:, half:] << 4)).contiguous().numpy()
+    u = (codes + 8).to(torch.uint8).view(rows, chunks, 2, 64)
+    return (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(rows, chunks * 64).contiguous().numpy()
 
 
 def _row_scales(q) -> np.ndarray:

@@ -17,8 +17,9 @@ Numba/LLVM notes that shaped this code (measured, not guessed):
   slower at 2 threads);
 - inner loops are `for j in range(length)` with the offset added inside: `range(a, min(b, n))` defeats
   the vectoriser (10x slower scale loops);
-- short fixed-trip inner loops (16-32) do not vectorise, so int4 is laid out as two half-rows (see
-  cpu_numba._repack_int4) and decoded in one long loop, then scaled in 128-value chunks;
+- inner loops shorter than 64 iterations do not vectorise (LLVM picks 64 lanes x unroll), so int4 is
+  repacked in 128-value chunks decoded and scaled by one 64-trip loop (see cpu_numba._repack_int4) and
+  fp8 scales are applied in 128-value chunks;
 - table lookups (fp8 / fp16 code -> value) compile to one scalar load per value, so both are decoded
   from their bit fields instead;
 - numba widens int32 arithmetic to 64-bit lanes; splitting int4 nibbles in fp32 is 2x faster.
@@ -124,17 +125,22 @@ def decode_row(kind, group, n, e, r, u8, u16, i8, f32, sc, buf, bits):
         for k in range(n):
             buf[k] = np.float32(i8[e, r, k]) * s
     elif kind == KIND_INT4:
-        # Byte j holds value j (low nibble) and value half + j (high nibble) as q + 8; an odd row's pad
-        # value lands in buf[n], which the scratch has room for and nothing reads.
-        # Nibbles split in fp32 (b / 16 is exact, truncation is floor for b >= 0): 2x faster than the
-        # integer route, which numba widens to 64-bit lanes.
-        half = (n + 1) // 2
-        for j in range(half):
-            b = np.float32(u8[e, r, j])
-            hi = np.float32(np.int32(b * np.float32(0.0625)))
-            buf[j] = b - np.float32(16.0) * hi - np.float32(8.0)
-            buf[half + j] = hi - np.float32(8.0)
-        scale_groups(buf, sc, e, r, n, group)
+        # Chunks of 128 values in 64 bytes: byte j holds value j (low nibble) and value 64 + j (high
+        # nibble) of its chunk as q + 8, the last chunk padded with zero codes. One 64-trip pass per chunk
+        # decodes and scales (one scale per 32-value quarter, picked by selects); the pad values land in
+        # the scratch's slack past n and are never read.
+        last = (n + group - 1) // group - 1  # a padded quarter past n reuses the last real scale
+        for c in range((n + 127) // 128):
+            k0 = c * 128
+            s0 = sc[e, r, min(k0 // group, last)]
+            s1 = sc[e, r, min((k0 + 32) // group, last)]
+            s2 = sc[e, r, min((k0 + 64) // group, last)]
+            s3 = sc[e, r, min((k0 + 96) // group, last)]
+            for j in range(64):
+                b = np.float32(u8[e, r, c * 64 + j])
+                hi = np.float32(np.int32(b * np.float32(0.0625)))  # b / 16 is exact; truncation = floor
+                buf[k0 + j] = (b - np.float32(16.0) * hi - np.float32(8.0)) * (s0 if j < 32 else s1)
+                buf[k0 + 64 + j] = (hi - np.float32(8.0)) * (s2 if j < 32 else s3)
     else:  # KIND_FP8
         for k in range(n):
             buf[k] = fp8_e4m3_to_f32(np.int32(u8[e, r, k]))
