@@ -18,8 +18,8 @@ Numba/LLVM notes that shaped this code (measured, not guessed):
 - inner loops are `for j in range(length)` with the offset added inside: `range(a, min(b, n))` defeats
   the vectoriser (10x slower scale loops);
 - inner loops shorter than 64 iterations do not vectorise (LLVM picks 64 lanes x unroll), so int4 is
-  repacked in 128-value chunks decoded and scaled by one 64-trip loop (see cpu_numba._repack_int4) and
-  fp8 scales are applied in 128-value chunks;
+  repacked in 128-value chunks decoded and scaled by one 64-trip loop (see cpu_numba._repack_int4), and
+  fp8 rows are decoded and scaled one 128-column block at a time;
 - table lookups (fp8 / fp16 code -> value) compile to one scalar load per value, so both are decoded
   from their bit fields instead;
 - numba widens int32 arithmetic to 64-bit lanes; splitting int4 nibbles in fp32 is 2x faster.
@@ -88,27 +88,6 @@ def fp8_e4m3_to_f32(b):
 
 
 @njit(**_JIT)
-def scale_groups(buf, sc, e, r, n, group):
-    """buf[k] *= sc[e, r, k // group] for k < n, for groups of 32, 64 or 128 values.
-
-    Works in chunks of 128 values with one scale per 32-value quarter picked by selects: a constant
-    128-trip loop vectorises, while loops over one group (a runtime or a 32-value trip count) do not.
-    """
-    n_full = n // 128
-    for c in range(n_full):
-        k0 = c * 128
-        s0 = sc[e, r, k0 // group]
-        s1 = sc[e, r, (k0 + 32) // group]
-        s2 = sc[e, r, (k0 + 64) // group]
-        s3 = sc[e, r, (k0 + 96) // group]
-        for j in range(128):
-            buf[k0 + j] *= (s0 if j < 32 else s1) if j < 64 else (s2 if j < 96 else s3)
-    k0 = n_full * 128
-    for j in range(n - k0):
-        buf[k0 + j] *= sc[e, r, (k0 + j) // group]
-
-
-@njit(**_JIT)
 def decode_row(kind, group, n, e, r, u8, u16, i8, f32, sc, buf, bits):
     """Decode row r of expert e (n values) into the fp32 scratch `buf` (`bits`: the same memory as uint32)."""
     if kind == KIND_FP32:
@@ -141,10 +120,17 @@ def decode_row(kind, group, n, e, r, u8, u16, i8, f32, sc, buf, bits):
                 hi = np.float32(np.int32(b * np.float32(0.0625)))  # b / 16 is exact; truncation = floor
                 buf[k0 + j] = (b - np.float32(16.0) * hi - np.float32(8.0)) * (s0 if j < 32 else s1)
                 buf[k0 + 64 + j] = (hi - np.float32(8.0)) * (s2 if j < 32 else s3)
-    else:  # KIND_FP8
-        for k in range(n):
-            buf[k] = fp8_e4m3_to_f32(np.int32(u8[e, r, k]))
-        scale_groups(buf, sc, e, r, n, group)
+    else:  # KIND_FP8: one block scale per 128 columns, applied while decoding
+        n_full = n // 128
+        for c in range(n_full):
+            s = sc[e, r, c]
+            for j in range(128):
+                buf[c * 128 + j] = fp8_e4m3_to_f32(np.int32(u8[e, r, c * 128 + j])) * s
+        k0 = n_full * 128
+        if k0 < n:
+            s = sc[e, r, n_full]
+            for j in range(n - k0):
+                buf[k0 + j] = fp8_e4m3_to_f32(np.int32(u8[e, r, k0 + j])) * s
 
 
 @njit(**_JIT)
