@@ -172,6 +172,8 @@ def run_isolated(config: BenchConfig, args) -> BenchResult:
                 if config.quick:
                     cmd.append("--quick")
                 rc = subprocess.run(cmd).returncode
+                # As `moetier bench kernels` does: short probes after every format, the best kept.
+                result.limits = result.limits.best_of(measure_limits(inventory, config.threads, quick=True))
                 if rc == 0:
                     result.measurements += [Measurement.from_record(r) for r in json.loads(out.read_text())]
                     continue
@@ -179,8 +181,6 @@ def run_isolated(config: BenchConfig, args) -> BenchResult:
             result.notes.append(f"kt-kernel {CLASSES[fmt]} on {shape_name} {fmt}: the process died ({why}); "
                                 "no measurement")
             print(result.notes[-1], flush=True)
-    # As `moetier bench kernels` does: the limits again at the end, keeping the better of the two.
-    result.limits = result.limits.best_of(measure_limits(inventory, config.threads, quick=config.quick))
     return result
 
 

@@ -251,12 +251,18 @@ class KernelBench:
                             self._run_one(result, shape, inputs, weights, name, spec, fmt)
                     del weights
                     release_memory()
+                    self._sample_limits(result)
         finally:
             torch.set_num_threads(saved_threads)
-        if self._limits is None:  # measured again at the end: the run keeps the better of the two
-            result.limits = result.limits.best_of(measure_limits(self.inventory, c.threads, quick=c.quick,
-                                                                 progress=self.progress.status))
         return result
+
+    def _sample_limits(self, result: BenchResult) -> None:
+        """Measure the limits again (short probes) and keep the best seen: on a shared machine one probe
+        may coincide with someone else's burst, and the limit is what the machine can do. Sampled after
+        every format, so the limits and the kernels see the same stretch of the run."""
+        if self._limits is None:
+            again = measure_limits(self.inventory, self.config.threads, quick=True, progress=self.progress.status)
+            result.limits = result.limits.best_of(again)
 
     def _run_one(self, result: BenchResult, shape: BenchShape, inputs, weights, name: str, spec, fmt: str) -> None:
         c = self.config
