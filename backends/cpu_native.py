@@ -42,6 +42,9 @@ def _probe(name: str):
         if name == "cpu.avx512" and v == "avx512":
             lacking = missing_features("avx512_bf16", inv)
             note = f"; no BF16/VNNI prefill ({'CPU lacks ' + ', '.join(lacking) if lacking else ENV_VARIANT})"
+        if v == "amx":
+            # Honest until the tile kernels land: this build runs the AVX-512 BF16/VNNI code paths.
+            note = " (AVX-512 BF16/VNNI code paths; AMX tile prefill not written yet)"
         return Probe(variants[v], f"native {v} kernels{note}")
 
     return probe
