@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     except MoetierError as exc:
         print(f"moetier {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`moetier ... | head`): not an error worth a traceback.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ def register(sub) -> None:
     q.add_argument("--no-plugins", action="store_true", help="load only moetier's own plugins")
     q.set_defaults(func=_cmd_show)
 
+    q = zsub.add_parser("run", help="run every MoE layer of a checkpoint on a backend, checked against float64")
+    q.add_argument("path", help="checkpoint directory (with config.json)")
+    q.add_argument("--backend", help="backend to run on (default: the one chosen for the CPU)")
+    q.add_argument("--format", help="weight format to compute in (default: the checkpoint's, if the backend has it)")
+    q.add_argument("--tokens", type=int, default=16, help="random tokens per layer (default 16)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--inventory", metavar="FILE.json", help="use a recorded hardware inventory")
+    q.add_argument("--no-plugins", action="store_true", help="load only moetier's own plugins")
+    q.set_defaults(func=_cmd_run)
+
 
 def _registry(args):
     from .plugins import load_registry
@@ -95,4 +105,39 @@ def _cmd_show(args) -> int:
         with Checkpoint(args.path) as ckpt:
             out["verified_matrices"] = verify_checkpoint(ckpt, layout)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .conformance.runner import instantiate
+    from .hardware import load_inventory
+    from .selection import select_backends
+    from .zoo_run import run_checkpoint
+
+    registry = _registry(args)
+    inventory = load_inventory(args.inventory)
+    name = args.backend or select_backends(registry, inventory, force=[]).for_device("cpu")
+    backend, why = instantiate(name, registry, inventory)
+    if backend is None:
+        print(f"moetier zoo run: error: backend {name}: {why}", file=sys.stderr)
+        return 2
+    results = run_checkpoint(args.path, backend, tokens=args.tokens, fmt=args.format, seed=args.seed,
+                             registry=registry)
+    table = Table(title=f"{args.path} on {name}, {args.tokens} tokens per layer", title_justify="left")
+    for col in ("layer", "experts", "format", "prepare s", "forward ms", "rel. error vs float64", "bound"):
+        table.add_column(col, justify="right")
+    for r in results:
+        err = f"{r.rel_error:.2e}" if r.ok else f"[red]{r.rel_error:.2e}[/red]"
+        table.add_row(str(r.layer), str(r.experts), r.fmt, f"{r.prepare_s:.2f}", f"{r.forward_s * 1e3:.2f}", err,
+                      f"{r.tolerance:g}")
+    console = Console()
+    console.print(table)
+    bad = [r.layer for r in results if not r.ok]
+    if bad or not results:
+        console.print(f"[red]FAILED[/red]: layers {bad} exceed their error bound" if bad else "[red]no MoE layer ran[/red]")
+        return 1
+    console.print(f"[green]OK[/green]: {len(results)} MoE layers match the float64 reference")
     return 0
