@@ -35,9 +35,11 @@ from numba.extending import intrinsic
 KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8, KIND_INT4, KIND_FP8 = range(6)
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
-# Rows of gate/up (phase 1) and of down (phase 2) one parallel work item covers: large enough that the
-# per-item bookkeeping is noise, small enough that Qwen-sized layers give every core dozens of items.
+# Rows one parallel work item covers: large enough that the per-item bookkeeping is noise, small enough
+# that Qwen-sized layers give every core dozens of items. A down item visits every active expert, so it
+# takes more rows per visit to keep each read sequential for longer (measured 1.4x over 16 rows).
 ROWS_PER_ITEM = 16
+DOWN_ROWS_PER_ITEM = 64
 TOKENS_PER_PASS = 4  # tokens dotted against one decoded row in a single pass over it
 SCRATCH_ALIGN = 128  # scratch rows are rounded up to this many values (room for int4's pad value)
 
@@ -224,8 +226,9 @@ def gate_up(kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
             g8, g16, gi8, g32, g_sc, u8, u16, ui8, u32, u_sc, g_bias, u_bias, h_out):
     """Phase 1: h_out[p, :] = act(gate x_p + bg, up x_p + bu) for every pair p, parallel over (expert, row block).
 
-    Work items interleave experts (item i -> expert i % n_active) so a static split of the item range
-    gives each thread a mix of busy and quiet experts. With several tokens, two rows are decoded at once
+    Work items run expert-major (item i -> expert i // n_blocks), so each thread's share of the items is
+    a long sequential read of whole experts, which the hardware prefetchers stream (1.4x faster at one
+    thread than interleaving experts item by item). With several tokens, two rows are decoded at once
     and dotted with four tokens per pass (16 accumulators): each token value loaded serves four
     multiply-adds (measured 1.4x faster than one row at a time).
     """
@@ -233,8 +236,8 @@ def gate_up(kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
     n_blocks = (I + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     use_bias = act == ACT_SWIGLU_OAI  # the reference adds gate/up biases only in the swiglu_oai branch
     for item in prange(n_active * n_blocks):
-        e = active[item % n_active]
-        r0 = (item // n_active) * ROWS_PER_ITEM
+        e = active[item // n_blocks]
+        r0 = (item % n_blocks) * ROWS_PER_ITEM
         n_rows = min(ROWS_PER_ITEM, I - r0)
         bg, bg_bits = scratch(H)
         bu, bu_bits = scratch(H)
@@ -310,10 +313,10 @@ def down_accumulate(kind, group, H, I, offsets, pair_tok, pair_w, active, d8, d1
     fixed order (the result does not depend on the thread count). Several tokens: two rows per pass, as
     in gate_up.
     """
-    n_blocks = (H + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    n_blocks = (H + DOWN_ROWS_PER_ITEM - 1) // DOWN_ROWS_PER_ITEM
     for blk in prange(n_blocks):
-        r0 = blk * ROWS_PER_ITEM
-        n_rows = min(ROWS_PER_ITEM, H - r0)
+        r0 = blk * DOWN_ROWS_PER_ITEM
+        n_rows = min(DOWN_ROWS_PER_ITEM, H - r0)
         bd, bd_bits = scratch(I)
         cd, cd_bits = scratch(I)
         for ai in range(active.shape[0]):
