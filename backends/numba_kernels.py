@@ -234,7 +234,6 @@ def gate_up(kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
     """
     n_active = active.shape[0]
     n_blocks = (I + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
-    use_bias = act == ACT_SWIGLU_OAI  # the reference adds gate/up biases only in the swiglu_oai branch
     for item in prange(n_active * n_blocks):
         e = active[item // n_blocks]
         r0 = (item % n_blocks) * ROWS_PER_ITEM
@@ -246,8 +245,8 @@ def gate_up(kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
             t = pair_tok[p0]
             for i in range(n_rows):
                 r = r0 + i
-                gb = g_bias[e, r] if use_bias else np.float32(0.0)
-                ub = u_bias[e, r] if use_bias else np.float32(0.0)
+                gb = g_bias[e, r]
+                ub = u_bias[e, r]
                 g = packed_dot(kind, group, H, e, r, g8, g16, gi8, g32, g_sc, bg, bg_bits, x, t)
                 u = packed_dot(kind, group, H, e, r, u8, u16, ui8, u32, u_sc, bu, bu_bits, x, t)
                 h_out[p0, r] = activation(act, alpha, limit, g + gb, u + ub)
@@ -261,10 +260,10 @@ def gate_up(kind, group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
             decode_row(kind, group, H, e, r, u8, u16, ui8, u32, u_sc, bu, bu_bits)
             decode_row(kind, group, H, e, r2, g8, g16, gi8, g32, g_sc, cg, cg_bits)
             decode_row(kind, group, H, e, r2, u8, u16, ui8, u32, u_sc, cu, cu_bits)
-            gb = g_bias[e, r] if use_bias else np.float32(0.0)
-            ub = u_bias[e, r] if use_bias else np.float32(0.0)
-            gb2 = g_bias[e, r2] if use_bias else np.float32(0.0)
-            ub2 = u_bias[e, r2] if use_bias else np.float32(0.0)
+            gb = g_bias[e, r]
+            ub = u_bias[e, r]
+            gb2 = g_bias[e, r2]
+            ub2 = u_bias[e, r2]
             p = p0
             while p + TOKENS_PER_PASS <= p1:
                 t0, t1, t2, t3 = pair_tok[p], pair_tok[p + 1], pair_tok[p + 2], pair_tok[p + 3]

@@ -33,17 +33,16 @@ def expert_mlp(layer: ExpertLayerSpec, e: DenseExpert, x: torch.Tensor) -> torch
     """One expert on rows x [n, H] -> [n, H], in x's dtype."""
     g = x @ e.gate.T
     u = x @ e.up.T
+    if e.gate_bias is not None:
+        g = g + e.gate_bias
+        u = u + e.up_bias
     if layer.activation == "silu":
         h = F.silu(g) * u
-        y = h @ e.down.T
-    else:  # swiglu_oai (gpt-oss): clamped, biased, (up + 1) * glu
-        if e.gate_bias is not None:
-            g = g + e.gate_bias
-            u = u + e.up_bias
+    else:  # swiglu_oai (gpt-oss): clamped, (up + 1) * glu
         g = g.clamp(max=layer.swiglu_limit)
         u = u.clamp(-layer.swiglu_limit, layer.swiglu_limit)
         h = (u + 1) * (g * torch.sigmoid(layer.swiglu_alpha * g))
-        y = h @ e.down.T
+    y = h @ e.down.T
     if e.down_bias is not None:
         y = y + e.down_bias
     return y

@@ -57,26 +57,35 @@ class Context:
         g.manual_seed(zlib.crc32(repr((self.seed,) + key).encode()) + (self.seed << 32))
         return g
 
-    def layer(self, shape: Shape) -> ExpertLayerSpec:
-        return ExpertLayerSpec(shape.num_experts, shape.top_k, shape.hidden, shape.intermediate)
+    def layer(self, shape: Shape, activation: str = "silu") -> ExpertLayerSpec:
+        if activation == "silu":
+            return ExpertLayerSpec(shape.num_experts, shape.top_k, shape.hidden, shape.intermediate)
+        # Biased layers; swiglu_oai with a low limit so that both clamps really cut values.
+        return ExpertLayerSpec(shape.num_experts, shape.top_k, shape.hidden, shape.intermediate,
+                               activation=activation.removesuffix("+bias"), swiglu_limit=0.75, has_bias=True)
 
-    def weights(self, shape: Shape, fmt: str) -> ExpertWeights:
-        key = (shape, fmt)
+    def weights(self, shape: Shape, fmt: str, activation: str = "silu") -> ExpertWeights:
+        key = (shape, fmt, activation)
         if key not in self._weights:
-            g = self.generator("weights", shape.name, fmt)
+            g = self.generator("weights", shape.name, fmt, activation)
             E, H, I = shape.num_experts, shape.hidden, shape.intermediate
             gate = torch.randn(E, I, H, generator=g) / H ** 0.5
             up = torch.randn(E, I, H, generator=g) / H ** 0.5
             down = torch.randn(E, H, I, generator=g) / I ** 0.5
-            self._weights[key] = ExpertWeights.from_float(gate, up, down, fmt)
+            biases = None
+            if activation != "silu":
+                biases = (torch.randn(E, I, generator=g), torch.randn(E, I, generator=g), torch.randn(E, H, generator=g))
+            self._weights[key] = ExpertWeights.from_float(gate, up, down, fmt, biases=biases)
         return self._weights[key]
 
-    def prepared(self, which: str, shape: Shape, fmt: str, held: tuple[int, ...]) -> PreparedExperts:
-        key = (which, shape, fmt, held)
+    def prepared(self, which: str, shape: Shape, fmt: str, held: tuple[int, ...],
+                 activation: str = "silu") -> PreparedExperts:
+        key = (which, shape, fmt, held, activation)
         with self._lock:
             if key not in self._prepared:
                 b = self.backend if which == "backend" else self.oracle
-                self._prepared[key] = b.prepare(self.layer(shape), self.weights(shape, fmt), held, fmt)
+                self._prepared[key] = b.prepare(self.layer(shape, activation), self.weights(shape, fmt, activation),
+                                                held, fmt)
             return self._prepared[key]
 
 
@@ -121,11 +130,12 @@ class Case:
 
 def _forward_case(shape: Shape, fmt: str, T: int, *, k: int | None = None, held: str = "all",
                   hidden_dtype=torch.float32, out_dtype=torch.float32, one_expert: bool = False,
-                  mode: str = "forward") -> Callable[[Context], float]:
+                  mode: str = "forward", activation: str = "silu") -> Callable[[Context], float]:
     def run(ctx: Context) -> float:
         kk = k or shape.top_k
         E = shape.num_experts
-        g = ctx.generator("inputs", shape.name, fmt, T, kk, held, str(hidden_dtype), str(out_dtype), one_expert, mode)
+        g = ctx.generator("inputs", shape.name, fmt, T, kk, held, str(hidden_dtype), str(out_dtype), one_expert, mode,
+                          activation)
         if held == "all":
             held_ids = tuple(range(E))
         else:  # a random strict subset: the rest must contribute nothing
@@ -136,8 +146,9 @@ def _forward_case(shape: Shape, fmt: str, T: int, *, k: int | None = None, held:
             w = torch.rand(T, 1, generator=g) + 0.5
         else:
             ids, w = random_routing(g, T, E, kk)
-        p = ctx.prepared("backend", shape, fmt, held_ids)
-        ref = ctx.oracle.forward(ctx.prepared("oracle", shape, fmt, held_ids), hidden, ids, w, out_dtype=torch.float32)
+        p = ctx.prepared("backend", shape, fmt, held_ids, activation)
+        ref = ctx.oracle.forward(ctx.prepared("oracle", shape, fmt, held_ids, activation), hidden, ids, w,
+                                 out_dtype=torch.float32)
         ref = ref.to(torch.float64)
         if mode == "submit":
             out = ctx.backend.submit(p, hidden, ids, w, out_dtype=out_dtype).wait(timeout=600)
@@ -268,6 +279,10 @@ def build_cases(formats: tuple[str, ...]) -> list[Case]:
             Case(f"{fmt}/two-threads/T2", "concurrency", fmt, _forward_case(qwen, fmt, 2, mode="threads")),
             Case(f"{fmt}/two-threads/T64", "concurrency", fmt, _forward_case(qwen, fmt, 64, mode="threads")),
         ]
+        for act in ("silu+bias", "swiglu_oai+bias"):
+            for shape, T in ((odd, 3), (qwen, 130)):
+                cases.append(Case(f"{fmt}/{act}/{shape.name}/T{T}", "activation", fmt,
+                                  _forward_case(shape, fmt, T, activation=act)))
         for what in ERROR_KINDS:
             cases.append(Case(f"{fmt}/errors/{what}", "bad-input", fmt, _error_case(odd, fmt, what)))
     return cases
