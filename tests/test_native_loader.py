@@ -124,3 +124,18 @@ def test_each_runnable_variant_loads_and_reports_itself(variant, monkeypatch):
     assert be._ext.VARIANT == variant
     assert be._ext.HAS_DOT_KERNELS == (variant in ("avx512_bf16", "amx"))
     assert not missing_features(variant, INVENTORY)
+
+
+def test_a_recorded_inventory_never_loads_a_variant_this_cpu_lacks():
+    # Selection may be shown for a recorded AMX server, but loading its kernels here must be refused
+    # (with a typed error) unless this very CPU has AMX: otherwise the first tile instruction is a SIGILL.
+    from moetier.errors import KernelVariantError
+    from moetier.hardware import load_inventory
+    from moetier.hardware.detect import detect_cpu
+    from moetier.backends.native import load_variant
+
+    amx_server = load_inventory(INVENTORIES / "xeon_amx_2socket_rtx4090.json")
+    if detect_cpu([]).has("amx_tile", "amx_int8", "amx_bf16"):
+        pytest.skip("this CPU has AMX")
+    with pytest.raises(KernelVariantError, match="the CPU running this process lacks amx_tile"):
+        load_variant("amx", amx_server)

@@ -7,6 +7,7 @@ CPU lacks, or an unknown one, raises KernelVariantError instead of loading anyth
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -90,8 +91,19 @@ def choose_variant(candidates: tuple[str, ...], inventory) -> str:
     raise KernelVariantError("no usable native variant: " + "; ".join(reasons))
 
 
+@functools.lru_cache(maxsize=1)
+def _host_cpu():
+    from moetier.hardware.detect import detect_cpu
+
+    return detect_cpu([])
+
+
 def load_variant(variant: str, inventory=None) -> ModuleType:
-    """Import the extension of `variant` after checking that this CPU can execute it."""
+    """Import the extension of `variant` after checking that this CPU can execute it.
+
+    The check is made against `inventory` (for the caller's selection) and against the CPU actually
+    running this process: a recorded inventory of another machine must never make us load code this
+    CPU cannot execute."""
     _check_known(variant)
     if inventory is None:
         from moetier.hardware import detect_inventory
@@ -100,6 +112,11 @@ def load_variant(variant: str, inventory=None) -> ModuleType:
     missing = missing_features(variant, inventory)
     if missing:
         raise KernelVariantError(f"refusing to load kernel variant {variant}: this CPU lacks {', '.join(missing)}")
+    host = _host_cpu()
+    host_missing = [f"x86 CPU (this is {host.arch})"] if not host.is_x86 else host.missing(*VARIANT_FEATURES[variant])
+    if host_missing:
+        raise KernelVariantError(f"refusing to load kernel variant {variant}: the inventory in use allows it, but "
+                                 f"the CPU running this process lacks {', '.join(host_missing)}")
     cap = forced_variant(inventory)
     if cap is not None and VARIANTS.index(variant) > VARIANTS.index(cap):
         raise KernelVariantError(f"kernel variant {variant} is above {ENV_VARIANT}={cap}")

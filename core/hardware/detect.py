@@ -96,7 +96,7 @@ def _meminfo(text: str | None) -> dict[str, int]:
     return out
 
 
-def _detect_cpu(notes: list[str]) -> CpuInfo:
+def detect_cpu(notes: list[str]) -> CpuInfo:
     arch = platform.machine().lower() or "unknown"
     cpuinfo = _read("/proc/cpuinfo") or ""
     model, vendor = "", ""
@@ -210,7 +210,7 @@ def _detect_accelerators(notes: list[str]) -> tuple[Accelerator, ...]:
 def detect_inventory() -> HardwareInventory:
     """Probe this machine."""
     notes: list[str] = []
-    cpu = _detect_cpu(notes)
+    cpu = detect_cpu(notes)
     numa = _detect_numa(cpu.logical_cores)
     info = _meminfo(_read("/proc/meminfo"))
     accels = _detect_accelerators(notes)
