@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -294,7 +294,3 @@ def check_expert_tensors(layer: ExpertLayerSpec, expert_id: int, t: ExpertTensor
     elif any(b is not None for _, b, _ in biases):
         raise ShapeError(f"expert {expert_id} carries biases but the layer has has_bias=False")
 
-
-def expert_ids_in(topk_ids: torch.Tensor) -> Sequence[int]:
-    """The distinct expert ids a batch routes to, ascending."""
-    return torch.unique(topk_ids).tolist()
