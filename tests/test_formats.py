@@ -25,8 +25,11 @@ def test_round_trip_error_within_half_a_step(fmt, bound):
     back = dequantize(q, torch.float64)
     f = get_format(fmt)
     if f.kind == "float":
-        rel = ((back - w.double()).abs() / w.double().abs().clamp_min(1e-30)).max()
-        assert rel <= bound
+        # Relative bound for normal numbers; below the smallest normal the spacing is fixed, so the error
+        # is at most half a subnormal step (fp16: 2^-25; random N(0,1) draws do land there).
+        fi = torch.finfo(f.dtype)
+        err = (back - w.double()).abs()
+        assert (err <= bound * w.double().abs() + fi.tiny * fi.eps / 2).all()
         return
     if f.kind == "int8":
         amax = w.abs().amax(dim=1, keepdim=True).double()
