@@ -9,7 +9,7 @@ from moetier.family import ModelFamily
 
 from ._deepseek_like import (TINY_COMMON, TINY_INDEXER, TINY_MLA, deepseek_like_layout, standard_tiny_spec,
                              version_from_name)
-from .tiny import TinySpec, write_tiny
+from .tiny import TinySpec, tiny_writer
 
 NAME = "deepseek"
 V3_NAMES = ("DeepSeek-V3", "DeepSeek-R1", "DeepSeek-V3.1")
@@ -71,8 +71,7 @@ def tiny_spec(version: str) -> TinySpec:
                               default_quant="fp8" if mtp else None, **extra)
 
 
-def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0):
-    return write_tiny(tiny_spec(version), layout, out_dir, quant=quant, seed=seed)
+tiny = tiny_writer(tiny_spec, layout)
 
 
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,

@@ -12,7 +12,7 @@ from moetier.family import ModelFamily
 
 from ._deepseek_like import (TINY_COMMON, TINY_INDEXER, TINY_MLA, deepseek_like_layout, standard_tiny_spec,
                              version_from_name)
-from .tiny import TinySpec, write_tiny
+from .tiny import TinySpec, tiny_writer
 
 NAME = "glm"
 GLM4_MOE = ("GLM-4.5", "GLM-4.6", "GLM-4.7", "GLM-4.5-Air")
@@ -61,8 +61,7 @@ def tiny_spec(version: str) -> TinySpec:
     return standard_tiny_spec(version, cfg, cls, arch, layout, mtp_layers=1)
 
 
-def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0):
-    return write_tiny(tiny_spec(version), layout, out_dir, quant=quant, seed=seed)
+tiny = tiny_writer(tiny_spec, layout)
 
 
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,

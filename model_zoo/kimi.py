@@ -14,7 +14,7 @@ from moetier.errors import LayoutError
 from moetier.family import ModelFamily
 
 from ._deepseek_like import TINY_COMMON, TINY_MLA, config_dict, deepseek_like_layout, standard_tiny_spec
-from .tiny import TinySpec, write_tiny
+from .tiny import TinySpec, tiny_writer
 
 NAME = "kimi"
 VERSIONS = ("Kimi-K2", "Kimi-K2-Thinking", "Kimi-K2.5")
@@ -77,8 +77,7 @@ def tiny_spec(version: str) -> TinySpec:
                     extra={"hf_class": "DeepseekV3ForCausalLM", "text_only": True})
 
 
-def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0):
-    return write_tiny(tiny_spec(version), layout, out_dir, quant=quant, seed=seed)
+tiny = tiny_writer(tiny_spec, layout)
 
 
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,

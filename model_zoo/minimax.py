@@ -17,7 +17,7 @@ from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, TensorNames, 
                             quantization_from_config, require_choice)
 
 from ._deepseek_like import config_dict, version_from_name
-from .tiny import TinySpec, write_tiny
+from .tiny import TinySpec, tiny_writer
 
 NAME = "minimax"
 M2 = ("MiniMax-M2", "MiniMax-M2.1", "MiniMax-M2.5")
@@ -87,8 +87,7 @@ def tiny_spec(version: str) -> TinySpec:
     return TinySpec(version, config, lambda: tf.MiniMaxForCausalLM(cfg), extra={"hf_class": "MiniMaxForCausalLM"})
 
 
-def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0):
-    return write_tiny(tiny_spec(version), layout, out_dir, quant=quant, seed=seed)
+tiny = tiny_writer(tiny_spec, layout)
 
 
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,

@@ -19,7 +19,7 @@ from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, SharedExpertS
                             get_int, get_key, quantization_from_config, require_choice, text_config)
 
 from ._deepseek_like import config_dict, version_from_name
-from .tiny import TinySpec, write_tiny
+from .tiny import TinySpec, tiny_writer
 
 NAME = "qwen"
 QWEN2 = ("Qwen1.5-MoE-A2.7B", "Qwen2-57B-A14B")
@@ -149,8 +149,7 @@ def tiny_spec(version: str) -> TinySpec:
     return TinySpec(version, config, lambda: cls(cfg), mtp=mtp, extra={"hf_class": cls.__name__})
 
 
-def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0):
-    return write_tiny(tiny_spec(version), layout, out_dir, quant=quant, seed=seed)
+tiny = tiny_writer(tiny_spec, layout)
 
 
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,

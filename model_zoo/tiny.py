@@ -111,6 +111,14 @@ def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: 
     return layout
 
 
+
+def tiny_writer(tiny_spec: Callable[[str], TinySpec], layout_fn: Callable[[dict], MoELayout]) -> Callable[..., MoELayout]:
+    """A family's `ModelFamily.tiny`: write_tiny over the family's per-version TinySpec and layout."""
+    def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0) -> MoELayout:
+        return write_tiny(tiny_spec(version), layout_fn, out_dir, quant=quant, seed=seed)
+    return tiny
+
+
 def _rename(name: str, rename) -> str:
     for src, dst in rename:
         if name.startswith(src):
