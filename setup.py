@@ -6,6 +6,7 @@ can execute.
 """
 import os
 import platform
+import runpy
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
@@ -14,20 +15,8 @@ ParallelCompile("MOETIER_BUILD_JOBS", default=0).install()
 
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
-# ISA variant -> compiler flags. Each becomes the module moetier.backends.native._moe_<variant>.
-KERNEL_VARIANTS = {
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-    "avx512_bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                    "-mavx512vnni", "-mavx512bf16"],
-    "amx": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-            "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16"],
-}
-
-KERNEL_SOURCES = ["kernels/moe_module.cpp"]
-# Headers of the kernel tree: a change to any of them rebuilds every variant.
-KERNEL_HEADERS = ["kernels/variant.h", "kernels/simd.h", "kernels/packed_format.h", "kernels/panel_kernels.h",
-                  "kernels/thread_pool.h", "kernels/moe_layer.h"]
+# The variants' flags live next to the kernels (the tests build an emulated AMX variant from them too).
+BUILD = runpy.run_path(os.path.join("kernels", "build_variants.py"))
 
 
 def packages():
@@ -49,14 +38,12 @@ def extensions():
         Pybind11Extension("moetier.bench._probes", ["kernels/bench_probes/probes.cpp"], cxx_std=17,
                           extra_compile_args=["-O2", "-pthread"], extra_link_args=["-pthread"]),
     ]
-    if all(os.path.exists(s) for s in KERNEL_SOURCES):
-        for variant, flags in KERNEL_VARIANTS.items():
+    if all(os.path.exists(s) for s in BUILD["KERNEL_SOURCES"]):
+        for variant, flags in BUILD["KERNEL_VARIANTS"].items():
             exts.append(Pybind11Extension(
-                f"moetier.backends.native._moe_{variant}", KERNEL_SOURCES, cxx_std=17,
-                include_dirs=["kernels"], depends=KERNEL_HEADERS,
-                define_macros=[("MOETIER_VARIANT", f'"{variant}"'), ("MOETIER_VARIANT_" + variant.upper(), "1")],
-                extra_compile_args=["-O3", "-fno-math-errno", "-pthread", *flags],
-                extra_link_args=["-pthread"],
+                f"moetier.backends.native._moe_{variant}", BUILD["KERNEL_SOURCES"], cxx_std=17,
+                include_dirs=["kernels"], depends=BUILD["KERNEL_HEADERS"], define_macros=BUILD["define_macros"](variant),
+                extra_compile_args=[*BUILD["COMPILE_ARGS"], *flags], extra_link_args=BUILD["LINK_ARGS"],
             ))
     return exts
 

@@ -43,8 +43,7 @@ def _probe(name: str):
             lacking = missing_features("avx512_bf16", inv)
             note = f"; no BF16/VNNI prefill ({'CPU lacks ' + ', '.join(lacking) if lacking else ENV_VARIANT})"
         if v == "amx":
-            # Honest until the tile kernels land: this build runs the AVX-512 BF16/VNNI code paths.
-            note = " (AVX-512 BF16/VNNI code paths; AMX tile prefill not written yet)"
+            note = " (AMX tiles for bf16/int8/fp8/fp16 prefill, AVX-512 VNNI for int4 and decode)"
         return Probe(variants[v], f"native {v} kernels{note}")
 
     return probe

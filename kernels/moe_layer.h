@@ -19,6 +19,7 @@
 #include <numeric>
 #include <vector>
 
+#include "amx_kernels.h"
 #include "panel_kernels.h"
 #include "thread_pool.h"
 
@@ -31,6 +32,7 @@ constexpr int INT8_DECODE_MIN_K = 256;  // shortest rows (hidden and intermediat
 constexpr int GU_CHUNK = 4;           // gate/up panels per phase-1 task
 constexpr int DN_CHUNK_MIN = 2;       // down panels per phase-2 task: at least, at most
 constexpr int DN_CHUNK_MAX = 16;
+constexpr int TILE_ROW_PAD = AMX_TOKENS;  // rows past the last one that AMX tile loads may read
 
 // Page-aligned memory for packed experts: transparent huge pages cut TLB misses while streaming, and on
 // a multi-node machine the pages are preferred on the node whose threads compute this expert.
@@ -65,8 +67,14 @@ struct ExpertSlot {
     std::vector<float> bg, bu, bd;    // zero-padded biases (empty without biases)
 };
 
-// P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only).
-enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3 };
+// P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only). P_AMX_*: the amx
+// build's prefill on tiles: bf16 panels, int8 panels with u8 activations, fp8/fp16 dequantized to bf16.
+enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3, P_AMX_BF16 = 4, P_AMX_INT8 = 5, P_AMX_DEQ = 6 };
+inline bool is_amx(int path) { return path >= P_AMX_BF16; }
+inline bool is_deq(int path) { return path == P_DEQDOT || path == P_AMX_DEQ; }
+// Paths whose h (the down projection's input) is bf16, and whose is u8 with per-row scales.
+inline bool wants_bf16_h(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16; }
+inline bool wants_u8_h(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
 
 struct TaskQueue {
     std::vector<std::array<int, 3>> items;
@@ -139,6 +147,7 @@ class MoELayer {
 
     struct Ctx;
     void phase_convert(Ctx& c, int t0, int t1) const;
+    void phase_gather(Ctx& c, int i0, int i1) const;
     void phase_gate_up(Ctx& c, int a, int p0, int p1) const;
     void phase_quantize_h(Ctx& c, int r0, int r1) const;
     void phase_down(Ctx& c, int node, int p0, int p1) const;
@@ -164,6 +173,11 @@ struct MoELayer::Ctx {
     uint16_t *Xb = nullptr, *Hb = nullptr;
     uint8_t *Xq = nullptr, *Hq = nullptr;
     std::vector<int> q_rows;  // rows whose h is quantized for the int8 dot path
+    // AMX: the activation rows of tile-path experts gathered in row order (bf16, or u8 with scales)
+    std::vector<int> g_rows;
+    uint8_t* Xg = nullptr;
+    float* Xgscale = nullptr;
+    int64_t xg_stride = 0;  // bytes
 };
 
 // Per-thread scratch that only grows: a fresh allocation per call would page-fault and zero tens of
@@ -174,9 +188,9 @@ inline T* scratch(std::vector<T>& v, size_t n) {
     return v.data();
 }
 struct Scratch {
-    std::vector<float> X, Xscale, Hf, Hscale, acc;
+    std::vector<float> X, Xscale, Xgscale, Hf, Hscale, acc;
     std::vector<uint16_t> Xb, Hb;
-    std::vector<uint8_t> Xq, Hq, deq;
+    std::vector<uint8_t> Xq, Hq, deq, Xg;
 };
 inline Scratch& thread_scratch() {
     static thread_local Scratch s;
@@ -287,23 +301,53 @@ inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
     }
 }
 
+inline void MoELayer::phase_gather(Ctx& c, int i0, int i1) const {
+    const bool u8 = fmt_ == I8;
+    for (int i = i0; i < i1; ++i) {
+        const int64_t r = c.g_rows[i];
+        const int t = c.row_tok[r];
+        if (u8) {
+            std::memcpy(c.Xg + r * c.xg_stride, c.Xq + int64_t(t) * c.xs, size_t(c.xs));
+            c.Xgscale[r] = c.Xscale[t];
+        } else {
+            std::memcpy(c.Xg + r * c.xg_stride, c.Xb + int64_t(t) * c.xs, size_t(c.xs) * 2);
+        }
+    }
+}
+
 inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
     const ExpertSlot& s = *slots_[c.act_slot[a]];
     const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
-    const int block = path == P_F32 ? F32_BLOCK : DOT_BLOCK;
-    const bool bf16_h = path == P_BF16DOT || path == P_DEQDOT;
-    float o[2 * 8 * PANEL];
-    uint8_t* deq = path == P_DEQDOT ? scratch(thread_scratch().deq, size_t(2) * gu_.Kp * PANEL * 2) : nullptr;
+    const bool tiles = is_amx(path);
+    const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+    const bool bf16_h = wants_bf16_h(path);
+    alignas(64) float o[2 * 32 * PANEL];
+    uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_.Kp * PANEL * 2) : nullptr;
+#if MOETIER_HAS_AMX
+    amx::TileSession tile_session;
+    if (tiles) tile_session.ensure();
+#endif
     for (int p = p0; p < p1; ++p) {
         const uint8_t* pan[2] = {s.mem->data() + 2 * int64_t(p) * gu_.panel_bytes,
                                  s.mem->data() + (2 * int64_t(p) + 1) * gu_.panel_bytes};
-        if (path == P_DEQDOT) dequant_pair(pan, 2, gu_, deq);
+        if (deq) {
+            dequant_pair(pan, 2, gu_, deq);
+            pan[0] = deq;
+            pan[1] = deq + size_t(gu_.Kp) * PANEL * 2;
+        }
         for (int m0 = 0; m0 < M; m0 += block) {
             const int mb = std::min(block, M - m0);
+            const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
             if (path == P_F32) {
                 const float* x[F32_BLOCK];
                 for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
                 run_f32_fmt<2>(fmt_, mb, pan, gu_, x, o);
+            } else if (tiles) {
+#if MOETIER_HAS_AMX
+                const uint8_t* xa = c.Xg + int64_t(row0 + m0) * c.xg_stride;
+                if (path == P_AMX_INT8) amx_panels<true>(pan, 2, gu_, xa, c.xg_stride, mb, c.Xgscale + row0 + m0, o);
+                else amx_panels<false>(pan, 2, gu_, xa, c.xg_stride, mb, nullptr, o);
+#endif
             } else {
 #if MOETIER_HAS_DOT
                 const uint16_t* xb[DOT_BLOCK];
@@ -315,16 +359,11 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                     xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
                     xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                 }
-                if (path == P_DEQDOT) {
-                    const uint8_t* dp[2] = {deq, deq + size_t(gu_.Kp) * PANEL * 2};
-                    run_dot<2>(P_BF16DOT, fmt_, mb, dp, gu_, xb, xq, xsc, o);
-                } else {
-                    run_dot<2>(path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
-                }
+                run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
 #endif
             }
             for (int m = 0; m < mb; ++m) {
-                V gv = vload(o + m * PANEL), uv = vload(o + (mb + m) * PANEL), h;
+                V gv = vload(o + m * PANEL), uv = vload(o + (ld + m) * PANEL), h;
                 if (has_bias_) {
                     gv = vadd(gv, vload(s.bg.data() + p * PANEL));
                     uv = vadd(uv, vload(s.bu.data() + p * PANEL));
@@ -378,16 +417,23 @@ inline void MoELayer::write_out(Ctx& c, const float* acc, int t0, int t1, int c0
 inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
     float* acc = c.acc + int64_t(node) * c.T * c.hp;
     for (int t = 0; t < c.T; ++t) std::fill(acc + int64_t(t) * c.hp + p0 * PANEL, acc + int64_t(t) * c.hp + p1 * PANEL, 0.f);
-    float o[2 * 8 * PANEL];
+    alignas(64) float o[2 * 32 * PANEL];
+#if MOETIER_HAS_AMX
+    amx::TileSession tile_session;
+#endif
     for (int a : c.node_active[node]) {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
         const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
-        const int block = path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+        const bool tiles = is_amx(path);
+        const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+#if MOETIER_HAS_AMX
+        if (tiles) tile_session.ensure();
+#endif
         const uint8_t* down = s.mem->data() + 2 * gu_.bytes();
         for (int p = p0; p < p1; p += 2) {
             const int np = std::min(2, p1 - p);
             const uint8_t* pan[2] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes};
-            if (path == P_DEQDOT) {
+            if (is_deq(path)) {
                 uint8_t* deq = scratch(thread_scratch().deq, size_t(2) * dn_.Kp * PANEL * 2);
                 dequant_pair(pan, np, dn_, deq);
                 pan[0] = deq;
@@ -395,11 +441,21 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
             }
             for (int m0 = 0; m0 < M; m0 += block) {
                 const int mb = std::min(block, M - m0);
+                const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
                 if (path == P_F32) {
                     const float* x[F32_BLOCK];
                     for (int m = 0; m < mb; ++m) x[m] = c.Hf + int64_t(row0 + m0 + m) * c.hs;
                     if (np == 2) run_f32_fmt<2>(fmt_, mb, pan, dn_, x, o);
                     else run_f32_fmt<1>(fmt_, mb, pan, dn_, x, o);
+                } else if (tiles) {
+#if MOETIER_HAS_AMX
+                    const int64_t r0 = row0 + m0;
+                    if (path == P_AMX_INT8)
+                        amx_panels<true>(pan, np, dn_, c.Hq + r0 * c.hs, c.hs, mb, c.Hscale + r0, o);
+                    else
+                        amx_panels<false>(pan, np, dn_, reinterpret_cast<const uint8_t*>(c.Hb + r0 * c.hs),
+                                          int64_t(c.hs) * 2, mb, nullptr, o);
+#endif
                 } else {
 #if MOETIER_HAS_DOT
                     const uint16_t* xb[DOT_BLOCK];
@@ -419,7 +475,7 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                 for (int q = 0; q < np; ++q)
                     for (int m = 0; m < mb; ++m) {
                         const int r = row0 + m0 + m;
-                        V y = vload(o + (q * mb + m) * PANEL);
+                        V y = vload(o + (q * ld + m) * PANEL);
                         if (has_bias_) y = vadd(y, vload(s.bd.data() + (p + q) * PANEL));
                         float* dst = acc + int64_t(c.row_tok[r]) * c.hp + (p + q) * PANEL;
                         vstore(dst, vfma(y, vset1(c.row_w[r]), vload(dst)));
@@ -486,9 +542,15 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_ && (prefill || std::min(H_, I_) >= INT8_DECODE_MIN_K))
                 path = P_INT8DOT;
         }
+        // int4 keeps vpdpbusd: its per-group scales would need a tile store per 32-128 columns.
+        if (MOETIER_HAS_AMX && prefill) {
+            if (path == P_BF16DOT) path = P_AMX_BF16;
+            else if (path == P_DEQDOT) path = P_AMX_DEQ;
+            else if (path == P_INT8DOT && fmt_ == I8) path = P_AMX_INT8;
+        }
         c.act_path.push_back(path);
-        c.need_xb |= path == P_BF16DOT || path == P_DEQDOT;
-        c.need_xq |= path == P_INT8DOT;
+        c.need_xb |= path == P_BF16DOT || path == P_DEQDOT || path == P_AMX_BF16 || path == P_AMX_DEQ;
+        c.need_xq |= path == P_INT8DOT || path == P_AMX_INT8;
         R += count[s];
     }
     c.row_tok.resize(R);
@@ -507,8 +569,18 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     for (int nd = 0; nd < num_nodes; ++nd)
         if (!c.node_active[nd].empty()) c.active_nodes.push_back(nd);
     // ---- buffers ----
+    bool any_tiles = false;
+    for (int path : c.act_path) any_tiles |= is_amx(path);
     c.xs = gu_.Kp;
     c.hs = std::max<int>(dn_.Kp, gu_.panels * PANEL);
+    if (any_tiles) {
+        // A tiles read whole 64-byte column blocks: pad the rows with zero columns. 64 more keep a
+        // tile's 16 rows off one L1 set (a 4 KiB row stride would alias them all: hidden 2048 in bf16).
+        c.xs = int(round_up(c.xs, 64)) + 64;
+        c.hs = int(round_up(c.hs, 64)) + 64;
+    }
+    // Tile loads read up to AMX_TOKENS rows past an expert's last row: allocate them (never used).
+    const int R_alloc = R + (any_tiles ? TILE_ROW_PAD : 0);
     c.hp = dn_.panels * PANEL;
     if (c.active_nodes.empty()) {  // nothing held is routed to: zeros
         if (out_bf16) std::memset(out, 0, size_t(T) * H_ * 2);
@@ -525,18 +597,25 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     c.Hf = scratch(sc.Hf, size_t(R) * c.hs);
     bool need_hb = false;
     for (size_t a = 0; a < c.act_slot.size(); ++a) {
-        need_hb |= c.act_path[a] == P_BF16DOT || c.act_path[a] == P_DEQDOT;
-        if (c.act_path[a] == P_INT8DOT)
+        need_hb |= wants_bf16_h(c.act_path[a]);
+        if (wants_u8_h(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
+        if (is_amx(c.act_path[a]))
+            for (int m = 0; m < c.act_m[a]; ++m) c.g_rows.push_back(c.act_row0[a] + m);
     }
-    if (need_hb) c.Hb = scratch(sc.Hb, size_t(R) * c.hs);
+    if (need_hb) c.Hb = scratch(sc.Hb, size_t(R_alloc) * c.hs);
     if (!c.q_rows.empty()) {
-        c.Hq = scratch(sc.Hq, size_t(R) * c.hs);
-        c.Hscale = scratch(sc.Hscale, size_t(R));
+        c.Hq = scratch(sc.Hq, size_t(R_alloc) * c.hs);
+        c.Hscale = scratch(sc.Hscale, size_t(R_alloc));
+    }
+    if (!c.g_rows.empty()) {
+        c.xg_stride = int64_t(c.xs) * (fmt_ == I8 ? 1 : 2);
+        c.Xg = scratch(sc.Xg, size_t(R_alloc) * c.xg_stride);
+        if (fmt_ == I8) c.Xgscale = scratch(sc.Xgscale, size_t(R_alloc));
     }
     c.acc = scratch(sc.acc, size_t(num_nodes) * T * c.hp);
     // ---- task lists ----
-    constexpr int CONVERT_CHUNK = 4, QUANT_CHUNK = 2;
+    constexpr int CONVERT_CHUNK = 4, QUANT_CHUNK = 2, GATHER_CHUNK = 16;
     // Down tasks loop over every routed expert, each streaming its slice of panels: longer slices keep
     // the hardware prefetcher on one stream longer; ~8 tasks per thread still balance the load.
     const int dn_chunk = std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, dn_.panels / (8 * pool.size())));
@@ -554,8 +633,9 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     // Phases are ordered by counting finished work, not by waiting for every thread: a worker the OS
     // descheduled (another process on its core) finds the work taken by the others when it comes back
     // and falls through, instead of holding everyone at a barrier.
-    std::atomic<int> convert_next{0}, quant_next{0}, reduce_next{0};
-    std::atomic<int> convert_done{0}, gu_done{0}, quant_done{0}, dn_done{0}, reduce_done{0};
+    std::atomic<int> convert_next{0}, gather_next{0}, quant_next{0}, reduce_next{0};
+    std::atomic<int> convert_done{0}, gather_done{0}, gu_done{0}, quant_done{0}, dn_done{0}, reduce_done{0};
+    const int g_total = int(c.g_rows.size());
     int gu_total = 0, dn_total = 0;
     for (int nd = 0; nd < num_nodes; ++nd) {
         gu_total += int(gu_tasks[nd]->items.size());
@@ -584,6 +664,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     const std::function<void(int)> job = [&](int worker) {
         chunks(convert_next, convert_done, T, CONVERT_CHUNK, [&](int a, int b) { phase_convert(c, a, b); });
         wait_count(convert_done, T);
+        chunks(gather_next, gather_done, g_total, GATHER_CHUNK, [&](int a, int b) { phase_gather(c, a, b); });
+        wait_count(gather_done, g_total);
         drain(gu_tasks, worker, gu_done, [&](const std::array<int, 3>& t) { phase_gate_up(c, t[0], t[1], t[2]); });
         wait_count(gu_done, gu_total);
         chunks(quant_next, quant_done, q_total, QUANT_CHUNK, [&](int a, int b) { phase_quantize_h(c, a, b); });

@@ -57,6 +57,18 @@ const float* optional_floats(const py::object& o, int64_t n, const char* what) {
     return floats_of(o, n, what);
 }
 
+#if MOETIER_HAS_AMX && !defined(MOETIER_AMX_EMULATOR)
+// Linux grants the AMX tile data state per process on request; without it the first tile instruction
+// raises SIGILL. The loader only imports this variant where the request succeeded, but asking again is
+// cheap and makes the module safe on its own.
+void require_amx_permission() {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0)
+        throw py::import_error("the OS refused AMX tile state to this process (arch_prctl ARCH_REQ_XCOMP_PERM); "
+                               "use a lower kernel variant");
+}
+#endif
+
 int activation_code(const std::string& a) {
     if (a == "silu") return SILU;
     if (a == "swiglu_oai") return SWIGLU_OAI;
@@ -74,6 +86,13 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
     m.attr("VARIANT") = MOETIER_VARIANT;
     m.attr("HAS_DOT_KERNELS") = bool(MOETIER_HAS_DOT);
     m.attr("DECODE_MAX_TOKENS") = DECODE_MAX_TOKENS;
+    m.attr("HAS_AMX_TILES") = bool(MOETIER_HAS_AMX);
+#if MOETIER_HAS_AMX && !defined(MOETIER_AMX_EMULATOR)
+    require_amx_permission();
+#endif
+#if defined(MOETIER_AMX_EMULATOR)
+    m.def("emulated_tile_dots", &amx::emulated_dot_count, "tdp instructions the software tile unit has run");
+#endif
 
     py::class_<ThreadPool>(m, "ThreadPool", py::module_local())
         .def(py::init<int, std::vector<int>, std::vector<int>>(), py::arg("threads"), py::arg("cpus"),

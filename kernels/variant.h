@@ -3,7 +3,12 @@
 // namespace named after the variant, so two variants loaded into one process never share a type.
 #pragma once
 
-#if defined(MOETIER_VARIANT_AMX)
+#if defined(MOETIER_VARIANT_AMX) && defined(MOETIER_AMX_EMULATOR)
+// Test builds only: the amx kernels over a software tile unit (tests/amx_emulator), so their tiling and
+// epilogues run on a CPU without AMX. Never part of a wheel.
+#define MOETIER_NS v_amx_emulated
+#define MOETIER_MODULE _moe_amx_emulated
+#elif defined(MOETIER_VARIANT_AMX)
 #define MOETIER_NS v_amx
 #define MOETIER_MODULE _moe_amx
 #elif defined(MOETIER_VARIANT_AVX512_BF16)
@@ -32,4 +37,12 @@
 #define MOETIER_HAS_DOT 1
 #else
 #define MOETIER_HAS_DOT 0
+#endif
+
+// AMX tile kernels (tdpbf16ps / tdpbusd prefill): the amx build, or a test build over the emulator.
+#if defined(MOETIER_VARIANT_AMX) && MOETIER_HAS_DOT && \
+    ((defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)) || defined(MOETIER_AMX_EMULATOR))
+#define MOETIER_HAS_AMX 1
+#else
+#define MOETIER_HAS_AMX 0
 #endif

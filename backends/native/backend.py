@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ class NativeBackend(ExpertBackend):
     formats = NATIVE_FORMATS
 
     def __init__(self, name: str, variant: str, inventory, *, threads: int | None = None,
-                 nan_policy: str = "raise", int8_activations: bool = True):
+                 nan_policy: str = "raise", int8_activations: bool = True, extension: ModuleType | None = None):
         super().__init__(nan_policy=nan_policy)
         if threads is None:
             threads = max(1, inventory.cpu.physical_cores)
@@ -87,7 +88,9 @@ class NativeBackend(ExpertBackend):
         self.name = name
         self.variant = variant
         self.int8_activations = bool(int8_activations)
-        self._ext = load_variant(variant, inventory)
+        # `extension`: an already loaded kernel module of `variant` (the caller vouches that this CPU runs
+        # it; the tests use it for a build over the software tile unit). Otherwise the guarded loader.
+        self._ext = extension if extension is not None else load_variant(variant, inventory)
         self._inventory = inventory
         self._kernel_pool = None
         self.set_threads(threads)
