@@ -34,15 +34,26 @@ constexpr int DN_CHUNK_MIN = 2;       // down panels per phase-2 task: at least,
 constexpr int DN_CHUNK_MAX = 16;
 constexpr int TILE_ROW_PAD = AMX_TOKENS;  // rows past the last one that AMX tile loads may read
 
-// Page-aligned memory for packed experts: transparent huge pages cut TLB misses while streaming, and on
-// a multi-node machine the pages are preferred on the node whose threads compute this expert.
+// Memory for packed experts: 2 MiB-aligned chunks shared by the experts of a layer, so transparent huge
+// pages back all of it (an expert of its own mapping is rarely 2 MiB-aligned: a 2.6 MiB int4 expert got at
+// most one huge page, and the hardware prefetcher stops at every 4 KiB page boundary of the rest). On a
+// multi-node machine each node has its own chunks, preferred on that node's memory. Untouched parts of a
+// chunk cost address space only.
 class NodeBuffer {
    public:
-    NodeBuffer(size_t bytes, int node, int num_nodes) : bytes_(bytes) {
-        void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    static constexpr size_t HUGE_PAGE = size_t(2) << 20;
+    NodeBuffer(size_t bytes, int node, int num_nodes) : bytes_(round_up(int64_t(bytes), HUGE_PAGE)) {
+        // Over-map by one huge page and trim, so the buffer starts on a 2 MiB boundary.
+        const size_t span = bytes_ + HUGE_PAGE;
+        void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED) throw std::bad_alloc();
-        ptr_ = static_cast<uint8_t*>(p);
-        if (bytes_ >= (2u << 20)) madvise(ptr_, bytes_, MADV_HUGEPAGE);
+        uint8_t* raw = static_cast<uint8_t*>(p);
+        uint8_t* aligned = reinterpret_cast<uint8_t*>(round_up(int64_t(reinterpret_cast<uintptr_t>(raw)), HUGE_PAGE));
+        if (aligned > raw) munmap(raw, size_t(aligned - raw));
+        const size_t tail = size_t(raw + span - (aligned + bytes_));
+        if (tail) munmap(aligned + bytes_, tail);
+        ptr_ = aligned;
+        madvise(ptr_, bytes_, MADV_HUGEPAGE);
 #ifdef SYS_mbind
         if (num_nodes > 1 && node >= 0 && node < 64) {
             unsigned long mask = 1ul << node;
@@ -61,9 +72,39 @@ class NodeBuffer {
     size_t bytes_ = 0;
 };
 
+// Bump allocation of expert buffers from per-node chunks (thread-safe: experts are packed in parallel).
+class ExpertArena {
+   public:
+    static constexpr size_t CHUNK = size_t(64) << 20;
+    static constexpr size_t ALIGN = 4096;
+    uint8_t* allocate(size_t bytes, int node, int num_nodes) {
+        std::lock_guard<std::mutex> lk(m_);
+        const size_t n = size_t(std::max(0, node));
+        if (n >= open_.size()) open_.resize(n + 1, Open{});
+        Open& o = open_[n];
+        const size_t need = size_t(round_up(int64_t(bytes), ALIGN));
+        if (!o.chunk || o.used + need > o.chunk->size()) {
+            chunks_.push_back(std::make_unique<NodeBuffer>(std::max(CHUNK, need), int(n), num_nodes));
+            o = Open{chunks_.back().get(), 0};
+        }
+        uint8_t* p = o.chunk->data() + o.used;
+        o.used += need;
+        return p;
+    }
+
+   private:
+    struct Open {  // per node: the chunk being filled
+        NodeBuffer* chunk = nullptr;
+        size_t used = 0;
+    };
+    std::mutex m_;
+    std::vector<std::unique_ptr<NodeBuffer>> chunks_;
+    std::vector<Open> open_;
+};
+
 struct ExpertSlot {
     int id = -1, node = 0;
-    std::unique_ptr<NodeBuffer> mem;  // gate/up panels interleaved (g0 u0 g1 u1 ...), then down panels
+    uint8_t* mem = nullptr;  // in the layer's arena: gate/up panels interleaved (g0 u0 g1 u1 ...), then down panels
     std::vector<float> bg, bu, bd;    // zero-padded biases (empty without biases)
 };
 
@@ -111,8 +152,7 @@ class MoELayer {
         auto slot = std::make_unique<ExpertSlot>();
         slot->id = id;
         slot->node = node < 0 ? 0 : node;
-        slot->mem = std::make_unique<NodeBuffer>(size_t(expert_bytes()), node, num_nodes);
-        uint8_t* base = slot->mem->data();
+        uint8_t* base = slot->mem = arena_.allocate(size_t(expert_bytes()), node, num_nodes);
         // Gate and up panels interleaved (g0 u0 g1 u1 ...) so one task streams both.
         pack_matrix(gu_, g, gs, base, 2 * gu_.panel_bytes);
         pack_matrix(gu_, u, us, base + gu_.panel_bytes, 2 * gu_.panel_bytes);
@@ -144,6 +184,7 @@ class MoELayer {
     std::vector<int> slot_of_;
     std::vector<std::unique_ptr<ExpertSlot>> slots_;
     std::mutex slots_m_;
+    ExpertArena arena_;
 
     struct Ctx;
     void phase_convert(Ctx& c, int t0, int t1) const;
@@ -328,8 +369,8 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
     if (tiles) tile_session.ensure();
 #endif
     for (int p = p0; p < p1; ++p) {
-        const uint8_t* pan[2] = {s.mem->data() + 2 * int64_t(p) * gu_.panel_bytes,
-                                 s.mem->data() + (2 * int64_t(p) + 1) * gu_.panel_bytes};
+        const uint8_t* pan[2] = {s.mem + 2 * int64_t(p) * gu_.panel_bytes,
+                                 s.mem + (2 * int64_t(p) + 1) * gu_.panel_bytes};
         if (deq) {
             dequant_pair(pan, 2, gu_, deq);
             pan[0] = deq;
@@ -429,7 +470,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
 #if MOETIER_HAS_AMX
         if (tiles) tile_session.ensure();
 #endif
-        const uint8_t* down = s.mem->data() + 2 * gu_.bytes();
+        const uint8_t* down = s.mem + 2 * gu_.bytes();
+
         for (int p = p0; p < p1; p += 2) {
             const int np = std::min(2, p1 - p);
             const uint8_t* pan[2] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes};
