@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -124,11 +125,16 @@ py::list read_bandwidth(size_t nbytes, int threads, int repeats, const std::stri
     if (threads < 1 || threads > 1024) throw std::invalid_argument("read probe: threads must be in [1, 1024]");
     if (repeats < 1) throw std::invalid_argument("read probe: repeats must be >= 1");
     ReadFn fn = read_kernel(isa);
-    constexpr size_t kAlign = 4096;
-    const size_t slice = std::max<size_t>(kAlign, (nbytes / threads) / kAlign * kAlign);
+    // 2 MiB-aligned and backed by transparent huge pages, like the kernels' packed experts: with 4 KiB
+    // pages every page boundary stops the hardware prefetcher and costs a TLB miss, and the probe
+    // would report less than the kernels stream (measured here: 46 vs 54 GB/s on 2 threads).
+    constexpr size_t kAlign = size_t(2) << 20;
+    const size_t slice = std::max<size_t>(kAlign, (nbytes / threads + kAlign - 1) / kAlign * kAlign);
     const size_t total = slice * threads;
-    auto* buf = static_cast<uint8_t*>(std::aligned_alloc(kAlign, total));
-    if (!buf) throw std::bad_alloc();
+    void* mapped = mmap(nullptr, total + kAlign, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapped == MAP_FAILED) throw std::bad_alloc();
+    auto* buf = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mapped) + kAlign - 1) / kAlign * kAlign);
+    madvise(buf, total, MADV_HUGEPAGE);
     std::vector<double> rates(repeats);
     {
         py::gil_scoped_release nogil;
@@ -149,7 +155,7 @@ py::list read_bandwidth(size_t nbytes, int threads, int repeats, const std::stri
             g_sink.fetch_xor(acc, std::memory_order_relaxed);
         });
     }
-    std::free(buf);
+    munmap(mapped, total + kAlign);
     py::list out;
     for (double r : rates) out.append(r);
     return out;
