@@ -11,7 +11,11 @@ Bounds:
   weights dequantized to bf16 1e-2; int8 with int8 activations 4e-2.
 - Against the avx512_bf16 build on the same prepared inputs: both round the same activations to bf16
   (or quantize them to the same int8 codes) and multiply the same weights; only the order of the fp32
-  (bf16) or final float (int8, exact int32 sums) additions differs: ~sqrt(K) * 2^-24 ~ 1e-6. Bound 2e-5.
+  (bf16) or final float (int8, exact int32 sums) additions differs: ~sqrt(K) * 2^-24 ~ 1e-6 in the
+  gate/up outputs. That difference can flip the rounding of an intermediate value to bf16, or its int8
+  code, when it lies at a rounding boundary (a few of the ~60k intermediates here); one flip moves the
+  output by ~1e-4 relative at these sizes (measured 1.2e-4). Bound 1e-3; a dropped or misplaced
+  column block, token tile or panel moves it above 1e-1.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def test_tile_path_matches_oracle_and_the_vnni_kernels(emulated, fmt, tokens, mo
     assert rel_err(out, ref) < bound
     vnni = make_backend("avx512_bf16", monkeypatch)
     same = vnni.forward(vnni.prepare(layer, weights, held, fmt), hidden, ids, w)
-    assert rel_err(out, same) < 2e-5
+    assert rel_err(out, same) < 1e-3
 
 
 def test_decode_and_int4_do_not_use_tiles(emulated):
