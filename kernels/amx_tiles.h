@@ -12,15 +12,9 @@
 #include "variant.h"
 
 #if MOETIER_HAS_AMX
-#if defined(MOETIER_AMX_EMULATOR)
-#include "amx_emulator.h"
-#else
-#include <immintrin.h>
-
 namespace moetier_kernels {
 inline namespace MOETIER_NS {
 namespace amx {
-
 // The 64-byte operand of ldtilecfg (palette 1).
 struct alignas(64) TileConfig {
     uint8_t palette = 1;
@@ -30,6 +24,18 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 static_assert(sizeof(TileConfig) == 64, "ldtilecfg takes 64 bytes");
+}  // namespace amx
+}  // namespace MOETIER_NS
+}  // namespace moetier_kernels
+
+#if defined(MOETIER_AMX_EMULATOR)
+#include "amx_emulator.h"
+#else
+#include <immintrin.h>
+
+namespace moetier_kernels {
+inline namespace MOETIER_NS {
+namespace amx {
 
 inline void configure(const TileConfig& cfg) { _tile_loadconfig(&cfg); }
 inline void release() { _tile_release(); }

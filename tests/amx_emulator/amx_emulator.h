@@ -7,7 +7,8 @@
 // tdpbf16ps with fp32 accumulation of exact bf16 products, denormal inputs treated as zero and
 // denormal results flushed, tdpbusd with wrapping int32 accumulation. Misuse that real hardware
 // punishes with #UD (a tile instruction without a configuration, shapes that do not agree) aborts
-// with a message instead of computing something.
+// with a message instead of computing something. Included by kernels/amx_tiles.h, which defines
+// TileConfig (the ldtilecfg operand) first.
 #pragma once
 #include <atomic>
 #include <cmath>
@@ -19,15 +20,6 @@
 namespace moetier_kernels {
 inline namespace MOETIER_NS {
 namespace amx {
-
-struct alignas(64) TileConfig {
-    uint8_t palette = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg takes 64 bytes");
 
 namespace emu {
 
