@@ -284,6 +284,21 @@ inline void run_dot(int path, int fmt, int mb, const uint8_t* const* pan, const 
         default: run_dot_m<NP, 8>(path, fmt, pan, g, xb, xq, xs, o); break;
     }
 }
+// Four panels x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode): o[4][mb][16].
+inline void int8_decode_4(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const uint8_t* const* xq,
+                          const float* xs, float* o) {
+    auto go = [&](auto MC) {
+        constexpr int MM = decltype(MC)::value;
+        if (fmt == I4) gemm_int8dot<true, MM, 4>(pan, g, xq, xs, o);
+        else gemm_int8dot<false, MM, 4>(pan, g, xq, xs, o);
+    };
+    switch (mb) {
+        case 1: go(std::integral_constant<int, 1>{}); break;
+        case 2: go(std::integral_constant<int, 2>{}); break;
+        case 3: go(std::integral_constant<int, 3>{}); break;
+        default: go(std::integral_constant<int, 4>{}); break;
+    }
+}
 #else
 constexpr int DOT_BLOCK = 4;
 #endif
@@ -368,7 +383,33 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
     amx::TileSession tile_session;
     if (tiles) tile_session.ensure();
 #endif
+    // act(gate + bias) * (up + bias) for panel p of tokens m0 .. m0 + mb into h (fp32, and bf16 copies).
+    auto finish = [&](int p, const float* og, const float* ou, int m0, int mb) {
+        for (int m = 0; m < mb; ++m) {
+            V gv = vload(og + m * PANEL), uv = vload(ou + m * PANEL), h;
+            if (has_bias_) {
+                gv = vadd(gv, vload(s.bg.data() + p * PANEL));
+                uv = vadd(uv, vload(s.bu.data() + p * PANEL));
+            }
+            if (act_ == SILU) {
+                h = vmul(vmul(gv, vsigmoid(gv)), uv);
+            } else {
+                gv = vmin(gv, vset1(limit_));
+                uv = vmax(vmin(uv, vset1(limit_)), vset1(-limit_));
+                h = vmul(vadd(uv, vset1(1.f)), vmul(gv, vsigmoid(vmul(gv, vset1(alpha_)))));
+            }
+            const int64_t r = row0 + m0 + m;
+            float* hf = c.Hf + r * c.hs + p * PANEL;
+            vstore(hf, h);
+            if (bf16_h)
+                for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
+        }
+    };
+    // Decode on the int8 dot path streams two gate/up pairs per call: four streams keep more DRAM
+    // requests in flight than two (measured one core, int4_g64: 17.0 -> 18.2 GB/s; int8 +4%).
+    const bool wide_ok = path == P_INT8DOT && M <= DECODE_MAX_TOKENS;
     for (int p = p0; p < p1; ++p) {
+        const bool wide = wide_ok && p + 1 < p1;
         const uint8_t* pan[2] = {s.mem + 2 * int64_t(p) * gu_.panel_bytes,
                                  s.mem + (2 * int64_t(p) + 1) * gu_.panel_bytes};
         if (deq) {
@@ -400,29 +441,18 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                     xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
                     xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                 }
-                run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
+                if (wide) {  // two gate/up pairs per call: four weight streams in flight (decode)
+                    const uint8_t* pan4[4] = {pan[0], pan[1], pan[1] + gu_.panel_bytes, pan[1] + 2 * gu_.panel_bytes};
+                    int8_decode_4(fmt_, mb, pan4, gu_, xq, xsc, o);
+                    finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
+                } else {
+                    run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
+                }
 #endif
             }
-            for (int m = 0; m < mb; ++m) {
-                V gv = vload(o + m * PANEL), uv = vload(o + (ld + m) * PANEL), h;
-                if (has_bias_) {
-                    gv = vadd(gv, vload(s.bg.data() + p * PANEL));
-                    uv = vadd(uv, vload(s.bu.data() + p * PANEL));
-                }
-                if (act_ == SILU) {
-                    h = vmul(vmul(gv, vsigmoid(gv)), uv);
-                } else {
-                    gv = vmin(gv, vset1(limit_));
-                    uv = vmax(vmin(uv, vset1(limit_)), vset1(-limit_));
-                    h = vmul(vadd(uv, vset1(1.f)), vmul(gv, vsigmoid(vmul(gv, vset1(alpha_)))));
-                }
-                const int64_t r = row0 + m0 + m;
-                float* hf = c.Hf + r * c.hs + p * PANEL;
-                vstore(hf, h);
-                if (bf16_h)
-                    for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
-            }
+            finish(p, o, o + ld * PANEL, m0, mb);
         }
+        if (wide) ++p;  // its second pair is done
     }
     if (p1 == gu_.panels) {  // the columns past the last panel are read by the down kernel: zero them
         for (int m = 0; m < M; ++m) {
@@ -471,10 +501,11 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
         if (tiles) tile_session.ensure();
 #endif
         const uint8_t* down = s.mem + 2 * gu_.bytes();
-
-        for (int p = p0; p < p1; p += 2) {
-            const int np = std::min(2, p1 - p);
-            const uint8_t* pan[2] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes};
+        const bool wide_ok = path == P_INT8DOT && M <= DECODE_MAX_TOKENS;  // four streams, as in gate/up
+        for (int p = p0, np = 0; p < p1; p += np) {
+            np = wide_ok && p + 4 <= p1 ? 4 : std::min(2, p1 - p);
+            const uint8_t* pan[4] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes,
+                                     down + int64_t(p + 2) * dn_.panel_bytes, down + int64_t(p + 3) * dn_.panel_bytes};
             if (is_deq(path)) {
                 uint8_t* deq = scratch(thread_scratch().deq, size_t(2) * dn_.Kp * PANEL * 2);
                 dequant_pair(pan, np, dn_, deq);
@@ -510,7 +541,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                         xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
                     }
                     const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-                    if (np == 2) run_dot<2>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
+                    if (np == 4) int8_decode_4(fmt_, mb, pan, dn_, xq, xsc, o);
+                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
                     else run_dot<1>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
 #endif
                 }

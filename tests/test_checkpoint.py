@@ -2,10 +2,11 @@
 sharding, memory behaviour and the progress helper. Every checkpoint is written into tmp_path."""
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -328,7 +329,17 @@ def test_handle_cache_is_bounded_and_closeable(tmp_path, rng):
 
 # ---- memory: one tensor at a time ----------------------------------------------------------------------
 
-def _rss_bytes() -> int:
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc/self/status")
+
+# Measured in a fresh interpreter: in the test process, memory that earlier tests freed but the
+# allocator kept is reused without growing the RSS, which blinds the measurement (seen in full runs).
+_LAZY_READ_PROBE = """
+import gc, sys
+import numpy as np, torch
+from safetensors.torch import save_file
+from moetier.checkpoint import Checkpoint
+
+def rss():
     fields = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -336,31 +347,33 @@ def _rss_bytes() -> int:
             fields[key] = rest
     return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile", "RssShmem") if k in fields)
 
-
-linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc/self/status")
+d, big_mib, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+small = torch.from_numpy(np.random.default_rng(seed).standard_normal((8, 8)).astype(np.float32))
+save_file({"big": torch.ones(big_mib * 2**20 // 4), "small": small}, d + "/model.safetensors")
+save_file({"x": torch.ones(4)}, d + "/warm.safetensors")
+with Checkpoint(d + "/warm.safetensors") as w:
+    float(w.read("x").sum())  # first-use allocations of the reader and torch happen here
+gc.collect()
+gc.disable()
+with Checkpoint(d + "/model.safetensors") as ckpt:
+    before = rss()
+    got = ckpt.read("small")
+    assert torch.equal(got, small)
+    grown_small = rss() - before
+    big = ckpt.read("big")
+    assert float(big.sum()) == big.numel()  # touch every page: the measurement must see the big tensor
+    grown_big = rss() - before
+print(grown_small, grown_big)
+"""
 
 
 @linux_only
-def test_reading_one_tensor_does_not_load_the_others(tmp_path, rng):
+def test_reading_one_tensor_does_not_load_the_others(tmp_path):
     big_mib = 96
-    small = _t(rng.standard_normal((8, 8)).astype(np.float32))
-    save_file({"big": torch.ones(big_mib * 2**20 // 4), "small": small}, str(tmp_path / "model.safetensors"))
-    save_file({"x": torch.ones(4)}, str(tmp_path / "warm.safetensors"))
-    with Checkpoint(tmp_path / "warm.safetensors") as w:
-        float(w.read("x").sum())  # first-use allocations of the reader and torch happen here
-    gc.collect()
-    gc.disable()  # a collection of earlier tests' garbage during the measurement would blur it
-    try:
-        with Checkpoint(tmp_path / "model.safetensors") as ckpt:
-            before = _rss_bytes()
-            got = ckpt.read("small")
-            assert torch.equal(got, small)
-            grown_small = _rss_bytes() - before
-            big = ckpt.read("big")
-            assert float(big.sum()) == big.numel()  # touch every page: the measurement must see the big tensor
-            grown_big = _rss_bytes() - before
-    finally:
-        gc.enable()
+    r = subprocess.run([sys.executable, "-c", _LAZY_READ_PROBE, str(tmp_path), str(big_mib),
+                        str(int(np.random.default_rng().integers(2**31)))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    grown_small, grown_big = (int(v) for v in r.stdout.split())
     msg = f"RSS growth: {grown_small / 2**20:.1f} MiB after the 8x8 tensor, {grown_big / 2**20:.1f} MiB after the big one"
     assert grown_big > 0.8 * big_mib * 2**20, "control failed: " + msg
     assert grown_small < 8 * 2**20, msg

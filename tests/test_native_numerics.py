@@ -126,17 +126,24 @@ def test_duplicate_ids_and_unheld_experts(variant, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128"])
-def test_model_sized_rows_decode(variant, fmt, monkeypatch):
-    """Rows >= 256: on the VNNI variants integer decode switches to int8 activations (still bounded)."""
+@pytest.mark.parametrize("fmt", ["int8", "int4_g64", "int4_g128"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_model_sized_rows_decode(variant, fmt, tokens, monkeypatch):
+    """Rows >= 256: on the VNNI variants integer decode switches to int8 activations (still bounded) and
+    streams four panels per call where a task has them. H = 1040 is 65 down panels: 1 and 2 threads cut
+    them into tasks of 8 and 4 panels, so the calls differ (4 + 4, or 4 and a single last panel) while
+    every panel's arithmetic must not: the outputs are bitwise equal."""
     gen = torch.Generator().manual_seed(torch.seed())
-    E, k, H, I = 4, 2, 320, 256
+    E, k, H, I = 3, 2, 1040, 256
     layer, weights = random_layer(gen, fmt, E, k, H, I)
-    hidden = torch.randn(1, H, generator=gen)
-    ids, w = routing(gen, 1, E, k)
-    be = make_backend(variant, monkeypatch)
-    err = rel_err(be.forward(be.prepare(layer, weights, range(E), fmt), hidden, ids, w),
-                  reference(layer, weights, range(E), fmt, hidden, ids, w))
+    hidden = torch.randn(tokens, H, generator=gen)
+    ids, w = routing(gen, tokens, E, k)
+    outs = []
+    for threads in (1, 2):
+        be = make_backend(variant, monkeypatch, threads=threads)
+        outs.append(be.forward(be.prepare(layer, weights, range(E), fmt), hidden, ids, w))
+    err = rel_err(outs[0], reference(layer, weights, range(E), fmt, hidden, ids, w))
     assert err < bound(fmt, variant, False, min(H, I))
+    assert torch.equal(outs[0], outs[1])
     if variant in DOT_VARIANTS:
         assert err > 1e-4  # the int8-activation path really ran
