@@ -32,11 +32,12 @@ def extensions():
     exts = [
         # Baseline x86-64 only: it must run on every CPU, since it decides which variant may load.
         Pybind11Extension("moetier.hardware._cpuid", ["kernels/cpuid/cpuid.cpp"], cxx_std=17,
-                          extra_compile_args=["-O2"]),
+                          depends=["kernels/amx_permission.h"], extra_compile_args=["-O2"]),
         # The machine-limit probes of `moetier bench`: baseline x86-64 as well; its wide loops are
         # target-attributed functions, called only on CPUs that have the feature.
         Pybind11Extension("moetier.bench._probes", ["kernels/bench_probes/probes.cpp"], cxx_std=17,
-                          extra_compile_args=["-O2", "-pthread"], extra_link_args=["-pthread"]),
+                          depends=["kernels/huge_pages.h"], extra_compile_args=["-O2", "-pthread"],
+                          extra_link_args=["-pthread"]),
     ]
     if all(os.path.exists(s) for s in BUILD["KERNEL_SOURCES"]):
         for variant, flags in BUILD["KERNEL_VARIANTS"].items():

@@ -6,7 +6,6 @@
 // accumulates w * (down h + bias) in fp32, so no two tasks ever write the same output element. With
 // more than one NUMA node, every node reduces its own experts into its own buffer and phase 3 sums them.
 #pragma once
-#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,6 +19,7 @@
 #include <vector>
 
 #include "amx_kernels.h"
+#include "huge_pages.h"
 #include "panel_kernels.h"
 #include "thread_pool.h"
 
@@ -34,26 +34,14 @@ constexpr int DN_CHUNK_MIN = 2;       // down panels per phase-2 task: at least,
 constexpr int DN_CHUNK_MAX = 16;
 constexpr int TILE_ROW_PAD = AMX_TOKENS;  // rows past the last one that AMX tile loads may read
 
-// Memory for packed experts: 2 MiB-aligned chunks shared by the experts of a layer, so transparent huge
-// pages back all of it (an expert of its own mapping is rarely 2 MiB-aligned: a 2.6 MiB int4 expert got at
-// most one huge page, and the hardware prefetcher stops at every 4 KiB page boundary of the rest). On a
-// multi-node machine each node has its own chunks, preferred on that node's memory. Untouched parts of a
-// chunk cost address space only.
+// Memory for packed experts: huge-page chunks (huge_pages.h) shared by the experts of a layer, so huge
+// pages back all of it (an expert in a mapping of its own is rarely 2 MiB-aligned: a 2.6 MiB int4 expert
+// got at most one huge page). On a multi-node machine each node has its own chunks, preferred on that
+// node's memory. Untouched parts of a chunk cost address space only.
 class NodeBuffer {
    public:
-    static constexpr size_t HUGE_PAGE = size_t(2) << 20;
-    NodeBuffer(size_t bytes, int node, int num_nodes) : bytes_(round_up(int64_t(bytes), HUGE_PAGE)) {
-        // Over-map by one huge page and trim, so the buffer starts on a 2 MiB boundary.
-        const size_t span = bytes_ + HUGE_PAGE;
-        void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) throw std::bad_alloc();
-        uint8_t* raw = static_cast<uint8_t*>(p);
-        uint8_t* aligned = reinterpret_cast<uint8_t*>(round_up(int64_t(reinterpret_cast<uintptr_t>(raw)), HUGE_PAGE));
-        if (aligned > raw) munmap(raw, size_t(aligned - raw));
-        const size_t tail = size_t(raw + span - (aligned + bytes_));
-        if (tail) munmap(aligned + bytes_, tail);
-        ptr_ = aligned;
-        madvise(ptr_, bytes_, MADV_HUGEPAGE);
+    NodeBuffer(size_t bytes, int node, int num_nodes)
+        : bytes_(moetier_os::round_up_huge(bytes)), ptr_(moetier_os::map_huge(bytes_)) {
 #ifdef SYS_mbind
         if (num_nodes > 1 && node >= 0 && node < 64) {
             unsigned long mask = 1ul << node;
@@ -61,15 +49,15 @@ class NodeBuffer {
         }
 #endif
     }
-    ~NodeBuffer() { munmap(ptr_, bytes_); }
+    ~NodeBuffer() { moetier_os::unmap_huge(ptr_, bytes_); }
     NodeBuffer(const NodeBuffer&) = delete;
     NodeBuffer& operator=(const NodeBuffer&) = delete;
     uint8_t* data() const { return ptr_; }
     size_t size() const { return bytes_; }
 
    private:
+    size_t bytes_ = 0;  // before ptr_: the mapping's size is computed first
     uint8_t* ptr_ = nullptr;
-    size_t bytes_ = 0;
 };
 
 // Bump allocation of expert buffers from per-node chunks (thread-safe: experts are packed in parallel).
@@ -113,9 +101,9 @@ struct ExpertSlot {
 enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3, P_AMX_BF16 = 4, P_AMX_INT8 = 5, P_AMX_DEQ = 6 };
 inline bool is_amx(int path) { return path >= P_AMX_BF16; }
 inline bool is_deq(int path) { return path == P_DEQDOT || path == P_AMX_DEQ; }
-// Paths whose h (the down projection's input) is bf16, and whose is u8 with per-row scales.
-inline bool wants_bf16_h(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16; }
-inline bool wants_u8_h(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
+// Paths whose activations (x for gate/up, h for down) are bf16, and whose are u8 with per-row scales.
+inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16; }
+inline bool u8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
 
 struct TaskQueue {
     std::vector<std::array<int, 3>> items;
@@ -185,6 +173,13 @@ class MoELayer {
     std::vector<std::unique_ptr<ExpertSlot>> slots_;
     std::mutex slots_m_;
     ExpertArena arena_;
+
+    // Decode on the bf16 and int8-dot paths streams four weight panels per call (two gate/up pairs, or
+    // four down panels): four streams keep more DRAM requests in flight than two (one core, Qwen3
+    // layer: int4_g64 17.2 -> 19.6 GB/s, bf16 24.6 -> 27.2, int8 +3%).
+    bool four_streams(int path, int M) const {
+        return (path == P_INT8DOT || (path == P_F32 && fmt_ == BF16)) && M <= DECODE_MAX_TOKENS;
+    }
 
     struct Ctx;
     void phase_convert(Ctx& c, int t0, int t1) const;
@@ -376,7 +371,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
     const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
     const bool tiles = is_amx(path);
     const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
-    const bool bf16_h = wants_bf16_h(path);
+    const bool bf16_h = bf16_acts(path);
     alignas(64) float o[2 * 32 * PANEL];
     uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_.Kp * PANEL * 2) : nullptr;
 #if MOETIER_HAS_AMX
@@ -405,14 +400,12 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                 for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
         }
     };
-    // Decode on the int8 dot path and bf16 streams two gate/up pairs per call: four streams keep more
-    // DRAM requests in flight than two (one core, Qwen3 layer: int4_g64 17.2 -> 19.6 GB/s, bf16 24.6 ->
-    // 27.2, int8 +3%).
-    const bool wide_ok = (path == P_INT8DOT || (path == P_F32 && fmt_ == BF16)) && M <= DECODE_MAX_TOKENS;
+    const bool wide_ok = four_streams(path, M);
     for (int p = p0; p < p1; ++p) {
-        const bool wide = wide_ok && p + 1 < p1;
+        const bool wide = wide_ok && p + 1 < p1;  // two gate/up pairs in one call
         const uint8_t* pan[2] = {s.mem + 2 * int64_t(p) * gu_.panel_bytes,
                                  s.mem + (2 * int64_t(p) + 1) * gu_.panel_bytes};
+        const uint8_t* pan4[4] = {pan[0], pan[1], pan[1] + gu_.panel_bytes, pan[1] + 2 * gu_.panel_bytes};
         if (deq) {
             dequant_pair(pan, 2, gu_, deq);
             pan[0] = deq;
@@ -425,7 +418,6 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                 const float* x[F32_BLOCK];
                 for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
                 if (wide) {
-                    const uint8_t* pan4[4] = {pan[0], pan[1], pan[1] + gu_.panel_bytes, pan[1] + 2 * gu_.panel_bytes};
                     run_f32<4, DecBF16, false>(mb, pan4, gu_, x, o);
                     finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
                 } else {
@@ -448,8 +440,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                     xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
                     xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                 }
-                if (wide) {  // two gate/up pairs per call: four weight streams in flight (decode)
-                    const uint8_t* pan4[4] = {pan[0], pan[1], pan[1] + gu_.panel_bytes, pan[1] + 2 * gu_.panel_bytes};
+                if (wide) {
                     int8_decode_4(fmt_, mb, pan4, gu_, xq, xsc, o);
                     finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
                 } else {
@@ -508,8 +499,7 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
         if (tiles) tile_session.ensure();
 #endif
         const uint8_t* down = s.mem + 2 * gu_.bytes();
-        const bool wide_ok =  // four streams, as in gate/up
-            (path == P_INT8DOT || (path == P_F32 && fmt_ == BF16)) && M <= DECODE_MAX_TOKENS;
+        const bool wide_ok = four_streams(path, M);
         for (int p = p0, np = 0; p < p1; p += np) {
             np = wide_ok && p + 4 <= p1 ? 4 : std::min(2, p1 - p);
             const uint8_t* pan[4] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes,
@@ -632,8 +622,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             else if (path == P_INT8DOT && fmt_ == I8) path = P_AMX_INT8;
         }
         c.act_path.push_back(path);
-        c.need_xb |= path == P_BF16DOT || path == P_DEQDOT || path == P_AMX_BF16 || path == P_AMX_DEQ;
-        c.need_xq |= path == P_INT8DOT || path == P_AMX_INT8;
+        c.need_xb |= bf16_acts(path);
+        c.need_xq |= u8_acts(path);
         R += count[s];
     }
     c.row_tok.resize(R);
@@ -680,8 +670,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     c.Hf = scratch(sc.Hf, size_t(R) * c.hs);
     bool need_hb = false;
     for (size_t a = 0; a < c.act_slot.size(); ++a) {
-        need_hb |= wants_bf16_h(c.act_path[a]);
-        if (wants_u8_h(c.act_path[a]))
+        need_hb |= bf16_acts(c.act_path[a]);
+        if (u8_acts(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
         if (is_amx(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.g_rows.push_back(c.act_row0[a] + m);

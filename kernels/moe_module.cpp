@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "amx_permission.h"
 #include "moe_layer.h"
 
 namespace py = pybind11;
@@ -58,12 +59,11 @@ const float* optional_floats(const py::object& o, int64_t n, const char* what) {
 }
 
 #if MOETIER_HAS_AMX && !defined(MOETIER_AMX_EMULATOR)
-// Linux grants the AMX tile data state per process on request; without it the first tile instruction
-// raises SIGILL. The loader only imports this variant where the request succeeded, but asking again is
-// cheap and makes the module safe on its own.
+// Without the tile data state the first tile instruction raises SIGILL. The loader only imports this
+// variant where hardware detection's request succeeded, but asking again is cheap and makes the module
+// safe on its own.
 void require_amx_permission() {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0)
+    if (moetier_os::request_amx_permission() != 0)
         throw py::import_error("the OS refused AMX tile state to this process (arch_prctl ARCH_REQ_XCOMP_PERM); "
                                "use a lower kernel variant");
 }

@@ -9,7 +9,6 @@
 #include <pybind11/pybind11.h>
 
 #include <immintrin.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +20,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "../huge_pages.h"
 
 namespace py = pybind11;
 
@@ -128,13 +129,9 @@ py::list read_bandwidth(size_t nbytes, int threads, int repeats, const std::stri
     // 2 MiB-aligned and backed by transparent huge pages, like the kernels' packed experts: with 4 KiB
     // pages every page boundary stops the hardware prefetcher and costs a TLB miss, and the probe
     // would report less than the kernels stream (measured here: 46 vs 54 GB/s on 2 threads).
-    constexpr size_t kAlign = size_t(2) << 20;
-    const size_t slice = std::max<size_t>(kAlign, (nbytes / threads + kAlign - 1) / kAlign * kAlign);
+    const size_t slice = std::max(moetier_os::HUGE_PAGE, moetier_os::round_up_huge(nbytes / threads));
     const size_t total = slice * threads;
-    void* mapped = mmap(nullptr, total + kAlign, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mapped == MAP_FAILED) throw std::bad_alloc();
-    auto* buf = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mapped) + kAlign - 1) / kAlign * kAlign);
-    madvise(buf, total, MADV_HUGEPAGE);
+    uint8_t* buf = moetier_os::map_huge(total);
     std::vector<double> rates(repeats);
     {
         py::gil_scoped_release nogil;
@@ -155,7 +152,7 @@ py::list read_bandwidth(size_t nbytes, int threads, int repeats, const std::stri
             g_sink.fetch_xor(acc, std::memory_order_relaxed);
         });
     }
-    munmap(mapped, total + kAlign);
+    moetier_os::unmap_huge(buf, total);
     py::list out;
     for (double r : rates) out.append(r);
     return out;

@@ -2,12 +2,12 @@
 // x86 CPU: this module decides which kernel variant may be loaded, so it must never need one itself.
 #include <pybind11/pybind11.h>
 
-#include <cerrno>
 #include <cpuid.h>
+
 #include <cstdint>
 #include <string>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "../amx_permission.h"
 
 namespace py = pybind11;
 
@@ -34,19 +34,6 @@ uint64_t xcr0() {
     return (static_cast<uint64_t>(hi) << 32) | lo;
 }
 
-// Linux gates the AMX tile data state per process: it must be requested before the first tile
-// instruction, otherwise that instruction faults. Returns 0 on success, else errno.
-int request_amx_permission() {
-#if defined(__linux__) && defined(SYS_arch_prctl)
-    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023;
-    constexpr int XFEATURE_XTILEDATA = 18;
-    long rc = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
-    return rc == 0 ? 0 : errno;
-#else
-    return -1;
-#endif
-}
-
 std::string vendor() {
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d)) return "";
@@ -65,7 +52,7 @@ PYBIND11_MODULE(_cpuid, m) {
     m.def("cpuid", &cpuid, py::arg("leaf"), py::arg("subleaf") = 0, "Registers (eax, ebx, ecx, edx).");
     m.def("max_leaf", &max_leaf, py::arg("base") = 0);
     m.def("xcr0", &xcr0, "XCR0 (0 when the OS has not enabled XSAVE).");
-    m.def("request_amx_permission", &request_amx_permission,
+    m.def("request_amx_permission", &moetier_os::request_amx_permission,
           "arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): 0 on success, else the errno.");
     m.def("vendor", &vendor);
 }
