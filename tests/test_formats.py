@@ -39,7 +39,10 @@ def test_round_trip_error_within_half_a_step(fmt, bound):
         padded = torch.zeros(37, groups * g)
         padded[:, :200] = w
         amax = padded.abs().view(37, groups, g).amax(dim=2).repeat_interleave(g, dim=1)[:, :200].double()
-    assert ((back - w.double()).abs() <= amax * bound * (1 + 1e-6) + 1e-12).all()
+    # The scale is stored in fp32: q * scale carries up to qmax * s * 2^-24 more, i.e. a relative
+    # 2 * qmax * 2^-24 (int8: 1.5e-5) of the half step (measured up to 5.2e-6).
+    qmax = 127 if f.kind == "int8" else 7
+    assert ((back - w.double()).abs() <= amax * bound * (1 + 2 * qmax * 2.0 ** -24) + 1e-12).all()
 
 
 def test_fp8_partial_last_block_uses_block_of_128_rows():
