@@ -264,6 +264,8 @@ def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_i
     for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not t.is_contiguous():
             raise ShapeError(f"{name} must be contiguous (call .contiguous() first); got strides {t.stride()}")
+    # Inference only: the output carries no gradient, and inputs that require grad are read as plain data.
+    hidden, topk_ids, topk_weights = hidden.detach(), topk_ids.detach(), topk_weights.detach()
     if topk_ids.numel():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= layer.num_experts:
