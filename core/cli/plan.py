@@ -172,7 +172,7 @@ def run(args) -> int:
     print_plan(console, plan, info, prediction, speeds)
     plan.check_budgets(hint=fit_hint(layout, parts, budgets, compute))  # exits 2 with the numbers
     if args.check_decode:
-        _check_decode(console, args, ctx, plan, layout, prediction)
+        _check_decode(console, args, ctx, plan, parts, stats)
     if args.json_out:
         plan.save(args.json_out)
         console.print(f"wrote the plan to {args.json_out}")
@@ -183,17 +183,24 @@ def run(args) -> int:
     return 0
 
 
-def _check_decode(console, args, ctx, plan, layout, prediction) -> None:
-    from ..placement.check import measure_moe_decode
+def _check_decode(console, args, ctx, plan, parts, stats) -> None:
+    import statistics
+
+    from ..placement.check import check_decode
 
     backend = ctx.registry.backend(plan.shards(plan.moe_layers[0])[0].backend).create(ctx.inventory)
-    check = measure_moe_decode(plan, layout, backend, layers=args.check_decode, batch=args.batch)
-    predicted = prediction.decode_moe_s / len(plan.moe_layers)
-    err = (predicted - check.seconds_per_layer) / check.seconds_per_layer
-    console.print(f"decode check: {check.layers_built} random MoE layers cycled, {check.steps} steps of batch "
-                  f"{check.batch} on {backend.name}: measured {check.seconds_per_layer * 1e3:.3f} ms per MoE layer "
-                  f"(p10 {check.seconds_per_layer_p10 * 1e3:.3f}, p90 {check.seconds_per_layer_p90 * 1e3:.3f}), "
-                  f"predicted {predicted * 1e3:.3f} ms: error {err:+.0%}")
+    with console.status("decode check") as status:
+        rounds = check_decode(plan, parts, backend, ctx.inventory, stats=stats, layers=args.check_decode,
+                              batch=args.batch, progress=status.update)
+    for k, r in enumerate(rounds, 1):
+        console.print(f"decode check round {k}: read {r.read_gb_per_s:.1f} GB/s, predicted "
+                      f"{r.predicted_s * 1e3:.3f} ms per MoE layer, measured {r.measured_s * 1e3:.3f} ms: "
+                      f"error {r.error:+.0%}")
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    console.print(f"decode check ({len(rounds)} rounds, {args.check_decode} random MoE layers cycled, batch "
+                  f"{args.batch}, {backend.name}): median predicted {med([r.predicted_s for r in rounds]) * 1e3:.3f} "
+                  f"ms, measured {med([r.measured_s for r in rounds]) * 1e3:.3f} ms per MoE layer; median error "
+                  f"{med([r.error for r in rounds]):+.0%}")
 
 
 def _gb(n: float) -> str:
@@ -211,6 +218,7 @@ def print_plan(console: Console, plan, info, prediction, speeds) -> None:
     for i in plan.moe_layers:
         for s in plan.shards(i):
             computes[s.tier] = f"{s.fmt} on {s.backend}"
+    computes = {t: computes[t] for t in plan.tier_names if t in computes}
     console.print(f"strategy {plan.strategy}; {plan.batch} sequence(s) x {plan.context} tokens of context; "
                   + "; ".join(f"{t}: {c}" for t, c in computes.items()))
     tiers = list(plan.tier_names)

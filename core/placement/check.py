@@ -1,11 +1,16 @@
 """Checking the cost model on this machine: decode through real MoE layers of the model's shape.
 
-`measure_moe_decode` builds `layers` random MoE layers with the plan's expert shape, format and CPU
+`build_layers` builds `layers` random MoE layers with the plan's expert shape, format and CPU
 backend (routers in fp32 from the layout's RouterSpec, random weights drawn as the kernel benchmark
 draws them), then runs decode steps: every step passes the hidden state through as many MoE layers as the
 model has, cycling over the built ones (each layer's weights leave the caches before it comes round
 again: several layers' experts are streamed in between), route -> backend forward -> next hidden state.
 The median time per MoE layer is what the cost model's MoE-layer decode time predicts.
+
+`check_decode` alternates, round by round, a measurement of the CPU's speeds (the bench probes) with a
+decode measurement, and predicts each round from that round's speeds: on a shared machine the speed a
+probe sees and the speed the kernels get move together from minute to minute, so each round compares
+like with like, and the median over rounds is the answer.
 """
 from __future__ import annotations
 
@@ -22,21 +27,25 @@ from .plan import PlacementPlan
 
 
 @dataclass(frozen=True)
-class DecodeCheck:
-    layers_built: int
-    steps: int
-    batch: int
-    seconds_per_layer: float  # median over steps of (step time / MoE layers per step)
-    seconds_per_layer_p10: float
-    seconds_per_layer_p90: float
+class DecodeRound:
+    read_gb_per_s: float
+    predicted_s: float  # per MoE layer
+    measured_s: float  # per MoE layer (median of the round's steps)
+
+    @property
+    def error(self) -> float:
+        return (self.predicted_s - self.measured_s) / self.measured_s
 
 
-def measure_moe_decode(plan: PlacementPlan, layout: MoELayout, backend: ExpertBackend, *, layers: int = 4,
-                       steps: int = 20, batch: int = 1, seed: int = 0) -> DecodeCheck:
+def build_layers(plan: PlacementPlan, layout: MoELayout, backend: ExpertBackend, layers: int, seed: int = 0):
+    """`layers` random MoE layers of the model's first MoE layer's shape, prepared on `backend` in the
+    plan's (single) CPU format, each with fp32 router tensors."""
     from ..bench.workload import random_weights
-    from ..runtime.routing import route
 
     cpu_shards = {(s.backend, s.fmt) for i in plan.moe_layers for s in plan.shards(i)}
+    if any(t.kind == "accelerator" for t in plan.tiers if plan.expert_count(t.name)):
+        raise SettingError("the decode check runs CPU-only plans (--gpu-mem 0): this machine computes no "
+                           "accelerator experts")
     if len(cpu_shards) != 1 or next(iter(cpu_shards))[0] != backend.name:
         raise SettingError("the decode check runs plans whose experts all live on one CPU backend and format; "
                            f"this plan has {', '.join(f'{b}/{f}' for b, f in sorted(cpu_shards))}")
@@ -44,7 +53,7 @@ def measure_moe_decode(plan: PlacementPlan, layout: MoELayout, backend: ExpertBa
     m = layout.moe_layers[0]
     spec = m.experts
     layers = max(1, min(layers, len(layout.moe_layers)))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 7)
     built = []
     for j in range(layers):
         weights = random_weights(spec, fmt, seed + 101 * j)
@@ -54,10 +63,21 @@ def measure_moe_decode(plan: PlacementPlan, layout: MoELayout, backend: ExpertBa
         bias = torch.randn(spec.num_experts, generator=g) * 0.01 if m.router.selection_bias else None
         logit_bias = torch.zeros(spec.num_experts) if m.router.logit_bias else None
         built.append((prepared, gate, bias, logit_bias))
+    return built
+
+
+def run_decode(built, layout: MoELayout, backend: ExpertBackend, *, steps: int, batch: int = 1,
+               seed: int = 0) -> list[float]:
+    """Seconds per MoE layer of each of `steps` decode steps (after two warm-up steps)."""
+    from ..runtime.routing import route
+
+    m = layout.moe_layers[0]
+    spec = m.experts
+    layers = len(built)
     n_moe = len(layout.moe_layers)
-    x = torch.randn(batch, spec.hidden_size, generator=g)
+    x = torch.randn(batch, spec.hidden_size, generator=torch.Generator().manual_seed(seed))
     times = []
-    for step in range(steps + 2):  # two warm-up steps
+    for step in range(steps + 2):
         t0 = time.perf_counter()
         for k in range(n_moe):
             prepared, gate, bias, logit_bias = built[k % layers]
@@ -66,6 +86,28 @@ def measure_moe_decode(plan: PlacementPlan, layout: MoELayout, backend: ExpertBa
             x = out * (spec.hidden_size ** 0.5 / out.norm(dim=1, keepdim=True).clamp_min(1e-6))
         if step >= 2:
             times.append((time.perf_counter() - t0) / n_moe)
-    times.sort()
-    return DecodeCheck(layers, steps, batch, statistics.median(times), times[len(times) // 10],
-                       times[min(len(times) - 1, (len(times) * 9) // 10)])
+    return times
+
+
+def check_decode(plan: PlacementPlan, parts, backend: ExpertBackend, inventory, *, stats=None, layers: int = 4,
+                 rounds: int = 5, steps: int = 10, batch: int = 1, seed: int = 0, progress=None) -> list[DecodeRound]:
+    """Rounds of (probe the CPU's speeds, predict from them, measure decode); see the module docstring.
+    The plan's experts must all live on CPU tiers computed by `backend`."""
+    from .cost import predict
+    from .speeds import Speeds, measured_cpu
+
+    layout = parts.layout
+    built = build_layers(plan, layout, backend, layers, seed)
+    cpu_tiers = [t.name for t in plan.tiers if t.kind == "cpu"] or list(plan.tier_names)
+    out = []
+    for r in range(rounds):
+        if progress:
+            progress(f"round {r + 1} of {rounds}: probing the CPU")
+        speed = measured_cpu(inventory, backend.threads)
+        speeds = Speeds({t: speed for t in cpu_tiers})
+        predicted = predict(plan, parts, speeds, stats, batch=batch).decode_moe_s / len(plan.moe_layers)
+        if progress:
+            progress(f"round {r + 1} of {rounds}: decoding")
+        measured = statistics.median(run_decode(built, layout, backend, steps=steps, batch=batch, seed=seed + r))
+        out.append(DecodeRound(speed.read_gb_per_s, predicted, measured))
+    return out

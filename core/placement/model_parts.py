@@ -161,7 +161,8 @@ def _gqa(tc: Mapping, H: int, kind: str) -> AttentionShape:
     if tc.get("attention_bias") or tc.get("qkv_bias"):
         params += n * hd * gate + 2 * kvh * hd
     if _qk_norm(tc):
-        params += 2 * hd
+        # per head (Qwen3, GLM-4.5); MiniMax-M2 normalizes all heads' q and k at once
+        params += (n + kvh) * hd if tc.get("model_type") == "minimax_m2" else 2 * hd
     window = get_int(tc, "sliding_window", default=None) if kind == "sliding" else None
     return AttentionShape(kind if window else "gqa", params, kv_bytes_per_token=2 * kvh * hd * CACHE_BYTES,
                           window=window or None, pair_macs=2 * n * hd)
@@ -185,16 +186,17 @@ def _linear(tc: Mapping, H: int) -> AttentionShape:
 
 
 def _output_gated(tc: Mapping) -> bool:
-    if "attn_output_gate" in tc:
+    if tc.get("attn_output_gate") is not None:
         return bool(tc["attn_output_gate"])
     # Qwen3-Next and Qwen3.5 gate every full-attention output; their configs do not always say so.
     return str(tc.get("model_type", "")).startswith(("qwen3_next", "qwen3_5"))
 
 
 def _qk_norm(tc: Mapping) -> bool:
-    if "use_qk_norm" in tc:
+    if tc.get("use_qk_norm") is not None:
         return bool(tc["use_qk_norm"])
-    return str(tc.get("model_type", "")).startswith("qwen3")
+    # transformers normalizes q and k in every Qwen3 and MiniMax-M2 layer whatever the config says
+    return str(tc.get("model_type", "")).startswith(("qwen3", "minimax_m2"))
 
 
 def parts_from_config(config: Mapping, layout: MoELayout) -> ModelParts:

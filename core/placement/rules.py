@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import SettingError
 from ..layout import MoELayout
 
-_LAYERS_FORM = re.compile(r"^layers\.([0-9*,\- ]+)\.experts\.([0-9*,\- ]+)$")
+_LAYERS_FORM = re.compile(r"^layers\.([^.]+)\.experts\.([^.]+)$")
 KIND_ALIASES = {"gpu": "accelerator", "accelerator": "accelerator", "cpu": "cpu", "disk": "disk"}
 
 
