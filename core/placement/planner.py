@@ -62,7 +62,7 @@ def make_plan(layout: MoELayout, parts: ModelParts, budgets: Budgets, strategy: 
     """Run `strategy` on the budgets' free bytes and freeze the result. check: raise PlanBudgetError
     (with the numbers and what would fit instead) when a tier overflows; with check=False the plan is
     returned as is, for printing."""
-    options = dict(options or {})
+    options = {k: v for k, v in dict(options or {}).items() if v is not None}
     if stats is not None:
         stats.check_layout(layout.moe_layer_indices, layout.moe_layers[0].experts.num_experts, layout.version)
     elif strategy.needs_stats:
@@ -94,7 +94,7 @@ def make_plan(layout: MoELayout, parts: ModelParts, budgets: Budgets, strategy: 
         shards = tuple(ShardSpec(t, compute[t].backend, compute[t].fmt, tuple(ids))
                        for t, ids in sorted(groups.items(), key=lambda kv: order[kv[0]]))
         layers.append(LayerPlacement(m.index, shards))
-    shown = {k: v for k, v in options.items() if v is not None and k != "rules"}
+    shown = {k: v for k, v in options.items() if k != "rules"}
     if options.get("rules"):
         shown["rules"] = list(options["rules"])
     plan = PlacementPlan(ModelRef.of(layout), tuple(layers), tuple((p, budgets.parts_tier) for p in PARTS),
