@@ -90,6 +90,9 @@ def register(sub) -> None:
     p.add_argument("--speeds", metavar="BENCH.json",
                    help="CPU speeds from `moetier bench kernels --json` (default: measured now on this machine; "
                         "assumed from the inventory with --inventory)")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads the experts are computed on: the speeds are measured at N threads, and "
+                        "--check-decode runs on N (default: the physical cores)")
     p.add_argument("--check-decode", type=positive_int, metavar="LAYERS",
                    help="also run decode through LAYERS random MoE layers of the model's shape on the CPU "
                         "backend and print it beside the prediction (CPU-only plans)")
@@ -164,7 +167,7 @@ def run(args) -> int:
     compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
                            accelerator_backends=accel, cpu_format=args.cpu_format)
     measure = not args.speeds and args.inventory is None and ctx.inventory.source == "detected"
-    speeds = make_speeds(budgets, ctx.inventory, measure=measure, bench_file=args.speeds)
+    speeds = make_speeds(budgets, ctx.inventory, measure=measure, bench_file=args.speeds, threads=args.threads)
     plan = make_plan(layout, parts, budgets, strategy, compute, stats=stats, speeds=speeds, options=options,
                      cpu_copies=args.cpu_copies, check=False, notes=(f"model: {info.source}",))
     prediction = predict(plan, parts, speeds, stats)
@@ -188,7 +191,8 @@ def _check_decode(console, args, ctx, plan, parts, stats) -> None:
 
     from ..placement.check import check_decode
 
-    backend = ctx.registry.backend(plan.shards(plan.moe_layers[0])[0].backend).create(ctx.inventory)
+    backend = ctx.registry.backend(plan.shards(plan.moe_layers[0])[0].backend).create(ctx.inventory,
+                                                                                      threads=args.threads)
     with console.status("decode check") as status:
         rounds = check_decode(plan, parts, backend, ctx.inventory, stats=stats, layers=args.check_decode,
                               batch=args.batch, progress=status.update)

@@ -143,7 +143,7 @@ def accelerator_speed(name: str | None) -> TierSpeed:
 
 
 def make_speeds(budgets, inventory: HardwareInventory, *, measure: bool, bench_file: str | None = None,
-                cpu_speed: TierSpeed | None = None) -> Speeds:
+                cpu_speed: TierSpeed | None = None, threads: int | None = None) -> Speeds:
     """A speed for every tier of `budgets`. CPU tiers: `cpu_speed` if given, else the bench file, else a
     measurement now (`measure`), else the assumption; a machine with several NUMA nodes shares the
     measured bandwidth and peaks evenly between them."""
@@ -152,7 +152,7 @@ def make_speeds(budgets, inventory: HardwareInventory, *, measure: bool, bench_f
         if bench_file:
             cpu_speed = cpu_from_bench(bench_file, inventory)
         elif measure:
-            cpu_speed = measured_cpu(inventory)
+            cpu_speed = measured_cpu(inventory, threads)
     tiers: dict[str, TierSpeed] = {}
     for t in nodes:
         if cpu_speed is not None:

@@ -5,7 +5,7 @@ non-expert parts and the budgets are the planner's. It gets a `PlacementProblem`
 with the bytes each has left for experts, fastest first, the activation statistics if any, the tier
 speeds, its options) and returns `{layer: [tier name per expert id]}`. Most strategies only rank the
 experts and let `problem.fill(order)` place them greedily: each expert in rank order into the fastest
-tier with room (balanced over the tiers of one kind, e.g. NUMA nodes), with optional per-layer bounds on
+tier with room (each layer split evenly over the tiers of one kind, e.g. NUMA nodes), with per-layer bounds on
 the fastest kind.
 
 Example (a whole out-of-tree strategy: the most recently added experts first)::
@@ -124,8 +124,9 @@ class PlacementProblem:
     def fill(self, order: Iterable[tuple[int, int]], *, pinned: Mapping[tuple[int, int], str] | None = None,
              min_fast: int | None = None, max_fast: int | None = None) -> dict[int, list[str]]:
         """Place experts in `order` ((layer, expert) pairs, best first; any left out follow in
-        `round_robin` order): each into the fastest kind of tier with room for it, the tier of that kind
-        with the most room. `pinned` experts go first to the tier (or kind: "accelerator", "cpu",
+        `round_robin` order): each into the fastest kind of tier with room for it; within a kind, the tier
+        holding fewest of that layer's experts (then the one with most room), so each layer is split
+        evenly over NUMA nodes or devices. `pinned` experts go first to the tier (or kind: "accelerator", "cpu",
         "disk") named. min_fast / max_fast: bounds on the experts per layer on the fastest kind (only
         when there is a slower kind). An expert no tier has room for goes to the slowest tier, where the
         plan's budget check reports it with the numbers."""
@@ -140,6 +141,7 @@ class PlacementProblem:
             raise SettingError(f"copy tier {self.copy_tier!r} is not a tier")
         out = {i: [None] * self.num_experts(i) for i in self.moe_layers}
         fast_count = dict.fromkeys(self.moe_layers, 0)
+        per_layer = {i: dict.fromkeys(free, 0) for i in self.moe_layers}  # experts of each layer per tier
         fast = {t.name for t in classes[0]}
 
         def room(tier: str, nbytes: int) -> bool:
@@ -147,6 +149,7 @@ class PlacementProblem:
 
         def put(layer: int, e: int, tier: str) -> None:
             out[layer][e] = tier
+            per_layer[layer][tier] += 1
             if free[tier] is not None:
                 free[tier] -= self.expert_bytes(layer, tier)
             if tier in fast:
@@ -163,10 +166,13 @@ class PlacementProblem:
             return True
 
         def best_in(cls, layer: int) -> str | None:
+            # Split every layer evenly over the tiers of a kind (each NUMA node then streams its part of
+            # every layer, so all nodes' bandwidth serves each layer), then the one with the most room.
             ok = [t for t in cls if fits(layer, t.name)]
             if not ok:
                 return None
-            return max(ok, key=lambda t: float("inf") if free[t.name] is None else free[t.name]).name
+            return min(ok, key=lambda t: (per_layer[layer][t.name],
+                                          -(float("inf") if free[t.name] is None else free[t.name]))).name
 
         names = {t.name for t in self.tiers}
         for (layer, e), target in (pinned or {}).items():
