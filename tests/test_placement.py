@@ -20,6 +20,7 @@ from moetier.placement.speeds import Speeds, TierSpeed
 from moetier.plugins import load_registry
 
 from conftest import INVENTORIES
+from zoo.fixtures import tiny_checkpoint  # noqa: F401  (session fixture)
 
 GIB = 2**30
 
@@ -291,3 +292,46 @@ def test_budget_objects_round_trip():
     b = Budgets((t,), "cpu:numa0", 4096, 1)
     with pytest.raises(SettingError, match="no tier named 'gpu'"):
         b.tier("gpu")
+
+
+# ---- speeds and the decode check --------------------------------------------------------------------------
+
+def test_cpu_speeds_from_a_bench_file_and_measured_now(tmp_path, zen4):
+    from moetier.bench.probes import MachineLimits
+    from moetier.placement.speeds import cpu_from_bench, measured_cpu
+
+    limits = MachineLimits({1: 30.0, 2: 35.0}, {1: 32.0, 2: 60.1}, {1: 234.0, 2: 466.0}, {1: 468.0, 2: 931.0},
+                           1 << 30, "avx512")
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"date": "2026-11-29T00:45:40+00:00", "limits": limits.to_dict()}))
+    s = cpu_from_bench(path, zen4)
+    assert (s.read_gb_per_s, s.bf16_gflop_per_s, s.int8_gop_per_s) == (60.1, 466.0, 931.0)
+    assert s.peak("int4_g64") == 931.0 and s.peak("fp8_e4m3") == 466.0 and "2 threads" in s.source
+    path.write_text("{}")
+    with pytest.raises(SettingError, match="not the JSON of `moetier bench kernels --json`"):
+        cpu_from_bench(path, zen4)
+    from moetier.hardware import detect_inventory
+    here = measured_cpu(detect_inventory(), threads=1)  # the bench's own probes, quick
+    assert here.read_gb_per_s > 0.5 and here.bf16_gflop_per_s > 1 and here.source.startswith("measured now (1 threads)")
+
+
+def test_decode_check_runs_real_layers_and_predicts_each_round(tiny_checkpoint, registry, zen4):  # noqa: F811
+    pytest.importorskip("transformers")
+    from moetier.family import read_config
+    from moetier.placement.check import check_decode
+    from moetier.placement.model_parts import parts_from_config
+
+    path, layout = tiny_checkpoint("qwen", "Qwen3-30B-A3B", "default")
+    parts = parts_from_config(read_config(path), layout)
+    plan = single_tier_plan(layout, "cpu.torch", "bf16")
+    backend = registry.backend("cpu.torch").create(zen4)
+    rounds = check_decode(plan, parts, backend, zen4, layers=2, rounds=2, steps=3)
+    assert len(rounds) == 2
+    for r in rounds:
+        assert r.read_gb_per_s > 0 and r.predicted_s > 0 and r.measured_s > 0
+        assert r.error == pytest.approx((r.predicted_s - r.measured_s) / r.measured_s)
+    mixed = PlacementPlan(plan.model, (LayerPlacement(1, (
+        ShardSpec("cpu:numa0", "cpu.torch", "bf16", (0, 1, 2, 3)), ShardSpec("cpu:numa0", "cpu.torch", "fp32", (4, 5, 6, 7)))),
+        *plan.experts[1:]))
+    with pytest.raises(SettingError, match="one CPU backend and format"):
+        check_decode(mixed, parts, backend, zen4, layers=1, rounds=1, steps=1)
