@@ -18,6 +18,7 @@ from ..errors import SettingError
 from ..experts import ExpertBackend
 from ..family import load_layout
 from ..layout import MoELayout
+from .deferral import Deferral
 from .disk_tier import CacheCounters, DiskShard, ExpertCache, Prefetcher
 from .moe_block import default_format
 from .routing import route
@@ -55,6 +56,9 @@ class ModelExperts(Mapping):
                  backends: dict[str, ExpertBackend], cache: ExpertCache | None, prefetcher: Prefetcher | None):
         self.layout, self._layers, self._ckpt = layout, layers, ckpt
         self.backends, self.cache, self.prefetcher = backends, cache, prefetcher
+        self._deferral: Deferral | None = None
+        if layers:
+            layers[max(layers)].last = True
 
     def __getitem__(self, layer_index: int) -> TieredExperts:
         return self._layers[layer_index]
@@ -82,7 +86,19 @@ class ModelExperts(Mapping):
         for layer in self._layers.values():
             layer.recorder = recorder
 
+    def set_deferral(self, max_deferred: int) -> None:
+        """Defer each token's `max_deferred` lowest-weight experts to the next MoE layer (0: off, the default)."""
+        if self._deferral is not None:
+            self._deferral.close()
+            self._deferral = None
+        if max_deferred:
+            self._deferral = Deferral(max_deferred)
+        for layer in self._layers.values():
+            layer.deferral = self._deferral
+
     def close(self) -> None:
+        if self._deferral is not None:
+            self._deferral.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
         self._ckpt.close()
