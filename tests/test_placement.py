@@ -303,10 +303,20 @@ def test_cpu_speeds_from_a_bench_file_and_measured_now(tmp_path, zen4):
     limits = MachineLimits({1: 30.0, 2: 35.0}, {1: 32.0, 2: 60.1}, {1: 234.0, 2: 466.0}, {1: 468.0, 2: 931.0},
                            1 << 30, "avx512")
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"date": "2026-11-29T00:45:40+00:00", "limits": limits.to_dict()}))
-    s = cpu_from_bench(path, zen4)
+    fp8 = {"backend": "cpu.avx512", "format": "fp8_e4m3", "batch": 1, "threads": 2, "seconds": 2e-3,
+           "weight_bytes": 40e6, "flops": 75.5e6}
+    records = [fp8, dict(fp8, shape="other", seconds=3e-3), dict(fp8, batch=128, seconds=1.0),
+               dict(fp8, backend="cpu.numba", seconds=1.0), dict(fp8, format="bf16", threads=1, seconds=1.0)]
+    path.write_text(json.dumps({"date": "2026-11-29T00:45:40+00:00", "limits": limits.to_dict(), "records": records}))
+    s = cpu_from_bench(path, zen4, backend="cpu.avx512")
     assert (s.read_gb_per_s, s.bf16_gflop_per_s, s.int8_gop_per_s) == (60.1, 466.0, 931.0)
     assert s.peak("int4_g64") == 931.0 and s.peak("fp8_e4m3") == 466.0 and "2 threads" in s.source
+    # fp8's decode stream rate: bytes over the time left once its math is taken out (median of two shapes)
+    rates = [40e6 / (t - 75.5e6 / 466e9) / 1e9 for t in (2e-3, 3e-3)]
+    assert s.read_for("fp8_e4m3") == pytest.approx(sum(rates) / 2) and s.read_for("bf16") == 60.1
+    assert cpu_from_bench(path, zen4, threads=1).read_gb_per_s == 32.0
+    with pytest.raises(SettingError, match="measured at 1, 2 threads, not 4"):
+        cpu_from_bench(path, zen4, threads=4)
     path.write_text("{}")
     with pytest.raises(SettingError, match="not the JSON of `moetier bench kernels --json`"):
         cpu_from_bench(path, zen4)

@@ -88,8 +88,9 @@ def register(sub) -> None:
     p.add_argument("--mix", type=_mix, metavar="D:P",
                    help="cost: decode to prompt tokens of the workload (default 1:1)")
     p.add_argument("--speeds", metavar="BENCH.json",
-                   help="CPU speeds from `moetier bench kernels --json` (default: measured now on this machine; "
-                        "assumed from the inventory with --inventory)")
+                   help="CPU speeds from `moetier bench kernels --json`: its machine limits, and the rate each "
+                        "format streamed at in decode (default: the limits measured now on this machine; assumed "
+                        "from the inventory with --inventory)")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads the experts are computed on: the speeds are measured at N threads, and "
                         "--check-decode runs on N (default: the physical cores)")
@@ -167,7 +168,8 @@ def run(args) -> int:
     compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
                            accelerator_backends=accel, cpu_format=args.cpu_format)
     measure = not args.speeds and args.inventory is None and ctx.inventory.source == "detected"
-    speeds = make_speeds(budgets, ctx.inventory, measure=measure, bench_file=args.speeds, threads=args.threads)
+    speeds = make_speeds(budgets, ctx.inventory, measure=measure, bench_file=args.speeds, threads=args.threads,
+                         cpu_backend=cpu_backend)
     plan = make_plan(layout, parts, budgets, strategy, compute, stats=stats, speeds=speeds, options=options,
                      cpu_copies=args.cpu_copies, check=False, notes=(f"model: {info.source}",))
     prediction = predict(plan, parts, speeds, stats)

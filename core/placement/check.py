@@ -7,10 +7,10 @@ model has, cycling over the built ones (each layer's weights leave the caches be
 again: several layers' experts are streamed in between), route -> backend forward -> next hidden state.
 The median time per MoE layer is what the cost model's MoE-layer decode time predicts.
 
-`check_decode` alternates, round by round, a measurement of the CPU's speeds (the bench probes) with a
-decode measurement, and predicts each round from that round's speeds: on a shared machine the speed a
-probe sees and the speed the kernels get move together from minute to minute, so each round compares
-like with like, and the median over rounds is the answer.
+`check_decode` alternates measurements of the CPU's speeds (the bench probes) with decode rounds, and
+predicts each round from the probes just before and after it: on a shared machine the speed a probe sees
+and the speed the kernels get move together from minute to minute, so each round compares like with
+like, and the median over rounds is the answer.
 """
 from __future__ import annotations
 
@@ -91,23 +91,29 @@ def run_decode(built, layout: MoELayout, backend: ExpertBackend, *, steps: int, 
 
 def check_decode(plan: PlacementPlan, parts, backend: ExpertBackend, inventory, *, stats=None, layers: int = 4,
                  rounds: int = 5, steps: int = 10, batch: int = 1, seed: int = 0, progress=None) -> list[DecodeRound]:
-    """Rounds of (probe the CPU's speeds, predict from them, measure decode); see the module docstring.
-    The plan's experts must all live on CPU tiers computed by `backend`."""
+    """Rounds of (decode, probe the CPU's speeds), each predicted from the probes around it (see the module
+    docstring). The plan's experts must all live on CPU tiers computed by `backend`."""
     from .cost import predict
-    from .speeds import Speeds, measured_cpu
+    from .speeds import Speeds, TierSpeed, measured_cpu
 
     layout = parts.layout
     built = build_layers(plan, layout, backend, layers, seed)
     cpu_tiers = [t.name for t in plan.tiers if t.kind == "cpu"] or list(plan.tier_names)
     out = []
+    speed = measured_cpu(inventory, backend.threads)
     for r in range(rounds):
-        if progress:
-            progress(f"round {r + 1} of {rounds}: probing the CPU")
-        speed = measured_cpu(inventory, backend.threads)
-        speeds = Speeds({t: speed for t in cpu_tiers})
-        predicted = predict(plan, parts, speeds, stats, batch=batch).decode_moe_s / len(plan.moe_layers)
         if progress:
             progress(f"round {r + 1} of {rounds}: decoding")
         measured = statistics.median(run_decode(built, layout, backend, steps=steps, batch=batch, seed=seed + r))
-        out.append(DecodeRound(speed.read_gb_per_s, predicted, measured))
+        if progress:
+            progress(f"round {r + 1} of {rounds}: probing the CPU")
+        after = measured_cpu(inventory, backend.threads)
+        # the probes just before and just after this round's decode, averaged
+        mean = TierSpeed((speed.read_gb_per_s + after.read_gb_per_s) / 2,
+                         (speed.bf16_gflop_per_s + after.bf16_gflop_per_s) / 2,
+                         (speed.int8_gop_per_s + after.int8_gop_per_s) / 2, after.source)
+        predicted = predict(plan, parts, Speeds({t: mean for t in cpu_tiers}), stats,
+                            batch=batch).decode_moe_s / len(plan.moe_layers)
+        out.append(DecodeRound(mean.read_gb_per_s, predicted, measured))
+        speed = after
     return out

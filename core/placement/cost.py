@@ -100,7 +100,7 @@ def probabilities(shapes: Sequence, stats=None) -> dict[int, torch.Tensor]:
 
 
 def _tier_time(speed: TierSpeed, nbytes: float, flops: float, fmt: str) -> tuple[float, str]:
-    read = nbytes / (speed.read_gb_per_s * GB)
+    read = nbytes / (speed.read_for(fmt) * GB)
     comp = flops / (speed.peak(fmt) * GB)
     t = max(read, comp) if speed.overlap else read + comp
     return t, "read" if read >= comp else "compute"
@@ -111,7 +111,7 @@ def expert_time(speed: TierSpeed, expert_bytes: int, p: torch.Tensor, tokens: in
     """Per expert: the time its share of `tokens` costs on a tier (touch probability x bytes / bandwidth
     + expected pairs x FLOP / peak; the max of the two on overlapping tiers)."""
     touched = 1.0 - (1.0 - p).pow(tokens)
-    read = touched * expert_bytes / (speed.read_gb_per_s * GB)
+    read = touched * expert_bytes / (speed.read_for(fmt) * GB)
     comp = tokens * p * flops_per_pair / (speed.peak(fmt) * GB)
     return torch.maximum(read, comp) if speed.overlap else read + comp
 

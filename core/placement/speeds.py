@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ CPU_LAYER_OVERHEAD_S = 40e-6
 HYBRID_LAYER_OVERHEAD_S = 60e-6
 PCIE_GB_PER_S = 25.0  # pinned host->device copies on PCIe 4 x16 measure 24-26 GB/s
 DISK_GB_PER_S = 3.0  # a PCIe 4 NVMe drive reading MB-sized expert slices (assumed)
+GB_ = 1e9
 
 # name substring -> (memory GB/s, dense bf16 tensor TFLOP/s), from the vendors' data sheets
 ACCELERATOR_TABLE = (
@@ -49,6 +51,12 @@ class TierSpeed:
     int8_gop_per_s: float
     source: str
     overlap: bool = False
+    read_by_format: tuple[tuple[str, float], ...] = ()  # measured decode read rates, where known
+
+    def read_for(self, fmt: str) -> float:
+        """GB/s weights in `fmt` stream at: the rate the kernel benchmark measured for that format at
+        decode, where a bench file gave one, else the probe's read bandwidth."""
+        return dict(self.read_by_format).get(fmt, self.read_gb_per_s)
 
     def peak(self, fmt: str) -> float:
         """GFLOP/s the format's math runs at: bf16 for float and fp8 weights, int8 for int8/int4 (their
@@ -89,12 +97,19 @@ def measured_cpu(inventory: HardwareInventory, threads: int | None = None) -> Ti
                      + (f", int8 {int8:.0f} GOP/s" if int8 else ""))
 
 
-def cpu_from_bench(path: str | Path, inventory: HardwareInventory) -> TierSpeed:
-    """The CPU limits recorded by `moetier bench kernels --json FILE` (at its highest thread count)."""
+def cpu_from_bench(path: str | Path, inventory: HardwareInventory, *, backend: str | None = None,
+                   threads: int | None = None) -> TierSpeed:
+    """The CPU limits recorded by `moetier bench kernels --json FILE` (at `threads`, default its highest
+    thread count), and, from its batch-1 records of `backend` at those threads, the rate each format's
+    weights streamed at in decode: weight bytes / (seconds - FLOPs / peak), the time the kernel spent
+    reading once its math is taken out (median over the shapes measured)."""
     try:
         doc = json.loads(Path(path).read_text())
         limits = doc["limits"]
-        threads = max(int(k) for k in limits["read_gb_per_s_best"])
+        have = sorted(int(k) for k in limits["read_gb_per_s_best"])
+        if threads is not None and threads not in have:
+            raise SettingError(f"--speeds {path}: measured at {', '.join(map(str, have))} threads, not {threads}")
+        threads = threads or have[-1]
         read = float(limits["read_gb_per_s_best"][str(threads)])
         bf16 = limits.get("bf16_gflop_per_s", {}).get(str(threads))
         int8 = limits.get("int8_gop_per_s", {}).get(str(threads))
@@ -104,8 +119,23 @@ def cpu_from_bench(path: str | Path, inventory: HardwareInventory) -> TierSpeed:
         raise SettingError(f"--speeds {path}: not the JSON of `moetier bench kernels --json` "
                            f"({type(exc).__name__}: {exc})") from None
     assumed = _assumed_peaks(inventory, threads)
-    return TierSpeed(read, float(bf16 or assumed[0]), float(int8 or assumed[1]),
-                     f"from {Path(path).name} ({doc.get('date', 'undated')}, {threads} threads): read {read:.1f} GB/s")
+    bf16, int8 = float(bf16 or assumed[0]), float(int8 or assumed[1])
+    rates: dict[str, list[float]] = {}
+    for r in doc.get("records") or ():
+        if r.get("batch") != 1 or r.get("threads") != threads or (backend and r.get("backend") != backend):
+            continue
+        try:
+            peak = int8 if get_format(r["format"]).kind in ("int8", "int4") else bf16
+            reading = float(r["seconds"]) - float(r["flops"]) / (peak * GB_)
+            if reading > 0:
+                rates.setdefault(r["format"], []).append(float(r["weight_bytes"]) / reading / GB_)
+        except (KeyError, TypeError, ValueError, SettingError):
+            continue
+    by_format = tuple(sorted((f, statistics.median(v)) for f, v in rates.items()))
+    return TierSpeed(read, bf16, int8,
+                     f"from {Path(path).name} ({doc.get('date', 'undated')}, {threads} threads): read {read:.1f} GB/s"
+                     + (", decode streams " + ", ".join(f"{f} {v:.1f}" for f, v in by_format) + " GB/s"
+                        if by_format else ""), read_by_format=by_format)
 
 
 def _assumed_peaks(inventory: HardwareInventory, threads: int) -> tuple[float, float]:
@@ -143,14 +173,15 @@ def accelerator_speed(name: str | None) -> TierSpeed:
 
 
 def make_speeds(budgets, inventory: HardwareInventory, *, measure: bool, bench_file: str | None = None,
-                cpu_speed: TierSpeed | None = None, threads: int | None = None) -> Speeds:
+                cpu_speed: TierSpeed | None = None, threads: int | None = None,
+                cpu_backend: str | None = None) -> Speeds:
     """A speed for every tier of `budgets`. CPU tiers: `cpu_speed` if given, else the bench file, else a
     measurement now (`measure`), else the assumption; a machine with several NUMA nodes shares the
     measured bandwidth and peaks evenly between them."""
     nodes = budgets.of_kind("cpu")
     if cpu_speed is None:
         if bench_file:
-            cpu_speed = cpu_from_bench(bench_file, inventory)
+            cpu_speed = cpu_from_bench(bench_file, inventory, backend=cpu_backend, threads=threads)
         elif measure:
             cpu_speed = measured_cpu(inventory, threads)
     tiers: dict[str, TierSpeed] = {}
@@ -159,7 +190,8 @@ def make_speeds(budgets, inventory: HardwareInventory, *, measure: bool, bench_f
             n = max(1, len(nodes))
             tiers[t.name] = TierSpeed(cpu_speed.read_gb_per_s / n, cpu_speed.bf16_gflop_per_s / n,
                                       cpu_speed.int8_gop_per_s / n,
-                                      cpu_speed.source + (f", shared by {n} NUMA nodes" if n > 1 else ""))
+                                      cpu_speed.source + (f", shared by {n} NUMA nodes" if n > 1 else ""),
+                                      read_by_format=tuple((f, v / n) for f, v in cpu_speed.read_by_format))
         else:
             numa = [nd for nd in inventory.numa_nodes if f"cpu:numa{nd.id}" == t.name]
             logical = len(numa[0].cpus) if numa else inventory.cpu.logical_cores
