@@ -96,7 +96,8 @@ def register(sub) -> None:
                         "--check-decode runs on N (default: the physical cores)")
     p.add_argument("--check-decode", type=positive_int, metavar="LAYERS",
                    help="also run decode through LAYERS random MoE layers of the model's shape on the CPU "
-                        "backend and print it beside the prediction (CPU-only plans)")
+                        "backend and print it beside the prediction (CPU-only plans; predicted from fresh probes "
+                        "around each round, or from --speeds)")
     p.add_argument("--json", metavar="PLAN.json", dest="json_out", help="write the plan (only when it fits)")
     p.add_argument("--png", metavar="FILE.png", help="draw the plan: layers x experts coloured by tier "
                                                      "(needs the extra `plot`)")
@@ -177,7 +178,7 @@ def run(args) -> int:
     print_plan(console, plan, info, prediction, speeds)
     plan.check_budgets(hint=fit_hint(layout, parts, budgets, compute))  # exits 2 with the numbers
     if args.check_decode:
-        _check_decode(console, args, ctx, plan, parts, stats)
+        _check_decode(console, args, ctx, plan, parts, stats, speeds)
     if args.json_out:
         plan.save(args.json_out)
         console.print(f"wrote the plan to {args.json_out}")
@@ -188,20 +189,21 @@ def run(args) -> int:
     return 0
 
 
-def _check_decode(console, args, ctx, plan, parts, stats) -> None:
+def _check_decode(console, args, ctx, plan, parts, stats, speeds) -> None:
     import statistics
 
-    from ..placement.check import check_decode
+    from ..placement.check import check_decode, same_cpus
 
-    backend = ctx.registry.backend(plan.shards(plan.moe_layers[0])[0].backend).create(ctx.inventory,
-                                                                                      threads=args.threads)
-    with console.status("decode check") as status:
+    threads = args.threads or max(1, ctx.inventory.cpu.physical_cores)
+    with same_cpus(threads), console.status("decode check") as status:
+        backend = ctx.registry.backend(plan.shards(plan.moe_layers[0])[0].backend).create(ctx.inventory,
+                                                                                          threads=threads)
         rounds = check_decode(plan, parts, backend, ctx.inventory, stats=stats, layers=args.check_decode,
-                              batch=args.batch, progress=status.update)
+                              batch=args.batch, speeds=speeds if args.speeds else None, progress=status.update)
     for k, r in enumerate(rounds, 1):
         console.print(f"decode check round {k}: read {r.read_gb_per_s:.1f} GB/s, predicted "
-                      f"{r.predicted_s * 1e3:.3f} ms per MoE layer, measured {r.measured_s * 1e3:.3f} ms: "
-                      f"error {r.error:+.0%}")
+                      f"{r.predicted_s * 1e3:.3f} ms per MoE layer, measured {r.measured_s * 1e3:.3f} ms (median; "
+                      f"mean {r.mean_s * 1e3:.3f}): error {r.error:+.0%}")
     med = lambda xs: statistics.median(xs)  # noqa: E731
     console.print(f"decode check ({len(rounds)} rounds, {args.check_decode} random MoE layers cycled, batch "
                   f"{args.batch}, {backend.name}): median predicted {med([r.predicted_s for r in rounds]) * 1e3:.3f} "

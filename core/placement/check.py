@@ -10,12 +10,17 @@ The median time per MoE layer is what the cost model's MoE-layer decode time pre
 `check_decode` alternates measurements of the CPU's speeds (the bench probes) with decode rounds, and
 predicts each round from the probes just before and after it: on a shared machine the speed a probe sees
 and the speed the kernels get move together from minute to minute, so each round compares like with
-like, and the median over rounds is the answer.
+like, and the median over rounds is the answer. `same_cpus(threads)` keeps the whole check (the
+backend's workers, created inside it, and the probes) on the same `threads` CPUs, so a core another
+process holds slows the probe and the kernels alike.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +35,29 @@ from .plan import PlacementPlan
 class DecodeRound:
     read_gb_per_s: float
     predicted_s: float  # per MoE layer
-    measured_s: float  # per MoE layer (median of the round's steps)
+    measured_s: float  # per MoE layer: the median over the round's layers
+    mean_s: float  # per MoE layer: the mean, preemptions by other processes included
 
     @property
     def error(self) -> float:
         return (self.predicted_s - self.measured_s) / self.measured_s
+
+
+@contextmanager
+def same_cpus(threads: int) -> Iterator[tuple[int, ...]]:
+    """Run the block on the first `threads` CPUs this process may use (Linux numbers physical cores
+    before their SMT siblings); threads started inside inherit it, and a backend created inside pins its
+    workers within it. Restores the affinity afterwards."""
+    if not hasattr(os, "sched_getaffinity"):
+        yield ()
+        return
+    before = os.sched_getaffinity(0)
+    cpus = tuple(sorted(before)[:threads])
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield cpus
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def build_layers(plan: PlacementPlan, layout: MoELayout, backend: ExpertBackend, layers: int, seed: int = 0):
@@ -68,7 +91,9 @@ def build_layers(plan: PlacementPlan, layout: MoELayout, backend: ExpertBackend,
 
 def run_decode(built, layout: MoELayout, backend: ExpertBackend, *, steps: int, batch: int = 1,
                seed: int = 0) -> list[float]:
-    """Seconds per MoE layer of each of `steps` decode steps (after two warm-up steps)."""
+    """Seconds of every MoE layer of `steps` decode steps (after two warm-up steps), each timed alone:
+    their median is the layer's cost without the preemptions a shared machine adds now and then (the
+    probes' best pass leaves those out too)."""
     from ..runtime.routing import route
 
     m = layout.moe_layers[0]
@@ -78,21 +103,23 @@ def run_decode(built, layout: MoELayout, backend: ExpertBackend, *, steps: int, 
     x = torch.randn(batch, spec.hidden_size, generator=torch.Generator().manual_seed(seed))
     times = []
     for step in range(steps + 2):
-        t0 = time.perf_counter()
         for k in range(n_moe):
             prepared, gate, bias, logit_bias = built[k % layers]
+            t0 = time.perf_counter()
             ids, w = route(m.router, x, gate, bias, logit_bias)
             out = backend.forward(prepared, x, ids, w)
             x = out * (spec.hidden_size ** 0.5 / out.norm(dim=1, keepdim=True).clamp_min(1e-6))
-        if step >= 2:
-            times.append((time.perf_counter() - t0) / n_moe)
+            if step >= 2:
+                times.append(time.perf_counter() - t0)
     return times
 
 
 def check_decode(plan: PlacementPlan, parts, backend: ExpertBackend, inventory, *, stats=None, layers: int = 4,
-                 rounds: int = 5, steps: int = 10, batch: int = 1, seed: int = 0, progress=None) -> list[DecodeRound]:
+                 rounds: int = 5, steps: int = 10, batch: int = 1, seed: int = 0, speeds=None,
+                 progress=None) -> list[DecodeRound]:
     """Rounds of (decode, probe the CPU's speeds), each predicted from the probes around it (see the module
-    docstring). The plan's experts must all live on CPU tiers computed by `backend`."""
+    docstring), or from `speeds` when given (e.g. a bench file's). The plan's experts must all live on CPU
+    tiers computed by `backend`."""
     from .cost import predict
     from .speeds import Speeds, TierSpeed, measured_cpu
 
@@ -100,20 +127,26 @@ def check_decode(plan: PlacementPlan, parts, backend: ExpertBackend, inventory, 
     built = build_layers(plan, layout, backend, layers, seed)
     cpu_tiers = [t.name for t in plan.tiers if t.kind == "cpu"] or list(plan.tier_names)
     out = []
-    speed = measured_cpu(inventory, backend.threads)
+    speed = None if speeds is not None else measured_cpu(inventory, backend.threads)
     for r in range(rounds):
         if progress:
             progress(f"round {r + 1} of {rounds}: decoding")
-        measured = statistics.median(run_decode(built, layout, backend, steps=steps, batch=batch, seed=seed + r))
+        times = run_decode(built, layout, backend, steps=steps, batch=batch, seed=seed + r)
+        measured, mean = statistics.median(times), statistics.fmean(times)
+        if speeds is not None:
+            predicted = predict(plan, parts, speeds, stats, batch=batch).decode_moe_s / len(plan.moe_layers)
+            out.append(DecodeRound(speeds.of(cpu_tiers[0]).read_for(plan.shards(plan.moe_layers[0])[0].fmt),
+                                   predicted, measured, mean))
+            continue
         if progress:
             progress(f"round {r + 1} of {rounds}: probing the CPU")
         after = measured_cpu(inventory, backend.threads)
         # the probes just before and just after this round's decode, averaged
-        mean = TierSpeed((speed.read_gb_per_s + after.read_gb_per_s) / 2,
+        probed = TierSpeed((speed.read_gb_per_s + after.read_gb_per_s) / 2,
                          (speed.bf16_gflop_per_s + after.bf16_gflop_per_s) / 2,
                          (speed.int8_gop_per_s + after.int8_gop_per_s) / 2, after.source)
-        predicted = predict(plan, parts, Speeds({t: mean for t in cpu_tiers}), stats,
+        predicted = predict(plan, parts, Speeds({t: probed for t in cpu_tiers}), stats,
                             batch=batch).decode_moe_s / len(plan.moe_layers)
-        out.append(DecodeRound(mean.read_gb_per_s, predicted, measured))
+        out.append(DecodeRound(probed.read_gb_per_s, predicted, measured, mean))
         speed = after
     return out
