@@ -94,9 +94,7 @@ def make_plan(layout: MoELayout, parts: ModelParts, budgets: Budgets, strategy: 
         shards = tuple(ShardSpec(t, compute[t].backend, compute[t].fmt, tuple(ids))
                        for t, ids in sorted(groups.items(), key=lambda kv: order[kv[0]]))
         layers.append(LayerPlacement(m.index, shards))
-    shown = {k: v for k, v in options.items() if k != "rules"}
-    if options.get("rules"):
-        shown["rules"] = list(options["rules"])
+    shown = {k: list(v) if k == "rules" else v for k, v in options.items()}  # JSON-able
     plan = PlacementPlan(ModelRef.of(layout), tuple(layers), tuple((p, budgets.parts_tier) for p in PARTS),
                          budgets.tiers, copy, budgets.context, budgets.batch, strategy.name,
                          tuple(sorted(shown.items())), tuple(budgets.assumptions) + tuple(notes))
