@@ -59,40 +59,61 @@ class DeviceExperts:
     b2: torch.Tensor | None = None  # fp32 [S + 1, H]
 
 
-def _stack(fmt: WeightFormat, mats: list, n: int, k: int, device: torch.device, dtype: torch.dtype,
-           fused_rows: tuple[int, int] | None = None) -> WeightStack:
-    """Stack one matrix per expert; `mats` holds per expert a list of QuantizedTensors concatenated by rows."""
-    data = torch.stack([torch.cat([q.data for q in parts], dim=0) for parts in mats])
-    if fmt.kind == "float":
-        return WeightStack(fmt, n, k, data.to(device=device, dtype=dtype).contiguous())
-    scales = torch.stack([torch.cat([q.scales for q in parts], dim=0) for parts in mats])
-    scale_rows = None
-    if fmt.kind == "fp8":
-        rows = []
-        base = 0
-        for r in fused_rows or (n,):
-            rows.append(base + torch.arange(r) // FP8_BLOCK)
-            base += math.ceil(r / FP8_BLOCK)
-        scale_rows = torch.cat(rows).to(device=device, dtype=torch.int64)
-    return WeightStack(fmt, n, k, data.to(device).contiguous(), scales.to(device).contiguous(), scale_rows)
+class _Stacker:
+    """One matrix kind of every held expert, filled one expert at a time (each expert is read from its
+    source once and dropped), straight into device tensors."""
+
+    def __init__(self, fmt: WeightFormat, held: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
+                 fused_rows: tuple[int, ...]):
+        self.fmt, self.n, self.k, self.device, self.dtype = fmt, n, k, device, dtype
+        self.fused_rows = fused_rows
+        self.held = held
+        self.data = self.scales = None
+
+    def put(self, slot: int, parts: list) -> None:
+        data = torch.cat([q.data for q in parts], dim=0)
+        if self.fmt.kind == "float":
+            data = data.to(self.dtype)
+        if self.data is None:
+            self.data = torch.empty((self.held,) + tuple(data.shape), dtype=data.dtype, device=self.device)
+        self.data[slot].copy_(data)
+        if self.fmt.kind != "float":
+            scales = torch.cat([q.scales for q in parts], dim=0)
+            if self.scales is None:
+                self.scales = torch.empty((self.held,) + tuple(scales.shape), dtype=scales.dtype, device=self.device)
+            self.scales[slot].copy_(scales)
+
+    def done(self) -> WeightStack:
+        scale_rows = None
+        if self.fmt.kind == "fp8":
+            rows, base = [], 0
+            for r in self.fused_rows:
+                rows.append(base + torch.arange(r) // FP8_BLOCK)
+                base += math.ceil(r / FP8_BLOCK)
+            scale_rows = torch.cat(rows).to(device=self.device, dtype=torch.int64)
+        return WeightStack(self.fmt, self.n, self.k, self.data, self.scales, scale_rows)
 
 
 def pack_experts(layer: ExpertLayerSpec, fmt: WeightFormat, experts: Mapping[int, ExpertTensors],
                  device: torch.device) -> DeviceExperts:
+    """`experts` may read each expert from its source on access: each is accessed exactly once."""
     ids = sorted(experts)
     E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
     cdt = compute_dtype(fmt)
     slot_of = torch.full((E + 1,), len(ids), dtype=torch.int64)
-    for s, e in enumerate(ids):
-        slot_of[e] = s
-    w13 = _stack(fmt, [[experts[e].gate, experts[e].up] for e in ids], 2 * I, H, device, cdt, fused_rows=(I, I))
-    w2 = _stack(fmt, [[experts[e].down] for e in ids], H, I, device, cdt)
+    w13 = _Stacker(fmt, len(ids), 2 * I, H, device, cdt, (I, I))
+    w2 = _Stacker(fmt, len(ids), H, I, device, cdt, (H,))
     b13 = b2 = None
     if layer.has_bias:
         b13 = torch.zeros(len(ids) + 1, 2 * I, dtype=torch.float32)
         b2 = torch.zeros(len(ids) + 1, H, dtype=torch.float32)
-        for s, e in enumerate(ids):
-            t = experts[e]
+    for s, e in enumerate(ids):
+        slot_of[e] = s
+        t = experts[e]
+        w13.put(s, [t.gate, t.up])
+        w2.put(s, [t.down])
+        if b13 is not None:
             b13[s, :I], b13[s, I:], b2[s] = t.gate_bias, t.up_bias, t.down_bias
+    if b13 is not None:
         b13, b2 = b13.to(device), b2.to(device)
-    return DeviceExperts(layer, fmt, device, cdt, len(ids), slot_of.to(device), w13, w2, b13, b2)
+    return DeviceExperts(layer, fmt, device, cdt, len(ids), slot_of.to(device), w13.done(), w2.done(), b13, b2)
