@@ -21,7 +21,7 @@ ACCELERATORS = {
 }
 
 
-def _usable_plan(kind: str, capability: str | None, name: str):
+def _usable_plan(kind: str, capability: str | None):
     plan = plan_kernels(kind, capability, detect_build())
     if plan.triton:
         try:
@@ -47,7 +47,7 @@ def _factory(name: str):
                 import torch_npu  # noqa: F401  (registers the npu device with torch)
             except Exception as exc:
                 raise BackendUnavailable(f"{name}: torch_npu failed to import: {exc}") from None
-        plan = _usable_plan(kind, devs[0].capability, name)
+        plan = _usable_plan(kind, devs[0].capability)
         return AccelBackend(name, torch.device(torch_type, devs[0].index), plan, **kwargs)
 
     return make

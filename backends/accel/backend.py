@@ -48,7 +48,7 @@ class AccelBackend(ExpertBackend):
         return self.gemm
 
     def _check_forced(self, fmt: str, hidden: int, intermediate: int) -> None:
-        if self.gemm == "grouped" and not self.plan._grouped_fits(fmt, hidden, intermediate):
+        if self.gemm == "grouped" and not self.plan.grouped_fits(fmt, hidden, intermediate):
             raise BackendUnavailable(f"{self.name}: the grouped GEMM does not take {fmt} with hidden {hidden}, "
                                      f"intermediate {intermediate} here ({self.plan.describe()})")
         if self.gemm == "triton" and not self.plan.triton:

@@ -35,7 +35,7 @@ class KernelPlan:
     def gemm_for(self, fmt: str, hidden: int, intermediate: int) -> str:
         """The GEMM path of a forward: "grouped", "triton", or "loop" (a host-synchronised loop of
         matmuls over the expert segments, dequantizing each used expert)."""
-        if self._grouped_fits(fmt, hidden, intermediate):
+        if self.grouped_fits(fmt, hidden, intermediate):
             return "grouped"
         return "triton" if self.triton else "loop"
 
@@ -44,7 +44,7 @@ class KernelPlan:
         path = self.gemm_for(fmt, hidden, intermediate)
         return None if path == "loop" else path
 
-    def _grouped_fits(self, fmt: str, hidden: int, intermediate: int) -> bool:
+    def grouped_fits(self, fmt: str, hidden: int, intermediate: int) -> bool:
         if self.grouped is None or fmt not in self.grouped_formats:
             return False
         align = self.grouped_align_bytes
