@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import moetier
 from moetier import ExpertLayerSpec, LayoutError, ModelFamily
-from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, TensorNames, get_int, get_key,
-                            quantization_from_config)
+from moetier.hf_config import get_int, get_key, quantization_from_config
+from moetier.layout import MoELayerLayout, MoELayout, RouterSpec, TensorNames
 
 NAME = "gpt_oss"
 VERSIONS = ("gpt-oss-20b", "gpt-oss-120b")
@@ -27,10 +27,7 @@ def match(config: Mapping) -> str | None:
     return "gpt-oss-20b"
 
 
-def layout(config: Mapping) -> MoELayout:
-    version = match(config)
-    if version is None:
-        raise LayoutError(f"not a gpt-oss config (model_type {config.get('model_type')!r})")
+def layout(config: Mapping, version: str) -> MoELayout:
     L, H = get_int(config, "num_hidden_layers"), get_int(config, "hidden_size")
     E = get_int(config, "num_local_experts", "num_experts")
     k = get_int(config, "num_experts_per_tok", "experts_per_token")

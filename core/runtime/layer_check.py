@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint
-from .conformance.tolerances import tolerance
-from .experts import ExpertBackend
-from .family import load_layout
+from ..checkpoint import Checkpoint
+from ..conformance.tolerances import tolerance
+from ..experts import ExpertBackend
+from ..family import load_layout
 from .moe_block import MoEBlock
-from .reference import oracle
+from ..reference import oracle
 
 
 @dataclass(frozen=True)
