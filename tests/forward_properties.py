@@ -1,30 +1,38 @@
 """Property-based check of one backend's public forward API (prepare / forward / submit), run as a script.
 
-    python tests/forward_properties.py --backend cpu.avx2 [--examples 200] [--seed 0] [--survey]
+    python tests/forward_properties.py --backend cpu.avx2 [--examples 300] [--seed 0] [--pinned] [--survey]
     python tests/forward_properties.py --backend cpu.avx2 --replay "Example(...)"
 
-Every example is a random layer (odd sizes, every format the backend declares, three activations), a
-random held subset (empty included) and random forward inputs: token counts from 0, ids with duplicates
-inside a token, negative, out of range or not held, weights with NaN / Inf / negative / huge / tiny
-values, every dtype a caller might pass, non-contiguous, offset and wrong-rank tensors, inputs that
-require grad, both nan_policy values, forward and submit. Each example must either
+Every example is a random layer (odd sizes and 128-block edges, every format the backend declares, silu,
+biased silu, gpt-oss swiglu), a random held subset (empty included) and a random call: 0 to 40 tokens
+(now and then 1200), ids repeated within a token, negative, out of range, not held; weights NaN, Inf,
+negative, 1e30, 1e-30, beyond fp32; every dtype a caller might pass (hidden fp32/bf16/fp16/fp64/int, ids
+int64/int32/int16/bool/float, weights float/int/complex, out_dtype of any kind); offset, strided,
+transposed, sparse, oneDNN, meta, numpy and list inputs; wrong ranks and sizes; inputs that require grad;
+both nan_policy values; forward and submit; faults at prepare (repeated, out-of-range, float or missing
+expert ids, unknown format, biases missing or extra, a wrong matrix shape); experts another backend
+prepared. Each example must either
 
   * raise one of the typed errors `expected_errors` predicts for it, with a message naming the argument
     (the order in which a backend checks several faults is its own business: any predicted one will do),
-  * or, when no fault is predicted, return [T, H] in out_dtype, leave its inputs unchanged, and agree with
-    the float64 reference (`moetier.reference.moe_forward`) as `check_output` says.
+  * or, when no fault is predicted, return [T, H] in out_dtype without a gradient, leave its inputs
+    unchanged, and agree with the float64 reference (`moetier.reference.moe_forward`) as `check_output`
+    says: non-finite rows where the reference has them, exact zeros where every contribution is zero,
+    and the format's conformance bound (tolerances.py) on the rest.
 
 The semantics this pins down, all of them what the reference does:
   * a duplicate id within one token counts once per slot (its weights add up);
   * an id that the prepared subset does not hold contributes nothing, whatever its weight (NaN included);
-  * topk_weights are read as float32 (a float64 weight is rounded first), hidden as given (fp32 or bf16);
+  * topk_weights are read as float32 (a float64 weight is rounded first, 1e300 becomes Inf), hidden as
+    given (fp32 or bf16);
   * nan_policy="raise" refuses any NaN/Inf in hidden or topk_weights (T > 0), even in a row routed only
     to experts held elsewhere; nan_policy="propagate" gives a non-finite output row exactly where the
-    reference has one (a NaN/Inf hidden row or weight that meets a held expert), and finite rows stay
-    correct: a NaN never leaks into another token's row;
+    reference has one (a NaN/Inf hidden row or weight that meets a held expert; the swiglu clamps keep a
+    NaN, as torch.clamp does), and finite rows stay correct: a NaN never leaks into another token's row;
   * a row whose every contribution is exactly zero (nothing held routed, zero weights, a zero hidden row
     through a bias-free layer, an all-zero expert) is exactly zero;
   * finite inputs never give a non-finite output.
+PINNED holds one hand-written example per point, which --pinned runs first.
 
 The script prints each example before running it, so when the process dies (a segfault, an abort) the
 last example printed is the one that killed it; `--replay` runs that one example again.
@@ -32,34 +40,43 @@ last example printed is the one that killed it; `--replay` runs that one example
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import math
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
-
 from moetier.conformance.tolerances import tolerance
-from moetier.errors import DTypeError, ExpertIdError, MoetierError, NonFiniteError, ShapeError
-from moetier.experts import ExpertLayerSpec, ExpertWeights
+from moetier.errors import (
+    DTypeError,
+    ExpertIdError,
+    FormatError,
+    MoetierError,
+    NonFiniteError,
+    PreparedExpertsError,
+    ShapeError,
+)
+from moetier.experts import ExpertLayerSpec, ExpertTensors, ExpertWeights
+from moetier.formats import quantize
 from moetier.hardware import load_inventory
 from moetier.plugins import load_registry
-from moetier.reference import DenseExpert, expert_mlp, moe_forward
+from moetier.reference import DenseExpert, expert_mlp, moe_forward, oracle
 
 nan, inf = math.nan, math.inf  # for eval() of a printed Example
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-          "bool": torch.bool, "complex64": torch.complex64}
+          "bool": torch.bool, "complex64": torch.complex64, "str": "float32"}
 HIDDEN_DTYPES = ("float32", "bfloat16", "float16", "float64", "int32")
 ID_DTYPES = ("int64", "int32", "float32", "int16", "bool")
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64", "int64", "complex64")
-OUT_DTYPES = ("float32", "bfloat16", "float16", "float64", "int32")
-LAYOUTS = ("contiguous", "offset", "strided", "transposed", "numpy", "list")
+OUT_DTYPES = ("float32", "bfloat16", "float16", "float64", "int32", "str")
+LAYOUTS = ("contiguous", "offset", "strided", "transposed", "numpy", "list", "sparse", "sparse_csr", "mkldnn", "meta")
 VALID_HIDDEN_DTYPES = ("float32", "bfloat16")
 VALID_ID_DTYPES = ("int64", "int32")
 VALID_WEIGHT_DTYPES = ("float32", "float32", "bfloat16", "float16", "float64")
@@ -73,14 +90,26 @@ ACTIVATIONS = ("silu", "silu+bias", "swiglu_oai+bias")
 # out as 0). Neither is a backend fault.
 HIDDEN_SCALES = (1.0, 1e-2)
 WEIGHT_KINDS = ("router", "signed", "mixed")
-SPECIAL_WEIGHTS = (nan, inf, -inf, 0.0, -0.0, 1e30, -1e30, 1e-30)
+# 1e300 is finite only as float64: read as fp32 it is Inf (then the nan policy applies).
+SPECIAL_WEIGHTS = (nan, inf, -inf, 0.0, -0.0, 1e30, -1e30, 1e-30, 1e300)
 SPECIAL_HIDDEN = (nan, inf, -inf, 0.0)
 SHAPE_FAULTS = {
     "hidden": ("0d", "1d", "3d", "wide", "narrow"),
     "topk_ids": ("0d", "1d", "3d", "rows+1", "rows-1", "k0"),
     "topk_weights": ("0d", "1d", "3d", "k+1", "k-1"),
 }
-FAULT_KINDS = ("ids", "dtype", "layout", "shape")
+# Faults of prepare (the call stops there): each with the error it calls for and a word of its message.
+PREPARE_FAULTS = {
+    "duplicate-id": (ExpertIdError, "repeat"),
+    "id-out-of-range": (ExpertIdError, "out of range"),
+    "float-id": (ExpertIdError, "expert id"),
+    "missing-expert": (ExpertIdError, "not in this weight set"),
+    "unknown-format": (FormatError, "int3_g7"),
+    "bias-missing": (ShapeError, "bias"),
+    "bias-extra": (ShapeError, "bias"),
+    "gate-shape": (ShapeError, "gate"),
+}
+FAULT_KINDS = ("ids", "dtype", "layout", "shape", "prepare", "foreign")
 
 
 @dataclass(frozen=True)
@@ -94,7 +123,8 @@ class Example:
     I: int
     held: tuple[int, ...]
     zero_expert: tuple[int, str] | None  # (held id, "gate" | "up" | "down" | "all") stored as zeros
-    ids: tuple[tuple[int, ...], ...]  # [T][k]
+    ids: tuple[tuple[int, ...], ...]  # [T / tile][k]
+    tile: int  # the ids rows repeat this many times: T = len(ids) * tile (long prompts, few draws)
     k: int
     weight_kind: str
     weight_specials: tuple[tuple[int, int, float], ...]  # (t, j, value)
@@ -107,6 +137,8 @@ class Example:
     out_dtype: str
     layouts: tuple[str, str, str]  # hidden, topk_ids, topk_weights
     shape_fault: tuple[str, str] | None  # (argument, fault)
+    prepare_fault: str | None  # a key of PREPARE_FAULTS
+    foreign: bool  # pass experts another backend (the reference) prepared
     hidden_grad: str  # "no" | "requires_grad" | "parameter"
     weights_grad: bool
     nan_policy: str
@@ -115,7 +147,50 @@ class Example:
 
     @property
     def T(self) -> int:
-        return len(self.ids)
+        return len(self.ids) * self.tile
+
+
+def make_example(**kw) -> Example:
+    """A hand-written example: a valid fp32 call on a small layer, with `kw` changed."""
+    base = {"backend_fmt": "fp32", "activation": "silu", "E": 3, "H": 16, "I": 8, "held": (0, 1, 2),
+            "zero_expert": None, "ids": ((0, 1), (1, 2), (2, 0), (0, 0)), "tile": 1, "k": 2,
+            "weight_kind": "router", "weight_specials": (), "hidden_scale": 1.0, "hidden_specials": (),
+            "zero_rows": (), "hidden_dtype": "float32", "ids_dtype": "int64", "weights_dtype": "float32",
+            "out_dtype": "float32", "layouts": ("contiguous",) * 3, "shape_fault": None, "prepare_fault": None,
+            "foreign": False, "hidden_grad": "no", "weights_grad": False, "nan_policy": "raise",
+            "mode": "forward", "seed": 3}
+    base.update(kw)
+    return Example(**base)
+
+
+# Examples every run checks first, by name: the semantics above, each pinned on the paths that compute it
+# (8 tokens on one expert: more than DECODE_MAX_TOKENS, the native prefill kernels), and the faults the
+# property found.
+PINNED = {
+    # Both slots of a repeated id count: token 0 gets 0.75 y - 0.75 y (= 0), token 1 twice expert 1.
+    "duplicate-id-counts-per-slot": make_example(
+        ids=((1, 1), (1, 1), (2, 0)), weight_kind="signed", weight_specials=((0, 0, 0.75), (0, 1, -0.75))),
+    # NaN weight on an expert held elsewhere: nothing (row 0 finite); on a held one: a NaN row (row 1).
+    "nan-weight-of-an-expert-not-held": make_example(
+        held=(0, 1), ids=((2, 0), (0, 1), (1, 0)), nan_policy="propagate",
+        weight_specials=((0, 0, nan), (1, 1, nan))),
+    # topk_weights are read as fp32: a float64 1e300 is Inf.
+    "float64-weight-read-as-fp32": make_example(
+        weights_dtype="float64", nan_policy="propagate", weight_specials=((0, 0, 1e300),)),
+    # A NaN stays in its token's row on the int8-activation prefill path.
+    "nan-stays-in-its-row": make_example(
+        backend_fmt="int8", E=1, H=64, I=64, held=(0,), ids=((0,),) * 8, k=1, nan_policy="propagate",
+        hidden_specials=((2, 5, nan),)),
+    # Zero in, zero out, bit for bit: a zero hidden row, and an expert whose gate is all zero.
+    "zero-hidden-row-int4": make_example(
+        backend_fmt="int4_g32", E=1, H=64, I=64, held=(0,), ids=((0,),) * 8, k=1, zero_rows=(0, 5)),
+    "zero-gate-expert-int4": make_example(
+        backend_fmt="int4_g32", E=2, H=64, I=64, held=(0, 1), zero_expert=(1, "gate"), ids=((1,),) * 8, k=1),
+    # swiglu_oai's clamps keep a NaN (torch.clamp does): the row is NaN under nan_policy="propagate".
+    "swiglu-clamp-keeps-nan": make_example(
+        activation="swiglu_oai+bias", E=1, held=(0,), ids=((0,),) * 2, k=1, nan_policy="propagate",
+        hidden_specials=((0, 3, nan),)),
+}
 
 
 # ---- strategies ---------------------------------------------------------------------------------------
@@ -130,7 +205,7 @@ def examples(draw, formats: tuple[str, ...]) -> Example:
     E = draw(st.integers(1, 8))
     H = draw(st.one_of(_SMALL, _SMALL, _SMALL, _EDGE))
     I = draw(st.one_of(_SMALL, _SMALL, _SMALL, _EDGE))
-    held_kind = draw(st.sampled_from(("all", "all", "subset", "subset", "none")))
+    held_kind = draw(st.sampled_from(("all",) * 4 + ("subset",) * 3 + ("none",)))
     if held_kind == "all":
         held = tuple(range(E))
     elif held_kind == "subset":  # the rest are held by another tier: they contribute nothing here
@@ -143,25 +218,37 @@ def examples(draw, formats: tuple[str, ...]) -> Example:
     # Up to 40 tokens on at most 8 experts: several experts get more than four tokens, which moves the
     # native kernels from their decode to their prefill paths.
     T = draw(st.sampled_from((0, 1, 2, 3, 4, 5, 8, 13, 21, 34, 40)))
+    # Now and then a long prompt (over cpu.numba's 1024 tokens per launch) on a narrow layer.
+    tile = 1
+    if T == 40 and H <= 40 and I <= 40 and draw(st.integers(0, 4)) == 0:
+        tile = 30
     k = draw(st.integers(1, E + 2))  # k > E forces duplicates; k need not equal the layer's top_k
-    # A third of the examples carry faults of one or more kinds; the rest are valid calls (apart from
+    # A quarter of the examples carry faults of one or two kinds; the rest are valid calls (apart from
     # NaN/Inf under nan_policy="raise"), so that most examples compare numbers.
-    faults = draw(st.sets(st.sampled_from(FAULT_KINDS), min_size=1)) if draw(st.integers(0, 2)) == 0 else set()
+    faults = set()
+    if draw(st.integers(0, 3)) == 0:
+        faults = draw(st.sets(st.sampled_from(FAULT_KINDS), min_size=1, max_size=2))
 
-    def pick(kind, valid, all_values):
-        return draw(st.sampled_from(all_values if kind in faults else valid))
+    # A dtype or layout fault hits one argument (a few may hit several): one cause per error, mostly.
+    dtype_target = draw(st.sampled_from(("hidden", "topk_ids", "topk_weights", "out", "all"))) if "dtype" in faults else None
+    layout_target = draw(st.sampled_from(("hidden", "topk_ids", "topk_weights", "all"))) if "layout" in faults else None
 
-    ids_dtype = pick("dtype", VALID_ID_DTYPES, ID_DTYPES)
+    def pick(target, name, valid, all_values):
+        return draw(st.sampled_from(all_values if target in (name, "all") else valid))
+
+    ids_dtype = pick(dtype_target, "topk_ids", VALID_ID_DTYPES, ID_DTYPES)
     ids = []
-    for _ in range(T):
+    for _ in range(T):  # T rows drawn; repeated `tile` times below
         if k <= E and draw(st.booleans()):  # a router's answer: distinct ids
             ids.append(tuple(draw(st.permutations(range(E)))[:k]))
         else:
             ids.append(tuple(draw(st.lists(st.integers(0, E - 1), min_size=k, max_size=k))))
-    if T and "ids" in faults:
+    n_rows = T
+    T = n_rows * tile
+    if n_rows and "ids" in faults:
         big = {"int64": 2 ** 40, "int32": 2 ** 31 - 1, "int16": 2 ** 15 - 1, "float32": 2 ** 20, "bool": 1}[ids_dtype]
         bad = draw(st.sampled_from((-1, E, E + 1, -big, big)))
-        t, j = draw(st.integers(0, T - 1)), draw(st.integers(0, k - 1))
+        t, j = draw(st.integers(0, n_rows - 1)), draw(st.integers(0, k - 1))
         row = list(ids[t])
         row[j] = bad
         ids[t] = tuple(row)
@@ -179,20 +266,21 @@ def examples(draw, formats: tuple[str, ...]) -> Example:
                 min_size=1, max_size=3)))
         if draw(st.integers(0, 5)) == 0:
             zero_rows = tuple(sorted(draw(st.sets(st.integers(0, T - 1), min_size=1, max_size=T))))
+    prepare_fault = draw(st.sampled_from(tuple(PREPARE_FAULTS))) if "prepare" in faults else None
     shape_fault = None
     if "shape" in faults:
         arg = draw(st.sampled_from(tuple(SHAPE_FAULTS)))
         shape_fault = (arg, draw(st.sampled_from(SHAPE_FAULTS[arg])))
     return Example(
         backend_fmt=fmt, activation=draw(st.sampled_from(ACTIVATIONS)), E=E, H=H, I=I, held=held,
-        zero_expert=zero_expert, ids=tuple(ids), k=k, weight_kind=draw(st.sampled_from(WEIGHT_KINDS)),
+        zero_expert=zero_expert, ids=tuple(ids), tile=tile, k=k, weight_kind=draw(st.sampled_from(WEIGHT_KINDS)),
         weight_specials=weight_specials, hidden_scale=draw(st.sampled_from(HIDDEN_SCALES)),
         hidden_specials=hidden_specials, zero_rows=zero_rows,
-        hidden_dtype=pick("dtype", VALID_HIDDEN_DTYPES, HIDDEN_DTYPES), ids_dtype=ids_dtype,
-        weights_dtype=pick("dtype", VALID_WEIGHT_DTYPES, WEIGHT_DTYPES),
-        out_dtype=pick("dtype", VALID_OUT_DTYPES, OUT_DTYPES),
-        layouts=tuple(pick("layout", VALID_LAYOUTS, LAYOUTS) for _ in range(3)),
-        shape_fault=shape_fault,
+        hidden_dtype=pick(dtype_target, "hidden", VALID_HIDDEN_DTYPES, HIDDEN_DTYPES), ids_dtype=ids_dtype,
+        weights_dtype=pick(dtype_target, "topk_weights", VALID_WEIGHT_DTYPES, WEIGHT_DTYPES),
+        out_dtype=pick(dtype_target, "out", VALID_OUT_DTYPES, OUT_DTYPES),
+        layouts=tuple(pick(layout_target, name, VALID_LAYOUTS, LAYOUTS) for name in ("hidden", "topk_ids", "topk_weights")),
+        shape_fault=shape_fault, prepare_fault=prepare_fault, foreign="foreign" in faults,
         hidden_grad=draw(st.sampled_from(("no", "no", "requires_grad", "parameter"))),
         weights_grad=draw(st.booleans()),
         nan_policy=draw(st.sampled_from(("raise", "propagate"))),
@@ -244,7 +332,7 @@ def _values(ex: Example) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.rand(T, k, generator=g, dtype=torch.float64) * 6 - 3)
     for t, j, v in ex.weight_specials:
         w[t, j] = v
-    ids = torch.tensor(ex.ids, dtype=torch.int64) if T else torch.empty(0, k, dtype=torch.int64)
+    ids = torch.tensor(ex.ids, dtype=torch.int64).repeat(ex.tile, 1) if T else torch.empty(0, k, dtype=torch.int64)
     return hidden, ids, w
 
 
@@ -263,6 +351,14 @@ def _layout(t: torch.Tensor, how: str):
         return wide[:, ::2]
     if how == "transposed":  # column-major storage of the same values
         return t.T.contiguous().T if t.ndim == 2 else t
+    if how == "sparse":
+        return t.to_sparse()
+    if how == "sparse_csr":
+        return t.to_sparse_csr() if t.ndim == 2 else t.to_sparse()
+    if how == "mkldnn":  # oneDNN's opaque layout (float32 only)
+        return t.to_mkldnn() if t.dtype == torch.float32 else t.to_sparse()
+    if how == "meta":  # a tensor without data, on the meta device
+        return t.to("meta")
     if how == "numpy":  # numpy has no bf16
         return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     if how == "list":
@@ -324,10 +420,17 @@ def expected_errors(layer: ExpertLayerSpec, hidden, ids, w, out_dtype, nan_polic
     """Every fault of a forward call, judged on the tensors as passed (after any dtype conversion the
     caller did). An empty list: the call is valid and must compute."""
     faults: list[Expected] = []
-    is_t = {name: isinstance(t, torch.Tensor) for name, t in (("hidden", hidden), ("topk_ids", ids), ("topk_weights", w))}
-    for name, ok in is_t.items():
-        if not ok:
+    args = (("hidden", hidden), ("topk_ids", ids), ("topk_weights", w))
+    is_t = {name: isinstance(t, torch.Tensor) for name, t in args}
+    # Dense: a strided CPU tensor, the only kind whose values (and contiguity) are read below.
+    dense = {name: is_t[name] and t.layout == torch.strided and t.device.type == "cpu" for name, t in args}
+    for name, t in args:
+        if not is_t[name]:
             faults.append(Expected(DTypeError, (name,)))
+        elif t.device.type != "cpu":
+            faults.append(Expected(DTypeError, (name,)))  # DeviceError, a DTypeError, once devices are checked
+        elif t.layout != torch.strided:
+            faults.append(Expected(ShapeError, (name,)))
     T = None
     if is_t["hidden"]:
         if hidden.ndim != 2 or hidden.shape[1] != layer.hidden_size:
@@ -336,16 +439,16 @@ def expected_errors(layer: ExpertLayerSpec, hidden, ids, w, out_dtype, nan_polic
             T = hidden.shape[0]
         if hidden.dtype not in (torch.float32, torch.bfloat16):
             faults.append(Expected(DTypeError, ("hidden",)))
-        if not hidden.is_contiguous():
+        if dense["hidden"] and not hidden.is_contiguous():
             faults.append(Expected(ShapeError, ("hidden",)))
     if is_t["topk_ids"]:
         if ids.ndim != 2 or (T is not None and ids.shape[0] != T) or ids.shape[1] < 1:
             faults.append(Expected(ShapeError, ("topk_ids",)))
         if ids.dtype not in (torch.int32, torch.int64):
             faults.append(Expected(DTypeError, ("topk_ids",)))
-        if not ids.is_contiguous():
+        if dense["topk_ids"] and not ids.is_contiguous():
             faults.append(Expected(ShapeError, ("topk_ids",)))
-        if ids.numel():
+        if dense["topk_ids"] and ids.numel():
             v = ids.detach().to(torch.float64).reshape(-1)
             bad = v[(v < 0) | (v >= layer.num_experts)]
             if bad.numel():
@@ -355,14 +458,14 @@ def expected_errors(layer: ExpertLayerSpec, hidden, ids, w, out_dtype, nan_polic
             faults.append(Expected(ShapeError, ("topk_weights",)))
         if not w.is_floating_point():
             faults.append(Expected(DTypeError, ("topk_weights",)))
-        if not w.is_contiguous():
+        if dense["topk_weights"] and not w.is_contiguous():
             faults.append(Expected(ShapeError, ("topk_weights",)))
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in (torch.float32, torch.bfloat16):
         faults.append(Expected(DTypeError, ("out_dtype",)))
     if nan_policy == "raise" and T:
-        if is_t["hidden"] and hidden.is_floating_point() and not torch.isfinite(hidden.detach()).all():
+        if dense["hidden"] and hidden.is_floating_point() and not torch.isfinite(hidden.detach()).all():
             faults.append(Expected(NonFiniteError, ("hidden",)))
-        if is_t["topk_weights"] and w.is_floating_point() and not torch.isfinite(w.detach().float()).all():
+        if dense["topk_weights"] and w.is_floating_point() and not torch.isfinite(w.detach().float()).all():
             faults.append(Expected(NonFiniteError, ("topk_weights",)))
     return faults
 
@@ -392,14 +495,12 @@ def reference(ex: Example, layer: ExpertLayerSpec, weights: ExpertWeights, hidde
     ids = ids.detach().to(torch.int64)
     w32 = w.detach().to(torch.float32)
     out = moe_forward(layer, dense, hidden.detach(), ids, w32, torch.float64)
-    T, H = hidden.shape
-    sq = torch.zeros(T, H, dtype=torch.float64)
+    sq = torch.zeros(hidden.shape, dtype=torch.float64)
     x = hidden.detach().to(torch.float64)
-    for t in range(T):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e in dense:
-                sq[t] += (float(w32[t, j]) * expert_mlp(layer, dense[e], x[t:t + 1])[0]) ** 2
+    for e, d in dense.items():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        y = expert_mlp(layer, d, x[tok]) * w32[tok, slot, None].to(torch.float64)
+        sq.index_add_(0, tok, y * y)
     return out, sq.sqrt()
 
 
@@ -436,20 +537,69 @@ def check_output(ex: Example, out, hidden, ids, w, out_dtype, layer, weights) ->
     if out_dtype == torch.bfloat16:
         tol = max(tol, 1e-2)  # the bf16 output rounding alone: up to 2^-8 per element (as check_close)
     if den == 0.0:
-        return "all zero"
+        return "zero (exact)"
     if not err <= tol * den:
         raise PropertyFailure(f"relative error {err / den:.3g} exceeds the {ex.backend_fmt} bound {tol:g}")
-    return f"rel {err / den:.2e}"
+    return f"compared rel {err / den:.2e}"
+
+
+def prepare_args(ex: Example, layer: ExpertLayerSpec, weights: ExpertWeights):
+    """(layer, source, experts, fmt) for prepare, with the example's prepare fault applied."""
+    fault, fmt = ex.prepare_fault, ex.backend_fmt
+    held = list(ex.held)
+    if fault is None:
+        return layer, weights, held, fmt
+    held = held or [0]  # the faults below need an expert to be asked for
+    victim = held[0]
+    experts = dict(weights.experts)
+    if fault == "duplicate-id":
+        held.append(victim)
+    elif fault == "id-out-of-range":
+        held.append(ex.E if ex.seed % 2 else -1)
+    elif fault == "float-id":  # never truncated to an int behind the caller's back
+        held.append(victim + 0.5)
+    elif fault == "missing-expert":
+        del experts[victim]
+    elif fault == "unknown-format":
+        fmt = "int3_g7"
+    elif fault == "bias-missing":  # a biased layer, experts without biases
+        layer = dataclasses.replace(layer, has_bias=True)
+        experts = {e: ExpertTensors(t.gate, t.up, t.down) for e, t in experts.items()}
+    elif fault == "bias-extra":  # a bias-free layer, experts with biases
+        layer = dataclasses.replace(layer, has_bias=False)
+        z = torch.zeros
+        experts = {e: ExpertTensors(t.gate, t.up, t.down, z(ex.I), z(ex.I), z(ex.H)) for e, t in experts.items()}
+    elif fault == "gate-shape":
+        t = experts[victim]
+        experts[victim] = ExpertTensors(quantize(torch.randn(ex.I + 1, ex.H), fmt), t.up, t.down,
+                                        t.gate_bias, t.up_bias, t.down_bias)
+    else:
+        raise ValueError(fault)
+    return layer, ExpertWeights(experts), held, fmt
 
 
 def run_example(backends: dict, ex: Example) -> str:
     """Run one example on the backend; raise PropertyFailure when it breaks the contract."""
     backend = backends[ex.nan_policy]
     layer, weights = build_layer(ex)
-    prepared = backend.prepare(layer, weights, ex.held, ex.backend_fmt)
+    args = prepare_args(ex, layer, weights)
+    if ex.prepare_fault is not None:
+        error, word = PREPARE_FAULTS[ex.prepare_fault]
+        try:
+            backend.prepare(*args)
+        except Exception as exc:  # noqa: BLE001 - any exception is judged by check_error
+            check_error(exc, [Expected(error, (word,))])
+            return f"prepare-raised {type(exc).__name__}"
+        raise PropertyFailure(f"prepare raised nothing; expected {error.__name__}")
+    try:
+        prepared = (oracle() if ex.foreign else backend).prepare(*args)
+    except Exception as exc:
+        raise PropertyFailure(f"valid prepare raised {type(exc).__name__}: {exc}") from exc
     hidden, ids, w, out_dtype = build_inputs(ex)
     faults = expected_errors(layer, hidden, ids, w, out_dtype, ex.nan_policy)
-    before = [t.detach().clone() for t in (hidden, ids, w) if isinstance(t, torch.Tensor)]
+    if ex.foreign:
+        faults.append(Expected(PreparedExpertsError, ("prepared by",)))
+    before = [t.detach().clone() if isinstance(t, torch.Tensor) else None for t in (hidden, ids, w)]
     try:
         if ex.mode == "submit":
             out = backend.submit(prepared, hidden, ids, w, out_dtype=out_dtype).wait(timeout=120)
@@ -462,7 +612,7 @@ def run_example(backends: dict, ex: Example) -> str:
         return f"raised {type(exc).__name__}"
     if faults:
         raise PropertyFailure(f"no error raised; expected {[(f.error.__name__, f.words) for f in faults]}")
-    after = [t.detach() for t in (hidden, ids, w) if isinstance(t, torch.Tensor)]
+    after = [t.detach() for t in (hidden, ids, w)]  # a valid call got three dense tensors
     if not all(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
                                      and torch.equal(a.nan_to_num(0), b.nan_to_num(0)))
                for a, b in zip(before, after)):
@@ -473,12 +623,12 @@ def run_example(backends: dict, ex: Example) -> str:
 # ---- the driver ---------------------------------------------------------------------------------------
 
 def make_backends(name: str) -> dict:
-    registry = load_registry(no_plugins=True)
+    spec = load_registry(no_plugins=True).backend(name)
     inventory = load_inventory()
     backends = {}
     for policy in ("raise", "propagate"):
-        b = registry.backend(name).factory(inventory)
-        # Factories take only the inventory; nan_policy is the instance's setting that validation reads.
+        b = spec.create(inventory)
+        # create() takes no nan_policy; it is the instance's setting, read by every forward's validation.
         b.nan_policy = policy
         backends[policy] = b
     return backends
@@ -491,16 +641,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--survey", action="store_true", help="record failures and go on (no shrinking)")
     ap.add_argument("--replay", help="run one printed Example(...) and show the outcome")
+    ap.add_argument("--pinned", action="store_true", help="first run the PINNED examples, one line each")
     args = ap.parse_args(argv)
     # Tiny tensors: one intra-op thread avoids OpenMP hand-offs that cost more than the work on a busy CI
     # machine (the backends under test keep their own thread pools).
     torch.set_num_threads(1)
     backends = make_backends(args.backend)
     formats = tuple(backends["raise"].formats)
-    print(f"backend {args.backend} formats {','.join(formats)} seed {args.seed} examples {args.examples}", flush=True)
+    variant = getattr(backends["raise"], "variant", "-")
+    print(f"backend {args.backend} variant {variant} formats {','.join(formats)} seed {args.seed} "
+          f"examples {args.examples}", flush=True)
 
     if args.replay:
-        ex = eval(args.replay, {"Example": Example, "nan": nan, "inf": inf})  # noqa: S307 - our own repr
+        ex = eval(args.replay, {"Example": Example, "nan": nan, "inf": inf})  # our own repr, typed by the user
         print(f"EXAMPLE {ex!r}", flush=True)
         try:
             print("OK", run_example(backends, ex))
@@ -510,8 +663,21 @@ def main(argv=None) -> int:
             return 1
         return 0
 
-    count = [0]
+    if args.pinned:  # reported one line each; they do not change the exit status
+        for name, ex in PINNED.items():
+            if ex.backend_fmt not in formats:
+                print(f"PINNED {name} skipped: {ex.backend_fmt} not computed", flush=True)
+                continue
+            print(f"EXAMPLE pinned {ex!r}", flush=True)
+            try:
+                print(f"PINNED {name} ok {run_example(backends, ex)}", flush=True)
+            except PropertyFailure as exc:
+                print(f"PINNED {name} FAIL {exc}", flush=True)
+
+    outcomes: collections.Counter = collections.Counter()
     failures: list[tuple[Example, str]] = []
+    last_failure: list[Example] = []
+    start = time.perf_counter()
 
     @seed(args.seed)
     @settings(max_examples=args.examples, deadline=None, database=None, print_blob=False,
@@ -519,25 +685,30 @@ def main(argv=None) -> int:
               suppress_health_check=list(HealthCheck))
     @given(ex=examples(formats))
     def prop(ex):
-        count[0] += 1
-        print(f"EXAMPLE {count[0]} {ex!r}", flush=True)
+        n = sum(outcomes.values()) + 1
+        print(f"EXAMPLE {n} {ex!r}", flush=True)  # before running: a crash leaves it as the last line
         t0 = time.perf_counter()
         try:
             result = run_example(backends, ex)
         except PropertyFailure as exc:
+            outcomes["failed"] += 1
+            print(f"FAIL {exc}", flush=True)
             if args.survey:
                 failures.append((ex, str(exc)))
-                print(f"FAIL {exc}", flush=True)
                 return
+            last_failure[:] = [ex]
             raise
+        outcomes[result.split(" ")[0]] += 1
         print(f"ok {result} ({time.perf_counter() - t0:.2f} s)", flush=True)
 
     try:
         prop()
     except PropertyFailure as exc:
-        print(f"PROPERTY FAILED on {args.backend} (seed {args.seed}): {exc}", flush=True)
+        print(f"PROPERTY FAILED on {args.backend} (seed {args.seed}): {exc}\nreplay: python {__file__} "
+              f"--backend {args.backend} --replay \"{last_failure[0]!r}\"", flush=True)
         return 1
-    print(f"RAN {count[0]} examples on {args.backend}, {len(failures)} failures", flush=True)
+    print(f"RAN {sum(outcomes.values())} examples on {args.backend} in {time.perf_counter() - start:.1f} s: "
+          + " ".join(f"{k}={v}" for k, v in sorted(outcomes.items())), flush=True)
     for ex, why in failures:
         print(f"FAILURE {why}\n  {ex!r}")
     return 1 if failures else 0
