@@ -29,6 +29,10 @@ class DeviceError(DTypeError):
     """A tensor lives on another device than the backend computing it (a DTypeError for older callers)."""
 
 
+class PreparedExpertsError(MoetierError, TypeError):
+    """A forward got experts that this backend did not prepare (another backend's, or not PreparedExperts)."""
+
+
 class ExpertIdError(MoetierError, IndexError):
     """An expert id lies outside [0, num_experts)."""
 

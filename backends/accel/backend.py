@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from moetier.errors import BackendUnavailable, ShapeError
+from moetier.errors import BackendUnavailable, PreparedExpertsError, ShapeError
 from moetier.experts import EventPending, ExpertBackend, ForwardInputs, Pending, PreparedExperts, device_module
 from moetier.formats import FORMATS
 
@@ -95,8 +95,8 @@ class AccelBackend(ExpertBackend):
         from .decode import DecodeRunner
 
         if not isinstance(prepared, PreparedExperts) or prepared.backend != self.name:
-            raise TypeError(f"backend {self.name} got experts prepared by "
-                            f"{getattr(prepared, 'backend', type(prepared).__name__)}")
+            raise PreparedExpertsError(f"backend {self.name} got experts prepared by "
+                                       f"{getattr(prepared, 'backend', type(prepared).__name__)}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ShapeError(f"batch_size must be a positive int, got {batch_size!r}")
         return DecodeRunner(self, prepared, batch_size, **kwargs)

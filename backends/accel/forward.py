@@ -41,9 +41,10 @@ def moe_forward(experts: DeviceExperts, hidden: torch.Tensor, topk_ids: torch.Te
     y = grouped_gemm(a, None, experts.w2, d, path, cdt, grouped_impl=grouped_impl).to(torch.float32)  # [N, H]
     if experts.b2 is not None:
         y = y + experts.b2.index_select(0, d.sorted_slots)
-    # Pairs no held expert serves carry unspecified rows: select zeros there (0 * NaN would be NaN).
-    held = (d.sorted_slots < experts.held).unsqueeze(1)
-    y = torch.where(held, y, torch.zeros((), dtype=y.dtype, device=y.device))
     # Back to (token, j) order, then a fixed-order sum over j: deterministic, unlike index_add_ on a GPU.
-    y_pairs = torch.empty_like(y).index_copy_(0, d.order, y)
-    return (y_pairs.view(T, d.k, H) * topk_weights.to(torch.float32).unsqueeze(2)).sum(dim=1)
+    y_pairs = torch.empty_like(y).index_copy_(0, d.order, y).view(T, d.k, H)
+    contrib = y_pairs * topk_weights.to(torch.float32).unsqueeze(2)
+    # Pairs no held expert serves contribute exactly nothing, whatever their row (unspecified) or their
+    # weight (even NaN) holds: select zeros there, after the product (0 * NaN would be NaN).
+    held = (d.slots < experts.held).view(T, d.k, 1)
+    return torch.where(held, contrib, torch.zeros((), dtype=contrib.dtype, device=contrib.device)).sum(dim=1)

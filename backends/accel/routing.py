@@ -13,13 +13,14 @@ from .layout import DeviceExperts
 class Dispatch:
     """The N = T*k (token, slot) pairs in expert-sorted order.
 
-    order[i]: the pair (t*k + j) at sorted position i; tokens[i] = order[i] // k; sorted_slots[i]: its
+    slots[p]: the slot of pair p = t*k + j (`held` = not held here); order[i]: the pair at sorted position i; tokens[i] = order[i] // k; sorted_slots[i]: its
     slot (`held` = not held here, sorted last); counts[s]: pairs of slot s (counts[held]: not held);
     ends[s]: end of slot s's segment in sorted order (int64; cumulative counts).
     """
 
     k: int
     held: int
+    slots: torch.Tensor
     order: torch.Tensor
     tokens: torch.Tensor
     sorted_slots: torch.Tensor
@@ -44,4 +45,4 @@ def dispatch(experts: DeviceExperts, topk_ids: torch.Tensor) -> Dispatch:
     counts = torch.zeros(experts.held + 1, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(0, slots, torch.ones_like(slots))
     ends = torch.cumsum(counts[:experts.held], 0)
-    return Dispatch(k, experts.held, order, torch.div(order, k, rounding_mode="floor"), sorted_slots, counts, ends)
+    return Dispatch(k, experts.held, slots, order, torch.div(order, k, rounding_mode="floor"), sorted_slots, counts, ends)
