@@ -29,13 +29,13 @@ def register(sub) -> None:
     q.set_defaults(func=_cmd_tiny)
 
     q = zsub.add_parser("show", help="the MoE layout moetier reads from a checkpoint directory")
-    q.add_argument("path", help="checkpoint directory (with config.json) or a config.json")
+    q.add_argument("path", help="checkpoint directory (with config.json), a config.json, or a .gguf file")
     q.add_argument("--verify", action="store_true", help="also check every MoE tensor's presence and shape")
     q.add_argument("--no-plugins", action="store_true", help="load only moetier's own plugins")
     q.set_defaults(func=_cmd_show)
 
     q = zsub.add_parser("run", help="run every MoE layer of a checkpoint on a backend, checked against float64")
-    q.add_argument("path", help="checkpoint directory (with config.json)")
+    q.add_argument("path", help="checkpoint directory (with config.json) or a .gguf file")
     q.add_argument("--backend", help="backend to run on (default: the one chosen for the CPU)")
     q.add_argument("--format", help="weight format to compute in (default: the checkpoint's, if the backend has it)")
     q.add_argument("--tokens", type=int, default=16, help="random tokens per layer (default 16)")
@@ -94,7 +94,13 @@ def _cmd_tiny(args) -> int:
 
 
 def _cmd_show(args) -> int:
+    from .checkpoint.gguf import is_gguf
     from .family import load_layout
+
+    if is_gguf(args.path):
+        from .gguf_model import show_gguf
+        print(json.dumps(show_gguf(args.path, _registry(args), verify=args.verify), indent=2))
+        return 0
 
     layout = load_layout(args.path, _registry(args))
     out = layout.summary()
@@ -124,8 +130,10 @@ def _cmd_run(args) -> int:
     if backend is None:
         print(f"moetier zoo run: error: backend {name}: {why}", file=sys.stderr)
         return 2
-    results = run_checkpoint(args.path, backend, tokens=args.tokens, fmt=args.format, seed=args.seed,
-                             registry=registry)
+    from .checkpoint.gguf import is_gguf
+    from .gguf_model import run_gguf
+    run = run_gguf if is_gguf(args.path) else run_checkpoint
+    results = run(args.path, backend, tokens=args.tokens, fmt=args.format, seed=args.seed, registry=registry)
     table = Table(title=f"{args.path} on {name}, {args.tokens} tokens per layer", title_justify="left")
     for col in ("layer", "experts", "format", "prepare s", "forward ms", "rel. error vs float64", "bound"):
         table.add_column(col, justify="right")
