@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, convert_to, track
+from .checkpoint.matrices import check_fused_mxfp4, fused_is_mxfp4, read_fused_mxfp4
 from .errors import CheckpointError, ExpertIdError
 from .experts import ExpertBackend, ExpertTensors, PreparedExperts
 from .formats import QuantizedTensor, WeightFormat, get_format
@@ -30,7 +31,10 @@ def check_fused(ckpt: Checkpoint, layer: MoELayerLayout) -> int:
     E, H, I = layer.experts.num_experts, layer.experts.hidden_size, layer.experts.intermediate_size
     names, i = layer.names, layer.index
     gu, dn = names.fused_names(i)
-    if names.fused_style == "interleaved_in_out":
+    if names.fused_style == "interleaved_in_out" and fused_is_mxfp4(ckpt, gu):  # [out, in] rows, as shipped
+        check_fused_mxfp4(ckpt, gu, (E, 2 * I, H))
+        check_fused_mxfp4(ckpt, dn, (E, H, I))
+    elif names.fused_style == "interleaved_in_out":
         ckpt.check(gu, shape=(E, H, 2 * I))
         ckpt.check(dn, shape=(E, I, H))
     else:
@@ -77,7 +81,11 @@ class CheckpointExperts:
             raise ExpertIdError(f"layer {i}: expert id {expert_id} out of range [0, {spec.num_experts})")
         H, I = spec.hidden_size, spec.intermediate_size
         next(self._ticks, None)
-        if self.fused and names.fused_style == "interleaved_in_out":
+        if self.fused and names.fused_style == "interleaved_in_out" and fused_is_mxfp4(self.ckpt, names.fused_names(i)[0]):
+            gu, dn = names.fused_names(i)  # gpt-oss MXFP4: gate/up are the even/odd rows of gate_up
+            gate, up = (read_fused_mxfp4(self.ckpt, gu, expert_id, slice(k, None, 2), to=self.to) for k in (0, 1))
+            down = read_fused_mxfp4(self.ckpt, dn, expert_id, to=self.to)
+        elif self.fused and names.fused_style == "interleaved_in_out":
             gu, dn = names.fused_names(i)
             t = self.ckpt.read_slice(gu, (expert_id,))  # [H, 2I], x @ W: gate/up in even/odd columns
             d = self.ckpt.read_slice(dn, (expert_id,))  # [I, H]

@@ -70,6 +70,13 @@ def files(tmp_path_factory):
     return get
 
 
+def test_metadata_keys_are_the_gguf_packages():
+    from moetier.checkpoint.gguf import KEYS_READ
+
+    spelled = {v for k, v in vars(gguf.Keys.LLM).items() if k.isupper() and isinstance(v, str)}
+    assert {"{arch}." + k for k in KEYS_READ} <= spelled
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_from_metadata(files, case):
     model, (family, version), router, shared, dense, moe = CASES[case]
@@ -262,3 +269,42 @@ def test_run_gguf_checks_every_layer(files):
     results = run_gguf(files("deepseek2-v3").path, NumbaBackend(num_threads=2), tokens=12)
     assert [r.layer for r in results] == [1, 2]
     assert all(r.ok and r.fmt == "q6_k" and r.experts == 8 for r in results), results
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "moetier")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_show_and_run_a_gguf_file(files, tmp_path):
+    import json
+
+    w = files("qwen2moe")
+    r = _cli("zoo", "show", w.path, "--verify")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["family"] == "qwen" and out["gguf_architecture"] == "qwen2moe" and out["verified_matrices"] == 6
+    assert out["quantization"] == "gguf q5_k/q5_k/q5_k (2 layers) (gate/up/down)" and out["shared"] == "512 gated"
+    pytest.importorskip("numba")
+    r = _cli("zoo", "run", w.path, "--backend", "cpu.numba", "--tokens", "5")
+    assert r.returncode == 0 and "OK: 2 MoE layers match the float64 reference" in r.stdout, r.stdout + r.stderr
+    # a layer stored in two formats: refused with one line naming it, then computed when a format is given
+    mixed = write(tmp_path / "mixed.gguf", Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("q4_k", "q4_k", "q6_k")))
+    r = _cli("zoo", "run", mixed.path, "--backend", "cpu.numba")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "layer 0 stores its experts as gate Q4_K, up Q4_K, down Q6_K" in r.stderr
+
+
+def test_cli_refuses_a_backend_without_the_format_and_unmapped_files(files, tmp_path):
+    w = files("qwen3moe")
+    r = _cli("zoo", "run", w.path, "--backend", "cpu.avx2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    # either the variant cannot run here, or it runs and refuses q4_k: never a silent conversion
+    assert "does not compute q4_k" in r.stderr or "backend cpu.avx2:" in r.stderr, r.stderr
+    other = write(tmp_path / "llama.gguf", Model("llama", "Llama", 1, 64, 64, 4, 2, ("q8_0",) * 3))
+    r = _cli("zoo", "show", other.path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "architecture 'llama' is not mapped" in r.stderr

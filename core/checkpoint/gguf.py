@@ -69,9 +69,10 @@ def _names():
     """llama.cpp's tensor names for the MoE parts, from the gguf package's own table."""
     g = gguf_package()
     T, N = g.MODEL_TENSOR, g.TENSOR_NAMES
+    gate_up = getattr(T, "FFN_GATE_UP_EXP", None)  # newer gguf only (Qwen3.5's fused experts)
     return {
         "gate": N[T.FFN_GATE_EXP] + ".weight", "up": N[T.FFN_UP_EXP] + ".weight",
-        "down": N[T.FFN_DOWN_EXP] + ".weight", "gate_up": N[T.FFN_GATE_UP_EXP] + ".weight",
+        "down": N[T.FFN_DOWN_EXP] + ".weight", "gate_up": N.get(gate_up, "blk.{bid}.ffn_gate_up_exps") + ".weight",
         "router": N[T.FFN_GATE_INP] + ".weight", "router_bias": N[T.FFN_GATE_INP] + ".bias",
         "selection_bias": N[T.FFN_EXP_PROBS_B] + ".bias",
         "shared_gate": N[T.FFN_GATE_SHEXP] + ".weight", "shared_up": N[T.FFN_UP_SHEXP] + ".weight",
@@ -81,12 +82,30 @@ def _names():
 
 # ---- metadata -> HF-style config ---------------------------------------------------------------------
 
+# The `<arch>.` keys read below (gguf.Keys.LLM spells each as "{arch}.<key>"; a test holds them equal).
+KEYS_READ = ("block_count", "embedding_length", "feed_forward_length", "expert_count", "expert_used_count",
+             "expert_feed_forward_length", "expert_shared_feed_forward_length", "expert_shared_count",
+             "leading_dense_block_count", "expert_weights_scale", "expert_weights_norm", "expert_gating_func",
+             "expert_group_count", "expert_group_used_count", "nextn_predict_layers")
+
+def _f32(v) -> float:
+    """A float32 metadata value as the shortest decimal that is the same float32 (2.827, not 2.8269999...),
+    as the config.json it was converted from said."""
+    return float(np.format_float_positional(np.float32(v), unique=True))
+
+
 def _qwen(f: GGUFFile, kind: str) -> dict:
     cfg = {"model_type": kind, "architectures": ["Qwen3MoeForCausalLM" if kind == "qwen3_moe" else "Qwen2MoeForCausalLM"],
            "num_experts": f.llm("expert_count"), "num_experts_per_tok": f.llm("expert_used_count"),
            "moe_intermediate_size": f.llm("expert_feed_forward_length"),
            # llama.cpp renormalizes Qwen3-MoE's top-k weights and not Qwen2-MoE's unless the key says so
            "norm_topk_prob": bool(f.llm("expert_weights_norm", kind == "qwen3_moe"))}
+    # No metadata key says which blocks are dense (Qwen's mlp_only_layers): the blocks without a router are.
+    n_layers = int(f.llm("block_count")) - int(f.llm("nextn_predict_layers", 0))
+    router = _names()["router"]
+    dense = [i for i in range(n_layers) if not f.has(router.format(bid=i))]
+    if dense:
+        cfg["mlp_only_layers"] = dense
     if kind == "qwen2_moe":
         shared = f.llm("expert_shared_feed_forward_length", None)
         if shared is None and f.has(_names()["shared_gate"].format(bid=f.first_moe_block())):
@@ -102,7 +121,7 @@ def _deepseek2(f: GGUFFile) -> dict:
            "moe_intermediate_size": f.llm("expert_feed_forward_length"),
            "n_shared_experts": f.llm("expert_shared_count", 0),
            "first_k_dense_replace": f.llm("leading_dense_block_count", 0),
-           "routed_scaling_factor": float(f.llm("expert_weights_scale", 1.0)),
+           "routed_scaling_factor": _f32(f.llm("expert_weights_scale", 1.0)),
            "norm_topk_prob": bool(f.llm("expert_weights_norm", False)),
            "n_group": n_group, "topk_group": f.llm("expert_group_used_count", 1), "scoring_func": gating}
     if gating == "softmax":  # DeepSeek-V2 / V2-Lite
@@ -121,7 +140,7 @@ def _glm4moe(f: GGUFFile) -> dict:
             "moe_intermediate_size": f.llm("expert_feed_forward_length"),
             "n_shared_experts": f.llm("expert_shared_count", 0),
             "first_k_dense_replace": f.llm("leading_dense_block_count", 0),
-            "routed_scaling_factor": float(f.llm("expert_weights_scale", 1.0)),
+            "routed_scaling_factor": _f32(f.llm("expert_weights_scale", 1.0)),
             "norm_topk_prob": bool(f.llm("expert_weights_norm", True)),
             "n_group": f.llm("expert_group_count", 1), "topk_group": f.llm("expert_group_used_count", 1),
             "scoring_func": f.gating("sigmoid"), "topk_method": "noaux_tc"}
@@ -132,7 +151,7 @@ def _minimax_m2(f: GGUFFile) -> dict:
             "num_local_experts": f.llm("expert_count"), "num_experts_per_tok": f.llm("expert_used_count"),
             "intermediate_size": f.llm("expert_feed_forward_length"), "scoring_func": f.gating("sigmoid"),
             "use_routing_bias": f.has(_names()["selection_bias"].format(bid=f.first_moe_block())),
-            "routed_scaling_factor": float(f.llm("expert_weights_scale", 1.0))}
+            "routed_scaling_factor": _f32(f.llm("expert_weights_scale", 1.0))}
 
 
 # general.architecture -> (config builder, the zoo family its config lands in, for docs and errors)
@@ -211,6 +230,7 @@ class GGUFFile:
 
     def llm(self, key: str, default=LookupError):
         """`<arch>.<key>` (gguf.Keys.LLM names, e.g. "expert_count")."""
+        assert key in KEYS_READ, key
         return self.meta(f"{self.arch}.{key}", default)
 
     def gating(self, default: str) -> str:

@@ -117,3 +117,76 @@ def write(path, m: Model, seed: int = 0, split_max_tensors: int = 0) -> Written:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+# ---- a tiny HF checkpoint as llama.cpp's convert_hf_to_gguf.py would write its MoE part -------------------
+
+HF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
+           "kimi_k2": "deepseek2", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2"}
+
+
+def from_hf(ckpt_dir, layout, out_path, expert_type: str = "f32") -> str:
+    """Write the MoE tensors of a safetensors checkpoint (and the metadata convert_hf_to_gguf.py derives from
+    its config.json) as a GGUF file: routers, selection biases and shared experts F32, routed experts
+    stacked [E, out, in] in `expert_type`. Non-MoE tensors are left out (moetier does not read them)."""
+    from moetier.checkpoint import Checkpoint
+
+    with Checkpoint(ckpt_dir) as ckpt:
+        c = ckpt.config
+        arch = HF_ARCH[c["model_type"]]
+        L = c["num_hidden_layers"]
+        nextn = c.get("num_nextn_predict_layers") or 0
+        first = layout.moe_layers[0]
+        E, k = first.experts.num_experts, first.experts.top_k
+        w = gguf.GGUFWriter(str(out_path), arch)
+        w.add_name(c["_name_or_path"])
+        w.add_block_count(L + (nextn if arch == "glm4moe" else 0))
+        w.add_embedding_length(c["hidden_size"])
+        w.add_feed_forward_length(c["intermediate_size"])
+        w.add_expert_count(E)
+        w.add_expert_used_count(k)
+        w.add_expert_feed_forward_length(first.experts.intermediate_size)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
+        if arch in ("deepseek2", "glm4moe"):
+            sigmoid = c["model_type"] != "deepseek_v2"
+            w.add_leading_dense_block_count(c["first_k_dense_replace"])
+            w.add_expert_shared_count(c.get("n_shared_experts") or 0)
+            w.add_expert_weights_scale(float(c.get("routed_scaling_factor") or 1.0))
+            w.add_expert_weights_norm(bool(c.get("norm_topk_prob")))
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+            if sigmoid or c.get("topk_method") == "group_limited_greedy":
+                w.add_expert_group_count(c.get("n_group") or 1)
+                w.add_expert_group_used_count(c.get("topk_group") or 1)
+        if arch == "glm4moe" and nextn:
+            w.add_nextn_predict_layers(nextn)
+        if arch == "minimax-m2":
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+        def f32(name):
+            return ckpt.read(name).to(torch.float32).numpy()
+
+        def mat(base):
+            return ckpt.read_matrix(base, to=torch.float32).data
+
+        mtp = [(layout.num_hidden_layers + j, first) for j in range(nextn if arch == "glm4moe" else 0)]
+        for i, m in [(m.index, m) for m in layout.moe_layers] + mtp:
+            n = m.names
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", f32(n.router_module(i) + ".weight"))
+            if m.router.selection_bias:
+                w.add_tensor(f"blk.{i}.exp_probs_b.bias", f32(n.selection_bias_name(i)))
+            for which in ("gate", "up", "down"):
+                stack = torch.stack([mat(n.expert_module(i, e, which)) for e in range(E)])
+                arr = _stored(stack, expert_type)
+                w.add_tensor(f"blk.{i}.ffn_{which}_exps.weight", arr,
+                             raw_dtype=TYPES[expert_type] if arr.dtype == np.uint8 else None)
+            if m.shared is not None:
+                for which in ("gate", "up", "down"):
+                    w.add_tensor(f"blk.{i}.ffn_{which}_shexp.weight", mat(n.shared_module(i, which)).numpy())
+                if m.shared.gated:
+                    w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", f32(n.shared_gate_module(i) + ".weight")[0])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return str(out_path)
