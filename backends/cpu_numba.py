@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moetier import BackendSpec, BackendUnavailable, ExpertBackend, Probe, hookimpl
+from moetier.errors import SettingError
 from moetier.formats import FORMATS, FP8_BLOCK, unpack_int4
 
 NAME = "cpu.numba"
@@ -157,10 +158,16 @@ class NumbaBackend(ExpertBackend):
         ok, why = numba_status()
         if not ok:
             raise BackendUnavailable(f"{NAME}: numba not importable: {why}")
+        self.threads = None
+        if num_threads is not None:
+            self.set_threads(num_threads)
+
+    def set_threads(self, threads: int) -> None:
         import numba
-        if num_threads is not None and not 1 <= num_threads <= numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(f"num_threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {num_threads}")
-        self.num_threads = num_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise SettingError(f"{NAME}: threads must be an integer in [1, {numba.config.NUMBA_NUM_THREADS}], "
+                               f"got {threads!r}")
+        self.threads = threads
 
     def pack(self, layer, fmt, experts):
         if not experts:
@@ -213,7 +220,7 @@ class NumbaBackend(ExpertBackend):
         layer, pl = prepared.layer, prepared.payload
         H, I = layer.hidden_size, layer.intermediate_size
         # Thread-local in numba: set on every call, since another backend may have changed it on this thread.
-        numba.set_num_threads(self.num_threads or numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(self.threads or numba.config.NUMBA_NUM_THREADS)
         offsets, pair_tok, pair_w, active = k.group_pairs(ids, w, pl.slot_of)
         if active.shape[0] == 0:
             return

@@ -49,5 +49,9 @@ class BudgetError(MoetierError, ValueError):
     """A placement cannot fit in the memory budget given."""
 
 
+class SettingError(MoetierError):
+    """A setting the user made (an option or an environment variable) cannot be honoured: never ignored."""
+
+
 class KernelVariantError(MoetierError):
     """A compiled kernel variant was requested that this CPU cannot execute."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import DTypeError, ExpertIdError, FormatError, NonFiniteError, ShapeError
+from .errors import DTypeError, ExpertIdError, FormatError, NonFiniteError, SettingError, ShapeError
 from .formats import QuantizedTensor, WeightFormat, convert, get_format
 
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -167,6 +167,7 @@ class ExpertBackend(ABC):
 
     name: str = "?"
     formats: tuple[str, ...] = ()
+    threads: int | None = None  # CPU threads it computes on (None: not configurable)
 
     def __init__(self, nan_policy: str = "raise"):
         if nan_policy not in NAN_POLICIES:
@@ -183,6 +184,11 @@ class ExpertBackend(ABC):
     @abstractmethod
     def compute(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
         """Return out [T, H] in inputs.out_dtype for validated inputs. Must be safe to call from two threads."""
+
+    def set_threads(self, threads: int) -> None:
+        """Compute on `threads` CPU threads from now on; prepared experts stay valid. A backend that has
+        no thread count of its own refuses, rather than ignoring the setting."""
+        raise SettingError(f"backend {self.name} does not take a thread count")
 
     # ---- the contract ---------------------------------------------------------------------------
     def prepare(self, layer: ExpertLayerSpec, weights: ExpertSource, experts: Iterable[int],

@@ -30,11 +30,7 @@ def match(config: Mapping) -> str | None:
     return None
 
 
-def layout(config: Mapping):
-    version = match(config)
-    if version is None:
-        raise LayoutError(f"not a DeepSeek config (model_type {config.get('model_type')!r}, "
-                          f"architectures {config.get('architectures')!r})")
+def layout(config: Mapping, version: str):
     router = "v2" if version.startswith("DeepSeek-V2") else "v3"
     return deepseek_like_layout(config, family=NAME, version=version, router=router)
 

@@ -31,11 +31,7 @@ def match(config: Mapping) -> str | None:
     return None
 
 
-def layout(config: Mapping):
-    version = match(config)
-    if version is None:
-        raise LayoutError(f"not a GLM MoE config (model_type {config.get('model_type')!r}, "
-                          f"architectures {config.get('architectures')!r})")
+def layout(config: Mapping, version: str):
     return deepseek_like_layout(config, family=NAME, version=version, router="v3")
 
 

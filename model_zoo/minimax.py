@@ -13,8 +13,8 @@ import moetier
 from moetier.errors import LayoutError
 from moetier.experts import ExpertLayerSpec
 from moetier.family import ModelFamily
-from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, TensorNames, get_int, get_key,
-                            quantization_from_config, require_choice)
+from moetier.hf_config import get_int, get_key, quantization_from_config, require_choice
+from moetier.layout import MoELayerLayout, MoELayout, RouterSpec, TensorNames
 
 from ._deepseek_like import config_dict, version_from_name
 from .tiny import TinySpec, tiny_writer
@@ -34,11 +34,7 @@ def match(config: Mapping) -> str | None:
     return None
 
 
-def layout(config: Mapping) -> MoELayout:
-    version = match(config)
-    if version is None:
-        raise LayoutError(f"not a MiniMax config (model_type {config.get('model_type')!r}, "
-                          f"architectures {config.get('architectures')!r})")
+def layout(config: Mapping, version: str) -> MoELayout:
     if get_key(config, "hidden_act", default="silu") != "silu":
         raise LayoutError(f"config key 'hidden_act' = {config['hidden_act']!r} is not implemented; only 'silu'")
     if get_int(config, "shared_intermediate_size", default=0):

@@ -15,8 +15,8 @@ import moetier
 from moetier.errors import LayoutError
 from moetier.experts import ExpertLayerSpec
 from moetier.family import ModelFamily
-from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, SharedExpertSpec, SkippedLayer, TensorNames,
-                            get_int, get_key, quantization_from_config, require_choice, text_config)
+from moetier.hf_config import get_int, get_key, quantization_from_config, require_choice, text_config
+from moetier.layout import MoELayerLayout, MoELayout, RouterSpec, SharedExpertSpec, SkippedLayer, TensorNames
 
 from ._deepseek_like import config_dict, version_from_name
 from .tiny import TinySpec, tiny_writer
@@ -51,7 +51,7 @@ def match(config: Mapping) -> str | None:
     return version_from_name(config, group, group[0])
 
 
-def layout(config: Mapping) -> MoELayout:
+def layout(config: Mapping, version: str) -> MoELayout:
     kind = _kind(config)
     if kind is None:
         raise LayoutError(f"not a Qwen MoE config (model_type {config.get('model_type')!r}, "
@@ -84,7 +84,7 @@ def layout(config: Mapping) -> MoELayout:
     shared = SharedExpertSpec(shared_size, gated=True) if shared_size else None
     moe = tuple(MoELayerLayout(i, spec, router, names, shared) for i in range(L) if flags[i])
     n_mtp = get_int(tc, "mtp_num_hidden_layers", default=0)
-    return MoELayout(family=NAME, version=match(config), num_hidden_layers=L, hidden_size=H, moe_layers=moe,
+    return MoELayout(family=NAME, version=version, num_hidden_layers=L, hidden_size=H, moe_layers=moe,
                      dense_layers=tuple(i for i in range(L) if not flags[i]),
                      dense_intermediate_size=get_int(tc, "intermediate_size", default=None),
                      skipped=(SkippedLayer("mtp.", "MTP"),) if n_mtp else (),
@@ -140,12 +140,12 @@ def tiny_spec(version: str) -> TinySpec:
                   "_name_or_path": f"tiny-random/{version}", "text_config": tdict, "vision_config": vision,
                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
         return TinySpec(version, config, lambda: tf.Qwen3_5MoeForCausalLM(text),
-                        rename=(("model.", "model.language_model."),), mtp=_mtp(layout(config), 128),
+                        rename=(("model.", "model.language_model."),), mtp=_mtp(layout(config, version), 128),
                         notes="text tower only: the vision tower's tensors are not written",
                         extra={"hf_class": "Qwen3_5MoeForConditionalGeneration"})
     extra = {"mtp_num_hidden_layers": 1} if kind == "qwen3_next" else {}
     config = config_dict(cfg, version=version, architectures=[_ARCH[kind]], **extra)
-    mtp = _mtp(layout(config), 128) if extra else ()
+    mtp = _mtp(layout(config, version), 128) if extra else ()
     return TinySpec(version, config, lambda: cls(cfg), mtp=mtp, extra={"hf_class": cls.__name__})
 
 

@@ -68,7 +68,7 @@ class TinySpec:
     extra: dict = field(default_factory=dict)
 
 
-def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: str, *, quant: str | None = "default",
+def write_tiny(spec: TinySpec, layout_fn: Callable[[dict, str], MoELayout], out_dir: str, *, quant: str | None = "default",
                seed: int = 0, shards: int = 2) -> MoELayout:
     """Write spec's checkpoint to out_dir (config.json + safetensors shards + index); return its layout.
     quant: "fp8", "int4", None (unquantized) or "default" (what the version ships: spec.default_quant)."""
@@ -82,7 +82,7 @@ def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: 
         config["quantization_config"] = fp8_quantization_config()
     elif quant == "int4":
         target["quantization_config"] = int4_quantization_config(32)
-    layout = layout_fn(config)
+    layout = layout_fn(config, spec.version)
     gen = torch.Generator().manual_seed(seed)
 
     torch.manual_seed(seed)
@@ -112,7 +112,7 @@ def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: 
 
 
 
-def tiny_writer(tiny_spec: Callable[[str], TinySpec], layout_fn: Callable[[dict], MoELayout]) -> Callable[..., MoELayout]:
+def tiny_writer(tiny_spec: Callable[[str], TinySpec], layout_fn: Callable[[dict, str], MoELayout]) -> Callable[..., MoELayout]:
     """A family's `ModelFamily.tiny`: write_tiny over the family's per-version TinySpec and layout."""
     def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0) -> MoELayout:
         return write_tiny(tiny_spec(version), layout_fn, out_dir, quant=quant, seed=seed)

@@ -13,11 +13,13 @@ gguf = pytest.importorskip("gguf")
 from moetier.checkpoint.gguf import GGUFExperts, GGUFFile, is_gguf  # noqa: E402
 from moetier.errors import CheckpointError, FormatError, LayoutError  # noqa: E402
 from moetier.formats import dequantize  # noqa: E402
-from moetier.gguf_model import gguf_block, run_gguf, show_gguf  # noqa: E402
+from moetier.runtime.gguf_model import gguf_block, run_gguf, show_gguf  # noqa: E402
 from moetier.reference import ReferenceBackend  # noqa: E402
-from moetier.routing import route  # noqa: E402
+from moetier.plugins import load_registry  # noqa: E402
+from moetier.runtime.routing import route  # noqa: E402
 
-from zoo.gguf_files import Model, write  # noqa: E402
+from cli_helpers import assert_usage_error, moetier  # noqa: E402
+from zoo.gguf_files import Model, runnable_native, write  # noqa: E402
 
 SIGMOID = gguf.ExpertGatingFuncType.SIGMOID
 SOFTMAX = gguf.ExpertGatingFuncType.SOFTMAX
@@ -121,7 +123,7 @@ def test_expert_bytes_are_the_files_and_dequantize_like_gguf(files):
 
 def reference_layer(path: str, model: Model, layer, hidden: torch.Tensor):
     """float64 MoE layer from the file through gguf's reader and dequantizer only (no moetier reading),
-    routed by moetier.routing (checked against transformers elsewhere) on the router read here."""
+    routed by moetier.runtime.routing (checked against transformers elsewhere) on the router read here."""
     r = gguf.GGUFReader(path)
     t = {x.name: x for x in r.tensors}
     i = layer.index
@@ -209,27 +211,15 @@ def test_types_without_a_moetier_format_are_refused_or_converted_on_request(tmp_
 
 
 def test_a_backend_without_the_files_format_is_refused(files):
-    from moetier.conformance.runner import instantiate
-    from moetier.hardware import load_inventory
-    from moetier.plugins import load_registry
-
-    reg, inv = load_registry(no_plugins=True), load_inventory()
-    native = None
-    for name in ("cpu.avx2", "cpu.avx512", "cpu.amx"):
-        native, _ = instantiate(name, reg, inv)
-        if native is not None:
-            break
-    if native is None:
-        pytest.skip("no native kernel variant runs on this CPU")
+    native = runnable_native(load_registry(no_plugins=True))
     assert not {"q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"} & set(native.formats)
     w = files("qwen3moe")
     with GGUFFile(w.path) as gf:
         layout = gf.layout()
         with pytest.raises(FormatError, match=f"backend {native.name} does not compute q4_k"):
             gguf_block(gf, layout, 0, native)
-        from moetier.gguf_model import GGUFExperts as Src
         with pytest.raises(FormatError, match=f"backend {native.name} does not compute format q4_k"):
-            native.prepare(layout.layer(0).experts, Src(gf, layout.layer(0)), [0], "q4_k")
+            native.prepare(layout.layer(0).experts, GGUFExperts(gf, layout.layer(0)), [0], "q4_k")
 
 
 def test_split_files_read_as_one_model(tmp_path):
@@ -271,40 +261,29 @@ def test_run_gguf_checks_every_layer(files):
     assert all(r.ok and r.fmt == "q6_k" and r.experts == 8 for r in results), results
 
 
-def _cli(*args):
-    import os
-    import subprocess
-    import sys
-
-    exe = os.path.join(os.path.dirname(sys.executable), "moetier")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
-
-
 def test_cli_show_and_run_a_gguf_file(files, tmp_path):
     import json
 
     w = files("qwen2moe")
-    r = _cli("zoo", "show", w.path, "--verify")
+    r = moetier("zoo", "show", w.path, "--verify", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["family"] == "qwen" and out["gguf_architecture"] == "qwen2moe" and out["verified_matrices"] == 6
     assert out["quantization"] == "gguf q5_k/q5_k/q5_k (2 layers) (gate/up/down)" and out["shared"] == "512 gated"
     pytest.importorskip("numba")
-    r = _cli("zoo", "run", w.path, "--backend", "cpu.numba", "--tokens", "5")
+    r = moetier("zoo", "run", w.path, "--backend", "cpu.numba", "--tokens", "5")
     assert r.returncode == 0 and "OK: 2 MoE layers match the float64 reference" in r.stdout, r.stdout + r.stderr
     # a layer stored in two formats: refused with one line naming it, then computed when a format is given
     mixed = write(tmp_path / "mixed.gguf", Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("q4_k", "q4_k", "q6_k")))
-    r = _cli("zoo", "run", mixed.path, "--backend", "cpu.numba")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "layer 0 stores its experts as gate Q4_K, up Q4_K, down Q6_K" in r.stderr
+    r = moetier("zoo", "run", mixed.path, "--backend", "cpu.numba")
+    assert_usage_error(r, "layer 0 stores its experts as gate Q4_K, up Q4_K, down Q6_K")
 
 
 def test_cli_refuses_a_backend_without_the_format_and_unmapped_files(files, tmp_path):
     w = files("qwen3moe")
-    r = _cli("zoo", "run", w.path, "--backend", "cpu.avx2")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = moetier("zoo", "run", w.path, "--backend", "cpu.avx2")
     # either the variant cannot run here, or it runs and refuses q4_k: never a silent conversion
-    assert "does not compute q4_k" in r.stderr or "backend cpu.avx2:" in r.stderr, r.stderr
+    assert_usage_error(r)
+    assert "does not compute q4_k" in r.stderr or "cannot run here" in r.stderr, r.stderr
     other = write(tmp_path / "llama.gguf", Model("llama", "Llama", 1, 64, 64, 4, 2, ("q8_0",) * 3))
-    r = _cli("zoo", "show", other.path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "architecture 'llama' is not mapped" in r.stderr
+    assert_usage_error(moetier("zoo", "show", other.path), "architecture 'llama' is not mapped")

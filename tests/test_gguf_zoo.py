@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 
 from moetier.checkpoint import Checkpoint  # noqa: E402
 from moetier.checkpoint.gguf import GGUFFile  # noqa: E402
-from moetier.gguf_model import gguf_block  # noqa: E402
-from moetier.moe_block import MoEBlock  # noqa: E402
+from moetier.runtime.gguf_model import gguf_block  # noqa: E402
+from moetier.runtime.moe_block import MoEBlock  # noqa: E402
 from moetier.reference import oracle  # noqa: E402
 from zoo.fixtures import tiny_checkpoint  # noqa: E402, F401  (session fixture)
 from zoo.gguf_files import from_hf  # noqa: E402

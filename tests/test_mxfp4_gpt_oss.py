@@ -15,9 +15,11 @@ pytest.importorskip("transformers")
 
 from moetier.checkpoint import Checkpoint  # noqa: E402
 from moetier.errors import FormatError  # noqa: E402
-from moetier.moe_block import CheckpointExperts, MoEBlock, verify_checkpoint  # noqa: E402
+from moetier.checkpoint.experts import CheckpointExperts, verify_checkpoint  # noqa: E402
 from moetier.plugins import load_registry  # noqa: E402
-from moetier.zoo_run import run_checkpoint  # noqa: E402
+from moetier.runtime.layer_check import run_checkpoint  # noqa: E402
+from moetier.runtime.moe_block import MoEBlock  # noqa: E402
+from zoo.gguf_files import runnable_native  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "moetier-gpt-oss"
 
@@ -41,7 +43,8 @@ def test_shipped_layout_is_read_as_mxfp4_bytes(gpt_oss):
     assert cfg["quantization_config"]["quant_method"] == "mxfp4"
     assert layout.quantization.scheme == "mxfp4" and layout.quantization.fmt == "mxfp4"
     with Checkpoint(out) as ckpt:
-        assert verify_checkpoint(ckpt, layout) == 2 * len(layout.moe_layers)
+        report = verify_checkpoint(ckpt, layout)
+        assert report.matrices == 2 * len(layout.moe_layers) and not report.differs
         m = layout.moe_layers[1]
         gu, dn = m.names.fused_names(m.index)
         blocks = ckpt.read(gu + "_blocks")  # [E, 2I, H/32, 16]
@@ -75,30 +78,20 @@ def test_transformers_reads_the_same_weights(gpt_oss):
 
 @pytest.mark.parametrize("backend_name", ["cpu.numba", "cpu.torch"])
 def test_every_layer_runs_in_mxfp4(gpt_oss, backend_name):
-    from moetier.conformance.runner import instantiate
     from moetier.hardware import load_inventory
 
     registry, out, layout = gpt_oss
     if backend_name == "cpu.numba":
         pytest.importorskip("numba")
-    backend, why = instantiate(backend_name, registry, load_inventory())
-    assert backend is not None, why
+    backend = registry.backend(backend_name).create(load_inventory())
     results = run_checkpoint(str(out), backend, tokens=20, seed=4, registry=registry)
     assert [r.layer for r in results] == list(layout.moe_layer_indices)
     assert all(r.fmt == "mxfp4" and r.ok for r in results), results
 
 
 def test_a_backend_without_mxfp4_refuses_it(gpt_oss):
-    from moetier.conformance.runner import instantiate
-    from moetier.hardware import load_inventory
-
     registry, out, layout = gpt_oss
-    for name in ("cpu.avx2", "cpu.avx512", "cpu.amx"):
-        native, _ = instantiate(name, registry, load_inventory())
-        if native is not None:
-            break
-    else:
-        pytest.skip("no native kernel variant runs on this CPU")
+    native = runnable_native(registry)
     assert "mxfp4" not in native.formats
     with Checkpoint(out) as ckpt:
         with pytest.raises(FormatError, match=f"backend {native.name} does not compute format mxfp4"):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from moetier import ExpertLayerSpec, ExpertWeights, FORMATS
+from moetier.errors import SettingError
 from moetier.reference import oracle
 
 pytest.importorskip("numba")
@@ -270,7 +271,7 @@ def test_probe_and_registration():
     assert p.score == 20 and numba.__version__ in p.reason
     spec = load_registry(no_plugins=True).backend("cpu.numba")
     assert spec.device == "cpu" and set(spec.formats) == set(FORMATS)
-    with pytest.raises(ValueError, match="num_threads"):
+    with pytest.raises(SettingError, match="threads"):
         NumbaBackend(num_threads=0)
     # the plugin's numba-free format table agrees with the kernels' kind codes
     from moetier.backends import cpu_numba, numba_kernels as k

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import mmap
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from ..experts import ExpertTensors
 from ..formats import FORMATS, QuantizedTensor, WeightFormat
 from ..ggml_blocks import BY_GGML_TYPE
 from .errors import CorruptFileError, MissingShardError, MissingTensorError, TensorShapeError
+from .experts import RouterTensors, SharedTensors
 from .matrices import convert_to
 from .progress import track
 
@@ -416,31 +416,31 @@ class GGUFExperts:
             pass
 
 
-def read_router(gf: GGUFFile, layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(router weight [E, H], selection bias [E] or None, logit bias [E] or None), fp32, as the layout says."""
+def read_router(gf: GGUFFile, layer) -> RouterTensors:
+    """The router weight [E, H], selection bias [E] and logit bias [E] where the layout uses them, fp32."""
     names, i = _names(), layer.index
     E, H = layer.experts.num_experts, layer.experts.hidden_size
     w = gf.read_float(names["router"].format(bid=i), (E, H))
     sel = gf.read_float(names["selection_bias"].format(bid=i), (E,)) if layer.router.selection_bias else None
     lb = gf.read_float(names["router_bias"].format(bid=i), (E,)) if layer.router.logit_bias else None
-    return w, sel, lb
+    return RouterTensors(w, sel, lb)
 
 
-def read_shared_tensors(gf: GGUFFile, layer) -> Mapping[str, torch.Tensor] | None:
+def read_shared(gf: GGUFFile, layer) -> SharedTensors | None:
     """The layer's shared expert in fp32: gate/up [S, H], down [H, S], gate_weight [1, H] when gated."""
     if layer.shared is None:
         return None
     names, i = _names(), layer.index
     H, S = layer.experts.hidden_size, layer.shared.intermediate_size
-    out = {"gate": gf.read_float(names["shared_gate"].format(bid=i), (S, H)),
-           "up": gf.read_float(names["shared_up"].format(bid=i), (S, H)),
-           "down": gf.read_float(names["shared_down"].format(bid=i), (H, S)), "gate_weight": None}
+    gate_weight = None
     if layer.shared.gated:
         name = names["shared_gate_inp"].format(bid=i)
         if gf.dims(name) not in ((H,), (1, H)):
             raise TensorShapeError(f"{gf.path}: tensor {name!r} has shape {list(gf.dims(name))}, expected [{H}]")
-        out["gate_weight"] = gf.read_float(name).reshape(1, H)
-    return out
+        gate_weight = gf.read_float(name).reshape(1, H)
+    return SharedTensors(gf.read_float(names["shared_gate"].format(bid=i), (S, H)),
+                         gf.read_float(names["shared_up"].format(bid=i), (S, H)),
+                         gf.read_float(names["shared_down"].format(bid=i), (H, S)), gate_weight)
 
 
 def verify_gguf(gf: GGUFFile, layout) -> int:

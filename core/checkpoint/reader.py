@@ -2,7 +2,8 @@
 
 Accepted layouts: a single `.safetensors` file; a directory with `model.safetensors.index.json`
 (its `weight_map` names the shard of every tensor); a directory with `model.safetensors`; a directory
-whose `*.safetensors` files together form the checkpoint (no index). Headers are parsed on first use
+whose `*.safetensors` files together form the checkpoint (no index); the `config.json` of any such
+directory (meaning the directory). Headers are parsed on first use
 of a shard and checked against the file size; shards are opened with safetensors' `safe_open` (mmap) and
 their handles kept in a small LRU cache until `close()`. Reading a tensor touches only its own bytes.
 """
@@ -46,6 +47,8 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike, *, max_open_files: int = 32, max_mapped_bytes: int = 64 * 2**20):
         self.path = Path(path)
+        if self.path.is_file() and self.path.name == CONFIG_FILE:
+            self.path = self.path.parent  # a model named by its config.json: the checkpoint beside it
         self._max_open = max(1, int(max_open_files))
         self._max_mapped = max(0, int(max_mapped_bytes))
         self._mapped = 0

@@ -224,13 +224,15 @@ def compare_blocks(ckpt_dir, layout, blocks, label: str) -> None:
 
     from moetier.backends.cpu_torch import TorchBackend
     from moetier.checkpoint import Checkpoint
-    from moetier.moe_block import MoEBlock, verify_checkpoint
+    from moetier.checkpoint.experts import verify_checkpoint
+    from moetier.runtime.moe_block import MoEBlock
 
     seed = random.SystemRandom().randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     backend = TorchBackend()
     with Checkpoint(str(ckpt_dir)) as ckpt:
-        assert verify_checkpoint(ckpt, layout) > 0
+        report = verify_checkpoint(ckpt, layout)
+        assert report.matrices > 0 and not report.differs, report
         for s in layout.skipped:  # MTP weights are in the checkpoint, and no MoE layer reads them
             assert ckpt.names(prefix=s.prefix), f"expected tensors under {s.prefix}"
         for layer in layout.moe_layers:
@@ -257,14 +259,14 @@ def check_router_features_matter(layer, block, x, ids, where) -> None:
     """Group limits and the selection bias must change some choices, or the test would not cover them."""
     import dataclasses
 
-    from moetier.routing import route
+    from moetier.runtime.routing import route
 
     spec = layer.router
     if spec.n_group > 1:
         flat = dataclasses.replace(spec, n_group=1, topk_group=1)
-        free_ids, _ = route(flat, x, block.router_weight, block.selection_bias)
+        free_ids, _ = route(flat, x, block.router.weight, block.router.selection_bias)
         assert not torch.equal(free_ids.sort(-1).values, ids.sort(-1).values), f"{where}: groups changed nothing"
     if spec.selection_bias:
         plain = dataclasses.replace(spec, selection_bias=False)
-        plain_ids, _ = route(plain, x, block.router_weight)
+        plain_ids, _ = route(plain, x, block.router.weight)
         assert not torch.equal(plain_ids.sort(-1).values, ids.sort(-1).values), f"{where}: bias changed nothing"

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 import moetier
 from moetier import ExpertLayerSpec, LayoutError, ModelFamily
-from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, TensorNames, get_int, get_key,
-                            quantization_from_config)
+from moetier.hf_config import get_int, get_key, quantization_from_config
+from moetier.layout import MoELayerLayout, MoELayout, RouterSpec, TensorNames
 
 NAME = "gpt_oss"
 VERSIONS = ("gpt-oss-20b", "gpt-oss-120b")
@@ -32,10 +32,7 @@ def match(config: Mapping) -> str | None:
     return "gpt-oss-20b"
 
 
-def layout(config: Mapping) -> MoELayout:
-    version = match(config)
-    if version is None:
-        raise LayoutError(f"not a gpt-oss config (model_type {config.get('model_type')!r})")
+def layout(config: Mapping, version: str) -> MoELayout:
     L, H = get_int(config, "num_hidden_layers"), get_int(config, "hidden_size")
     E = get_int(config, "num_local_experts", "num_experts")
     k = get_int(config, "num_experts_per_tok", "experts_per_token")
@@ -80,11 +77,11 @@ def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 
 
     if quant in ("default", "mxfp4"):
         write_tiny(tiny_spec(version), layout, out_dir, quant=None, seed=seed)
-        return experts_to_mxfp4(out_dir)
+        return experts_to_mxfp4(out_dir, version)
     return write_tiny(tiny_spec(version), layout, out_dir, quant=quant, seed=seed)
 
 
-def experts_to_mxfp4(ckpt_dir: str) -> MoELayout:
+def experts_to_mxfp4(ckpt_dir: str, version: str) -> MoELayout:
     """Rewrite a bf16 gpt-oss checkpoint's experts in the released MXFP4 layout (moetier's reference
     quantizer, OCP rules); returns the new layout."""
     import os
@@ -97,8 +94,7 @@ def experts_to_mxfp4(ckpt_dir: str) -> MoELayout:
     with Checkpoint(ckpt_dir) as ckpt:
         config, files = ckpt.config, ckpt.files
         tensors = {n: ckpt.read(n) for n in ckpt.names()}
-    lay = layout(config)
-    for m in lay.moe_layers:
+    for m in layout(config, version).moe_layers:
         gu, dn = m.names.fused_names(m.index)
         # on disk the bf16 upload is x @ W ([E, in, out]); the MXFP4 blocks are rows of [out, in]
         for name in (gu, dn):
@@ -108,7 +104,7 @@ def experts_to_mxfp4(ckpt_dir: str) -> MoELayout:
         os.remove(f)
     config["quantization_config"] = MXFP4_CONFIG
     write_checkpoint(ckpt_dir, tensors, config=config, max_shard_bytes=sum(t.nbytes for t in tensors.values()) // 2 + 1)
-    return layout(config)
+    return layout(config, version)
 
 
 @moetier.hookimpl

@@ -1,11 +1,12 @@
-"""`moetier bench kernels`: the command line of the kernel benchmark."""
+"""`moetier bench kernels`: the command line of the kernel benchmark (the work lives in moetier.bench)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..errors import MoetierError
-from .workload import BENCH_FORMATS, GIB, SHAPE_NAMES
+from ..bench.workload import BENCH_FORMATS, GIB, SHAPE_NAMES
+from ..errors import MoetierError, SettingError
+from .options import add_backend_options, check_writable, load_context
 
 QUICK = {"shapes": ("qwen3-30b",), "formats": ("bf16", "int4_g64"), "batches": (1, 128), "threads": (2,)}
 
@@ -37,12 +38,13 @@ def _csv(kind, choices=None):
     return parse
 
 
-def register(sub, common) -> None:
+def register(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (kernels against the machine's limits and baselines)")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     p = bsub.add_parser("kernels", help="time expert backends against bandwidth, vector peak, torch and peers",
                         description=DESCRIPTION)
-    common(p)
+    add_backend_options(p, backend_help="backend to time (repeatable, or comma-separated; default: MOETIER_BACKEND, "
+                                        "else the CPU backend `moetier doctor` chooses)")
     p.add_argument("--shapes", type=_csv("shape", SHAPE_NAMES), metavar="LIST",
                    help=f"comma-separated shapes (default: qwen3-30b,deepseek-v3; known: {', '.join(SHAPE_NAMES)})")
     p.add_argument("--formats", type=_csv("format", BENCH_FORMATS + ("fp16", "fp32")), metavar="LIST",
@@ -83,21 +85,20 @@ class _RichProgress:
 def run_cli(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..hardware import load_inventory
-    from ..plugins import load_registry
-    from . import report
-    from .kernels import BenchConfig, default_backends, run_kernel_bench
-    from .workload import l3_bytes
+    from ..bench import report
+    from ..bench.kernels import BenchConfig, run_kernel_bench
+    from ..bench.workload import l3_bytes
 
-    inventory = load_inventory(args.inventory)
-    registry = load_registry(no_plugins=args.no_plugins)
-    backends = tuple(n for item in (args.backend or ()) for n in item.split(",") if n.strip())
-    if not backends:
-        backends = default_backends(registry, inventory)
-        if not backends:
-            raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
+    for path, what in ((args.json, "JSON file"), (args.markdown, "Markdown file")):
+        if path:
+            check_writable(path, what)
     if args.max_weights_gib <= 0:
-        raise MoetierError(f"--max-weights-gib must be positive, got {args.max_weights_gib}")
+        raise SettingError(f"--max-weights-gib must be positive, got {args.max_weights_gib}")
+    ctx = load_context(args)
+    inventory, registry = ctx.inventory, ctx.registry
+    backends = ctx.requested or tuple(n for n in (ctx.selection.for_device("cpu"),) if n)
+    if not backends:
+        raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
     preset = QUICK if args.quick else {}
     config = BenchConfig(
         shapes=args.shapes or preset.get("shapes", ("qwen3-30b", "deepseek-v3")),

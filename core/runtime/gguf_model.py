@@ -13,11 +13,11 @@ from collections import Counter
 
 import torch
 
-from .checkpoint.gguf import GGUFExperts, GGUFFile, read_router, read_shared_tensors, verify_gguf
-from .errors import FormatError
-from .experts import ExpertBackend
-from .formats import WeightFormat, get_format
-from .moe_block import MoEBlock, SharedExpert
+from ..checkpoint.gguf import GGUFExperts, GGUFFile, read_router, read_shared, verify_gguf
+from ..errors import FormatError
+from ..experts import ExpertBackend
+from ..formats import WeightFormat, get_format
+from .moe_block import MoEBlock
 
 
 def layer_format(source: GGUFExperts, backend: ExpertBackend, fmt: str | WeightFormat | None) -> tuple[str, bool]:
@@ -51,15 +51,13 @@ def gguf_block(gf: GGUFFile, layout, layer_index: int, backend: ExpertBackend, *
     layer = layout.layer(layer_index)
     source = GGUFExperts(gf, layer, progress=progress)
     used, source.convert = layer_format(source, backend, fmt)
-    w, sel, lb = read_router(gf, layer)
-    sh = read_shared_tensors(gf, layer)
-    shared = None if sh is None else SharedExpert(sh["gate"], sh["up"], sh["down"], sh["gate_weight"])
+    router, shared = read_router(gf, layer), read_shared(gf, layer)
     ids = range(layer.experts.num_experts) if experts is None else experts
     try:
         prepared = backend.prepare(layer.experts, source, ids, used)
     finally:
         source.done()
-    return MoEBlock(layer, w, backend, prepared, selection_bias=sel, logit_bias=lb, shared=shared)
+    return MoEBlock(layer, router, backend, prepared, shared=shared)
 
 
 def show_gguf(path, registry=None, *, verify: bool = False) -> dict:
@@ -82,10 +80,9 @@ def show_gguf(path, registry=None, *, verify: bool = False) -> dict:
 def run_gguf(path, backend: ExpertBackend, *, tokens: int = 16, fmt: str | None = None, seed: int = 0,
              registry=None, progress: bool | None = None):
     """`moetier zoo run` for a GGUF file: each MoE layer on `backend` against the float64 reference on the
-    same weights (zoo_run.run_checkpoint's check, with the layers read from the GGUF file)."""
-    from .conformance.tolerances import tolerance
-    from .reference import oracle
-    from .zoo_run import LayerResult
+    same weights (layer_check.run_checkpoint's check, with the layers read from the GGUF file)."""
+    from ..reference import oracle
+    from .layer_check import check_block
 
     ref_backend = oracle()
     g = torch.Generator().manual_seed(seed)
@@ -95,21 +92,10 @@ def run_gguf(path, backend: ExpertBackend, *, tokens: int = 16, fmt: str | None 
         for m in layout.moe_layers:
             t0 = time.perf_counter()
             block = gguf_block(gf, layout, m.index, backend, fmt=fmt, progress=progress)
-            t1 = time.perf_counter()
-            used = block.prepared.fmt.name
-            ref = gguf_block(gf, layout, m.index, ref_backend, fmt=used)
-            hidden = torch.randn(tokens, layout.hidden_size, generator=g)
-            ids, weights = block.route(hidden)
-            t2 = time.perf_counter()
-            out = block.routed(hidden, ids, weights)
-            t3 = time.perf_counter()
-            shared = block.shared(hidden)
-            want = ref.routed(hidden, ids, weights).to(torch.float64)
-            if shared is not None:
-                out, want = out + shared, want + shared.to(torch.float64)
-            rel = float((out.to(torch.float64) - want).norm() / want.norm().clamp_min(1e-30))
-            results.append(LayerResult(m.index, len(block.prepared.expert_ids), used, t1 - t0, t3 - t2, rel,
-                                       tolerance(used)))
+            prepare_s = time.perf_counter() - t0
+            ref = gguf_block(gf, layout, m.index, ref_backend, fmt=block.prepared.fmt.name)
+            results.append(check_block(m.index, block, ref, torch.randn(tokens, layout.hidden_size, generator=g),
+                                       prepare_s))
             del block, ref
             gf.release()
     return results
