@@ -323,8 +323,7 @@ class GGUFFile:
                 raise FormatError(f"{self.path}: tensor {name!r} is stored as {self.type_name(name)}, which moetier cannot "
                                   "compute; formats it reads natively: " + ", ".join(self.native_names())
                                   + "; pass a format to convert these experts to (e.g. bf16)")
-            g = gguf_package()
-            w = g.quants.dequantize(raw, g.GGMLQuantizationType(int(t.tensor_type)))
+            w = self._gguf_dequantize(name, raw)
             return QuantizedTensor(FORMATS["fp32"], shape, torch.from_numpy(np.ascontiguousarray(w, np.float32)))
         if fmt.name == "bf16":  # GGUF bf16 arrives as raw bytes
             data = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
@@ -349,9 +348,17 @@ class GGUFFile:
             rows = int(np.prod(dims[:-1])) if len(dims) > 1 else 1
             q = QuantizedTensor(fmt, (rows, dims[-1]), torch.from_numpy(raw.reshape(rows, -1)))
             return dequantize(q, torch.float32).reshape(dims)
-        g = gguf_package()
-        w = g.quants.dequantize(raw, g.GGMLQuantizationType(int(t.tensor_type)))
+        w = self._gguf_dequantize(name, raw)
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(dims)
+
+    def _gguf_dequantize(self, name: str, raw: np.ndarray) -> np.ndarray:
+        """The gguf package's own dequantizer, for the types moetier has no format for."""
+        g = gguf_package()
+        try:
+            return g.quants.dequantize(raw, g.GGMLQuantizationType(int(self.tensor(name).tensor_type)))
+        except NotImplementedError:
+            raise FormatError(f"{self.path}: tensor {name!r} is stored as {self.type_name(name)}, which neither moetier "
+                              "nor the gguf package can decode") from None
 
     # -- lifetime ----------------------------------------------------------------------------------
 
