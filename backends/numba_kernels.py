@@ -174,20 +174,25 @@ def decode_blocks(kind, n, e, r, u8, buf):
                 ql = o + 64 * half
                 qh = o + 128 + 32 * half
                 sc = o + 192 + 8 * half
-                k0 = b * 256 + 128 * half
-                for j in range(32):
-                    s = j // 16
-                    a = np.int32(u8[e, r, ql + j])
-                    c = np.int32(u8[e, r, ql + 32 + j])
-                    h = np.int32(u8[e, r, qh + j])
-                    q1 = ((a & np.int32(15)) | ((h & np.int32(3)) << np.int32(4))) - np.int32(32)
-                    q2 = ((c & np.int32(15)) | (((h >> np.int32(2)) & np.int32(3)) << np.int32(4))) - np.int32(32)
-                    q3 = ((a >> np.int32(4)) | (((h >> np.int32(4)) & np.int32(3)) << np.int32(4))) - np.int32(32)
-                    q4 = ((c >> np.int32(4)) | (((h >> np.int32(6)) & np.int32(3)) << np.int32(4))) - np.int32(32)
-                    buf[k0 + j] = (d * np.float32(u8_to_i32(u8[e, r, sc + s]))) * np.float32(q1)
-                    buf[k0 + 32 + j] = (d * np.float32(u8_to_i32(u8[e, r, sc + s + 2]))) * np.float32(q2)
-                    buf[k0 + 64 + j] = (d * np.float32(u8_to_i32(u8[e, r, sc + s + 4]))) * np.float32(q3)
-                    buf[k0 + 96 + j] = (d * np.float32(u8_to_i32(u8[e, r, sc + s + 6]))) * np.float32(q4)
+                for s in range(2):  # values 16s..16s+15 of each 32: one sub-block scale each, hoisted
+                    d1 = d * np.float32(u8_to_i32(u8[e, r, sc + s]))
+                    d2 = d * np.float32(u8_to_i32(u8[e, r, sc + s + 2]))
+                    d3 = d * np.float32(u8_to_i32(u8[e, r, sc + s + 4]))
+                    d4 = d * np.float32(u8_to_i32(u8[e, r, sc + s + 6]))
+                    k0 = b * 256 + 128 * half + 16 * s
+                    for jj in range(16):
+                        j = 16 * s + jj
+                        a = np.int32(u8[e, r, ql + j])
+                        c = np.int32(u8[e, r, ql + 32 + j])
+                        h = np.int32(u8[e, r, qh + j])
+                        q1 = ((a & np.int32(15)) | ((h & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        q2 = ((c & np.int32(15)) | (((h >> np.int32(2)) & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        q3 = ((a >> np.int32(4)) | (((h >> np.int32(4)) & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        q4 = ((c >> np.int32(4)) | (((h >> np.int32(6)) & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        buf[k0 + jj] = d1 * np.float32(q1)
+                        buf[k0 + 32 + jj] = d2 * np.float32(q2)
+                        buf[k0 + 64 + jj] = d3 * np.float32(q3)
+                        buf[k0 + 96 + jj] = d4 * np.float32(q4)
     else:  # KIND_MXFP4: n/2 code bytes (element 2j low nibble, 2j+1 high), then n/32 e8m0 scale bytes
         codes_end = n // 2
         for b in range(n // 32):
