@@ -147,6 +147,28 @@ class Pending:
         return self._future.done()
 
 
+class ReadOnAccess(Mapping):
+    """The experts `prepare` hands to `pack`: each read from the source, checked against the layer and
+    converted to the format when accessed, never kept."""
+
+    def __init__(self, layer: ExpertLayerSpec, source: ExpertSource, ids: tuple[int, ...], fmt: WeightFormat):
+        self._layer, self._source, self._ids, self._fmt = layer, source, ids, fmt
+        self._held = frozenset(ids)
+
+    def __getitem__(self, expert_id: int) -> ExpertTensors:
+        if expert_id not in self._held:
+            raise KeyError(expert_id)
+        t = self._source.expert(expert_id)
+        check_expert_tensors(self._layer, expert_id, t)
+        return t.to_format(self._fmt)
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 NAN_POLICIES = ("raise", "propagate")
 _HIDDEN_DTYPES = (torch.float32, torch.bfloat16)
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -179,7 +201,11 @@ class ExpertBackend(ABC):
     # ---- what a backend implements -------------------------------------------------------------
     @abstractmethod
     def pack(self, layer: ExpertLayerSpec, fmt: WeightFormat, experts: Mapping[int, ExpertTensors]) -> Any:
-        """Repack validated experts (all already in `fmt`) into this backend's layout; return the payload."""
+        """Repack validated experts (all already in `fmt`) into this backend's layout; return the payload.
+
+        `experts` reads each expert from its source when it is accessed (checked and converted then):
+        access each once and keep only the packed form, so packing a layer needs the packed bytes plus
+        one expert's working set, not a second copy of the layer. Accesses may come from several threads."""
 
     @abstractmethod
     def compute(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
@@ -202,13 +228,13 @@ class ExpertBackend(ABC):
         for e in ids:
             if not 0 <= e < layer.num_experts:
                 raise ExpertIdError(f"expert id {e} out of range [0, {layer.num_experts})")
-        tensors = {}
-        for e in ids:
-            t = weights.expert(e)
-            check_expert_tensors(layer, e, t)
-            tensors[e] = t.to_format(fmt)
-        payload = self.pack(layer, fmt, tensors)
-        return PreparedExperts(self.name, layer, fmt, ids, payload, nbytes=len(ids) * layer.expert_bytes(fmt))
+        payload = self.pack(layer, fmt, ReadOnAccess(layer, weights, ids, fmt))
+        return PreparedExperts(self.name, layer, fmt, ids, payload, nbytes=self.payload_nbytes(payload, layer, fmt, ids))
+
+    def payload_nbytes(self, payload: Any, layer: ExpertLayerSpec, fmt: WeightFormat, ids: tuple[int, ...]) -> int:
+        """Bytes the packed experts occupy on the backend's tier; a backend whose layout pads or adds
+        tables says so here (the default is the format's own size)."""
+        return len(ids) * layer.expert_bytes(fmt)
 
     def forward(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -131,6 +131,9 @@ class NativeBackend(ExpertBackend):
                 add(item)
         return packed
 
+    def payload_nbytes(self, payload, layer: ExpertLayerSpec, fmt: WeightFormat, ids) -> int:
+        return payload.num_slots * payload.expert_bytes  # panels padded to 16 rows, scales beside them
+
     def compute(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
         hidden = inputs.hidden.detach()
         T, H = hidden.shape

@@ -9,6 +9,7 @@ biases. Each read touches one expert's bytes only.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,7 @@ class CheckpointExperts:
         # One tick per expert read (a transient bar on a terminal; see moetier.checkpoint.track).
         self._ticks = track(range(layer.experts.num_experts), description=f"layer {layer.index} experts",
                             enabled=progress)
+        self._tick_lock = threading.Lock()  # backends may read experts from several threads
         fmt = get_format(layout.quantization.fmt)
         self.group_size = fmt.group_size if fmt.kind == "int4" else None
         self.fused = stored_fused(ckpt, layer)
@@ -112,7 +114,8 @@ class CheckpointExperts:
         spec, names, i = self.layer.experts, self.layer.names, self.layer.index
         if not 0 <= expert_id < spec.num_experts:
             raise ExpertIdError(f"layer {i}: expert id {expert_id} out of range [0, {spec.num_experts})")
-        next(self._ticks, None)
+        with self._tick_lock:
+            next(self._ticks, None)
         if self.fused:
             return read_fused_expert(self.ckpt, self.layer, expert_id, self.to)
         H, I, gs = spec.hidden_size, spec.intermediate_size, self.group_size
