@@ -73,7 +73,8 @@ def test_transformers_reads_the_same_weights(gpt_oss):
                 ours = [t.gate.dequantize(), t.up.dequantize(), t.down.dequantize()]
                 theirs = [hf.gate_up_proj[e][:, 0::2].T, hf.gate_up_proj[e][:, 1::2].T, hf.down_proj[e].T]
                 for a, b in zip(ours, theirs):
-                    np.testing.assert_array_equal(a.numpy().view(np.uint32), b.detach().contiguous().numpy().view(np.uint32))
+                    want = b.detach().contiguous().numpy()
+                    np.testing.assert_array_equal(a.numpy().view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("backend_name", ["cpu.numba", "cpu.torch"])

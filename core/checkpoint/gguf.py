@@ -313,15 +313,16 @@ class GGUFFile:
         t = self.tensor(name)
         dims = self.dims(name)
         if len(dims) != 3 or dims[1:] != tuple(shape):
-            raise TensorShapeError(f"{self.path}: tensor {name!r} has shape {list(dims)}, expected [E, {shape[0]}, {shape[1]}]")
+            raise TensorShapeError(f"{self.path}: tensor {name!r} has shape {list(dims)}, "
+                                   f"expected [E, {shape[0]}, {shape[1]}]")
         if not 0 <= expert < dims[0]:
             raise ExpertIdError(f"{self.path}: tensor {name!r} holds experts 0..{dims[0] - 1}, asked for {expert}")
         fmt = self.native_format(name)
         raw = np.array(t.data[expert])  # copies this expert's bytes (and only those) out of the mapping
         if fmt is None:
             if not convert:
-                raise FormatError(f"{self.path}: tensor {name!r} is stored as {self.type_name(name)}, which moetier cannot "
-                                  "compute; formats it reads natively: " + ", ".join(self.native_names())
+                raise FormatError(f"{self.path}: tensor {name!r} is stored as {self.type_name(name)}, which moetier "
+                                  "cannot compute; formats it reads natively: " + ", ".join(self.native_names())
                                   + "; pass a format to convert these experts to (e.g. bf16)")
             w = self._gguf_dequantize(name, raw)
             return QuantizedTensor(FORMATS["fp32"], shape, torch.from_numpy(np.ascontiguousarray(w, np.float32)))

@@ -151,6 +151,9 @@ def run_show(args) -> int:
         console.print(f"[bold]{out['version']}[/bold] ({out['family']}) at {args.path}: GGUF, "
                       f"architecture {out['gguf_architecture']}")
         _print_summary(console, out)
+        if args.verify:
+            console.print(f"  verified      {out['verified_matrices']} expert tensors present with the shapes "
+                          "the metadata gives")
         return 0
     layout = load_layout(args.path, _registry(args))
     out = layout.summary()

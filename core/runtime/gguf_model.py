@@ -29,8 +29,8 @@ def layer_format(source: GGUFExperts, backend: ExpertBackend, fmt: str | WeightF
         return get_format(fmt).name, True
     stored = ", ".join(f"{w} {t}" for w, t in source.type_names().items())
     if any(f is None for f in native.values()):
-        raise FormatError(f"{gf.path}: layer {i} stores its experts as {stored}, which moetier cannot compute as they are; "
-                          "pass a format to convert them to (e.g. --format bf16)")
+        raise FormatError(f"{gf.path}: layer {i} stores its experts as {stored}, which moetier cannot compute "
+                          "as they are; pass a format to convert them to (e.g. --format bf16)")
     names = {f.name for f in native.values()}
     if len(names) > 1:
         raise FormatError(f"{gf.path}: layer {i} stores its experts as {stored}; moetier computes a layer in one "

@@ -95,7 +95,9 @@ def write(path, m: Model, seed: int = 0, split_max_tensors: int = 0) -> Written:
         if m.selection_bias:
             layer["bias"] = torch.randn(E, generator=g) * 0.5
             w.add_tensor(f"blk.{i}.exp_probs_b.bias", layer["bias"].numpy())
-        for n, t, shape in (("gate", m.types[0], (E, I, H)), ("up", m.types[1], (E, I, H)), ("down", m.types[2], (E, H, I))):
+        shapes = {"gate": (E, I, H), "up": (E, I, H), "down": (E, H, I)}
+        for n, t in zip(("gate", "up", "down"), m.types):
+            shape = shapes[n]
             f = torch.randn(*shape, generator=g) / shape[2] ** 0.5
             arr = _stored(f, t)
             layer[n], layer[n + "_bytes"], layer[n + "_type"] = f, arr, t
