@@ -25,6 +25,10 @@ class DTypeError(MoetierError, TypeError):
     """A tensor has a dtype the call does not accept."""
 
 
+class PreparedExpertsError(MoetierError, TypeError):
+    """A forward got experts that this backend did not prepare (another backend's, or not PreparedExperts)."""
+
+
 class ExpertIdError(MoetierError, IndexError):
     """An expert id lies outside [0, num_experts)."""
 

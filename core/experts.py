@@ -11,6 +11,7 @@ once, so a backend only writes `pack` and `compute`.
 """
 from __future__ import annotations
 
+import operator
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import DTypeError, ExpertIdError, FormatError, NonFiniteError, SettingError, ShapeError
+from .errors import (DTypeError, ExpertIdError, FormatError, NonFiniteError, PreparedExpertsError, SettingError,
+                     ShapeError)
 from .formats import QuantizedTensor, WeightFormat, convert, get_format
 
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -222,7 +224,7 @@ class ExpertBackend(ABC):
         fmt = get_format(fmt)
         if fmt.name not in self.formats:
             raise FormatError(f"backend {self.name} does not compute format {fmt}; it computes {', '.join(self.formats)}")
-        ids = tuple(int(e) for e in experts)
+        ids = tuple(_expert_id(e) for e in experts)
         if len(set(ids)) != len(ids):
             raise ExpertIdError(f"expert ids given to prepare repeat: {sorted(ids)}")
         for e in ids:
@@ -266,8 +268,17 @@ class ExpertBackend(ABC):
         """The typed checks every backend's forward gets; see the conformance suite for each case."""
         if not isinstance(prepared, PreparedExperts) or prepared.backend != self.name:
             got = prepared.backend if isinstance(prepared, PreparedExperts) else type(prepared).__name__
-            raise TypeError(f"backend {self.name} got experts prepared by {got}")
+            raise PreparedExpertsError(f"backend {self.name} got experts prepared by {got}; prepare them with "
+                                       f"this backend's prepare()")
         return validate_forward_inputs(prepared.layer, hidden, topk_ids, topk_weights, out_dtype, self.nan_policy)
+
+
+def _expert_id(e) -> int:
+    """An expert id as an int; a float or a string is refused, never truncated (1.5 is not expert 1)."""
+    try:
+        return operator.index(e)
+    except TypeError:
+        raise ExpertIdError(f"expert id {e!r} given to prepare is not an integer") from None
 
 
 def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -294,6 +305,8 @@ def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_i
     if not topk_weights.is_floating_point():
         raise DTypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
     for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.layout != torch.strided:  # sparse, oneDNN: no strides to read (CSR even refuses is_contiguous)
+            raise ShapeError(f"{name} must be a dense tensor, got layout {t.layout} (call .to_dense() first)")
         if not t.is_contiguous():
             raise ShapeError(f"{name} must be contiguous (call .contiguous() first); got strides {t.stride()}")
     # Inference only: the output carries no gradient, and inputs that require grad are read as plain data.
