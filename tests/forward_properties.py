@@ -62,7 +62,7 @@ from moetier.errors import (
     ShapeError,
 )
 from moetier.experts import ExpertLayerSpec, ExpertTensors, ExpertWeights
-from moetier.formats import quantize
+from moetier.formats import FORMATS, quantize
 from moetier.hardware import load_inventory
 from moetier.plugins import load_registry
 from moetier.reference import DenseExpert, expert_mlp, moe_forward, oracle
@@ -205,6 +205,8 @@ def examples(draw, formats: tuple[str, ...]) -> Example:
     E = draw(st.integers(1, 8))
     H = draw(st.one_of(_SMALL, _SMALL, _SMALL, _EDGE))
     I = draw(st.one_of(_SMALL, _SMALL, _SMALL, _EDGE))
+    m = FORMATS[fmt].block_size or 1  # block formats (GGUF, mxfp4) store whole blocks of inputs: round up
+    H, I = -(-H // m) * m, -(-I // m) * m
     held_kind = draw(st.sampled_from(("all",) * 4 + ("subset",) * 3 + ("none",)))
     if held_kind == "all":
         held = tuple(range(E))

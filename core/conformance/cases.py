@@ -13,7 +13,7 @@ import torch
 
 from ..errors import DeviceError, DTypeError, ExpertIdError, FormatError, MoetierError, NonFiniteError, ShapeError
 from ..experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ExpertWeights, PreparedExperts
-from ..formats import FORMATS, quantize
+from ..formats import FORMATS, get_format, quantize
 from .tolerances import tolerance
 
 
@@ -36,6 +36,14 @@ SHAPES = (
     Shape("qwen3-next/16", 48, 10, 128, 32),
 )
 TOKEN_COUNTS = (0, 1, 3, 130)
+
+
+def shapes_for(fmt: str, shapes: tuple[Shape, ...] = SHAPES) -> tuple[Shape, ...]:
+    """`shapes` as a format can store them: block formats (GGUF, mxfp4) hold whole blocks of 32 or 256
+    inputs per row, so hidden and intermediate sizes are rounded up to the block (same experts, same k)."""
+    m = get_format(fmt).block_size or 1
+    up = lambda n: -(-n // m) * m  # noqa: E731
+    return tuple(Shape(s.name, s.num_experts, s.top_k, up(s.hidden), up(s.intermediate)) for s in shapes)
 TOPK_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 10)
 
 
@@ -291,13 +299,14 @@ def build_cases(formats: tuple[str, ...]) -> list[Case]:
     """Every case for a backend that declares `formats`."""
     cases: list[Case] = []
     for fmt in formats:
-        for shape in SHAPES:
+        shapes = shapes_for(fmt)
+        for shape in shapes:
             for T in TOKEN_COUNTS:
                 cases.append(Case(f"{fmt}/{shape.name}/T{T}", "shapes", fmt, _forward_case(shape, fmt, T)))
-        sweep = Shape("topk-sweep", 12, 10, 64, 40)
+        sweep, = shapes_for(fmt, (Shape("topk-sweep", 12, 10, 64, 40),))
         for k in TOPK_SWEEP:
             cases.append(Case(f"{fmt}/topk{k}", "top-k", fmt, _forward_case(sweep, fmt, 17, k=k)))
-        odd, qwen = SHAPES[1], SHAPES[3]
+        odd, qwen = shapes[1], shapes[3]
         cases += [
             Case(f"{fmt}/one-expert", "routing", fmt, _forward_case(qwen, fmt, 40, one_expert=True)),
             Case(f"{fmt}/subset/T1", "subset", fmt, _forward_case(qwen, fmt, 1, held="subset")),
