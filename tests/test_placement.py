@@ -345,3 +345,18 @@ def test_decode_check_runs_real_layers_and_predicts_each_round(tiny_checkpoint, 
         *plan.experts[1:]))
     with pytest.raises(SettingError, match="one CPU backend and format"):
         check_decode(mixed, parts, backend, zen4, layers=1, rounds=1, steps=1)
+
+
+def test_cpu_format_is_as_shipped_or_asked_never_a_silent_conversion(registry, zen4):
+    info = resolve_model("DeepSeek-V3", registry)
+    budgets = make_budgets(info.parts, zen4, registry.tiers.values(), gpu_mem=parse_size("24GiB"))
+    with pytest.raises(SettingError, match="backend cpu.x does not compute fp8_e4m3, the format this model's experts "
+                                           r"are shipped in; give --cpu-format \(one of bf16, int8\)"):
+        tier_compute(info.layout, budgets, cpu_backend="cpu.x", cpu_formats=("bf16", "int8"),
+                     accelerator_backends={"cuda": "cuda"})
+    compute = tier_compute(info.layout, budgets, cpu_backend="cpu.x", cpu_formats=("bf16", "int8"),
+                           accelerator_backends={"cuda": "cuda"}, cpu_format="int8")
+    assert compute["cpu:numa0"].fmt == "int8" and compute["cuda:0"].fmt == "fp8_e4m3"
+    with pytest.raises(SettingError, match="--cpu-format int4_g64: backend cpu.x does not compute it"):
+        tier_compute(info.layout, budgets, cpu_backend="cpu.x", cpu_formats=("bf16", "int8"),
+                     accelerator_backends={"cuda": "cuda"}, cpu_format="int4_g64")

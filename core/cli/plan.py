@@ -73,8 +73,7 @@ def register(sub) -> None:
     p.add_argument("--stats", metavar="FILE",
                    help="activation statistics: moetier's .safetensors or an SGLang expert-distribution .pt dump")
     p.add_argument("--cpu-format", metavar="FMT",
-                   help="format of CPU experts, converted on load (default: as shipped if the CPU backend "
-                        "computes it, else bf16), e.g. int4_g64")
+                   help="format of CPU experts, converted on load, e.g. int4_g64 (default: as shipped)")
     p.add_argument("--cpu-copies", action="store_true",
                    help="also keep a CPU copy of every accelerator expert (hot-swap headroom; off by default)")
     p.add_argument("--min-per-layer", type=_count, metavar="N", help="frequency/cost: at least N fast-tier experts "

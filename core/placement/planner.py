@@ -1,8 +1,9 @@
 """Making a plan: a model (layout and parts), tier budgets, a strategy -> a checked PlacementPlan.
 
 Formats per tier: accelerator experts stay as shipped (the checkpoint's own format); CPU experts are in
-`cpu_format` when asked (converted on load), else as shipped when the CPU backend computes that format,
-else bf16; experts left on disk are read in the shipped format and computed by the CPU backend in the CPU
+`cpu_format` when asked (converted on load), else as shipped; a CPU backend that does not compute the
+shipped format is an error naming the choices (converting silently, e.g. mxfp4 to bf16, is four times
+the memory: never a default); experts left on disk are read in the shipped format and computed by the CPU backend in the CPU
 format. An accelerator-resident expert has no CPU copy unless `cpu_copies` asks for one.
 """
 from __future__ import annotations
@@ -41,8 +42,12 @@ def tier_compute(layout: MoELayout, budgets: Budgets, *, cpu_backend: str, cpu_f
             raise SettingError(f"--cpu-format {cpu_format}: backend {cpu_backend} does not compute it; it computes "
                                f"{', '.join(cpu_formats)}")
         cpu_fmt = cpu_format
+    elif shipped in cpu_formats:
+        cpu_fmt = shipped
     else:
-        cpu_fmt = shipped if shipped in cpu_formats else "bf16"
+        raise SettingError(f"backend {cpu_backend} does not compute {shipped}, the format this model's experts are "
+                           f"shipped in; give --cpu-format (one of {', '.join(cpu_formats)}) or --backend with one "
+                           f"that computes {shipped}")
     out = {}
     for t in budgets.tiers:
         if t.kind == "accelerator":
