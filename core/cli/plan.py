@@ -76,9 +76,9 @@ def register(sub) -> None:
                    help="format of CPU experts, converted on load, e.g. int4_g64 (default: as shipped)")
     p.add_argument("--cpu-copies", action="store_true",
                    help="also keep a CPU copy of every accelerator expert (hot-swap headroom; off by default)")
-    p.add_argument("--min-per-layer", type=_count, metavar="N", help="frequency/cost: at least N fast-tier experts "
+    p.add_argument("--min-per-layer", type=_count, metavar="N", help="frequency*, cost: at least N fast-tier experts "
                                                                      "per MoE layer")
-    p.add_argument("--max-per-layer", type=_count, metavar="N", help="frequency/cost: at most N fast-tier experts "
+    p.add_argument("--max-per-layer", type=_count, metavar="N", help="frequency*, cost: at most N fast-tier experts "
                                                                      "per MoE layer")
     p.add_argument("--seed", type=int, metavar="N", help="random: the seed (default 0)")
     p.add_argument("--rule", action="append", metavar="PATTERN=TIER",
