@@ -7,10 +7,9 @@ import torch
 
 from moetier import BackendSpec, hookimpl
 from moetier.errors import BackendUnavailable
-from moetier.formats import FORMATS
 
 from .accel.build import detect_build
-from .accel.plan import plan_kernels
+from .accel.plan import ACCEL_FORMATS, plan_kernels
 from .accel.probes import probe_accelerator, probe_cpu_accel
 
 # name -> (device kind of the inventory and BackendSpec, torch device type, description)
@@ -66,8 +65,8 @@ def _probe(kind: str):
 @hookimpl
 def moetier_register_backends(register):
     for name, (kind, _, description) in ACCELERATORS.items():
-        register(BackendSpec(name=name, device=kind, formats=tuple(FORMATS), probe=_probe(kind),
+        register(BackendSpec(name=name, device=kind, formats=ACCEL_FORMATS, probe=_probe(kind),
                              factory=_factory(name), description=description))
-    register(BackendSpec(name="cpu.accel", device="cpu", formats=tuple(FORMATS),
+    register(BackendSpec(name="cpu.accel", device="cpu", formats=ACCEL_FORMATS,
                          probe=lambda inv: probe_cpu_accel(detect_build()), factory=_make_cpu_accel,
                          description="the accelerator backend's code on the CPU (testing; never chosen automatically)"))

@@ -19,7 +19,8 @@ from moetier.plugins import load_registry  # noqa: E402
 from moetier.runtime.routing import route  # noqa: E402
 
 from cli_helpers import assert_usage_error, moetier  # noqa: E402
-from zoo.gguf_files import Model, runnable_native, write  # noqa: E402
+from zoo.backends import runnable_native  # noqa: E402
+from zoo.gguf_files import Model, write  # noqa: E402
 
 SIGMOID = gguf.ExpertGatingFuncType.SIGMOID
 SOFTMAX = gguf.ExpertGatingFuncType.SOFTMAX

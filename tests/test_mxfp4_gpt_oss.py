@@ -19,7 +19,7 @@ from moetier.checkpoint.experts import CheckpointExperts, verify_checkpoint  # n
 from moetier.plugins import load_registry  # noqa: E402
 from moetier.runtime.layer_check import run_checkpoint  # noqa: E402
 from moetier.runtime.moe_block import MoEBlock  # noqa: E402
-from zoo.gguf_files import runnable_native  # noqa: E402
+from zoo.backends import runnable_native  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "moetier-gpt-oss"
 

@@ -2,6 +2,7 @@
 the recorder hook and expert deferral, on tiny checkpoints in each family's real layout."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -11,10 +12,11 @@ from moetier.checkpoint import Checkpoint
 from moetier.checkpoint.experts import CheckpointExperts
 from moetier.conformance.tolerances import tolerance
 from moetier.errors import ShapeError
-from moetier.hardware import load_inventory
+from moetier.hardware import Accelerator, load_inventory
 from moetier.plugins import load_registry
 from moetier.reference import oracle
-from moetier.runtime import ShardSpec, load_experts
+from moetier.placement.plan import ShardSpec
+from moetier.runtime import load_experts
 from moetier.runtime.moe_block import MoEBlock
 from moetier.runtime.routing import route
 from moetier.selection import select_backends
@@ -24,7 +26,9 @@ from zoo.fixtures import tiny_checkpoint  # noqa: F401  (session fixture)
 pytest.importorskip("transformers")
 
 REGISTRY = load_registry(no_plugins=True)
-INVENTORY = load_inventory()
+# This machine, plus a GPU it does not have: plans may then name a cuda:0 tier, whose experts the tests
+# compute on CPU backends (the tier is where bytes are accounted; the backend is what computes).
+INVENTORY = dataclasses.replace(load_inventory(), accelerators=(Accelerator("cuda", 0, "test stand-in", 8 << 30),))
 BEST = select_backends(REGISTRY, INVENTORY, force=[]).for_device("cpu")
 FAMILIES = [("qwen", "Qwen3-30B-A3B"), ("qwen", "Qwen1.5-MoE-A2.7B"), ("qwen", "Qwen3.5-35B-A3B"),
             ("deepseek", "DeepSeek-V3"), ("kimi", "Kimi-K2.5"), ("glm", "GLM-4.5-Air"), ("minimax", "MiniMax-M2")]
@@ -257,3 +261,60 @@ def test_lookahead_predicts_with_the_next_router(tiny_checkpoint):
         experts[a](x, *routing(d, layout, a, x))
         experts.prefetcher.drain()
         assert {k for k in [(b, e) for e in range(E)] if k in experts.cache} == {(b, e) for e in guess[0].tolist()}
+
+
+# ---- with plans made by moetier plan --------------------------------------------------------------
+
+def _plan_cli(tmp_path, ckpt, *args):
+    from cli_helpers import moetier
+
+    out = tmp_path / "plan.json"
+    r = moetier("plan", ckpt, "--context", "16", "--json", out, *args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    return out
+
+
+def test_zoo_run_under_a_plan_with_a_disk_tier(tiny_checkpoint, tmp_path):
+    from cli_helpers import moetier
+
+    d, layout = tiny_checkpoint("qwen", "Qwen3-30B-A3B")
+    plan = _plan_cli(tmp_path, d, "--gpu-mem", "0", "--cpu-mem", "420KiB", "--disk", "--disk-cache", "40KiB")
+    r = moetier("zoo", "run", d, "--plan", plan, "--tokens", "5")
+    assert r.returncode == 0 and "OK: 2 MoE layers match" in r.stdout, r.stdout + r.stderr
+    r = moetier("zoo", "run", d, "--plan", plan, "--backend", "cpu.torch")
+    assert r.returncode == 2 and "drop --backend" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_plan_for_a_gpu_this_machine_lacks_is_refused(tiny_checkpoint, tmp_path):
+    from cli_helpers import assert_usage_error, moetier
+
+    d, _ = tiny_checkpoint("qwen", "Qwen3-30B-A3B")
+    plan = _plan_cli(tmp_path, d, "--gpu-mem", "2GiB")
+    assert_usage_error(moetier("zoo", "run", d, "--plan", plan), "cuda:0, which this machine lacks")
+
+
+def test_a_plan_for_another_model_is_refused(tiny_checkpoint, tmp_path):
+    from moetier.errors import LayoutError
+    from moetier.placement.plan import PlacementPlan
+
+    d, _ = tiny_checkpoint("qwen", "Qwen3-30B-A3B")
+    other, _ = tiny_checkpoint("deepseek", "DeepSeek-V3")
+    plan = PlacementPlan.load(_plan_cli(tmp_path, other, "--gpu-mem", "0"))
+    with pytest.raises(LayoutError, match="this plan was made for"):
+        load_experts(d, plan=plan, registry=REGISTRY, inventory=INVENTORY)
+
+
+def test_real_packed_bytes_are_accounted_against_the_plan(tiny_checkpoint, tmp_path, monkeypatch):
+    from moetier.errors import BudgetError
+    from moetier.placement.plan import PlacementPlan
+
+    d, layout = tiny_checkpoint("qwen", "Qwen3-30B-A3B")
+    plan = PlacementPlan.load(_plan_cli(tmp_path, d, "--gpu-mem", "0", "--cpu-mem", "1MiB"))
+    with load_experts(d, plan=plan, registry=REGISTRY, inventory=INVENTORY) as experts:
+        packed = sum(s.prepared.nbytes for i in experts for s in experts[i].shards)
+        assert experts.ledger.used["cpu:numa0"] == packed > 0
+    # A backend whose packed layout is bigger than the plan's estimate: refused on the tier, by name.
+    cls = type(REGISTRY.backend(BEST).create(INVENTORY))
+    monkeypatch.setattr(cls, "payload_nbytes", lambda self, payload, layer, fmt, ids: 10 * len(ids) * layer.expert_bytes(fmt))
+    with pytest.raises(BudgetError, match="tier cpu:numa0"):
+        load_experts(d, plan=plan, registry=REGISTRY, inventory=INVENTORY)

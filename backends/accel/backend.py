@@ -8,12 +8,11 @@ import torch
 
 from moetier.errors import BackendUnavailable, PreparedExpertsError, ShapeError
 from moetier.experts import EventPending, ExpertBackend, ForwardInputs, Pending, PreparedExperts, device_module
-from moetier.formats import FORMATS
 
 from .forward import moe_forward
 from .gemm import GEMM_PATHS
 from .layout import DeviceExperts, pack_experts
-from .plan import KernelPlan
+from .plan import ACCEL_FORMATS, KernelPlan
 
 
 class AccelBackend(ExpertBackend):
@@ -25,7 +24,7 @@ class AccelBackend(ExpertBackend):
     stream after the caller's current stream and returns an EventPending.
     """
 
-    formats = tuple(FORMATS)
+    formats = ACCEL_FORMATS
 
     def __init__(self, name: str, device: torch.device | str, plan: KernelPlan, *, gemm: str = "auto",
                  nan_policy: str = "raise"):

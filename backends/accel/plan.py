@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from .build import TorchBuild
 
 FLOAT_FORMATS = ("fp32", "bf16", "fp16")
+# What the accelerator kernels compute (the GGUF block formats and mxfp4 are CPU-side for now).
+ACCEL_FORMATS = FLOAT_FORMATS + ("int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 

@@ -22,7 +22,8 @@ import torch
 from ..checkpoint import matrix_tensors, write_checkpoint
 from ..checkpoint.experts import read_router
 from ..experts import ExpertBackend, ExpertLayerSpec
-from ..runtime.loader import ShardSpec, load_experts
+from ..placement.plan import ShardSpec
+from ..runtime.loader import load_experts
 from ..runtime.routing import route
 from ..runtime.tiered import Shard, TieredExperts
 from .measure import DECODE_PLAN, QUICK_DECODE_PLAN, time_calls

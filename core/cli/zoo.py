@@ -51,6 +51,9 @@ def register(sub) -> None:
                                         "`moetier doctor` chooses)")
     q.add_argument("--format", help="weight format to compute in (default: the checkpoint's, if the backend has it, "
                                     "else bf16)")
+    q.add_argument("--plan", metavar="PLAN.json",
+                   help="compute each expert where this placement plan puts it (from `moetier plan --json`); "
+                        "the plan names the backends and formats, so --backend and --format do not apply")
     q.add_argument("--tokens", type=positive_int, default=16, help="random tokens per layer (default 16)")
     q.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
     q.set_defaults(func=run_layers)
@@ -96,8 +99,9 @@ def run_tiny(args) -> int:
     if os.path.isdir(out) and os.listdir(out):
         raise SettingError(f"{args.out_dir} is not empty; name a new or empty folder (nothing is overwritten)")
     parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise SettingError(f"cannot write {args.out_dir}: folder {parent} does not exist")
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise SettingError(f"cannot write {args.out_dir}: {parent} is not a folder")
+    os.makedirs(parent, exist_ok=True)
     quant = None if args.quant == "none" else args.quant
     # Written next to its destination and renamed at the end: an interrupted run leaves nothing half-written.
     staging = tempfile.mkdtemp(prefix=".moetier-tiny-", dir=parent)
@@ -194,9 +198,20 @@ def run_show(args) -> int:
 def run_layers(args) -> int:
     from ..checkpoint.gguf import is_gguf
     from ..runtime.gguf_model import run_gguf
-    from ..runtime.layer_check import run_checkpoint
+    from ..runtime.layer_check import run_checkpoint, run_with_plan
 
     ctx = load_context(args)
+    if args.plan is not None:
+        from ..placement.plan import PlacementPlan
+
+        if args.backend or args.format:
+            raise SettingError("--plan names the backend and format of every expert; drop --backend/--format")
+        if is_gguf(args.path):
+            raise SettingError("--plan runs safetensors checkpoints; a GGUF file runs on one backend")
+        plan = PlacementPlan.load(args.plan)
+        results = run_with_plan(args.path, plan, tokens=args.tokens, seed=args.seed, registry=ctx.registry,
+                                inventory=ctx.inventory)
+        return _print_layers(results, f"{args.path} placed by {args.plan}, {args.tokens} random tokens per layer")
     if len(ctx.requested) > 1:
         raise SettingError(f"zoo run computes on one backend; {len(ctx.requested)} were named: "
                            f"{', '.join(ctx.requested)}")
@@ -209,7 +224,11 @@ def run_layers(args) -> int:
                            f"{', '.join(backend.formats)}")
     run = run_gguf if is_gguf(args.path) else run_checkpoint
     results = run(args.path, backend, tokens=args.tokens, fmt=args.format, seed=args.seed, registry=ctx.registry)
-    table = Table(title=f"{args.path} on {name}, {args.tokens} random tokens per layer", title_justify="left")
+    return _print_layers(results, f"{args.path} on {name}, {args.tokens} random tokens per layer")
+
+
+def _print_layers(results, title: str) -> int:
+    table = Table(title=title, title_justify="left")
     for col in ("layer", "experts", "format", "prepare s", "forward ms", "rel. error vs float64", "bound"):
         table.add_column(col, justify="right")
     for r in results:

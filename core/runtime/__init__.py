@@ -6,7 +6,7 @@ and checking a checkpoint's layers against float64 (layer_check).
     with load_experts("model-dir") as experts:      # or plan=PlacementPlan, cache_bytes=... for disk
         out = experts[layer_index](hidden, topk_ids, topk_weights)   # fp32 [T, H]
 """
-from .loader import ModelExperts, ShardSpec, SingleTierPlan, load_experts
+from .loader import ModelExperts, load_experts
 from .tiered import Shard, TieredExperts
 
-__all__ = ["ModelExperts", "Shard", "ShardSpec", "SingleTierPlan", "TieredExperts", "load_experts"]
+__all__ = ["ModelExperts", "Shard", "TieredExperts", "load_experts"]

@@ -54,6 +54,47 @@ def run_checkpoint(path: str, backend: ExpertBackend, *, tokens: int = 16, fmt: 
     return results
 
 
+def run_with_plan(path: str, plan, *, tokens: int = 16, seed: int = 0, registry=None, inventory=None,
+                  progress: bool | None = None) -> list[LayerResult]:
+    """Every MoE layer of the checkpoint at `path` computed where `plan` puts its experts (the tiered
+    layer: shards per backend and format, the disk tier), against float64 with each shard's experts in
+    that shard's format; the bound is the loosest of the formats used."""
+    from ..checkpoint.experts import CheckpointExperts, read_router, read_shared
+    from .loader import load_experts
+    from .moe_block import SharedExpert
+    from .routing import route
+
+    layout = load_layout(path, registry)
+    ref_backend = oracle()
+    g = torch.Generator().manual_seed(seed)
+    results = []
+    t0 = time.perf_counter()
+    with load_experts(path, plan=plan, registry=registry, inventory=inventory, progress=progress) as experts, \
+            Checkpoint(path) as ckpt:
+        prepare_s = (time.perf_counter() - t0) / max(1, len(experts))
+        for m in layout.moe_layers:
+            hidden = torch.randn(tokens, layout.hidden_size, generator=g)
+            r = read_router(ckpt, m)
+            ids, weights = route(m.router, hidden, r.weight, r.selection_bias, r.logit_bias)
+            t1 = time.perf_counter()
+            out = experts[m.index](hidden, ids, weights)
+            forward_s = time.perf_counter() - t1
+            want = torch.zeros(hidden.shape, dtype=torch.float64)
+            specs = plan.shards(m.index)
+            for s in specs:
+                prepared = ref_backend.prepare(m.experts, CheckpointExperts(ckpt, layout, m), s.experts, s.fmt)
+                want += ref_backend.forward(prepared, hidden, ids, weights).double()
+            shared = read_shared(ckpt, m)
+            if shared is not None:
+                y = SharedExpert(shared)(hidden)
+                out, want = out + y, want + y.double()
+            rel = float((out.double() - want).norm() / want.norm().clamp_min(1e-30))
+            fmts = sorted({s.fmt for s in specs})
+            results.append(LayerResult(m.index, m.experts.num_experts, "+".join(fmts), prepare_s, forward_s, rel,
+                                       max(tolerance(f) for f in fmts)))
+    return results
+
+
 def check_block(index: int, block: MoEBlock, ref: MoEBlock, hidden: torch.Tensor, prepare_s: float) -> LayerResult:
     """Layer `index` on `hidden`: the block's routed experts against `ref` (the same layer prepared on the
     float64 oracle), both routed by the block's router, plus the shared expert."""

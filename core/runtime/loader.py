@@ -8,8 +8,6 @@ the plan keeps resident plus about one expert). The result maps a layer index to
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-
 import torch
 
 from ..checkpoint import Checkpoint
@@ -18,35 +16,14 @@ from ..errors import SettingError
 from ..experts import ExpertBackend
 from ..family import load_layout
 from ..layout import MoELayout
+from ..placement.plan import DISK, PlacementPlan, single_tier_plan
+from ..tiers import Tier, TierLedger
 from .deferral import Deferral
 from .disk_tier import CacheCounters, DiskShard, ExpertCache, Prefetcher
 from .moe_block import default_format
 from .routing import route
 from .tiered import Recorder, Shard, TieredExperts
 
-DISK = "disk"
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Experts of one layer on one tier, computed by one backend in one format (a placement plan's unit)."""
-
-    tier: str
-    backend: str
-    fmt: str
-    experts: tuple[int, ...]
-
-
-class SingleTierPlan:
-    """Every expert of every MoE layer on one tier, backend and format: what a run without a plan does."""
-
-    def __init__(self, layout: MoELayout, tier: str, backend: str, fmt: str):
-        self.layout, self.tier, self.backend, self.fmt = layout, tier, backend, fmt
-        self.moe_layers = layout.moe_layer_indices
-
-    def shards(self, layer_index: int) -> tuple[ShardSpec, ...]:
-        n = self.layout.layer(layer_index).experts.num_experts
-        return (ShardSpec(self.tier, self.backend, self.fmt, tuple(range(n))),)
 
 
 class ModelExperts(Mapping):
@@ -57,6 +34,7 @@ class ModelExperts(Mapping):
         self.layout, self._layers, self._checkpoints = layout, layers, checkpoints
         self.backends, self.cache, self.prefetcher = backends, cache, prefetcher
         self._deferral: Deferral | None = None
+        self.ledger: TierLedger | None = None  # a PlacementPlan's bounded tiers: real packed bytes against them
         if layers:
             layers[max(layers)].last = True
 
@@ -116,10 +94,14 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
                  layers: Iterable[int] | None = None, progress: bool | None = None) -> ModelExperts:
     """Prepare the routed experts of checkpoint `model` (a folder or its config.json).
 
-    plan: anything with `shards(layer_index) -> [ShardSpec-like]` (a moetier.placement PlacementPlan);
-    default: every expert on the CPU backend the selection picks, in `fmt` (default: the checkpoint's
-    format if that backend computes it, else bf16). cache_bytes: the DRAM budget of the disk tier's
-    cache (required when the plan leaves experts on disk). layers: only these MoE layers."""
+    plan: anything with `shards(layer_index) -> [ShardSpec-like]`; a moetier.placement PlacementPlan is
+    checked against the model and its budgets before anything is read, and the bytes really packed on
+    each tier are accounted against them (BudgetError naming the tier if the packed layout needs more).
+    Every tier a plan names must exist on this machine (the registry's tier providers on `inventory`).
+    Default: every expert on the CPU backend the selection picks, in `fmt` (default: the checkpoint's
+    format; a backend that lacks it is a FormatError). cache_bytes: the DRAM budget of the disk tier's
+    cache (default: the plan's "disk cache" reservation; required when experts stay on disk). layers:
+    only these MoE layers."""
     from ..hardware import load_inventory
     from ..plugins import get_registry
     from ..selection import select_backends
@@ -138,10 +120,13 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
         name = select_backends(registry, inventory).for_device("cpu")
         if name is None:
             raise SettingError("no CPU backend can run here (see `moetier doctor`)")
-        plan = SingleTierPlan(layout, "cpu:numa0", name, fmt or default_format(layout, backend(name)))
+        plan = single_tier_plan(layout, name, fmt or default_format(layout, backend(name)))
     elif fmt is not None:
         raise SettingError("give the weight format in the plan, not beside it")
     wanted = tuple(layout.moe_layer_indices if layers is None else layers)
+    ledger = _check_plan(plan, layout, registry, inventory, wanted)
+    if cache_bytes is None and getattr(plan, "disk_cache_bytes", 0):
+        cache_bytes = plan.disk_cache_bytes
     ckpt = Checkpoint(model)
     cache = prefetcher = disk_ckpt = None
     built: dict[int, TieredExperts] = {}
@@ -162,7 +147,11 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
                     prepared = b.prepare(layer.experts, source, ids, f)
                 finally:
                     source.done()
-                shards.append(Shard(b, prepared, {e: m.tier for m in members for e in m.experts}))
+                shard = Shard(b, prepared, {e: m.tier for m in members for e in m.experts})
+                for tier, n in shard.bytes_per_tier().items():
+                    if ledger is not None and tier in ledger.tiers:
+                        ledger.reserve(tier, n)  # real packed bytes: padding and tables count
+                shards.append(shard)
             disk = None
             if disk_specs:
                 if cache_bytes is None:
@@ -189,7 +178,28 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
             if c is not None:
                 c.close()
         raise
-    return ModelExperts(layout, built, (ckpt, disk_ckpt) if disk_ckpt else (ckpt,), backends, cache, prefetcher)
+    experts = ModelExperts(layout, built, (ckpt, disk_ckpt) if disk_ckpt else (ckpt,), backends, cache, prefetcher)
+    experts.ledger = ledger
+    return experts
+
+
+def _check_plan(plan, layout: MoELayout, registry, inventory, wanted) -> TierLedger | None:
+    """Refuse, before anything is read, a plan for another model, over its budgets, or naming a tier this
+    machine lacks; return the ledger of its bounded tiers' free bytes."""
+    here = {t.name for p in registry.tiers.values() for t in p.discover(inventory)} | {DISK}
+    named = {s.tier for i in wanted for s in plan.shards(i)}
+    missing = sorted(named - here)
+    if missing:
+        raise SettingError(f"the plan puts experts on {', '.join(missing)}, which this machine lacks "
+                           f"(tiers here: {', '.join(sorted(here))}); make a plan for this machine with "
+                           "`moetier plan`")
+    if not isinstance(plan, PlacementPlan):
+        return None
+    plan.check_layout(layout)
+    plan.check_budgets()
+    bounded = [t for t in plan.tiers if t.capacity_bytes is not None and t.name in named]
+    # free_bytes: capacity less the plan's reservations (non-expert parts, KV cache, the disk cache)
+    return TierLedger([Tier(t.name, t.device, max(0, t.free_bytes)) for t in bounded])
 
 
 class Lookahead:

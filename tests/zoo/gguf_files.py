@@ -192,19 +192,3 @@ def from_hf(ckpt_dir, layout, out_path, expert_type: str = "f32") -> str:
         w.write_tensors_to_file()
         w.close()
     return str(out_path)
-
-
-def runnable_native(registry):
-    """A native CPU backend this host runs (the first of avx2, avx512, amx), or skip the test."""
-    import pytest
-
-    from moetier.errors import BackendUnavailable
-    from moetier.hardware import load_inventory
-
-    inv = load_inventory()
-    for name in ("cpu.avx2", "cpu.avx512", "cpu.amx"):
-        try:
-            return registry.backend(name).create(inv)
-        except BackendUnavailable:
-            continue
-    pytest.skip("no native kernel variant runs on this CPU")
