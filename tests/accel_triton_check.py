@@ -14,7 +14,7 @@ from moetier.backends.accel.build import detect_build  # noqa: E402
 from moetier.backends.accel.plan import plan_kernels  # noqa: E402
 from moetier.conformance.tolerances import tolerance  # noqa: E402
 from moetier.experts import ExpertLayerSpec, ExpertWeights  # noqa: E402
-from moetier.formats import FORMATS  # noqa: E402
+from moetier.backends.accel.plan import ACCEL_FORMATS as FORMATS  # noqa: E402
 from moetier.reference import oracle  # noqa: E402
 
 seed = int(sys.argv[1])

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from moetier.conformance import run_suite
 from moetier.errors import BackendUnavailable, DeviceError, FormatError, ShapeError
 from moetier.experts import EventPending, ExpertLayerSpec, ExpertWeights, FuturePending, Pending
-from moetier.formats import FORMATS
+from moetier.backends.accel.plan import ACCEL_FORMATS as FORMATS  # the formats the accelerators compute
 from moetier.hardware import load_inventory
 from moetier.plugins import get_registry
 from moetier.reference import oracle
