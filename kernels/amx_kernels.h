@@ -1,9 +1,10 @@
 // AMX prefill micro-kernels: up to 32 tokens x 2 weight panels per call, C in four 16 x 16 tiles.
 //
 // The packed panels are already AMX B tiles: a bf16 panel is a sequence of 1 KiB blocks of 16 column
-// pairs x 16 rows (the vdpbf16ps pair order), an int8 panel after its head and scales one of 16 column
-// quads x 16 rows (the vpdpbusd quad order), so B tiles load straight from the panel with a 64-byte
-// stride. A tiles load the expert's token rows, gathered contiguously (bf16, or u8 = q + 128 for int8),
+// pairs x 16 rows (the vdpbf16ps pair order), an int8 panel after its scales one of 16 column quads x
+// 16 rows (the vpdpbusd quad order), so B tiles load straight from the panel with a 64-byte stride.
+// A tiles load the expert's token rows, gathered contiguously (bf16, or int8 codes: tdpbssd multiplies
+// signed by signed, so the int32 sums are exact with no offset to remove),
 // with a row stride padded to 64 columns and zero there. Rows past the expert's tokens read the next
 // rows of the buffer (it is padded by AMX_TOKENS rows) and land in C rows nobody reads.
 //
@@ -24,8 +25,8 @@ inline namespace MOETIER_NS {
 
 constexpr int AMX_TILE_BYTES = 1024;
 
-// Where the weights of a panel start: after the int8 head (compensation) and the single scale group.
-inline int64_t amx_weights_offset(const Geometry& g) { return g.fmt == I8 ? g.head + 64 : 0; }
+// Where the weights of a panel start: after the int8 panel's single scale group.
+inline int64_t amx_weights_offset(const Geometry& g) { return g.fmt == I8 ? 64 : 0; }
 
 template <bool INT8, int MT, int NP>
 void amx_tiles_run(const uint8_t* a, int64_t a_stride, const uint8_t* const* b, int kfull, int tail_bytes,
@@ -41,10 +42,10 @@ void amx_tiles_run(const uint8_t* a, int64_t a_stride, const uint8_t* const* b, 
         load<6>(b0, 64);
         if constexpr (NP == 2) load<7>(b1, 64);
         if constexpr (INT8) {
-            dp_u8s8<0, 4, 6>();
-            if constexpr (MT == 2) dp_u8s8<1, 5, 6>();
-            if constexpr (NP == 2) dp_u8s8<2, 4, 7>();
-            if constexpr (MT == 2 && NP == 2) dp_u8s8<3, 5, 7>();
+            dp_s8s8<0, 4, 6>();
+            if constexpr (MT == 2) dp_s8s8<1, 5, 6>();
+            if constexpr (NP == 2) dp_s8s8<2, 4, 7>();
+            if constexpr (MT == 2 && NP == 2) dp_s8s8<3, 5, 7>();
         } else {
             dp_bf16<0, 4, 6>();
             if constexpr (MT == 2) dp_bf16<1, 5, 6>();
@@ -74,7 +75,7 @@ void amx_tiles_run(const uint8_t* a, int64_t a_stride, const uint8_t* const* b, 
 
 // out[q][m][16] (fp32, q < np, m < mb <= AMX_TOKENS) = panels x the mb gathered token rows at `a`.
 // bf16: panels are bf16 pair panels (the format's own, or dequantized ones). int8: the format's int8
-// panels and u8 activations with per-row scales xs; the result is descaled as in gemm_int8dot.
+// panels and int8 activation codes with per-row scales xs; the result is descaled as in gemm_int8dot.
 template <bool INT8>
 void amx_panels(const uint8_t* const* panels, int np, const Geometry& g, const uint8_t* a, int64_t a_stride,
                 int mb, const float* xs, float* out) {
@@ -93,14 +94,12 @@ void amx_panels(const uint8_t* const* panels, int np, const Geometry& g, const u
         else amx_tiles_run<INT8, 1, 1>(a, a_stride, b, kfull, tail_bytes, c);
     }
     if constexpr (INT8) {
-        // sum_k (q_x + 128) w = sum_k q_x w + 128 sum_k w: the second term is the panel head.
         for (int q = 0; q < np; ++q) {
-            const __m512 comp = _mm512_loadu_ps(reinterpret_cast<const float*>(panels[q]));
-            const __m512 scl = _mm512_loadu_ps(reinterpret_cast<const float*>(panels[q] + g.head));
+            const __m512 scl = _mm512_loadu_ps(reinterpret_cast<const float*>(panels[q]));
             for (int m = 0; m < mb; ++m) {
                 const int64_t o = (int64_t(q) * AMX_TOKENS + m) * PANEL;
                 const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(ci + o));
-                _mm512_storeu_ps(out + o, _mm512_mul_ps(_mm512_fmsub_ps(v, scl, comp), _mm512_set1_ps(xs[m])));
+                _mm512_storeu_ps(out + o, _mm512_mul_ps(_mm512_mul_ps(v, scl), _mm512_set1_ps(xs[m])));
             }
         }
     }

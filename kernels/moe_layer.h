@@ -97,13 +97,13 @@ struct ExpertSlot {
 };
 
 // P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only). P_AMX_*: the amx
-// build's prefill on tiles: bf16 panels, int8 panels with u8 activations, fp8/fp16 dequantized to bf16.
+// build's prefill on tiles: bf16 panels, int8 panels with int8 activations, fp8/fp16 dequantized to bf16.
 enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3, P_AMX_BF16 = 4, P_AMX_INT8 = 5, P_AMX_DEQ = 6 };
 inline bool is_amx(int path) { return path >= P_AMX_BF16; }
 inline bool is_deq(int path) { return path == P_DEQDOT || path == P_AMX_DEQ; }
-// Paths whose activations (x for gate/up, h for down) are bf16, and whose are u8 with per-row scales.
+// Paths whose activations (x for gate/up, h for down) are bf16, and whose are int8 with per-row scales.
 inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16; }
-inline bool u8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
+inline bool i8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
 
 struct TaskQueue {
     std::vector<std::array<int, 3>> items;
@@ -207,9 +207,11 @@ struct MoELayer::Ctx {
     // Scratch (not zero-initialized; every element read is written first), see Scratch.
     float *X = nullptr, *Xscale = nullptr, *Hf = nullptr, *Hscale = nullptr, *acc = nullptr;
     uint16_t *Xb = nullptr, *Hb = nullptr;
-    uint8_t *Xq = nullptr, *Hq = nullptr;
+    int8_t *Xq = nullptr, *Hq = nullptr;
+    int32_t *Xcorr = nullptr, *Hcorr = nullptr;  // per row and group: c * sum of the codes (gemm_int8dot)
+    int xgroups = 0, hgroups = 0;
     std::vector<int> q_rows;  // rows whose h is quantized for the int8 dot path
-    // AMX: the activation rows of tile-path experts gathered in row order (bf16, or u8 with scales)
+    // AMX: the activation rows of tile-path experts gathered in row order (bf16, or int8 with scales)
     std::vector<int> g_rows;
     uint8_t* Xg = nullptr;
     float* Xgscale = nullptr;
@@ -226,7 +228,9 @@ inline T* scratch(std::vector<T>& v, size_t n) {
 struct Scratch {
     std::vector<float> X, Xscale, Xgscale, Hf, Hscale, acc;
     std::vector<uint16_t> Xb, Hb;
-    std::vector<uint8_t> Xq, Hq, deq, Xg;
+    std::vector<int8_t> Xq, Hq;
+    std::vector<int32_t> Xcorr, Hcorr;
+    std::vector<uint8_t> deq, Xg;
 };
 inline Scratch& thread_scratch() {
     static thread_local Scratch s;
@@ -260,32 +264,33 @@ constexpr int F32_BLOCK = 4;
 constexpr int DOT_BLOCK = 8;
 template <int NP, int M>
 MOE_INLINE void run_dot_m(int path, int fmt, const uint8_t* const* pan, const Geometry& g, const uint16_t* const* xb,
-                          const uint8_t* const* xq, const float* xs, float* o) {
+                          const int8_t* const* xq, const int32_t* const* xc, const float* xs, float* o) {
     if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pan, g, xb, o);
-    else if (fmt == I4) gemm_int8dot<true, M, NP>(pan, g, xq, xs, o);
-    else gemm_int8dot<false, M, NP>(pan, g, xq, xs, o);
+    else if (fmt == I4) gemm_int8dot<true, M, NP>(pan, g, xq, xc, xs, o);
+    else gemm_int8dot<false, M, NP>(pan, g, xq, xc, xs, o);
 }
 template <int NP>
 inline void run_dot(int path, int fmt, int mb, const uint8_t* const* pan, const Geometry& g,
-                    const uint16_t* const* xb, const uint8_t* const* xq, const float* xs, float* o) {
+                    const uint16_t* const* xb, const int8_t* const* xq, const int32_t* const* xc, const float* xs,
+                    float* o) {
     switch (mb) {
-        case 1: run_dot_m<NP, 1>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 2: run_dot_m<NP, 2>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 3: run_dot_m<NP, 3>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 4: run_dot_m<NP, 4>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 5: run_dot_m<NP, 5>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 6: run_dot_m<NP, 6>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 7: run_dot_m<NP, 7>(path, fmt, pan, g, xb, xq, xs, o); break;
-        default: run_dot_m<NP, 8>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 1: run_dot_m<NP, 1>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        case 2: run_dot_m<NP, 2>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        case 3: run_dot_m<NP, 3>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        case 4: run_dot_m<NP, 4>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        case 5: run_dot_m<NP, 5>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        case 6: run_dot_m<NP, 6>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        case 7: run_dot_m<NP, 7>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        default: run_dot_m<NP, 8>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
     }
 }
 // Four panels x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode): o[4][mb][16].
-inline void int8_decode_4(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const uint8_t* const* xq,
-                          const float* xs, float* o) {
+inline void int8_decode_4(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const int8_t* const* xq,
+                          const int32_t* const* xc, const float* xs, float* o) {
     auto go = [&](auto MC) {
         constexpr int MM = decltype(MC)::value;
-        if (fmt == I4) gemm_int8dot<true, MM, 4>(pan, g, xq, xs, o);
-        else gemm_int8dot<false, MM, 4>(pan, g, xq, xs, o);
+        if (fmt == I4) gemm_int8dot<true, MM, 4>(pan, g, xq, xc, xs, o);
+        else gemm_int8dot<false, MM, 4>(pan, g, xq, xc, xs, o);
     };
     switch (mb) {
         case 1: go(std::integral_constant<int, 1>{}); break;
@@ -311,8 +316,11 @@ inline void dequant_pair(const uint8_t* const* pan, int np, const Geometry& g, u
 #endif
 }
 
-// Symmetric per-row int8 quantization stored as u8 = q + 128 (vpdpbusd wants unsigned activations).
-inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
+// Symmetric per-row int8 quantization. corr[gi] = c * (sum of the codes in columns [gi G, (gi + 1) G)),
+// for gi < groups: the offset gemm_int8dot removes (c = 8 for int4, 128 for int8; see there). A zero row
+// gets scale 1 and all-zero codes, so it contributes exactly zero.
+inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int8_t* q, float* scale,
+                            int32_t* corr) {
     float amax = 0.f;
     bool finite = true;
     for (int i = 0; i < n; ++i) {
@@ -320,7 +328,8 @@ inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
         finite &= std::isfinite(x[i]);
     }
     if (!finite) {  // nan_policy "propagate": a NaN scale carries the NaN to every output of the row
-        std::memset(q, 128, size_t(n));
+        std::memset(q, 0, size_t(n));
+        std::fill(corr, corr + groups, 0);
         *scale = std::numeric_limits<float>::quiet_NaN();
         return;
     }
@@ -329,10 +338,17 @@ inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
     for (int i = 0; i < n; ++i) {
         float v = std::nearbyint(x[i] * inv);
         v = std::min(127.f, std::max(-127.f, v));
-        q[i] = uint8_t(int(v) + 128);
+        q[i] = int8_t(v);
+    }
+    for (int gi = 0; gi < groups; ++gi) {
+        int32_t sum = 0;
+        for (int i = gi * G; i < (gi + 1) * G; ++i) sum += q[i];
+        corr[gi] = c * sum;
     }
     *scale = s;
 }
+// The unsigned-weight offset of a format on the vpdpbusd path (gemm_int8dot).
+inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
 
 inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
     for (int t = t0; t < t1; ++t) {
@@ -348,16 +364,18 @@ inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
             uint16_t* xb = c.Xb + int64_t(t) * c.xs;
             for (int i = 0; i < c.xs; ++i) xb[i] = f32_to_bf16(x[i]);
         }
-        if (c.need_xq) quantize_row_u8(x, c.xs, c.Xq + int64_t(t) * c.xs, &c.Xscale[t]);
+        if (c.need_xq)
+            quantize_row_i8(x, c.xs, gu_.G, c.xgroups, weight_offset(fmt_), c.Xq + int64_t(t) * c.xs, &c.Xscale[t],
+                            c.Xcorr + int64_t(t) * c.xgroups);
     }
 }
 
 inline void MoELayer::phase_gather(Ctx& c, int i0, int i1) const {
-    const bool u8 = fmt_ == I8;
+    const bool i8 = fmt_ == I8;
     for (int i = i0; i < i1; ++i) {
         const int64_t r = c.g_rows[i];
         const int t = c.row_tok[r];
-        if (u8) {
+        if (i8) {
             std::memcpy(c.Xg + r * c.xg_stride, c.Xq + int64_t(t) * c.xs, size_t(c.xs));
             c.Xgscale[r] = c.Xscale[t];
         } else {
@@ -432,19 +450,21 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
             } else {
 #if MOETIER_HAS_DOT
                 const uint16_t* xb[DOT_BLOCK];
-                const uint8_t* xq[DOT_BLOCK];
+                const int8_t* xq[DOT_BLOCK];
+                const int32_t* xc[DOT_BLOCK];
                 float xsc[DOT_BLOCK];
                 for (int m = 0; m < mb; ++m) {
                     const int t = c.row_tok[row0 + m0 + m];
                     xb[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
                     xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
+                    xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
                     xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                 }
                 if (wide) {
-                    int8_decode_4(fmt_, mb, pan4, gu_, xq, xsc, o);
+                    int8_decode_4(fmt_, mb, pan4, gu_, xq, xc, xsc, o);
                     finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
                 } else {
-                    run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
+                    run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pan, gu_, xb, xq, xc, xsc, o);
                 }
 #endif
             }
@@ -465,7 +485,8 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
 inline void MoELayer::phase_quantize_h(Ctx& c, int r0, int r1) const {
     for (int i = r0; i < r1; ++i) {
         const int64_t r = c.q_rows[i];
-        quantize_row_u8(c.Hf + r * c.hs, c.hs, c.Hq + r * c.hs, &c.Hscale[r]);
+        quantize_row_i8(c.Hf + r * c.hs, c.hs, dn_.G, c.hgroups, weight_offset(fmt_), c.Hq + r * c.hs, &c.Hscale[r],
+                        c.Hcorr + r * c.hgroups);
     }
 }
 
@@ -523,7 +544,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
 #if MOETIER_HAS_AMX
                     const int64_t r0 = row0 + m0;
                     if (path == P_AMX_INT8)
-                        amx_panels<true>(pan, np, dn_, c.Hq + r0 * c.hs, c.hs, mb, c.Hscale + r0, o);
+                        amx_panels<true>(pan, np, dn_, reinterpret_cast<const uint8_t*>(c.Hq + r0 * c.hs), c.hs, mb,
+                                         c.Hscale + r0, o);
                     else
                         amx_panels<false>(pan, np, dn_, reinterpret_cast<const uint8_t*>(c.Hb + r0 * c.hs),
                                           int64_t(c.hs) * 2, mb, nullptr, o);
@@ -531,18 +553,20 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                 } else {
 #if MOETIER_HAS_DOT
                     const uint16_t* xb[DOT_BLOCK];
-                    const uint8_t* xq[DOT_BLOCK];
+                    const int8_t* xq[DOT_BLOCK];
+                    const int32_t* xc[DOT_BLOCK];
                     float xsc[DOT_BLOCK];
                     for (int m = 0; m < mb; ++m) {
                         const int64_t r = row0 + m0 + m;
                         xb[m] = path != P_INT8DOT ? c.Hb + r * c.hs : nullptr;
                         xq[m] = path == P_INT8DOT ? c.Hq + r * c.hs : nullptr;
+                        xc[m] = path == P_INT8DOT ? c.Hcorr + r * c.hgroups : nullptr;
                         xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
                     }
                     const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-                    if (np == 4) int8_decode_4(fmt_, mb, pan, dn_, xq, xsc, o);
-                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
-                    else run_dot<1>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
+                    if (np == 4) int8_decode_4(fmt_, mb, pan, dn_, xq, xc, xsc, o);
+                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pan, dn_, xb, xq, xc, xsc, o);
+                    else run_dot<1>(kp, fmt_, mb, pan, dn_, xb, xq, xc, xsc, o);
 #endif
                 }
                 for (int q = 0; q < np; ++q)
@@ -623,7 +647,7 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         }
         c.act_path.push_back(path);
         c.need_xb |= bf16_acts(path);
-        c.need_xq |= u8_acts(path);
+        c.need_xq |= i8_acts(path);
         R += count[s];
     }
     c.row_tok.resize(R);
@@ -663,15 +687,18 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     Scratch& sc = thread_scratch();
     c.X = scratch(sc.X, size_t(T) * c.xs);
     if (c.need_xb) c.Xb = scratch(sc.Xb, size_t(T) * c.xs);
+    c.xgroups = gu_.Kp / gu_.G;
+    c.hgroups = dn_.Kp / dn_.G;
     if (c.need_xq) {
         c.Xq = scratch(sc.Xq, size_t(T) * c.xs);
         c.Xscale = scratch(sc.Xscale, size_t(T));
+        c.Xcorr = scratch(sc.Xcorr, size_t(T) * c.xgroups);
     }
     c.Hf = scratch(sc.Hf, size_t(R) * c.hs);
     bool need_hb = false;
     for (size_t a = 0; a < c.act_slot.size(); ++a) {
         need_hb |= bf16_acts(c.act_path[a]);
-        if (u8_acts(c.act_path[a]))
+        if (i8_acts(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
         if (is_amx(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.g_rows.push_back(c.act_row0[a] + m);
@@ -680,6 +707,7 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     if (!c.q_rows.empty()) {
         c.Hq = scratch(sc.Hq, size_t(R_alloc) * c.hs);
         c.Hscale = scratch(sc.Hscale, size_t(R_alloc));
+        c.Hcorr = scratch(sc.Hcorr, size_t(R_alloc) * c.hgroups);
     }
     if (!c.g_rows.empty()) {
         c.xg_stride = int64_t(c.xs) * (fmt_ == I8 ? 1 : 2);

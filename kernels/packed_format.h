@@ -1,7 +1,6 @@
 // The packed weight layout and the repacking of the reference formats (moetier.formats) into it.
 //
 // A matrix W [N out, K in] becomes ceil(N/16) panels of 16 rows. A panel is
-//     [head: 16 fp32 VNNI compensation terms]               (int8/int4 only)
 //     for each group of G input columns:
 //         [16 fp32 scales, one per row]                     (int8, int4, fp8 only)
 //         [G x 16 weights, interleaved per format]
@@ -38,7 +37,7 @@ struct Geometry {
     int Kp = 0;      // padded input columns
     int G = 0;       // columns per scale group (Kp when the format has one group)
     int panels = 0;  // ceil(N / 16)
-    int64_t head = 0, group_bytes = 0, panel_bytes = 0;
+    int64_t group_bytes = 0, panel_bytes = 0;
     bool scaled = false;
 
     Geometry() = default;
@@ -50,16 +49,16 @@ struct Geometry {
             case F32: bits = 32; Kp = int(round_up(K, 8)); G = Kp; break;
             case F16: bits = 16; Kp = int(round_up(K, 8)); G = Kp; break;
             case BF16: bits = 16; Kp = int(round_up(K, 8)); G = Kp; break;
-            case I8: bits = 8; Kp = int(round_up(K, 8)); G = Kp; scaled = true; head = 64; break;
+            case I8: bits = 8; Kp = int(round_up(K, 8)); G = Kp; scaled = true; break;
             case I4:
                 if (group != 32 && group != 64 && group != 128)
                     throw std::invalid_argument("int4 group size must be 32, 64 or 128, got " + std::to_string(group));
-                bits = 4; Kp = int(round_up(K, group)); G = group; scaled = true; head = 64; break;
+                bits = 4; Kp = int(round_up(K, group)); G = group; scaled = true; break;
             case FP8: bits = 8; Kp = int(round_up(K, FP8_BLOCK)); G = FP8_BLOCK; scaled = true; break;
             default: throw std::invalid_argument("unknown format code " + std::to_string(fmt));
         }
         group_bytes = (scaled ? 64 : 0) + int64_t(G) * PANEL * bits / 8;
-        panel_bytes = head + int64_t(Kp / G) * group_bytes;
+        panel_bytes = int64_t(Kp / G) * group_bytes;
     }
     int64_t bytes() const { return int64_t(panels) * panel_bytes; }
     // Bytes of the source matrix in the reference format (moetier.formats): data, then scales.
@@ -96,15 +95,13 @@ void pack_matrix_fmt(const Geometry& g, const uint8_t* src, const float* scales,
     for (int p = 0; p < g.panels; ++p) {
         uint8_t* panel = dst + int64_t(p) * stride;
         std::memset(panel, 0, size_t(g.panel_bytes));
-        double comp[PANEL] = {0};  // 128 * sum_g scale_g * sum_k q[k]: the u8 activation offset, folded out
         for (int gi = 0; gi < ngroups; ++gi) {
-            uint8_t* grp = panel + g.head + int64_t(gi) * g.group_bytes;
+            uint8_t* grp = panel + int64_t(gi) * g.group_bytes;
             uint8_t* w = grp + (g.scaled ? 64 : 0);
             if (FMT == I4) std::memset(w, 0x88, size_t(wbytes));  // code 8 = weight 0
             float* sc = reinterpret_cast<float*>(grp);
             const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
             const int rows = std::min(PANEL, N - p * PANEL);
-            float s_row[PANEL] = {0};
             for (int r = 0; r < rows; ++r) {
                 const int row = p * PANEL + r;
                 float s = 0.f;
@@ -112,16 +109,13 @@ void pack_matrix_fmt(const Geometry& g, const uint8_t* src, const float* scales,
                 else if (FMT == I4) s = scales[int64_t(row) * sgroups_in + gi];
                 else if (FMT == FP8) s = scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;
                 if (g.scaled) sc[r] = s;
-                s_row[r] = s;
             }
-            int64_t qsum_row[PANEL] = {0};
             // 32 columns x 16 rows at a time: the destination block stays in L1, every source row is read
             // sequentially.
             for (int kb = g0; kb < g1; kb += 32)
             for (int r = 0; r < rows; ++r) {
                 const int row = p * PANEL + r;
                 const int k1 = std::min(g1, kb + 32);
-                int64_t qsum = 0;
                 if constexpr (FMT == F32) {
                     const uint32_t* in = reinterpret_cast<const uint32_t*>(src) + int64_t(row) * K;
                     for (int k = kb; k < k1; ++k) std::memcpy(w + int64_t(k - g0) * 64 + r * 4, in + k, 4);
@@ -139,7 +133,6 @@ void pack_matrix_fmt(const Geometry& g, const uint8_t* src, const float* scales,
                     const int8_t* in = reinterpret_cast<const int8_t*>(src) + int64_t(row) * K;
                     for (int k = kb; k < k1; ++k) {
                         w[int64_t((k - g0) / 4) * 64 + r * 4 + ((k - g0) & 3)] = uint8_t(in[k]);
-                        qsum += in[k];
                     }
                 } else {  // I4: 8 columns (4 source bytes) per 32-bit lane
                     const uint8_t* in = src + int64_t(row) * K2;
@@ -149,17 +142,9 @@ void pack_matrix_fmt(const Geometry& g, const uint8_t* src, const float* scales,
                         const uint8_t code = (k & 1) ? (b >> 4) : (b & 15);
                         uint8_t& dstb = w[int64_t(kk / 8) * 64 + r * 4 + (kk & 3)];
                         dstb = (kk & 4) ? uint8_t((dstb & 0x0F) | (code << 4)) : uint8_t((dstb & 0xF0) | code);
-                        qsum += int(code) - 8;
                     }
                 }
-                qsum_row[r] += qsum;
             }
-            if (FMT == I8 || FMT == I4)
-                for (int r = 0; r < rows; ++r) comp[r] += 128.0 * double(s_row[r]) * double(qsum_row[r]);
-        }
-        if (g.head) {
-            float* c = reinterpret_cast<float*>(panel);
-            for (int r = 0; r < PANEL; ++r) c[r] = float(comp[r]);
         }
     }
 }

@@ -4,7 +4,8 @@
 //   each weight byte is loaded once for all of an expert's tokens. Independent partial sums per column
 //   phase (NA) keep enough FMAs in flight when M is 1 or 2.
 // gemm_bf16dot: vdpbf16ps on the bf16 pair layout; activations rounded to bf16 (prefill).
-// gemm_int8dot: vpdpbusd on int8/int4 with activations quantized per token to int8 (prefill).
+// gemm_int8dot: vpdpbusd on int8/int4 with activations quantized per token to int8 (prefill, and decode
+//   on model-sized rows).
 #pragma once
 #include "packed_format.h"
 
@@ -24,7 +25,7 @@ void gemm_f32(const uint8_t* const* panels, const Geometry& g, const float* cons
     const float* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = x[m];
     const uint8_t* p[NP];
-    for (int q = 0; q < NP; ++q) p[q] = panels[q] + g.head;
+    for (int q = 0; q < NP; ++q) p[q] = panels[q];
     V acc[NP][M];
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m) acc[q][m] = vzero();
@@ -100,7 +101,7 @@ void gemm_bf16dot(const uint8_t* const* panels, const Geometry& g, const uint16_
 // relative per weight, the same as rounding the activations.
 template <class D, bool SCALED>
 void dequant_bf16_pairs(const uint8_t* panel, const Geometry& g, uint8_t* dst) {
-    const uint8_t* p = panel + g.head;
+    const uint8_t* p = panel;
     uint8_t* out = dst;
     const int ngroups = g.Kp / g.G;
     for (int gi = 0; gi < ngroups; ++gi) {
@@ -123,27 +124,27 @@ void dequant_bf16_pairs(const uint8_t* panel, const Geometry& g, uint8_t* dst) {
     }
 }
 
-// xq[m]: activations as u8 (q + 128), xs[m]: their per-row scale. Weights int8 quads or int4 octets.
-// sum_k (q_x + 128) w = sum_k q_x w + 128 sum_k w: the second term is the panel head (per row, scaled).
+// vpdpbusd multiplies unsigned by signed bytes. The activations are the signed side (xq[m]: int8 codes,
+// xs[m]: their per-row scale) and the weights the unsigned one: int4 nibbles are stored as q + 8 and
+// int8 weights become q + 128 with one xor. The offset comes back out in integers, per group:
+//     sum_k q_x (q_w + c) - c sum_k q_x = sum_k q_x q_w        (c = 8 or 128)
+// so every group sum is exact, and a zero activation row (all codes 0, whatever its scale) gives +0.0.
+// xcorr[m][gi] = c * sum of the row's codes in group gi (int8: one group), start value -xcorr.
 template <bool INT4, int M, int NP>
-void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t* const* xq, const float* xs,
-                  float* out) {
+void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const int8_t* const* xq,
+                  const int32_t* const* xcorr, const float* xs, float* out) {
     // Few tokens: two accumulator sets (int4: low/high nibbles; int8: even/odd quads) so each dpbusd chain
     // has half the length and decode is not bound by the instruction's latency.
     constexpr int NS = M <= 4 ? 2 : 1;
-    const uint8_t* xr[M];
+    const int8_t* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = xq[m];
     const uint8_t* p[NP];
-    __m512 comp[NP];
-    for (int q = 0; q < NP; ++q) {
-        comp[q] = _mm512_loadu_ps(reinterpret_cast<const float*>(panels[q]));
-        p[q] = panels[q] + g.head;
-    }
+    for (int q = 0; q < NP; ++q) p[q] = panels[q];
     __m512 acc[NP][M];
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
     const int ngroups = g.Kp / g.G;
-    const __m512i lo4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
     for (int gi = 0; gi < ngroups; ++gi) {
         __m512 scl[NP];
         for (int q = 0; q < NP; ++q) {
@@ -151,9 +152,13 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
             p[q] += 64;
         }
         __m512i ai[NS][NP][M];
-        for (int a = 0; a < NS; ++a)
-            for (int q = 0; q < NP; ++q)
-                for (int m = 0; m < M; ++m) ai[a][q][m] = _mm512_setzero_si512();
+        for (int m = 0; m < M; ++m) {
+            const __m512i c0 = _mm512_set1_epi32(-xcorr[m][gi]);
+            for (int q = 0; q < NP; ++q) {
+                ai[0][q][m] = c0;
+                if constexpr (NS == 2) ai[1][q][m] = _mm512_setzero_si512();
+            }
+        }
         const int k_end = (gi + 1) * g.G;
         if constexpr (!INT4) {
             // Group sizes are multiples of 8 columns: two quads per step.
@@ -162,8 +167,8 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
                 for (int q = 0; q < NP; ++q) {
                     _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES, PF_HINT);
                     _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES + 64, PF_HINT);
-                    w0[q] = _mm512_loadu_si512(p[q]);
-                    w1[q] = _mm512_loadu_si512(p[q] + 64);
+                    w0[q] = _mm512_xor_si512(_mm512_loadu_si512(p[q]), sign);
+                    w1[q] = _mm512_xor_si512(_mm512_loadu_si512(p[q] + 64), sign);
                     p[q] += 128;
                 }
                 for (int m = 0; m < M; ++m) {
@@ -172,8 +177,8 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
                     std::memcpy(&q1, xr[m] + k + 4, 4);
                     const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
                     for (int q = 0; q < NP; ++q) {
-                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], x0, w0[q]);
-                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], x1, w1[q]);
+                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], w0[q], x0);
+                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], w1[q], x1);
                     }
                 }
             }
@@ -183,8 +188,8 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
                 for (int q = 0; q < NP; ++q) {
                     _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES, PF_HINT);
                     const __m512i raw = _mm512_loadu_si512(p[q]);
-                    wl[q] = _mm512_sub_epi8(_mm512_and_si512(raw, lo4), eight);
-                    wh[q] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4), eight);
+                    wl[q] = _mm512_and_si512(raw, lo4);
+                    wh[q] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
                     p[q] += 64;
                 }
                 for (int m = 0; m < M; ++m) {
@@ -193,8 +198,8 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
                     std::memcpy(&q1, xr[m] + k + 4, 4);
                     const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
                     for (int q = 0; q < NP; ++q) {
-                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], x0, wl[q]);
-                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], x1, wh[q]);
+                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], wl[q], x0);
+                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], wh[q], x1);
                     }
                 }
             }
@@ -208,8 +213,7 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
     }
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m)
-            _mm512_storeu_ps(out + (q * M + m) * PANEL,
-                             _mm512_mul_ps(_mm512_sub_ps(acc[q][m], comp[q]), _mm512_set1_ps(xs[m])));
+            _mm512_storeu_ps(out + (q * M + m) * PANEL, _mm512_mul_ps(acc[q][m], _mm512_set1_ps(xs[m])));
 }
 #endif
 

@@ -102,3 +102,11 @@ def test_conformance_suite_passes_on_the_tile_kernels(emulated):
     report = run_suite([emulated_backend(emulated)], seed=int(torch.randint(0, 2**31, ()).item()))
     failures = [(r.fmt, r.case, r.detail) for r in report.results if r.status == "failed"]
     assert report.ok and report.n_run >= 56 * 8, failures
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8_e4m3", "fp16", "int4_g64"])
+def test_zero_in_gives_zero_out_on_tiles(emulated, fmt):
+    """The exact-zero cases of test_native_zeros on the tile kernels (prefill) and the decode paths."""
+    from test_native_zeros import check_exact_zeros
+
+    check_exact_zeros(lambda: emulated_backend(emulated), fmt, int(torch.randint(0, 2**31, ()).item()))
