@@ -1,10 +1,13 @@
 // One MoE layer's held experts in the packed layout, and the fused forward over them.
 //
 // forward: route (token, slot) pairs to held experts; phase 0 converts the activations once (fp32, and
-// bf16 / int8 copies when a prefill kernel wants them); phase 1 runs gate+up+activation per (expert,
-// block of 4 panels) into h; phase 2 runs down per block of output panels, looping over the experts, and
-// accumulates w * (down h + bias) in fp32, so no two tasks ever write the same output element. With
-// more than one NUMA node, every node reduces its own experts into its own buffer and phase 3 sums them.
+// bf16 / int8 copies when a kernel wants them); phase 1 runs gate+up+activation per (expert, run of
+// bundles) into h. Phase 2: a decode expert (<= DECODE_MAX_TOKENS rows) streams its down matrix in long
+// runs of whole bundles into its own rows of Y; the prefill experts run down per block of output panels,
+// looping over the experts, and accumulate w * (down h + bias) in fp32, so no two tasks ever write the
+// same element. Phase 3 (when there are decode rows, or several NUMA nodes, each of which reduces its
+// own prefill experts into its own buffer) sums per token: the nodes' buffers, then the token's decode
+// rows in expert-id order. The order of every sum is fixed, so results do not depend on thread count.
 #pragma once
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -27,11 +30,15 @@ namespace moetier_kernels {
 inline namespace MOETIER_NS {
 
 enum Act : int { SILU = 0, SWIGLU_OAI = 1 };
-constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming fp32 path runs
+constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming decode kernels run
 constexpr int INT8_DECODE_MIN_K = 256;  // shortest rows (hidden and intermediate) for int8-activation decode
-constexpr int GU_CHUNK = 4;           // gate/up panels per phase-1 task
-constexpr int DN_CHUNK_MIN = 2;       // down panels per phase-2 task: at least, at most
-constexpr int DN_CHUNK_MAX = 16;
+constexpr int GU_PREFILL_BUNDLES = 2;   // gate/up bundles (4 pairs) per phase-1 task of a prefill expert
+// Decode tasks stream about this many contiguous bytes of one expert: every jump to another stream
+// costs the core a DRAM latency before the prefetchers run again (one core, bf16-like work: runs of
+// 128 KiB reach ~85% of the plain read rate, 512 KiB ~95%).
+constexpr int64_t DECODE_RUN_BYTES = 512 << 10;
+constexpr int DN_CHUNK_MIN = BUNDLE;    // down panels per prefill phase-2 task: at least, at most
+constexpr int DN_CHUNK_MAX = 4 * BUNDLE;
 constexpr int TILE_ROW_PAD = AMX_TOKENS;  // rows past the last one that AMX tile loads may read
 
 // Memory for packed experts: huge-page chunks (huge_pages.h) shared by the experts of a layer, so huge
@@ -115,7 +122,8 @@ class MoELayer {
     MoELayer(int num_experts, int H, int I, int fmt, int group, int act, float alpha, float limit, bool has_bias,
              bool int8_activations)
         : num_experts_(num_experts), H_(H), I_(I), fmt_(fmt), act_(act), alpha_(alpha), limit_(limit),
-          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H), dn_(fmt, group, H, I) {
+          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H), dn_(fmt, group, H, I),
+          gu_deq_(BF16, 0, I, gu_.Kp), dn_deq_(BF16, 0, H, dn_.Kp) {
         if (num_experts < 1) throw std::invalid_argument("num_experts must be positive");
         if (act != SILU && act != SWIGLU_OAI) throw std::invalid_argument("unknown activation code");
         slot_of_.assign(num_experts, -1);
@@ -129,7 +137,7 @@ class MoELayer {
     bool int8_activations() const { return int8_acts_; }
     static bool has_dot_kernels() { return MOETIER_HAS_DOT; }
 
-    // Pack one expert (reference storage, see pack_matrix). Biases: fp32 [I], [I], [H] or null.
+    // Pack one expert (reference storage, see PanelSource). Biases: fp32 [I], [I], [H] or null.
     void add_expert(int id, const uint8_t* g, const float* gs, const uint8_t* u, const float* us, const uint8_t* d,
                     const float* ds, const float* bg, const float* bu, const float* bd, int node, int num_nodes) {
         if (id < 0 || id >= num_experts_) throw std::out_of_range("expert id out of range");
@@ -141,10 +149,16 @@ class MoELayer {
         slot->id = id;
         slot->node = node < 0 ? 0 : node;
         uint8_t* base = slot->mem = arena_.allocate(size_t(expert_bytes()), node, num_nodes);
-        // Gate and up panels interleaved (g0 u0 g1 u1 ...) so one task streams both.
-        pack_matrix(gu_, g, gs, base, 2 * gu_.panel_bytes);
-        pack_matrix(gu_, u, us, base + gu_.panel_bytes, 2 * gu_.panel_bytes);
-        pack_matrix(dn_, d, ds, base + 2 * gu_.bytes(), dn_.panel_bytes);
+        // Gate and up panels alternate (g0 u0 g1 u1 ...), so a bundle holds two gate/up pairs.
+        std::vector<PanelSource> src(size_t(2) * gu_.panels);
+        for (int p = 0; p < gu_.panels; ++p) {
+            src[2 * p] = {g, gs, p};
+            src[2 * p + 1] = {u, us, p};
+        }
+        pack_panels(gu_, 2 * gu_.panels, src.data(), base);
+        src.resize(dn_.panels);
+        for (int p = 0; p < dn_.panels; ++p) src[p] = {d, ds, p};
+        pack_panels(dn_, dn_.panels, src.data(), down_of(base));
         if (has_bias_) {
             slot->bg.assign(size_t(gu_.panels) * PANEL, 0.f);
             slot->bu.assign(size_t(gu_.panels) * PANEL, 0.f);
@@ -169,24 +183,24 @@ class MoELayer {
     float alpha_, limit_;
     bool has_bias_, int8_acts_;
     Geometry gu_, dn_;
+    Geometry gu_deq_, dn_deq_;  // fp8/fp16 panels dequantized to bf16 pairs (prefill)
     std::vector<int> slot_of_;
     std::vector<std::unique_ptr<ExpertSlot>> slots_;
     std::mutex slots_m_;
     ExpertArena arena_;
 
-    // Decode on the bf16 and int8-dot paths streams four weight panels per call (two gate/up pairs, or
-    // four down panels): four streams keep more DRAM requests in flight than two (one core, Qwen3
-    // layer: int4_g64 17.2 -> 19.6 GB/s, bf16 24.6 -> 27.2, int8 +3%).
-    bool four_streams(int path, int M) const {
-        return (path == P_INT8DOT || (path == P_F32 && fmt_ == BF16)) && M <= DECODE_MAX_TOKENS;
-    }
+    const uint8_t* down_of(const uint8_t* mem) const { return mem + 2 * gu_.bytes(); }
+    uint8_t* down_of(uint8_t* mem) const { return mem + 2 * gu_.bytes(); }
+    Panels gu_bundle(const ExpertSlot& s, int b) const { return bundle(s.mem, gu_, 2 * gu_.panels, b); }
+    Panels dn_bundle(const ExpertSlot& s, int b) const { return bundle(down_of(s.mem), dn_, dn_.panels, b); }
 
     struct Ctx;
     void phase_convert(Ctx& c, int t0, int t1) const;
     void phase_gather(Ctx& c, int i0, int i1) const;
-    void phase_gate_up(Ctx& c, int a, int p0, int p1) const;
+    void phase_gate_up(Ctx& c, int a, int b0, int b1) const;
     void phase_quantize_h(Ctx& c, int r0, int r1) const;
     void phase_down(Ctx& c, int node, int p0, int p1) const;
+    void phase_down_decode(Ctx& c, int a, int b0, int b1) const;
     void phase_reduce(Ctx& c, int t0, int t1) const;
     void write_out(Ctx& c, const float* acc, int t0, int t1, int c0, int c1) const;
 };
@@ -200,12 +214,17 @@ struct MoELayer::Ctx {
     std::vector<int> act_slot, act_row0, act_m, act_path;
     std::vector<int> row_tok;
     std::vector<float> row_w;
-    std::vector<std::vector<int>> node_active;  // per node: indices into act_*
-    std::vector<int> active_nodes;
+    std::vector<std::vector<int>> node_prefill;  // per node: prefill experts (indices into act_*)
+    std::vector<int> active_nodes;               // nodes with prefill experts
+    // Decode experts (<= DECODE_MAX_TOKENS rows) write down(h) + bias per row into Y; the final phase adds
+    // each token's decode rows, in expert-id order, after its prefill sum.
+    std::vector<int> row_y;                    // per row of a decode expert: its row in Y (else -1)
+    std::vector<int> tok_ystart, tok_yrows;    // per token: its decode rows, in expert-id order
+    bool any_decode = false;
     bool need_xb = false, need_xq = false;
-    int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator
+    int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator (and Y)
     // Scratch (not zero-initialized; every element read is written first), see Scratch.
-    float *X = nullptr, *Xscale = nullptr, *Hf = nullptr, *Hscale = nullptr, *acc = nullptr;
+    float *X = nullptr, *Xscale = nullptr, *Hf = nullptr, *Hscale = nullptr, *acc = nullptr, *Y = nullptr;
     uint16_t *Xb = nullptr, *Hb = nullptr;
     int8_t *Xq = nullptr, *Hq = nullptr;
     int32_t *Xcorr = nullptr, *Hcorr = nullptr;  // per row and group: c * sum of the codes (gemm_int8dot)
@@ -226,7 +245,7 @@ inline T* scratch(std::vector<T>& v, size_t n) {
     return v.data();
 }
 struct Scratch {
-    std::vector<float> X, Xscale, Xgscale, Hf, Hscale, acc;
+    std::vector<float> X, Xscale, Xgscale, Hf, Hscale, acc, Y;
     std::vector<uint16_t> Xb, Hb;
     std::vector<int8_t> Xq, Hq;
     std::vector<int32_t> Xcorr, Hcorr;
@@ -237,83 +256,98 @@ inline Scratch& thread_scratch() {
     return s;
 }
 
-// ---- kernel dispatch on the runtime token-block size -----------------------------------------------
+// ---- kernel dispatch on the runtime token-block size and panel count ----------------------------------
 template <int NP, class D, bool SC>
-MOE_INLINE void run_f32(int mb, const uint8_t* const* pan, const Geometry& g, const float* const* x, float* o) {
+MOE_INLINE void run_f32(int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
     switch (mb) {
-        case 1: gemm_f32<D, 1, NP, SC>(pan, g, x, o); break;
-        case 2: gemm_f32<D, 2, NP, SC>(pan, g, x, o); break;
-        case 3: gemm_f32<D, 3, NP, SC>(pan, g, x, o); break;
-        default: gemm_f32<D, 4, NP, SC>(pan, g, x, o); break;
+        case 1: gemm_f32<D, 1, NP, SC>(pn, g, x, o); break;
+        case 2: gemm_f32<D, 2, NP, SC>(pn, g, x, o); break;
+        case 3: gemm_f32<D, 3, NP, SC>(pn, g, x, o); break;
+        default: gemm_f32<D, 4, NP, SC>(pn, g, x, o); break;
     }
 }
 template <int NP>
-inline void run_f32_fmt(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const float* const* x,
-                        float* o) {
+inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
     switch (fmt) {
-        case F32: run_f32<NP, DecF32, false>(mb, pan, g, x, o); break;
-        case F16: run_f32<NP, DecF16, false>(mb, pan, g, x, o); break;
-        case BF16: run_f32<NP, DecBF16, false>(mb, pan, g, x, o); break;
-        case I8: run_f32<NP, DecI8, true>(mb, pan, g, x, o); break;
-        case I4: run_f32<NP, DecI4, true>(mb, pan, g, x, o); break;
-        default: run_f32<NP, DecFP8, true>(mb, pan, g, x, o); break;
+        case F32: run_f32<NP, DecF32, false>(mb, pn, g, x, o); break;
+        case F16: run_f32<NP, DecF16, false>(mb, pn, g, x, o); break;
+        case BF16: run_f32<NP, DecBF16, false>(mb, pn, g, x, o); break;
+        case I8: run_f32<NP, DecI8, true>(mb, pn, g, x, o); break;
+        case I4: run_f32<NP, DecI4, true>(mb, pn, g, x, o); break;
+        default: run_f32<NP, DecFP8, true>(mb, pn, g, x, o); break;
+    }
+}
+// `np` (1-4) panels starting at pn.q0.
+inline void run_f32_np(int np, int fmt, int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
+    switch (np) {
+        case 1: run_f32_fmt<1>(fmt, mb, pn, g, x, o); break;
+        case 2: run_f32_fmt<2>(fmt, mb, pn, g, x, o); break;
+        case 3: run_f32_fmt<3>(fmt, mb, pn, g, x, o); break;
+        default: run_f32_fmt<4>(fmt, mb, pn, g, x, o); break;
     }
 }
 constexpr int F32_BLOCK = 4;
 #if MOETIER_HAS_DOT
 constexpr int DOT_BLOCK = 8;
 template <int NP, int M>
-MOE_INLINE void run_dot_m(int path, int fmt, const uint8_t* const* pan, const Geometry& g, const uint16_t* const* xb,
+MOE_INLINE void run_dot_m(int path, int fmt, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
                           const int8_t* const* xq, const int32_t* const* xc, const float* xs, float* o) {
-    if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pan, g, xb, o);
-    else if (fmt == I4) gemm_int8dot<true, M, NP>(pan, g, xq, xc, xs, o);
-    else gemm_int8dot<false, M, NP>(pan, g, xq, xc, xs, o);
+    if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pn, g, xb, o);
+    else if (fmt == I4) gemm_int8dot<true, M, NP>(pn, g, xq, xc, xs, o);
+    else gemm_int8dot<false, M, NP>(pn, g, xq, xc, xs, o);
 }
 template <int NP>
-inline void run_dot(int path, int fmt, int mb, const uint8_t* const* pan, const Geometry& g,
-                    const uint16_t* const* xb, const int8_t* const* xq, const int32_t* const* xc, const float* xs,
-                    float* o) {
+inline void run_dot(int path, int fmt, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
+                    const int8_t* const* xq, const int32_t* const* xc, const float* xs, float* o) {
     switch (mb) {
-        case 1: run_dot_m<NP, 1>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
-        case 2: run_dot_m<NP, 2>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
-        case 3: run_dot_m<NP, 3>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
-        case 4: run_dot_m<NP, 4>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
-        case 5: run_dot_m<NP, 5>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
-        case 6: run_dot_m<NP, 6>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
-        case 7: run_dot_m<NP, 7>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
-        default: run_dot_m<NP, 8>(path, fmt, pan, g, xb, xq, xc, xs, o); break;
+        case 1: run_dot_m<NP, 1>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 2: run_dot_m<NP, 2>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 3: run_dot_m<NP, 3>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 4: run_dot_m<NP, 4>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 5: run_dot_m<NP, 5>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 6: run_dot_m<NP, 6>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 7: run_dot_m<NP, 7>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        default: run_dot_m<NP, 8>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
     }
 }
-// Four panels x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode): o[4][mb][16].
-inline void int8_decode_4(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const int8_t* const* xq,
-                          const int32_t* const* xc, const float* xs, float* o) {
-    auto go = [&](auto MC) {
-        constexpr int MM = decltype(MC)::value;
-        if (fmt == I4) gemm_int8dot<true, MM, 4>(pan, g, xq, xc, xs, o);
-        else gemm_int8dot<false, MM, 4>(pan, g, xq, xc, xs, o);
+// A whole bundle (`np` = 1-4 panels) x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode).
+inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometry& g, const int8_t* const* xq,
+                        const int32_t* const* xc, const float* xs, float* o) {
+    auto go = [&](auto MC, auto NC) {
+        constexpr int MM = decltype(MC)::value, NN = decltype(NC)::value;
+        if (fmt == I4) gemm_int8dot<true, MM, NN>(pn, g, xq, xc, xs, o);
+        else gemm_int8dot<false, MM, NN>(pn, g, xq, xc, xs, o);
+    };
+    auto with_np = [&](auto MC) {
+        switch (np) {
+            case 1: go(MC, std::integral_constant<int, 1>{}); break;
+            case 2: go(MC, std::integral_constant<int, 2>{}); break;
+            case 3: go(MC, std::integral_constant<int, 3>{}); break;
+            default: go(MC, std::integral_constant<int, 4>{}); break;
+        }
     };
     switch (mb) {
-        case 1: go(std::integral_constant<int, 1>{}); break;
-        case 2: go(std::integral_constant<int, 2>{}); break;
-        case 3: go(std::integral_constant<int, 3>{}); break;
-        default: go(std::integral_constant<int, 4>{}); break;
+        case 1: with_np(std::integral_constant<int, 1>{}); break;
+        case 2: with_np(std::integral_constant<int, 2>{}); break;
+        case 3: with_np(std::integral_constant<int, 3>{}); break;
+        default: with_np(std::integral_constant<int, 4>{}); break;
     }
 }
 #else
 constexpr int DOT_BLOCK = 4;
 #endif
 
-// fp8/fp16 panels -> bf16 pair layout (see dequant_bf16_pairs), `np` panels into consecutive slots.
-inline void dequant_pair(const uint8_t* const* pan, int np, const Geometry& g, uint8_t* dst) {
+// fp8/fp16 panels (`np` of `pn`) -> a bf16 pair bundle of np panels at dst (see dequant_bf16_pairs).
+inline Panels dequant_panels(const Panels& pn, int np, const Geometry& g, uint8_t* dst) {
 #if MOETIER_HAS_DOT
     for (int q = 0; q < np; ++q) {
-        uint8_t* d = dst + size_t(q) * g.Kp * PANEL * 2;
-        if (g.fmt == FP8) dequant_bf16_pairs<DecFP8, true>(pan[q], g, d);
-        else dequant_bf16_pairs<DecF16, false>(pan[q], g, d);
+        if (g.fmt == FP8) dequant_bf16_pairs<DecFP8, true>(pn.sub(q), g, dst, np, q);
+        else dequant_bf16_pairs<DecF16, false>(pn.sub(q), g, dst, np, q);
     }
 #else
-    (void)pan, (void)np, (void)g, (void)dst;
+    (void)pn, (void)g;
 #endif
+    return {dst, np, 0};
 }
 
 // Symmetric per-row int8 quantization. corr[gi] = c * (sum of the codes in columns [gi G, (gi + 1) G)),
@@ -384,14 +418,15 @@ inline void MoELayer::phase_gather(Ctx& c, int i0, int i1) const {
     }
 }
 
-inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
+inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
     const ExpertSlot& s = *slots_[c.act_slot[a]];
     const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
     const bool tiles = is_amx(path);
+    const bool decode = M <= DECODE_MAX_TOKENS;
     const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
     const bool bf16_h = bf16_acts(path);
-    alignas(64) float o[2 * 32 * PANEL];
-    uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_.Kp * PANEL * 2) : nullptr;
+    alignas(64) float o[4 * 32 * PANEL];
+    uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_deq_.panel_bytes) : nullptr;
 #if MOETIER_HAS_AMX
     amx::TileSession tile_session;
     if (tiles) tile_session.ensure();
@@ -418,61 +453,73 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
                 for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
         }
     };
-    const bool wide_ok = four_streams(path, M);
-    for (int p = p0; p < p1; ++p) {
-        const bool wide = wide_ok && p + 1 < p1;  // two gate/up pairs in one call
-        const uint8_t* pan[2] = {s.mem + 2 * int64_t(p) * gu_.panel_bytes,
-                                 s.mem + (2 * int64_t(p) + 1) * gu_.panel_bytes};
-        const uint8_t* pan4[4] = {pan[0], pan[1], pan[1] + gu_.panel_bytes, pan[1] + 2 * gu_.panel_bytes};
-        if (deq) {
-            dequant_pair(pan, 2, gu_, deq);
-            pan[0] = deq;
-            pan[1] = deq + size_t(gu_.Kp) * PANEL * 2;
-        }
-        for (int m0 = 0; m0 < M; m0 += block) {
-            const int mb = std::min(block, M - m0);
-            const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
+    for (int b = b0; b < b1; ++b) {
+        const Panels bd = gu_bundle(s, b);  // gate/up pairs 2b (panels 0, 1) and 2b + 1 (panels 2, 3)
+        if (decode && !tiles) {
+            // The whole bundle in one call: one sequential stream.
             if (path == P_F32) {
                 const float* x[F32_BLOCK];
-                for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
-                if (wide) {
-                    run_f32<4, DecBF16, false>(mb, pan4, gu_, x, o);
-                    finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
-                } else {
-                    run_f32_fmt<2>(fmt_, mb, pan, gu_, x, o);
-                }
-            } else if (tiles) {
-#if MOETIER_HAS_AMX
-                const uint8_t* xa = c.Xg + int64_t(row0 + m0) * c.xg_stride;
-                if (path == P_AMX_INT8) amx_panels<true>(pan, 2, gu_, xa, c.xg_stride, mb, c.Xgscale + row0 + m0, o);
-                else amx_panels<false>(pan, 2, gu_, xa, c.xg_stride, mb, nullptr, o);
-#endif
+                for (int m = 0; m < M; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m]) * c.xs;
+                run_f32_np(bd.n, fmt_, M, bd, gu_, x, o);
             } else {
 #if MOETIER_HAS_DOT
-                const uint16_t* xb[DOT_BLOCK];
-                const int8_t* xq[DOT_BLOCK];
-                const int32_t* xc[DOT_BLOCK];
-                float xsc[DOT_BLOCK];
-                for (int m = 0; m < mb; ++m) {
-                    const int t = c.row_tok[row0 + m0 + m];
-                    xb[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
-                    xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
-                    xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
-                    xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
+                const int8_t* xq[DECODE_MAX_TOKENS];
+                const int32_t* xc[DECODE_MAX_TOKENS];
+                float xsc[DECODE_MAX_TOKENS];
+                for (int m = 0; m < M; ++m) {
+                    const int t = c.row_tok[row0 + m];
+                    xq[m] = c.Xq + int64_t(t) * c.xs;
+                    xc[m] = c.Xcorr + int64_t(t) * c.xgroups;
+                    xsc[m] = c.Xscale[t];
                 }
-                if (wide) {
-                    int8_decode_4(fmt_, mb, pan4, gu_, xq, xc, xsc, o);
-                    finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
-                } else {
-                    run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pan, gu_, xb, xq, xc, xsc, o);
-                }
+                int8_decode(fmt_, bd.n, M, bd, gu_, xq, xc, xsc, o);
 #endif
             }
-            finish(p, o, o + ld * PANEL, m0, mb);
+            for (int j = 0; 2 * j < bd.n; ++j) finish(2 * b + j, o + 2 * j * M * PANEL, o + (2 * j + 1) * M * PANEL, 0, M);
+            continue;
         }
-        if (wide) ++p;  // its second pair is done
+        for (int j = 0; 2 * j < bd.n; ++j) {  // prefill: one gate/up pair per call, every token block
+            const int p = 2 * b + j;
+            Panels pr = bd.sub(2 * j);
+            const Geometry* g = &gu_;
+            if (deq) {
+                pr = dequant_panels(pr, 2, gu_, deq);
+                g = &gu_deq_;
+            }
+            for (int m0 = 0; m0 < M; m0 += block) {
+                const int mb = std::min(block, M - m0);
+                const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
+                if (path == P_F32) {
+                    const float* x[F32_BLOCK];
+                    for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
+                    run_f32_fmt<2>(fmt_, mb, pr, gu_, x, o);
+                } else if (tiles) {
+#if MOETIER_HAS_AMX
+                    const uint8_t* xa = c.Xg + int64_t(row0 + m0) * c.xg_stride;
+                    if (path == P_AMX_INT8) amx_panels<true>(pr, 2, *g, xa, c.xg_stride, mb, c.Xgscale + row0 + m0, o);
+                    else amx_panels<false>(pr, 2, *g, xa, c.xg_stride, mb, nullptr, o);
+#endif
+                } else {
+#if MOETIER_HAS_DOT
+                    const uint16_t* xb[DOT_BLOCK];
+                    const int8_t* xq[DOT_BLOCK];
+                    const int32_t* xc[DOT_BLOCK];
+                    float xsc[DOT_BLOCK];
+                    for (int m = 0; m < mb; ++m) {
+                        const int t = c.row_tok[row0 + m0 + m];
+                        xb[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
+                        xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
+                        xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
+                        xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
+                    }
+                    run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
+#endif
+                }
+                finish(p, o, o + ld * PANEL, m0, mb);
+            }
+        }
     }
-    if (p1 == gu_.panels) {  // the columns past the last panel are read by the down kernel: zero them
+    if (b1 == bundles(2 * gu_.panels)) {  // the columns past the last panel are read by the down kernel: zero them
         for (int m = 0; m < M; ++m) {
             const int64_t r = row0 + m;
             std::fill(c.Hf + r * c.hs + gu_.panels * PANEL, c.Hf + (r + 1) * c.hs, 0.f);
@@ -504,6 +551,45 @@ inline void MoELayer::write_out(Ctx& c, const float* acc, int t0, int t1, int c0
     }
 }
 
+// Down projection of a decode expert's rows (<= DECODE_MAX_TOKENS), bundles [b0, b1), whole bundles per
+// call (one sequential stream), into its rows of Y (+ bias).
+inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
+    const ExpertSlot& s = *slots_[c.act_slot[a]];
+    const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
+    alignas(64) float o[4 * DECODE_MAX_TOKENS * PANEL];
+    for (int b = b0; b < b1; ++b) {
+        const Panels bd = dn_bundle(s, b);
+        if (path == P_F32) {
+            const float* x[F32_BLOCK];
+            for (int m = 0; m < M; ++m) x[m] = c.Hf + int64_t(row0 + m) * c.hs;
+            run_f32_np(bd.n, fmt_, M, bd, dn_, x, o);
+        } else {
+#if MOETIER_HAS_DOT
+            const int8_t* xq[DECODE_MAX_TOKENS];
+            const int32_t* xc[DECODE_MAX_TOKENS];
+            float xsc[DECODE_MAX_TOKENS];
+            for (int m = 0; m < M; ++m) {
+                const int64_t r = row0 + m;
+                xq[m] = c.Hq + r * c.hs;
+                xc[m] = c.Hcorr + r * c.hgroups;
+                xsc[m] = c.Hscale[r];
+            }
+            int8_decode(fmt_, bd.n, M, bd, dn_, xq, xc, xsc, o);
+#endif
+        }
+        for (int q = 0; q < bd.n; ++q) {
+            const int p = BUNDLE * b + q;
+            for (int m = 0; m < M; ++m) {
+                V y = vload(o + (q * M + m) * PANEL);
+                if (has_bias_) y = vadd(y, vload(s.bd.data() + p * PANEL));
+                vstore(c.Y + int64_t(c.row_y[row0 + m]) * c.hp + p * PANEL, y);
+            }
+        }
+    }
+}
+
+// Down projection of the prefill experts of `node`, output panels [p0, p1) (whole bundles), every token:
+// acc = sum over the experts in id order of w * (down h + bias). No other task writes these elements.
 inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
     float* acc = c.acc + int64_t(node) * c.T * c.hp;
     for (int t = 0; t < c.T; ++t) std::fill(acc + int64_t(t) * c.hp + p0 * PANEL, acc + int64_t(t) * c.hp + p1 * PANEL, 0.f);
@@ -511,7 +597,7 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
 #if MOETIER_HAS_AMX
     amx::TileSession tile_session;
 #endif
-    for (int a : c.node_active[node]) {
+    for (int a : c.node_prefill[node]) {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
         const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
         const bool tiles = is_amx(path);
@@ -519,17 +605,15 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
 #if MOETIER_HAS_AMX
         if (tiles) tile_session.ensure();
 #endif
-        const uint8_t* down = s.mem + 2 * gu_.bytes();
-        const bool wide_ok = four_streams(path, M);
         for (int p = p0, np = 0; p < p1; p += np) {
-            np = wide_ok && p + 4 <= p1 ? 4 : std::min(2, p1 - p);
-            const uint8_t* pan[4] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes,
-                                     down + int64_t(p + 2) * dn_.panel_bytes, down + int64_t(p + 3) * dn_.panel_bytes};
+            const Panels bd = dn_bundle(s, p / BUNDLE);
+            const int q0 = p % BUNDLE;
+            np = std::min(2, bd.n - q0);
+            Panels pr = bd.sub(q0);
+            const Geometry* g = &dn_;
             if (is_deq(path)) {
-                uint8_t* deq = scratch(thread_scratch().deq, size_t(2) * dn_.Kp * PANEL * 2);
-                dequant_pair(pan, np, dn_, deq);
-                pan[0] = deq;
-                pan[1] = deq + size_t(dn_.Kp) * PANEL * 2;
+                pr = dequant_panels(pr, np, dn_, scratch(thread_scratch().deq, size_t(2) * dn_deq_.panel_bytes));
+                g = &dn_deq_;
             }
             for (int m0 = 0; m0 < M; m0 += block) {
                 const int mb = std::min(block, M - m0);
@@ -537,17 +621,15 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                 if (path == P_F32) {
                     const float* x[F32_BLOCK];
                     for (int m = 0; m < mb; ++m) x[m] = c.Hf + int64_t(row0 + m0 + m) * c.hs;
-                    if (np == 4) run_f32<4, DecBF16, false>(mb, pan, dn_, x, o);
-                    else if (np == 2) run_f32_fmt<2>(fmt_, mb, pan, dn_, x, o);
-                    else run_f32_fmt<1>(fmt_, mb, pan, dn_, x, o);
+                    run_f32_np(np, fmt_, mb, pr, dn_, x, o);
                 } else if (tiles) {
 #if MOETIER_HAS_AMX
                     const int64_t r0 = row0 + m0;
                     if (path == P_AMX_INT8)
-                        amx_panels<true>(pan, np, dn_, reinterpret_cast<const uint8_t*>(c.Hq + r0 * c.hs), c.hs, mb,
+                        amx_panels<true>(pr, np, dn_, reinterpret_cast<const uint8_t*>(c.Hq + r0 * c.hs), c.hs, mb,
                                          c.Hscale + r0, o);
                     else
-                        amx_panels<false>(pan, np, dn_, reinterpret_cast<const uint8_t*>(c.Hb + r0 * c.hs),
+                        amx_panels<false>(pr, np, *g, reinterpret_cast<const uint8_t*>(c.Hb + r0 * c.hs),
                                           int64_t(c.hs) * 2, mb, nullptr, o);
 #endif
                 } else {
@@ -564,9 +646,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                         xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
                     }
                     const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-                    if (np == 4) int8_decode_4(fmt_, mb, pan, dn_, xq, xc, xsc, o);
-                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pan, dn_, xb, xq, xc, xsc, o);
-                    else run_dot<1>(kp, fmt_, mb, pan, dn_, xb, xq, xc, xsc, o);
+                    if (np == 2) run_dot<2>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
+                    else run_dot<1>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
 #endif
                 }
                 for (int q = 0; q < np; ++q)
@@ -580,19 +661,30 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
             }
         }
     }
-    if (c.active_nodes.size() == 1) write_out(c, acc, 0, c.T, p0 * PANEL, p1 * PANEL);
+    if (c.active_nodes.size() == 1 && !c.any_decode) write_out(c, acc, 0, c.T, p0 * PANEL, p1 * PANEL);
 }
 
+// Tokens [t0, t1): the prefill sums of every node (summed into node 0's buffer), then the token's decode
+// rows in expert-id order (w * Y), then the output.
 inline void MoELayer::phase_reduce(Ctx& c, int t0, int t1) const {
-    // Multi-node: sum the per-node accumulators into node 0's, then convert.
     float* a0 = c.acc;
-    const int n0 = c.active_nodes[0];
     for (int t = t0; t < t1; ++t) {
         float* dst = a0 + int64_t(t) * c.hp;
-        if (n0 != 0) std::memcpy(dst, c.acc + (int64_t(n0) * c.T + t) * c.hp, size_t(c.hp) * 4);
-        for (size_t i = 1; i < c.active_nodes.size(); ++i) {
-            const float* src = c.acc + (int64_t(c.active_nodes[i]) * c.T + t) * c.hp;
-            for (int j = 0; j < c.hp; ++j) dst[j] += src[j];
+        if (c.active_nodes.empty()) {
+            std::fill(dst, dst + c.hp, 0.f);
+        } else {
+            const int n0 = c.active_nodes[0];
+            if (n0 != 0) std::memcpy(dst, c.acc + (int64_t(n0) * c.T + t) * c.hp, size_t(c.hp) * 4);
+            for (size_t i = 1; i < c.active_nodes.size(); ++i) {
+                const float* src = c.acc + (int64_t(c.active_nodes[i]) * c.T + t) * c.hp;
+                for (int j = 0; j < c.hp; ++j) dst[j] += src[j];
+            }
+        }
+        for (int i = c.tok_ystart[t]; i < c.tok_ystart[t + 1]; ++i) {
+            const int r = c.tok_yrows[i];
+            const float* y = c.Y + int64_t(c.row_y[r]) * c.hp;
+            const V w = vset1(c.row_w[r]);
+            for (int j = 0; j < c.hp; j += PANEL) vstore(dst + j, vfma(vload(y + j), w, vload(dst + j)));
         }
     }
     write_out(c, a0, t0, t1, 0, H_);
@@ -660,11 +752,30 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             c.row_tok[r] = t;
             c.row_w[r] = w[int64_t(t) * K + j];
         }
-    c.node_active.assign(num_nodes, {});
-    for (int a = 0; a < int(c.act_slot.size()); ++a)
-        c.node_active[std::min(slots_[c.act_slot[a]]->node, num_nodes - 1)].push_back(a);
+    // Decode experts: rows in Y and per-token lists (rows ascend with expert id); prefill experts per node.
+    c.node_prefill.assign(num_nodes, {});
+    c.row_y.assign(R, -1);
+    int Y_rows = 0;
+    for (int a = 0; a < int(c.act_slot.size()); ++a) {
+        if (c.act_m[a] <= DECODE_MAX_TOKENS) {
+            for (int m = 0; m < c.act_m[a]; ++m) c.row_y[c.act_row0[a] + m] = Y_rows++;
+        } else {
+            c.node_prefill[std::min(slots_[c.act_slot[a]]->node, num_nodes - 1)].push_back(a);
+        }
+    }
+    c.any_decode = Y_rows > 0;
     for (int nd = 0; nd < num_nodes; ++nd)
-        if (!c.node_active[nd].empty()) c.active_nodes.push_back(nd);
+        if (!c.node_prefill[nd].empty()) c.active_nodes.push_back(nd);
+    c.tok_ystart.assign(T + 1, 0);
+    for (int r = 0; r < R; ++r)
+        if (c.row_y[r] >= 0) ++c.tok_ystart[c.row_tok[r] + 1];
+    for (int t = 0; t < T; ++t) c.tok_ystart[t + 1] += c.tok_ystart[t];
+    c.tok_yrows.resize(Y_rows);
+    {
+        std::vector<int> pos(c.tok_ystart.begin(), c.tok_ystart.end() - 1);
+        for (int r = 0; r < R; ++r)
+            if (c.row_y[r] >= 0) c.tok_yrows[pos[c.row_tok[r]]++] = r;
+    }
     // ---- buffers ----
     bool any_tiles = false;
     for (int path : c.act_path) any_tiles |= is_amx(path);
@@ -679,7 +790,7 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     // Tile loads read up to AMX_TOKENS rows past an expert's last row: allocate them (never used).
     const int R_alloc = R + (any_tiles ? TILE_ROW_PAD : 0);
     c.hp = dn_.panels * PANEL;
-    if (c.active_nodes.empty()) {  // nothing held is routed to: zeros
+    if (R == 0) {  // nothing held is routed to: zeros
         if (out_bf16) std::memset(out, 0, size_t(T) * H_ * 2);
         else std::memset(out, 0, size_t(T) * H_ * 4);
         return;
@@ -715,22 +826,36 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         if (fmt_ == I8) c.Xgscale = scratch(sc.Xgscale, size_t(R_alloc));
     }
     c.acc = scratch(sc.acc, size_t(num_nodes) * T * c.hp);
+    if (c.any_decode) c.Y = scratch(sc.Y, size_t(Y_rows) * c.hp);
     // ---- task lists ----
     constexpr int CONVERT_CHUNK = 4, QUANT_CHUNK = 2, GATHER_CHUNK = 16;
-    // Down tasks loop over every routed expert, each streaming its slice of panels: longer slices keep
-    // the hardware prefetcher on one stream longer; ~8 tasks per thread still balance the load.
-    const int dn_chunk = std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, dn_.panels / (8 * pool.size())));
-    std::vector<std::unique_ptr<TaskQueue>> gu_tasks, dn_tasks;
+    // Prefill down tasks loop over every prefill expert, each streaming its slice of panels: longer
+    // slices keep the hardware prefetcher on one stream longer; ~8 tasks per thread still balance the load.
+    const int dn_chunk = int(round_up(
+        std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, dn_.panels / (8 * pool.size()))), BUNDLE));
+    const int gu_bundles = bundles(2 * gu_.panels), dn_bundles = bundles(dn_.panels);
+    // Decode experts: runs of whole bundles of about DECODE_RUN_BYTES each.
+    const int gu_run = int(std::max<int64_t>(1, DECODE_RUN_BYTES / (BUNDLE * gu_.panel_bytes)));
+    const int dn_run = int(std::max<int64_t>(1, DECODE_RUN_BYTES / (BUNDLE * dn_.panel_bytes)));
+    std::vector<std::unique_ptr<TaskQueue>> gu_tasks, dn_tasks, dd_tasks;
     for (int nd = 0; nd < num_nodes; ++nd) {
         gu_tasks.push_back(std::make_unique<TaskQueue>());
         dn_tasks.push_back(std::make_unique<TaskQueue>());
-        for (int a : c.node_active[nd])
-            for (int p = 0; p < gu_.panels; p += GU_CHUNK)
-                gu_tasks[nd]->items.push_back({a, p, std::min(gu_.panels, p + GU_CHUNK)});
-        if (!c.node_active[nd].empty())
+        dd_tasks.push_back(std::make_unique<TaskQueue>());
+    }
+    for (int a = 0; a < int(c.act_slot.size()); ++a) {
+        const int nd = std::min(slots_[c.act_slot[a]]->node, num_nodes - 1);
+        const bool decode = c.act_m[a] <= DECODE_MAX_TOKENS;
+        const int run = decode ? gu_run : GU_PREFILL_BUNDLES;
+        for (int b = 0; b < gu_bundles; b += run) gu_tasks[nd]->items.push_back({a, b, std::min(gu_bundles, b + run)});
+        if (decode)
+            for (int b = 0; b < dn_bundles; b += dn_run)
+                dd_tasks[nd]->items.push_back({a, b, std::min(dn_bundles, b + dn_run)});
+    }
+    for (int nd = 0; nd < num_nodes; ++nd)
+        if (!c.node_prefill[nd].empty())
             for (int p = 0; p < dn_.panels; p += dn_chunk)
                 dn_tasks[nd]->items.push_back({nd, p, std::min(dn_.panels, p + dn_chunk)});
-    }
     // Phases are ordered by counting finished work, not by waiting for every thread: a worker the OS
     // descheduled (another process on its core) finds the work taken by the others when it comes back
     // and falls through, instead of holding everyone at a barrier.
@@ -740,10 +865,10 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     int gu_total = 0, dn_total = 0;
     for (int nd = 0; nd < num_nodes; ++nd) {
         gu_total += int(gu_tasks[nd]->items.size());
-        dn_total += int(dn_tasks[nd]->items.size());
+        dn_total += int(dn_tasks[nd]->items.size()) + int(dd_tasks[nd]->items.size());
     }
     const int q_total = int(c.q_rows.size());
-    const bool multi = c.active_nodes.size() > 1;
+    const bool reduce = c.active_nodes.size() > 1 || c.any_decode;
     // Take tasks from the worker's own node first, then help the other nodes.
     auto drain = [&](std::vector<std::unique_ptr<TaskQueue>>& qs, int worker, std::atomic<int>& done, auto&& fn) {
         const int home = pool.node_of(worker) % num_nodes;
@@ -771,8 +896,9 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         wait_count(gu_done, gu_total);
         chunks(quant_next, quant_done, q_total, QUANT_CHUNK, [&](int a, int b) { phase_quantize_h(c, a, b); });
         wait_count(quant_done, q_total);
+        drain(dd_tasks, worker, dn_done, [&](const std::array<int, 3>& t) { phase_down_decode(c, t[0], t[1], t[2]); });
         drain(dn_tasks, worker, dn_done, [&](const std::array<int, 3>& t) { phase_down(c, t[0], t[1], t[2]); });
-        if (multi) {
+        if (reduce) {
             wait_count(dn_done, dn_total);
             chunks(reduce_next, reduce_done, T, CONVERT_CHUNK, [&](int a, int b) { phase_reduce(c, a, b); });
         }
