@@ -50,12 +50,31 @@ def build(out_dir: Path, variant: str = VARIANT, defines: tuple[str, ...] = ()) 
     return out_dir / (f"_moe_{variant}" + sysconfig.get_config_var("EXT_SUFFIX"))
 
 
+class _OlderBuild:
+    """A module built from an older tree, whose MoELayer may take fewer arguments than the backend passes
+    (the newest ones are options with defaults): it gets the ones it knows."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def MoELayer(self, *args):  # noqa: N802 (the extension's class name)
+        for n in range(len(args), 0, -1):
+            try:
+                return self._module.MoELayer(*args[:n])
+            except TypeError:
+                continue
+        raise TypeError("no MoELayer signature of this build accepts the arguments")
+
+
 def _load(module_dir: Path):
     path = Path(module_dir) / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
     spec = importlib.util.spec_from_file_location(MODULE, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return _OlderBuild(module)
 
 
 def run_one(module_dir: Path, fmt: str, threads: list[int], batches: list[int], seconds: float, seed: int) -> list[dict]:

@@ -23,6 +23,7 @@
 
 #include "amx_kernels.h"
 #include "huge_pages.h"
+#include "fp8_vbmi.h"
 #include "panel_kernels.h"
 #include "thread_pool.h"
 
@@ -103,13 +104,17 @@ struct ExpertSlot {
     std::vector<float> bg, bu, bd;    // zero-padded biases (empty without biases)
 };
 
-// P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only). P_AMX_*: the amx
-// build's prefill on tiles: bf16 panels, int8 panels with int8 activations, fp8/fp16 dequantized to bf16.
-enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3, P_AMX_BF16 = 4, P_AMX_INT8 = 5, P_AMX_DEQ = 6 };
-inline bool is_amx(int path) { return path >= P_AMX_BF16; }
+// P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only). P_FP8DOT: fp8 with
+// the VBMI lookups and vdpbf16ps (decode with bf16 hi + lo activations, prefill with bf16 ones). P_AMX_*:
+// the amx build's prefill on tiles: bf16 panels, int8 panels with int8 activations, fp8/fp16 dequantized
+// to bf16.
+enum Path : int {
+    P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3, P_FP8DOT = 4, P_AMX_BF16 = 5, P_AMX_INT8 = 6, P_AMX_DEQ = 7
+};
+inline bool is_amx(int path) { return path == P_AMX_BF16 || path == P_AMX_INT8 || path == P_AMX_DEQ; }
 inline bool is_deq(int path) { return path == P_DEQDOT || path == P_AMX_DEQ; }
 // Paths whose activations (x for gate/up, h for down) are bf16, and whose are int8 with per-row scales.
-inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16; }
+inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16 || path == P_FP8DOT; }
 inline bool i8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
 
 struct TaskQueue {
@@ -119,14 +124,19 @@ struct TaskQueue {
 
 class MoELayer {
    public:
+    // fp8_vbmi: compute fp8 with the VBMI kernels (fp8_vbmi.h) where this build and CPU can.
     MoELayer(int num_experts, int H, int I, int fmt, int group, int act, float alpha, float limit, bool has_bias,
-             bool int8_activations)
+             bool int8_activations, bool fp8_vbmi = true)
         : num_experts_(num_experts), H_(H), I_(I), fmt_(fmt), act_(act), alpha_(alpha), limit_(limit),
           has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H), dn_(fmt, group, H, I),
           gu_deq_(BF16, 0, I, gu_.Kp), dn_deq_(BF16, 0, H, dn_.Kp) {
         if (num_experts < 1) throw std::invalid_argument("num_experts must be positive");
         if (act != SILU && act != SWIGLU_OAI) throw std::invalid_argument("unknown activation code");
         slot_of_.assign(num_experts, -1);
+#if MOETIER_HAS_DOT
+        fp8_vbmi_ = fmt == FP8 && fp8_vbmi && cpu_has_vbmi();
+#endif
+        gu_.fp8_pairs = dn_.fp8_pairs = fp8_vbmi_;
     }
 
     const Geometry& gate_up_geometry() const { return gu_; }
@@ -135,6 +145,7 @@ class MoELayer {
     int num_slots() const { return int(slots_.size()); }
     int num_experts() const { return num_experts_; }
     bool int8_activations() const { return int8_acts_; }
+    bool fp8_vbmi() const { return fp8_vbmi_; }
     static bool has_dot_kernels() { return MOETIER_HAS_DOT; }
 
     // Pack one expert (reference storage, see PanelSource). Biases: fp32 [I], [I], [H] or null.
@@ -182,6 +193,7 @@ class MoELayer {
     int num_experts_, H_, I_, fmt_, act_;
     float alpha_, limit_;
     bool has_bias_, int8_acts_;
+    bool fp8_vbmi_ = false;
     Geometry gu_, dn_;
     Geometry gu_deq_, dn_deq_;  // fp8/fp16 panels dequantized to bf16 pairs (prefill)
     std::vector<int> slot_of_;
@@ -221,11 +233,13 @@ struct MoELayer::Ctx {
     std::vector<int> row_y;                    // per row of a decode expert: its row in Y (else -1)
     std::vector<int> tok_ystart, tok_yrows;    // per token: its decode rows, in expert-id order
     bool any_decode = false;
-    bool need_xb = false, need_xq = false;
+    bool need_xb = false, need_xq = false, need_xl = false;
+    std::vector<uint8_t> x_exact;  // per token: x is exactly bf16 (its low part Xl is zero)
     int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator (and Y)
     // Scratch (not zero-initialized; every element read is written first), see Scratch.
     float *X = nullptr, *Xscale = nullptr, *Hf = nullptr, *Hscale = nullptr, *acc = nullptr, *Y = nullptr;
     uint16_t *Xb = nullptr, *Hb = nullptr;
+    uint16_t *Xl = nullptr, *Hl = nullptr;  // bf16 low parts: x - bf16(x), for fp8 decode
     int8_t *Xq = nullptr, *Hq = nullptr;
     int32_t *Xcorr = nullptr, *Hcorr = nullptr;  // per row and group: c * sum of the codes (gemm_int8dot)
     int xgroups = 0, hgroups = 0;
@@ -246,7 +260,7 @@ inline T* scratch(std::vector<T>& v, size_t n) {
 }
 struct Scratch {
     std::vector<float> X, Xscale, Xgscale, Hf, Hscale, acc, Y;
-    std::vector<uint16_t> Xb, Hb;
+    std::vector<uint16_t> Xb, Hb, Xl, Hl;
     std::vector<int8_t> Xq, Hq;
     std::vector<int32_t> Xcorr, Hcorr;
     std::vector<uint8_t> deq, Xg;
@@ -333,6 +347,42 @@ inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometr
         default: with_np(std::integral_constant<int, 4>{}); break;
     }
 }
+// fp8 on the VBMI kernels: decode (mb <= DECODE_MAX_TOKENS, a whole bundle of np <= 4 panels, split 1
+// or 2) or prefill (mb <= DOT_BLOCK, np <= 2, split 1).
+inline void fp8_dot(int np, int mb, int split, const Panels& pn, const Geometry& g, const uint16_t* const* xh,
+                    const uint16_t* const* xl, float* o) {
+    auto go = [&](auto MC, auto NC, auto SC) {
+        gemm_fp8dot<decltype(MC)::value, decltype(NC)::value, decltype(SC)::value>(pn, g, xh, xl, o);
+    };
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    auto decode = [&](auto MC) {
+        auto with_np = [&](auto SC) {
+            switch (np) {
+                case 1: go(MC, I1{}, SC); break;
+                case 2: go(MC, I2{}, SC); break;
+                case 3: go(MC, std::integral_constant<int, 3>{}, SC); break;
+                default: go(MC, std::integral_constant<int, 4>{}, SC); break;
+            }
+        };
+        if (split == 2) with_np(I2{});
+        else with_np(I1{});
+    };
+    auto prefill = [&](auto MC) {
+        if (np == 1) go(MC, I1{}, I1{});
+        else go(MC, I2{}, I1{});
+    };
+    switch (mb) {
+        case 1: decode(I1{}); break;
+        case 2: decode(I2{}); break;
+        case 3: decode(std::integral_constant<int, 3>{}); break;
+        case 4: decode(std::integral_constant<int, 4>{}); break;
+        case 5: prefill(std::integral_constant<int, 5>{}); break;
+        case 6: prefill(std::integral_constant<int, 6>{}); break;
+        case 7: prefill(std::integral_constant<int, 7>{}); break;
+        default: prefill(std::integral_constant<int, 8>{}); break;
+    }
+}
 #else
 constexpr int DOT_BLOCK = 4;
 #endif
@@ -341,7 +391,8 @@ constexpr int DOT_BLOCK = 4;
 inline Panels dequant_panels(const Panels& pn, int np, const Geometry& g, uint8_t* dst) {
 #if MOETIER_HAS_DOT
     for (int q = 0; q < np; ++q) {
-        if (g.fmt == FP8) dequant_bf16_pairs<DecFP8, true>(pn.sub(q), g, dst, np, q);
+        if (g.fmt == FP8 && g.fp8_pairs) dequant_fp8_pairs(pn.sub(q), g, dst, np, q);
+        else if (g.fmt == FP8) dequant_bf16_pairs<DecFP8, true>(pn.sub(q), g, dst, np, q);
         else dequant_bf16_pairs<DecF16, false>(pn.sub(q), g, dst, np, q);
     }
 #else
@@ -397,6 +448,12 @@ inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
         if (c.need_xb) {
             uint16_t* xb = c.Xb + int64_t(t) * c.xs;
             for (int i = 0; i < c.xs; ++i) xb[i] = f32_to_bf16(x[i]);
+            if (c.need_xl) {
+                uint16_t* xl = c.Xl + int64_t(t) * c.xs;
+                uint16_t any = 0;
+                for (int i = 0; i < c.xs; ++i) any |= xl[i] = f32_to_bf16(x[i] - bf16_to_f32(xb[i]));
+                c.x_exact[t] = (any & 0x7FFF) == 0;
+            }
         }
         if (c.need_xq)
             quantize_row_i8(x, c.xs, gu_.G, c.xgroups, weight_offset(fmt_), c.Xq + int64_t(t) * c.xs, &c.Xscale[t],
@@ -425,6 +482,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
     const bool decode = M <= DECODE_MAX_TOKENS;
     const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
     const bool bf16_h = bf16_acts(path);
+    const bool lo_h = path == P_FP8DOT && decode;  // the down projection splits h into bf16 hi + lo
     alignas(64) float o[4 * 32 * PANEL];
     uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_deq_.panel_bytes) : nullptr;
 #if MOETIER_HAS_AMX
@@ -451,6 +509,11 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
             vstore(hf, h);
             if (bf16_h)
                 for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
+            if (lo_h)
+                for (int i = 0; i < PANEL; ++i) {
+                    const int64_t at = r * c.hs + p * PANEL + i;
+                    c.Hl[at] = f32_to_bf16(hf[i] - bf16_to_f32(c.Hb[at]));
+                }
         }
     };
     for (int b = b0; b < b1; ++b) {
@@ -461,6 +524,19 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                 const float* x[F32_BLOCK];
                 for (int m = 0; m < M; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m]) * c.xs;
                 run_f32_np(bd.n, fmt_, M, bd, gu_, x, o);
+            } else if (path == P_FP8DOT) {
+#if MOETIER_HAS_DOT
+                const uint16_t* xh[DECODE_MAX_TOKENS];
+                const uint16_t* xl[DECODE_MAX_TOKENS];
+                bool exact = true;
+                for (int m = 0; m < M; ++m) {
+                    const int t = c.row_tok[row0 + m];
+                    xh[m] = c.Xb + int64_t(t) * c.xs;
+                    xl[m] = c.Xl + int64_t(t) * c.xs;
+                    exact &= c.x_exact[t] != 0;
+                }
+                fp8_dot(bd.n, M, exact ? 1 : 2, bd, gu_, xh, xl, o);
+#endif
             } else {
 #if MOETIER_HAS_DOT
                 const int8_t* xq[DECODE_MAX_TOKENS];
@@ -512,7 +588,8 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                         xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
                         xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                     }
-                    run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
+                    if (path == P_FP8DOT) fp8_dot(2, mb, 1, pr, *g, xb, nullptr, o);
+                    else run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
 #endif
                 }
                 finish(p, o, o + ld * PANEL, m0, mb);
@@ -525,6 +602,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
             std::fill(c.Hf + r * c.hs + gu_.panels * PANEL, c.Hf + (r + 1) * c.hs, 0.f);
             if (bf16_h)
                 std::fill(c.Hb + r * c.hs + gu_.panels * PANEL, c.Hb + (r + 1) * c.hs, uint16_t(0));
+            if (lo_h) std::fill(c.Hl + r * c.hs + gu_.panels * PANEL, c.Hl + (r + 1) * c.hs, uint16_t(0));
         }
     }
 }
@@ -563,6 +641,16 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
             const float* x[F32_BLOCK];
             for (int m = 0; m < M; ++m) x[m] = c.Hf + int64_t(row0 + m) * c.hs;
             run_f32_np(bd.n, fmt_, M, bd, dn_, x, o);
+        } else if (path == P_FP8DOT) {
+#if MOETIER_HAS_DOT
+            const uint16_t* xh[DECODE_MAX_TOKENS];
+            const uint16_t* xl[DECODE_MAX_TOKENS];
+            for (int m = 0; m < M; ++m) {
+                xh[m] = c.Hb + int64_t(row0 + m) * c.hs;
+                xl[m] = c.Hl + int64_t(row0 + m) * c.hs;
+            }
+            fp8_dot(bd.n, M, 2, bd, dn_, xh, xl, o);
+#endif
         } else {
 #if MOETIER_HAS_DOT
             const int8_t* xq[DECODE_MAX_TOKENS];
@@ -646,7 +734,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                         xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
                     }
                     const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-                    if (np == 2) run_dot<2>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
+                    if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, *g, xb, nullptr, o);
+                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
                     else run_dot<1>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
 #endif
                 }
@@ -726,7 +815,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         const bool prefill = count[s] > DECODE_MAX_TOKENS;
         int path = P_F32;
         if (MOETIER_HAS_DOT) {
-            if (fmt_ == BF16 && prefill) path = P_BF16DOT;
+            if (fp8_vbmi_) path = P_FP8DOT;
+            else if (fmt_ == BF16 && prefill) path = P_BF16DOT;
             else if ((fmt_ == FP8 || fmt_ == F16) && prefill) path = P_DEQDOT;
             else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_ && (prefill || std::min(H_, I_) >= INT8_DECODE_MIN_K))
                 path = P_INT8DOT;
@@ -734,12 +824,13 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         // int4 keeps vpdpbusd: its per-group scales would need a tile store per 32-128 columns.
         if (MOETIER_HAS_AMX && prefill) {
             if (path == P_BF16DOT) path = P_AMX_BF16;
-            else if (path == P_DEQDOT) path = P_AMX_DEQ;
+            else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
             else if (path == P_INT8DOT && fmt_ == I8) path = P_AMX_INT8;
         }
         c.act_path.push_back(path);
         c.need_xb |= bf16_acts(path);
         c.need_xq |= i8_acts(path);
+        c.need_xl |= path == P_FP8DOT && !prefill;
         R += count[s];
     }
     c.row_tok.resize(R);
@@ -798,6 +889,10 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     Scratch& sc = thread_scratch();
     c.X = scratch(sc.X, size_t(T) * c.xs);
     if (c.need_xb) c.Xb = scratch(sc.Xb, size_t(T) * c.xs);
+    if (c.need_xl) {
+        c.Xl = scratch(sc.Xl, size_t(T) * c.xs);
+        c.x_exact.assign(T, 0);
+    }
     c.xgroups = gu_.Kp / gu_.G;
     c.hgroups = dn_.Kp / dn_.G;
     if (c.need_xq) {
@@ -815,6 +910,7 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             for (int m = 0; m < c.act_m[a]; ++m) c.g_rows.push_back(c.act_row0[a] + m);
     }
     if (need_hb) c.Hb = scratch(sc.Hb, size_t(R_alloc) * c.hs);
+    if (c.need_xl) c.Hl = scratch(sc.Hl, size_t(R_alloc) * c.hs);
     if (!c.q_rows.empty()) {
         c.Hq = scratch(sc.Hq, size_t(R_alloc) * c.hs);
         c.Hscale = scratch(sc.Hscale, size_t(R_alloc));

@@ -51,6 +51,7 @@ struct Geometry {
     int lines = 0;          // weight lines per group and panel
     int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel
     bool scaled = false;
+    bool fp8_pairs = false;  // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
 
     Geometry() = default;
     Geometry(int fmt_, int group, int N_, int K_) : fmt(fmt_), N(N_), K(K_) {
@@ -177,7 +178,8 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                             } else if constexpr (FMT == BF16) {  // vdpbf16ps pair order
                                 std::memcpy(line + r * 4 + j * 2, reinterpret_cast<const uint16_t*>(ps.data) + int64_t(row) * K + k, 2);
                             } else if constexpr (FMT == FP8) {
-                                line[j * 16 + r] = ps.data[int64_t(row) * K + k];
+                                const int at = g.fp8_pairs ? (r / 4) * 16 + (j / 2) * 8 + (r % 4) * 2 + (j % 2) : j * 16 + r;
+                                line[at] = ps.data[int64_t(row) * K + k];
                             } else if constexpr (FMT == I8) {  // vpdpbusd quad order
                                 line[r * 4 + j] = ps.data[int64_t(row) * K + k];
                             } else {  // I4: 8 columns (4 source bytes) per 32-bit lane, low nibble for j < 4

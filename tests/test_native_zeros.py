@@ -23,7 +23,7 @@ import torch
 
 from moetier import ExpertLayerSpec, ExpertWeights
 from moetier.formats import QuantizedTensor, quantize
-from test_native_common import RUNNABLE, make_backend, needs_native, random_layer, routing
+from test_native_common import DOT_VARIANTS, RUNNABLE, make_backend, needs_native, random_layer, routing
 
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
 E, K, H, I = 4, 2, 264, 256
@@ -101,3 +101,10 @@ def check_exact_zeros(backend_factory, fmt: str, seed: int) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_zero_in_gives_zero_out(variant, fmt, monkeypatch):
     check_exact_zeros(lambda: make_backend(variant, monkeypatch), fmt, torch.seed())
+
+
+@pytest.mark.skipif(not set(DOT_VARIANTS) & set(RUNNABLE), reason="no vdpbf16ps variant runs on this CPU")
+def test_zero_in_gives_zero_out_fp8_without_vbmi(monkeypatch):
+    """The VNNI build's fp8 path for CPUs without AVX512-VBMI (the other one runs in the test above)."""
+    variant = [v for v in DOT_VARIANTS if v in RUNNABLE][0]
+    check_exact_zeros(lambda: make_backend(variant, monkeypatch, fp8_vbmi=False), "fp8_e4m3", torch.seed())
