@@ -45,6 +45,7 @@ def build(out_dir: Path, variant: str = VARIANT, defines: tuple[str, ...] = ()) 
     cmd = build_ext(dist)
     cmd.build_lib = str(out_dir)
     cmd.build_temp = str(out_dir / "tmp")
+    cmd.force = True  # the headers are not listed as dependencies here
     cmd.ensure_finalized()
     cmd.run()
     return out_dir / (f"_moe_{variant}" + sysconfig.get_config_var("EXT_SUFFIX"))
@@ -126,6 +127,16 @@ def run_one(module_dir: Path, fmt: str, threads: list[int], batches: list[int], 
                        p10_gb_per_s=1e-9 / per_byte[len(per_byte) // 10])
             if t == 1:  # the caller's thread did all the work: its CPU time leaves out preemption
                 rec["cpu_gb_per_s"] = statistics.fmean(used) / statistics.median(cpu) / 1e9
+                rec["cpu_gflop_per_s"] = flops_per_forward(layer, b) / statistics.median(cpu) / 1e9
+            kind = "bf16" if fmt in ("bf16", "fp8_e4m3", "fp16") else "int8"
+            rec["peak_kind"] = kind
+            peak = probes.bf16_peak if kind == "bf16" else probes.int8_peak
+            rec["peak_gflop_per_s"] = max(peak(inv, t) for _ in range(3)) / 1e9  # best of 3: preemption only lowers it
+            if t == 1:  # the same probe in the caller's CPU time (its ~25 ms calibration counted too: <= 3% low)
+                fn = getattr(probes._module(), "bf16_peak" if kind == "bf16" else "int8_peak")
+                c0 = time.thread_time()
+                r = fn(1, 1.0)
+                rec["cpu_peak_gflop_per_s"] = r["ops_per_s"] * r["seconds"] / (time.thread_time() - c0) / 1e9
             out.append(rec)
         del be
     return out

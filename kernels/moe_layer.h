@@ -34,6 +34,10 @@ enum Act : int { SILU = 0, SWIGLU_OAI = 1 };
 constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming decode kernels run
 constexpr int INT8_DECODE_MIN_K = 256;  // shortest rows (hidden and intermediate) for int8-activation decode
 constexpr int GU_PREFILL_BUNDLES = 2;   // gate/up bundles (4 pairs) per phase-1 task of a prefill expert
+// Up to this many tokens per expert the dot kernels take whole bundles (one sequential stream) in blocks of
+// BUNDLE_TOKENS tokens; more take two panels x DOT_BLOCK tokens per call.
+constexpr int BUNDLE_MAX_TOKENS = 16;
+constexpr int BUNDLE_TOKENS = 4;
 // Decode tasks stream about this many contiguous bytes of one expert: every jump to another stream
 // costs the core a DRAM latency before the prefetchers run again (one core, bf16-like work: runs of
 // 128 KiB reach ~85% of the plain read rate, 512 KiB ~95%).
@@ -116,6 +120,12 @@ inline bool is_deq(int path) { return path == P_DEQDOT || path == P_AMX_DEQ; }
 // Paths whose activations (x for gate/up, h for down) are bf16, and whose are int8 with per-row scales.
 inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16 || path == P_FP8DOT; }
 inline bool i8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
+// Whether an expert of M tokens on `path` runs whole bundles per call (decode, and the dot paths up to
+// BUNDLE_MAX_TOKENS tokens), or two panels per call.
+inline bool bundle_path(int path, int M) {
+    if (M <= DECODE_MAX_TOKENS) return !is_amx(path);
+    return M <= BUNDLE_MAX_TOKENS && (path == P_BF16DOT || path == P_INT8DOT || path == P_FP8DOT);
+}
 
 struct TaskQueue {
     std::vector<std::array<int, 3>> items;
@@ -383,6 +393,24 @@ inline void fp8_dot(int np, int mb, int split, const Panels& pn, const Geometry&
         default: prefill(std::integral_constant<int, 8>{}); break;
     }
 }
+// A whole bundle (np <= 4 panels) x mb <= BUNDLE_TOKENS tokens on the vdpbf16ps kernel.
+inline void bf16_bundle(int np, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* o) {
+    auto go = [&](auto MC, auto NC) { gemm_bf16dot<decltype(MC)::value, decltype(NC)::value>(pn, g, xb, o); };
+    auto with_np = [&](auto MC) {
+        switch (np) {
+            case 1: go(MC, std::integral_constant<int, 1>{}); break;
+            case 2: go(MC, std::integral_constant<int, 2>{}); break;
+            case 3: go(MC, std::integral_constant<int, 3>{}); break;
+            default: go(MC, std::integral_constant<int, 4>{}); break;
+        }
+    };
+    switch (mb) {
+        case 1: with_np(std::integral_constant<int, 1>{}); break;
+        case 2: with_np(std::integral_constant<int, 2>{}); break;
+        case 3: with_np(std::integral_constant<int, 3>{}); break;
+        default: with_np(std::integral_constant<int, 4>{}); break;
+    }
+}
 #else
 constexpr int DOT_BLOCK = 4;
 #endif
@@ -483,6 +511,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
     const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
     const bool bf16_h = bf16_acts(path);
     const bool lo_h = path == P_FP8DOT && decode;  // the down projection splits h into bf16 hi + lo
+    const bool bundle_calls = bundle_path(path, M);
     alignas(64) float o[4 * 32 * PANEL];
     uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_deq_.panel_bytes) : nullptr;
 #if MOETIER_HAS_AMX
@@ -518,40 +547,39 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
     };
     for (int b = b0; b < b1; ++b) {
         const Panels bd = gu_bundle(s, b);  // gate/up pairs 2b (panels 0, 1) and 2b + 1 (panels 2, 3)
-        if (decode && !tiles) {
-            // The whole bundle in one call: one sequential stream.
-            if (path == P_F32) {
-                const float* x[F32_BLOCK];
-                for (int m = 0; m < M; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m]) * c.xs;
-                run_f32_np(bd.n, fmt_, M, bd, gu_, x, o);
-            } else if (path == P_FP8DOT) {
+        if (bundle_calls) {
+            // Whole bundles (one sequential stream), up to BUNDLE_TOKENS tokens per call.
+            for (int m0 = 0; m0 < M; m0 += BUNDLE_TOKENS) {
+                const int mb = std::min(BUNDLE_TOKENS, M - m0);
+                if (path == P_F32) {
+                    const float* x[F32_BLOCK];
+                    for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
+                    run_f32_np(bd.n, fmt_, mb, bd, gu_, x, o);
+                } else {
 #if MOETIER_HAS_DOT
-                const uint16_t* xh[DECODE_MAX_TOKENS];
-                const uint16_t* xl[DECODE_MAX_TOKENS];
-                bool exact = true;
-                for (int m = 0; m < M; ++m) {
-                    const int t = c.row_tok[row0 + m];
-                    xh[m] = c.Xb + int64_t(t) * c.xs;
-                    xl[m] = c.Xl + int64_t(t) * c.xs;
-                    exact &= c.x_exact[t] != 0;
-                }
-                fp8_dot(bd.n, M, exact ? 1 : 2, bd, gu_, xh, xl, o);
+                    const uint16_t* xh[BUNDLE_TOKENS];
+                    const uint16_t* xl[BUNDLE_TOKENS];
+                    const int8_t* xq[BUNDLE_TOKENS];
+                    const int32_t* xc[BUNDLE_TOKENS];
+                    float xsc[BUNDLE_TOKENS];
+                    bool exact = true;
+                    for (int m = 0; m < mb; ++m) {
+                        const int t = c.row_tok[row0 + m0 + m];
+                        xh[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
+                        xl[m] = c.need_xl ? c.Xl + int64_t(t) * c.xs : nullptr;
+                        if (c.need_xl && decode) exact &= c.x_exact[t] != 0;
+                        xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
+                        xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
+                        xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
+                    }
+                    if (path == P_FP8DOT) fp8_dot(bd.n, mb, exact ? 1 : 2, bd, gu_, xh, xl, o);
+                    else if (path == P_BF16DOT) bf16_bundle(bd.n, mb, bd, gu_, xh, o);
+                    else int8_decode(fmt_, bd.n, mb, bd, gu_, xq, xc, xsc, o);
 #endif
-            } else {
-#if MOETIER_HAS_DOT
-                const int8_t* xq[DECODE_MAX_TOKENS];
-                const int32_t* xc[DECODE_MAX_TOKENS];
-                float xsc[DECODE_MAX_TOKENS];
-                for (int m = 0; m < M; ++m) {
-                    const int t = c.row_tok[row0 + m];
-                    xq[m] = c.Xq + int64_t(t) * c.xs;
-                    xc[m] = c.Xcorr + int64_t(t) * c.xgroups;
-                    xsc[m] = c.Xscale[t];
                 }
-                int8_decode(fmt_, bd.n, M, bd, gu_, xq, xc, xsc, o);
-#endif
+                for (int j = 0; 2 * j < bd.n; ++j)
+                    finish(2 * b + j, o + 2 * j * mb * PANEL, o + (2 * j + 1) * mb * PANEL, m0, mb);
             }
-            for (int j = 0; 2 * j < bd.n; ++j) finish(2 * b + j, o + 2 * j * M * PANEL, o + (2 * j + 1) * M * PANEL, 0, M);
             continue;
         }
         for (int j = 0; 2 * j < bd.n; ++j) {  // prefill: one gate/up pair per call, every token block
@@ -681,7 +709,7 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
 inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
     float* acc = c.acc + int64_t(node) * c.T * c.hp;
     for (int t = 0; t < c.T; ++t) std::fill(acc + int64_t(t) * c.hp + p0 * PANEL, acc + int64_t(t) * c.hp + p1 * PANEL, 0.f);
-    alignas(64) float o[2 * 32 * PANEL];
+    alignas(64) float o[4 * 32 * PANEL];
 #if MOETIER_HAS_AMX
     amx::TileSession tile_session;
 #endif
@@ -689,14 +717,15 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
         const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
         const bool tiles = is_amx(path);
-        const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+        const bool whole = bundle_path(path, M);  // whole bundles, BUNDLE_TOKENS tokens per call
+        const int block = whole ? BUNDLE_TOKENS : tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
 #if MOETIER_HAS_AMX
         if (tiles) tile_session.ensure();
 #endif
         for (int p = p0, np = 0; p < p1; p += np) {
             const Panels bd = dn_bundle(s, p / BUNDLE);
             const int q0 = p % BUNDLE;
-            np = std::min(2, bd.n - q0);
+            np = whole ? bd.n - q0 : std::min(2, bd.n - q0);
             Panels pr = bd.sub(q0);
             const Geometry* g = &dn_;
             if (is_deq(path)) {
@@ -735,6 +764,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                     }
                     const int kp = path == P_DEQDOT ? P_BF16DOT : path;
                     if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, *g, xb, nullptr, o);
+                    else if (whole && path == P_BF16DOT) bf16_bundle(np, mb, pr, *g, xb, o);
+                    else if (whole) int8_decode(fmt_, np, mb, pr, *g, xq, xc, xsc, o);
                     else if (np == 2) run_dot<2>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
                     else run_dot<1>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
 #endif

@@ -142,9 +142,9 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 template <bool INT4, int M, int NP>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
-    // Few tokens: two accumulator sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain
-    // has half the length and decode is not bound by the instruction's latency.
-    constexpr int NS = M <= 4 ? 2 : 1;
+    // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
+    // half the length and decode is not bound by the instruction's latency (more would not fit the registers).
+    constexpr int NS = M * NP <= 8 ? 2 : 1;
     const int8_t* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = xq[m];
     const int64_t ls = pn.stride();
