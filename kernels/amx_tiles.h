@@ -48,9 +48,9 @@ void store(void* base, int64_t stride);
 // C[m][n] += sum_k A[m][2k..2k+1] . B[k][2n..2n+1] (bf16 pairs, fp32 accumulate)
 template <int C, int A, int B>
 void dp_bf16();
-// C[m][n] += sum_k sum_i u8(A[m][4k+i]) * s8(B[k][4n+i]) (int32 accumulate)
+// C[m][n] += sum_k sum_i s8(A[m][4k+i]) * s8(B[k][4n+i]) (int32 accumulate)
 template <int C, int A, int B>
-void dp_u8s8();
+void dp_s8s8();
 
 // The compiler's tile intrinsics paste the tile number into the instruction text, so each tile the
 // kernels use gets its own specialization with a literal number.
@@ -74,7 +74,7 @@ MOETIER_AMX_TILE(7)
     template <>                                              \
     inline void dp_bf16<C, A, B>() { _tile_dpbf16ps(C, A, B); } \
     template <>                                              \
-    inline void dp_u8s8<C, A, B>() { _tile_dpbusd(C, A, B); }
+    inline void dp_s8s8<C, A, B>() { _tile_dpbssd(C, A, B); }
 MOETIER_AMX_DOT(0, 4, 6)
 MOETIER_AMX_DOT(1, 5, 6)
 MOETIER_AMX_DOT(2, 4, 7)

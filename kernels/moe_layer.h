@@ -1,10 +1,13 @@
 // One MoE layer's held experts in the packed layout, and the fused forward over them.
 //
 // forward: route (token, slot) pairs to held experts; phase 0 converts the activations once (fp32, and
-// bf16 / int8 copies when a prefill kernel wants them); phase 1 runs gate+up+activation per (expert,
-// block of 4 panels) into h; phase 2 runs down per block of output panels, looping over the experts, and
-// accumulates w * (down h + bias) in fp32, so no two tasks ever write the same output element. With
-// more than one NUMA node, every node reduces its own experts into its own buffer and phase 3 sums them.
+// bf16 / int8 copies when a kernel wants them); phase 1 runs gate+up+activation per (expert, run of
+// bundles) into h. Phase 2: a decode expert (<= DECODE_MAX_TOKENS rows) streams its down matrix in long
+// runs of whole bundles into its own rows of Y; the prefill experts run down per block of output panels,
+// looping over the experts, and accumulate w * (down h + bias) in fp32, so no two tasks ever write the
+// same element. Phase 3 (when there are decode rows, or several NUMA nodes, each of which reduces its
+// own prefill experts into its own buffer) sums per token: the nodes' buffers, then the token's decode
+// rows in expert-id order. The order of every sum is fixed, so results do not depend on thread count.
 #pragma once
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -20,6 +23,7 @@
 
 #include "amx_kernels.h"
 #include "huge_pages.h"
+#include "fp8_vbmi.h"
 #include "panel_kernels.h"
 #include "thread_pool.h"
 
@@ -27,11 +31,19 @@ namespace moetier_kernels {
 inline namespace MOETIER_NS {
 
 enum Act : int { SILU = 0, SWIGLU_OAI = 1 };
-constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming fp32 path runs
+constexpr int DECODE_MAX_TOKENS = 4;  // tokens per expert up to which the streaming decode kernels run
 constexpr int INT8_DECODE_MIN_K = 256;  // shortest rows (hidden and intermediate) for int8-activation decode
-constexpr int GU_CHUNK = 4;           // gate/up panels per phase-1 task
-constexpr int DN_CHUNK_MIN = 2;       // down panels per phase-2 task: at least, at most
-constexpr int DN_CHUNK_MAX = 16;
+constexpr int GU_PREFILL_BUNDLES = 2;   // gate/up bundles (4 pairs) per phase-1 task of a prefill expert
+// Up to this many tokens per expert the dot kernels take whole bundles (one sequential stream) in blocks of
+// BUNDLE_TOKENS tokens; more take two panels x DOT_BLOCK tokens per call.
+constexpr int BUNDLE_MAX_TOKENS = 16;
+constexpr int BUNDLE_TOKENS = 4;
+// Decode tasks stream about this many contiguous bytes of one expert: every jump to another stream
+// costs the core a DRAM latency before the prefetchers run again (one core, bf16-like work: runs of
+// 128 KiB reach ~85% of the plain read rate, 512 KiB ~95%).
+constexpr int64_t DECODE_RUN_BYTES = 512 << 10;
+constexpr int DN_CHUNK_MIN = BUNDLE;    // down panels per prefill phase-2 task: at least, at most
+constexpr int DN_CHUNK_MAX = 4 * BUNDLE;
 constexpr int TILE_ROW_PAD = AMX_TOKENS;  // rows past the last one that AMX tile loads may read
 
 // Memory for packed experts: huge-page chunks (huge_pages.h) shared by the experts of a layer, so huge
@@ -96,14 +108,24 @@ struct ExpertSlot {
     std::vector<float> bg, bu, bd;    // zero-padded biases (empty without biases)
 };
 
-// P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only). P_AMX_*: the amx
-// build's prefill on tiles: bf16 panels, int8 panels with u8 activations, fp8/fp16 dequantized to bf16.
-enum Path : int { P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3, P_AMX_BF16 = 4, P_AMX_INT8 = 5, P_AMX_DEQ = 6 };
-inline bool is_amx(int path) { return path >= P_AMX_BF16; }
+// P_DEQDOT: fp8/fp16 panels dequantized to bf16 in L2, then vdpbf16ps (prefill only). P_FP8DOT: fp8 with
+// the VBMI lookups and vdpbf16ps (decode with bf16 hi + lo activations, prefill with bf16 ones). P_AMX_*:
+// the amx build's prefill on tiles: bf16 panels, int8 panels with int8 activations, fp8/fp16 dequantized
+// to bf16.
+enum Path : int {
+    P_F32 = 0, P_BF16DOT = 1, P_INT8DOT = 2, P_DEQDOT = 3, P_FP8DOT = 4, P_AMX_BF16 = 5, P_AMX_INT8 = 6, P_AMX_DEQ = 7
+};
+inline bool is_amx(int path) { return path == P_AMX_BF16 || path == P_AMX_INT8 || path == P_AMX_DEQ; }
 inline bool is_deq(int path) { return path == P_DEQDOT || path == P_AMX_DEQ; }
-// Paths whose activations (x for gate/up, h for down) are bf16, and whose are u8 with per-row scales.
-inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16; }
-inline bool u8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
+// Paths whose activations (x for gate/up, h for down) are bf16, and whose are int8 with per-row scales.
+inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16 || path == P_FP8DOT; }
+inline bool i8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
+// Whether an expert of M tokens on `path` runs whole bundles per call (decode, and the dot paths up to
+// BUNDLE_MAX_TOKENS tokens), or two panels per call.
+inline bool bundle_path(int path, int M) {
+    if (M <= DECODE_MAX_TOKENS) return !is_amx(path);
+    return M <= BUNDLE_MAX_TOKENS && (path == P_BF16DOT || path == P_INT8DOT || path == P_FP8DOT);
+}
 
 struct TaskQueue {
     std::vector<std::array<int, 3>> items;
@@ -112,13 +134,19 @@ struct TaskQueue {
 
 class MoELayer {
    public:
+    // fp8_vbmi: compute fp8 with the VBMI kernels (fp8_vbmi.h) where this build and CPU can.
     MoELayer(int num_experts, int H, int I, int fmt, int group, int act, float alpha, float limit, bool has_bias,
-             bool int8_activations)
+             bool int8_activations, bool fp8_vbmi = true)
         : num_experts_(num_experts), H_(H), I_(I), fmt_(fmt), act_(act), alpha_(alpha), limit_(limit),
-          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H), dn_(fmt, group, H, I) {
+          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H), dn_(fmt, group, H, I),
+          gu_deq_(BF16, 0, I, gu_.Kp), dn_deq_(BF16, 0, H, dn_.Kp) {
         if (num_experts < 1) throw std::invalid_argument("num_experts must be positive");
         if (act != SILU && act != SWIGLU_OAI) throw std::invalid_argument("unknown activation code");
         slot_of_.assign(num_experts, -1);
+#if MOETIER_HAS_DOT
+        fp8_vbmi_ = fmt == FP8 && fp8_vbmi && cpu_has_vbmi();
+#endif
+        gu_.fp8_pairs = dn_.fp8_pairs = fp8_vbmi_;
     }
 
     const Geometry& gate_up_geometry() const { return gu_; }
@@ -127,9 +155,10 @@ class MoELayer {
     int num_slots() const { return int(slots_.size()); }
     int num_experts() const { return num_experts_; }
     bool int8_activations() const { return int8_acts_; }
+    bool fp8_vbmi() const { return fp8_vbmi_; }
     static bool has_dot_kernels() { return MOETIER_HAS_DOT; }
 
-    // Pack one expert (reference storage, see pack_matrix). Biases: fp32 [I], [I], [H] or null.
+    // Pack one expert (reference storage, see PanelSource). Biases: fp32 [I], [I], [H] or null.
     void add_expert(int id, const uint8_t* g, const float* gs, const uint8_t* u, const float* us, const uint8_t* d,
                     const float* ds, const float* bg, const float* bu, const float* bd, int node, int num_nodes) {
         if (id < 0 || id >= num_experts_) throw std::out_of_range("expert id out of range");
@@ -141,10 +170,16 @@ class MoELayer {
         slot->id = id;
         slot->node = node < 0 ? 0 : node;
         uint8_t* base = slot->mem = arena_.allocate(size_t(expert_bytes()), node, num_nodes);
-        // Gate and up panels interleaved (g0 u0 g1 u1 ...) so one task streams both.
-        pack_matrix(gu_, g, gs, base, 2 * gu_.panel_bytes);
-        pack_matrix(gu_, u, us, base + gu_.panel_bytes, 2 * gu_.panel_bytes);
-        pack_matrix(dn_, d, ds, base + 2 * gu_.bytes(), dn_.panel_bytes);
+        // Gate and up panels alternate (g0 u0 g1 u1 ...), so a bundle holds two gate/up pairs.
+        std::vector<PanelSource> src(size_t(2) * gu_.panels);
+        for (int p = 0; p < gu_.panels; ++p) {
+            src[2 * p] = {g, gs, p};
+            src[2 * p + 1] = {u, us, p};
+        }
+        pack_panels(gu_, 2 * gu_.panels, src.data(), base);
+        src.resize(dn_.panels);
+        for (int p = 0; p < dn_.panels; ++p) src[p] = {d, ds, p};
+        pack_panels(dn_, dn_.panels, src.data(), down_of(base));
         if (has_bias_) {
             slot->bg.assign(size_t(gu_.panels) * PANEL, 0.f);
             slot->bu.assign(size_t(gu_.panels) * PANEL, 0.f);
@@ -168,25 +203,26 @@ class MoELayer {
     int num_experts_, H_, I_, fmt_, act_;
     float alpha_, limit_;
     bool has_bias_, int8_acts_;
+    bool fp8_vbmi_ = false;
     Geometry gu_, dn_;
+    Geometry gu_deq_, dn_deq_;  // fp8/fp16 panels dequantized to bf16 pairs (prefill)
     std::vector<int> slot_of_;
     std::vector<std::unique_ptr<ExpertSlot>> slots_;
     std::mutex slots_m_;
     ExpertArena arena_;
 
-    // Decode on the bf16 and int8-dot paths streams four weight panels per call (two gate/up pairs, or
-    // four down panels): four streams keep more DRAM requests in flight than two (one core, Qwen3
-    // layer: int4_g64 17.2 -> 19.6 GB/s, bf16 24.6 -> 27.2, int8 +3%).
-    bool four_streams(int path, int M) const {
-        return (path == P_INT8DOT || (path == P_F32 && fmt_ == BF16)) && M <= DECODE_MAX_TOKENS;
-    }
+    const uint8_t* down_of(const uint8_t* mem) const { return mem + 2 * gu_.bytes(); }
+    uint8_t* down_of(uint8_t* mem) const { return mem + 2 * gu_.bytes(); }
+    Panels gu_bundle(const ExpertSlot& s, int b) const { return bundle(s.mem, gu_, 2 * gu_.panels, b); }
+    Panels dn_bundle(const ExpertSlot& s, int b) const { return bundle(down_of(s.mem), dn_, dn_.panels, b); }
 
     struct Ctx;
     void phase_convert(Ctx& c, int t0, int t1) const;
     void phase_gather(Ctx& c, int i0, int i1) const;
-    void phase_gate_up(Ctx& c, int a, int p0, int p1) const;
+    void phase_gate_up(Ctx& c, int a, int b0, int b1) const;
     void phase_quantize_h(Ctx& c, int r0, int r1) const;
     void phase_down(Ctx& c, int node, int p0, int p1) const;
+    void phase_down_decode(Ctx& c, int a, int b0, int b1) const;
     void phase_reduce(Ctx& c, int t0, int t1) const;
     void write_out(Ctx& c, const float* acc, int t0, int t1, int c0, int c1) const;
 };
@@ -200,16 +236,25 @@ struct MoELayer::Ctx {
     std::vector<int> act_slot, act_row0, act_m, act_path;
     std::vector<int> row_tok;
     std::vector<float> row_w;
-    std::vector<std::vector<int>> node_active;  // per node: indices into act_*
-    std::vector<int> active_nodes;
-    bool need_xb = false, need_xq = false;
-    int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator
+    std::vector<std::vector<int>> node_prefill;  // per node: prefill experts (indices into act_*)
+    std::vector<int> active_nodes;               // nodes with prefill experts
+    // Decode experts (<= DECODE_MAX_TOKENS rows) write down(h) + bias per row into Y; the final phase adds
+    // each token's decode rows, in expert-id order, after its prefill sum.
+    std::vector<int> row_y;                    // per row of a decode expert: its row in Y (else -1)
+    std::vector<int> tok_ystart, tok_yrows;    // per token: its decode rows, in expert-id order
+    bool any_decode = false;
+    bool need_xb = false, need_xq = false, need_xl = false;
+    std::vector<uint8_t> x_exact;  // per token: x is exactly bf16 (its low part Xl is zero)
+    int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator (and Y)
     // Scratch (not zero-initialized; every element read is written first), see Scratch.
-    float *X = nullptr, *Xscale = nullptr, *Hf = nullptr, *Hscale = nullptr, *acc = nullptr;
+    float *X = nullptr, *Xscale = nullptr, *Hf = nullptr, *Hscale = nullptr, *acc = nullptr, *Y = nullptr;
     uint16_t *Xb = nullptr, *Hb = nullptr;
-    uint8_t *Xq = nullptr, *Hq = nullptr;
+    uint16_t *Xl = nullptr, *Hl = nullptr;  // bf16 low parts: x - bf16(x), for fp8 decode
+    int8_t *Xq = nullptr, *Hq = nullptr;
+    int32_t *Xcorr = nullptr, *Hcorr = nullptr;  // per row and group: c * sum of the codes (gemm_int8dot)
+    int xgroups = 0, hgroups = 0;
     std::vector<int> q_rows;  // rows whose h is quantized for the int8 dot path
-    // AMX: the activation rows of tile-path experts gathered in row order (bf16, or u8 with scales)
+    // AMX: the activation rows of tile-path experts gathered in row order (bf16, or int8 with scales)
     std::vector<int> g_rows;
     uint8_t* Xg = nullptr;
     float* Xgscale = nullptr;
@@ -224,95 +269,171 @@ inline T* scratch(std::vector<T>& v, size_t n) {
     return v.data();
 }
 struct Scratch {
-    std::vector<float> X, Xscale, Xgscale, Hf, Hscale, acc;
-    std::vector<uint16_t> Xb, Hb;
-    std::vector<uint8_t> Xq, Hq, deq, Xg;
+    std::vector<float> X, Xscale, Xgscale, Hf, Hscale, acc, Y;
+    std::vector<uint16_t> Xb, Hb, Xl, Hl;
+    std::vector<int8_t> Xq, Hq;
+    std::vector<int32_t> Xcorr, Hcorr;
+    std::vector<uint8_t> deq, Xg;
 };
 inline Scratch& thread_scratch() {
     static thread_local Scratch s;
     return s;
 }
 
-// ---- kernel dispatch on the runtime token-block size -----------------------------------------------
+// ---- kernel dispatch on the runtime token-block size and panel count ----------------------------------
 template <int NP, class D, bool SC>
-MOE_INLINE void run_f32(int mb, const uint8_t* const* pan, const Geometry& g, const float* const* x, float* o) {
+MOE_INLINE void run_f32(int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
     switch (mb) {
-        case 1: gemm_f32<D, 1, NP, SC>(pan, g, x, o); break;
-        case 2: gemm_f32<D, 2, NP, SC>(pan, g, x, o); break;
-        case 3: gemm_f32<D, 3, NP, SC>(pan, g, x, o); break;
-        default: gemm_f32<D, 4, NP, SC>(pan, g, x, o); break;
+        case 1: gemm_f32<D, 1, NP, SC>(pn, g, x, o); break;
+        case 2: gemm_f32<D, 2, NP, SC>(pn, g, x, o); break;
+        case 3: gemm_f32<D, 3, NP, SC>(pn, g, x, o); break;
+        default: gemm_f32<D, 4, NP, SC>(pn, g, x, o); break;
     }
 }
 template <int NP>
-inline void run_f32_fmt(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const float* const* x,
-                        float* o) {
+inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
     switch (fmt) {
-        case F32: run_f32<NP, DecF32, false>(mb, pan, g, x, o); break;
-        case F16: run_f32<NP, DecF16, false>(mb, pan, g, x, o); break;
-        case BF16: run_f32<NP, DecBF16, false>(mb, pan, g, x, o); break;
-        case I8: run_f32<NP, DecI8, true>(mb, pan, g, x, o); break;
-        case I4: run_f32<NP, DecI4, true>(mb, pan, g, x, o); break;
-        default: run_f32<NP, DecFP8, true>(mb, pan, g, x, o); break;
+        case F32: run_f32<NP, DecF32, false>(mb, pn, g, x, o); break;
+        case F16: run_f32<NP, DecF16, false>(mb, pn, g, x, o); break;
+        case BF16: run_f32<NP, DecBF16, false>(mb, pn, g, x, o); break;
+        case I8: run_f32<NP, DecI8, true>(mb, pn, g, x, o); break;
+        case I4: run_f32<NP, DecI4, true>(mb, pn, g, x, o); break;
+        default: run_f32<NP, DecFP8, true>(mb, pn, g, x, o); break;
+    }
+}
+// `np` (1-4) panels starting at pn.q0.
+inline void run_f32_np(int np, int fmt, int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
+    switch (np) {
+        case 1: run_f32_fmt<1>(fmt, mb, pn, g, x, o); break;
+        case 2: run_f32_fmt<2>(fmt, mb, pn, g, x, o); break;
+        case 3: run_f32_fmt<3>(fmt, mb, pn, g, x, o); break;
+        default: run_f32_fmt<4>(fmt, mb, pn, g, x, o); break;
     }
 }
 constexpr int F32_BLOCK = 4;
 #if MOETIER_HAS_DOT
 constexpr int DOT_BLOCK = 8;
 template <int NP, int M>
-MOE_INLINE void run_dot_m(int path, int fmt, const uint8_t* const* pan, const Geometry& g, const uint16_t* const* xb,
-                          const uint8_t* const* xq, const float* xs, float* o) {
-    if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pan, g, xb, o);
-    else if (fmt == I4) gemm_int8dot<true, M, NP>(pan, g, xq, xs, o);
-    else gemm_int8dot<false, M, NP>(pan, g, xq, xs, o);
+MOE_INLINE void run_dot_m(int path, int fmt, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
+                          const int8_t* const* xq, const int32_t* const* xc, const float* xs, float* o) {
+    if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pn, g, xb, o);
+    else if (fmt == I4) gemm_int8dot<true, M, NP>(pn, g, xq, xc, xs, o);
+    else gemm_int8dot<false, M, NP>(pn, g, xq, xc, xs, o);
 }
 template <int NP>
-inline void run_dot(int path, int fmt, int mb, const uint8_t* const* pan, const Geometry& g,
-                    const uint16_t* const* xb, const uint8_t* const* xq, const float* xs, float* o) {
+inline void run_dot(int path, int fmt, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
+                    const int8_t* const* xq, const int32_t* const* xc, const float* xs, float* o) {
     switch (mb) {
-        case 1: run_dot_m<NP, 1>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 2: run_dot_m<NP, 2>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 3: run_dot_m<NP, 3>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 4: run_dot_m<NP, 4>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 5: run_dot_m<NP, 5>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 6: run_dot_m<NP, 6>(path, fmt, pan, g, xb, xq, xs, o); break;
-        case 7: run_dot_m<NP, 7>(path, fmt, pan, g, xb, xq, xs, o); break;
-        default: run_dot_m<NP, 8>(path, fmt, pan, g, xb, xq, xs, o); break;
+        case 1: run_dot_m<NP, 1>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 2: run_dot_m<NP, 2>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 3: run_dot_m<NP, 3>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 4: run_dot_m<NP, 4>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 5: run_dot_m<NP, 5>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 6: run_dot_m<NP, 6>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 7: run_dot_m<NP, 7>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        default: run_dot_m<NP, 8>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
     }
 }
-// Four panels x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode): o[4][mb][16].
-inline void int8_decode_4(int fmt, int mb, const uint8_t* const* pan, const Geometry& g, const uint8_t* const* xq,
-                          const float* xs, float* o) {
-    auto go = [&](auto MC) {
-        constexpr int MM = decltype(MC)::value;
-        if (fmt == I4) gemm_int8dot<true, MM, 4>(pan, g, xq, xs, o);
-        else gemm_int8dot<false, MM, 4>(pan, g, xq, xs, o);
+// A whole bundle (`np` = 1-4 panels) x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode).
+inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometry& g, const int8_t* const* xq,
+                        const int32_t* const* xc, const float* xs, float* o) {
+    auto go = [&](auto MC, auto NC) {
+        constexpr int MM = decltype(MC)::value, NN = decltype(NC)::value;
+        if (fmt == I4) gemm_int8dot<true, MM, NN>(pn, g, xq, xc, xs, o);
+        else gemm_int8dot<false, MM, NN>(pn, g, xq, xc, xs, o);
+    };
+    auto with_np = [&](auto MC) {
+        switch (np) {
+            case 1: go(MC, std::integral_constant<int, 1>{}); break;
+            case 2: go(MC, std::integral_constant<int, 2>{}); break;
+            case 3: go(MC, std::integral_constant<int, 3>{}); break;
+            default: go(MC, std::integral_constant<int, 4>{}); break;
+        }
     };
     switch (mb) {
-        case 1: go(std::integral_constant<int, 1>{}); break;
-        case 2: go(std::integral_constant<int, 2>{}); break;
-        case 3: go(std::integral_constant<int, 3>{}); break;
-        default: go(std::integral_constant<int, 4>{}); break;
+        case 1: with_np(std::integral_constant<int, 1>{}); break;
+        case 2: with_np(std::integral_constant<int, 2>{}); break;
+        case 3: with_np(std::integral_constant<int, 3>{}); break;
+        default: with_np(std::integral_constant<int, 4>{}); break;
+    }
+}
+// fp8 on the VBMI kernels: decode (mb <= DECODE_MAX_TOKENS, a whole bundle of np <= 4 panels, split 1
+// or 2) or prefill (mb <= DOT_BLOCK, np <= 2, split 1).
+inline void fp8_dot(int np, int mb, int split, const Panels& pn, const Geometry& g, const uint16_t* const* xh,
+                    const uint16_t* const* xl, float* o) {
+    auto go = [&](auto MC, auto NC, auto SC) {
+        gemm_fp8dot<decltype(MC)::value, decltype(NC)::value, decltype(SC)::value>(pn, g, xh, xl, o);
+    };
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    auto decode = [&](auto MC) {
+        auto with_np = [&](auto SC) {
+            switch (np) {
+                case 1: go(MC, I1{}, SC); break;
+                case 2: go(MC, I2{}, SC); break;
+                case 3: go(MC, std::integral_constant<int, 3>{}, SC); break;
+                default: go(MC, std::integral_constant<int, 4>{}, SC); break;
+            }
+        };
+        if (split == 2) with_np(I2{});
+        else with_np(I1{});
+    };
+    auto prefill = [&](auto MC) {
+        if (np == 1) go(MC, I1{}, I1{});
+        else go(MC, I2{}, I1{});
+    };
+    switch (mb) {
+        case 1: decode(I1{}); break;
+        case 2: decode(I2{}); break;
+        case 3: decode(std::integral_constant<int, 3>{}); break;
+        case 4: decode(std::integral_constant<int, 4>{}); break;
+        case 5: prefill(std::integral_constant<int, 5>{}); break;
+        case 6: prefill(std::integral_constant<int, 6>{}); break;
+        case 7: prefill(std::integral_constant<int, 7>{}); break;
+        default: prefill(std::integral_constant<int, 8>{}); break;
+    }
+}
+// A whole bundle (np <= 4 panels) x mb <= BUNDLE_TOKENS tokens on the vdpbf16ps kernel.
+inline void bf16_bundle(int np, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* o) {
+    auto go = [&](auto MC, auto NC) { gemm_bf16dot<decltype(MC)::value, decltype(NC)::value>(pn, g, xb, o); };
+    auto with_np = [&](auto MC) {
+        switch (np) {
+            case 1: go(MC, std::integral_constant<int, 1>{}); break;
+            case 2: go(MC, std::integral_constant<int, 2>{}); break;
+            case 3: go(MC, std::integral_constant<int, 3>{}); break;
+            default: go(MC, std::integral_constant<int, 4>{}); break;
+        }
+    };
+    switch (mb) {
+        case 1: with_np(std::integral_constant<int, 1>{}); break;
+        case 2: with_np(std::integral_constant<int, 2>{}); break;
+        case 3: with_np(std::integral_constant<int, 3>{}); break;
+        default: with_np(std::integral_constant<int, 4>{}); break;
     }
 }
 #else
 constexpr int DOT_BLOCK = 4;
 #endif
 
-// fp8/fp16 panels -> bf16 pair layout (see dequant_bf16_pairs), `np` panels into consecutive slots.
-inline void dequant_pair(const uint8_t* const* pan, int np, const Geometry& g, uint8_t* dst) {
+// fp8/fp16 panels (`np` of `pn`) -> a bf16 pair bundle of np panels at dst (see dequant_bf16_pairs).
+inline Panels dequant_panels(const Panels& pn, int np, const Geometry& g, uint8_t* dst) {
 #if MOETIER_HAS_DOT
     for (int q = 0; q < np; ++q) {
-        uint8_t* d = dst + size_t(q) * g.Kp * PANEL * 2;
-        if (g.fmt == FP8) dequant_bf16_pairs<DecFP8, true>(pan[q], g, d);
-        else dequant_bf16_pairs<DecF16, false>(pan[q], g, d);
+        if (g.fmt == FP8 && g.fp8_pairs) dequant_fp8_pairs(pn.sub(q), g, dst, np, q);
+        else if (g.fmt == FP8) dequant_bf16_pairs<DecFP8, true>(pn.sub(q), g, dst, np, q);
+        else dequant_bf16_pairs<DecF16, false>(pn.sub(q), g, dst, np, q);
     }
 #else
-    (void)pan, (void)np, (void)g, (void)dst;
+    (void)pn, (void)g;
 #endif
+    return {dst, np, 0};
 }
 
-// Symmetric per-row int8 quantization stored as u8 = q + 128 (vpdpbusd wants unsigned activations).
-inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
+// Symmetric per-row int8 quantization. corr[gi] = c * (sum of the codes in columns [gi G, (gi + 1) G)),
+// for gi < groups: the offset gemm_int8dot removes (c = 8 for int4, 128 for int8; see there). A zero row
+// gets scale 1 and all-zero codes, so it contributes exactly zero.
+inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int8_t* q, float* scale,
+                            int32_t* corr) {
     float amax = 0.f;
     bool finite = true;
     for (int i = 0; i < n; ++i) {
@@ -320,7 +441,8 @@ inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
         finite &= std::isfinite(x[i]);
     }
     if (!finite) {  // nan_policy "propagate": a NaN scale carries the NaN to every output of the row
-        std::memset(q, 128, size_t(n));
+        std::memset(q, 0, size_t(n));
+        std::fill(corr, corr + groups, 0);
         *scale = std::numeric_limits<float>::quiet_NaN();
         return;
     }
@@ -329,10 +451,17 @@ inline void quantize_row_u8(const float* x, int n, uint8_t* q, float* scale) {
     for (int i = 0; i < n; ++i) {
         float v = std::nearbyint(x[i] * inv);
         v = std::min(127.f, std::max(-127.f, v));
-        q[i] = uint8_t(int(v) + 128);
+        q[i] = int8_t(v);
+    }
+    for (int gi = 0; gi < groups; ++gi) {
+        int32_t sum = 0;
+        for (int i = gi * G; i < (gi + 1) * G; ++i) sum += q[i];
+        corr[gi] = c * sum;
     }
     *scale = s;
 }
+// The unsigned-weight offset of a format on the vpdpbusd path (gemm_int8dot).
+inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
 
 inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
     for (int t = t0; t < t1; ++t) {
@@ -347,17 +476,25 @@ inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
         if (c.need_xb) {
             uint16_t* xb = c.Xb + int64_t(t) * c.xs;
             for (int i = 0; i < c.xs; ++i) xb[i] = f32_to_bf16(x[i]);
+            if (c.need_xl) {
+                uint16_t* xl = c.Xl + int64_t(t) * c.xs;
+                uint16_t any = 0;
+                for (int i = 0; i < c.xs; ++i) any |= xl[i] = f32_to_bf16(x[i] - bf16_to_f32(xb[i]));
+                c.x_exact[t] = (any & 0x7FFF) == 0;
+            }
         }
-        if (c.need_xq) quantize_row_u8(x, c.xs, c.Xq + int64_t(t) * c.xs, &c.Xscale[t]);
+        if (c.need_xq)
+            quantize_row_i8(x, c.xs, gu_.G, c.xgroups, weight_offset(fmt_), c.Xq + int64_t(t) * c.xs, &c.Xscale[t],
+                            c.Xcorr + int64_t(t) * c.xgroups);
     }
 }
 
 inline void MoELayer::phase_gather(Ctx& c, int i0, int i1) const {
-    const bool u8 = fmt_ == I8;
+    const bool i8 = fmt_ == I8;
     for (int i = i0; i < i1; ++i) {
         const int64_t r = c.g_rows[i];
         const int t = c.row_tok[r];
-        if (u8) {
+        if (i8) {
             std::memcpy(c.Xg + r * c.xg_stride, c.Xq + int64_t(t) * c.xs, size_t(c.xs));
             c.Xgscale[r] = c.Xscale[t];
         } else {
@@ -366,14 +503,17 @@ inline void MoELayer::phase_gather(Ctx& c, int i0, int i1) const {
     }
 }
 
-inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
+inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
     const ExpertSlot& s = *slots_[c.act_slot[a]];
     const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
     const bool tiles = is_amx(path);
+    const bool decode = M <= DECODE_MAX_TOKENS;
     const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
     const bool bf16_h = bf16_acts(path);
-    alignas(64) float o[2 * 32 * PANEL];
-    uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_.Kp * PANEL * 2) : nullptr;
+    const bool lo_h = path == P_FP8DOT && decode;  // the down projection splits h into bf16 hi + lo
+    const bool bundle_calls = bundle_path(path, M);
+    alignas(64) float o[4 * 32 * PANEL];
+    uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_deq_.panel_bytes) : nullptr;
 #if MOETIER_HAS_AMX
     amx::TileSession tile_session;
     if (tiles) tile_session.ensure();
@@ -398,66 +538,99 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
             vstore(hf, h);
             if (bf16_h)
                 for (int i = 0; i < PANEL; ++i) c.Hb[r * c.hs + p * PANEL + i] = f32_to_bf16(hf[i]);
+            if (lo_h)
+                for (int i = 0; i < PANEL; ++i) {
+                    const int64_t at = r * c.hs + p * PANEL + i;
+                    c.Hl[at] = f32_to_bf16(hf[i] - bf16_to_f32(c.Hb[at]));
+                }
         }
     };
-    const bool wide_ok = four_streams(path, M);
-    for (int p = p0; p < p1; ++p) {
-        const bool wide = wide_ok && p + 1 < p1;  // two gate/up pairs in one call
-        const uint8_t* pan[2] = {s.mem + 2 * int64_t(p) * gu_.panel_bytes,
-                                 s.mem + (2 * int64_t(p) + 1) * gu_.panel_bytes};
-        const uint8_t* pan4[4] = {pan[0], pan[1], pan[1] + gu_.panel_bytes, pan[1] + 2 * gu_.panel_bytes};
-        if (deq) {
-            dequant_pair(pan, 2, gu_, deq);
-            pan[0] = deq;
-            pan[1] = deq + size_t(gu_.Kp) * PANEL * 2;
-        }
-        for (int m0 = 0; m0 < M; m0 += block) {
-            const int mb = std::min(block, M - m0);
-            const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
-            if (path == P_F32) {
-                const float* x[F32_BLOCK];
-                for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
-                if (wide) {
-                    run_f32<4, DecBF16, false>(mb, pan4, gu_, x, o);
-                    finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
+    for (int b = b0; b < b1; ++b) {
+        const Panels bd = gu_bundle(s, b);  // gate/up pairs 2b (panels 0, 1) and 2b + 1 (panels 2, 3)
+        if (bundle_calls) {
+            // Whole bundles (one sequential stream), up to BUNDLE_TOKENS tokens per call.
+            for (int m0 = 0; m0 < M; m0 += BUNDLE_TOKENS) {
+                const int mb = std::min(BUNDLE_TOKENS, M - m0);
+                if (path == P_F32) {
+                    const float* x[F32_BLOCK];
+                    for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
+                    run_f32_np(bd.n, fmt_, mb, bd, gu_, x, o);
                 } else {
-                    run_f32_fmt<2>(fmt_, mb, pan, gu_, x, o);
-                }
-            } else if (tiles) {
-#if MOETIER_HAS_AMX
-                const uint8_t* xa = c.Xg + int64_t(row0 + m0) * c.xg_stride;
-                if (path == P_AMX_INT8) amx_panels<true>(pan, 2, gu_, xa, c.xg_stride, mb, c.Xgscale + row0 + m0, o);
-                else amx_panels<false>(pan, 2, gu_, xa, c.xg_stride, mb, nullptr, o);
-#endif
-            } else {
 #if MOETIER_HAS_DOT
-                const uint16_t* xb[DOT_BLOCK];
-                const uint8_t* xq[DOT_BLOCK];
-                float xsc[DOT_BLOCK];
-                for (int m = 0; m < mb; ++m) {
-                    const int t = c.row_tok[row0 + m0 + m];
-                    xb[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
-                    xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
-                    xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
-                }
-                if (wide) {
-                    int8_decode_4(fmt_, mb, pan4, gu_, xq, xsc, o);
-                    finish(p + 1, o + 2 * mb * PANEL, o + 3 * mb * PANEL, m0, mb);
-                } else {
-                    run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pan, gu_, xb, xq, xsc, o);
-                }
+                    const uint16_t* xh[BUNDLE_TOKENS];
+                    const uint16_t* xl[BUNDLE_TOKENS];
+                    const int8_t* xq[BUNDLE_TOKENS];
+                    const int32_t* xc[BUNDLE_TOKENS];
+                    float xsc[BUNDLE_TOKENS];
+                    bool exact = true;
+                    for (int m = 0; m < mb; ++m) {
+                        const int t = c.row_tok[row0 + m0 + m];
+                        xh[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
+                        xl[m] = c.need_xl ? c.Xl + int64_t(t) * c.xs : nullptr;
+                        if (c.need_xl && decode) exact &= c.x_exact[t] != 0;
+                        xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
+                        xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
+                        xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
+                    }
+                    if (path == P_FP8DOT) fp8_dot(bd.n, mb, exact ? 1 : 2, bd, gu_, xh, xl, o);
+                    else if (path == P_BF16DOT) bf16_bundle(bd.n, mb, bd, gu_, xh, o);
+                    else int8_decode(fmt_, bd.n, mb, bd, gu_, xq, xc, xsc, o);
 #endif
+                }
+                for (int j = 0; 2 * j < bd.n; ++j)
+                    finish(2 * b + j, o + 2 * j * mb * PANEL, o + (2 * j + 1) * mb * PANEL, m0, mb);
             }
-            finish(p, o, o + ld * PANEL, m0, mb);
+            continue;
         }
-        if (wide) ++p;  // its second pair is done
+        for (int j = 0; 2 * j < bd.n; ++j) {  // prefill: one gate/up pair per call, every token block
+            const int p = 2 * b + j;
+            Panels pr = bd.sub(2 * j);
+            const Geometry* g = &gu_;
+            if (deq) {
+                pr = dequant_panels(pr, 2, gu_, deq);
+                g = &gu_deq_;
+            }
+            for (int m0 = 0; m0 < M; m0 += block) {
+                const int mb = std::min(block, M - m0);
+                const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
+                if (path == P_F32) {
+                    const float* x[F32_BLOCK];
+                    for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
+                    run_f32_fmt<2>(fmt_, mb, pr, gu_, x, o);
+                } else if (tiles) {
+#if MOETIER_HAS_AMX
+                    const uint8_t* xa = c.Xg + int64_t(row0 + m0) * c.xg_stride;
+                    if (path == P_AMX_INT8) amx_panels<true>(pr, 2, *g, xa, c.xg_stride, mb, c.Xgscale + row0 + m0, o);
+                    else amx_panels<false>(pr, 2, *g, xa, c.xg_stride, mb, nullptr, o);
+#endif
+                } else {
+#if MOETIER_HAS_DOT
+                    const uint16_t* xb[DOT_BLOCK];
+                    const int8_t* xq[DOT_BLOCK];
+                    const int32_t* xc[DOT_BLOCK];
+                    float xsc[DOT_BLOCK];
+                    for (int m = 0; m < mb; ++m) {
+                        const int t = c.row_tok[row0 + m0 + m];
+                        xb[m] = c.need_xb ? c.Xb + int64_t(t) * c.xs : nullptr;
+                        xq[m] = c.need_xq ? c.Xq + int64_t(t) * c.xs : nullptr;
+                        xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
+                        xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
+                    }
+                    if (path == P_FP8DOT) fp8_dot(2, mb, 1, pr, *g, xb, nullptr, o);
+                    else run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
+#endif
+                }
+                finish(p, o, o + ld * PANEL, m0, mb);
+            }
+        }
     }
-    if (p1 == gu_.panels) {  // the columns past the last panel are read by the down kernel: zero them
+    if (b1 == bundles(2 * gu_.panels)) {  // the columns past the last panel are read by the down kernel: zero them
         for (int m = 0; m < M; ++m) {
             const int64_t r = row0 + m;
             std::fill(c.Hf + r * c.hs + gu_.panels * PANEL, c.Hf + (r + 1) * c.hs, 0.f);
             if (bf16_h)
                 std::fill(c.Hb + r * c.hs + gu_.panels * PANEL, c.Hb + (r + 1) * c.hs, uint16_t(0));
+            if (lo_h) std::fill(c.Hl + r * c.hs + gu_.panels * PANEL, c.Hl + (r + 1) * c.hs, uint16_t(0));
         }
     }
 }
@@ -465,7 +638,8 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int p0, int p1) const {
 inline void MoELayer::phase_quantize_h(Ctx& c, int r0, int r1) const {
     for (int i = r0; i < r1; ++i) {
         const int64_t r = c.q_rows[i];
-        quantize_row_u8(c.Hf + r * c.hs, c.hs, c.Hq + r * c.hs, &c.Hscale[r]);
+        quantize_row_i8(c.Hf + r * c.hs, c.hs, dn_.G, c.hgroups, weight_offset(fmt_), c.Hq + r * c.hs, &c.Hscale[r],
+                        c.Hcorr + r * c.hgroups);
     }
 }
 
@@ -483,32 +657,80 @@ inline void MoELayer::write_out(Ctx& c, const float* acc, int t0, int t1, int c0
     }
 }
 
+// Down projection of a decode expert's rows (<= DECODE_MAX_TOKENS), bundles [b0, b1), whole bundles per
+// call (one sequential stream), into its rows of Y (+ bias).
+inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
+    const ExpertSlot& s = *slots_[c.act_slot[a]];
+    const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
+    alignas(64) float o[4 * DECODE_MAX_TOKENS * PANEL];
+    for (int b = b0; b < b1; ++b) {
+        const Panels bd = dn_bundle(s, b);
+        if (path == P_F32) {
+            const float* x[F32_BLOCK];
+            for (int m = 0; m < M; ++m) x[m] = c.Hf + int64_t(row0 + m) * c.hs;
+            run_f32_np(bd.n, fmt_, M, bd, dn_, x, o);
+        } else if (path == P_FP8DOT) {
+#if MOETIER_HAS_DOT
+            const uint16_t* xh[DECODE_MAX_TOKENS];
+            const uint16_t* xl[DECODE_MAX_TOKENS];
+            for (int m = 0; m < M; ++m) {
+                xh[m] = c.Hb + int64_t(row0 + m) * c.hs;
+                xl[m] = c.Hl + int64_t(row0 + m) * c.hs;
+            }
+            fp8_dot(bd.n, M, 2, bd, dn_, xh, xl, o);
+#endif
+        } else {
+#if MOETIER_HAS_DOT
+            const int8_t* xq[DECODE_MAX_TOKENS];
+            const int32_t* xc[DECODE_MAX_TOKENS];
+            float xsc[DECODE_MAX_TOKENS];
+            for (int m = 0; m < M; ++m) {
+                const int64_t r = row0 + m;
+                xq[m] = c.Hq + r * c.hs;
+                xc[m] = c.Hcorr + r * c.hgroups;
+                xsc[m] = c.Hscale[r];
+            }
+            int8_decode(fmt_, bd.n, M, bd, dn_, xq, xc, xsc, o);
+#endif
+        }
+        for (int q = 0; q < bd.n; ++q) {
+            const int p = BUNDLE * b + q;
+            for (int m = 0; m < M; ++m) {
+                V y = vload(o + (q * M + m) * PANEL);
+                if (has_bias_) y = vadd(y, vload(s.bd.data() + p * PANEL));
+                vstore(c.Y + int64_t(c.row_y[row0 + m]) * c.hp + p * PANEL, y);
+            }
+        }
+    }
+}
+
+// Down projection of the prefill experts of `node`, output panels [p0, p1) (whole bundles), every token:
+// acc = sum over the experts in id order of w * (down h + bias). No other task writes these elements.
 inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
     float* acc = c.acc + int64_t(node) * c.T * c.hp;
     for (int t = 0; t < c.T; ++t) std::fill(acc + int64_t(t) * c.hp + p0 * PANEL, acc + int64_t(t) * c.hp + p1 * PANEL, 0.f);
-    alignas(64) float o[2 * 32 * PANEL];
+    alignas(64) float o[4 * 32 * PANEL];
 #if MOETIER_HAS_AMX
     amx::TileSession tile_session;
 #endif
-    for (int a : c.node_active[node]) {
+    for (int a : c.node_prefill[node]) {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
         const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
         const bool tiles = is_amx(path);
-        const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+        const bool whole = bundle_path(path, M);  // whole bundles, BUNDLE_TOKENS tokens per call
+        const int block = whole ? BUNDLE_TOKENS : tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
 #if MOETIER_HAS_AMX
         if (tiles) tile_session.ensure();
 #endif
-        const uint8_t* down = s.mem + 2 * gu_.bytes();
-        const bool wide_ok = four_streams(path, M);
         for (int p = p0, np = 0; p < p1; p += np) {
-            np = wide_ok && p + 4 <= p1 ? 4 : std::min(2, p1 - p);
-            const uint8_t* pan[4] = {down + int64_t(p) * dn_.panel_bytes, down + int64_t(p + 1) * dn_.panel_bytes,
-                                     down + int64_t(p + 2) * dn_.panel_bytes, down + int64_t(p + 3) * dn_.panel_bytes};
+            const Panels bd = dn_bundle(s, p / BUNDLE);
+            const int q0 = p % BUNDLE;
+            np = whole ? bd.n - q0 : std::min(2, bd.n - q0);
+            Panels pr = bd.sub(q0);
+            const Geometry* g = &dn_;
             if (is_deq(path)) {
-                uint8_t* deq = scratch(thread_scratch().deq, size_t(2) * dn_.Kp * PANEL * 2);
-                dequant_pair(pan, np, dn_, deq);
-                pan[0] = deq;
-                pan[1] = deq + size_t(dn_.Kp) * PANEL * 2;
+                pr = dequant_panels(pr, np, dn_, scratch(thread_scratch().deq, size_t(2) * dn_deq_.panel_bytes));
+                g = &dn_deq_;
             }
             for (int m0 = 0; m0 < M; m0 += block) {
                 const int mb = std::min(block, M - m0);
@@ -516,33 +738,36 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
                 if (path == P_F32) {
                     const float* x[F32_BLOCK];
                     for (int m = 0; m < mb; ++m) x[m] = c.Hf + int64_t(row0 + m0 + m) * c.hs;
-                    if (np == 4) run_f32<4, DecBF16, false>(mb, pan, dn_, x, o);
-                    else if (np == 2) run_f32_fmt<2>(fmt_, mb, pan, dn_, x, o);
-                    else run_f32_fmt<1>(fmt_, mb, pan, dn_, x, o);
+                    run_f32_np(np, fmt_, mb, pr, dn_, x, o);
                 } else if (tiles) {
 #if MOETIER_HAS_AMX
                     const int64_t r0 = row0 + m0;
                     if (path == P_AMX_INT8)
-                        amx_panels<true>(pan, np, dn_, c.Hq + r0 * c.hs, c.hs, mb, c.Hscale + r0, o);
+                        amx_panels<true>(pr, np, dn_, reinterpret_cast<const uint8_t*>(c.Hq + r0 * c.hs), c.hs, mb,
+                                         c.Hscale + r0, o);
                     else
-                        amx_panels<false>(pan, np, dn_, reinterpret_cast<const uint8_t*>(c.Hb + r0 * c.hs),
+                        amx_panels<false>(pr, np, *g, reinterpret_cast<const uint8_t*>(c.Hb + r0 * c.hs),
                                           int64_t(c.hs) * 2, mb, nullptr, o);
 #endif
                 } else {
 #if MOETIER_HAS_DOT
                     const uint16_t* xb[DOT_BLOCK];
-                    const uint8_t* xq[DOT_BLOCK];
+                    const int8_t* xq[DOT_BLOCK];
+                    const int32_t* xc[DOT_BLOCK];
                     float xsc[DOT_BLOCK];
                     for (int m = 0; m < mb; ++m) {
                         const int64_t r = row0 + m0 + m;
                         xb[m] = path != P_INT8DOT ? c.Hb + r * c.hs : nullptr;
                         xq[m] = path == P_INT8DOT ? c.Hq + r * c.hs : nullptr;
+                        xc[m] = path == P_INT8DOT ? c.Hcorr + r * c.hgroups : nullptr;
                         xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
                     }
                     const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-                    if (np == 4) int8_decode_4(fmt_, mb, pan, dn_, xq, xsc, o);
-                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
-                    else run_dot<1>(kp, fmt_, mb, pan, dn_, xb, xq, xsc, o);
+                    if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, *g, xb, nullptr, o);
+                    else if (whole && path == P_BF16DOT) bf16_bundle(np, mb, pr, *g, xb, o);
+                    else if (whole) int8_decode(fmt_, np, mb, pr, *g, xq, xc, xsc, o);
+                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
+                    else run_dot<1>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
 #endif
                 }
                 for (int q = 0; q < np; ++q)
@@ -556,19 +781,30 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
             }
         }
     }
-    if (c.active_nodes.size() == 1) write_out(c, acc, 0, c.T, p0 * PANEL, p1 * PANEL);
+    if (c.active_nodes.size() == 1 && !c.any_decode) write_out(c, acc, 0, c.T, p0 * PANEL, p1 * PANEL);
 }
 
+// Tokens [t0, t1): the prefill sums of every node (summed into node 0's buffer), then the token's decode
+// rows in expert-id order (w * Y), then the output.
 inline void MoELayer::phase_reduce(Ctx& c, int t0, int t1) const {
-    // Multi-node: sum the per-node accumulators into node 0's, then convert.
     float* a0 = c.acc;
-    const int n0 = c.active_nodes[0];
     for (int t = t0; t < t1; ++t) {
         float* dst = a0 + int64_t(t) * c.hp;
-        if (n0 != 0) std::memcpy(dst, c.acc + (int64_t(n0) * c.T + t) * c.hp, size_t(c.hp) * 4);
-        for (size_t i = 1; i < c.active_nodes.size(); ++i) {
-            const float* src = c.acc + (int64_t(c.active_nodes[i]) * c.T + t) * c.hp;
-            for (int j = 0; j < c.hp; ++j) dst[j] += src[j];
+        if (c.active_nodes.empty()) {
+            std::fill(dst, dst + c.hp, 0.f);
+        } else {
+            const int n0 = c.active_nodes[0];
+            if (n0 != 0) std::memcpy(dst, c.acc + (int64_t(n0) * c.T + t) * c.hp, size_t(c.hp) * 4);
+            for (size_t i = 1; i < c.active_nodes.size(); ++i) {
+                const float* src = c.acc + (int64_t(c.active_nodes[i]) * c.T + t) * c.hp;
+                for (int j = 0; j < c.hp; ++j) dst[j] += src[j];
+            }
+        }
+        for (int i = c.tok_ystart[t]; i < c.tok_ystart[t + 1]; ++i) {
+            const int r = c.tok_yrows[i];
+            const float* y = c.Y + int64_t(c.row_y[r]) * c.hp;
+            const V w = vset1(c.row_w[r]);
+            for (int j = 0; j < c.hp; j += PANEL) vstore(dst + j, vfma(vload(y + j), w, vload(dst + j)));
         }
     }
     write_out(c, a0, t0, t1, 0, H_);
@@ -610,7 +846,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         const bool prefill = count[s] > DECODE_MAX_TOKENS;
         int path = P_F32;
         if (MOETIER_HAS_DOT) {
-            if (fmt_ == BF16 && prefill) path = P_BF16DOT;
+            if (fp8_vbmi_) path = P_FP8DOT;
+            else if (fmt_ == BF16 && prefill) path = P_BF16DOT;
             else if ((fmt_ == FP8 || fmt_ == F16) && prefill) path = P_DEQDOT;
             else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_ && (prefill || std::min(H_, I_) >= INT8_DECODE_MIN_K))
                 path = P_INT8DOT;
@@ -618,12 +855,13 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         // int4 keeps vpdpbusd: its per-group scales would need a tile store per 32-128 columns.
         if (MOETIER_HAS_AMX && prefill) {
             if (path == P_BF16DOT) path = P_AMX_BF16;
-            else if (path == P_DEQDOT) path = P_AMX_DEQ;
+            else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
             else if (path == P_INT8DOT && fmt_ == I8) path = P_AMX_INT8;
         }
         c.act_path.push_back(path);
         c.need_xb |= bf16_acts(path);
-        c.need_xq |= u8_acts(path);
+        c.need_xq |= i8_acts(path);
+        c.need_xl |= path == P_FP8DOT && !prefill;
         R += count[s];
     }
     c.row_tok.resize(R);
@@ -636,11 +874,30 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             c.row_tok[r] = t;
             c.row_w[r] = w[int64_t(t) * K + j];
         }
-    c.node_active.assign(num_nodes, {});
-    for (int a = 0; a < int(c.act_slot.size()); ++a)
-        c.node_active[std::min(slots_[c.act_slot[a]]->node, num_nodes - 1)].push_back(a);
+    // Decode experts: rows in Y and per-token lists (rows ascend with expert id); prefill experts per node.
+    c.node_prefill.assign(num_nodes, {});
+    c.row_y.assign(R, -1);
+    int Y_rows = 0;
+    for (int a = 0; a < int(c.act_slot.size()); ++a) {
+        if (c.act_m[a] <= DECODE_MAX_TOKENS) {
+            for (int m = 0; m < c.act_m[a]; ++m) c.row_y[c.act_row0[a] + m] = Y_rows++;
+        } else {
+            c.node_prefill[std::min(slots_[c.act_slot[a]]->node, num_nodes - 1)].push_back(a);
+        }
+    }
+    c.any_decode = Y_rows > 0;
     for (int nd = 0; nd < num_nodes; ++nd)
-        if (!c.node_active[nd].empty()) c.active_nodes.push_back(nd);
+        if (!c.node_prefill[nd].empty()) c.active_nodes.push_back(nd);
+    c.tok_ystart.assign(T + 1, 0);
+    for (int r = 0; r < R; ++r)
+        if (c.row_y[r] >= 0) ++c.tok_ystart[c.row_tok[r] + 1];
+    for (int t = 0; t < T; ++t) c.tok_ystart[t + 1] += c.tok_ystart[t];
+    c.tok_yrows.resize(Y_rows);
+    {
+        std::vector<int> pos(c.tok_ystart.begin(), c.tok_ystart.end() - 1);
+        for (int r = 0; r < R; ++r)
+            if (c.row_y[r] >= 0) c.tok_yrows[pos[c.row_tok[r]]++] = r;
+    }
     // ---- buffers ----
     bool any_tiles = false;
     for (int path : c.act_path) any_tiles |= is_amx(path);
@@ -655,7 +912,7 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     // Tile loads read up to AMX_TOKENS rows past an expert's last row: allocate them (never used).
     const int R_alloc = R + (any_tiles ? TILE_ROW_PAD : 0);
     c.hp = dn_.panels * PANEL;
-    if (c.active_nodes.empty()) {  // nothing held is routed to: zeros
+    if (R == 0) {  // nothing held is routed to: zeros
         if (out_bf16) std::memset(out, 0, size_t(T) * H_ * 2);
         else std::memset(out, 0, size_t(T) * H_ * 4);
         return;
@@ -663,23 +920,32 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     Scratch& sc = thread_scratch();
     c.X = scratch(sc.X, size_t(T) * c.xs);
     if (c.need_xb) c.Xb = scratch(sc.Xb, size_t(T) * c.xs);
+    if (c.need_xl) {
+        c.Xl = scratch(sc.Xl, size_t(T) * c.xs);
+        c.x_exact.assign(T, 0);
+    }
+    c.xgroups = gu_.Kp / gu_.G;
+    c.hgroups = dn_.Kp / dn_.G;
     if (c.need_xq) {
         c.Xq = scratch(sc.Xq, size_t(T) * c.xs);
         c.Xscale = scratch(sc.Xscale, size_t(T));
+        c.Xcorr = scratch(sc.Xcorr, size_t(T) * c.xgroups);
     }
     c.Hf = scratch(sc.Hf, size_t(R) * c.hs);
     bool need_hb = false;
     for (size_t a = 0; a < c.act_slot.size(); ++a) {
         need_hb |= bf16_acts(c.act_path[a]);
-        if (u8_acts(c.act_path[a]))
+        if (i8_acts(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
         if (is_amx(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.g_rows.push_back(c.act_row0[a] + m);
     }
     if (need_hb) c.Hb = scratch(sc.Hb, size_t(R_alloc) * c.hs);
+    if (c.need_xl) c.Hl = scratch(sc.Hl, size_t(R_alloc) * c.hs);
     if (!c.q_rows.empty()) {
         c.Hq = scratch(sc.Hq, size_t(R_alloc) * c.hs);
         c.Hscale = scratch(sc.Hscale, size_t(R_alloc));
+        c.Hcorr = scratch(sc.Hcorr, size_t(R_alloc) * c.hgroups);
     }
     if (!c.g_rows.empty()) {
         c.xg_stride = int64_t(c.xs) * (fmt_ == I8 ? 1 : 2);
@@ -687,22 +953,36 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         if (fmt_ == I8) c.Xgscale = scratch(sc.Xgscale, size_t(R_alloc));
     }
     c.acc = scratch(sc.acc, size_t(num_nodes) * T * c.hp);
+    if (c.any_decode) c.Y = scratch(sc.Y, size_t(Y_rows) * c.hp);
     // ---- task lists ----
     constexpr int CONVERT_CHUNK = 4, QUANT_CHUNK = 2, GATHER_CHUNK = 16;
-    // Down tasks loop over every routed expert, each streaming its slice of panels: longer slices keep
-    // the hardware prefetcher on one stream longer; ~8 tasks per thread still balance the load.
-    const int dn_chunk = std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, dn_.panels / (8 * pool.size())));
-    std::vector<std::unique_ptr<TaskQueue>> gu_tasks, dn_tasks;
+    // Prefill down tasks loop over every prefill expert, each streaming its slice of panels: longer
+    // slices keep the hardware prefetcher on one stream longer; ~8 tasks per thread still balance the load.
+    const int dn_chunk = int(round_up(
+        std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, dn_.panels / (8 * pool.size()))), BUNDLE));
+    const int gu_bundles = bundles(2 * gu_.panels), dn_bundles = bundles(dn_.panels);
+    // Decode experts: runs of whole bundles of about DECODE_RUN_BYTES each.
+    const int gu_run = int(std::max<int64_t>(1, DECODE_RUN_BYTES / (BUNDLE * gu_.panel_bytes)));
+    const int dn_run = int(std::max<int64_t>(1, DECODE_RUN_BYTES / (BUNDLE * dn_.panel_bytes)));
+    std::vector<std::unique_ptr<TaskQueue>> gu_tasks, dn_tasks, dd_tasks;
     for (int nd = 0; nd < num_nodes; ++nd) {
         gu_tasks.push_back(std::make_unique<TaskQueue>());
         dn_tasks.push_back(std::make_unique<TaskQueue>());
-        for (int a : c.node_active[nd])
-            for (int p = 0; p < gu_.panels; p += GU_CHUNK)
-                gu_tasks[nd]->items.push_back({a, p, std::min(gu_.panels, p + GU_CHUNK)});
-        if (!c.node_active[nd].empty())
+        dd_tasks.push_back(std::make_unique<TaskQueue>());
+    }
+    for (int a = 0; a < int(c.act_slot.size()); ++a) {
+        const int nd = std::min(slots_[c.act_slot[a]]->node, num_nodes - 1);
+        const bool decode = c.act_m[a] <= DECODE_MAX_TOKENS;
+        const int run = decode ? gu_run : GU_PREFILL_BUNDLES;
+        for (int b = 0; b < gu_bundles; b += run) gu_tasks[nd]->items.push_back({a, b, std::min(gu_bundles, b + run)});
+        if (decode)
+            for (int b = 0; b < dn_bundles; b += dn_run)
+                dd_tasks[nd]->items.push_back({a, b, std::min(dn_bundles, b + dn_run)});
+    }
+    for (int nd = 0; nd < num_nodes; ++nd)
+        if (!c.node_prefill[nd].empty())
             for (int p = 0; p < dn_.panels; p += dn_chunk)
                 dn_tasks[nd]->items.push_back({nd, p, std::min(dn_.panels, p + dn_chunk)});
-    }
     // Phases are ordered by counting finished work, not by waiting for every thread: a worker the OS
     // descheduled (another process on its core) finds the work taken by the others when it comes back
     // and falls through, instead of holding everyone at a barrier.
@@ -712,10 +992,10 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     int gu_total = 0, dn_total = 0;
     for (int nd = 0; nd < num_nodes; ++nd) {
         gu_total += int(gu_tasks[nd]->items.size());
-        dn_total += int(dn_tasks[nd]->items.size());
+        dn_total += int(dn_tasks[nd]->items.size()) + int(dd_tasks[nd]->items.size());
     }
     const int q_total = int(c.q_rows.size());
-    const bool multi = c.active_nodes.size() > 1;
+    const bool reduce = c.active_nodes.size() > 1 || c.any_decode;
     // Take tasks from the worker's own node first, then help the other nodes.
     auto drain = [&](std::vector<std::unique_ptr<TaskQueue>>& qs, int worker, std::atomic<int>& done, auto&& fn) {
         const int home = pool.node_of(worker) % num_nodes;
@@ -743,8 +1023,9 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         wait_count(gu_done, gu_total);
         chunks(quant_next, quant_done, q_total, QUANT_CHUNK, [&](int a, int b) { phase_quantize_h(c, a, b); });
         wait_count(quant_done, q_total);
+        drain(dd_tasks, worker, dn_done, [&](const std::array<int, 3>& t) { phase_down_decode(c, t[0], t[1], t[2]); });
         drain(dn_tasks, worker, dn_done, [&](const std::array<int, 3>& t) { phase_down(c, t[0], t[1], t[2]); });
-        if (multi) {
+        if (reduce) {
             wait_count(dn_done, dn_total);
             chunks(reduce_next, reduce_done, T, CONVERT_CHUNK, [&](int a, int b) { phase_reduce(c, a, b); });
         }

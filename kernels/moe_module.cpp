@@ -104,17 +104,18 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
     py::class_<MoELayer>(m, "MoELayer", py::module_local())
         .def(py::init([](int num_experts, int hidden, int intermediate, const std::string& fmt,
                          const std::string& activation, float alpha, float limit, bool has_bias,
-                         bool int8_activations) {
+                         bool int8_activations, bool fp8_vbmi) {
                  const FormatSpec f = parse_format(fmt);
                  return new MoELayer(num_experts, hidden, intermediate, f.fmt, f.group, activation_code(activation),
-                                     alpha, limit, has_bias, int8_activations);
+                                     alpha, limit, has_bias, int8_activations, fp8_vbmi);
              }),
              py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("fmt"),
              py::arg("activation") = "silu", py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f,
-             py::arg("has_bias") = false, py::arg("int8_activations") = true)
+             py::arg("has_bias") = false, py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true)
         .def_property_readonly("expert_bytes", &MoELayer::expert_bytes, "packed bytes of one expert")
         .def_property_readonly("num_slots", &MoELayer::num_slots)
         .def_property_readonly("int8_activations", &MoELayer::int8_activations)
+        .def_property_readonly("fp8_vbmi", &MoELayer::fp8_vbmi, "fp8 runs on the VBMI kernels (build and CPU allow)")
         .def(
             "add_expert",
             [](MoELayer& L, int id, py::array gate, py::object gate_scales, py::array up, py::object up_scales,

@@ -1,13 +1,19 @@
 // The packed weight layout and the repacking of the reference formats (moetier.formats) into it.
 //
-// A matrix W [N out, K in] becomes ceil(N/16) panels of 16 rows. A panel is
-//     [head: 16 fp32 VNNI compensation terms]               (int8/int4 only)
+// A matrix W [N out, K in] becomes ceil(N/16) panels of 16 rows. A panel's data is a sequence of
+// 64-byte lines:
 //     for each group of G input columns:
-//         [16 fp32 scales, one per row]                     (int8, int4, fp8 only)
-//         [G x 16 weights, interleaved per format]
+//         [1 scale line: 16 fp32 scales, one per row]          (int8, int4, fp8 only)
+//         [G x 16 weights in `lines` lines, interleaved per format]
 // Float formats and int8 have one group spanning all (padded) columns. Rows past N and columns past K
-// are zero weights, so odd sizes need no special case in the kernels. The layout depends on the matrix
-// alone (never on thread or NUMA count), and each panel is one contiguous stream of bytes.
+// are zero weights, so odd sizes need no special case in the kernels.
+//
+// Panels are stored in bundles of up to four, interleaved line by line: in each group, the scale lines
+// of the bundle's panels, then line 0 of every panel, line 1 of every panel, ... A decode call
+// computes a whole bundle, so it reads one strictly sequential stream, which the hardware prefetchers
+// follow at full speed (four separate panel streams, or short runs, lose 10-25% of a core's DRAM rate
+// when every byte costs vector work). A kernel that reads fewer panels of a bundle steps over the
+// others (line stride n x 64). The layout depends on the matrix alone (never on thread or NUMA count).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -29,6 +35,8 @@ inline const char* fmt_name(int f) {
 }
 
 constexpr int PANEL = 16;  // rows per panel: one fp32 vector of 16 lanes
+constexpr int LINE = 64;   // bytes per line
+constexpr int BUNDLE = 4;  // panels per bundle
 constexpr int FP8_BLOCK = 128;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -38,28 +46,34 @@ struct Geometry {
     int Kp = 0;      // padded input columns
     int G = 0;       // columns per scale group (Kp when the format has one group)
     int panels = 0;  // ceil(N / 16)
-    int64_t head = 0, group_bytes = 0, panel_bytes = 0;
+    int ngroups = 0;
+    int cols_per_line = 0;  // input columns in one 64-byte line of a panel
+    int lines = 0;          // weight lines per group and panel
+    int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel
     bool scaled = false;
+    bool fp8_pairs = false;  // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
 
     Geometry() = default;
     Geometry(int fmt_, int group, int N_, int K_) : fmt(fmt_), N(N_), K(K_) {
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
-        int bits = 0;  // bits per weight
         switch (fmt) {
-            case F32: bits = 32; Kp = int(round_up(K, 8)); G = Kp; break;
-            case F16: bits = 16; Kp = int(round_up(K, 8)); G = Kp; break;
-            case BF16: bits = 16; Kp = int(round_up(K, 8)); G = Kp; break;
-            case I8: bits = 8; Kp = int(round_up(K, 8)); G = Kp; scaled = true; head = 64; break;
+            case F32: cols_per_line = 1; Kp = int(round_up(K, 8)); G = Kp; break;
+            case F16: cols_per_line = 2; Kp = int(round_up(K, 8)); G = Kp; break;
+            case BF16: cols_per_line = 2; Kp = int(round_up(K, 8)); G = Kp; break;
+            case I8: cols_per_line = 4; Kp = int(round_up(K, 8)); G = Kp; scaled = true; break;
             case I4:
                 if (group != 32 && group != 64 && group != 128)
                     throw std::invalid_argument("int4 group size must be 32, 64 or 128, got " + std::to_string(group));
-                bits = 4; Kp = int(round_up(K, group)); G = group; scaled = true; head = 64; break;
-            case FP8: bits = 8; Kp = int(round_up(K, FP8_BLOCK)); G = FP8_BLOCK; scaled = true; break;
+                cols_per_line = 8; Kp = int(round_up(K, group)); G = group; scaled = true; break;
+            case FP8: cols_per_line = 4; Kp = int(round_up(K, FP8_BLOCK)); G = FP8_BLOCK; scaled = true; break;
             default: throw std::invalid_argument("unknown format code " + std::to_string(fmt));
         }
-        group_bytes = (scaled ? 64 : 0) + int64_t(G) * PANEL * bits / 8;
-        panel_bytes = head + int64_t(Kp / G) * group_bytes;
+        ngroups = Kp / G;
+        lines = G / cols_per_line;
+        scale_bytes = scaled ? LINE : 0;
+        group_bytes = scale_bytes + int64_t(lines) * LINE;
+        panel_bytes = int64_t(ngroups) * group_bytes;
     }
     int64_t bytes() const { return int64_t(panels) * panel_bytes; }
     // Bytes of the source matrix in the reference format (moetier.formats): data, then scales.
@@ -81,132 +95,145 @@ struct Geometry {
     }
 };
 
-// Repack one matrix. src: the reference storage (row-major [N, K] data; int4: [N, ceil(K/2)] bytes, low
-// nibble = even column, stored q+8); scales: fp32 as moetier.formats lays them out (or null).
-// The format is a template parameter so the per-element loop has no branches (packing a 600 GB
-// checkpoint is bound by how fast this loop runs).
+// NP consecutive panels q0 .. q0 + NP - 1 of the bundle at `base`, which holds n panels: what a kernel
+// call computes. Group gi of the bundle starts at base + gi * n * group_bytes; in it, panel q's scale
+// line is at + q * 64 and its weight line l at + n * scale_bytes + (l * n + q) * 64.
+struct Panels {
+    const uint8_t* base = nullptr;
+    int n = 1, q0 = 0;
+    MOE_INLINE const uint8_t* group(const Geometry& g, int gi) const { return base + int64_t(gi) * n * g.group_bytes; }
+    MOE_INLINE const float* scales(const Geometry& g, int gi, int q) const {
+        return reinterpret_cast<const float*>(group(g, gi) + int64_t(q0 + q) * LINE);
+    }
+    // line 0 of panel q in group gi; line l is + l * stride()
+    MOE_INLINE const uint8_t* weights(const Geometry& g, int gi, int q) const {
+        return group(g, gi) + n * g.scale_bytes + int64_t(q0 + q) * LINE;
+    }
+    MOE_INLINE int64_t stride() const { return int64_t(n) * LINE; }
+    Panels sub(int q) const { return {base, n, q0 + q}; }
+};
+
+// Bundle b of a sequence of `count` panels packed at `seq`.
+inline Panels bundle(const uint8_t* seq, const Geometry& g, int count, int b) {
+    return {seq + int64_t(b) * BUNDLE * g.panel_bytes, std::min(BUNDLE, count - b * BUNDLE), 0};
+}
+inline int bundles(int count) { return (count + BUNDLE - 1) / BUNDLE; }
+
+// Where one panel of a packed sequence comes from: a reference matrix (row-major [N, K] data; int4:
+// [N, ceil(K/2)] bytes, low nibble = even column, stored q+8), its fp32 scales as moetier.formats lays
+// them out (or null), and which of its panels.
+struct PanelSource {
+    const uint8_t* data;
+    const float* scales;
+    int panel;
+};
+
+// Pack `count` panels (src[s] for sequence position s) into bundles at dst. The format is a template
+// parameter so the per-element loop has no branches (packing a 600 GB checkpoint is bound by how fast
+// this loop runs).
 template <int FMT>
-void pack_matrix_fmt(const Geometry& g, const uint8_t* src, const float* scales, uint8_t* dst, int64_t stride) {
+void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8_t* dst) {
     const int N = g.N, K = g.K, G = g.G;
-    const int ngroups = g.Kp / G;
-    const int64_t wbytes = g.group_bytes - (g.scaled ? 64 : 0);
     const int K2 = (K + 1) / 2;
     const int sgroups_in = (K + G - 1) / G;  // int4 scale columns
     const int fp8_cols = (K + FP8_BLOCK - 1) / FP8_BLOCK;
-    for (int p = 0; p < g.panels; ++p) {
-        uint8_t* panel = dst + int64_t(p) * stride;
-        std::memset(panel, 0, size_t(g.panel_bytes));
-        double comp[PANEL] = {0};  // 128 * sum_g scale_g * sum_k q[k]: the u8 activation offset, folded out
-        for (int gi = 0; gi < ngroups; ++gi) {
-            uint8_t* grp = panel + g.head + int64_t(gi) * g.group_bytes;
-            uint8_t* w = grp + (g.scaled ? 64 : 0);
-            if (FMT == I4) std::memset(w, 0x88, size_t(wbytes));  // code 8 = weight 0
-            float* sc = reinterpret_cast<float*>(grp);
-            const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
+    const int cpl = g.cols_per_line;
+    for (int b = 0; b < bundles(count); ++b) {
+        const Panels bd = bundle(dst, g, count, b);
+        uint8_t* bbase = const_cast<uint8_t*>(bd.base);
+        std::memset(bbase, 0, size_t(bd.n * g.panel_bytes));
+        if (FMT == I4)  // code 8 = weight 0: the weight lines of a group are contiguous for the bundle
+            for (int gi = 0; gi < g.ngroups; ++gi)
+                std::memset(bbase + (bd.group(g, gi) - bd.base) + bd.n * g.scale_bytes, 0x88,
+                            size_t(bd.n) * g.lines * LINE);
+        const int64_t ls = bd.stride();
+        for (int q = 0; q < bd.n; ++q) {
+            const PanelSource& ps = src[b * BUNDLE + q];
+            const int p = ps.panel;
             const int rows = std::min(PANEL, N - p * PANEL);
-            float s_row[PANEL] = {0};
-            for (int r = 0; r < rows; ++r) {
-                const int row = p * PANEL + r;
-                float s = 0.f;
-                if (FMT == I8) s = scales[row];
-                else if (FMT == I4) s = scales[int64_t(row) * sgroups_in + gi];
-                else if (FMT == FP8) s = scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;
-                if (g.scaled) sc[r] = s;
-                s_row[r] = s;
-            }
-            int64_t qsum_row[PANEL] = {0};
-            // 32 columns x 16 rows at a time: the destination block stays in L1, every source row is read
-            // sequentially.
-            for (int kb = g0; kb < g1; kb += 32)
-            for (int r = 0; r < rows; ++r) {
-                const int row = p * PANEL + r;
-                const int k1 = std::min(g1, kb + 32);
-                int64_t qsum = 0;
-                if constexpr (FMT == F32) {
-                    const uint32_t* in = reinterpret_cast<const uint32_t*>(src) + int64_t(row) * K;
-                    for (int k = kb; k < k1; ++k) std::memcpy(w + int64_t(k - g0) * 64 + r * 4, in + k, 4);
-                } else if constexpr (FMT == F16) {
-                    const uint16_t* in = reinterpret_cast<const uint16_t*>(src) + int64_t(row) * K;
-                    for (int k = kb; k < k1; ++k) std::memcpy(w + int64_t(k - g0) * 32 + r * 2, in + k, 2);
-                } else if constexpr (FMT == BF16) {
-                    const uint16_t* in = reinterpret_cast<const uint16_t*>(src) + int64_t(row) * K;
-                    for (int k = kb; k < k1; ++k)
-                        std::memcpy(w + int64_t((k - g0) / 2) * 64 + r * 4 + ((k - g0) & 1) * 2, in + k, 2);
-                } else if constexpr (FMT == FP8) {
-                    const uint8_t* in = src + int64_t(row) * K;
-                    for (int k = kb; k < k1; ++k) w[int64_t(k - g0) * 16 + r] = in[k];
-                } else if constexpr (FMT == I8) {
-                    const int8_t* in = reinterpret_cast<const int8_t*>(src) + int64_t(row) * K;
-                    for (int k = kb; k < k1; ++k) {
-                        w[int64_t((k - g0) / 4) * 64 + r * 4 + ((k - g0) & 3)] = uint8_t(in[k]);
-                        qsum += in[k];
-                    }
-                } else {  // I4: 8 columns (4 source bytes) per 32-bit lane
-                    const uint8_t* in = src + int64_t(row) * K2;
-                    for (int k = kb; k < k1; ++k) {
-                        const int kk = k - g0;
-                        const uint8_t b = in[k / 2];
-                        const uint8_t code = (k & 1) ? (b >> 4) : (b & 15);
-                        uint8_t& dstb = w[int64_t(kk / 8) * 64 + r * 4 + (kk & 3)];
-                        dstb = (kk & 4) ? uint8_t((dstb & 0x0F) | (code << 4)) : uint8_t((dstb & 0xF0) | code);
-                        qsum += int(code) - 8;
-                    }
+            for (int gi = 0; gi < g.ngroups; ++gi) {
+                uint8_t* w = bbase + (bd.weights(g, gi, q) - bd.base);
+                float* sc = reinterpret_cast<float*>(bbase + (bd.group(g, gi) - bd.base) + q * LINE);
+                const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
+                for (int r = 0; r < rows; ++r) {
+                    const int row = p * PANEL + r;
+                    if (FMT == I8) sc[r] = ps.scales[row];
+                    else if (FMT == I4) sc[r] = ps.scales[int64_t(row) * sgroups_in + gi];
+                    else if (FMT == FP8) sc[r] = ps.scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;
                 }
-                qsum_row[r] += qsum;
+                // 32 columns x 16 rows at a time: the destination block stays in L1, every source row is
+                // read sequentially. Element (r, kk) lies in line kk / cpl at byte `at(kk % cpl, r)`.
+                for (int kb = g0; kb < g1; kb += 32)
+                    for (int r = 0; r < rows; ++r) {
+                        const int row = p * PANEL + r;
+                        const int k1 = std::min(g1, kb + 32);
+                        for (int k = kb; k < k1; ++k) {
+                            const int kk = k - g0;
+                            uint8_t* line = w + int64_t(kk / cpl) * ls;
+                            const int j = kk % cpl;
+                            if constexpr (FMT == F32) {
+                                std::memcpy(line + r * 4, reinterpret_cast<const uint32_t*>(ps.data) + int64_t(row) * K + k, 4);
+                            } else if constexpr (FMT == F16) {
+                                std::memcpy(line + j * 32 + r * 2, reinterpret_cast<const uint16_t*>(ps.data) + int64_t(row) * K + k, 2);
+                            } else if constexpr (FMT == BF16) {  // vdpbf16ps pair order
+                                std::memcpy(line + r * 4 + j * 2, reinterpret_cast<const uint16_t*>(ps.data) + int64_t(row) * K + k, 2);
+                            } else if constexpr (FMT == FP8) {
+                                const int at = g.fp8_pairs ? (r / 4) * 16 + (j / 2) * 8 + (r % 4) * 2 + (j % 2) : j * 16 + r;
+                                line[at] = ps.data[int64_t(row) * K + k];
+                            } else if constexpr (FMT == I8) {  // vpdpbusd quad order
+                                line[r * 4 + j] = ps.data[int64_t(row) * K + k];
+                            } else {  // I4: 8 columns (4 source bytes) per 32-bit lane, low nibble for j < 4
+                                const uint8_t sb = ps.data[int64_t(row) * K2 + k / 2];
+                                const uint8_t code = (k & 1) ? (sb >> 4) : (sb & 15);
+                                uint8_t& d = line[r * 4 + (j & 3)];
+                                d = (j & 4) ? uint8_t((d & 0x0F) | (code << 4)) : uint8_t((d & 0xF0) | code);
+                            }
+                        }
+                    }
             }
-            if (FMT == I8 || FMT == I4)
-                for (int r = 0; r < rows; ++r) comp[r] += 128.0 * double(s_row[r]) * double(qsum_row[r]);
-        }
-        if (g.head) {
-            float* c = reinterpret_cast<float*>(panel);
-            for (int r = 0; r < PANEL; ++r) c[r] = float(comp[r]);
         }
     }
 }
 
-// stride: bytes from one panel to the next in dst (panel_bytes, or 2x that for interleaved gate/up).
-inline void pack_matrix(const Geometry& g, const uint8_t* src, const float* scales, uint8_t* dst, int64_t stride) {
+inline void pack_panels(const Geometry& g, int count, const PanelSource* src, uint8_t* dst) {
     switch (g.fmt) {
-        case F32: pack_matrix_fmt<F32>(g, src, scales, dst, stride); break;
-        case F16: pack_matrix_fmt<F16>(g, src, scales, dst, stride); break;
-        case BF16: pack_matrix_fmt<BF16>(g, src, scales, dst, stride); break;
-        case I8: pack_matrix_fmt<I8>(g, src, scales, dst, stride); break;
-        case I4: pack_matrix_fmt<I4>(g, src, scales, dst, stride); break;
-        default: pack_matrix_fmt<FP8>(g, src, scales, dst, stride); break;
+        case F32: pack_panels_fmt<F32>(g, count, src, dst); break;
+        case F16: pack_panels_fmt<F16>(g, count, src, dst); break;
+        case BF16: pack_panels_fmt<BF16>(g, count, src, dst); break;
+        case I8: pack_panels_fmt<I8>(g, count, src, dst); break;
+        case I4: pack_panels_fmt<I4>(g, count, src, dst); break;
+        default: pack_panels_fmt<FP8>(g, count, src, dst); break;
     }
 }
 
-// ---- per-format decoders for the fp32 kernel: one "unit" of UK columns from 64..256 bytes ----------
+// ---- per-format decoders for the fp32 kernel: one 64-byte line holds UK columns x 16 rows ---------
 // fn(J, V w) is called for J = 0..UK-1 with the 16 row weights of column k+J (before group scaling).
 struct DecF32 {
-    static constexpr int UK = 4, UB = 256;
+    static constexpr int UK = 1;
     template <class Fn>
-    static MOE_INLINE void unit(const uint8_t* p, Fn&& fn) {
-        unroll<4>([&](auto J) { fn(J, f32_get(p + 64 * J)); });
-    }
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) { fn(std::integral_constant<int, 0>{}, f32_get(p)); }
 };
 struct DecF16 {
-    static constexpr int UK = 4, UB = 128;
+    static constexpr int UK = 2;
     template <class Fn>
-    static MOE_INLINE void unit(const uint8_t* p, Fn&& fn) {
-        unroll<4>([&](auto J) { fn(J, f16_get(p + 32 * J)); });
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
+        fn(std::integral_constant<int, 0>{}, f16_get(p));
+        fn(std::integral_constant<int, 1>{}, f16_get(p + 32));
     }
 };
 struct DecBF16 {
-    static constexpr int UK = 4, UB = 128;
+    static constexpr int UK = 2;
     template <class Fn>
-    static MOE_INLINE void unit(const uint8_t* p, Fn&& fn) {
-        R a = rload(p), b = rload(p + 64);
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
+        R a = rload(p);
         fn(std::integral_constant<int, 0>{}, bf16_get<0>(a));
         fn(std::integral_constant<int, 1>{}, bf16_get<1>(a));
-        fn(std::integral_constant<int, 2>{}, bf16_get<0>(b));
-        fn(std::integral_constant<int, 3>{}, bf16_get<1>(b));
     }
 };
 struct DecFP8 {
-    static constexpr int UK = 4, UB = 64;
+    static constexpr int UK = 4;
     template <class Fn>
-    static MOE_INLINE void unit(const uint8_t* p, Fn&& fn) {
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
         V a, b, c, d;
         fp8_get2(p, a, b);
         fp8_get2(p + 32, c, d);
@@ -217,17 +244,17 @@ struct DecFP8 {
     }
 };
 struct DecI8 {
-    static constexpr int UK = 4, UB = 64;
+    static constexpr int UK = 4;
     template <class Fn>
-    static MOE_INLINE void unit(const uint8_t* p, Fn&& fn) {
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
         R r = rload(p);
         unroll<4>([&](auto J) { fn(J, i8_get<decltype(J)::value>(r)); });
     }
 };
 struct DecI4 {
-    static constexpr int UK = 8, UB = 64;
+    static constexpr int UK = 8;
     template <class Fn>
-    static MOE_INLINE void unit(const uint8_t* p, Fn&& fn) {
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
         R r = rload(p);
         unroll<8>([&](auto J) { fn(J, i4_get<decltype(J)::value>(r)); });
     }

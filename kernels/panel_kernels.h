@@ -4,55 +4,71 @@
 //   each weight byte is loaded once for all of an expert's tokens. Independent partial sums per column
 //   phase (NA) keep enough FMAs in flight when M is 1 or 2.
 // gemm_bf16dot: vdpbf16ps on the bf16 pair layout; activations rounded to bf16 (prefill).
-// gemm_int8dot: vpdpbusd on int8/int4 with activations quantized per token to int8 (prefill).
+// gemm_int8dot: vpdpbusd on int8/int4 with activations quantized per token to int8 (prefill, and decode
+//   on model-sized rows).
 #pragma once
 #include "packed_format.h"
 
 namespace moetier_kernels {
 inline namespace MOETIER_NS {
 
-// Software prefetch of the streamed weight panels, 1 KiB ahead, into L2: the hardware prefetcher alone
-// leaves a single core short of DRAM bandwidth when the per-byte work is small, and prefetches into L1
-// are capped by its few fill buffers (measured on Zen 4, one core, Qwen3 layer: int8 decode 15 GB/s
-// with every other line fetched into L1, 19 with every line into L1, 22-24 into L2; bf16 21 -> 22-24).
-constexpr int PREFETCH_BYTES = 1024;  // 2 and 4 KiB measured slower (bf16 decode 22 vs 25 GB/s)
-#define PF_HINT _MM_HINT_T1
+// Software prefetch of the weight stream into L2 (prefetcht1), this many bytes ahead of the line being
+// read: one prefetch per 64-byte line of every step, the lines of a bundle's other panels included (a
+// prefill call that reads two panels of four leaves the other two to the next call, from L2).
+// Measured on one Zen 5 core, Qwen3 layer, batch 1 (CPU-time GB/s, no prefetch -> 4 KiB): int4_g64
+// 20 -> 30, int8 -> 31.5, bf16 30 -> 32.5, fp8 -> 28.7; 8 and 16 KiB were no better, prefetcht0 the
+// same. Without it the hardware prefetchers alone left a prefill call (two of a bundle's four panels)
+// 30% slower.
+#ifndef MOE_PREFETCH_BYTES
+#define MOE_PREFETCH_BYTES 4096
+#endif
+#ifndef MOE_PF_HINT
+#define MOE_PF_HINT _MM_HINT_T1
+#endif
+constexpr int PREFETCH_BYTES = MOE_PREFETCH_BYTES;
+// The `bytes` of the stream starting at p, PREFETCH_BYTES ahead (one prefetch per 64-byte line).
+MOE_INLINE void prefetch_stream(const uint8_t* p, int64_t bytes) {
+    if constexpr (PREFETCH_BYTES > 0)
+        for (int64_t i = 0; i < bytes; i += LINE)
+            _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES + i, MOE_PF_HINT);
+}
 
+// out[q][m][16] = panels q of `pn` times token rows x[m] (fp32, Kp columns), every format, fp32 math.
 template <class D, int M, int NP, bool SCALED>
-void gemm_f32(const uint8_t* const* panels, const Geometry& g, const float* const* x, float* out) {
+void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float* out) {
     constexpr int NA = kAvx512 ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M == 1 ? 2 : 1);
+    constexpr int S = D::UK >= 4 ? 1 : 4 / D::UK;  // lines per step (a group has a multiple of S lines)
     const float* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = x[m];
-    const uint8_t* p[NP];
-    for (int q = 0; q < NP; ++q) p[q] = panels[q] + g.head;
+    const int64_t ls = pn.stride();
     V acc[NP][M];
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m) acc[q][m] = vzero();
-    const int ngroups = g.Kp / g.G;
-    for (int gi = 0; gi < ngroups; ++gi) {
+    for (int gi = 0; gi < g.ngroups; ++gi) {
         V scl[NP];
-        if constexpr (SCALED) {
-            for (int q = 0; q < NP; ++q) {
-                scl[q] = vload(reinterpret_cast<const float*>(p[q]));
-                p[q] += 64;
-            }
+        const uint8_t* p[NP];
+        for (int q = 0; q < NP; ++q) {
+            if constexpr (SCALED) scl[q] = vload(pn.scales(g, gi, q));
+            p[q] = pn.weights(g, gi, q);
         }
         V t[NA][NP][M];
         for (int a = 0; a < NA; ++a)
             for (int q = 0; q < NP; ++q)
                 for (int m = 0; m < M; ++m) t[a][q][m] = vzero();
-        const int k_end = (gi + 1) * g.G;
-        for (int k = gi * g.G; k < k_end; k += D::UK) {
+        const int k0 = gi * g.G;
+        for (int l = 0; l < g.lines; l += S) {
+            const int k = k0 + l * D::UK;
+            prefetch_stream(p[0] - pn.q0 * LINE, S * ls);
             for (int q = 0; q < NP; ++q) {
-                _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES, PF_HINT);
-                if constexpr (D::UB > 64)
-                    _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES + 64, PF_HINT);
-                D::unit(p[q], [&](auto J, V w) {
-                    constexpr int j = decltype(J)::value;
-                    constexpr int a = j % NA;
-                    for (int m = 0; m < M; ++m) t[a][q][m] = vfma(w, vset1(xr[m][k + j]), t[a][q][m]);
+                unroll<S>([&](auto SI) {
+                    constexpr int si = decltype(SI)::value;
+                    D::line(p[q] + si * ls, [&](auto J, V w) {
+                        constexpr int j = si * D::UK + decltype(J)::value;
+                        constexpr int a = j % NA;
+                        for (int m = 0; m < M; ++m) t[a][q][m] = vfma(w, vset1(xr[m][k + j]), t[a][q][m]);
+                    });
                 });
-                p[q] += D::UB;
+                p[q] += S * ls;
             }
         }
         for (int q = 0; q < NP; ++q)
@@ -69,21 +85,18 @@ void gemm_f32(const uint8_t* const* panels, const Geometry& g, const float* cons
 #if MOETIER_HAS_DOT
 // xb[m]: bf16 activations, Kp columns (pairs read as one 32-bit broadcast).
 template <int M, int NP>
-void gemm_bf16dot(const uint8_t* const* panels, const Geometry& g, const uint16_t* const* xb, float* out) {
+void gemm_bf16dot(const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* out) {
     const uint16_t* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = xb[m];
-    const uint8_t* p[NP];
-    for (int q = 0; q < NP; ++q) p[q] = panels[q];
+    const int64_t ls = pn.stride();
+    const uint8_t* p = pn.weights(g, 0, 0);
     __m512 acc[NP][M];
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
-    for (int k = 0; k < g.Kp; k += 2) {
+    for (int k = 0; k < g.Kp; k += 2, p += ls) {
         __m512i w[NP];
-        for (int q = 0; q < NP; ++q) {
-            // Weights of a few-token expert come from DRAM: fetch ahead so the dot products overlap them.
-            _mm_prefetch(reinterpret_cast<const char*>(p[q] + int64_t(k) * 32) + PREFETCH_BYTES, PF_HINT);
-            w[q] = _mm512_loadu_si512(p[q] + int64_t(k) * 32);
-        }
+        prefetch_stream(p - pn.q0 * LINE, ls);
+        for (int q = 0; q < NP; ++q) w[q] = _mm512_loadu_si512(p + q * LINE);
         for (int m = 0; m < M; ++m) {
             int32_t pair;
             std::memcpy(&pair, xr[m] + k, 4);
@@ -95,76 +108,72 @@ void gemm_bf16dot(const uint8_t* const* panels, const Geometry& g, const uint16_
         for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + (q * M + m) * PANEL, acc[q][m]);
 }
 
-// Dequantize one panel (fp8 or fp16, scales applied) to bf16 in the vdpbf16ps pair layout, so a prefill
-// block of tokens runs gemm_bf16dot on it from L2. Rounding the scaled weight to bf16 costs ~2^-9
-// relative per weight, the same as rounding the activations.
+// Dequantize panel `src` (fp8 or fp16, scales applied) to bf16 pairs, as panel `slot` of a bf16 bundle
+// of `n` panels at dst (bf16 geometry: Kp / 2 lines), so a prefill block of tokens runs gemm_bf16dot on
+// it from L2. Rounding the scaled weight to bf16 costs ~2^-9 relative per weight, the same as rounding
+// the activations.
 template <class D, bool SCALED>
-void dequant_bf16_pairs(const uint8_t* panel, const Geometry& g, uint8_t* dst) {
-    const uint8_t* p = panel + g.head;
-    uint8_t* out = dst;
-    const int ngroups = g.Kp / g.G;
-    for (int gi = 0; gi < ngroups; ++gi) {
-        V scl = vset1(1.f);
-        if constexpr (SCALED) {
-            scl = vload(reinterpret_cast<const float*>(p));
-            p += 64;
-        }
-        for (int k = 0; k < g.G; k += D::UK) {
+void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int n, int slot) {
+    uint8_t* out = dst + slot * LINE;
+    const int64_t ls = src.stride();
+    for (int gi = 0; gi < g.ngroups; ++gi) {
+        const V scl = SCALED ? vload(src.scales(g, gi, 0)) : vset1(1.f);
+        const uint8_t* p = src.weights(g, gi, 0);
+        for (int l = 0; l < g.lines; ++l) {
             V w[D::UK];
-            D::unit(p, [&](auto J, V v) { w[decltype(J)::value] = SCALED ? vmul(v, scl) : v; });
+            D::line(p, [&](auto J, V v) { w[decltype(J)::value] = SCALED ? vmul(v, scl) : v; });
             for (int j = 0; j < D::UK; j += 2) {
                 const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(w[j].v));
                 const __m512i b = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(w[j + 1].v));
                 _mm512_storeu_si512(out, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-                out += 64;
+                out += int64_t(n) * LINE;
             }
-            p += D::UB;
+            p += ls;
         }
     }
 }
 
-// xq[m]: activations as u8 (q + 128), xs[m]: their per-row scale. Weights int8 quads or int4 octets.
-// sum_k (q_x + 128) w = sum_k q_x w + 128 sum_k w: the second term is the panel head (per row, scaled).
+// vpdpbusd multiplies unsigned by signed bytes. The activations are the signed side (xq[m]: int8 codes,
+// xs[m]: their per-row scale) and the weights the unsigned one: int4 nibbles are stored as q + 8 and
+// int8 weights become q + 128 with one xor. The offset comes back out in integers, per group:
+//     sum_k q_x (q_w + c) - c sum_k q_x = sum_k q_x q_w        (c = 8 or 128)
+// so every group sum is exact, and a zero activation row (all codes 0, whatever its scale) gives +0.0.
+// xcorr[m][gi] = c * sum of the row's codes in group gi (int8: one group), start value -xcorr.
 template <bool INT4, int M, int NP>
-void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t* const* xq, const float* xs,
-                  float* out) {
-    // Few tokens: two accumulator sets (int4: low/high nibbles; int8: even/odd quads) so each dpbusd chain
-    // has half the length and decode is not bound by the instruction's latency.
-    constexpr int NS = M <= 4 ? 2 : 1;
-    const uint8_t* xr[M];
+void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
+                  const float* xs, float* out) {
+    // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
+    // half the length and decode is not bound by the instruction's latency (more would not fit the registers).
+    constexpr int NS = M * NP <= 8 ? 2 : 1;
+    const int8_t* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = xq[m];
-    const uint8_t* p[NP];
-    __m512 comp[NP];
-    for (int q = 0; q < NP; ++q) {
-        comp[q] = _mm512_loadu_ps(reinterpret_cast<const float*>(panels[q]));
-        p[q] = panels[q] + g.head;
-    }
+    const int64_t ls = pn.stride();
     __m512 acc[NP][M];
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
-    const int ngroups = g.Kp / g.G;
-    const __m512i lo4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-    for (int gi = 0; gi < ngroups; ++gi) {
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
+    for (int gi = 0; gi < g.ngroups; ++gi) {
         __m512 scl[NP];
-        for (int q = 0; q < NP; ++q) {
-            scl[q] = _mm512_loadu_ps(reinterpret_cast<const float*>(p[q]));
-            p[q] += 64;
-        }
+        for (int q = 0; q < NP; ++q) scl[q] = _mm512_loadu_ps(pn.scales(g, gi, q));
+        const uint8_t* p = pn.weights(g, gi, 0);
         __m512i ai[NS][NP][M];
-        for (int a = 0; a < NS; ++a)
-            for (int q = 0; q < NP; ++q)
-                for (int m = 0; m < M; ++m) ai[a][q][m] = _mm512_setzero_si512();
-        const int k_end = (gi + 1) * g.G;
+        for (int m = 0; m < M; ++m) {
+            const __m512i c0 = _mm512_set1_epi32(-xcorr[m][gi]);
+            for (int q = 0; q < NP; ++q) {
+                ai[0][q][m] = c0;
+                if constexpr (NS == 2) ai[1][q][m] = _mm512_setzero_si512();
+            }
+        }
+        const int k0 = gi * g.G;
         if constexpr (!INT4) {
-            // Group sizes are multiples of 8 columns: two quads per step.
-            for (int k = gi * g.G; k < k_end; k += 8) {
+            // A group has an even number of lines (4 columns each): two lines per step.
+            for (int l = 0; l < g.lines; l += 2, p += 2 * ls) {
+                const int k = k0 + 4 * l;
                 __m512i w0[NP], w1[NP];
+                prefetch_stream(p - pn.q0 * LINE, 2 * ls);
                 for (int q = 0; q < NP; ++q) {
-                    _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES, PF_HINT);
-                    _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES + 64, PF_HINT);
-                    w0[q] = _mm512_loadu_si512(p[q]);
-                    w1[q] = _mm512_loadu_si512(p[q] + 64);
-                    p[q] += 128;
+                    w0[q] = _mm512_xor_si512(_mm512_loadu_si512(p + q * LINE), sign);
+                    w1[q] = _mm512_xor_si512(_mm512_loadu_si512(p + ls + q * LINE), sign);
                 }
                 for (int m = 0; m < M; ++m) {
                     int32_t q0, q1;
@@ -172,20 +181,20 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
                     std::memcpy(&q1, xr[m] + k + 4, 4);
                     const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
                     for (int q = 0; q < NP; ++q) {
-                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], x0, w0[q]);
-                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], x1, w1[q]);
+                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], w0[q], x0);
+                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], w1[q], x1);
                     }
                 }
             }
         } else {
-            for (int k = gi * g.G; k < k_end; k += 8) {
+            for (int l = 0; l < g.lines; ++l, p += ls) {
+                const int k = k0 + 8 * l;
                 __m512i wl[NP], wh[NP];
+                prefetch_stream(p - pn.q0 * LINE, ls);
                 for (int q = 0; q < NP; ++q) {
-                    _mm_prefetch(reinterpret_cast<const char*>(p[q]) + PREFETCH_BYTES, PF_HINT);
-                    const __m512i raw = _mm512_loadu_si512(p[q]);
-                    wl[q] = _mm512_sub_epi8(_mm512_and_si512(raw, lo4), eight);
-                    wh[q] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4), eight);
-                    p[q] += 64;
+                    const __m512i raw = _mm512_loadu_si512(p + q * LINE);
+                    wl[q] = _mm512_and_si512(raw, lo4);
+                    wh[q] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
                 }
                 for (int m = 0; m < M; ++m) {
                     int32_t q0, q1;
@@ -193,8 +202,8 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
                     std::memcpy(&q1, xr[m] + k + 4, 4);
                     const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
                     for (int q = 0; q < NP; ++q) {
-                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], x0, wl[q]);
-                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], x1, wh[q]);
+                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], wl[q], x0);
+                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], wh[q], x1);
                     }
                 }
             }
@@ -208,8 +217,7 @@ void gemm_int8dot(const uint8_t* const* panels, const Geometry& g, const uint8_t
     }
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m)
-            _mm512_storeu_ps(out + (q * M + m) * PANEL,
-                             _mm512_mul_ps(_mm512_sub_ps(acc[q][m], comp[q]), _mm512_set1_ps(xs[m])));
+            _mm512_storeu_ps(out + (q * M + m) * PANEL, _mm512_mul_ps(acc[q][m], _mm512_set1_ps(xs[m])));
 }
 #endif
 

@@ -3,7 +3,9 @@
 Bounds (relative Frobenius error against the oracle on the same dequantized weights):
 - decode path (<= 4 tokens per expert) and the fp32 prefill kernel: weights are dequantized exactly in
   registers and everything is accumulated in fp32, so only fp32 rounding remains: ~sqrt(K) * 2^-24
-  ~ 1e-6 for K <= 300. Bound 2e-5.
+  ~ 1e-6 for K <= 300. fp8 decode on the VBMI kernels (avx512_bf16/amx variants on a CPU with
+  AVX512-VBMI) multiplies exact bf16 weights by the activations split into two bf16 parts, hi + lo,
+  which miss each activation by at most 2^-18 of it: ~4e-6 (measured 1.4-5.8e-6). Bound 2e-5.
 - bf16 prefill with vdpbf16ps (avx512_bf16/amx variants): the input and the intermediate act(g) * u are
   rounded to bf16 (rms relative error 2^-9/sqrt(3) ~ 1.1e-3 each, in quadrature ~ 1.6e-3). fp16 and fp8
   prefill there also round the scaled weights to bf16 (one more such term, ~2e-3). Bound 1e-2.
@@ -39,24 +41,55 @@ def bound(fmt: str, variant: str, prefill: bool, min_k: int = 0) -> float:
 
 @pytest.mark.parametrize("variant", RUNNABLE)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("path", ["decode", "mid", "prefill"])
 def test_format_matches_oracle(variant, fmt, path, monkeypatch):
+    """decode: <= 4 tokens per expert; mid: 5-16 (the dot kernels on whole bundles, 4 tokens per call);
+    prefill: more (two panels x 8 tokens per call, or the AMX tiles)."""
     gen = torch.Generator().manual_seed(torch.seed())
     # Odd sizes: not multiples of 8/16/32, partial int4 groups and partial fp8 128-blocks.
     E, k, H, I = 5, 2, 50, 37
     layer, weights = random_layer(gen, fmt, E, k, H, I)
     held = [0, 1, 3, 4]  # expert 2 lives on another tier: it must contribute nothing
-    T = 2 if path == "decode" else 26  # decode: <= 2 tokens per expert; prefill: ~10 per expert
+    T = {"decode": 2, "mid": 26, "prefill": 120}[path]  # tokens per expert: <= 2, ~10, ~48
     hidden = torch.randn(T, H, generator=gen)
     ids, w = routing(gen, T, E, k)
     counts = torch.bincount(ids.flatten(), minlength=E)
     assert (counts[held].max() <= DECODE_MAX_TOKENS) == (path == "decode")
+    if path == "prefill":
+        assert counts[held].min() > 16
     be = make_backend(variant, monkeypatch)
     out = be.forward(be.prepare(layer, weights, held, fmt), hidden, ids, w)
     ref = reference(layer, weights, held, fmt, hidden, ids, w)
     assert out.dtype == torch.float32 and out.shape == (T, H)
     err = rel_err(out, ref)
-    assert err < bound(fmt, variant, path == "prefill"), f"{variant} {fmt} {path}: rel err {err:.2e}"
+    assert err < bound(fmt, variant, path != "decode"), f"{variant} {fmt} {path}: rel err {err:.2e}"
+
+
+def _cpu_has_vbmi() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and "avx512vbmi" in line.split() for line in f)
+
+
+@pytest.mark.skipif(not set(DOT_VARIANTS) & set(RUNNABLE), reason="no vdpbf16ps variant runs on this CPU")
+@pytest.mark.parametrize("fp8_vbmi", [True, False])
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_fp8_with_and_without_vbmi(fp8_vbmi, path, monkeypatch):
+    """fp8 on the VNNI build has two implementations: VBMI lookups into bf16 pairs (CPUs with VBMI) and
+    e4m3 -> fp16 -> fp32 with panels dequantized to bf16 for prefill (Cooper Lake). Both against the oracle,
+    on both hidden dtypes (bf16 hidden states take one product per weight on the VBMI decode)."""
+    variant = [v for v in DOT_VARIANTS if v in RUNNABLE][0]
+    gen = torch.Generator().manual_seed(torch.seed())
+    E, k, H, I = 5, 2, 300, 130  # a partial fp8 block in both directions, three bundles of down panels + 3
+    layer, weights = random_layer(gen, "fp8_e4m3", E, k, H, I, activation="swiglu_oai", bias=True)
+    be = make_backend(variant, monkeypatch, fp8_vbmi=fp8_vbmi)
+    prepared = be.prepare(layer, weights, range(E), "fp8_e4m3")
+    assert prepared.payload.fp8_vbmi == (fp8_vbmi and _cpu_has_vbmi())
+    T = 2 if path == "decode" else 30
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(T, H, generator=gen).to(dtype)
+        ids, w = routing(gen, T, E, k)
+        err = rel_err(be.forward(prepared, hidden, ids, w), reference(layer, weights, range(E), "fp8_e4m3", hidden, ids, w))
+        assert err < bound("fp8_e4m3", variant, path == "prefill"), f"vbmi={fp8_vbmi} {path} {dtype}: {err:.2e}"
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)

@@ -79,13 +79,17 @@ class NativeBackend(ExpertBackend):
     formats = NATIVE_FORMATS
 
     def __init__(self, name: str, variant: str, inventory, *, threads: int | None = None,
-                 nan_policy: str = "raise", int8_activations: bool = True, extension: ModuleType | None = None):
+                 nan_policy: str = "raise", int8_activations: bool = True, fp8_vbmi: bool = True,
+                 extension: ModuleType | None = None):
         super().__init__(nan_policy=nan_policy)
         if threads is None:
             threads = max(1, inventory.cpu.physical_cores)
         self.name = name
         self.variant = variant
         self.int8_activations = bool(int8_activations)
+        # fp8 on the VBMI kernels where the build and the CPU have them (False: the e4m3 -> fp16 path, which
+        # CPUs without VBMI run; tests use it to cover that path here).
+        self.fp8_vbmi = bool(fp8_vbmi)
         # `extension`: an already loaded kernel module of `variant` (the caller vouches that this CPU runs
         # it; the tests use it for a build over the software tile unit). Otherwise the guarded loader.
         self._ext = extension if extension is not None else load_variant(variant, inventory)
@@ -111,7 +115,7 @@ class NativeBackend(ExpertBackend):
             raise FormatError(f"backend {self.name} does not compute format {fmt}")
         packed = self._ext.MoELayer(layer.num_experts, layer.hidden_size, layer.intermediate_size, fmt.name,
                                     layer.activation, float(layer.swiglu_alpha), float(layer.swiglu_limit),
-                                    bool(layer.has_bias), self.int8_activations)
+                                    bool(layer.has_bias), self.int8_activations, self.fp8_vbmi)
         ids = sorted(experts)
 
         def add(i_e):

@@ -5,7 +5,7 @@
 // eight tiles of at most 16 rows x 64 bytes, per-thread configuration from a 64-byte ldtilecfg operand,
 // tileloadd/tilestored of `rows` rows of `colsb` bytes (the rest of a loaded tile is zeroed),
 // tdpbf16ps with fp32 accumulation of exact bf16 products, denormal inputs treated as zero and
-// denormal results flushed, tdpbusd with wrapping int32 accumulation. Misuse that real hardware
+// denormal results flushed, tdpbssd with wrapping int32 accumulation. Misuse that real hardware
 // punishes with #UD (a tile instruction without a configuration, shapes that do not agree) aborts
 // with a message instead of computing something. Included by kernels/amx_tiles.h, which defines
 // TileConfig (the ldtilecfg operand) first.
@@ -131,7 +131,7 @@ inline void dp_bf16() {
 }
 
 template <int C, int A, int B>
-inline void dp_u8s8() {
+inline void dp_s8s8() {
     emu::State& s = emu::configured(C);
     check_dims<C, A, B>(s);
     const int M = s.rows[C], N = s.colsb[C] / 4, K = s.colsb[A] / 4;
@@ -141,7 +141,7 @@ inline void dp_u8s8() {
             std::memcpy(&acc, &s.data[C][m][4 * n], 4);
             for (int k = 0; k < K; ++k)
                 for (int i = 0; i < 4; ++i)
-                    acc += uint32_t(int32_t(s.data[A][m][4 * k + i]) * int32_t(int8_t(s.data[B][k][4 * n + i])));
+                    acc += uint32_t(int32_t(int8_t(s.data[A][m][4 * k + i])) * int32_t(int8_t(s.data[B][k][4 * n + i])));
             std::memcpy(&s.data[C][m][4 * n], &acc, 4);
         }
     emu::dot_counter().fetch_add(1, std::memory_order_relaxed);
