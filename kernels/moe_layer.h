@@ -529,8 +529,10 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
             if (act_ == SILU) {
                 h = vmul(vmul(gv, vsigmoid(gv)), uv);
             } else {
-                gv = vmin(gv, vset1(limit_));
-                uv = vmax(vmin(uv, vset1(limit_)), vset1(-limit_));
+                // min/max return their second operand when either is NaN: the value goes second so a
+                // NaN passes through the clamp, as torch.clamp lets it.
+                gv = vmin(vset1(limit_), gv);
+                uv = vmax(vset1(-limit_), vmin(vset1(limit_), uv));
                 h = vmul(vadd(uv, vset1(1.f)), vmul(gv, vsigmoid(vmul(gv, vset1(alpha_)))));
             }
             const int64_t r = row0 + m0 + m;

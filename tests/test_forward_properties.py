@@ -39,12 +39,8 @@ SEED = 0
 
 # Pinned examples that fail today, by (backend, kernel variant), each a fault in the C++ kernels. Strict
 # xfail: once the kernels are fixed the test fails until the entry is removed.
-KNOWN_KERNEL_BUGS = {
-    # u8 activation compensation with the fallback scale 1.0 for all-zero rows (the int8-dot paths).
-    "zero-hidden-row-int4": {("cpu.avx512", "avx512_bf16")},
-    "zero-gate-expert-int4": {("cpu.avx512", "avx512_bf16")},
-    # vmin(g, limit) / vmax(u, -limit) return the limit for a NaN lane (min/max take the second operand).
-    "swiglu-clamp-keeps-nan": {("cpu.avx2", "avx2"), ("cpu.avx512", "avx512_bf16")},
+KNOWN_KERNEL_BUGS: dict[str, set[tuple[str, str]]] = {
+    # pinned example -> {(backend, variant)} whose kernel is known to fail it (none at present)
 }
 
 
