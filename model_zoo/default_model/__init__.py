@@ -29,4 +29,4 @@ def checkpoint_dir() -> Path:
     return DATA_DIR
 
 
-__all__ = ["NAME", "DATA_DIR", "CHECKPOINT_FILES", "checkpoint_dir"]
+__all__ = ["CHECKPOINT_FILES", "DATA_DIR", "NAME", "checkpoint_dir"]

@@ -79,16 +79,20 @@ def transformers_factory(checkpoint: str | Path | None = None) -> ModelFactory:
     return make
 
 
-def heldout_windows(tokenizer, max_windows: int | None = None, seq_len: int = SEQ_LEN,
-                    root: Path | None = None) -> torch.Tensor:
-    """Held-out token windows [N, seq_len]: the held-out files in corpus order, each followed by end-of-text,
+def corpus_windows(tokenizer, split: str, max_windows: int | None = None, seq_len: int = SEQ_LEN,
+                   root: Path | None = None) -> torch.Tensor:
+    """Token windows [N, seq_len] of a corpus split: its files in corpus order, each followed by end-of-text,
     cut into non-overlapping windows; `max_windows` evenly spaced ones when given. Another Python version
-    adds or drops a few held-out files: the windows shift a little, the split itself does not."""
+    adds or drops a few files: the windows shift a little, the split itself does not."""
     ids: list[int] = []
-    for enc in tokenizer(list(corpus.texts("heldout", root)), verbose=False)["input_ids"]:  # files are longer than
-        ids.extend(enc)                                                                     # a window: no warning
+    for enc in tokenizer(list(corpus.texts(split, root)), verbose=False)["input_ids"]:  # files are longer than a
+        ids.extend(enc)                                                                 # window: no warning
         ids.append(tokenizer.eos_token_id)
     return spaced(windows(torch.tensor(ids, dtype=torch.int64), seq_len), max_windows)
+
+
+def heldout_windows(tokenizer, max_windows: int | None = None, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    return corpus_windows(tokenizer, "heldout", max_windows, seq_len)
 
 
 @torch.no_grad()
@@ -159,6 +163,15 @@ def skew(counts: torch.Tensor) -> list[LayerSkew]:
     return out
 
 
+def hot_share(chosen_from: torch.Tensor, judged_on: torch.Tensor, fraction: float = 0.25) -> list[float]:
+    """Per layer: the share of `judged_on`'s routed token-slots that the busiest `fraction` of experts by
+    `chosen_from`'s counts serve (what a per-layer frequency placement with that fraction in the fast tier
+    would serve, when its statistics come from other text)."""
+    n = max(1, math.ceil(chosen_from.shape[1] * fraction))
+    hot = chosen_from.topk(n, dim=1).indices
+    return (judged_on.gather(1, hot).sum(1).double() / judged_on.sum(1).double()).tolist()
+
+
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy continuation of the prompt (the new text only)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -190,9 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = load_model(args.checkpoint)
     counts = route_counts(model, rows)
-    print("\n| layer | top-25% experts' share | max/mean | min/mean | idle experts |\n|---|---|---|---|---|")
-    for s in skew(counts):
-        print(f"| {s.layer} | {s.top_quarter_share:.3f} | {s.max_over_mean:.2f} | {s.min_over_mean:.2f} | {s.idle} |")
+    train_counts = route_counts(model, corpus_windows(tok, "train", rows.shape[0]))
+    print("\n| layer | top-25% experts' share | max/mean | min/mean | idle experts | top 25% by training-text counts |"
+          "\n|---|---|---|---|---|---|")
+    for s, share in zip(skew(counts), hot_share(train_counts, counts)):
+        print(f"| {s.layer} | {s.top_quarter_share:.3f} | {s.max_over_mean:.2f} | {s.min_over_mean:.2f} | {s.idle} "
+              f"| {share:.3f} |")
     print(f"\ngreedy from {args.prompt!r}:\n{args.prompt}{generate(model, tok, args.prompt)}")
     return 0
 

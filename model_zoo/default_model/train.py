@@ -6,7 +6,7 @@
 Steps: train the byte-level BPE tokenizer on the training split, tokenize both splits (files joined by the
 end-of-text token), cut the training stream into non-overlapping windows visited in a seeded random order,
 train transformers' `Qwen3MoeForCausalLM` in fp32 with AdamW (warmup, cosine decay) and transformers' own
-router load-balancing loss, and save the model in bf16 with `save_pretrained` (the per-expert on-disk
+router load-balancing loss (per layer), and save the model in bf16 with `save_pretrained` (the per-expert on-disk
 layout of the Qwen3-MoE releases) next to the tokenizer and `train_log.json` (the loss curve).
 Everything is seeded; the same thread count on the same machine and library versions gives the same bytes.
 """
@@ -44,8 +44,9 @@ class ModelSpec:
     moe_intermediate_size: int = 64
     vocab_size: int = VOCAB_SIZE
     max_position_embeddings: int = 512
-    # Qwen3-MoE's own default: keeps experts alive without flattening the loads (see docs/default-model.md).
-    router_aux_loss_coef: float = 0.001
+    # Weight of transformers' load-balancing loss, taken per layer and averaged (see `router_loss`): modest
+    # enough to leave loads unequal, strong enough that no expert dies (see docs/default-model.md).
+    router_aux_loss_coef: float = 0.003
 
     def hf_config(self, eos_token_id: int):
         from transformers import Qwen3MoeConfig
@@ -140,6 +141,22 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) of predicting ids[:, 1:] from logits[:, :-1]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def router_loss(router_logits: Sequence[torch.Tensor], config) -> torch.Tensor:
+    """transformers' Switch-style load-balancing loss, per layer, averaged over layers (k when balanced).
+
+    transformers' own call pools the token counts of all layers, which leaves a layer free to collapse onto
+    a few experts while the others make up the average; training frameworks balance each layer, as here."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    per_layer = [load_balancing_loss_func((lg,), config.num_experts, config.num_experts_per_tok) for lg in router_logits]
+    return torch.stack(per_layer).mean()
+
+
 @torch.no_grad()
 def mean_loss(model, rows: torch.Tensor, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats) of the model over the windows."""
@@ -147,9 +164,7 @@ def mean_loss(model, rows: torch.Tensor, batch_size: int) -> float:
     total, count = 0.0, 0
     for i in range(0, rows.shape[0], batch_size):
         batch = rows[i:i + batch_size]
-        logits = model(input_ids=batch).logits.float()
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                   reduction="sum").item()
+        total += next_token_loss(model(input_ids=batch).logits, batch).item() * batch[:, 1:].numel()
         count += batch[:, 1:].numel()
     model.train()
     return total / count
@@ -160,7 +175,7 @@ def train(out_dir: str | os.PathLike, model_spec: ModelSpec, spec: TrainSpec, *,
     """Train from scratch and save the checkpoint and tokenizer into out_dir (created if needed)."""
     from transformers import Qwen3MoeForCausalLM
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     load_start = os.getloadavg()
     torch.set_num_threads(spec.threads)
     out = Path(out_dir)
@@ -177,7 +192,6 @@ def train(out_dir: str | os.PathLike, model_spec: ModelSpec, spec: TrainSpec, *,
 
     torch.manual_seed(spec.seed)
     config = model_spec.hf_config(eos_token_id=tok.token_to_id(END_OF_TEXT))
-    config.output_router_logits = True  # training only: adds the router load-balancing loss to out.loss
     model = Qwen3MoeForCausalLM(config)
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -207,13 +221,14 @@ def train(out_dir: str | os.PathLike, model_spec: ModelSpec, spec: TrainSpec, *,
         batch, order = train_rows[order[: spec.batch_size]], order[spec.batch_size:]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec)
-        outputs = model(input_ids=batch, labels=batch)
-        outputs.loss.backward()
+        outputs = model(input_ids=batch, output_router_logits=True)
+        lm_loss = next_token_loss(outputs.logits, batch)
+        (lm_loss + config.router_aux_loss_coef * router_loss(outputs.router_logits, config)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += batch.numel()
-        step_losses.append((outputs.loss - config.router_aux_loss_coef * outputs.aux_loss).item())
+        step_losses.append(lm_loss.item())
         done = step + 1
         if done % spec.eval_every == 0 or done == spec.steps:
             point(done, with_eval=True)
@@ -221,10 +236,10 @@ def train(out_dir: str | os.PathLike, model_spec: ModelSpec, spec: TrainSpec, *,
             point(done, with_eval=False)
     train_s = time.perf_counter() - t_train
 
-    model.config.output_router_logits = False
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = config.eos_token_id
     model.to(torch.bfloat16).save_pretrained(out)
+    release_config_keys(out)
     to_transformers(tok, model_spec.max_position_embeddings).save_pretrained(out)
     wall_s = time.perf_counter() - t_start
     result = TrainResult(out, tuple(curve), tuple(step_losses), tokens, wall_s, train_s)
@@ -232,11 +247,22 @@ def train(out_dir: str | os.PathLike, model_spec: ModelSpec, spec: TrainSpec, *,
         "command": command, "model": asdict(model_spec), "train": asdict(spec),
         "parameters": sum(p.numel() for p in model.parameters()), "tokens_seen": tokens,
         "train_tokens_available": train_rows.numel(), "wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
+        "cpu_s": round(time.process_time() - cpu_start, 1),
         "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "threads": spec.threads, "versions": _versions(),
         "curve": [asdict(p) for p in curve]}, indent=1) + "\n", encoding="utf-8")
     log(f"saved {out} in {wall_s:.0f} s ({train_s:.0f} s training, {tokens} tokens)")
     return result
+
+
+def release_config_keys(folder: Path) -> None:
+    """Name config.json's keys as the Qwen3-MoE releases do: transformers 5 writes its internal
+    `num_local_experts`, the releases (and tools that read them) say `num_experts`; transformers reads both."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "num_local_experts" in config:
+        config["num_experts"] = config.pop("num_local_experts")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _versions() -> dict[str, str]:
