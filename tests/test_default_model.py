@@ -178,8 +178,8 @@ def test_skew_measures():
 def test_shipped_routing_is_skewed_but_not_collapsed(shipped, sample):
     _, model, _ = shipped
     for s in evaluate.skew(evaluate.route_counts(model, sample)):
-        # Uniform loads would give 0.25; a collapsed router would leave experts idle (measured on the whole
-        # held-out split: 0.36-0.46 per layer, no idle expert; see docs/default-model.md).
+        # Uniform loads would give 0.25; a collapsed router would leave experts idle. Measured: 0.38-0.48 per
+        # layer on this sample, 0.34-0.37 on the whole held-out split, no idle expert (docs/default-model.md).
         assert s.top_quarter_share > 0.30, s
         assert s.idle == 0, s
 
@@ -198,21 +198,22 @@ def test_round_trip_rewrites_each_on_disk_matrix(shipped):
 
 
 # Bounds on perplexity(format) / perplexity(bf16) over the 4-window sample, only routed experts converted.
-# The goals of the default model are int8 within +1% and int4_g64 within +5%. A format's damage grows with
-# its weight error: int8 (per-row scale, 255 levels) and fp8 e4m3 (3 mantissa bits, 128x128 blocks) err
-# 1/16 to 1/8 as much as int4 (15 levels), and int4 groups of 32 / 64 / 128 err more as the group widens
-# (a wider group's max is set by a larger outlier). Measured on the whole held-out split, see
-# docs/default-model.md: fp8 1.003, int8 1.000, int4_g32 1.009, g64 1.012, g128 1.015. A 4-window sample's
-# ratio moves by a few tenths of a percent around that (the error is paired: same tokens, same model), so
-# each bound is the measured ratio's order plus headroom, and never looser than the goal.
-RATIO_BOUNDS = {"fp8_e4m3": 1.01, "int8": 1.01, "int4_g32": 1.03, "int4_g64": 1.05, "int4_g128": 1.06}
+# Measured (docs/default-model.md), whole held-out split / this sample: fp8_e4m3 1.0001 / 1.0007, int8 1.0000 /
+# 1.0001, int4_g32 1.0011 / 1.0023, int4_g64 1.0017 / 1.0035, int4_g128 1.0021 / 1.0023. The ratio is paired
+# (same tokens, same model but for the experts), so it moves little with the sample or the machine. Each
+# bound is about 4x the larger measured excess and ordered by weight error: 8-bit formats (255 levels per row,
+# or 3 mantissa bits per 128x128 block) err far less than int4 (15 levels), and a wider int4 group's scale is
+# set by a larger outlier. All are tighter than the goals (int8 within +1%, int4_g64 within +5%), so a change
+# that breaks a goal, or makes a format several times worse than it is, fails here.
+RATIO_BOUNDS = {"fp8_e4m3": 1.005, "int8": 1.005, "int4_g32": 1.01, "int4_g64": 1.015, "int4_g128": 1.02}
 
 
 def test_perplexity_per_format_within_bounds(sample):
     ppl = evaluate.perplexity_table(evaluate.transformers_factory(), sample, ("bf16", *RATIO_BOUNDS))
-    # The uniform guess over 4096 tokens is 4096 and the unigram model of the corpus about 250; the shipped
-    # model measures about 10 on the whole held-out split.
-    assert ppl["bf16"] < 20, ppl
+    # Measured 84 on this sample (52 on the whole split); a unigram model of the training split scores 990
+    # here and the model after 100 of its 1000 steps about 330. 200 leaves room for the sample's windows to
+    # shift on another Python version's standard library and still fails a model that learned little.
+    assert ppl["bf16"] < 200, ppl
     for fmt, bound in RATIO_BOUNDS.items():
         assert ppl[fmt] / ppl["bf16"] <= bound, (fmt, ppl)
     assert ppl["int4_g32"] != ppl["bf16"]  # the round trip changed the model

@@ -13,6 +13,7 @@ as in moetier's placement.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -210,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {s.layer} | {s.top_quarter_share:.3f} | {s.max_over_mean:.2f} | {s.min_over_mean:.2f} | {s.idle} "
               f"| {share:.3f} |")
     print(f"\ngreedy from {args.prompt!r}:\n{args.prompt}{generate(model, tok, args.prompt)}")
+    log = Path(args.checkpoint or checkpoint_dir()) / "train_log.json"
+    if log.is_file():
+        print("\n| step | tokens | train loss | held-out loss | minutes |\n|---|---|---|---|---|")
+        for p in json.loads(log.read_text(encoding="utf-8"))["curve"]:
+            if p["heldout_loss"] is not None:
+                print(f"| {p['step']} | {p['tokens']:,} | {p['train_loss']:.3f} | {p['heldout_loss']:.3f} "
+                      f"| {p['elapsed_s'] / 60:.1f} |")
     return 0
 
 
