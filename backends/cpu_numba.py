@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moetier import BackendSpec, BackendUnavailable, ExpertBackend, Probe, hookimpl
+from moetier.errors import SettingError
 from moetier.formats import FORMATS, FP8_BLOCK, unpack_int4
 
 NAME = "cpu.numba"
@@ -23,7 +24,8 @@ TOKENS_PER_LAUNCH = 1024
 
 # WeightFormat.name -> kernel kind code (the numbers of numba_kernels.KIND_*; kept here so the plugin
 # module can describe itself without importing numba).
-_KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4_g32": 4, "int4_g64": 4, "int4_g128": 4, "fp8_e4m3": 5}
+_KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4_g32": 4, "int4_g64": 4, "int4_g128": 4, "fp8_e4m3": 5,
+          "q8_0": 6, "q4_0": 7, "q4_k": 8, "q5_k": 9, "q6_k": 10, "mxfp4": 11}
 _ACTS = {"silu": 0, "swiglu_oai": 1}
 # A format the core gains later is simply not declared until a kernel kind computes it (a test flags it).
 COMPUTED_FORMATS = tuple(f for f in FORMATS if f in _KINDS)
@@ -73,7 +75,8 @@ class PackedMatrix:
 
 
 _PLACEHOLDER = {t: np.zeros((1, 1, 1), t) for t in (np.uint8, np.uint16, np.int8, np.float32)}
-_VIEW_OF_KIND = {0: np.float32, 1: np.uint16, 2: np.uint16, 3: np.int8, 4: np.uint8, 5: np.uint8}
+_VIEW_OF_KIND = {0: np.float32, 1: np.uint16, 2: np.uint16, 3: np.int8, 4: np.uint8, 5: np.uint8,
+                 **{k: np.uint8 for k in range(6, 12)}}
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +96,10 @@ def _row_bytes(q) -> np.ndarray:
     """The packed data of one QuantizedTensor as uint8 [rows, row_bytes] in the kernel's layout."""
     if q.fmt.kind == "int4":
         return _repack_int4(q)
+    if q.fmt.kind == "mxfp4":
+        # The row's e8m0 scale bytes follow its codes, so one byte stream carries the whole row (4.25 bits
+        # a weight, as shipped) and the kernel turns each scale into 2^(e-127) as it decodes.
+        return torch.cat([q.data, q.scales], dim=1).contiguous().numpy()
     data = q.data.contiguous()
     if data.dtype == torch.float8_e4m3fn:
         data = data.view(torch.uint8)
@@ -117,7 +124,7 @@ def _repack_int4(q) -> np.ndarray:
 def _row_scales(q) -> np.ndarray:
     """Scales of one QuantizedTensor laid out per row: [rows, n_groups]."""
     fmt, rows = q.fmt, q.shape[0]
-    if fmt.kind == "float":
+    if fmt.kind in ("float", "gguf", "mxfp4"):  # block formats carry their scales in the row bytes
         return np.zeros((rows, 0), np.float32)
     s = q.scales.numpy()
     if fmt.kind == "int8":
@@ -151,10 +158,16 @@ class NumbaBackend(ExpertBackend):
         ok, why = numba_status()
         if not ok:
             raise BackendUnavailable(f"{NAME}: numba not importable: {why}")
+        self.threads = None
+        if num_threads is not None:
+            self.set_threads(num_threads)
+
+    def set_threads(self, threads: int) -> None:
         import numba
-        if num_threads is not None and not 1 <= num_threads <= numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(f"num_threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {num_threads}")
-        self.num_threads = num_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise SettingError(f"{NAME}: threads must be an integer in [1, {numba.config.NUMBA_NUM_THREADS}], "
+                               f"got {threads!r}")
+        self.threads = threads
 
     def pack(self, layer, fmt, experts):
         if not experts:
@@ -207,7 +220,7 @@ class NumbaBackend(ExpertBackend):
         layer, pl = prepared.layer, prepared.payload
         H, I = layer.hidden_size, layer.intermediate_size
         # Thread-local in numba: set on every call, since another backend may have changed it on this thread.
-        numba.set_num_threads(self.num_threads or numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(self.threads or numba.config.NUMBA_NUM_THREADS)
         offsets, pair_tok, pair_w, active = k.group_pairs(ids, w, pl.slot_of)
         if active.shape[0] == 0:
             return

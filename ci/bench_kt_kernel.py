@@ -142,7 +142,7 @@ def run(config: BenchConfig, progress=print) -> list[Measurement]:
                     med, p10, p90, mean_bytes = summarize(times, nbytes)
                     m = Measurement(shape.name, layer.num_experts, layer.top_k, layer.hidden_size,
                                     layer.intermediate_size, backend, fmt, b, t, med, p10, p90, len(times), copies,
-                                    mean_bytes, float(flops_per_forward(layer, b)), "CPUInfer", relerr)
+                                    mean_bytes, float(flops_per_forward(layer, b)), relerr)
                     measurements.append(m)
                     progress(f"  batch {b:4d}: {m.tokens_per_s:10.1f} tok/s {m.gb_per_s:7.2f} GB/s "
                              f"{m.gflop_per_s:8.1f} GFLOP/s (relerr {relerr:.4f})")
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one shape x format, records only
     args = p.parse_args(argv)
-    from moetier.bench.cli import QUICK
+    from moetier.cli.bench import QUICK
 
     preset = QUICK if args.quick else {}
 

@@ -25,6 +25,14 @@ class DTypeError(MoetierError, TypeError):
     """A tensor has a dtype the call does not accept."""
 
 
+class DeviceError(DTypeError):
+    """A tensor lives on another device than the backend computing it (a DTypeError for older callers)."""
+
+
+class PreparedExpertsError(MoetierError, TypeError):
+    """A forward got experts that this backend did not prepare (another backend's, or not PreparedExperts)."""
+
+
 class ExpertIdError(MoetierError, IndexError):
     """An expert id lies outside [0, num_experts)."""
 
@@ -47,6 +55,10 @@ class LayoutError(MoetierError, ValueError):
 
 class BudgetError(MoetierError, ValueError):
     """A placement cannot fit in the memory budget given."""
+
+
+class SettingError(MoetierError):
+    """A setting the user made (an option or an environment variable) cannot be honoured: never ignored."""
 
 
 class KernelVariantError(MoetierError):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import SettingError
 from .experts import ExpertBackend, ExpertLayerSpec, ExpertTensors
 from .formats import FORMATS
 
@@ -77,6 +78,16 @@ class ReferenceBackend(ExpertBackend):
         if precision not in (torch.float32, torch.float64):
             raise ValueError(f"precision must be torch.float32 or torch.float64, got {precision}")
         self.precision = precision
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def set_threads(self, threads: int) -> None:
+        """torch's intra-op threads, which this backend computes on: a process-wide setting."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SettingError(f"{self.name}: threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
 
     def pack(self, layer, fmt, experts):
         return {e: DenseExpert.from_tensors(t, self.precision) for e, t in experts.items()}

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 from moetier.errors import LayoutError
 from moetier.experts import ExpertLayerSpec
-from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, SharedExpertSpec, SkippedLayer, TensorNames,
-                            get_int, get_key, quantization_from_config, require_choice, text_config)
+from moetier.hf_config import get_int, get_key, quantization_from_config, require_choice, text_config
+from moetier.layout import MoELayerLayout, MoELayout, RouterSpec, SharedExpertSpec, SkippedLayer, TensorNames
 
 
 def moe_layer_flags(tc: Mapping, num_layers: int) -> list[bool]:
@@ -132,7 +132,7 @@ def standard_tiny_spec(version: str, hf_config, model_cls, arch: str, layout_fn,
                          **config_overrides)
     mtp = ()
     if mtp_layers:
-        lay = layout_fn(config)
+        lay = layout_fn(config, version)
         mtp = mtp_spec(lay.moe_layers[-1].names, lay.num_hidden_layers, "model.", lay.hidden_size,
                        hf_config.vocab_size)
     return TinySpec(version, config, lambda: model_cls(hf_config), mtp=mtp, default_quant=default_quant,

@@ -5,7 +5,8 @@ transformers model whose non-MoE tensors (attention, norms, embeddings) give the
 names and shapes. Every MoE block is then written from the family's own `MoELayout` (per expert or
 fused, router, selection bias, shared expert, FP8 or INT4), with fresh random values scaled so that
 routing is decisive and outputs are well conditioned. MTP layers are added where the real model has
-them, and the tensors are split over two shards with a `model.safetensors.index.json`.
+them, and the tensors are split over shards of about half the bytes each (two or three files) with a
+`model.safetensors.index.json`.
 
 Public API for out-of-tree families: `TinySpec`, `write_tiny`, `fp8_quantization_config`,
 `int4_quantization_config`.
@@ -68,7 +69,7 @@ class TinySpec:
     extra: dict = field(default_factory=dict)
 
 
-def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: str, *, quant: str | None = "default",
+def write_tiny(spec: TinySpec, layout_fn: Callable[[dict, str], MoELayout], out_dir: str, *, quant: str | None = "default",
                seed: int = 0, shards: int = 2) -> MoELayout:
     """Write spec's checkpoint to out_dir (config.json + safetensors shards + index); return its layout.
     quant: "fp8", "int4", None (unquantized) or "default" (what the version ships: spec.default_quant)."""
@@ -82,7 +83,7 @@ def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: 
         config["quantization_config"] = fp8_quantization_config()
     elif quant == "int4":
         target["quantization_config"] = int4_quantization_config(32)
-    layout = layout_fn(config)
+    layout = layout_fn(config, spec.version)
     gen = torch.Generator().manual_seed(seed)
 
     torch.manual_seed(seed)
@@ -112,7 +113,7 @@ def write_tiny(spec: TinySpec, layout_fn: Callable[[dict], MoELayout], out_dir: 
 
 
 
-def tiny_writer(tiny_spec: Callable[[str], TinySpec], layout_fn: Callable[[dict], MoELayout]) -> Callable[..., MoELayout]:
+def tiny_writer(tiny_spec: Callable[[str], TinySpec], layout_fn: Callable[[dict, str], MoELayout]) -> Callable[..., MoELayout]:
     """A family's `ModelFamily.tiny`: write_tiny over the family's per-version TinySpec and layout."""
     def tiny(version: str, out_dir: str, quant: str | None = "default", seed: int = 0) -> MoELayout:
         return write_tiny(tiny_spec(version), layout_fn, out_dir, quant=quant, seed=seed)

@@ -20,7 +20,7 @@ def test_inputs_requiring_grad(name):
     spec = ExpertLayerSpec(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)
     weights = ExpertWeights.from_float(torch.randn(4, 32, 64, generator=g), torch.randn(4, 32, 64, generator=g),
                                        torch.randn(4, 64, 32, generator=g) / 8, "fp32")
-    backend = REGISTRY.backend(name).factory(INVENTORY)
+    backend = REGISTRY.backend(name).create(INVENTORY)
     prepared = backend.prepare(spec, weights, range(4), "fp32")
     hidden = torch.randn(3, 64, generator=g, requires_grad=True)
     ids = torch.tensor([[0, 1], [2, 3], [1, 2]])

@@ -10,7 +10,7 @@ import pytest
 from moetier.backends import cpu_native
 from moetier.backends.native import (VARIANTS, choose_variant, forced_variant, load_variant, missing_features,
                                      module_name)
-from moetier.errors import KernelVariantError
+from moetier.errors import KernelVariantError, SettingError
 from moetier.hardware import load_inventory
 from moetier.plugins import load_registry
 from moetier.selection import select_backends
@@ -51,23 +51,32 @@ def test_a_variant_the_cpu_lacks_is_refused_without_importing(monkeypatch):
 
 
 def test_forcing_amx_on_a_cpu_without_amx_raises(monkeypatch):
+    """A setting that cannot be honoured is an error everywhere, the probe included: never a quiet
+    fallback to another backend."""
     inv = without(INVENTORY, "amx_tile", "amx_int8", "amx_bf16")
     monkeypatch.setenv("MOETIER_CPU_VARIANT", "amx")
-    with pytest.raises(KernelVariantError, match="lacks amx_tile"):
+    with pytest.raises(SettingError, match="cannot run: it lacks amx_tile"):
         forced_variant(inv)
-    with pytest.raises(KernelVariantError):
+    with pytest.raises(SettingError):
         choose_variant(("avx512_bf16", "avx512"), inv)
-    with pytest.raises(KernelVariantError):
+    with pytest.raises(SettingError):
         cpu_native._factory("cpu.avx512")(inv)
-    assert probe("cpu.avx512", inv).score == 0  # a probe reports, never raises
+    spec = load_registry(no_plugins=True).backend("cpu.avx512")
+    with pytest.raises(SettingError, match="MOETIER_CPU_VARIANT=amx"):
+        spec.safe_probe(inv)
 
 
 def test_forcing_an_unknown_variant_raises(monkeypatch):
     monkeypatch.setenv("MOETIER_CPU_VARIANT", "avx1024")
-    with pytest.raises(KernelVariantError, match="unknown CPU kernel variant 'avx1024'"):
+    with pytest.raises(SettingError, match="MOETIER_CPU_VARIANT=avx1024 is not a kernel variant; valid: avx2"):
         forced_variant(INVENTORY)
     with pytest.raises(KernelVariantError, match="unknown"):
         load_variant("sse2", INVENTORY)
+
+
+def test_variant_names_are_case_insensitive(monkeypatch):
+    monkeypatch.setenv("MOETIER_CPU_VARIANT", "AVX2")
+    assert forced_variant(INVENTORY) == "avx2"
 
 
 def test_probes_on_recorded_machines(monkeypatch):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moetier.errors import DTypeError, ExpertIdError, NonFiniteError, ShapeError
+from moetier.errors import DTypeError, ExpertIdError, NonFiniteError, SettingError, ShapeError
 from moetier.reference import oracle
 
 from test_native_common import RUNNABLE, make_backend, needs_native, random_layer, reference, rel_err, routing
@@ -29,7 +29,7 @@ def test_threads_argument(monkeypatch):
     be = make_backend(BEST, monkeypatch, threads=None)
     assert be.threads >= 1
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="threads"):
+        with pytest.raises(SettingError, match="threads"):
             make_backend(BEST, monkeypatch, threads=bad)
 
 

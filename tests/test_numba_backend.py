@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from moetier import ExpertLayerSpec, ExpertWeights, FORMATS
+from moetier.errors import SettingError
 from moetier.reference import oracle
 
 pytest.importorskip("numba")
@@ -79,6 +80,8 @@ def compare(backend, ref, layer, weights, held, fmt, hidden, ids, w, out_dtype=t
 @pytest.mark.parametrize("H,I", [(50, 37), (130, 200)])
 @pytest.mark.parametrize("T", [1, 13])
 def test_every_format_matches_float64_reference(backend, ref, fmt, H, I, T):
+    m = FORMATS[fmt].block_size or 1  # block formats (GGUF, mxfp4) hold whole blocks: round up to them
+    H, I = -(-H // m) * m, -(-I // m) * m
     g, seed = fresh_generator()
     E, k = 5, 3
     layer = ExpertLayerSpec(E, k, H, I)
@@ -268,12 +271,14 @@ def test_probe_and_registration():
     assert p.score == 20 and numba.__version__ in p.reason
     spec = load_registry(no_plugins=True).backend("cpu.numba")
     assert spec.device == "cpu" and set(spec.formats) == set(FORMATS)
-    with pytest.raises(ValueError, match="num_threads"):
+    with pytest.raises(SettingError, match="threads"):
         NumbaBackend(num_threads=0)
     # the plugin's numba-free format table agrees with the kernels' kind codes
     from moetier.backends import cpu_numba, numba_kernels as k
     kinds = {"fp32": k.KIND_FP32, "bf16": k.KIND_BF16, "fp16": k.KIND_FP16, "int8": k.KIND_INT8,
-             "int4_g32": k.KIND_INT4, "int4_g64": k.KIND_INT4, "int4_g128": k.KIND_INT4, "fp8_e4m3": k.KIND_FP8}
+             "int4_g32": k.KIND_INT4, "int4_g64": k.KIND_INT4, "int4_g128": k.KIND_INT4, "fp8_e4m3": k.KIND_FP8,
+             "q8_0": k.KIND_Q8_0, "q4_0": k.KIND_Q4_0, "q4_k": k.KIND_Q4_K, "q5_k": k.KIND_Q5_K, "q6_k": k.KIND_Q6_K,
+             "mxfp4": k.KIND_MXFP4}
     assert cpu_numba._KINDS == kinds
 
 

@@ -12,7 +12,7 @@ from moetier.checkpoint import Checkpoint
 from moetier.conformance import runnable_backends
 from moetier.conformance.tolerances import tolerance
 from moetier.hardware import load_inventory
-from moetier.moe_block import MoEBlock
+from moetier.runtime.moe_block import MoEBlock
 from moetier.plugins import load_registry
 
 from zoo.fixtures import tiny_checkpoint  # noqa: F401  (session fixture)
@@ -30,7 +30,7 @@ OTHERS = [n for n in runnable_backends(REGISTRY, INVENTORY) if n != "cpu.torch"]
                                             ("qwen", "Qwen3.5-35B-A3B")])
 def test_moe_block_on_every_backend(tiny_checkpoint, backend_name, family, version):
     ckpt_dir, layout = tiny_checkpoint(family, version, "default")
-    backend = REGISTRY.backend(backend_name).factory(INVENTORY)
+    backend = REGISTRY.backend(backend_name).create(INVENTORY)
     layer = layout.moe_layers[-1]
     fmt = layout.quantization.fmt if layout.quantization.fmt in backend.formats else "bf16"
     if fmt not in backend.formats:

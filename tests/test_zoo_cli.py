@@ -61,7 +61,7 @@ def test_zoo_list_shows_families_and_versions(capsys):
 ])
 def test_zoo_tiny_writes_the_real_names(tmp_path, capsys, family, version, quant, expect):
     out = tmp_path / "ckpt"
-    assert main(["zoo", "tiny", family, str(out), "--version", version, "--quant", quant]) == 0
+    assert main(["zoo", "tiny", family, str(out), "--version", version, "--quant", quant, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["version"] == version
     assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
@@ -71,5 +71,5 @@ def test_zoo_tiny_writes_the_real_names(tmp_path, capsys, family, version, quant
         assert tuple(tensors[name].shape) == shape and tensors[name].dtype == dtype, name
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors) and len(set(index["weight_map"].values())) >= 2
-    assert main(["zoo", "show", str(out), "--verify"]) == 0
+    assert main(["zoo", "show", str(out), "--verify", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == version

@@ -13,7 +13,8 @@ from moetier.checkpoint import Checkpoint, write_checkpoint
 from moetier.cli import main
 from moetier.errors import CheckpointError
 from moetier.family import load_layout
-from moetier.moe_block import MoEBlock, verify_checkpoint
+from moetier.checkpoint.experts import verify_checkpoint
+from moetier.runtime.moe_block import MoEBlock
 
 from zoo.fixtures import tiny_checkpoint  # noqa: F401  (session fixture)
 
@@ -84,7 +85,7 @@ def test_fused_experts_mismatch_names_the_tensor(tiny_checkpoint, tmp_path):
 
 
 def test_zoo_show_verify_reports_the_tensor(v3, tmp_path, capsys):
-    assert main(["zoo", "show", str(v3), "--verify"]) == 0
+    assert main(["zoo", "show", str(v3), "--verify", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["family"] == "deepseek" and out["verified_matrices"] > 0
     bad = rewrite(v3, tmp_path / "bad", drop={"model.layers.2.mlp.experts.31.down_proj.weight"})

@@ -59,7 +59,7 @@ def families():
 def test_deepseek_v3_layout(families):
     fam, version = identify(DEEPSEEK_V3, families.values())
     assert (fam.name, version) == ("deepseek", "DeepSeek-V3")
-    lay = fam.layout(DEEPSEEK_V3)
+    lay = fam.layout(DEEPSEEK_V3, fam.match(DEEPSEEK_V3))
     assert lay.dense_layers == (0, 1, 2) and lay.moe_layer_indices == tuple(range(3, 61))
     assert [s.prefix for s in lay.skipped] == ["model.layers.61."]
     m = lay.layer(3)
@@ -78,19 +78,19 @@ def test_deepseek_v3_layout(families):
 def test_deepseek_v2_layout(families):
     fam, version = identify(DEEPSEEK_V2, families.values())
     assert version == "DeepSeek-V2"
-    r = fam.layout(DEEPSEEK_V2).layer(1).router
+    r = fam.layout(DEEPSEEK_V2, fam.match(DEEPSEEK_V2)).layer(1).router
     assert (r.scoring, r.group_score, r.n_group, r.topk_group, r.renormalize, r.scaling) == \
         ("softmax", "max", 8, 3, False, 16.0)
-    assert fam.layout(DEEPSEEK_V2).layer(1).shared.intermediate_size == 2 * 1536
+    assert fam.layout(DEEPSEEK_V2, fam.match(DEEPSEEK_V2)).layer(1).shared.intermediate_size == 2 * 1536
 
 
 def test_kimi_is_claimed_by_kimi_not_deepseek(families):
     fam, version = identify(KIMI_K2, families.values())
     assert (fam.name, version) == ("kimi", "Kimi-K2")
-    assert fam.layout(KIMI_K2).layer(1).router.scaling == 2.827
+    assert fam.layout(KIMI_K2, fam.match(KIMI_K2)).layer(1).router.scaling == 2.827
     fam, version = identify(KIMI_K25, families.values())
     assert (fam.name, version) == ("kimi", "Kimi-K2.5")
-    lay = fam.layout(KIMI_K25)
+    lay = fam.layout(KIMI_K25, fam.match(KIMI_K25))
     assert (lay.quantization.scheme, lay.quantization.fmt, lay.quantization.scope) == ("int4_pack", "int4_g32", "experts")
     assert lay.layer(1).names.router_module(1) == "language_model.model.layers.1.mlp.gate"
     assert lay.layer(1).experts.num_experts == 384
@@ -99,7 +99,7 @@ def test_kimi_is_claimed_by_kimi_not_deepseek(families):
 def test_qwen35_text_config_prefix_fused_and_mtp(families):
     fam, version = identify(QWEN35, families.values())
     assert (fam.name, version) == ("qwen", "Qwen3.5-35B-A3B")
-    lay = fam.layout(QWEN35)
+    lay = fam.layout(QWEN35, fam.match(QWEN35))
     m = lay.layer(0)
     assert m.names.fused_names(0) == ("model.language_model.layers.0.mlp.experts.gate_up_proj",
                                       "model.language_model.layers.0.mlp.experts.down_proj")
@@ -111,7 +111,7 @@ def test_qwen_sparse_step_and_mlp_only_layers(families):
     cfg = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
            "num_hidden_layers": 6, "moe_intermediate_size": 16, "intermediate_size": 32, "num_experts": 8,
            "num_experts_per_tok": 2, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
-    lay = families["qwen"].layout(cfg)
+    lay = families["qwen"].layout(cfg, families["qwen"].match(cfg))
     assert lay.moe_layer_indices == (1, 5) and lay.dense_layers == (0, 2, 3, 4)
     assert lay.layer(1).shared is None and not lay.layer(1).router.renormalize
 
@@ -119,7 +119,7 @@ def test_qwen_sparse_step_and_mlp_only_layers(families):
 def test_minimax_m2_layout(families):
     fam, version = identify(MINIMAX_M2, families.values())
     assert (fam.name, version) == ("minimax", "MiniMax-M2")
-    m = fam.layout(MINIMAX_M2).layer(0)
+    m = fam.layout(MINIMAX_M2, fam.match(MINIMAX_M2)).layer(0)
     assert m.names.selection_bias_name(0) == "model.layers.0.block_sparse_moe.e_score_correction_bias"
     assert m.names.expert_module(0, 3, "up") == "model.layers.0.block_sparse_moe.experts.3.w3"
     assert m.router.renormalize and m.router.scaling == 1.0 and m.experts.intermediate_size == 1536
@@ -145,7 +145,7 @@ def test_refusals_name_the_key(families, base, change, key):
     cfg = {k: v for k, v in cfg.items() if v is not None}
     fam, _ = identify(cfg, families.values())
     with pytest.raises(LayoutError, match=key):
-        fam.layout(cfg)
+        fam.layout(cfg, fam.match(cfg))
 
 
 def test_unknown_config_is_refused_with_the_families(families):
@@ -160,7 +160,7 @@ def test_layout_is_json_data(families, config):
     from moetier.layout import MoELayout
 
     fam, _ = identify(config, families.values())
-    lay = fam.layout(config)
+    lay = fam.layout(config, fam.match(config))
     again = MoELayout.from_dict(json.loads(json.dumps(lay.to_dict())))
     assert again == lay
     with pytest.raises(LayoutError, match="not a serialized MoELayout"):

@@ -59,7 +59,7 @@ def test_example_family_is_listed_and_passes_golden(install_plugin, cleanup_modu
     assert {"deepseek", "kimi", "glm", "qwen", "minimax"} <= set(rows)
 
     out = tmp_path / "tiny"
-    assert main(["zoo", "tiny", family, str(out), "--version", version]) == 0
+    assert main(["zoo", "tiny", family, str(out), "--version", version, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["version"] == version and summary["experts"] == 8 and summary["top_k"] == top_k
 

@@ -9,7 +9,7 @@ import torch
 
 from moetier.errors import LayoutError, ShapeError
 from moetier.layout import RouterSpec
-from moetier.routing import route
+from moetier.runtime.routing import route
 
 SPECS = {
     "softmax-greedy": RouterSpec(16, 4, "softmax"),

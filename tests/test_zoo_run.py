@@ -1,15 +1,13 @@
 """`moetier zoo run`: whole tiny checkpoints, layer by layer, on the chosen backend vs float64."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from moetier.conformance.runner import instantiate
 from moetier.hardware import load_inventory
 from moetier.plugins import load_registry
 from moetier.selection import select_backends
-from moetier.zoo_run import run_checkpoint
+from moetier.runtime.layer_check import run_checkpoint
+
+from cli_helpers import moetier
 
 pytest.importorskip("transformers")
 
@@ -20,9 +18,7 @@ CASES = [("qwen", "Qwen3-30B-A3B"), ("deepseek", "DeepSeek-V3"), ("kimi", "Kimi-
 def chosen():
     reg, inv = load_registry(no_plugins=True), load_inventory()
     name = select_backends(reg, inv, force=[]).for_device("cpu")
-    backend, why = instantiate(name, reg, inv)
-    assert backend is not None, why
-    return backend
+    return reg.backend(name).create(inv)
 
 
 @pytest.mark.parametrize("family,version", CASES)
@@ -38,8 +34,7 @@ def test_every_moe_layer_matches_float64(tmp_path, chosen, family, version):
 def test_cli_fails_when_a_layer_is_wrong(tmp_path):
     fam = load_registry(no_plugins=True).family("qwen")
     fam.tiny("Qwen3-30B-A3B", str(tmp_path), quant="default", seed=1)
-    ok = subprocess.run([sys.executable, "-m", "moetier.cli", "zoo", "run", str(tmp_path), "--backend", "cpu.torch"],
-                        capture_output=True, text=True)
+    ok = moetier("zoo", "run", tmp_path, "--backend", "cpu.torch")
     assert ok.returncode == 0 and "match the float64 reference" in ok.stdout, ok.stdout + ok.stderr
     # A backend that computes wrongly must be caught, layer by layer:
     from moetier.reference import ReferenceBackend, moe_forward

@@ -13,7 +13,7 @@ import importlib.util
 import os
 from types import ModuleType
 
-from moetier.errors import KernelVariantError
+from moetier.errors import KernelVariantError, SettingError
 
 ENV_VARIANT = "MOETIER_CPU_VARIANT"
 
@@ -57,15 +57,25 @@ def is_built(variant: str) -> bool:
 
 
 def forced_variant(inventory) -> str | None:
-    """The variant MOETIER_CPU_VARIANT names, checked: unknown or beyond this CPU raises KernelVariantError."""
-    forced = os.environ.get(ENV_VARIANT, "").strip()
-    if not forced:
+    """The variant MOETIER_CPU_VARIANT names (any case), checked: an unknown name, or a variant this CPU
+    cannot run, raises SettingError naming the valid variants or the missing features."""
+    raw = os.environ.get(ENV_VARIANT, "").strip()
+    if not raw:
         return None
-    _check_known(forced)
+    forced = raw.lower()
+    if forced not in VARIANT_FEATURES:
+        raise SettingError(f"{ENV_VARIANT}={raw} is not a kernel variant; valid: {', '.join(VARIANTS)} "
+                           f"(or unset it to use the best this CPU runs)")
     missing = missing_features(forced, inventory)
     if missing:
-        raise KernelVariantError(f"{ENV_VARIANT}={forced} but this CPU lacks {', '.join(missing)}")
+        raise SettingError(f"{ENV_VARIANT}={raw} names a variant this CPU cannot run: it lacks "
+                           f"{', '.join(missing)}; valid here: {', '.join(runnable_variants(inventory)) or 'none'}")
     return forced
+
+
+def runnable_variants(inventory) -> list[str]:
+    """The variants whose features this CPU has, lowest first."""
+    return [v for v in VARIANTS if not missing_features(v, inventory)]
 
 
 def choose_variant(candidates: tuple[str, ...], inventory) -> str:

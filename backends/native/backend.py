@@ -15,7 +15,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from moetier.errors import FormatError
+from moetier.errors import FormatError, SettingError
 from moetier.experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ForwardInputs, PreparedExperts
 from moetier.formats import WeightFormat
 
@@ -83,8 +83,6 @@ class NativeBackend(ExpertBackend):
         super().__init__(nan_policy=nan_policy)
         if threads is None:
             threads = max(1, inventory.cpu.physical_cores)
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.name = name
         self.variant = variant
         self.int8_activations = bool(int8_activations)
@@ -99,7 +97,7 @@ class NativeBackend(ExpertBackend):
         """Compute on `threads` pinned workers from now on. Prepared experts stay valid: the packed layout
         never depends on the thread count (a forward already running keeps its old pool)."""
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
+            raise SettingError(f"{self.name}: threads must be a positive integer, got {threads!r}")
         cpus, nodes = worker_cpus(self._inventory, threads)
         self._kernel_pool = self._ext.ThreadPool(threads, cpus, nodes)
         self.threads = threads
@@ -132,6 +130,9 @@ class NativeBackend(ExpertBackend):
             for item in enumerate(ids):
                 add(item)
         return packed
+
+    def payload_nbytes(self, payload, layer: ExpertLayerSpec, fmt: WeightFormat, ids) -> int:
+        return payload.num_slots * payload.expert_bytes  # panels padded to 16 rows, scales beside them
 
     def compute(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
         hidden = inputs.hidden.detach()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,34 +75,11 @@ class Progress:
     def advance(self, text: str) -> None: ...
 
 
-def _factory_takes_threads(factory) -> bool:
-    try:
-        return "threads" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def apply_threads(backend, threads: int, spec=None, inventory=None):
-    """A backend computing on `threads` threads, and how that was arranged.
-
-    In order: the backend's own `set_threads`; a factory that takes `threads=` (native backends own a
-    pinned pool sized at construction: a new instance computes on the same prepared experts, since a
-    packed layout never depends on the thread count); a live `num_threads` attribute (numba); otherwise
-    torch's intra-op threads, which are set in every case since input validation runs torch ops too.
-    """
+def apply_threads(backend, threads: int) -> None:
+    """Make `backend` compute on `threads` threads. torch's intra-op threads are set too, since input
+    validation runs torch ops."""
     torch.set_num_threads(threads)
-    setter = getattr(backend, "set_threads", None)
-    if callable(setter):
-        setter(threads)
-        return backend, "set_threads"
-    if spec is not None and _factory_takes_threads(spec.factory):
-        if getattr(backend, "threads", None) == threads:
-            return backend, "factory(threads=)"
-        return spec.factory(inventory, threads=threads), "factory(threads=)"
-    if hasattr(backend, "num_threads"):
-        backend.num_threads = threads
-        return backend, "num_threads"
-    return backend, "torch"
+    backend.set_threads(threads)
 
 
 @contextlib.contextmanager
@@ -271,10 +247,8 @@ class KernelBench:
         try:
             if spec is None:
                 backend = torch_baseline.TorchLoopBaseline()
-            elif _factory_takes_threads(spec.factory):  # pack on every thread the run uses
-                backend = spec.factory(self.inventory, threads=max(c.threads))
-            else:
-                backend = spec.factory(self.inventory)
+            else:  # pack on every thread the run uses
+                backend = spec.create(self.inventory, threads=max(c.threads))
             with _torch_threads(1):
                 prepared, copies = self._prepare_copies(backend, spec is None, layer, weights, fmt, label)
         except MoetierError as exc:
@@ -282,11 +256,10 @@ class KernelBench:
             for _ in range(len(c.batches) * len(c.threads)):
                 self.progress.advance(f"{label} skipped")
             return
-        relerr = None
+        relerr = forward = None
         for t in c.threads:
-            forward = runner = None  # drop the previous thread count's pool before making the next one
-            runner, via = apply_threads(backend, t, spec, self.inventory)
-            forward = runner.forward
+            apply_threads(backend, t)
+            forward = backend.forward
             if relerr is None:
                 self.progress.status(f"{label}: checking the output against the reference")
                 relerr = reference_relerr(layer, weights, lambda x, i, w, _f=forward, _p=prepared[0]: _f(_p, x, i, w),
@@ -297,9 +270,9 @@ class KernelBench:
                 text = f"{label} batch {b} threads {t}"
                 self.progress.status(text + " (timing)")
 
-                def call(i, _p=prepared, _h=hidden, _r=routings):
+                def call(i, _p=prepared, _h=hidden, _r=routings, _f=forward):
                     r = _r[i % n_r]
-                    return forward(_p[i % copies], _h, r.topk_ids, r.topk_weights)
+                    return _f(_p[i % copies], _h, r.topk_ids, r.topk_weights)
 
                 base = c.plan_for(b)
                 plan = dataclasses.replace(base, warmup=max(base.warmup, copies))  # warm every copy
@@ -316,9 +289,9 @@ class KernelBench:
                 result.measurements.append(Measurement(
                     shape.name, layer.num_experts, layer.top_k, layer.hidden_size, layer.intermediate_size,
                     name, fmt, b, t, med, p10, p90, len(times), copies, mean_bytes,
-                    float(flops_per_forward(layer, b)), via, relerr))
+                    float(flops_per_forward(layer, b)), relerr))
                 self.progress.advance(text)
-        del prepared, backend, runner
+        del prepared, backend, forward
         release_memory()
 
     def _prepare_copies(self, backend, is_baseline: bool, layer: ExpertLayerSpec, weights, fmt: str, label: str):
@@ -342,14 +315,6 @@ class KernelBench:
             self.progress.status(f"{label}: prepare copy {k + 1}/{copies}")
             prepared.append(prepare())
         return prepared, copies
-
-
-def default_backends(registry: Registry, inventory: HardwareInventory) -> tuple[str, ...]:
-    """The CPU backend selection picks on this machine (the torch baseline is added separately)."""
-    from ..selection import select_backends
-
-    chosen = select_backends(registry, inventory).for_device("cpu")
-    return (chosen,) if chosen else ()
 
 
 def run_kernel_bench(config: BenchConfig, inventory: HardwareInventory, registry: Registry,

@@ -76,7 +76,6 @@ class Measurement:
     copies: int
     weight_bytes: float
     flops: float
-    threads_via: str = ""
     check_relerr: float | None = None  # output vs the fp32 reference on the same weights (a few tokens)
 
     @property

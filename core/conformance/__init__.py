@@ -10,8 +10,8 @@ NAME` on a test module that does `from moetier.conformance.testing import test_c
 A run that executes zero cases is a failure.
 """
 from .cases import SHAPES, Case, CaseFailure, build_cases
-from .runner import CaseResult, ConformanceReport, instantiate, run_backend, run_suite, runnable_backends
+from .runner import CaseResult, ConformanceReport, run_backend, run_suite, runnable_backends
 from .tolerances import TOLERANCES
 
-__all__ = ["SHAPES", "Case", "CaseFailure", "build_cases", "CaseResult", "ConformanceReport", "instantiate",
+__all__ = ["SHAPES", "Case", "CaseFailure", "build_cases", "CaseResult", "ConformanceReport",
            "run_backend", "run_suite", "runnable_backends", "TOLERANCES"]

@@ -24,8 +24,11 @@ def pytest_generate_tests(metafunc):
     import secrets
 
     from .cases import Context, build_cases
-    from .runner import instantiate, runnable_backends
+    from ..errors import MoetierError
+    from ..hardware import load_inventory
+    from ..plugins import get_registry
     from ..reference import oracle
+    from .runner import runnable_backends
 
     names = metafunc.config.getoption("--moetier-backend") or runnable_backends()
     seed = metafunc.config.getoption("--moetier-seed")
@@ -34,9 +37,10 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
     for name in names:
         if name not in _CONTEXTS:
-            backend, why = instantiate(name)
-            if backend is None:
-                raise pytest.UsageError(f"--moetier-backend {name}: {why}")
+            try:
+                backend = get_registry().backend(name).create(load_inventory())
+            except MoetierError as exc:
+                raise pytest.UsageError(f"--moetier-backend {name}: {exc}") from None
             _CONTEXTS[name] = Context(backend, oracle(), seed)
         ctx = _CONTEXTS[name]
         for case in build_cases(tuple(ctx.backend.formats)):

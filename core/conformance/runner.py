@@ -104,42 +104,26 @@ def run_backend(backend: ExpertBackend, *, seed: int, formats: Iterable[str] | N
 def run_suite(backends: list[str | ExpertBackend], *, registry=None, inventory=None, seed: int | None = None,
               formats: Iterable[str] | None = None,
               progress: Callable[[CaseResult], None] | None = None) -> ConformanceReport:
-    """Run the suite on backends given by name (built through the registry) or as instances."""
+    """Run the suite on backends given by name (built through the registry) or as instances. A named
+    backend that cannot be built is recorded as unavailable (the run then fails) with the reason."""
+    from ..hardware import load_inventory
+    from ..plugins import get_registry
+
     seed = secrets.randbits(31) if seed is None else seed
     report = ConformanceReport(seed)
     for b in backends:
         if isinstance(b, ExpertBackend):
             run_backend(b, seed=seed, formats=formats, report=report, progress=progress)
             continue
-        instance, why = instantiate(b, registry, inventory)
-        if instance is None:
-            report.unavailable[b] = why
+        registry = registry or get_registry()
+        inventory = inventory or load_inventory()
+        try:
+            instance = registry.backend(b).create(inventory)
+        except MoetierError as exc:
+            report.unavailable[b] = str(exc)
             continue
         run_backend(instance, seed=seed, formats=formats, report=report, progress=progress)
     return report
-
-
-def instantiate(name: str, registry=None, inventory=None) -> tuple[ExpertBackend | None, str]:
-    """Build a registered backend if its probe allows; else (None, reason)."""
-    from ..hardware import load_inventory
-    from ..plugins import get_registry
-
-    registry = registry or get_registry()
-    inventory = inventory or load_inventory()
-    try:
-        spec = registry.backend(name)
-    except MoetierError as exc:
-        return None, str(exc)
-    probe = spec.safe_probe(inventory)
-    if not probe.usable:
-        return None, f"cannot run here: {probe.reason}"
-    try:
-        backend = spec.factory(inventory)
-    except Exception as exc:
-        return None, f"factory failed: {type(exc).__name__}: {exc}"
-    if not isinstance(backend, ExpertBackend):
-        return None, f"factory returned {type(backend).__name__}, not an ExpertBackend"
-    return backend, ""
 
 
 def runnable_backends(registry=None, inventory=None, device: str = "cpu") -> list[str]:

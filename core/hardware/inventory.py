@@ -3,7 +3,7 @@ machine we do not have (a dual-socket AMX server, an Ascend box) exercises it ex
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MoetierError

@@ -34,7 +34,7 @@ def mlp_modules(model) -> dict[int, torch.nn.Module]:
     return out
 
 
-def hf_blocks_pretrained(ckpt_dir, hf_class: str):
+def hf_blocks_pretrained(ckpt_dir, hf_class: str, **extra):
     """(mlp modules by layer index, loading info) of transformers' model loaded from the checkpoint."""
     import transformers
 
@@ -47,7 +47,7 @@ def hf_blocks_pretrained(ckpt_dir, hf_class: str):
         cfg = cls.config_class.from_pretrained(str(ckpt_dir))
         cfg.model_type = cls.config_class.model_type
         kwargs["config"] = cfg
-    model, info = cls.from_pretrained(str(ckpt_dir), output_loading_info=True, **kwargs, **_hf_kwargs())
+    model, info = cls.from_pretrained(str(ckpt_dir), output_loading_info=True, **kwargs, **extra, **_hf_kwargs())
     model.eval()
     return mlp_modules(model), info
 
@@ -200,8 +200,12 @@ def check_golden(registry, family: str, version: str, quant, ckpt_dir, layout) -
     assert load_layout(str(ckpt_dir), registry) == layout
     hf_class = fam.extras["tiny_spec"](version).extra["hf_class"]
 
-    if layout.quantization.scheme == "none":
-        blocks, info = hf_blocks_pretrained(ckpt_dir, hf_class)
+    if layout.quantization.scheme in ("none", "mxfp4"):
+        extra = {}
+        if layout.quantization.scheme == "mxfp4":  # gpt-oss as released: transformers' own MXFP4 dequantization
+            import transformers
+            extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+        blocks, info = hf_blocks_pretrained(ckpt_dir, hf_class, **extra)
         missing = sorted(k for k in info["missing_keys"] if ".mlp." in k and "visual" not in k)
         assert not missing, f"transformers did not find these tensors where the layout puts them: {missing[:5]}"
         assert all(layout.is_skipped(k) for k in info["unexpected_keys"]), \
@@ -220,13 +224,15 @@ def compare_blocks(ckpt_dir, layout, blocks, label: str) -> None:
 
     from moetier.backends.cpu_torch import TorchBackend
     from moetier.checkpoint import Checkpoint
-    from moetier.moe_block import MoEBlock, verify_checkpoint
+    from moetier.checkpoint.experts import verify_checkpoint
+    from moetier.runtime.moe_block import MoEBlock
 
     seed = random.SystemRandom().randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     backend = TorchBackend()
     with Checkpoint(str(ckpt_dir)) as ckpt:
-        assert verify_checkpoint(ckpt, layout) > 0
+        report = verify_checkpoint(ckpt, layout)
+        assert report.matrices > 0 and not report.differs, report
         for s in layout.skipped:  # MTP weights are in the checkpoint, and no MoE layer reads them
             assert ckpt.names(prefix=s.prefix), f"expected tensors under {s.prefix}"
         for layer in layout.moe_layers:
@@ -253,14 +259,14 @@ def check_router_features_matter(layer, block, x, ids, where) -> None:
     """Group limits and the selection bias must change some choices, or the test would not cover them."""
     import dataclasses
 
-    from moetier.routing import route
+    from moetier.runtime.routing import route
 
     spec = layer.router
     if spec.n_group > 1:
         flat = dataclasses.replace(spec, n_group=1, topk_group=1)
-        free_ids, _ = route(flat, x, block.router_weight, block.selection_bias)
+        free_ids, _ = route(flat, x, block.router.weight, block.router.selection_bias)
         assert not torch.equal(free_ids.sort(-1).values, ids.sort(-1).values), f"{where}: groups changed nothing"
     if spec.selection_bias:
         plain = dataclasses.replace(spec, selection_bias=False)
-        plain_ids, _ = route(plain, x, block.router_weight)
+        plain_ids, _ = route(plain, x, block.router.weight)
         assert not torch.equal(plain_ids.sort(-1).values, ids.sort(-1).values), f"{where}: bias changed nothing"

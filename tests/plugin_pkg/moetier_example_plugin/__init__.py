@@ -34,7 +34,7 @@ def _match(config: dict) -> str | None:
     return "Example-MoE" if config.get("model_type") == "example_moe" else None
 
 
-def _layout(config: dict):
+def _layout(config: dict, version: str):
     return {"experts": config["num_experts"]}
 
 

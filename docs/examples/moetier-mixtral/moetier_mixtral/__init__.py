@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import moetier
 from moetier import ExpertLayerSpec, LayoutError, ModelFamily
-from moetier.layout import (MoELayerLayout, MoELayout, RouterSpec, TensorNames, get_int, get_key,
-                            quantization_from_config, require_choice)
+from moetier.hf_config import get_int, get_key, quantization_from_config, require_choice
+from moetier.layout import MoELayerLayout, MoELayout, RouterSpec, TensorNames
 
 NAME = "mixtral"
 VERSIONS = ("Mixtral-8x7B", "Mixtral-8x22B")
@@ -27,10 +27,7 @@ def match(config: Mapping) -> str | None:
     return "Mixtral-8x7B"
 
 
-def layout(config: Mapping) -> MoELayout:
-    version = match(config)
-    if version is None:
-        raise LayoutError(f"not a Mixtral config (model_type {config.get('model_type')!r})")
+def layout(config: Mapping, version: str) -> MoELayout:
     if get_key(config, "hidden_act", default="silu") != "silu":
         raise LayoutError(f"config key 'hidden_act' = {config['hidden_act']!r} is not implemented; only 'silu'")
     require_choice(config, "scoring_func", ("softmax",), default="softmax")

@@ -1,55 +1,60 @@
 """`moetier conformance`: run the suite on backends and print (and save) the per-format report."""
 from __future__ import annotations
 
-import sys
-
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import SettingError
+from .options import add_backend_options, check_writable, load_context
 
-def register(sub, common):
-    p = sub.add_parser("conformance", help="run the backend conformance suite (default: the backend chosen for each device)")
-    p.add_argument("--backend", action="append", metavar="NAME", help="backend to test (repeatable)")
+
+def register(sub) -> None:
+    p = sub.add_parser("conformance", help="run the backend conformance suite (default: the backend chosen for each "
+                                           "device kind)")
+    add_backend_options(p, backend_help="backend to test (repeatable, or comma-separated; default: MOETIER_BACKEND, "
+                                        "else the backend chosen for each device kind)")
     p.add_argument("--all", action="store_true", help="test every backend that can run on this host")
-    p.add_argument("--format", action="append", metavar="FMT", dest="formats", help="only this weight format (repeatable)")
-    p.add_argument("--seed", type=int, help="reproduce a run (the report prints its seed)")
-    p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
-    p.add_argument("--inventory", metavar="FILE.json", help="use a recorded hardware inventory")
-    p.add_argument("--no-plugins", action="store_true", help="load only moetier's own plugins")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.add_argument("--format", action="append", metavar="FMT", dest="formats",
+                   help="only this weight format (repeatable; see `moetier zoo list` for the formats moetier knows)")
+    p.add_argument("--seed", type=int, help="seed of the random inputs, to reproduce a run (the report prints it)")
+    p.add_argument("--report", metavar="FILE.json", help="also write the full report as JSON to this file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..hardware import load_inventory
-    from ..plugins import load_registry
-    from .runner import run_suite, runnable_backends
+    from ..conformance.cases import build_cases
+    from ..conformance.runner import run_suite, runnable_backends
+    from ..formats import FORMATS
 
-    console = Console(stderr=False)
-    inventory = load_inventory(args.inventory)
-    registry = load_registry(no_plugins=args.no_plugins)
-    if args.backend:
-        names = args.backend
+    if args.report:
+        check_writable(args.report, "report")
+    for fmt in args.formats or ():
+        if fmt not in FORMATS:
+            raise SettingError(f"unknown weight format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    ctx = load_context(args)
+    if ctx.requested:
+        names = list(ctx.requested)
     elif args.all:
-        names = runnable_backends(registry, inventory)
+        names = runnable_backends(ctx.registry, ctx.inventory)
     else:
-        from ..selection import select_backends
-        names = sorted(select_backends(registry, inventory, force=[]).chosen.values())
+        names = sorted(ctx.selection.chosen.values())
     if not names:
-        console.print("[red]no backend can run on this host; nothing to test[/red]")
-        return 1
+        raise SettingError("no backend can run on this host; nothing to test (see `moetier doctor`)")
+    for name in names:
+        declared = ctx.registry.backends[name].formats
+        lacking = [f for f in args.formats or () if f not in declared]
+        if lacking:
+            raise SettingError(f"backend {name} does not compute {', '.join(lacking)}; it computes "
+                               f"{', '.join(declared) or 'nothing yet'}")
+    console = Console()
     progress = None
     if not args.quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-        from .cases import build_cases
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
                        transient=True)
-        totals = {}
-        for n in names:
-            spec = registry.backends.get(n)
-            fmts = tuple(f for f in (args.formats or spec.formats if spec else ()) if spec and f in spec.formats)
-            totals[n] = len(build_cases(fmts))
+        totals = {n: len(build_cases(tuple(args.formats or ctx.registry.backends[n].formats))) for n in names}
         tasks = {}
         bar.start()
 
@@ -58,8 +63,8 @@ def run(args) -> int:
                 tasks[result.backend] = bar.add_task(result.backend, total=totals.get(result.backend))
             bar.advance(tasks[result.backend])
     try:
-        report = run_suite(names, registry=registry, inventory=inventory, seed=args.seed, formats=args.formats,
-                           progress=progress)
+        report = run_suite(names, registry=ctx.registry, inventory=ctx.inventory, seed=args.seed,
+                           formats=args.formats, progress=progress)
     finally:
         if progress is not None:
             bar.stop()

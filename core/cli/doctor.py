@@ -1,14 +1,38 @@
 """`moetier doctor`: what this machine has, every backend's verdict, and the choice per device kind."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 from rich.console import Console
 from rich.table import Table
 
-from .hardware.inventory import HardwareInventory
-from .plugins import Registry
-from .selection import Selection
+from ..hardware.inventory import HardwareInventory
+from ..plugins import Registry
+from ..selection import Selection
+from .options import add_backend_options, check_writable, load_context
+
+
+def register(sub) -> None:
+    p = sub.add_parser("doctor", help="show the hardware, every backend with its score and reason, the choice per device")
+    add_backend_options(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the tables")
+    p.add_argument("--save-inventory", metavar="FILE.json",
+                   help="also write the hardware inventory to this file (reusable with --inventory)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.save_inventory:
+        check_writable(args.save_inventory, "inventory file")
+    ctx = load_context(args)
+    if args.save_inventory:
+        ctx.inventory.save(args.save_inventory)
+    if args.json:
+        print(json.dumps(report_dict(ctx.inventory, ctx.registry, ctx.selection), indent=2))
+    else:
+        print_report(ctx.inventory, ctx.registry, ctx.selection)
+    return 0
 
 
 def report_dict(inventory: HardwareInventory, registry: Registry, selection: Selection) -> dict:

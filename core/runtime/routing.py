@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import DTypeError, ShapeError
-from .layout import RouterSpec
+from ..errors import DTypeError, ShapeError
+from ..layout import RouterSpec
 
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,215 @@
+"""`moetier bench kernels`: the command line of the kernel benchmark (the work lives in moetier.bench)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..bench.workload import BENCH_FORMATS, GIB, SHAPE_NAMES
+from ..errors import MoetierError, SettingError
+from .options import add_backend_options, check_writable, load_context, positive_int
+
+QUICK = {"shapes": ("qwen3-30b",), "formats": ("bf16", "int4_g64"), "batches": (1, 128), "threads": (2,)}
+
+DESCRIPTION = """\
+Time expert backends on model-sized MoE layers, side by side with the machine's limits measured in the
+same run (DRAM read bandwidth, vdpbf16ps and vpdpbusd peaks) and the torch per-expert loop baseline.
+--backend NAME (repeatable) chooses the backends to time (default: the CPU backend selection picks).
+"""
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {kind} list")
+        if kind == "int":
+            try:
+                vals = tuple(int(x) for x in items)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+            if any(v < 1 for v in vals):
+                raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+            return vals
+        if choices is not None:
+            bad = [x for x in items if x not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {kind}: {', '.join(bad)} (known: {', '.join(choices)})")
+        return items
+    return parse
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (kernels against the machine's limits and baselines)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser("kernels", help="time expert backends against bandwidth, vector peak, torch and peers",
+                        description=DESCRIPTION)
+    add_backend_options(p, backend_help="backend to time (repeatable, or comma-separated; default: MOETIER_BACKEND, "
+                                        "else the CPU backend `moetier doctor` chooses)")
+    p.add_argument("--shapes", type=_csv("shape", SHAPE_NAMES), metavar="LIST",
+                   help=f"comma-separated shapes (default: qwen3-30b,deepseek-v3; known: {', '.join(SHAPE_NAMES)})")
+    p.add_argument("--formats", type=_csv("format", BENCH_FORMATS + ("fp16", "fp32")), metavar="LIST",
+                   help="comma-separated weight formats (default: every one of "
+                        f"{','.join(BENCH_FORMATS)} the backend declares)")
+    p.add_argument("--batches", type=_csv("int"), metavar="LIST", help="tokens per forward (default: 1,4,128,512)")
+    p.add_argument("--threads", type=_csv("int"), metavar="LIST", help="thread counts (default: 1,2)")
+    p.add_argument("--quick", action="store_true",
+                   help="a run of under a minute: qwen3-30b, bf16 and int4_g64, batches 1 and 128, 2 threads, "
+                        "short timings (explicit options override these)")
+    p.add_argument("--no-baseline", action="store_true", help="do not time the torch per-expert loop")
+    p.add_argument("--max-weights-gib", type=float, default=3.0, metavar="GIB",
+                   help="memory for all prepared copies of one backend and format; also sizes the DeepSeek-V3 "
+                        "expert count (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
+    p.add_argument("--json", metavar="FILE", help="write every measurement, the limits and the machine as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the run (date, machine, limits, results) as Markdown")
+    p.add_argument("--peer", metavar="FILE.json", action="append",
+                   help="results of the peer runner (ci/bench_kt_kernel.py) to show side by side (repeatable)")
+    p.set_defaults(func=run_cli)
+
+    p = bsub.add_parser("runtime", help="the tiered layer's overhead, and decode with half of the experts on disk",
+                        description=RUNTIME_DESCRIPTION)
+    add_backend_options(p, backend_help="CPU backend to run on (default: MOETIER_BACKEND, else the one `moetier "
+                                        "doctor` chooses)")
+    p.add_argument("--layers", type=positive_int, default=4,
+                   help="MoE layers of the disk-tier checkpoint (default 4: 2.4 GB of FP8 experts)")
+    p.add_argument("--tokens", type=positive_int, default=32, help="decode tokens timed per run (default 32)")
+    p.add_argument("--cache-share", type=float, default=0.25, metavar="F",
+                   help="DRAM cache of the disk tier as a share of the bytes left on disk (default 0.25)")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="folder for the disk-tier checkpoint (default: a temporary folder, removed after)")
+    p.add_argument("--quick", action="store_true", help="short timings, 2 layers, 8 tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=run_runtime)
+
+
+RUNTIME_DESCRIPTION = """\
+1. The tiered layer's overhead: the Qwen3-30B-A3B layer at decode in one shard against the same experts
+in two CPU shards, timed alternately. 2. Decode through every MoE layer of a checkpoint with the
+Qwen3-30B-A3B layer dimensions (FP8 experts) with half of each layer's experts left on disk behind a DRAM
+cache, against every expert in DRAM: tokens/s, bytes read per token, hit rate, prefetch precision.
+"""
+
+
+def run_runtime(args) -> int:
+    import json
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..bench.runtime import disk_decode, tiered_overhead, write_decode_checkpoint
+
+    if args.json:
+        check_writable(args.json, "JSON file")
+    if not 0 < args.cache_share <= 1:
+        raise SettingError(f"--cache-share must be in (0, 1], got {args.cache_share}")
+    ctx = load_context(args)
+    name = ctx.requested[0] if ctx.requested else ctx.selection.for_device("cpu")
+    if name is None:
+        raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
+    layers, tokens = (2, 8) if args.quick else (args.layers, args.tokens)
+    console = Console()
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moetier-bench-"))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("starting")
+
+        def status(text):
+            progress.update(task, description=text)
+
+        backend = ctx.registry.backend(name).create(ctx.inventory)
+        overhead = tiered_overhead(backend, seed=args.seed, quick=args.quick, status=status)
+        del backend
+        try:
+            if not (workdir / "config.json").exists():
+                write_decode_checkpoint(workdir, layers, args.seed, status)
+            disk = disk_decode(workdir, name, layers=layers, tokens=tokens, cache_share=args.cache_share,
+                               registry=ctx.registry, inventory=ctx.inventory, seed=args.seed, status=status)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+    console.print(f"[bold]Tiered layer overhead[/bold] (Qwen3-30B-A3B layer, {overhead.fmt}, batch {overhead.batch}, "
+                  f"{name}, {overhead.threads} threads): one shard {overhead.single_s * 1e3:.3f} ms, two CPU shards "
+                  f"{overhead.tiered_s * 1e3:.3f} ms per forward: {overhead.overhead:+.1%}")
+    console.print(f"[bold]Half of the experts on disk[/bold] ({disk.layers} layers, {disk.tokens} tokens, cache "
+                  f"{disk.cache_share:.0%} of the disk experts' bytes): {disk.disk_tok_s:.2f} tok/s against "
+                  f"{disk.dram_tok_s:.2f} tok/s all in DRAM ({disk.disk_tok_s / disk.dram_tok_s:.0%}); "
+                  f"{disk.bytes_read_per_token / 2**20:.1f} MiB read per token, hit rate {disk.hit_rate:.0%} "
+                  f"(waits {disk.waits}, misses {disk.misses}), prefetch precision {disk.prefetch_precision:.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"overhead": {**asdict(overhead), "overhead": overhead.overhead},
+                                               "disk": asdict(disk)}, indent=2))
+    return 0
+
+
+class _RichProgress:
+    def __init__(self, progress):
+        self._p = progress
+        self._task = None
+
+    def start(self, total: int) -> None:
+        self._task = self._p.add_task("measuring machine limits", total=total)
+
+    def status(self, text: str) -> None:
+        self._p.update(self._task, description=text)
+
+    def advance(self, text: str) -> None:
+        self._p.update(self._task, advance=1, description=text)
+
+
+def run_cli(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..bench import report
+    from ..bench.kernels import BenchConfig, run_kernel_bench
+    from ..bench.workload import l3_bytes
+
+    for path, what in ((args.json, "JSON file"), (args.markdown, "Markdown file")):
+        if path:
+            check_writable(path, what)
+    if args.max_weights_gib <= 0:
+        raise SettingError(f"--max-weights-gib must be positive, got {args.max_weights_gib}")
+    ctx = load_context(args)
+    inventory, registry = ctx.inventory, ctx.registry
+    backends = ctx.requested or tuple(n for n in (ctx.selection.for_device("cpu"),) if n)
+    if not backends:
+        raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
+    preset = QUICK if args.quick else {}
+    config = BenchConfig(
+        shapes=args.shapes or preset.get("shapes", ("qwen3-30b", "deepseek-v3")),
+        backends=backends,
+        formats=args.formats or preset.get("formats"),
+        batches=args.batches or preset.get("batches", (1, 4, 128, 512)),
+        threads=args.threads or preset.get("threads", (1, 2)),
+        baseline=not args.no_baseline,
+        quick=args.quick,
+        max_weight_bytes=int(args.max_weights_gib * GIB),
+        l3_bytes=l3_bytes(),
+        seed=args.seed,
+    )
+    peers, peer_records = [], []
+    for path in args.peer or ():
+        more, recs = report.load_peer_measurements(path)
+        peers += more
+        peer_records += recs
+    console = report.make_console()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        result = run_kernel_bench(config, inventory, registry, _RichProgress(progress))
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items() if k != "plans"}
+    doc = report.document(result, inventory, command=["moetier", *sys.argv[1:]], settings=settings,
+                          peers=peers, peer_records=peer_records)
+    report.print_report(doc, console)
+    if args.json:
+        report.write_json(doc, args.json)
+        console.print(f"wrote {len(doc['records'])} records to {args.json}")
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text(report.markdown_report(doc) + "\n")
+        console.print(f"wrote the Markdown report to {args.markdown}")
+    return 0
