@@ -19,6 +19,7 @@ from moetier.errors import CheckpointError
 from moetier.formats import dequantize, quantize
 from moetier.model_zoo import default_model
 from moetier.model_zoo.default_model import corpus, evaluate, train
+from moetier.placement import ActivationStats
 
 MOETIER = Path(sys.executable).parent / "moetier"
 
@@ -134,8 +135,8 @@ def test_shipped_checkpoint_is_a_bf16_per_expert_qwen3_moe_under_30_mb(shipped):
 
 def test_zoo_show_verify_accepts_the_shipped_checkpoint(shipped):
     folder = shipped[0]
-    run = subprocess.run([str(MOETIER), "zoo", "show", str(folder), "--verify"], capture_output=True, text=True,
-                         check=False)
+    run = subprocess.run([str(MOETIER), "zoo", "show", str(folder), "--verify", "--json"],
+                         capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     shown = json.loads(run.stdout)
@@ -143,6 +144,7 @@ def test_zoo_show_verify_accepts_the_shipped_checkpoint(shipped):
     assert shown["family"] == "qwen" and shown["experts"] == config["num_experts"]
     assert shown["moe_layers"] == config["num_hidden_layers"]
     assert shown["verified_matrices"] == 3 * config["num_experts"] * config["num_hidden_layers"]
+    assert shown["quantization"] == "none:bf16" and shown["dtype_differs"] == []
 
 
 def test_shipped_model_generates_python_deterministically(shipped):
@@ -157,22 +159,30 @@ def test_shipped_model_generates_python_deterministically(shipped):
 def test_route_counts_match_transformers_router_logits(shipped, sample):
     _, model, _ = shipped
     rows = sample[:2]
-    counts = evaluate.route_counts(model, rows)
+    stats = evaluate.route_counts(model, rows)
     k, E, L = model.config.num_experts_per_tok, model.config.num_experts, model.config.num_hidden_layers
-    assert counts.shape == (L, E) and counts.dtype == torch.int64
-    assert torch.equal(counts.sum(1), torch.full((L,), rows.numel() * k))
+    assert isinstance(stats, ActivationStats) and stats.layers == tuple(range(L)) and stats.num_experts == E
+    assert torch.equal(stats.tokens, torch.full((L,), rows.numel()))
+    assert torch.equal(stats.counts.sum(1), torch.full((L,), rows.numel() * k))
     with torch.no_grad():
         logits = model(input_ids=rows, output_router_logits=True).router_logits  # transformers' own output
     expect = torch.stack([torch.bincount(lg.topk(k, dim=-1).indices.reshape(-1), minlength=E) for lg in logits])
-    assert torch.equal(counts, expect)
+    assert torch.equal(stats.counts, expect)
 
 
-def test_skew_measures():
-    uniform = evaluate.skew(torch.full((1, 32), 10))[0]
+def _stats(counts) -> ActivationStats:
+    counts = torch.tensor(counts)
+    return ActivationStats(tuple(range(counts.shape[0])), counts.shape[1], counts)
+
+
+def test_skew_and_hot_share_measures():
+    uniform = evaluate.skew(_stats([[10] * 32]))[0]
     assert uniform.top_quarter_share == pytest.approx(0.25) and uniform.max_over_mean == pytest.approx(1.0)
-    lopsided = evaluate.skew(torch.tensor([[7, 1, 0, 0]]))[0]
+    lopsided = evaluate.skew(_stats([[7, 1, 0, 0]]))[0]
     assert lopsided.top_quarter_share == pytest.approx(7 / 8) and lopsided.max_over_mean == pytest.approx(3.5)
     assert lopsided.idle == 2 and lopsided.min_over_mean == 0
+    # Experts chosen on one text (0 and 1 hottest), judged on another where 2 and 3 are.
+    assert evaluate.hot_share(_stats([[9, 5, 1, 1, 0, 0, 0, 0]]), _stats([[1, 2, 3, 4, 0, 0, 0, 0]])) == [0.3]
 
 
 def test_shipped_routing_is_skewed_but_not_collapsed(shipped, sample):

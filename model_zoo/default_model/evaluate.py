@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from moetier.formats import dequantize, quantize
+from moetier.placement import ActivationStats
 
 from . import checkpoint_dir, corpus
 from .train import spaced, windows
@@ -115,34 +117,39 @@ def perplexity_table(factory: ModelFactory, rows: torch.Tensor, formats: Sequenc
 
 
 @torch.no_grad()
-def route_counts(model, rows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """How often each router chose each expert over the windows: int64 [MoE layers, experts].
+def route_counts(model, rows: torch.Tensor, batch_size: int = 8, source: str = "") -> ActivationStats:
+    """How often each router chose each expert over the windows, as moetier's `ActivationStats` (counts
+    int64 [MoE layers, experts], keyed by decoder-layer index; each token adds top_k to its layer's row).
 
-    Counts the top-k indices transformers' own routers return (Qwen-style routers: modules with `top_k`
-    and `num_experts` whose forward returns (logits, weights, indices)), so each token adds top_k per layer."""
-    routers = [m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "num_experts") and hasattr(m, "weight")]
+    Records the top-k indices transformers' own routers return: Qwen-style router modules (with `top_k`
+    and `num_experts`, returning (logits, weights, indices)) under `...layers.{i}.`."""
+    routers = []
+    for name, module in model.named_modules():
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if found and all(hasattr(module, a) for a in ("top_k", "num_experts", "weight")):
+            routers.append((int(found.group(1)), module))
     if not routers:
-        raise TypeError(f"{type(model).__name__} has no top-k router modules to count")
-    counts = torch.zeros(len(routers), routers[0].num_experts, dtype=torch.int64)
+        raise TypeError(f"{type(model).__name__} has no top-k router modules under layers.N to count")
+    stats = ActivationStats(tuple(i for i, _ in routers), routers[0][1].num_experts, source=source)
 
     def hook(layer: int):
         def record(module, args, output):
-            counts[layer] += torch.bincount(output[2].reshape(-1), minlength=module.num_experts)
+            stats.add(layer, output[2].reshape(-1, module.top_k))
         return record
 
-    handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(routers)]
+    handles = [r.register_forward_hook(hook(i)) for i, r in routers]
     try:
         for i in range(0, rows.shape[0], batch_size):
             model(input_ids=rows[i:i + batch_size])
     finally:
         for h in handles:
             h.remove()
-    return counts
+    return stats
 
 
 @dataclass(frozen=True)
 class LayerSkew:
-    """How unequal one layer's expert loads are. top_quarter_share: share of routed token-slots served by the
+    """How unequal one MoE layer's expert loads are (layer: its decoder-layer index). top_quarter_share: share of routed token-slots served by the
     busiest 25% of experts (0.25 when uniform); max_over_mean / min_over_mean: busiest and idlest expert
     against the mean load; idle: experts never chosen."""
 
@@ -153,9 +160,9 @@ class LayerSkew:
     idle: int
 
 
-def skew(counts: torch.Tensor) -> list[LayerSkew]:
+def skew(stats: ActivationStats) -> list[LayerSkew]:
     out = []
-    for layer, row in enumerate(counts.double()):
+    for layer, row in zip(stats.layers, stats.counts.double()):
         ordered = row.sort(descending=True).values
         quarter = max(1, math.ceil(row.numel() / 4))
         mean = row.mean().item()
@@ -164,13 +171,14 @@ def skew(counts: torch.Tensor) -> list[LayerSkew]:
     return out
 
 
-def hot_share(chosen_from: torch.Tensor, judged_on: torch.Tensor, fraction: float = 0.25) -> list[float]:
+def hot_share(chosen_from: ActivationStats, judged_on: ActivationStats, fraction: float = 0.25) -> list[float]:
     """Per layer: the share of `judged_on`'s routed token-slots that the busiest `fraction` of experts by
     `chosen_from`'s counts serve (what a per-layer frequency placement with that fraction in the fast tier
     would serve, when its statistics come from other text)."""
-    n = max(1, math.ceil(chosen_from.shape[1] * fraction))
-    hot = chosen_from.topk(n, dim=1).indices
-    return (judged_on.gather(1, hot).sum(1).double() / judged_on.sum(1).double()).tolist()
+    judged_on.check_layout(chosen_from.layers, chosen_from.num_experts, "the statistics judged")
+    n = max(1, math.ceil(chosen_from.num_experts * fraction))
+    hot = chosen_from.counts.topk(n, dim=1).indices
+    return (judged_on.counts.gather(1, hot).sum(1).double() / judged_on.counts.sum(1).double()).tolist()
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
@@ -203,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {fmt} | {v:.4f} | {'' if base is None else f'{v / base:.4f}'} |")
 
     model = load_model(args.checkpoint)
-    counts = route_counts(model, rows)
-    train_counts = route_counts(model, corpus_windows(tok, "train", rows.shape[0]))
+    counts = route_counts(model, rows, source="held-out split")
+    train_counts = route_counts(model, corpus_windows(tok, "train", rows.shape[0]), source="training split")
     print("\n| layer | top-25% experts' share | max/mean | min/mean | idle experts | top 25% by training-text counts |"
           "\n|---|---|---|---|---|---|")
     for s, share in zip(skew(counts), hot_share(train_counts, counts)):
