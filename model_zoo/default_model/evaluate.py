@@ -149,9 +149,9 @@ def route_counts(model, rows: torch.Tensor, batch_size: int = 8, source: str = "
 
 @dataclass(frozen=True)
 class LayerSkew:
-    """How unequal one MoE layer's expert loads are (layer: its decoder-layer index). top_quarter_share: share of routed token-slots served by the
-    busiest 25% of experts (0.25 when uniform); max_over_mean / min_over_mean: busiest and idlest expert
-    against the mean load; idle: experts never chosen."""
+    """How unequal one MoE layer's expert loads are (layer: its decoder-layer index). top_quarter_share:
+    share of routed token-slots served by the busiest 25% of experts (0.25 when uniform);
+    max_over_mean / min_over_mean: busiest and idlest expert against the mean load; idle: experts never chosen."""
 
     layer: int
     top_quarter_share: float

@@ -35,7 +35,8 @@ def to_transformers(tok, max_length: int):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT,
-                                   pad_token=END_OF_TEXT, model_max_length=max_length, clean_up_tokenization_spaces=False)
+                                   pad_token=END_OF_TEXT, model_max_length=max_length,
+                                   clean_up_tokenization_spaces=False)
 
 
 def load_tokenizer(folder: str | Path):

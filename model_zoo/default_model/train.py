@@ -143,7 +143,8 @@ def lr_at(step: int, spec: TrainSpec) -> float:
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (nats) of predicting ids[:, 1:] from logits[:, :-1]."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    return torch.nn.functional.cross_entropy(flat, ids[:, 1:].reshape(-1))
 
 
 def router_loss(router_logits: Sequence[torch.Tensor], config) -> torch.Tensor:
@@ -153,7 +154,8 @@ def router_loss(router_logits: Sequence[torch.Tensor], config) -> torch.Tensor:
     a few experts while the others make up the average; training frameworks balance each layer, as here."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    per_layer = [load_balancing_loss_func((lg,), config.num_experts, config.num_experts_per_tok) for lg in router_logits]
+    E, k = config.num_experts, config.num_experts_per_tok
+    per_layer = [load_balancing_loss_func((lg,), E, k) for lg in router_logits]
     return torch.stack(per_layer).mean()
 
 
