@@ -33,7 +33,12 @@ def identify(config: Mapping, families) -> tuple[ModelFamily, str]:
         raise LayoutError(f"a model config must be a JSON object, got a {type(config).__name__}")
     claims = []
     for fam in families:
-        version = fam.match(config)
+        try:
+            version = fam.match(config)
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:
+            # A key of the wrong type (e.g. "architectures": 5) is the config's fault, not the family's.
+            raise LayoutError(f"the model config has a malformed key ({type(exc).__name__}: {exc}); "
+                              f"family {fam.name!r} cannot read it") from None
         if version is not None:
             claims.append((fam, version))
     what = f"model_type {config.get('model_type')!r}, architectures {config.get('architectures')!r}"

@@ -5,7 +5,8 @@ transformers model whose non-MoE tensors (attention, norms, embeddings) give the
 names and shapes. Every MoE block is then written from the family's own `MoELayout` (per expert or
 fused, router, selection bias, shared expert, FP8 or INT4), with fresh random values scaled so that
 routing is decisive and outputs are well conditioned. MTP layers are added where the real model has
-them, and the tensors are split over two shards with a `model.safetensors.index.json`.
+them, and the tensors are split over shards of about half the bytes each (two or three files) with a
+`model.safetensors.index.json`.
 
 Public API for out-of-tree families: `TinySpec`, `write_tiny`, `fp8_quantization_config`,
 `int4_quantization_config`.

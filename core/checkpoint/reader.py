@@ -43,9 +43,14 @@ class Checkpoint:
     unmapped, so without this an expert-by-expert load would show the whole checkpoint as resident.
     Every tensor returned owns its memory (it is copied out of the mapping), so closing never
     invalidates it and peak memory is what the caller keeps plus one tensor plus this budget.
+    drop_page_cache: after each read, unmap and tell the OS to drop the bytes read from its page cache
+    (the disk tier keeps its own bounded cache of packed experts; the file's pages would otherwise fill
+    memory that no budget accounts for, and make "disk" reads memory copies).
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_open_files: int = 32, max_mapped_bytes: int = 64 * 2**20):
+    def __init__(self, path: str | os.PathLike, *, max_open_files: int = 32, max_mapped_bytes: int = 64 * 2**20,
+                 drop_page_cache: bool = False):
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self.path = Path(path)
         if self.path.is_file() and self.path.name == CONFIG_FILE:
             self.path = self.path.parent  # a model named by its config.json: the checkpoint beside it
@@ -263,8 +268,10 @@ class Checkpoint:
             out = view.clone(memory_format=torch.contiguous_format)
             del view
             self._mapped += out.numel() * out.element_size()
-            if self._mapped > self._max_mapped:
+            if self._mapped > self._max_mapped or self.drop_page_cache:
                 self._release_locked()
+            if self.drop_page_cache:
+                _drop_cached(info)
             return out
 
     def release(self) -> None:
@@ -357,6 +364,14 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike, **kw) -> Checkpoint:
     """`Checkpoint(path)`; reads as `with open_checkpoint(d) as ckpt: ...`."""
     return Checkpoint(path, **kw)
+
+
+def _drop_cached(info: TensorInfo) -> None:
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, info.offsets[0], info.nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _close_handle(h) -> None:

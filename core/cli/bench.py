@@ -6,7 +6,7 @@ import sys
 
 from ..bench.workload import BENCH_FORMATS, GIB, SHAPE_NAMES
 from ..errors import MoetierError, SettingError
-from .options import add_backend_options, check_writable, load_context
+from .options import add_backend_options, check_writable, load_context, positive_int
 
 QUICK = {"shapes": ("qwen3-30b",), "formats": ("bf16", "int4_g64"), "batches": (1, 128), "threads": (2,)}
 
@@ -65,6 +65,85 @@ def register(sub) -> None:
     p.add_argument("--peer", metavar="FILE.json", action="append",
                    help="results of the peer runner (ci/bench_kt_kernel.py) to show side by side (repeatable)")
     p.set_defaults(func=run_cli)
+
+    p = bsub.add_parser("runtime", help="the tiered layer's overhead, and decode with half of the experts on disk",
+                        description=RUNTIME_DESCRIPTION)
+    add_backend_options(p, backend_help="CPU backend to run on (default: MOETIER_BACKEND, else the one `moetier "
+                                        "doctor` chooses)")
+    p.add_argument("--layers", type=positive_int, default=4,
+                   help="MoE layers of the disk-tier checkpoint (default 4: 2.4 GB of FP8 experts)")
+    p.add_argument("--tokens", type=positive_int, default=32, help="decode tokens timed per run (default 32)")
+    p.add_argument("--cache-share", type=float, default=0.25, metavar="F",
+                   help="DRAM cache of the disk tier as a share of the bytes left on disk (default 0.25)")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="folder for the disk-tier checkpoint (default: a temporary folder, removed after)")
+    p.add_argument("--quick", action="store_true", help="short timings, 2 layers, 8 tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=run_runtime)
+
+
+RUNTIME_DESCRIPTION = """\
+1. The tiered layer's overhead: the Qwen3-30B-A3B layer at decode in one shard against the same experts
+in two CPU shards, timed alternately. 2. Decode through every MoE layer of a checkpoint with the
+Qwen3-30B-A3B layer dimensions (FP8 experts) with half of each layer's experts left on disk behind a DRAM
+cache, against every expert in DRAM: tokens/s, bytes read per token, hit rate, prefetch precision.
+"""
+
+
+def run_runtime(args) -> int:
+    import json
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..bench.runtime import disk_decode, tiered_overhead, write_decode_checkpoint
+
+    if args.json:
+        check_writable(args.json, "JSON file")
+    if not 0 < args.cache_share <= 1:
+        raise SettingError(f"--cache-share must be in (0, 1], got {args.cache_share}")
+    ctx = load_context(args)
+    name = ctx.requested[0] if ctx.requested else ctx.selection.for_device("cpu")
+    if name is None:
+        raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
+    layers, tokens = (2, 8) if args.quick else (args.layers, args.tokens)
+    console = Console()
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moetier-bench-"))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("starting")
+
+        def status(text):
+            progress.update(task, description=text)
+
+        backend = ctx.registry.backend(name).create(ctx.inventory)
+        overhead = tiered_overhead(backend, seed=args.seed, quick=args.quick, status=status)
+        del backend
+        try:
+            if not (workdir / "config.json").exists():
+                write_decode_checkpoint(workdir, layers, args.seed, status)
+            disk = disk_decode(workdir, name, layers=layers, tokens=tokens, cache_share=args.cache_share,
+                               registry=ctx.registry, inventory=ctx.inventory, seed=args.seed, status=status)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+    console.print(f"[bold]Tiered layer overhead[/bold] (Qwen3-30B-A3B layer, {overhead.fmt}, batch {overhead.batch}, "
+                  f"{name}, {overhead.threads} threads): one shard {overhead.single_s * 1e3:.3f} ms, two CPU shards "
+                  f"{overhead.tiered_s * 1e3:.3f} ms per forward: {overhead.overhead:+.1%}")
+    console.print(f"[bold]Half of the experts on disk[/bold] ({disk.layers} layers, {disk.tokens} tokens, cache "
+                  f"{disk.cache_share:.0%} of the disk experts' bytes): {disk.disk_tok_s:.2f} tok/s against "
+                  f"{disk.dram_tok_s:.2f} tok/s all in DRAM ({disk.disk_tok_s / disk.dram_tok_s:.0%}); "
+                  f"{disk.bytes_read_per_token / 2**20:.1f} MiB read per token, hit rate {disk.hit_rate:.0%} "
+                  f"(waits {disk.waits}, misses {disk.misses}), prefetch precision {disk.prefetch_precision:.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"overhead": {**asdict(overhead), "overhead": overhead.overhead},
+                                               "disk": asdict(disk)}, indent=2))
+    return 0
 
 
 class _RichProgress:

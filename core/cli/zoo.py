@@ -116,7 +116,7 @@ def run_tiny(args) -> int:
     if args.json:
         print(json.dumps({"wrote": args.out_dir, **summary}, indent=2))
         return 0
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(f"wrote a tiny random [bold]{summary['version']}[/bold] ({summary['family']}) to {args.out_dir}")
     _print_summary(console, summary)
     return 0
@@ -153,7 +153,7 @@ def run_show(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(f"[bold]{out['version']}[/bold] ({out['family']}) at {args.path}")
     _print_summary(console, out)
     f = out["files"]
@@ -199,7 +199,7 @@ def run_layers(args) -> int:
         err = f"{r.rel_error:.2e}" if r.ok else f"[red]{r.rel_error:.2e}[/red]"
         table.add_row(str(r.layer), str(r.experts), r.fmt, f"{r.prepare_s:.2f}", f"{r.forward_s * 1e3:.2f}", err,
                       f"{r.tolerance:g}")
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(table)
     console.print("[dim]prepare s: reading the layer's experts and packing them for the backend; forward ms: the "
                   "routed experts on those tokens; bound: the largest relative error the format allows "

@@ -18,6 +18,7 @@ from ..errors import SettingError
 from ..experts import ExpertBackend
 from ..family import load_layout
 from ..layout import MoELayout
+from .deferral import Deferral
 from .disk_tier import CacheCounters, DiskShard, ExpertCache, Prefetcher
 from .moe_block import default_format
 from .routing import route
@@ -51,10 +52,13 @@ class SingleTierPlan:
 class ModelExperts(Mapping):
     """Layer index -> TieredExperts for a whole checkpoint; close() releases the files and the prefetcher."""
 
-    def __init__(self, layout: MoELayout, layers: dict[int, TieredExperts], ckpt: Checkpoint,
+    def __init__(self, layout: MoELayout, layers: dict[int, TieredExperts], checkpoints: tuple[Checkpoint, ...],
                  backends: dict[str, ExpertBackend], cache: ExpertCache | None, prefetcher: Prefetcher | None):
-        self.layout, self._layers, self._ckpt = layout, layers, ckpt
+        self.layout, self._layers, self._checkpoints = layout, layers, checkpoints
         self.backends, self.cache, self.prefetcher = backends, cache, prefetcher
+        self._deferral: Deferral | None = None
+        if layers:
+            layers[max(layers)].last = True
 
     def __getitem__(self, layer_index: int) -> TieredExperts:
         return self._layers[layer_index]
@@ -82,10 +86,23 @@ class ModelExperts(Mapping):
         for layer in self._layers.values():
             layer.recorder = recorder
 
+    def set_deferral(self, max_deferred: int) -> None:
+        """Defer each token's `max_deferred` lowest-weight experts to the next MoE layer (0: off, the default)."""
+        if self._deferral is not None:
+            self._deferral.close()
+            self._deferral = None
+        if max_deferred:
+            self._deferral = Deferral(max_deferred)
+        for layer in self._layers.values():
+            layer.deferral = self._deferral
+
     def close(self) -> None:
+        if self._deferral is not None:
+            self._deferral.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
-        self._ckpt.close()
+        for c in self._checkpoints:
+            c.close()
 
     def __enter__(self) -> ModelExperts:
         return self
@@ -126,7 +143,7 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
         raise SettingError("give the weight format in the plan, not beside it")
     wanted = tuple(layout.moe_layer_indices if layers is None else layers)
     ckpt = Checkpoint(model)
-    cache = prefetcher = None
+    cache = prefetcher = disk_ckpt = None
     built: dict[int, TieredExperts] = {}
     try:
         for index in wanted:
@@ -154,11 +171,13 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
                 if cache is None:
                     cache = ExpertCache(cache_bytes)
                     prefetcher = Prefetcher(cache) if prefetch else None
+                    disk_ckpt = Checkpoint(model, max_mapped_bytes=0, drop_page_cache=True)
                 if len({(s.backend, s.fmt) for s in disk_specs}) != 1:
                     raise SettingError(f"layer {index}: the disk tier's experts must share one backend and format")
                 d = disk_specs[0]
                 disk = DiskShard(index, layer.experts, [e for s in disk_specs for e in s.experts],
-                                 CheckpointExperts(ckpt, layout, layer), backend(d.backend), d.fmt, cache, prefetcher)
+                                 CheckpointExperts(disk_ckpt, layout, layer), backend(d.backend), d.fmt, cache,
+                                 prefetcher)
             built[index] = TieredExperts(index, layer.experts, shards, disk)
             ckpt.release()  # unmap what this layer read: resident memory stays what the shards keep
         if prefetcher is not None:
@@ -166,9 +185,11 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
     except BaseException:
         if prefetcher is not None:
             prefetcher.close()
-        ckpt.close()
+        for c in (ckpt, disk_ckpt):
+            if c is not None:
+                c.close()
         raise
-    return ModelExperts(layout, built, ckpt, backends, cache, prefetcher)
+    return ModelExperts(layout, built, (ckpt, disk_ckpt) if disk_ckpt else (ckpt,), backends, cache, prefetcher)
 
 
 class Lookahead:

@@ -65,6 +65,8 @@ class TieredExperts:
         self.disk = disk
         self.recorder = recorder
         self.lookahead = None  # called with this layer's hidden state to read the next layer's experts ahead
+        self.deferral = None  # a runtime.deferral.Deferral shared by the model's layers, when enabled
+        self.last = False  # the model's last MoE layer never defers
         held: list[int] = [e for s in self.shards for e in s.prepared.expert_ids]
         if disk is not None:
             held += list(disk.expert_ids)
@@ -87,6 +89,22 @@ class TieredExperts:
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.recorder is not None:
             self.recorder.add(self.layer_index, topk_ids)
+        if self.deferral is None:
+            return self._compute(hidden, topk_ids, topk_weights, out_dtype)
+        carried = self.deferral.take(self.layer_index)
+        now, later = (topk_ids, topk_weights), None
+        if not self.last:
+            now, later = self.deferral.split(topk_ids, topk_weights)
+        out = self._compute(hidden, *now, torch.float32)
+        if later is not None:
+            h = hidden.detach().clone()  # the caller may reuse its buffer before the deferred work ran
+            self.deferral.defer(self.layer_index, lambda: self._compute(h, *later, torch.float32))
+        if carried is not None:
+            out = out + carried.to(out.device)
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+    def _compute(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
         if len(self.shards) == 1 and self.disk is None and self.lookahead is None:
             s = self.shards[0]
             return s.backend.forward(s.prepared, hidden, topk_ids, topk_weights, out_dtype=out_dtype)
