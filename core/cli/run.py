@@ -36,7 +36,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="DEV",
                    help="device of the dense layers, e.g. cpu or cuda:0 (default: the first GPU if any, else cpu)")
     p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="CPU threads of the expert kernels (default: the backend's, the physical cores)")
+                   help="CPU threads of the expert kernels and of the dense layers on the CPU (default: the "
+                        "backend's and torch's, the physical cores)")
     p.add_argument("--format", metavar="FMT",
                    help="weight format of the experts (default: the checkpoint's when the backend computes it, "
                         "else bf16), e.g. int4_g64; converted on load")
@@ -90,6 +91,8 @@ def load_model(args, folder: Path, *, recorder=None):
     if backend is None:
         raise SettingError("no CPU backend can run here (see `moetier doctor`)")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = load(folder, dtype=dtype, device=args.device, threads=args.threads, backend=backend, fmt=args.format,
                  registry=ctx.registry, inventory=ctx.inventory)
     return model, backend

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -210,4 +211,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         raise
     hf_model.moetier_experts = experts
     hf_model.moetier_layout = layout
+    # Released with the model, or at interpreter exit at the latest: a disk tier's read-ahead thread left
+    # running into the interpreter's teardown aborted the process (seen with the native backends).
+    weakref.finalize(hf_model, experts.close)
     return hf_model
