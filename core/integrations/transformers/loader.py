@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import CheckpointError, LayoutError, SettingError
+from ...errors import CheckpointError, LayoutError, MoetierError, SettingError
 from . import experts as experts_mod
 from . import quantizer
 
@@ -152,7 +152,11 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
 
     The model carries `moetier_experts` (moetier.runtime.ModelExperts: `bytes_per_tier()`,
     `set_recorder()`, `close()`) and `moetier_layout`."""
+    from ...checkpoint import Checkpoint
+    from ...checkpoint.progress import progress_enabled
+    from ...errors import BackendUnavailable
     from ...family import load_layout, read_config
+    from ...hardware import load_inventory
     from ...plugins import get_registry
     from ...runtime import SingleTierPlan, load_experts
 
@@ -166,9 +170,6 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     if plan is not None and (backend is not None or fmt is not None):
         raise SettingError("give the backend and weight format in the plan, not beside it")
     if backend is not None:  # checked before anything is read: an unknown or unusable backend fails at once
-        from ...errors import BackendUnavailable
-        from ...hardware import load_inventory
-
         inventory = inventory or load_inventory()
         spec = registry.backend(backend)
         verdict = spec.safe_probe(inventory)
@@ -179,9 +180,15 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             raise SettingError(f"backend {backend} does not compute format {fmt!r}; it computes {', '.join(spec.formats)}")
         plan, fmt = SingleTierPlan(layout, "cpu:numa0", backend, fmt), None
 
+    with Checkpoint(folder) as ckpt:
+        ckpt.verify_files()  # every shard's header against its size: a truncated download fails here, named
+
     experts_mod.register()
     config_cls, _ = quantizer.register()
-    hf_config, cls, mapping = hf_model_class(folder, raw, layout)
+    try:
+        hf_config, cls, mapping = hf_model_class(folder, raw, layout)
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # transformers' config classes refusing the config
+        raise LayoutError(f"{folder}: transformers cannot read config.json: {type(exc).__name__}: {exc}") from exc
     qconfig = config_cls(moe_layers=layout.moe_layer_indices, dequantize=layout.quantization.scheme == "fp8_block")
     kwargs = dict(config=hf_config, dtype=dtype, experts_implementation=experts_mod.IMPLEMENTATION,
                   quantization_config=qconfig, output_loading_info=True)
@@ -196,9 +203,14 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         kwargs["key_mapping"] = mapping
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    from ...checkpoint.progress import progress_enabled
     with _quiet_transformers(progress_enabled(progress)):
-        hf_model, info = cls.from_pretrained(str(folder), **kwargs)
+        try:
+            hf_model, info = cls.from_pretrained(str(folder), **kwargs)
+        except MoetierError:
+            raise
+        except Exception as exc:  # transformers' many error types for a checkpoint it cannot build or read
+            raise CheckpointError(f"{folder}: transformers could not load {cls.__name__}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
     _check_report(info, folder)
 
     experts = load_experts(str(folder), plan=plan, fmt=fmt, registry=registry, inventory=inventory, threads=threads,
