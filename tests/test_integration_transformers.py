@@ -448,3 +448,8 @@ def test_bad_settings_are_refused_before_loading(prepared, tmp_path):
         load(p.folder, backend="cpu.avx2", inventory=arm)
     with pytest.raises(SettingError, match="format"):
         load(p.folder, backend="cpu.torch", fmt="int3")
+    with pytest.raises(SettingError, match="torch device"):
+        load(p.folder, device="gpu:7")
+    if not torch.cuda.is_available():
+        with pytest.raises(SettingError, match="no CUDA device"):
+            load(p.folder, device="cuda:0")
