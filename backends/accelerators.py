@@ -1,36 +1,73 @@
-"""cuda, rocm, ascend: accelerator backends. Their probes are honest about the hardware today; the
-compute lands with their own issues, so none of them is usable yet."""
+"""cuda, rocm, ascend and cpu.accel: the accelerator backend (moetier.backends.accel) registered once per
+device kind, plus once on the CPU so every test run puts the accelerator code through the conformance
+suite. Probes read the inventory and the torch build only; the factory imports the compute code."""
 from __future__ import annotations
 
-import importlib.util
+import torch
 
-from moetier import BackendSpec, Probe, hookimpl
+from moetier import BackendSpec, hookimpl
+from moetier.errors import BackendUnavailable
+from moetier.formats import FORMATS
+
+from .accel.build import detect_build
+from .accel.plan import plan_kernels
+from .accel.probes import probe_accelerator, probe_cpu_accel
+
+# name -> (device kind of the inventory and BackendSpec, torch device type, description)
+ACCELERATORS = {
+    "cuda": ("cuda", "cuda", "NVIDIA GPUs through torch (grouped GEMM, Triton dequantize-GEMM, CUDA graphs)"),
+    "rocm": ("rocm", "cuda", "AMD GPUs through torch's HIP build (the cuda backend's code)"),
+    "ascend": ("npu", "npu", "Huawei Ascend NPUs through torch_npu (npu_grouped_matmul where importable)"),
+}
 
 
-def _gpu_probe(kind: str, label: str):
-    def probe(inv):
+def _usable_plan(kind: str, capability: str | None):
+    plan = plan_kernels(kind, capability, detect_build())
+    if plan.triton:
+        try:
+            from .accel import triton_moe  # noqa: F401  (compiles nothing yet; checks triton really imports)
+        except Exception as exc:  # a broken triton must not take the backend down: say so, use the torch paths
+            from dataclasses import replace
+
+            plan = replace(plan, triton=False, notes=plan.notes + (f"triton failed to import: {exc}",))
+    return plan
+
+
+def _factory(name: str):
+    kind, torch_type, _ = ACCELERATORS[name]
+
+    def make(inv, **kwargs):
+        from .accel.backend import AccelBackend
+
         devs = inv.accelerators_of(kind)
         if not devs:
-            return Probe(0, f"no {label} device found")
-        names = ", ".join(f"{d.name} ({d.memory_bytes / 2**30:.0f} GiB)" for d in devs)
-        return Probe(0, f"{label} backend not built yet (found {names})", downgrade=True)
-    return probe
+            raise BackendUnavailable(f"{name}: no device of kind {kind} in the inventory")
+        if kind == "npu":
+            try:
+                import torch_npu  # noqa: F401  (registers the npu device with torch)
+            except Exception as exc:
+                raise BackendUnavailable(f"{name}: torch_npu failed to import: {exc}") from None
+        plan = _usable_plan(kind, devs[0].capability)
+        return AccelBackend(name, torch.device(torch_type, devs[0].index), plan, **kwargs)
+
+    return make
 
 
-def _ascend_probe(inv):
-    devs = inv.accelerators_of("npu")
-    if not devs:
-        if importlib.util.find_spec("torch_npu") is None:
-            return Probe(0, "torch_npu not importable: no Ascend support installed")
-        return Probe(0, "no Ascend NPU found")
-    return Probe(0, f"ascend backend not built yet (found {len(devs)} NPU)", downgrade=True)
+def _make_cpu_accel(inv, **kwargs):
+    from .accel.backend import AccelBackend
+
+    return AccelBackend("cpu.accel", torch.device("cpu"), plan_kernels("cpu", None, detect_build()), **kwargs)
+
+
+def _probe(kind: str):
+    return lambda inv: probe_accelerator(kind, inv, detect_build())
 
 
 @hookimpl
 def moetier_register_backends(register):
-    register(BackendSpec(name="cuda", device="cuda", formats=(), probe=_gpu_probe("cuda", "CUDA"),
-                         factory=lambda inv: None, description="NVIDIA GPUs through torch"))
-    register(BackendSpec(name="rocm", device="rocm", formats=(), probe=_gpu_probe("rocm", "ROCm"),
-                         factory=lambda inv: None, description="AMD GPUs through torch (HIP)"))
-    register(BackendSpec(name="ascend", device="npu", formats=(), probe=_ascend_probe,
-                         factory=lambda inv: None, description="Huawei Ascend NPUs through torch_npu"))
+    for name, (kind, _, description) in ACCELERATORS.items():
+        register(BackendSpec(name=name, device=kind, formats=tuple(FORMATS), probe=_probe(kind),
+                             factory=_factory(name), description=description))
+    register(BackendSpec(name="cpu.accel", device="cpu", formats=tuple(FORMATS),
+                         probe=lambda inv: probe_cpu_accel(detect_build()), factory=_make_cpu_accel,
+                         description="the accelerator backend's code on the CPU (testing; never chosen automatically)"))

@@ -24,7 +24,8 @@ TOKENS_PER_LAUNCH = 1024
 
 # WeightFormat.name -> kernel kind code (the numbers of numba_kernels.KIND_*; kept here so the plugin
 # module can describe itself without importing numba).
-_KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4_g32": 4, "int4_g64": 4, "int4_g128": 4, "fp8_e4m3": 5}
+_KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4_g32": 4, "int4_g64": 4, "int4_g128": 4, "fp8_e4m3": 5,
+          "q8_0": 6, "q4_0": 7, "q4_k": 8, "q5_k": 9, "q6_k": 10, "mxfp4": 11}
 _ACTS = {"silu": 0, "swiglu_oai": 1}
 # A format the core gains later is simply not declared until a kernel kind computes it (a test flags it).
 COMPUTED_FORMATS = tuple(f for f in FORMATS if f in _KINDS)
@@ -74,7 +75,8 @@ class PackedMatrix:
 
 
 _PLACEHOLDER = {t: np.zeros((1, 1, 1), t) for t in (np.uint8, np.uint16, np.int8, np.float32)}
-_VIEW_OF_KIND = {0: np.float32, 1: np.uint16, 2: np.uint16, 3: np.int8, 4: np.uint8, 5: np.uint8}
+_VIEW_OF_KIND = {0: np.float32, 1: np.uint16, 2: np.uint16, 3: np.int8, 4: np.uint8, 5: np.uint8,
+                 **{k: np.uint8 for k in range(6, 12)}}
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +96,10 @@ def _row_bytes(q) -> np.ndarray:
     """The packed data of one QuantizedTensor as uint8 [rows, row_bytes] in the kernel's layout."""
     if q.fmt.kind == "int4":
         return _repack_int4(q)
+    if q.fmt.kind == "mxfp4":
+        # The row's e8m0 scale bytes follow its codes, so one byte stream carries the whole row (4.25 bits
+        # a weight, as shipped) and the kernel turns each scale into 2^(e-127) as it decodes.
+        return torch.cat([q.data, q.scales], dim=1).contiguous().numpy()
     data = q.data.contiguous()
     if data.dtype == torch.float8_e4m3fn:
         data = data.view(torch.uint8)
@@ -118,7 +124,7 @@ def _repack_int4(q) -> np.ndarray:
 def _row_scales(q) -> np.ndarray:
     """Scales of one QuantizedTensor laid out per row: [rows, n_groups]."""
     fmt, rows = q.fmt, q.shape[0]
-    if fmt.kind == "float":
+    if fmt.kind in ("float", "gguf", "mxfp4"):  # block formats carry their scales in the row bytes
         return np.zeros((rows, 0), np.float32)
     s = q.scales.numpy()
     if fmt.kind == "int8":

@@ -33,6 +33,8 @@ from numba.extending import intrinsic
 
 # Format kinds (cpu_numba maps WeightFormat names onto these).
 KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8, KIND_INT4, KIND_FP8 = range(6)
+# Block formats: the rows are the blocks' own bytes (GGUF's structs; mxfp4 codes then its e8m0 scales).
+KIND_Q8_0, KIND_Q4_0, KIND_Q4_K, KIND_Q5_K, KIND_Q6_K, KIND_MXFP4 = range(6, 12)
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
 # Rows one parallel work item covers: large enough that the per-item bookkeeping is noise, small enough
@@ -90,6 +92,120 @@ def fp8_e4m3_to_f32(b):
 
 
 @njit(**_JIT)
+def u8_to_i32(b):
+    """A byte read as a signed int8, widened (a xor and a subtract: vectorises, unlike a branch)."""
+    return (np.int32(b) ^ np.int32(0x80)) - np.int32(128)
+
+
+@njit(**_JIT)
+def half_at(u8, e, r, o):
+    """The little-endian fp16 field at byte o of row r, as fp32."""
+    return fp16_to_f32(np.int32(u8[e, r, o]) | (np.int32(u8[e, r, o + 1]) << np.int32(8)))
+
+
+@njit(**_JIT)
+def e2m1_to_f32(c):
+    """An MXFP4 element code (4 bits: sign, 2 exponent bits, 1 mantissa bit) -> fp32, from its bit fields."""
+    em = c & np.int32(7)
+    mag = bits_to_f32((((em >> np.int32(1)) + np.int32(126)) << np.int32(23)) | ((em & np.int32(1)) << np.int32(22)))
+    mag = np.float32(em) * np.float32(0.5) if em < np.int32(2) else mag  # 0 and the subnormal 0.5
+    return -mag if c >= np.int32(8) else mag
+
+
+@njit(**_JIT)
+def k_scale_min(u8, e, r, o, s):
+    """q4_k/q5_k: 6-bit scale and min of sub-block s from the 12 packed bytes at o (get_scale_min_k4)."""
+    if s < 4:
+        return np.int32(u8[e, r, o + s]) & np.int32(63), np.int32(u8[e, r, o + s + 4]) & np.int32(63)
+    b4 = np.int32(u8[e, r, o + s + 4])
+    sc = (b4 & np.int32(15)) | ((np.int32(u8[e, r, o + s - 4]) >> np.int32(6)) << np.int32(4))
+    mn = (b4 >> np.int32(4)) | ((np.int32(u8[e, r, o + s]) >> np.int32(6)) << np.int32(4))
+    return sc, mn
+
+
+@njit(**_JIT)
+def decode_blocks(kind, n, e, r, u8, buf):
+    """Decode row r of a block format (n values, whole blocks) into buf; the ggml_blocks / mxfp4 layouts,
+    in the same fp32 operations as the reference (LLVM may contract d * q - m into one FMA)."""
+    if kind == KIND_Q8_0:
+        for b in range(n // 32):
+            o = b * 34
+            d = half_at(u8, e, r, o)
+            for j in range(32):
+                buf[b * 32 + j] = np.float32(u8_to_i32(u8[e, r, o + 2 + j])) * d
+    elif kind == KIND_Q4_0:
+        for b in range(n // 32):
+            o = b * 18
+            d = half_at(u8, e, r, o)
+            for j in range(16):
+                q = np.int32(u8[e, r, o + 2 + j])
+                buf[b * 32 + j] = d * np.float32((q & np.int32(15)) - np.int32(8))
+                buf[b * 32 + 16 + j] = d * np.float32((q >> np.int32(4)) - np.int32(8))
+    elif kind == KIND_Q4_K or kind == KIND_Q5_K:
+        five = kind == KIND_Q5_K
+        size = 176 if five else 144
+        qs_at = 48 if five else 16
+        for b in range(n // 256):
+            o = b * size
+            d = half_at(u8, e, r, o)
+            dmin = half_at(u8, e, r, o + 2)
+            for g in range(4):
+                sc0, m0 = k_scale_min(u8, e, r, o + 4, 2 * g)
+                sc1, m1 = k_scale_min(u8, e, r, o + 4, 2 * g + 1)
+                d0, dm0 = d * np.float32(sc0), dmin * np.float32(m0)
+                d1, dm1 = d * np.float32(sc1), dmin * np.float32(m1)
+                k0 = b * 256 + g * 64
+                q0 = o + qs_at + g * 32
+                for j in range(32):
+                    q = np.int32(u8[e, r, q0 + j])
+                    lo = q & np.int32(15)
+                    hi = q >> np.int32(4)
+                    if five:
+                        h = np.int32(u8[e, r, o + 16 + j])
+                        lo |= ((h >> np.int32(2 * g)) & np.int32(1)) << np.int32(4)
+                        hi |= ((h >> np.int32(2 * g + 1)) & np.int32(1)) << np.int32(4)
+                    buf[k0 + j] = d0 * np.float32(lo) - dm0
+                    buf[k0 + 32 + j] = d1 * np.float32(hi) - dm1
+    elif kind == KIND_Q6_K:
+        for b in range(n // 256):
+            o = b * 210
+            d = half_at(u8, e, r, o + 208)
+            for half in range(2):
+                ql = o + 64 * half
+                qh = o + 128 + 32 * half
+                sc = o + 192 + 8 * half
+                for s in range(2):  # values 16s..16s+15 of each 32: one sub-block scale each, hoisted
+                    d1 = d * np.float32(u8_to_i32(u8[e, r, sc + s]))
+                    d2 = d * np.float32(u8_to_i32(u8[e, r, sc + s + 2]))
+                    d3 = d * np.float32(u8_to_i32(u8[e, r, sc + s + 4]))
+                    d4 = d * np.float32(u8_to_i32(u8[e, r, sc + s + 6]))
+                    k0 = b * 256 + 128 * half + 16 * s
+                    for jj in range(16):
+                        j = 16 * s + jj
+                        a = np.int32(u8[e, r, ql + j])
+                        c = np.int32(u8[e, r, ql + 32 + j])
+                        h = np.int32(u8[e, r, qh + j])
+                        q1 = ((a & np.int32(15)) | ((h & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        q2 = ((c & np.int32(15)) | (((h >> np.int32(2)) & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        q3 = ((a >> np.int32(4)) | (((h >> np.int32(4)) & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        q4 = ((c >> np.int32(4)) | (((h >> np.int32(6)) & np.int32(3)) << np.int32(4))) - np.int32(32)
+                        buf[k0 + jj] = d1 * np.float32(q1)
+                        buf[k0 + 32 + jj] = d2 * np.float32(q2)
+                        buf[k0 + 64 + jj] = d3 * np.float32(q3)
+                        buf[k0 + 96 + jj] = d4 * np.float32(q4)
+    else:  # KIND_MXFP4: n/2 code bytes (element 2j low nibble, 2j+1 high), then n/32 e8m0 scale bytes
+        codes_end = n // 2
+        for b in range(n // 32):
+            x = np.int32(u8[e, r, codes_end + b])
+            # 2^(x - 127): the exponent field itself; x = 0 is the subnormal 2^-127
+            s = bits_to_f32(x << np.int32(23)) if x > np.int32(0) else bits_to_f32(np.int32(0x00400000))
+            for j in range(16):
+                q = np.int32(u8[e, r, b * 16 + j])
+                buf[b * 32 + 2 * j] = e2m1_to_f32(q & np.int32(15)) * s
+                buf[b * 32 + 2 * j + 1] = e2m1_to_f32(q >> np.int32(4)) * s
+
+
+@njit(**_JIT)
 def decode_row(kind, group, n, e, r, u8, u16, i8, f32, sc, buf, bits):
     """Decode row r of expert e (n values) into the fp32 scratch `buf` (`bits`: the same memory as uint32)."""
     if kind == KIND_FP32:
@@ -122,6 +238,8 @@ def decode_row(kind, group, n, e, r, u8, u16, i8, f32, sc, buf, bits):
                 hi = np.float32(np.int32(b * np.float32(0.0625)))  # b / 16 is exact; truncation = floor
                 buf[k0 + j] = (b - np.float32(16.0) * hi - np.float32(8.0)) * (s0 if j < 32 else s1)
                 buf[k0 + 64 + j] = (hi - np.float32(8.0)) * (s2 if j < 32 else s3)
+    elif kind >= KIND_Q8_0:
+        decode_blocks(kind, n, e, r, u8, buf)
     else:  # KIND_FP8: one block scale per 128 columns, applied while decoding
         n_full = n // 128
         for c in range(n_full):

@@ -25,6 +25,14 @@ class DTypeError(MoetierError, TypeError):
     """A tensor has a dtype the call does not accept."""
 
 
+class DeviceError(DTypeError):
+    """A tensor lives on another device than the backend computing it (a DTypeError for older callers)."""
+
+
+class PreparedExpertsError(MoetierError, TypeError):
+    """A forward got experts that this backend did not prepare (another backend's, or not PreparedExperts)."""
+
+
 class ExpertIdError(MoetierError, IndexError):
     """An expert id lies outside [0, num_experts)."""
 

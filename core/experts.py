@@ -8,19 +8,26 @@ A backend computes, for T tokens each routed to k experts,
 over the experts it holds; ids it does not hold contribute nothing, which is how placement splits one
 layer across tiers. `ExpertBackend` does the validation, the format conversion and the async plumbing
 once, so a backend only writes `pack` and `compute`.
+
+A backend computes on one `device` (CPU backends: cpu). Inputs must already live there and the output
+is returned there; the caller moves tensors, never the backend behind its back. `submit` returns a
+`Pending`: a `FuturePending` for work on a CPU worker thread, an `EventPending` for work enqueued on an
+accelerator stream (joined by an event, so a caller on the device never blocks the host).
 """
 from __future__ import annotations
 
+import operator
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import DTypeError, ExpertIdError, FormatError, NonFiniteError, SettingError, ShapeError
+from .errors import (DeviceError, DTypeError, ExpertIdError, FormatError, NonFiniteError, PreparedExpertsError,
+                     SettingError, ShapeError)
 from .formats import QuantizedTensor, WeightFormat, convert, get_format
 
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -134,8 +141,21 @@ class PreparedExperts:
         self._held = frozenset(self.expert_ids)
 
 
-class Pending:
-    """A submitted forward; `wait()` returns its output (or raises the error it hit)."""
+@runtime_checkable
+class Pending(Protocol):
+    """A submitted forward.
+
+    wait(timeout) returns the output [T, H] on the backend's device, or raises the error the work hit;
+    done() says, without blocking, whether the work has finished.
+    """
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor: ...
+
+    def done(self) -> bool: ...
+
+
+class FuturePending:
+    """CPU work running on a worker thread: wait() blocks the calling thread until it is done."""
 
     def __init__(self, future: Future):
         self._future = future
@@ -145,6 +165,47 @@ class Pending:
 
     def done(self) -> bool:
         return self._future.done()
+
+
+def device_module(device: torch.device):
+    """torch.cuda (CUDA and HIP builds alike), torch.npu (torch_npu), ...: the stream/event API of a device type."""
+    mod = getattr(torch, device.type, None)
+    if mod is None or not hasattr(mod, "current_stream"):
+        raise DeviceError(f"device type {device.type!r} has no stream API in this torch build")
+    return mod
+
+
+class EventPending:
+    """Accelerator work enqueued on `stream`, with `event` recorded after it.
+
+    wait() does not block the host: it makes the caller's *current stream* on the output's device wait
+    for the event and returns the output, which is then safe to use on that stream (reading it on the
+    host, .cpu() or .item(), synchronizes as usual). This is the join the hybrid step uses, and it can be
+    captured in a CUDA graph. `timeout` does not apply (the host never waits here); synchronize() is the
+    blocking form. done() queries the event without blocking.
+    """
+
+    def __init__(self, out: torch.Tensor, event: Any, stream: Any):
+        self.out = out
+        self.event = event
+        self.stream = stream
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        mod = device_module(self.out.device)
+        current = mod.current_stream(self.out.device)
+        current.wait_event(self.event)
+        if current != self.stream:
+            # The caching allocator must not hand the output's memory back to `stream` while the
+            # caller's stream may still read it.
+            self.out.record_stream(current)
+        return self.out
+
+    def synchronize(self) -> torch.Tensor:
+        self.event.synchronize()
+        return self.out
+
+    def done(self) -> bool:
+        return bool(self.event.query())
 
 
 class ReadOnAccess(Mapping):
@@ -189,6 +250,8 @@ class ExpertBackend(ABC):
 
     name: str = "?"
     formats: tuple[str, ...] = ()
+    # Where inputs, weights and outputs live; accelerator backends set their own in __init__.
+    device: torch.device = torch.device("cpu")
     threads: int | None = None  # CPU threads it computes on (None: not configurable)
 
     def __init__(self, nan_policy: str = "raise"):
@@ -222,7 +285,7 @@ class ExpertBackend(ABC):
         fmt = get_format(fmt)
         if fmt.name not in self.formats:
             raise FormatError(f"backend {self.name} does not compute format {fmt}; it computes {', '.join(self.formats)}")
-        ids = tuple(int(e) for e in experts)
+        ids = tuple(_expert_id(e) for e in experts)
         if len(set(ids)) != len(ids):
             raise ExpertIdError(f"expert ids given to prepare repeat: {sorted(ids)}")
         for e in ids:
@@ -239,20 +302,24 @@ class ExpertBackend(ABC):
     def forward(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         inputs = self.validate(prepared, hidden, topk_ids, topk_weights, out_dtype)
-        if inputs.hidden.shape[0] == 0 or not prepared.expert_ids:
-            return torch.zeros(inputs.hidden.shape, dtype=out_dtype)
-        return self.compute(prepared, inputs)
+        return self._run(prepared, inputs)
 
     def submit(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
                topk_weights: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> Pending:
         """Start a forward and return at once; the inputs must stay unchanged until `wait()` returns.
         Bad inputs raise here, not at wait()."""
         inputs = self.validate(prepared, hidden, topk_ids, topk_weights, out_dtype)
-        return Pending(self._submit_executor().submit(self._run, prepared, inputs))
+        return self.submit_validated(prepared, inputs)
+
+    def submit_validated(self, prepared: PreparedExperts, inputs: ForwardInputs) -> Pending:
+        """Start a forward on inputs `validate` already accepted (a layer validates once for all its
+        shards). The CPU form runs on this backend's worker thread; accelerator backends override it to
+        enqueue on a stream and return an EventPending."""
+        return FuturePending(self._submit_executor().submit(self._run, prepared, inputs))
 
     def _run(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
         if inputs.hidden.shape[0] == 0 or not prepared.expert_ids:
-            return torch.zeros(inputs.hidden.shape, dtype=inputs.out_dtype)
+            return torch.zeros(inputs.hidden.shape, dtype=inputs.out_dtype, device=self.device)
         return self.compute(prepared, inputs)
 
     def _submit_executor(self) -> ThreadPoolExecutor:
@@ -266,18 +333,31 @@ class ExpertBackend(ABC):
         """The typed checks every backend's forward gets; see the conformance suite for each case."""
         if not isinstance(prepared, PreparedExperts) or prepared.backend != self.name:
             got = prepared.backend if isinstance(prepared, PreparedExperts) else type(prepared).__name__
-            raise TypeError(f"backend {self.name} got experts prepared by {got}")
-        return validate_forward_inputs(prepared.layer, hidden, topk_ids, topk_weights, out_dtype, self.nan_policy)
+            raise PreparedExpertsError(f"backend {self.name} got experts prepared by {got}; prepare them with "
+                                       f"this backend's prepare()")
+        return validate_forward_inputs(prepared.layer, hidden, topk_ids, topk_weights, out_dtype, self.nan_policy,
+                                       device=self.device)
+
+
+def _expert_id(e) -> int:
+    """An expert id as an int; a float or a string is refused, never truncated (1.5 is not expert 1)."""
+    try:
+        return operator.index(e)
+    except TypeError:
+        raise ExpertIdError(f"expert id {e!r} given to prepare is not an integer") from None
 
 
 def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_ids: torch.Tensor,
                             topk_weights: torch.Tensor, out_dtype: torch.dtype = torch.float32,
-                            nan_policy: str = "raise") -> ForwardInputs:
+                            nan_policy: str = "raise", device: torch.device = torch.device("cpu")) -> ForwardInputs:
+    """The shape, dtype, device and value checks of a forward. The value checks (ids in range, no NaN)
+    read the device once: one host synchronisation on an accelerator, none of it per tensor."""
     for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            raise DTypeError(f"{name} must be a CPU tensor for this backend, got device {t.device}")
+        if not on_device(t, device):
+            raise DeviceError(f"{name} is on {t.device}, but this backend computes on {device}: "
+                              f"move the inputs there first (tensor.to({str(device)!r}))")
     if hidden.ndim != 2 or hidden.shape[1] != layer.hidden_size:
         raise ShapeError(f"hidden must be [T, {layer.hidden_size}], got {list(hidden.shape)}")
     if hidden.dtype not in _HIDDEN_DTYPES:
@@ -294,22 +374,43 @@ def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_i
     if not topk_weights.is_floating_point():
         raise DTypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
     for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.layout != torch.strided:  # sparse, oneDNN: no strides to read (CSR even refuses is_contiguous)
+            raise ShapeError(f"{name} must be a dense tensor, got layout {t.layout} (call .to_dense() first)")
         if not t.is_contiguous():
             raise ShapeError(f"{name} must be contiguous (call .contiguous() first); got strides {t.stride()}")
     # Inference only: the output carries no gradient, and inputs that require grad are read as plain data.
     hidden, topk_ids, topk_weights = hidden.detach(), topk_ids.detach(), topk_weights.detach()
-    if topk_ids.numel():
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= layer.num_experts:
-            bad = lo if lo < 0 else hi
-            raise ExpertIdError(f"expert id {bad} in topk_ids is out of range [0, {layer.num_experts})")
     weights = topk_weights.to(torch.float32).contiguous()
-    if nan_policy == "raise" and T:
-        if not torch.isfinite(hidden).all():
-            raise NonFiniteError("hidden contains NaN or Inf (nan_policy='raise')")
-        if not torch.isfinite(weights).all():
-            raise NonFiniteError("topk_weights contain NaN or Inf (nan_policy='raise')")
+    check_finite = nan_policy == "raise" and T > 0
+    if topk_ids.numel() or check_finite:
+        # Every value check in one tensor, read once (one device synchronisation, not four).
+        parts = []
+        if topk_ids.numel():
+            parts += [topk_ids.min().to(torch.int64), topk_ids.max().to(torch.int64)]
+        if check_finite:
+            parts += [torch.isfinite(hidden).all().to(torch.int64), torch.isfinite(weights).all().to(torch.int64)]
+        vals = torch.stack(parts).tolist()
+        if topk_ids.numel():
+            lo, hi = vals[0], vals[1]
+            if lo < 0 or hi >= layer.num_experts:
+                bad = lo if lo < 0 else hi
+                raise ExpertIdError(f"expert id {bad} in topk_ids is out of range [0, {layer.num_experts})")
+        if check_finite:
+            finite_hidden, finite_weights = vals[-2], vals[-1]
+            if not finite_hidden:
+                raise NonFiniteError("hidden contains NaN or Inf (nan_policy='raise')")
+            if not finite_weights:
+                raise NonFiniteError("topk_weights contain NaN or Inf (nan_policy='raise')")
     return ForwardInputs(hidden, topk_ids.to(torch.int64).contiguous(), weights, out_dtype)
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether `t` lives on `device`; a device given without an index ("cuda") matches any of its type."""
+    if t.device.type != device.type:
+        return False
+    if device.index is None or device.type == "cpu":
+        return True
+    return t.device.index == device.index
 
 
 def check_expert_tensors(layer: ExpertLayerSpec, expert_id: int, t: ExpertTensors) -> None:

@@ -3,6 +3,11 @@
 A quantized matrix is always stored in PyTorch's [out, in] orientation. Scales multiply (they are what
 checkpoints call `weight_scale_inv`, the inverse of the quantization factor). Packed layouts depend on
 the matrix alone, never on the thread or NUMA count of the machine that made them.
+
+Block formats keep other projects' storage byte for byte, so their files are computed without conversion:
+the GGUF types q8_0, q4_0, q4_k, q5_k, q6_k (llama.cpp's block structs; see `ggml_blocks`) and mxfp4
+(OCP microscaling as gpt-oss ships it; see `mxfp4`). Their rows are whole blocks: `in` must be a multiple
+of the block size (32, or 256 for the K-quants), and any other shape is refused with a FormatError.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ggml_blocks, mxfp4
 from .errors import DTypeError, FormatError, NonFiniteError, ShapeError
 
 FP8_BLOCK = 128
@@ -24,7 +30,9 @@ class WeightFormat:
 
     kind: "float" (bf16/fp16/fp32), "int8" (symmetric per output row), "int4" (symmetric groups along the
     input dimension, two values per byte, low nibble first, stored as q+8), "fp8" (e4m3 with 128x128
-    block scales: the DeepSeek-V3 / Kimi-K2 / MiniMax-M2 shipping format).
+    block scales: the DeepSeek-V3 / Kimi-K2 / MiniMax-M2 shipping format), "gguf" (llama.cpp blocks of
+    `block_size` values in `block_bytes` bytes, scales inside the blocks), "mxfp4" (blocks of 32 e2m1
+    values plus one e8m0 scale byte each, codes and scales in separate arrays).
     """
 
     name: str
@@ -32,9 +40,18 @@ class WeightFormat:
     dtype: torch.dtype | None = None  # float formats: the storage dtype
     group_size: int | None = None  # int4: elements per scale along the input dimension
     block: tuple[int, int] | None = None  # fp8: (rows, cols) per scale
+    block_size: int | None = None  # gguf / mxfp4: values per block along the input dimension
+    block_bytes: int | None = None  # gguf / mxfp4: bytes per block, scales included
 
     def __str__(self) -> str:
         return self.name
+
+    def check_in_features(self, in_features: int) -> None:
+        """FormatError unless a row of `in_features` values is whole blocks (block formats only)."""
+        if self.block_size is not None and in_features % self.block_size:
+            origin = "GGUF" if self.kind == "gguf" else "MXFP4"
+            raise FormatError(f"format {self.name} stores rows as whole blocks of {self.block_size} values ({origin} "
+                              f"requires in_features % {self.block_size} == 0); got in_features={in_features}")
 
     def nbytes(self, out_features: int, in_features: int) -> int:
         """Bytes one [out, in] matrix occupies in this format, scales included."""
@@ -47,6 +64,9 @@ class WeightFormat:
             return out_features * ((in_features + 1) // 2) + 4 * out_features * math.ceil(in_features / self.group_size)
         if self.kind == "fp8":
             return n + 4 * math.ceil(out_features / FP8_BLOCK) * math.ceil(in_features / FP8_BLOCK)
+        if self.kind in ("gguf", "mxfp4"):
+            self.check_in_features(in_features)
+            return out_features * (in_features // self.block_size) * self.block_bytes
         raise FormatError(f"unknown format kind {self.kind!r}")
 
 
@@ -57,6 +77,9 @@ FORMATS: dict[str, WeightFormat] = {
     "int8": WeightFormat("int8", "int8"),
     **{f"int4_g{g}": WeightFormat(f"int4_g{g}", "int4", group_size=g) for g in INT4_GROUP_SIZES},
     "fp8_e4m3": WeightFormat("fp8_e4m3", "fp8", block=(FP8_BLOCK, FP8_BLOCK)),
+    **{b.name: WeightFormat(b.name, "gguf", block_size=b.block_size, block_bytes=b.type_size)
+       for b in ggml_blocks.BLOCK_TYPES.values()},
+    "mxfp4": WeightFormat("mxfp4", "mxfp4", block_size=mxfp4.BLOCK, block_bytes=mxfp4.BLOCK // 2 + 1),
 }
 
 
@@ -75,8 +98,10 @@ class QuantizedTensor:
     """A [out, in] weight matrix in one format.
 
     data: float formats: the matrix in `fmt.dtype`; int8: int8 [out, in]; int4: uint8 [out, ceil(in/2)];
-    fp8: torch.float8_e4m3fn [out, in].
-    scales (fp32): int8: [out]; int4: [out, ceil(in/group)]; fp8: [ceil(out/128), ceil(in/128)].
+    fp8: torch.float8_e4m3fn [out, in]; gguf: uint8 [out, in/block_size * block_bytes], each row its
+    blocks' raw bytes; mxfp4: uint8 [out, in/2] e2m1 codes.
+    scales (fp32): int8: [out]; int4: [out, ceil(in/group)]; fp8: [ceil(out/128), ceil(in/128)];
+    mxfp4: uint8 e8m0 [out, in/32]; gguf: none (they sit inside the blocks).
     """
 
     fmt: WeightFormat
@@ -102,7 +127,13 @@ def _scale_shape(fmt: WeightFormat, out_f: int, in_f: int) -> tuple[int, ...] | 
         return (out_f, math.ceil(in_f / fmt.group_size))
     if fmt.kind == "fp8":
         return (math.ceil(out_f / fmt.block[0]), math.ceil(in_f / fmt.block[1]))
+    if fmt.kind == "mxfp4":
+        return (out_f, in_f // mxfp4.BLOCK)
     return None
+
+
+def _scale_dtype(fmt: WeightFormat) -> torch.dtype:
+    return torch.uint8 if fmt.kind == "mxfp4" else torch.float32
 
 
 def _data_spec(fmt: WeightFormat, out_f: int, in_f: int) -> tuple[tuple[int, int], torch.dtype]:
@@ -112,12 +143,17 @@ def _data_spec(fmt: WeightFormat, out_f: int, in_f: int) -> tuple[tuple[int, int
         return (out_f, in_f), torch.int8
     if fmt.kind == "int4":
         return (out_f, (in_f + 1) // 2), torch.uint8
+    if fmt.kind == "gguf":
+        return (out_f, in_f // fmt.block_size * fmt.block_bytes), torch.uint8
+    if fmt.kind == "mxfp4":
+        return (out_f, in_f // 2), torch.uint8
     return (out_f, in_f), torch.float8_e4m3fn
 
 
 def _check_layout(q: QuantizedTensor) -> None:
     if len(q.shape) != 2 or min(q.shape) < 1:
         raise ShapeError(f"{q.fmt} tensor: logical shape must be [out, in] with positive sizes, got {q.shape}")
+    q.fmt.check_in_features(q.shape[1])
     want_shape, want_dtype = _data_spec(q.fmt, *q.shape)
     if tuple(q.data.shape) != want_shape:
         raise ShapeError(f"{q.fmt} tensor of shape {q.shape}: data must be {list(want_shape)}, got {list(q.data.shape)}")
@@ -132,8 +168,8 @@ def _check_layout(q: QuantizedTensor) -> None:
         raise FormatError(f"{q.fmt} tensor needs scales of shape {list(want_scales)}")
     if tuple(q.scales.shape) != want_scales:
         raise ShapeError(f"{q.fmt} tensor of shape {q.shape}: scales must be {list(want_scales)}, got {list(q.scales.shape)}")
-    if q.scales.dtype != torch.float32:
-        raise DTypeError(f"{q.fmt} tensor: scales must be float32, got {q.scales.dtype}")
+    if q.scales.dtype != _scale_dtype(q.fmt):
+        raise DTypeError(f"{q.fmt} tensor: scales must be {_scale_dtype(q.fmt)}, got {q.scales.dtype}")
 
 
 def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -148,6 +184,7 @@ def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedTensor:
         raise ShapeError(f"expected a 2-D [out, in] weight, got shape {list(weight.shape)}")
     if not weight.is_floating_point():
         raise DTypeError(f"expected a floating-point weight, got {weight.dtype}")
+    fmt.check_in_features(weight.shape[1])
     w = weight.detach().to(torch.float32)
     if not torch.isfinite(w).all():
         raise NonFiniteError("weight contains NaN or Inf; refusing to quantize it")
@@ -177,6 +214,11 @@ def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedTensor:
         scaled = w / _expand_blocks(scale, out_f, in_f, fmt.block)
         q = scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
         return QuantizedTensor(fmt, (out_f, in_f), q.contiguous(), scale.contiguous())
+    if fmt.kind == "gguf":
+        return QuantizedTensor(fmt, (out_f, in_f), ggml_blocks.quantize_rows(fmt.name, w))
+    if fmt.kind == "mxfp4":
+        codes, scales = mxfp4.quantize(w)
+        return QuantizedTensor(fmt, (out_f, in_f), codes, scales)
     raise FormatError(f"no quantizer for format {fmt}")
 
 
@@ -186,6 +228,12 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     fmt = q.fmt
     if fmt.kind == "float":
         return q.data.to(dtype)
+    # Block formats are defined by their fp32 dequantizers (gguf's and transformers'), so that is what
+    # every dtype starts from: float64 gets exactly those fp32 values.
+    if fmt.kind == "gguf":
+        return ggml_blocks.dequantize_rows(fmt.name, q.data, in_f).to(dtype)
+    if fmt.kind == "mxfp4":
+        return mxfp4.dequantize(q.data, q.scales, in_f).to(dtype)
     # code (<= 8 significant bits) x fp32 scale is exact in float64 and rounds once to `dtype`. For an
     # fp32 result a single fp32 multiply rounds that same exact product once: bit-identical, and cheaper.
     work = torch.float32 if dtype == torch.float32 else torch.float64

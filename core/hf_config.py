@@ -48,8 +48,9 @@ def require_choice(config: Mapping, key: str, allowed: tuple, default=_MISSING):
 def quantization_from_config(config: Mapping) -> Quantization:
     """Read `quantization_config` (top level or in text_config) into a Quantization.
 
-    Understood: {"quant_method": "fp8", "weight_block_size": [128, 128]} and compressed-tensors
-    pack-quantized symmetric int4 groups. Anything else is refused naming the key.
+    Understood: {"quant_method": "fp8", "weight_block_size": [128, 128]}, compressed-tensors
+    pack-quantized symmetric int4 groups and gpt-oss's {"quant_method": "mxfp4"}. Anything else is refused
+    naming the key.
     """
     qc = config.get("quantization_config") or text_config(config).get("quantization_config")
     if not qc:
@@ -79,7 +80,10 @@ def quantization_from_config(config: Mapping) -> Quantization:
         except Exception:
             raise LayoutError(f"quantization_config group_size {g!r} is not supported; use 32, 64 or 128") from None
         return Quantization("int4_pack", fmt.name, "experts")
-    raise LayoutError(f"quantization_config.quant_method {method!r} is not supported; supported: 'fp8', 'compressed-tensors'")
+    if method == "mxfp4":  # gpt-oss: routed experts only
+        return Quantization("mxfp4", "mxfp4", "experts")
+    raise LayoutError(f"quantization_config.quant_method {method!r} is not supported; supported: 'fp8', "
+                      "'compressed-tensors', 'mxfp4'")
 
 
 def _float_format(config: Mapping) -> str:

@@ -22,7 +22,7 @@ from .formats import get_format
 
 SCORINGS = ("softmax", "sigmoid", "softmax_topk")
 GROUP_SCORES = ("max", "top2_sum")
-QUANT_SCHEMES = ("none", "fp8_block", "int4_pack")
+QUANT_SCHEMES = ("none", "fp8_block", "int4_pack", "mxfp4")
 FUSED_STYLES = ("rows", "interleaved_in_out")
 
 
@@ -175,7 +175,8 @@ class Quantization:
 
     scheme "none": plain `<module>.weight` in `fmt` (bf16/fp16/fp32). "fp8_block": float8_e4m3fn
     `<module>.weight` plus fp32 `<module>.weight_scale_inv` in 128x128 blocks. "int4_pack":
-    compressed-tensors pack-quantized `<module>.weight_packed`/`weight_scale`/`weight_shape`.
+    compressed-tensors pack-quantized `<module>.weight_packed`/`weight_scale`/`weight_shape`. "mxfp4":
+    gpt-oss's fused experts as `<name>_blocks`/`<name>_scales` (see moetier.checkpoint.matrices).
     scope: "all" linear weights but the router, or only the "experts" (routed experts; Kimi INT4).
     fmt: the moetier WeightFormat the routed experts are read as.
     """

@@ -99,9 +99,55 @@ def test_int4_partial_last_group():
 
 def test_every_format_listed_round_trips_shape_and_dtype():
     for name in FORMATS:
-        q = quantize(rand(9, 33), name)
-        assert q.shape == (9, 33) and dequantize(q).shape == (9, 33)
-        assert q.nbytes == get_format(name).nbytes(9, 33)
+        in_f = get_format(name).block_size or 33  # block formats hold whole blocks per row
+        q = quantize(rand(9, in_f), name)
+        assert q.shape == (9, in_f) and dequantize(q).shape == (9, in_f)
+        assert q.nbytes == get_format(name).nbytes(9, in_f)
+        if q.fmt.block_size:  # block formats: nbytes is exactly the bytes stored
+            assert q.nbytes == q.data.numel() + (0 if q.scales is None else q.scales.numel())
+
+
+# Block formats: bytes per block (scales included) as llama.cpp's structs and the OCP MX spec define them.
+@pytest.mark.parametrize("fmt,block,nbytes", [
+    ("q8_0", 32, 34), ("q4_0", 32, 18), ("q4_k", 256, 144), ("q5_k", 256, 176), ("q6_k", 256, 210), ("mxfp4", 32, 17),
+])
+def test_block_format_sizes_are_exact(fmt, block, nbytes):
+    f = get_format(fmt)
+    assert (f.block_size, f.block_bytes) == (block, nbytes)
+    assert f.nbytes(3, 4 * block) == 3 * 4 * nbytes
+    q = quantize(rand(3, 4 * block), fmt)
+    assert q.data.dtype == torch.uint8
+    if fmt == "mxfp4":
+        assert q.data.shape == (3, 2 * block) and q.scales.shape == (3, 4) and q.scales.dtype == torch.uint8
+    else:
+        assert q.data.shape == (3, 4 * nbytes) and q.scales is None
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"])
+def test_partial_blocks_are_refused_naming_the_rule(fmt):
+    block = get_format(fmt).block_size
+    bad = block + 16
+    rule = f"in_features % {block} == 0"
+    with pytest.raises(FormatError, match=rule):
+        quantize(rand(4, bad), fmt)
+    with pytest.raises(FormatError, match=rule):
+        get_format(fmt).nbytes(4, bad)
+    good = quantize(rand(4, block), fmt)
+    with pytest.raises(FormatError, match=rule):
+        QuantizedTensor(good.fmt, (4, bad), good.data, good.scales)
+    # rows (the output dimension) are free
+    assert quantize(rand(5, block), fmt).shape == (5, block)
+
+
+def test_block_formats_check_their_arrays():
+    q = quantize(rand(4, 256), "q4_k")
+    with pytest.raises(FormatError, match="takes no scales"):
+        QuantizedTensor(q.fmt, (4, 256), q.data, torch.ones(4))
+    with pytest.raises(ShapeError):
+        QuantizedTensor(q.fmt, (4, 256), q.data[:, :-1], None)
+    m = quantize(rand(4, 64), "mxfp4")
+    with pytest.raises(DTypeError, match="uint8"):
+        QuantizedTensor(m.fmt, (4, 64), m.data, m.scales.float())
 
 
 def test_errors_are_typed():

@@ -80,6 +80,8 @@ def compare(backend, ref, layer, weights, held, fmt, hidden, ids, w, out_dtype=t
 @pytest.mark.parametrize("H,I", [(50, 37), (130, 200)])
 @pytest.mark.parametrize("T", [1, 13])
 def test_every_format_matches_float64_reference(backend, ref, fmt, H, I, T):
+    m = FORMATS[fmt].block_size or 1  # block formats (GGUF, mxfp4) hold whole blocks: round up to them
+    H, I = -(-H // m) * m, -(-I // m) * m
     g, seed = fresh_generator()
     E, k = 5, 3
     layer = ExpertLayerSpec(E, k, H, I)
@@ -274,7 +276,9 @@ def test_probe_and_registration():
     # the plugin's numba-free format table agrees with the kernels' kind codes
     from moetier.backends import cpu_numba, numba_kernels as k
     kinds = {"fp32": k.KIND_FP32, "bf16": k.KIND_BF16, "fp16": k.KIND_FP16, "int8": k.KIND_INT8,
-             "int4_g32": k.KIND_INT4, "int4_g64": k.KIND_INT4, "int4_g128": k.KIND_INT4, "fp8_e4m3": k.KIND_FP8}
+             "int4_g32": k.KIND_INT4, "int4_g64": k.KIND_INT4, "int4_g128": k.KIND_INT4, "fp8_e4m3": k.KIND_FP8,
+             "q8_0": k.KIND_Q8_0, "q4_0": k.KIND_Q4_0, "q4_k": k.KIND_Q4_K, "q5_k": k.KIND_Q5_K, "q6_k": k.KIND_Q6_K,
+             "mxfp4": k.KIND_MXFP4}
     assert cpu_numba._KINDS == kinds
 
 

@@ -3,8 +3,9 @@ the header-only check of every MoE tensor a layout names.
 
 All knowledge of how a family stores its routed experts on disk lives here, driven by the layout's
 `TensorNames`: per expert, fused "rows" ([E, 2I, H] gate rows then up rows, [E, H, I]; Qwen3.5) or fused
-"interleaved_in_out" ([E, H, 2I] with gate/up in even/odd columns, [E, I, H]; gpt-oss), with optional
-fused biases. Each read touches one expert's bytes only.
+"interleaved_in_out" ([E, H, 2I] with gate/up in even/odd columns, [E, I, H]; gpt-oss; or as gpt-oss ships
+it, MXFP4 `_blocks`/`_scales` rows of [E, 2I, H] and [E, H, I], see matrices.py), with optional fused
+biases. Each read touches one expert's bytes only.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..errors import CheckpointError, ExpertIdError
 from ..experts import ExpertTensors
 from ..formats import QuantizedTensor, WeightFormat, get_format
 from ..layout import MoELayerLayout, MoELayout
-from .matrices import convert_to
+from .matrices import check_fused_mxfp4, convert_to, fused_is_mxfp4, read_fused_mxfp4
 from .progress import track
 from .reader import Checkpoint
 
@@ -31,7 +32,10 @@ def check_fused(ckpt: Checkpoint, layer: MoELayerLayout) -> int:
     E, H, I = layer.experts.num_experts, layer.experts.hidden_size, layer.experts.intermediate_size
     names, i = layer.names, layer.index
     gu, dn = names.fused_names(i)
-    if names.fused_style == "interleaved_in_out":
+    if names.fused_style == "interleaved_in_out" and fused_is_mxfp4(ckpt, gu):  # [out, in] rows, as shipped
+        check_fused_mxfp4(ckpt, gu, (E, 2 * I, H))
+        check_fused_mxfp4(ckpt, dn, (E, H, I))
+    elif names.fused_style == "interleaved_in_out":
         ckpt.check(gu, shape=(E, H, 2 * I))
         ckpt.check(dn, shape=(E, I, H))
     else:
@@ -61,7 +65,10 @@ def read_fused_expert(ckpt: Checkpoint, layer: MoELayerLayout, expert_id: int,
     """Expert `expert_id` of a fused layer, in either fused style, with its biases where the layer has them."""
     names, i, I = layer.names, layer.index, layer.experts.intermediate_size
     gu, dn = names.fused_names(i)
-    if names.fused_style == "interleaved_in_out":
+    if names.fused_style == "interleaved_in_out" and fused_is_mxfp4(ckpt, gu):  # gate/up: even/odd rows
+        gate, up = (read_fused_mxfp4(ckpt, gu, expert_id, slice(k, None, 2), to=to) for k in (0, 1))
+        down = read_fused_mxfp4(ckpt, dn, expert_id, to=to)
+    elif names.fused_style == "interleaved_in_out":
         t = ckpt.read_slice(gu, (expert_id,))  # [H, 2I], x @ W: gate/up in even/odd columns
         d = ckpt.read_slice(dn, (expert_id,))  # [I, H]
         gate, up, down = (_float_matrix(gu, t[:, 0::2].T, to), _float_matrix(gu, t[:, 1::2].T, to),
@@ -217,8 +224,11 @@ def verify_checkpoint(ckpt: Checkpoint, layout: MoELayout) -> VerifyReport:
         if stored_fused(ckpt, layer):
             n += check_fused(ckpt, layer)
             for name in names.fused_names(i):
-                dtype = ckpt.info(name).dtype
-                stored = FLOAT_FORMATS.get(dtype, str(dtype).removeprefix("torch."))
+                if fused_is_mxfp4(ckpt, name):
+                    stored = "mxfp4"
+                else:
+                    dtype = ckpt.info(name).dtype
+                    stored = FLOAT_FORMATS.get(dtype, str(dtype).removeprefix("torch."))
                 if stored != routed_fmt:
                     differs.append(DtypeDiffers(name, stored, routed_fmt))
         else:

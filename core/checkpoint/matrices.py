@@ -14,6 +14,11 @@ Conventions (PyTorch [out, in] orientation everywhere):
   column, q+8), so the conversion is a byte view plus dropping the padding.
 - fused experts (Qwen3.5 on disk, transformers 5 in memory): `gate_up_proj` [E, 2I, H] (gate rows first,
   then up) and `down_proj` [E, H, I], float only; one expert is read with safetensors' get_slice.
+- fused MXFP4 experts (gpt-oss as shipped): `<name>_blocks` uint8 [E, out, in/32, 16] (two e2m1 codes a
+  byte, low nibble = even element) and `<name>_scales` uint8 [E, out, in/32] (e8m0, bias 127) next to
+  where a float `<name>` would be, rows in [out, in] orientation (transformers dequantizes them, then
+  transposes to its x @ W layout)                                             -> format mxfp4
+  The bytes of one expert's rows are moetier's mxfp4 layout as they are: no conversion.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 
 from ..errors import DTypeError, ExpertIdError, FormatError
 from ..formats import FORMATS, FP8_BLOCK, INT4_GROUP_SIZES, QuantizedTensor, WeightFormat, convert, dequantize, get_format
+from ..mxfp4 import BLOCK as MX_BLOCK
 from .errors import QuantizedLayoutError, TensorDTypeError, TensorShapeError
 from .header import dtype_name
 
@@ -36,6 +42,8 @@ INT4_SCALE = "weight_scale"
 INT4_SHAPE = "weight_shape"
 INT4_ZERO_POINT = "weight_zero_point"
 INT4_G_IDX = "weight_g_idx"
+MX_BLOCKS = "_blocks"
+MX_SCALES = "_scales"
 
 FLOAT_FORMATS: dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Scales are widened to fp32 exactly; e8m0 (powers of two) is how some FP8 exports store block scales.
@@ -179,6 +187,49 @@ def read_fused_gate_up(ckpt, name: str, expert: int, *, to: Target = None) -> tu
     i = info.shape[1] // 2
     return (read_fused_matrix(ckpt, name, expert, (0, i), to=to),
             read_fused_matrix(ckpt, name, expert, (i, 2 * i), to=to))
+
+
+def fused_is_mxfp4(ckpt, name: str) -> bool:
+    """Whether the fused expert tensor `name` is stored as MXFP4 `<name>_blocks` / `<name>_scales`."""
+    return name + MX_BLOCKS in ckpt and name not in ckpt
+
+
+def check_fused_mxfp4(ckpt, name: str, shape: tuple[int, int, int]) -> None:
+    """The MXFP4 blocks and scales of fused [E, out, in] tensor `name` against `shape`, from the headers."""
+    E, out_f, in_f = shape
+    if in_f % MX_BLOCK:
+        raise QuantizedLayoutError(f"{ckpt.file_of(name + MX_BLOCKS)}: {name!r} is MXFP4 but its rows of {in_f} values "
+                                   f"are not whole blocks of {MX_BLOCK}")
+    ckpt.check(name + MX_BLOCKS, shape=(E, out_f, in_f // MX_BLOCK, MX_BLOCK // 2), dtype=torch.uint8)
+    if name + MX_SCALES not in ckpt:
+        raise ckpt.missing(name + MX_SCALES, "MXFP4 scale tensor")
+    ckpt.check(name + MX_SCALES, shape=(E, out_f, in_f // MX_BLOCK), dtype=torch.uint8)
+
+
+def read_fused_mxfp4(ckpt, name: str, expert: int, rows: slice = slice(None), *, to: Target = None) -> QuantizedTensor:
+    """Rows `rows` of expert `expert` of the MXFP4 fused tensor `name`, reading that expert's bytes only
+    (gpt-oss's gate and up are the even and odd rows of gate_up_proj)."""
+    info = ckpt.check(name + MX_BLOCKS, dtype=torch.uint8)
+    if len(info.shape) != 4 or info.shape[3] != MX_BLOCK // 2:
+        raise TensorShapeError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, expected MXFP4 "
+                               f"blocks [E, out, in/{MX_BLOCK}, {MX_BLOCK // 2}]")
+    n_exp, out_f, groups, _ = info.shape
+    check_fused_mxfp4(ckpt, name, (n_exp, out_f, groups * MX_BLOCK))
+    if not (isinstance(expert, int) and 0 <= expert < n_exp):
+        raise ExpertIdError(f"{info.file}: tensor {info.name!r} holds experts 0..{n_exp - 1}, asked for {expert!r}")
+    codes = ckpt.read_slice(name + MX_BLOCKS, (expert,))[rows].reshape(-1, groups * MX_BLOCK // 2)
+    scales = ckpt.read_slice(name + MX_SCALES, (expert,))[rows]
+    q = QuantizedTensor(FORMATS["mxfp4"], (codes.shape[0], groups * MX_BLOCK), codes.contiguous(), scales.contiguous())
+    return convert_to(q, to)
+
+
+def mxfp4_fused_tensors(name: str, mats) -> dict[str, torch.Tensor]:
+    """`<name>_blocks` [E, out, in/32, 16] and `<name>_scales` [E, out, in/32] for mxfp4 matrices [out, in]."""
+    for q in mats:
+        if q.fmt.kind != "mxfp4":
+            raise FormatError(f"{name}: expected mxfp4 matrices, got {q.fmt}")
+    blocks = torch.stack([q.data.reshape(q.shape[0], -1, MX_BLOCK // 2) for q in mats])
+    return {name + MX_BLOCKS: blocks.contiguous(), name + MX_SCALES: torch.stack([q.scales for q in mats]).contiguous()}
 
 
 # Conversions run over blocks of rows: the core's reference dequantize works in float64 on the whole

@@ -13,7 +13,7 @@ from rich.table import Table
 from ..errors import LayoutError, SettingError
 from .options import add_backend_options, add_plugin_option, load_context, positive_int
 
-MODEL_HELP = "checkpoint folder (with config.json and safetensors), or its config.json"
+MODEL_HELP = "checkpoint folder (with config.json and safetensors), its config.json, or a .gguf file"
 
 
 def register(sub) -> None:
@@ -138,8 +138,23 @@ def _print_summary(console: Console, s: dict) -> None:
 def run_show(args) -> int:
     from ..checkpoint import Checkpoint
     from ..checkpoint.experts import verify_checkpoint
+    from ..checkpoint.gguf import is_gguf
     from ..family import load_layout
 
+    if is_gguf(args.path):  # a GGUF file: layout from its metadata (moetier.runtime.gguf_model)
+        from ..runtime.gguf_model import show_gguf
+        out = show_gguf(args.path, _registry(args), verify=args.verify)
+        if args.json:
+            print(json.dumps(out, indent=2))
+            return 0
+        console = Console()
+        console.print(f"[bold]{out['version']}[/bold] ({out['family']}) at {args.path}: GGUF, "
+                      f"architecture {out['gguf_architecture']}")
+        _print_summary(console, out)
+        if args.verify:
+            console.print(f"  verified      {out['verified_matrices']} expert tensors present with the shapes "
+                          "the metadata gives")
+        return 0
     layout = load_layout(args.path, _registry(args))
     out = layout.summary()
     with Checkpoint(args.path) as ckpt:
@@ -177,6 +192,8 @@ def run_show(args) -> int:
 
 
 def run_layers(args) -> int:
+    from ..checkpoint.gguf import is_gguf
+    from ..runtime.gguf_model import run_gguf
     from ..runtime.layer_check import run_checkpoint
 
     ctx = load_context(args)
@@ -190,8 +207,8 @@ def run_layers(args) -> int:
     if args.format is not None and args.format not in backend.formats:
         raise SettingError(f"backend {name} does not compute format {args.format!r}; it computes "
                            f"{', '.join(backend.formats)}")
-    results = run_checkpoint(args.path, backend, tokens=args.tokens, fmt=args.format, seed=args.seed,
-                             registry=ctx.registry)
+    run = run_gguf if is_gguf(args.path) else run_checkpoint
+    results = run(args.path, backend, tokens=args.tokens, fmt=args.format, seed=args.seed, registry=ctx.registry)
     table = Table(title=f"{args.path} on {name}, {args.tokens} random tokens per layer", title_justify="left")
     for col in ("layer", "experts", "format", "prepare s", "forward ms", "rel. error vs float64", "bound"):
         table.add_column(col, justify="right")

@@ -1,4 +1,7 @@
-"""The conformance cases: generic over any ExpertBackend, each compared with the float64 oracle."""
+"""The conformance cases: generic over any ExpertBackend, each compared with the float64 oracle.
+
+Inputs are drawn on the CPU (so a seed reproduces a run on any machine), moved to the backend's device
+for the call, and the output is brought back and compared on the CPU with the oracle's."""
 from __future__ import annotations
 
 import threading
@@ -8,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import DTypeError, ExpertIdError, FormatError, MoetierError, NonFiniteError, ShapeError
+from ..errors import DeviceError, DTypeError, ExpertIdError, FormatError, MoetierError, NonFiniteError, ShapeError
 from ..experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ExpertWeights, PreparedExperts
-from ..formats import FORMATS, quantize
+from ..formats import FORMATS, get_format, quantize
 from .tolerances import tolerance
 
 
@@ -33,6 +36,14 @@ SHAPES = (
     Shape("qwen3-next/16", 48, 10, 128, 32),
 )
 TOKEN_COUNTS = (0, 1, 3, 130)
+
+
+def shapes_for(fmt: str, shapes: tuple[Shape, ...] = SHAPES) -> tuple[Shape, ...]:
+    """`shapes` as a format can store them: block formats (GGUF, mxfp4) hold whole blocks of 32 or 256
+    inputs per row, so hidden and intermediate sizes are rounded up to the block (same experts, same k)."""
+    m = get_format(fmt).block_size or 1
+    up = lambda n: -(-n // m) * m  # noqa: E731
+    return tuple(Shape(s.name, s.num_experts, s.top_k, up(s.hidden), up(s.intermediate)) for s in shapes)
 TOPK_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 10)
 
 
@@ -96,6 +107,19 @@ def random_routing(g: torch.Generator, T: int, E: int, k: int) -> tuple[torch.Te
     return ids.to(torch.int64).contiguous(), w.contiguous()
 
 
+def to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in tensors)
+
+
+def on_host(out: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The backend's output brought to the CPU, after checking it came back on the backend's device."""
+    if not isinstance(out, torch.Tensor):
+        raise CaseFailure(f"backend returned {type(out).__name__}, not a tensor")
+    if out.device.type != device.type or (device.index is not None and out.device.index != device.index):
+        raise CaseFailure(f"output is on {out.device}, expected the backend's device {device}")
+    return out.cpu()
+
+
 def check_close(out: torch.Tensor, ref: torch.Tensor, fmt: str, out_dtype: torch.dtype = torch.float32) -> float:
     if tuple(out.shape) != tuple(ref.shape):
         raise CaseFailure(f"output shape {list(out.shape)}, expected {list(ref.shape)}")
@@ -150,13 +174,15 @@ def _forward_case(shape: Shape, fmt: str, T: int, *, k: int | None = None, held:
         ref = ctx.oracle.forward(ctx.prepared("oracle", shape, fmt, held_ids, activation), hidden, ids, w,
                                  out_dtype=torch.float32)
         ref = ref.to(torch.float64)
-        if mode == "submit":
-            out = ctx.backend.submit(p, hidden, ids, w, out_dtype=out_dtype).wait(timeout=600)
-        elif mode == "threads":
+        dev = ctx.backend.device
+        if mode == "threads":
             return _two_threads(ctx, p, shape, fmt, hidden, ids, w, ref, out_dtype)
+        d_hidden, d_ids, d_w = to_device(dev, hidden, ids, w)
+        if mode == "submit":
+            out = ctx.backend.submit(p, d_hidden, d_ids, d_w, out_dtype=out_dtype).wait(timeout=600)
         else:
-            out = ctx.backend.forward(p, hidden, ids, w, out_dtype=out_dtype)
-        return check_close(out, ref, fmt, out_dtype)
+            out = ctx.backend.forward(p, d_hidden, d_ids, d_w, out_dtype=out_dtype)
+        return check_close(on_host(out, dev), ref, fmt, out_dtype)
     return run
 
 
@@ -168,10 +194,13 @@ def _two_threads(ctx, p, shape, fmt, hidden, ids, w, ref, out_dtype) -> float:
     ref2 = ctx.oracle.forward(ctx.prepared("oracle", shape, fmt, p.expert_ids), hidden2, ids2, w2).to(torch.float64)
     results: dict[int, torch.Tensor | BaseException] = {}
 
+    dev = ctx.backend.device
+
     def work(i, h, d, ww):
         try:
+            h, d, ww = to_device(dev, h, d, ww)
             for _ in range(3):
-                results[i] = ctx.backend.forward(p, h, d, ww, out_dtype=out_dtype)
+                results[i] = on_host(ctx.backend.forward(p, h, d, ww, out_dtype=out_dtype), dev)
         except BaseException as exc:  # surfaced below
             results[i] = exc
 
@@ -205,12 +234,16 @@ def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
         E, H, k = shape.num_experts, shape.hidden, shape.top_k
         g = ctx.generator("errors", shape.name, fmt, what)
         p = ctx.prepared("backend", shape, fmt, tuple(range(E)))
-        hidden = torch.randn(4, H, generator=g)
-        ids, w = random_routing(g, 4, E, k)
+        dev = ctx.backend.device
+        hidden, = to_device(dev, torch.randn(4, H, generator=g))
+        ids, w = to_device(dev, *random_routing(g, 4, E, k))
         b = ctx.backend
+
+        def randn(*size):  # bad inputs are made on the backend's device: only the named fault differs
+            return torch.randn(*size, generator=g).to(dev)
         if what == "hidden-shape":
-            expect(ShapeError, lambda: b.forward(p, torch.randn(4, H + 1, generator=g), ids, w), "hidden [T, H+1]")
-            expect(ShapeError, lambda: b.forward(p, torch.randn(H, generator=g), ids[:1], w[:1]), "1-D hidden")
+            expect(ShapeError, lambda: b.forward(p, randn(4, H + 1), ids, w), "hidden [T, H+1]")
+            expect(ShapeError, lambda: b.forward(p, randn(H), ids[:1], w[:1]), "1-D hidden")
         elif what == "ids-shape":
             expect(ShapeError, lambda: b.forward(p, hidden, ids[:3], w[:3]), "topk_ids with fewer rows")
             expect(ShapeError, lambda: b.forward(p, hidden, ids, w[:, :1].contiguous()), "topk_weights [T, 1] vs ids [T, k]")
@@ -226,13 +259,20 @@ def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
             expect(ExpertIdError, lambda: b.forward(p, hidden, bad, w), "expert id -1")
             expect(ExpertIdError, lambda: b.submit(p, hidden, bad, w), "expert id -1 through submit")
         elif what == "non-contiguous":
-            wide = torch.randn(H, 4, generator=g).T  # [4, H] view with strides (1, 4)
+            wide = randn(H, 4).T  # [4, H] view with strides (1, 4)
             expect(ShapeError, lambda: b.forward(p, wide, ids, w), "non-contiguous hidden")
         elif what == "nan":
             bad_h = hidden.clone()
             bad_h[1, 0] = float("nan")
             if getattr(b, "nan_policy", "raise") == "raise":
                 expect(NonFiniteError, lambda: b.forward(p, bad_h, ids, w), "NaN in hidden")
+        elif what == "device":
+            # Inputs on another device than the backend's: a CPU backend gets "meta" tensors (a device
+            # every torch build has), an accelerator backend gets CPU tensors.
+            other = torch.device("meta") if dev.type == "cpu" else torch.device("cpu")
+            expect(DeviceError, lambda: b.forward(p, hidden.to(other), ids, w), f"hidden on {other}")
+            expect(DeviceError, lambda: b.forward(p, hidden, ids.to(other), w), f"topk_ids on {other}")
+            expect(DeviceError, lambda: b.submit(p, hidden, ids, w.to(other)), f"topk_weights on {other} through submit")
         elif what == "prepare-shape":
             layer = ctx.layer(shape)
             good = ctx.weights(shape, fmt).expert(0)
@@ -251,20 +291,22 @@ def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
     return run
 
 
-ERROR_KINDS = ("hidden-shape", "ids-shape", "dtype", "ids-range", "non-contiguous", "nan", "prepare-shape", "format")
+ERROR_KINDS = ("hidden-shape", "ids-shape", "dtype", "ids-range", "non-contiguous", "nan", "device", "prepare-shape",
+               "format")
 
 
 def build_cases(formats: tuple[str, ...]) -> list[Case]:
     """Every case for a backend that declares `formats`."""
     cases: list[Case] = []
     for fmt in formats:
-        for shape in SHAPES:
+        shapes = shapes_for(fmt)
+        for shape in shapes:
             for T in TOKEN_COUNTS:
                 cases.append(Case(f"{fmt}/{shape.name}/T{T}", "shapes", fmt, _forward_case(shape, fmt, T)))
-        sweep = Shape("topk-sweep", 12, 10, 64, 40)
+        sweep, = shapes_for(fmt, (Shape("topk-sweep", 12, 10, 64, 40),))
         for k in TOPK_SWEEP:
             cases.append(Case(f"{fmt}/topk{k}", "top-k", fmt, _forward_case(sweep, fmt, 17, k=k)))
-        odd, qwen = SHAPES[1], SHAPES[3]
+        odd, qwen = shapes[1], shapes[3]
         cases += [
             Case(f"{fmt}/one-expert", "routing", fmt, _forward_case(qwen, fmt, 40, one_expert=True)),
             Case(f"{fmt}/subset/T1", "subset", fmt, _forward_case(qwen, fmt, 1, held="subset")),

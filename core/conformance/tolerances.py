@@ -25,6 +25,18 @@ TOLERANCES: dict[str, float] = {
     "int4_g32": 4e-2,
     "int4_g64": 4e-2,
     "int4_g128": 4e-2,
+    # GGUF blocks: llama.cpp computes them with activations quantized to int8 per block of 32 (q8_0) or
+    # 256 (q8_K) and integer dot products (vpdpbusd), and a native kernel may do the same. Per-block int8
+    # steps are no coarser than the per-token int8 budget above (a block's amax <= the token's), and the
+    # blocks' own d/min/sub-scale decoding is exact in fp32 up to one rounding of d*q - m: the int8 budget.
+    "q8_0": 4e-2,
+    "q4_0": 4e-2,
+    "q4_k": 4e-2,
+    "q5_k": 4e-2,
+    "q6_k": 4e-2,
+    # mxfp4: e2m1 x 2^k values are exact in bf16, so a bf16-activation kernel has the bf16 budget; llama.cpp's
+    # mxfp4 x q8_0 dot quantizes activations to int8 per 32, which is the int8 budget. The larger one holds.
+    "mxfp4": 4e-2,
 }
 
 

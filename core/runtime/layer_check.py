@@ -45,20 +45,26 @@ def run_checkpoint(path: str, backend: ExpertBackend, *, tokens: int = 16, fmt: 
         for m in layout.moe_layers:
             t0 = time.perf_counter()
             block = MoEBlock.from_checkpoint(ckpt, layout, m.index, backend, fmt=fmt, progress=progress)
-            t1 = time.perf_counter()
-            used = block.prepared.fmt.name
-            ref = MoEBlock.from_checkpoint(ckpt, layout, m.index, ref_backend, fmt=used, progress=False)
-            hidden = torch.randn(tokens, layout.hidden_size, generator=g)
-            ids, weights = block.route(hidden)
-            t2 = time.perf_counter()
-            out = block.routed(hidden, ids, weights)
-            t3 = time.perf_counter()
-            shared = block.shared(hidden)
-            want = ref.routed(hidden, ids, weights).to(torch.float64)
-            if shared is not None:
-                out, want = out + shared, want + shared.to(torch.float64)
-            rel = float((out.to(torch.float64) - want).norm() / want.norm().clamp_min(1e-30))
-            results.append(LayerResult(m.index, len(block.prepared.expert_ids), used, t1 - t0, t3 - t2, rel,
-                                       tolerance(used)))
+            prepare_s = time.perf_counter() - t0
+            ref = MoEBlock.from_checkpoint(ckpt, layout, m.index, ref_backend, fmt=block.prepared.fmt.name,
+                                           progress=False)
+            results.append(check_block(m.index, block, ref, torch.randn(tokens, layout.hidden_size, generator=g),
+                                       prepare_s))
             del block, ref
     return results
+
+
+def check_block(index: int, block: MoEBlock, ref: MoEBlock, hidden: torch.Tensor, prepare_s: float) -> LayerResult:
+    """Layer `index` on `hidden`: the block's routed experts against `ref` (the same layer prepared on the
+    float64 oracle), both routed by the block's router, plus the shared expert."""
+    used = block.prepared.fmt.name
+    ids, weights = block.route(hidden)
+    t0 = time.perf_counter()
+    out = block.routed(hidden, ids, weights)
+    forward_s = time.perf_counter() - t0
+    shared = block.shared(hidden)
+    want = ref.routed(hidden, ids, weights).to(torch.float64)
+    if shared is not None:
+        out, want = out + shared, want + shared.to(torch.float64)
+    rel = float((out.to(torch.float64) - want).norm() / want.norm().clamp_min(1e-30))
+    return LayerResult(index, len(block.prepared.expert_ids), used, prepare_s, forward_s, rel, tolerance(used))

@@ -34,7 +34,7 @@ def mlp_modules(model) -> dict[int, torch.nn.Module]:
     return out
 
 
-def hf_blocks_pretrained(ckpt_dir, hf_class: str):
+def hf_blocks_pretrained(ckpt_dir, hf_class: str, **extra):
     """(mlp modules by layer index, loading info) of transformers' model loaded from the checkpoint."""
     import transformers
 
@@ -47,7 +47,7 @@ def hf_blocks_pretrained(ckpt_dir, hf_class: str):
         cfg = cls.config_class.from_pretrained(str(ckpt_dir))
         cfg.model_type = cls.config_class.model_type
         kwargs["config"] = cfg
-    model, info = cls.from_pretrained(str(ckpt_dir), output_loading_info=True, **kwargs, **_hf_kwargs())
+    model, info = cls.from_pretrained(str(ckpt_dir), output_loading_info=True, **kwargs, **extra, **_hf_kwargs())
     model.eval()
     return mlp_modules(model), info
 
@@ -200,8 +200,12 @@ def check_golden(registry, family: str, version: str, quant, ckpt_dir, layout) -
     assert load_layout(str(ckpt_dir), registry) == layout
     hf_class = fam.extras["tiny_spec"](version).extra["hf_class"]
 
-    if layout.quantization.scheme == "none":
-        blocks, info = hf_blocks_pretrained(ckpt_dir, hf_class)
+    if layout.quantization.scheme in ("none", "mxfp4"):
+        extra = {}
+        if layout.quantization.scheme == "mxfp4":  # gpt-oss as released: transformers' own MXFP4 dequantization
+            import transformers
+            extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+        blocks, info = hf_blocks_pretrained(ckpt_dir, hf_class, **extra)
         missing = sorted(k for k in info["missing_keys"] if ".mlp." in k and "visual" not in k)
         assert not missing, f"transformers did not find these tensors where the layout puts them: {missing[:5]}"
         assert all(layout.is_skipped(k) for k in info["unexpected_keys"]), \

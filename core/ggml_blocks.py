@@ -1,0 +1,265 @@
+"""llama.cpp's quantization blocks (the tensor data of GGUF files), kept byte for byte.
+
+A row of `in` values is `in / block_size` consecutive blocks of the type's C struct (ggml-common.h);
+a matrix [out, in] is `out` such rows, so a GGUF tensor's bytes are used as they are. fp16 fields are
+little-endian IEEE half. Every dequantizer below reproduces the `gguf` package's Python dequantizer
+(`gguf.quants.dequantize`) bit for bit: the same fp32 operations in the same order (`d * q - m` is two
+roundings, never a fused multiply-add).
+
+    q8_0  32 values, 34 bytes : f16 d | i8 qs[32]                        x[j] = d * qs[j]
+    q4_0  32 values, 18 bytes : f16 d | u8 qs[16]                        x[j] = d * ((qs[j] & 15) - 8),
+                                                                         x[j+16] = d * ((qs[j] >> 4) - 8)
+    q4_k 256 values, 144 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
+         8 sub-blocks of 32 with 6-bit scale sc[s] and min m[s] (packing: `scale_min`);
+         x[64g + l]      = (d*sc[2g])   * (qs[32g + l] & 15) - (dmin*m[2g])      g < 4, l < 32
+         x[64g + 32 + l] = (d*sc[2g+1]) * (qs[32g + l] >> 4) - (dmin*m[2g+1])
+    q5_k 256 values, 176 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128]
+         as q4_k with a fifth bit: value 64g + l adds 16 * bit (2g) of qh[l], value 64g + 32 + l adds
+         16 * bit (2g + 1) of qh[l]
+    q6_k 256 values, 210 bytes: u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
+         for half h < 2, l < 32 (ql += 64h, qh += 32h), value v = 128h + 32i + l, i < 4:
+         low nibble: i=0 ql[l] & 15, i=1 ql[l+32] & 15, i=2 ql[l] >> 4, i=3 ql[l+32] >> 4;
+         high two bits: (qh[l] >> 2i) & 3;  q = (low | high << 4) - 32;  x[v] = (d * scales[v // 16]) * q
+
+The quantizers: q8_0 and q4_0 reproduce `gguf.quants.quantize` (which matches llama.cpp's reference
+quantize_row_*_ref) byte for byte. The K-quant quantizers are moetier's own plain round-to-nearest
+(min/max per sub-block, scales rounded up so no value is clamped; error <= half the stored step): valid
+blocks every llama.cpp build reads, but not the bytes llama.cpp's `make_qkx2_quants` / `make_qx_quants`
+search would choose (gguf has no K-quant quantizer to compare with).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FormatError
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """name: the moetier format; ggml_type: its GGMLQuantizationType number in GGUF files."""
+
+    name: str
+    ggml_type: int
+    block_size: int  # values per block
+    type_size: int  # bytes per block
+
+
+BLOCK_TYPES: dict[str, BlockType] = {
+    "q8_0": BlockType("q8_0", 8, 32, 34),
+    "q4_0": BlockType("q4_0", 2, 32, 18),
+    "q4_k": BlockType("q4_k", 12, QK_K, 144),
+    "q5_k": BlockType("q5_k", 13, QK_K, 176),
+    "q6_k": BlockType("q6_k", 14, QK_K, 210),
+}
+BY_GGML_TYPE = {b.ggml_type: b for b in BLOCK_TYPES.values()}
+
+_U8 = torch.uint8
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian half fields uint8 [n, 2] -> fp32 [n, 1]."""
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _to_f16_bytes(x: torch.Tensor, what: str) -> torch.Tensor:
+    """fp32 [n, 1] -> its fp16 rounding as uint8 [n, 2]; a value fp16 cannot hold is refused."""
+    h = x.to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise FormatError(f"a block's {what} exceeds the fp16 range (|value| > 65504) of the GGUF block scale; "
+                          "these weights cannot be stored in this GGUF type")
+    return h.contiguous().view(_U8)
+
+
+def _shifts(*s: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(s, dtype=_U8).view(shape)
+
+
+def scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_k/q5_k 12 packed bytes [n, 12] -> 6-bit scales and mins [n, 8] (llama.cpp get_scale_min_k4):
+    s < 4: sc = b[s] & 63, m = b[s+4] & 63; s >= 4: sc = (b[s+4] & 15) | (b[s-4] >> 6) << 4,
+    m = (b[s+4] >> 4) | (b[s] >> 6) << 4."""
+    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def pack_scale_min(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """Inverse of `scale_min`: 6-bit values [n, 8] each -> the 12 packed bytes [n, 12]."""
+    lo_sc, hi_sc, lo_m, hi_m = sc[:, :4], sc[:, 4:], mn[:, :4], mn[:, 4:]
+    return torch.cat([lo_sc | ((hi_sc >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_sc & 0x0F) | ((hi_m & 0x0F) << 4)],
+                     dim=1)
+
+
+# ---- dequantize: uint8 blocks [n, type_size] -> fp32 [n, block_size] -----------------------------------
+
+def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(b[:, :2])
+
+
+def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    qs = b[:, 2:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.int8) - 8
+    return _f16(b[:, :2]) * q.to(torch.float32)
+
+
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = b.shape[0]
+    sc, mn = scale_min(b[:, 4:16])
+    d = (_f16(b[:, 0:2]) * sc.to(torch.float32)).view(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mn.to(torch.float32)).view(n, 8, 1)
+    return d, dm
+
+
+def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dm = _k_scales(b)
+    q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F
+    return (d * q.reshape(n, 8, 32).to(torch.float32) - dm).reshape(n, QK_K)
+
+
+def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dm = _k_scales(b)
+    ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F).reshape(n, 8, 32)
+    qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(*range(8), shape=(1, 1, 8, 1))) & 0x01).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).to(torch.float32)
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    d = (_f16(b[:, 208:210]) * scales).view(n, 16, 1)
+    ql = ((b[:, 0:128].reshape(n, 2, 1, 64) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F).reshape(n, 8, 32)
+    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & 0x03).reshape(n, 8, 32)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
+    return (d * q).reshape(n, QK_K)
+
+
+# ---- quantize: fp32 [n, block_size] -> uint8 blocks [n, type_size] -----------------------------------
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, computed as gguf.quants.np_roundf does (floor(a) + floor(2 (a - floor a)))
+    so that values one ulp below .5 round exactly as there."""
+    a = x.abs()
+    f = torch.floor(a)
+    return torch.sign(x) * (f + torch.floor(2 * (a - f)))
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _q_q8_0(x: torch.Tensor) -> torch.Tensor:
+    d = x.abs().amax(dim=1, keepdim=True) / 127
+    qs = _roundf(x * _inverse(d)).to(torch.int8).view(_U8)
+    return torch.cat([_to_f16_bytes(d, "scale"), qs], dim=1)
+
+
+def _q_q4_0(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    imax = x.abs().argmax(dim=1, keepdim=True)  # first of equal magnitudes, as numpy's argmax
+    d = torch.gather(x, 1, imax) / -8
+    q = torch.trunc(x * _inverse(d) + 8.5).clamp(0, 15).to(_U8).view(n, 2, 16)
+    return torch.cat([_to_f16_bytes(d, "scale"), q[:, 0] | (q[:, 1] << 4)], dim=1)
+
+
+def _f16_up(x: torch.Tensor, what: str) -> torch.Tensor:
+    """fp32 [n, 1] >= 0 -> the smallest fp16 >= x, as uint8 [n, 2] (a stored super-block scale must not
+    be below the one the sub-block scales were sized for)."""
+    b = _to_f16_bytes(x, what).view(torch.int16)
+    below = b.view(torch.float16).to(torch.float32) < x
+    b = torch.where(below, b + 1, b)  # one fp16 ulp up (positive values: the next bit pattern)
+    if not torch.isfinite(b.view(torch.float16)).all():
+        raise FormatError(f"a block's {what} exceeds the fp16 range (|value| > 65504) of the GGUF block scale; "
+                          "these weights cannot be stored in this GGUF type")
+    return b.contiguous().view(_U8)
+
+
+def _ceil_ratio(num: torch.Tensor, den: torch.Tensor, top: int) -> torch.Tensor:
+    """ceil(num / den) clamped to [0, top]; 0 where den is 0. (num <= top * den is guaranteed by the caller,
+    and a correctly rounded fp32 quotient keeps that, so the clamp never cuts.)"""
+    safe = torch.where(den == 0, torch.ones_like(den), den)
+    return torch.where(den == 0, torch.zeros_like(num), torch.ceil(num / safe)).clamp(0, top)
+
+
+def _k_min_scale_quant(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, ...]:
+    """Asymmetric sub-blocks of 32 (q4_k: levels 15, q5_k: 31): x ~ (d*sc) * q - (dmin*m) with 6-bit sc, m.
+
+    Mins are clipped at 0 as llama.cpp does (m >= 0), and both the min and the scale are rounded UP to
+    their stored grids (m = ceil, sc = ceil, super-block d and dmin rounded up to fp16), so every value
+    lies inside its sub-block's grid and the error is at most half the stored step d*sc: never a clamp."""
+    n = x.shape[0]
+    sub = x.view(n, 8, 32)
+    neg_min = -sub.amin(dim=2).clamp(max=0.0)
+    m_b = _f16_up(neg_min.amax(dim=1, keepdim=True) / 63, "min")
+    dmin = _f16(m_b)
+    mn = _ceil_ratio(neg_min, dmin, 63)
+    shift = (dmin * mn).unsqueeze(2)  # exact in fp32 (11 x 6 significant bits), >= -min
+    scale = (sub.amax(dim=2) + shift.squeeze(2)) / levels
+    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / 63, "scale")
+    d = _f16(d_b)
+    sc = _ceil_ratio(scale, d, 63)
+    step = (d * sc).unsqueeze(2)
+    q = torch.round((sub + shift) * _inverse(step)).clamp(0, levels).to(_U8).view(n, QK_K)
+    return d_b, m_b, sc.to(_U8), mn.to(_U8), q
+
+
+def _q_q4_k(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    d_b, m_b, sc, mn, q = _k_min_scale_quant(x, 15)
+    q = q.view(n, 4, 2, 32)
+    return torch.cat([d_b, m_b, pack_scale_min(sc, mn), (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)], dim=1)
+
+
+def _q_q5_k(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    d_b, m_b, sc, mn, q = _k_min_scale_quant(x, 31)
+    lo = (q & 0x0F).view(n, 4, 2, 32)
+    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(n, 128)
+    hi = (q >> 4).view(n, 8, 32).to(torch.int32) << torch.arange(8, dtype=torch.int32).view(1, 8, 1)
+    qh = hi.sum(dim=1).to(_U8)  # bit s of qh[l] = fifth bit of value 32 s + l
+    return torch.cat([d_b, m_b, pack_scale_min(sc, mn), qh, qs], dim=1)
+
+
+def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric sub-blocks of 16 with q in [-31, 31] (stored q + 32; llama.cpp's search may also use -32)
+    and int8 sub-block scales rounded up under an fp16 d rounded up: error at most half the stored step."""
+    n = x.shape[0]
+    sub = x.view(n, 16, 16)
+    scale = sub.abs().amax(dim=2) / 31
+    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / 127, "scale")
+    d = _f16(d_b)
+    sc = _ceil_ratio(scale, d, 127)
+    step = (d * sc).unsqueeze(2)
+    q = (torch.round(sub * _inverse(step)).clamp(-31, 31) + 32).to(_U8).view(n, 2, 4, 32)  # [half, i, l]
+    lo = q & 0x0F
+    ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2)  # [n, 2, 64]
+    hb = (q >> 4).to(torch.int32) << torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 1, 4, 1)
+    qh = hb.sum(dim=2).to(_U8)  # [n, 2, 32]
+    return torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), sc.to(torch.int8).view(_U8), d_b], dim=1)
+
+
+_DEQUANT = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q5_k": _deq_q5_k, "q6_k": _deq_q6_k}
+_QUANT = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k}
+
+
+def dequantize_rows(name: str, data: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 [rows, in/block_size * type_size] -> fp32 [rows, in_features], as gguf.quants.dequantize."""
+    bt = BLOCK_TYPES[name]
+    rows = data.shape[0]
+    blocks = data.contiguous().view(-1, bt.type_size)
+    return _DEQUANT[name](blocks).reshape(rows, in_features)
+
+
+def quantize_rows(name: str, w: torch.Tensor) -> torch.Tensor:
+    """fp32 [rows, in] (in a multiple of the block size) -> uint8 [rows, in/block_size * type_size]."""
+    bt = BLOCK_TYPES[name]
+    rows, in_f = w.shape
+    blocks = w.to(torch.float32).contiguous().view(-1, bt.block_size)
+    return _QUANT[name](blocks).reshape(rows, in_f // bt.block_size * bt.type_size).contiguous()
