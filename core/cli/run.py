@@ -39,8 +39,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads of the expert kernels and of the dense layers on the CPU (default: the "
                         "backend's and torch's, the physical cores)")
     p.add_argument("--format", metavar="FMT",
-                   help="weight format of the experts (default: the checkpoint's when the backend computes it, "
-                        "else bf16), e.g. int4_g64; converted on load")
+                   help="weight format of the experts, converted on load, e.g. int4_g64 (default: the checkpoint's; "
+                        "a backend that does not compute it is an error)")
     add_backend_options(p, backend_help="CPU backend of the experts (default: MOETIER_BACKEND, else the one "
                                         "`moetier doctor` chooses)")
 

@@ -145,7 +145,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     run on moetier.
 
     plan: a placement plan (`plan.shards(layer)`); default: every expert on one CPU backend (`backend`, else
-    the one the selection picks) in `fmt` (default: the checkpoint's format when that backend computes it).
+    the one the selection picks) in `fmt` (default: the checkpoint's format; a backend that does not compute
+    it is a FormatError, never a silent conversion).
     dtype: float32 or bfloat16, for everything transformers holds (activations included). device: where
     those go (default: the first CUDA device when there is one, else the CPU). threads: the CPU backends'
     kernel threads. cache_bytes: the DRAM cache of experts the plan leaves on disk.
@@ -159,6 +160,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     from ...hardware import load_inventory
     from ...plugins import get_registry
     from ...runtime import SingleTierPlan, load_experts
+    from ...runtime.moe_block import default_format
 
     if dtype not in DTYPES:
         raise SettingError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
@@ -175,7 +177,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         verdict = spec.safe_probe(inventory)
         if not verdict.usable:
             raise BackendUnavailable(f"backend {backend} cannot run here: {verdict.reason}")
-        fmt = fmt or (layout.quantization.fmt if layout.quantization.fmt in spec.formats else "bf16")
+        fmt = fmt or default_format(layout, spec)  # the checkpoint's own; FormatError if the backend lacks it
         if fmt not in spec.formats:
             raise SettingError(f"backend {backend} does not compute format {fmt!r}; it computes {', '.join(spec.formats)}")
         plan, fmt = SingleTierPlan(layout, "cpu:numa0", backend, fmt), None
