@@ -142,3 +142,68 @@ def test_default_model():
         assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr[-2000:]
         if r.returncode == 2:
             assert_usage_error(r, "default model")
+
+
+# ---- moetier stats record --------------------------------------------------------------------------------
+
+def test_stats_record_counts_every_routing_choice(model_dirs, tmp_path):
+    import moetier
+    from moetier.placement import ActivationStats
+    from transformers import AutoTokenizer
+
+    folder = model_dirs[0]
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(CORPUS * 6), encoding="utf-8")
+    out = tmp_path / "stats.safetensors"
+    r = cli("stats", "record", folder, "--text", text, "--out", out, "--context", 40, "--dtype", "fp32", *THREADS)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "recorded" in r.stdout and str(out) in r.stdout
+    stats = ActivationStats.load(out)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = tok(text.read_text(), add_special_tokens=False)["input_ids"]
+    model = moetier.load(folder, dtype=torch.float32, threads=1, progress=False)
+    try:
+        layout = model.moetier_layout
+        k = layout.moe_layers[0].experts.top_k
+        assert stats.layers == layout.moe_layer_indices
+        assert stats.tokens.tolist() == [len(ids)] * len(stats.layers)
+        assert stats.counts.sum(dim=1).tolist() == [len(ids) * k] * len(stats.layers)
+        # The same counts from the routers' choices, recorded here through the Python API.
+        again = ActivationStats(layout.moe_layer_indices, stats.num_experts)
+        model.moetier_experts.set_recorder(again)
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            for start in range(0, len(ids), 40):
+                model(input_ids=torch.tensor([ids[start:start + 40]]), use_cache=False)
+    finally:
+        model.moetier_experts.close()
+    assert torch.equal(again.counts, stats.counts)
+    assert (stats.counts > 0).sum() > stats.num_experts  # the routers spread the tokens: a real record
+
+
+def test_stats_record_errors(model_dirs, tmp_path):
+    folder = model_dirs[0]
+    text = tmp_path / "t.txt"
+    text.write_text("hello world", encoding="utf-8")
+    assert_usage_error(cli("stats", "record", folder, "--out", tmp_path / "s"), "--text")
+    assert_usage_error(cli("stats", "record", folder, "--text", tmp_path / "none.txt", "--out", tmp_path / "s"),
+                       "no such file")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    assert_usage_error(cli("stats", "record", folder, "--text", tmp_path / "bin.txt", "--out", tmp_path / "s"),
+                       "not UTF-8")
+    assert_usage_error(cli("stats", "record", folder, "--text", text, "--out", tmp_path / "no" / "s"), "does not exist")
+    assert_usage_error(cli("stats", "record", model_dirs[1], "--text", text, "--out", tmp_path / "s"), "no tokenizer")
+
+
+def test_run_with_a_memory_budget_and_a_plan_file(model_dirs, tmp_path):
+    """--cpu-mem/--disk make a plan here; --plan reads `moetier plan --json`; the two never mix."""
+    folder = model_dirs[0]
+    plan = tmp_path / "plan.json"
+    r = cli("plan", folder, "--cpu-mem", "4MiB", "--disk", "--context", 256, "--json", plan)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("run", folder, "--plan", plan, "--prompt", PROMPT, "--max-new-tokens", 4, *THREADS)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "cpu:numa0" in stat_lines(r.stderr)["experts"]
+    assert_usage_error(cli("run", folder, "--plan", plan, "--cpu-mem", "4MiB", "--prompt", PROMPT), "--plan", "--cpu-mem")
+    assert_usage_error(cli("run", folder, "--cpu-mem", "1KiB", "--prompt", PROMPT, *THREADS), "does not fit")
+    assert_usage_error(cli("run", folder, "--plan", tmp_path / "none.json", "--prompt", PROMPT), "no such file")

@@ -28,6 +28,17 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def size_arg(flag: str):
+    """argparse type: a size such as 24GiB, in bytes (the placement package's parser)."""
+    def parse(text: str) -> int:
+        from ..placement.sizes import parse_size
+        try:
+            return parse_size(text, flag)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+    return parse
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """What `run` and `stats record` share: the model, its dtype and device, and where its experts go."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -43,6 +54,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "a backend that does not compute it is an error)")
     add_backend_options(p, backend_help="CPU backend of the experts (default: MOETIER_BACKEND, else the one "
                                         "`moetier doctor` chooses)")
+    g = p.add_argument_group("placement (default: every expert in DRAM on the CPU backend)")
+    g.add_argument("--plan", metavar="PLAN.json", help="where every expert goes, from `moetier plan --json`")
+    g.add_argument("--gpu-mem", type=size_arg("--gpu-mem"), metavar="SIZE",
+                   help="make a plan here: memory per accelerator for experts and dense parts, e.g. 24GiB (0: CPU only)")
+    g.add_argument("--cpu-mem", type=size_arg("--cpu-mem"), metavar="SIZE",
+                   help="make a plan here: DRAM moetier may use, e.g. 200GiB (default: each node's memory less 5%%)")
+    g.add_argument("--disk", action="store_true",
+                   help="make a plan here: leave the experts that do not fit in their files, read through a cache")
+    g.add_argument("--disk-cache", type=size_arg("--disk-cache"), metavar="SIZE",
+                   help="DRAM of the disk tier's cache (default: 10%% of the CPU budget)")
+    g.add_argument("--strategy", metavar="NAME", help="placement strategy (default: cost with --stats, else uniform); "
+                                                      "see `moetier plan --list-strategies`")
+    g.add_argument("--stats", metavar="FILE", help="activation statistics for the strategy (`moetier stats record`)")
 
 
 def resolve_model(name: str) -> Path:
@@ -87,15 +111,24 @@ def load_model(args, folder: Path, *, recorder=None):
     if len(ctx.requested) > 1:
         raise SettingError(f"the experts run on one CPU backend; {len(ctx.requested)} were named: "
                            f"{', '.join(ctx.requested)}")
-    backend = ctx.requested[0] if ctx.requested else ctx.selection.for_device("cpu")
-    if backend is None:
-        raise SettingError("no CPU backend can run here (see `moetier doctor`)")
+    budgets = dict(gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk_cache=args.disk_cache, strategy=args.strategy,
+                   stats=args.stats)
+    flags = [f"--{k.replace('_', '-')}" for k, v in budgets.items() if v is not None] + (["--disk"] if args.disk else [])
+    if args.plan and (flags or args.format or ctx.requested):
+        given = flags + (["--format"] if args.format else []) + (["--backend"] if ctx.requested else [])
+        raise SettingError(f"--plan already says where every expert goes and how: drop {', '.join(given)}")
+    backend = ctx.requested[0] if ctx.requested else None
+    if backend is None and not args.plan:
+        backend = ctx.selection.for_device("cpu")
+        if backend is None:
+            raise SettingError("no CPU backend can run here (see `moetier doctor`)")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = load(folder, dtype=dtype, device=args.device, threads=args.threads, backend=backend, fmt=args.format,
-                 registry=ctx.registry, inventory=ctx.inventory)
-    return model, backend
+    model = load(folder, args.plan, dtype=dtype, device=args.device, threads=args.threads, backend=backend,
+                 fmt=args.format, disk=args.disk, registry=ctx.registry, inventory=ctx.inventory, **budgets)
+    backends = sorted({s.backend.name for layer in model.moetier_experts.values() for s in layer.shards})
+    return model, ", ".join(backends)
 
 
 def register(sub) -> None:

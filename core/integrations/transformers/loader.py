@@ -136,20 +136,87 @@ def _check_report(info: dict, folder: Path) -> None:
         first = next(iter(errors.items()), None) or ("", info["error_msgs"][0])
         raise CheckpointError(f"{folder}: transformers could not convert weight {first[0]}: {first[1]}")
 
+ACCELERATOR_PREFIXES = ("cuda", "rocm", "npu")
+
+
+def plan_from_budgets(folder: Path, layout, registry, inventory, *, cpu_backend: str, cpu_format: str | None = None,
+                      gpu_mem: int | None = None, cpu_mem: int | None = None, disk: bool = False,
+                      disk_cache: int | None = None, strategy: str | None = None, stats=None,
+                      threads: int | None = None):
+    """A PlacementPlan of the checkpoint for this machine from memory budgets (bytes; None: detected), the
+    way `moetier plan` makes one: a strategy (default: cost with statistics, else uniform) fills the tiers
+    fastest first; PlanBudgetError with the numbers when the model does not fit."""
+    from ...placement.budgets import make_budgets
+    from ...placement.models import resolve_model
+    from ...placement.planner import make_plan, tier_compute
+    from ...placement.speeds import make_speeds
+    from ...placement.stats import ActivationStats
+
+    info = resolve_model(str(folder), registry)
+    if stats is not None and not isinstance(stats, ActivationStats):
+        m0 = layout.moe_layers[0].experts
+        stats = ActivationStats.load(stats, layout.moe_layer_indices, num_hidden_layers=layout.num_hidden_layers,
+                                     top_k=m0.top_k)
+    chosen = registry.placement(strategy or ("cost" if stats is not None else "uniform"))
+    accel = {}
+    for spec in sorted(registry.backends.values(), key=lambda s: s.name):
+        if spec.device != "cpu":
+            accel.setdefault(spec.device, spec.name)
+    budgets = make_budgets(info.parts, inventory, registry.tiers.values(), gpu_mem=gpu_mem, cpu_mem=cpu_mem,
+                           disk=disk, disk_cache=disk_cache)
+    compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
+                           accelerator_backends=accel, cpu_format=cpu_format)
+    speeds = None
+    if chosen.name == "cost":  # the cost model trades tiers by their speeds: measured here, as `moetier plan` does
+        speeds = make_speeds(budgets, inventory, measure=inventory.source == "detected", threads=threads,
+                             cpu_backend=cpu_backend)
+    return make_plan(layout, info.parts, budgets, chosen, compute, stats=stats, speeds=speeds,
+                     notes=(f"model: {info.source}",))
+
+
+def _check_plan_here(plan, layout, inventory) -> torch.device | None:
+    """A placement plan against the model and this machine; the device it puts the dense parts on."""
+    plan.validate(layout)  # made for this model, and every tier within its budget
+    here = {f"{a.kind}:{a.index}" for a in inventory.accelerators}
+    used = set(plan.tier_names) | set(plan.part_tiers.values())
+    missing = sorted(t for t in used if t.startswith(ACCELERATOR_PREFIXES) and t not in here)
+    if missing:
+        raise SettingError(f"the plan puts parts of the model on {', '.join(missing)}, which this machine lacks "
+                           f"(accelerators here: {', '.join(sorted(here)) or 'none'}); make a plan here with "
+                           "`moetier plan`")
+    parts = set(plan.part_tiers.values())
+    if len(parts) > 1:
+        raise SettingError(f"the plan splits the dense parts over {', '.join(sorted(parts))}; moetier.load keeps "
+                           "them on one device")
+    if not parts:
+        return None
+    tier = parts.pop()
+    return torch.device(tier) if tier.startswith("cuda") else torch.device("cpu")
+
 
 def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bfloat16,
          device: str | torch.device | None = None, threads: int | None = None, backend: str | None = None,
-         fmt: str | None = None, cache_bytes: int | None = None, prefetch: bool = True, registry=None,
-         inventory=None, progress: bool | None = None, attn_implementation: str | None = None):
+         fmt: str | None = None, gpu_mem: int | None = None, cpu_mem: int | None = None, disk: bool = False,
+         disk_cache: int | None = None, strategy: str | None = None, stats=None, cache_bytes: int | None = None,
+         prefetch: bool = True, registry=None, inventory=None, progress: bool | None = None,
+         attn_implementation: str | None = None):
     """Load checkpoint `model` (a folder or its config.json) as a transformers causal LM whose routed experts
     run on moetier.
 
-    plan: a placement plan (`plan.shards(layer)`); default: every expert on one CPU backend (`backend`, else
-    the one the selection picks) in `fmt` (default: the checkpoint's format; a backend that does not compute
-    it is a FormatError, never a silent conversion).
+    Where the experts go, one of:
+    - plan: a moetier.placement.PlacementPlan or the path of its JSON (`moetier plan --json`), checked
+      against the model and this machine before anything is read (it also says where the dense parts go
+      and the disk tier's cache); any object with `shards(layer)` is taken as is;
+    - budgets (bytes): gpu_mem, cpu_mem, disk (leave what does not fit on disk), disk_cache, with a
+      strategy (default: cost with `stats`, else uniform) and stats (ActivationStats or its file): a plan
+      made here as `moetier plan` makes one (PlanBudgetError with the numbers when it does not fit);
+    - neither: every expert on one CPU backend (`backend`, else the one the selection picks).
+    fmt: the CPU experts' format (default: the checkpoint's; a backend that does not compute it is a
+    FormatError, never a silent conversion).
     dtype: float32 or bfloat16, for everything transformers holds (activations included). device: where
-    those go (default: the first CUDA device when there is one, else the CPU). threads: the CPU backends'
-    kernel threads. cache_bytes: the DRAM cache of experts the plan leaves on disk.
+    that goes (default: the plan's tier for it, else the first CUDA device when there is one, else the
+    CPU). threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of experts left on disk
+    (default: the plan's).
 
     The model carries `moetier_experts` (moetier.runtime.ModelExperts: `bytes_per_tier()`,
     `set_recorder()`, `close()`) and `moetier_layout`."""
@@ -168,11 +235,36 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     raw = read_config(folder)
     registry = registry or get_registry()
     layout = load_layout(raw, registry)
+    budgets = {"gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "disk_cache": disk_cache, "strategy": strategy,
+               "stats": stats}
+    asked = sorted(k for k, v in budgets.items() if v is not None) + (["disk"] if disk else [])
+    beside = asked + [k for k, v in (("backend", backend), ("fmt", fmt)) if v is not None]
+    if plan is not None and beside:
+        raise SettingError(f"a plan already says where every expert goes and how it is computed: give no "
+                           f"{', '.join(beside)} beside it")
+    inventory = inventory or load_inventory()
+    if isinstance(plan, (str, os.PathLike)):
+        from ...placement import PlacementPlan
+        plan = PlacementPlan.load(plan)
+    if asked:
+        cpu_backend = backend
+        if cpu_backend is None:
+            from ...selection import select_backends
+            cpu_backend = select_backends(registry, inventory).for_device("cpu")
+            if cpu_backend is None:
+                raise SettingError("no CPU backend can run here (see `moetier doctor`)")
+        plan = plan_from_budgets(folder, layout, registry, inventory, cpu_backend=cpu_backend, cpu_format=fmt,
+                                 gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk=disk, disk_cache=disk_cache, strategy=strategy,
+                                 stats=stats, threads=threads)
+        backend = fmt = None
+    if plan is not None and hasattr(plan, "validate"):
+        planned = _check_plan_here(plan, layout, inventory)
+        if device is None and planned is not None:
+            device = planned
+        if cache_bytes is None and getattr(plan, "disk_cache_bytes", 0):
+            cache_bytes = plan.disk_cache_bytes
     dev = resolve_device(device)
-    if plan is not None and (backend is not None or fmt is not None):
-        raise SettingError("give the backend and weight format in the plan, not beside it")
     if backend is not None:  # checked before anything is read: an unknown or unusable backend fails at once
-        inventory = inventory or load_inventory()
         spec = registry.backend(backend)
         verdict = spec.safe_probe(inventory)
         if not verdict.usable:
