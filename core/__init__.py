@@ -2,6 +2,7 @@
 
 The core defines the plugin contracts (backends, memory tiers, model families), hardware detection,
 backend selection, weight formats and the conformance suite; backends and families are plugins.
+`moetier.load(checkpoint, ...)` returns a transformers model whose routed experts run on moetier.
 """
 from .backend_spec import BackendSpec, Probe
 from .errors import (BackendUnavailable, BudgetError, CheckpointError, DTypeError, ExpertIdError, FormatError,
@@ -16,11 +17,19 @@ from .tiers import Tier, TierLedger, TierProvider
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # moetier.load pulls in transformers: imported on first use, so `import moetier` stays light.
+    if name == "load":
+        from .integrations.transformers import load
+        return load
+    raise AttributeError(f"module 'moetier' has no attribute {name!r}")
+
 __all__ = [
     "BackendSpec", "Probe", "ExpertBackend", "ExpertLayerSpec", "ExpertSource", "ExpertTensors", "ExpertWeights",
     "ForwardInputs", "Pending", "PreparedExperts", "ModelFamily", "FORMATS", "QuantizedTensor", "WeightFormat",
     "dequantize", "get_format", "quantize", "hookimpl", "Tier", "TierLedger", "TierProvider",
     "MoetierError", "PluginError", "BackendUnavailable", "SelectionError", "ShapeError", "DTypeError",
     "ExpertIdError", "FormatError", "NonFiniteError", "CheckpointError", "LayoutError", "BudgetError",
-    "KernelVariantError",
+    "KernelVariantError", "load",
 ]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 from ..errors import MoetierError
-from . import bench, conformance, doctor, plan, zoo
+from . import bench, conformance, doctor, plan, run, stats, zoo
 from .options import Parser
 
-COMMANDS = (doctor, conformance, bench, zoo, plan)
+COMMANDS = (doctor, conformance, bench, zoo, plan, run, stats)
 
 
 def build_parser() -> Parser:

@@ -105,7 +105,8 @@ class TieredExperts:
 
     def _compute(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
-        if len(self.shards) == 1 and self.disk is None and self.lookahead is None:
+        if len(self.shards) == 1 and self.disk is None and self.lookahead is None \
+                and hidden.device == self.shards[0].device:
             s = self.shards[0]
             return s.backend.forward(s.prepared, hidden, topk_ids, topk_weights, out_dtype=out_dtype)
         cpu = torch.device("cpu")

@@ -1,0 +1,85 @@
+"""Generation with timings: prefill (prompt to first new token) and decode (the tokens after it), measured
+from the tokens transformers hands its streamer, so one streamed run gives both rates."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationTimes:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float  # from the call to the first new token: the prompt's forward (and the first sampling)
+    decode_s: float  # from the first new token to the last
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else math.nan
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else math.nan
+
+
+def _clock(inner):
+    """A transformers streamer that notes when each new token arrives and passes everything to `inner`."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen = False
+            self.first = self.last = None
+            self.count = 0
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate() hands the prompt first
+                self.prompt_seen = True
+            else:
+                now = time.perf_counter()
+                self.first = now if self.first is None else self.first
+                self.last = now
+                self.count += int(value.numel())
+            if inner is not None:
+                inner.put(value)
+
+        def end(self):
+            if inner is not None:
+                inner.end()
+
+    return Clock()
+
+
+def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0,
+             seed: int | None = None, streamer=None, attention_mask: torch.Tensor | None = None,
+             eos_token_id=None, pad_token_id=None) -> tuple[torch.Tensor, GenerationTimes]:
+    """Greedy (temperature 0) or sampled generation of one sequence; returns (new token ids [n], times).
+    `streamer` (e.g. transformers' TextStreamer) receives the tokens as they come."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T], got {list(input_ids.shape)}")
+    device = model.device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                  attention_mask=attention_mask.to(device))
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=None, top_p=None)
+    if eos_token_id is not None:
+        kwargs["eos_token_id"] = eos_token_id
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id
+    clock = _clock(streamer)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, streamer=clock, **kwargs)
+    new = out[0, input_ids.shape[1]:].cpu()
+    first = clock.first if clock.first is not None else time.perf_counter()
+    last = clock.last if clock.last is not None else first
+    return new, GenerationTimes(int(input_ids.shape[1]), int(new.numel()), first - start, last - first)
