@@ -28,7 +28,7 @@ from moetier.family import load_layout
 from moetier.model_zoo._deepseek_like import config_dict
 from moetier.model_zoo.tiny import TinySpec, write_tiny
 from moetier.plugins import load_registry
-from moetier.runtime import ShardSpec
+from moetier.placement.plan import ShardSpec
 import moetier
 
 def kib(key):

@@ -379,7 +379,7 @@ def test_recorder_sees_every_moe_layer(prepared):
 
 
 def test_a_plan_with_experts_on_disk_gives_the_same_logits(prepared):
-    from moetier.runtime import ShardSpec
+    from moetier.placement.plan import ShardSpec
 
     p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
 

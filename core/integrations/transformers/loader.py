@@ -226,7 +226,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     from ...family import load_layout, read_config
     from ...hardware import load_inventory
     from ...plugins import get_registry
-    from ...runtime import SingleTierPlan, load_experts
+    from ...placement.plan import single_tier_plan
+    from ...runtime import load_experts
     from ...runtime.moe_block import default_format
 
     if dtype not in DTYPES:
@@ -272,7 +273,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         fmt = fmt or default_format(layout, spec)  # the checkpoint's own; FormatError if the backend lacks it
         if fmt not in spec.formats:
             raise SettingError(f"backend {backend} does not compute format {fmt!r}; it computes {', '.join(spec.formats)}")
-        plan, fmt = SingleTierPlan(layout, "cpu:numa0", backend, fmt), None
+        plan, fmt = single_tier_plan(layout, backend, fmt), None
 
     with Checkpoint(folder) as ckpt:
         ckpt.verify_files()  # every shard's header against its size: a truncated download fails here, named
