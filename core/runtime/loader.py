@@ -96,6 +96,12 @@ class ModelExperts(Mapping):
         for layer in self._layers.values():
             layer.deferral = self._deferral
 
+    def set_prefill_streaming(self, streaming) -> None:
+        """Let large prefills stream CPU experts to the device when the n* cost model says so
+        (a moetier.runtime.hybrid.PrefillStreaming; None: never, the default)."""
+        for layer in self._layers.values():
+            layer.streaming = streaming
+
     def close(self) -> None:
         if self._deferral is not None:
             self._deferral.close()
@@ -162,7 +168,9 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
                     prepared = b.prepare(layer.experts, source, ids, f)
                 finally:
                     source.done()
-                shards.append(Shard(b, prepared, {e: m.tier for m in members for e in m.experts}))
+                # The shard can read its experts again from the checkpoint (a large prefill may stream them).
+                shards.append(Shard(b, prepared, {e: m.tier for m in members for e in m.experts},
+                                    CheckpointExperts(ckpt, layout, layer)))
             disk = None
             if disk_specs:
                 if cache_bytes is None:
