@@ -264,3 +264,30 @@ def test_deferred_and_immediate_work_share_one_ring_from_two_threads():
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_step_that_is_gone_leaves_no_tasks_in_a_shared_ring():
+    """Layers share one ring per device; a step's cached host tasks hold its prepared experts, so they
+    must leave the ring with the step."""
+    import gc
+
+    _, host, dev = split_layer("bf16", 20)
+    streams = stand_in()
+    ring = StagingRing(streams, LAYER.hidden_size)
+    keep = HybridStep(LAYER, [host], [dev], streams, ring)
+    gone = HybridStep(LAYER, [host], [dev], streams, ring)
+    g = torch.Generator().manual_seed(21)
+    for T in (2, 2, 5):
+        x = torch.randn(T, LAYER.hidden_size, generator=g)
+        ids, tw = routing(LAYER, T, g)
+        keep(x, ids, tw)
+        gone(x, ids, tw)
+
+    def cached():
+        return sum(len(s.tasks) + len(s.retired) for s in ring.slots())
+
+    assert cached() == 4  # the two steps take turns: each has one slot of capacity 2 and one of 8
+    del gone
+    gc.collect()
+    assert cached() == 2
+    assert torch.equal(keep(x, ids, tw), NATIVE.forward(host.prepared, x, ids, tw) + ACCEL.forward(dev.prepared, x, ids, tw))

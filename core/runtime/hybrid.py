@@ -36,6 +36,7 @@ import ctypes.util
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -379,6 +380,14 @@ class StagingRing:
     def release(self, slot: Slot, fence) -> None:
         slot.fence = fence
 
+    def forget(self, step_key: int) -> None:
+        """Retire the cached tasks of a step that is gone (they hold its prepared experts)."""
+        with self.lock:
+            for slot in self.slots():
+                for key in [k for k in slot.tasks if k[0] == step_key]:
+                    slot.retired.append((slot.fence, slot.tasks.pop(key)))
+                slot.purge()
+
     def slots(self) -> list[Slot]:
         return [s for slots, _ in self._rings.values() for s in slots]
 
@@ -414,6 +423,7 @@ class HybridStep:
         if self.ring.hidden_size != spec.hidden_size:
             raise ShapeError(f"staging ring of hidden size {self.ring.hidden_size} for a layer of {spec.hidden_size}")
         self._key = next(_STEP_KEYS)  # names this step's tasks in shared slots (never reused, unlike id())
+        weakref.finalize(self, self.ring.forget, self._key)
         self.nan_policy = "raise" if any(s.backend.nan_policy == "raise"
                                          for s in self.host_shards + self.device_shards) else "propagate"
 
