@@ -78,6 +78,16 @@ def test_eager_hybrid_on_cuda_equals_the_standard_path(backends, fmt):
     assert all(s.hidden.is_pinned() and s.outs[0].is_pinned() for s in slots)
 
 
+def test_a_layer_all_on_the_cpu_takes_gpu_inputs_through_the_hybrid_step(backends):
+    cpu, _ = backends
+    w = weights("bf16", 7)
+    layer = TieredExperts(0, LAYER, [Shard(cpu, cpu.prepare(LAYER, w, range(16), "bf16"), {})])
+    x, ids, tw = inputs(5, 8)
+    got = layer(x.cuda(), ids.cuda(), tw.cuda())
+    assert layer.hybrid is not None and got.device.type == "cuda"
+    assert torch.equal(got.cpu(), cpu.forward(layer.shards[0].prepared, x, ids, tw))
+
+
 def test_a_captured_graph_replays_the_cpu_part_every_time(backends):
     w, host, dev = split(backends, "bf16", 1)
     layer = TieredExperts(0, LAYER, [host, dev])

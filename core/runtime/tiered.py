@@ -7,7 +7,7 @@ on a miss. Forward: device shards are enqueued first (they run asynchronously on
 shards run in the calling thread meanwhile, then the disk shard; the partial outputs are summed in fp32
 in the shards' fixed order. With one shard the layer is exactly that backend's forward, bit for bit.
 
-On a CUDA device, with device shards and native CPU shards, the layer runs the hybrid step
+For inputs on a CUDA device, with native CPU shards, the layer runs the hybrid step
 (moetier.runtime.hybrid): hidden states staged to pinned memory on a side stream, the CPU shards started
 by a host function the moment the copy lands, the device shards computed meanwhile, the join an event;
 the result equals the path above (same shards, same order of the fp32 sum). With `streaming` set, a large
@@ -110,7 +110,7 @@ class TieredExperts:
             return None
         if self.hybrid is not None:
             return self.hybrid if hidden.device.type == self.hybrid.device.type else None
-        if hidden.device.type != "cuda" or not self._device or self._hybrid_tried:
+        if hidden.device.type != "cuda" or self._hybrid_tried:
             return None
         self._hybrid_tried = True
         try:
@@ -170,7 +170,8 @@ class TieredExperts:
     def _compute(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
         stream_to = self._stream_backend()
-        if len(self.shards) == 1 and self.disk is None and self.lookahead is None and stream_to is None:
+        if len(self.shards) == 1 and self.disk is None and self.lookahead is None and stream_to is None \
+                and hidden.device.type == self.shards[0].device.type:
             s = self.shards[0]
             return s.backend.forward(s.prepared, hidden, topk_ids, topk_weights, out_dtype=out_dtype)
         if stream_to is None:
