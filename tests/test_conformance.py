@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from moetier import FORMATS, ExpertBackend
+from moetier import FORMATS
 from moetier.conformance import run_suite, runnable_backends
 from moetier.reference import DenseExpert, ReferenceBackend, moe_forward
 

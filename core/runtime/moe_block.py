@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
 from ..checkpoint.experts import CheckpointExperts, RouterTensors, SharedTensors, read_router, read_shared
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FormatError
 from ..experts import ExpertBackend, PreparedExperts
 from ..formats import WeightFormat
 from ..layout import MoELayerLayout, MoELayout
@@ -35,9 +35,14 @@ class SharedExpert:
 
 
 def default_format(layout: MoELayout, backend: ExpertBackend) -> str:
-    """The checkpoint's own expert format when the backend computes it, else bf16."""
+    """The checkpoint's own expert format. A backend that does not compute it is an error saying what to
+    choose: converting silently (mxfp4 to bf16 is four times the memory) is never the default."""
     native = layout.quantization.fmt
-    return native if native in backend.formats else "bf16"
+    if native not in backend.formats:
+        raise FormatError(f"backend {backend.name} does not compute {native}, the format this checkpoint's experts "
+                          f"are stored in; name a format to convert them to (one of {', '.join(backend.formats)}) "
+                          f"or a backend that computes {native}")
+    return native
 
 
 class MoEBlock:
