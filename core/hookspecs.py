@@ -1,14 +1,18 @@
-"""The three plugin hooks of moetier (pluggy project name "moetier").
+"""The four plugin hooks of moetier (pluggy project name "moetier").
 
 A plugin is a module (or object) exposed through the `moetier` entry-point group. It implements any of
 these hooks with `@moetier.hookimpl` and registers typed, frozen dataclasses through the callback it is
-handed. Built-in backends, tiers and families use exactly this path.
+handed. Built-in backends, tiers, families and placement strategies use exactly this path.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
+
+if TYPE_CHECKING:
+    from .placement.strategy import PlacementStrategy
 
 hookspec = pluggy.HookspecMarker("moetier")
 hookimpl = pluggy.HookimplMarker("moetier")
@@ -56,4 +60,23 @@ def moetier_register_families(register: Callable) -> None:
         def moetier_register_families(register):
             register(ModelFamily(name="mixtral", versions=("Mixtral-8x7B",),
                                  match=match_mixtral, layout=mixtral_layout))
+    """
+
+
+@hookspec
+def moetier_register_placements(register: Callable[[PlacementStrategy], None]) -> None:
+    """Register placement strategies: call `register(PlacementStrategy(...))` once per strategy.
+
+    A strategy decides which tier each routed expert lives on; `moetier plan --strategy NAME` uses it.
+
+    Example::
+
+        @moetier.hookimpl
+        def moetier_register_placements(register):
+            def last_layers_first(problem):
+                order = [(i, e) for i in reversed(problem.moe_layers) for e in problem.ranked(i)]
+                return problem.fill(order)
+
+            register(PlacementStrategy(name="back-loading", description="latest MoE layers first",
+                                       place=last_layers_first))
     """

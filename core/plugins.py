@@ -18,6 +18,7 @@ from . import hookspecs
 from .backend_spec import BackendSpec
 from .errors import PluginError
 from .family import ModelFamily
+from .placement.strategy import PlacementStrategy
 from .tiers import TierProvider
 
 ENTRY_POINT_GROUP = "moetier"
@@ -44,6 +45,7 @@ class Registry:
     backends: dict[str, BackendSpec] = field(default_factory=dict)
     tiers: dict[str, TierProvider] = field(default_factory=dict)
     families: dict[str, ModelFamily] = field(default_factory=dict)
+    placements: dict[str, PlacementStrategy] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
     plugins: list[PluginInfo] = field(default_factory=list)
     failed: list[PluginFailure] = field(default_factory=list)
@@ -70,6 +72,13 @@ class Registry:
             return self.families[name]
         except KeyError:
             raise PluginError(f"no model family named {name!r}; registered: {', '.join(sorted(self.families))}") from None
+
+    def placement(self, name: str) -> PlacementStrategy:
+        try:
+            return self.placements[name]
+        except KeyError:
+            raise PluginError(f"no placement strategy named {name!r}; registered: "
+                              f"{', '.join(sorted(self.placements))}") from None
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -154,6 +163,7 @@ def _collect(pm: pluggy.PluginManager, registry: Registry) -> None:
         ("moetier_register_backends", "backend", registry.backends, BackendSpec),
         ("moetier_register_tiers", "tier", registry.tiers, TierProvider),
         ("moetier_register_families", "family", registry.families, ModelFamily),
+        ("moetier_register_placements", "placement strategy", registry.placements, PlacementStrategy),
     ):
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():

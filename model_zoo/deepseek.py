@@ -70,9 +70,46 @@ def tiny_spec(version: str) -> TinySpec:
 tiny = tiny_writer(tiny_spec, layout)
 
 
+# ---- published dimensions -----------------------------------------------------------------------------
+# The released checkpoints' config.json (the keys moetier reads), so `moetier plan DeepSeek-V3` answers
+# for the real model without its files. Checked against the published totals (671B / 236B / 15.7B) in
+# tests/test_placement_models.py.
+
+FP8_BLOCKS = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+_V3 = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
+           intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, num_nextn_predict_layers=1,
+           num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+           routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+           qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8,
+           moe_layer_freq=1, first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid", hidden_act="silu",
+           max_position_embeddings=163840, tie_word_embeddings=False, torch_dtype="bfloat16",
+           quantization_config=FP8_BLOCKS)
+_V2 = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=102400, hidden_size=5120,
+           intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128,
+           num_key_value_heads=128, n_shared_experts=2, n_routed_experts=160, routed_scaling_factor=16.0,
+           kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+           topk_method="group_limited_greedy", n_group=8, topk_group=3, num_experts_per_tok=6, moe_layer_freq=1,
+           first_k_dense_replace=1, norm_topk_prob=False, scoring_func="softmax", hidden_act="silu",
+           max_position_embeddings=163840, tie_word_embeddings=False, torch_dtype="bfloat16")
+PUBLISHED = {
+    "DeepSeek-V2": dict(_V2, _name_or_path="deepseek-ai/DeepSeek-V2"),
+    "DeepSeek-V2-Lite": dict(_V2, _name_or_path="deepseek-ai/DeepSeek-V2-Lite", hidden_size=2048,
+                             intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+                             num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+                             routed_scaling_factor=1.0, q_lora_rank=None, topk_method="greedy", n_group=1,
+                             topk_group=1),
+    "DeepSeek-V3": dict(_V3, _name_or_path="deepseek-ai/DeepSeek-V3"),
+    "DeepSeek-R1": dict(_V3, _name_or_path="deepseek-ai/DeepSeek-R1"),
+    "DeepSeek-V3.1": dict(_V3, _name_or_path="deepseek-ai/DeepSeek-V3.1"),
+    "DeepSeek-V3.2": dict(_V3, _name_or_path="deepseek-ai/DeepSeek-V3.2", architectures=["DeepseekV32ForCausalLM"],
+                          model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048,
+                          quantization_config=dict(FP8_BLOCKS, scale_fmt="ue8m0")),
+}
+
+
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,
                      description="DeepSeek-V2/V2-Lite (softmax, group max) and V3/R1/V3.1/V3.2 (sigmoid+bias, 8 groups)",
-                     extras={"tiny_spec": tiny_spec})
+                     extras={"tiny_spec": tiny_spec, "published": PUBLISHED})
 
 
 @moetier.hookimpl

@@ -76,9 +76,37 @@ def tiny_spec(version: str) -> TinySpec:
 tiny = tiny_writer(tiny_spec, layout)
 
 
+# ---- published dimensions (the released config.json keys moetier reads; 1.04T total) -------------------
+
+_K2 = dict(architectures=["DeepseekV3ForCausalLM"], model_type="kimi_k2", vocab_size=163840, hidden_size=7168,
+           intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, num_nextn_predict_layers=0,
+           num_attention_heads=64, num_key_value_heads=64, n_shared_experts=1, n_routed_experts=384,
+           routed_scaling_factor=2.827, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+           qk_nope_head_dim=128, topk_method="noaux_tc", n_group=1, topk_group=1, num_experts_per_tok=8,
+           moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=True, scoring_func="sigmoid", hidden_act="silu",
+           max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype="bfloat16",
+           quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": [128, 128]})
+# K2-Thinking and K2.5 ship the routed experts as compressed-tensors INT4 (W4A16); group size 32 is from
+# the model cards, not verified in a config file here.
+_INT4 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                                          "strategy": "group", "group_size": 32}}}}
+PUBLISHED = {
+    "Kimi-K2": dict(_K2, _name_or_path="moonshotai/Kimi-K2-Instruct"),
+    "Kimi-K2-Thinking": dict(_K2, _name_or_path="moonshotai/Kimi-K2-Thinking", max_position_embeddings=262144,
+                             quantization_config=_INT4),
+    # The multimodal wrapper: the text model under text_config (its vision tower is not counted).
+    "Kimi-K2.5": {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+                  "_name_or_path": "moonshotai/Kimi-K2.5", "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+                  "text_config": dict(_K2, max_position_embeddings=262144, quantization_config=_INT4),
+                  "vision_config": {"model_type": "kimi_k25_vision"}},
+}
+
+
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,
                      description="Kimi-K2 (FP8), K2-Thinking and K2.5 (INT4 experts, language_model.model. prefix)",
-                     extras={"tiny_spec": tiny_spec})
+                     extras={"tiny_spec": tiny_spec, "published": PUBLISHED})
 
 
 @moetier.hookimpl

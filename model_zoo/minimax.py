@@ -86,9 +86,34 @@ def tiny_spec(version: str) -> TinySpec:
 tiny = tiny_writer(tiny_spec, layout)
 
 
+# ---- published dimensions (the released config.json keys moetier reads; M2 230B, Text-01 456B) ---------
+
+_M2 = dict(architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", vocab_size=200064, hidden_size=3072,
+           intermediate_size=1536, num_hidden_layers=62, num_attention_heads=48, num_key_value_heads=8, head_dim=128,
+           rotary_dim=64, use_qk_norm=True, num_local_experts=256, num_experts_per_tok=8, scoring_func="sigmoid",
+           use_routing_bias=True, shared_intermediate_size=0, hidden_act="silu", tie_word_embeddings=False,
+           torch_dtype="bfloat16",
+           quantization_config={"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                                "weight_block_size": [128, 128],
+                                "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]})
+PUBLISHED = {
+    "MiniMax-M2": dict(_M2, _name_or_path="MiniMaxAI/MiniMax-M2"),
+    "MiniMax-M2.1": dict(_M2, _name_or_path="MiniMaxAI/MiniMax-M2.1"),
+    "MiniMax-M2.5": dict(_M2, _name_or_path="MiniMaxAI/MiniMax-M2.5"),
+    # Lightning (linear) attention in 7 of every 8 layers, softmax attention in the 8th.
+    "MiniMax-Text-01": dict(architectures=["MiniMaxText01ForCausalLM"], model_type="minimax_text_01",
+                            _name_or_path="MiniMaxAI/MiniMax-Text-01", vocab_size=200064, hidden_size=6144,
+                            intermediate_size=9216, num_hidden_layers=80, num_attention_heads=64,
+                            num_key_value_heads=8, head_dim=128, num_local_experts=32, num_experts_per_tok=2,
+                            attn_type_list=[1 if (i + 1) % 8 == 0 else 0 for i in range(80)],
+                            shared_intermediate_size=0, hidden_act="silu", tie_word_embeddings=False,
+                            torch_dtype="bfloat16"),
+}
+
+
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,
                      description="MiniMax-M2/M2.1/M2.5 (sigmoid+bias, FP8) and MiniMax-Text-01 (softmax)",
-                     extras={"tiny_spec": tiny_spec})
+                     extras={"tiny_spec": tiny_spec, "published": PUBLISHED})
 
 
 @moetier.hookimpl

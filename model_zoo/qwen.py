@@ -152,9 +152,68 @@ def tiny_spec(version: str) -> TinySpec:
 tiny = tiny_writer(tiny_spec, layout)
 
 
+# ---- published dimensions (the released config.json keys moetier reads) --------------------------------
+# Qwen3.5-397B-A17B: these dimensions are not verified against its config file (the model card gives
+# only 512 experts, top-10, one gated shared expert, Gated DeltaNet with full attention every 4th layer);
+# they reproduce its published 397B total.
+
+def _hybrid_types(n: int) -> list[str]:
+    return ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
+
+
+_Q = dict(hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=151936,
+          decoder_sparse_step=1, mlp_only_layers=[])
+_GDN = dict(linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4)
+
+
+def _qwen35(name: str, **text) -> dict:
+    return {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+            "_name_or_path": name, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "text_config": dict(model_type="qwen3_5_moe_text", hidden_act="silu", tie_word_embeddings=False,
+                                torch_dtype="bfloat16", vocab_size=248320, num_key_value_heads=2, head_dim=256,
+                                **_GDN, **text),
+            "vision_config": {"model_type": "qwen3_5_moe_vision"}}
+
+
+PUBLISHED = {
+    "Qwen1.5-MoE-A2.7B": dict(_Q, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                              _name_or_path="Qwen/Qwen1.5-MoE-A2.7B", hidden_size=2048, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=16, intermediate_size=5632,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
+                              num_experts_per_tok=4, norm_topk_prob=False),
+    "Qwen2-57B-A14B": dict(_Q, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                           _name_or_path="Qwen/Qwen2-57B-A14B", hidden_size=3584, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                           moe_intermediate_size=2560, shared_expert_intermediate_size=20480, num_experts=64,
+                           num_experts_per_tok=8, norm_topk_prob=False),
+    "Qwen3-30B-A3B": dict(_Q, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                          _name_or_path="Qwen/Qwen3-30B-A3B", hidden_size=2048, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
+    "Qwen3-235B-A22B": dict(_Q, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                            _name_or_path="Qwen/Qwen3-235B-A22B", hidden_size=4096, num_hidden_layers=94,
+                            num_attention_heads=64, num_key_value_heads=4, head_dim=128, intermediate_size=12288,
+                            moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
+    "Qwen3-Next-80B-A3B": dict(_Q, **_GDN, architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
+                               _name_or_path="Qwen/Qwen3-Next-80B-A3B-Instruct", hidden_size=2048,
+                               num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                               intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                               num_experts=512, num_experts_per_tok=10, norm_topk_prob=True,
+                               linear_num_value_heads=32, layer_types=_hybrid_types(48), mtp_num_hidden_layers=1),
+    "Qwen3.5-35B-A3B": _qwen35("Qwen/Qwen3.5-35B-A3B", hidden_size=2048, num_hidden_layers=40,
+                               num_attention_heads=16, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                               num_experts=256, num_experts_per_tok=8, linear_num_value_heads=32,
+                               layer_types=_hybrid_types(40), mtp_num_hidden_layers=1),
+    "Qwen3.5-397B-A17B": _qwen35("Qwen/Qwen3.5-397B-A17B", hidden_size=4096, num_hidden_layers=60,
+                                 num_attention_heads=32, moe_intermediate_size=1024,
+                                 shared_expert_intermediate_size=1024, num_experts=512, num_experts_per_tok=10,
+                                 linear_num_value_heads=64, layer_types=_hybrid_types(60), mtp_num_hidden_layers=1),
+}
+
+
 FAMILY = ModelFamily(name=NAME, versions=VERSIONS, match=match, layout=layout, tiny=tiny,
                      description="Qwen1.5/Qwen2 MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE (fused experts, text_config)",
-                     extras={"tiny_spec": tiny_spec})
+                     extras={"tiny_spec": tiny_spec, "published": PUBLISHED})
 
 
 @moetier.hookimpl

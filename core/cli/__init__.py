@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 from ..errors import MoetierError
-from . import bench, conformance, doctor, zoo
+from . import bench, conformance, doctor, plan, zoo
 from .options import Parser
 
-COMMANDS = (doctor, conformance, bench, zoo)
+COMMANDS = (doctor, conformance, bench, zoo, plan)
 
 
 def build_parser() -> Parser:
