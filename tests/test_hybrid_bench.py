@@ -34,7 +34,13 @@ def test_cpu_stand_in_runs_every_configuration_end_to_end(tmp_path):
         assert row["graph"] is False and row["device_bw_share"] is None  # no device, no bandwidth
     hf = doc["host_functions"]
     assert hf["ctypes_pair_us"] > 0 and hf["host_thread_pair_us"] > 0 and "stream_pair_us" not in hf
-    assert doc["cost_model"]["available"] is False and "no cost model" in doc["cost_model"]["note"]
+    # The placement cost model's prediction for every configuration (its CPU speeds measured in the run).
+    assert doc["cost_model"]["available"] is True and "measured now" in doc["cost_model"]["cpu"]
+    for row in rows.values():
+        assert row["predicted_s"] > 0
+        parts = [t for t in (row["predicted_cpu_s"], row["predicted_device_s"]) if t is not None]
+        assert row["predicted_s"] == pytest.approx(max(parts) + doc["cost_model"]["layer_overhead_s"]
+                                                   + (doc["cost_model"]["hybrid_overhead_s"] if len(parts) == 2 else 0))
     assert [g["goal"] for g in doc["goals"]] == ["overlap efficiency >= 0.9 at batch 1 (tiny)"]
 
 

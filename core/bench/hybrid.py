@@ -9,7 +9,11 @@ parts hide each other completely. The device part's expert bytes (each distinct 
 touches, once) per second is given as a share of the device's memory bandwidth (nominal, from the
 memory clock and bus width torch reports, else a measured device-to-device copy). Every configuration's
 joint output is also checked against the standard tiered path (the same shards, summed in the same
-order): `matches_standard_path`.
+order): `matches_standard_path`. Beside each measurement, what the placement cost model
+(moetier.placement.cost) predicts for the same layer: each part's experts through `expert_time` with the
+routing probabilities of the bench's own routings, the CPU's speeds measured now (the bench probes) and
+the device's from the model's data-sheet table, the joint time the slower part plus the model's fixed
+per-layer costs.
 
 Before that, what one host function costs: an enqueue/sync pair of an empty task called directly
 through ctypes and through a native host-function thread (both on the CPU), and on a device
@@ -94,7 +98,9 @@ class HybridRow:
     device_bandwidth: float | None  # bytes/s the share is taken of
     iterations: int
     matches_standard_path: bool
-    predicted_s: float | None = None  # the placement cost model's joint time, where it exists
+    predicted_cpu_s: float | None = None  # the placement cost model's times for the same layer
+    predicted_device_s: float | None = None
+    predicted_s: float | None = None
 
     @property
     def overlap(self) -> float | None:
@@ -288,7 +294,7 @@ def _standard_path(layer, host, device, h, ids, w, dev) -> torch.Tensor:
 
 def measure(layer: ExpertLayerSpec, shape: str, fmt: str, share: float, batch: int, host: list, device: list,
             streams, ring: StagingRing, *, graph: bool, plan: TimingPlan, seed: int,
-            bandwidth: float | None) -> HybridRow:
+            bandwidth: float | None, cost_model: CostModel | None = None) -> HybridRow:
     dev = streams.device
     step = HybridStep(layer, host, device, streams, ring)
     routings = random_routing(layer, batch, 8, seed + batch)
@@ -328,6 +334,11 @@ def measure(layer: ExpertLayerSpec, shape: str, fmt: str, share: float, batch: i
     for r in runners.values():
         r.check()
     med = {k: statistics.median(v) for k, v in times.items()}
+    predicted = (None, None, None)
+    if cost_model is not None:
+        counts = torch.bincount(torch.cat([r.topk_ids.reshape(-1) for r in routings]), minlength=layer.num_experts)
+        p = counts.to(torch.float64) / (len(routings) * batch)  # chance that one token routes to each expert
+        predicted = cost_model.predict(layer, fmt, p, batch, sorted(dev_ids))
     return HybridRow(
         shape=shape, num_experts=layer.num_experts, top_k=layer.top_k, hidden=layer.hidden_size,
         intermediate=layer.intermediate_size, fmt=fmt, share=share, batch=batch, graph=use_graph,
@@ -335,19 +346,50 @@ def measure(layer: ExpertLayerSpec, shape: str, fmt: str, share: float, batch: i
         device_pair_share=dev_pairs / total_pairs,
         cpu_s=med.get(("host",)), device_s=med.get(("device",)), joint_s=med[kinds[-1]],
         device_expert_bytes=float(statistics.fmean(dev_bytes)), cpu_expert_bytes=float(statistics.fmean(cpu_bytes)),
-        device_bandwidth=bandwidth, iterations=min(len(v) for v in times.values()), matches_standard_path=matches)
+        device_bandwidth=bandwidth, iterations=min(len(v) for v in times.values()), matches_standard_path=matches,
+        predicted_cpu_s=predicted[0], predicted_device_s=predicted[1], predicted_s=predicted[2])
 
 
 # ---- the whole run ---------------------------------------------------------------------------------
 
-def cost_model_status() -> dict:
-    """Whether a placement cost model exists to predict the joint times (it is not part of this build)."""
+class CostModel:
+    """The placement cost model's view of one hybrid layer: per-tier speeds, `expert_time` per expert
+    (summed over a part's experts), and the fixed per-layer costs of its `Speeds`."""
+
+    def __init__(self, inventory, threads: int, device_name: str | None):
+        from ..placement.speeds import Speeds, accelerator_speed, measured_cpu
+
+        self.cpu = measured_cpu(inventory, threads)
+        self.device = accelerator_speed(device_name)
+        self.speeds = Speeds({"cpu": self.cpu, "device": self.device})
+
+    def describe(self) -> dict:
+        return {"available": True, "cpu": self.cpu.source, "device": self.device.source,
+                "layer_overhead_s": self.speeds.layer_overhead_s, "hybrid_overhead_s": self.speeds.hybrid_overhead_s,
+                "note": "moetier.placement.cost.expert_time per part with the bench's routing probabilities; joint = "
+                        "the slower part + the fixed per-layer costs"}
+
+    def predict(self, layer: ExpertLayerSpec, fmt: str, p: torch.Tensor, batch: int, device_ids: list[int]):
+        from ..placement.cost import expert_time
+
+        dev = torch.zeros(layer.num_experts, dtype=torch.bool)
+        dev[device_ids] = True
+        nbytes, per_pair = layer.expert_bytes(fmt), 6 * layer.hidden_size * layer.intermediate_size
+        parts = {}
+        for name, speed, mask in (("cpu", self.cpu, ~dev), ("device", self.device, dev)):
+            if mask.any():
+                parts[name] = float(expert_time(speed, nbytes, p[mask], batch, per_pair, fmt).sum())
+        overhead = self.speeds.layer_overhead_s + (self.speeds.hybrid_overhead_s if len(parts) == 2 else 0.0)
+        return parts.get("cpu"), parts.get("device"), max(parts.values()) + overhead
+
+
+def make_cost_model(inventory, threads: int, device_name: str | None):
+    """(CostModel or None, its description for the JSON)."""
     try:
-        from ..placement import cost_model  # noqa: F401
-    except ImportError:
-        return {"available": False,
-                "note": "moetier.placement has no cost model in this build: no predicted times"}
-    return {"available": True, "note": "moetier.placement.cost_model is present but not wired to this bench yet"}
+        model = CostModel(inventory, threads, device_name)
+    except ImportError as exc:
+        return None, {"available": False, "note": f"no placement cost model in this build ({exc}): no predictions"}
+    return model, model.describe()
 
 
 def goals(rows: list[HybridRow]) -> list[dict]:
@@ -399,12 +441,15 @@ def run_hybrid_bench(config: HybridBenchConfig, registry, inventory, *, status: 
         "streams": streams.describe(),
         "cpu_backend": cpu.name, "cpu_threads": cpu.threads, "device_backend": device.name,
         "format": config.fmt, "graph": config.graph and not config.stand_in,
-        "torch": torch.__version__, "cost_model": cost_model_status(),
+        "torch": torch.__version__, "cost_model": None,
         "host_functions": None, "bandwidth": None, "rows": [], "skipped": [], "goals": [],
     }
     status("host function costs")
     doc["host_functions"] = host_function_costs(cpu, streams, quick=config.quick)
     on_update(doc)
+    status("the cost model's speeds (CPU probes)")
+    device_name = None if config.stand_in else torch.cuda.get_device_name(device.device)
+    cost_model, doc["cost_model"] = make_cost_model(inventory, cpu.threads or 1, device_name)
     bandwidth = None
     if not config.stand_in:
         status("device memory bandwidth")
@@ -440,7 +485,8 @@ def run_hybrid_bench(config: HybridBenchConfig, registry, inventory, *, status: 
                 plan = QUICK if config.quick else (DECODE if batch <= 8 else PREFILL)
                 try:
                     row = measure(layer, shape_name, config.fmt, share, batch, host, dev, streams, ring,
-                                  graph=config.graph, plan=plan, seed=config.seed, bandwidth=bandwidth)
+                                  graph=config.graph, plan=plan, seed=config.seed, bandwidth=bandwidth,
+                                  cost_model=cost_model)
                 except Exception as exc:  # one configuration failing must not lose the others' figures
                     doc["skipped"].append({"shape": shape_name, "share": share, "batch": batch,
                                            "why": f"{type(exc).__name__}: {exc}"})

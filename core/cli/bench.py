@@ -212,7 +212,6 @@ def run_hybrid(args) -> int:
     from pathlib import Path
 
     import torch
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from ..bench.hybrid import BATCHES, SHAPES, SHARES, HybridBenchConfig, run_hybrid_bench
@@ -245,7 +244,9 @@ def run_hybrid(args) -> int:
             tmp.write_text(json.dumps(doc, indent=1))
             os.replace(tmp, args.json)
 
-    console = Console()
+    from ..bench.report import make_console
+
+    console = make_console()
     if args.cpu_stand_in:
         console.print("[bold yellow]CPU stand-in:[/bold yellow] cpu.accel plays the GPU; these numbers test the "
                       "harness and mean nothing about a GPU.")
@@ -273,7 +274,8 @@ def _print_hybrid(doc: dict, console) -> None:
         bw = doc["bandwidth"]
         nominal = f"{bw['nominal_bytes_per_s'] / 1e9:.0f} GB/s nominal, " if bw["nominal_bytes_per_s"] else ""
         console.print(f"{bw['name']}: {nominal}{bw['copy_bytes_per_s'] / 1e9:.0f} GB/s device copy")
-    console.print(f"cost model: {doc['cost_model']['note']}")
+    cm = doc["cost_model"]
+    console.print(f"cost model: {cm['note']}" + (f" (CPU {cm['cpu']}; device {cm['device']})" if cm["available"] else ""))
 
     def ms(v):
         return "-" if v is None else f"{v * 1e3:.3f}"
@@ -288,13 +290,14 @@ def _print_hybrid(doc: dict, console) -> None:
                         f"intermediate {r0['intermediate']}, {r0['fmt']} ({doc['cpu_backend']} "
                         f"{doc['cpu_threads']} threads + {doc['device_backend']})")
         # dev: the device's experts; exact: the joint step equals the tiered layer's standard path.
-        for col in ("on dev", "batch", "graph", "CPU ms", "dev ms", "joint ms", "overlap", "dev GB/s", "of BW",
-                    "exact"):
+        for col in ("on dev", "batch", "graph", "CPU ms", "dev ms", "joint ms", "predicted", "overlap", "dev GB/s",
+                    "of BW", "exact"):
             t.add_column(col, justify="right")
         for r in rows:
             gbs = r["device_gb_per_s"]
             t.add_row(f"{r['share']:.0%}", str(r["batch"]), "yes" if r["graph"] else "no", ms(r["cpu_s"]),
-                      ms(r["device_s"]), ms(r["joint_s"]), "-" if r["overlap"] is None else f"{r['overlap']:.2f}",
+                      ms(r["device_s"]), ms(r["joint_s"]), ms(r["predicted_s"]),
+                      "-" if r["overlap"] is None else f"{r['overlap']:.2f}",
                       "-" if gbs is None else f"{gbs:.0f}", pct(r["device_bw_share"]),
                       "yes" if r["matches_standard_path"] else "NO")
         console.print(t)
