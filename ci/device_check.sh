@@ -14,7 +14,10 @@
 #                decode_gpu.json        the decode step on the GPU (eager and graph-replayed): time per step
 #                                       and GB/s of expert bytes, DeepSeek-V3 expert shape
 #                bench_kernels.json     moetier bench kernels --quick on the host CPU
-#                bench_hybrid.json      (reserved for moetier bench hybrid)
+#                bench_hybrid.json      moetier bench hybrid: per share of experts on the GPU and batch, the
+#                                       CPU part, the GPU part and the joint step (CUDA graphs), overlap
+#                                       efficiency, GPU expert bytes/s as a share of memory bandwidth,
+#                                       host-function costs (--cpu-only: the CPU stand-in, tiny shape)
 # --cpu-only   skip every GPU step (the test suite runs the script so on machines without a GPU)
 # --no-install use the Python environment as it is (moetier already installed there)
 # --smoke      the CPU benchmark on its tiny shape only (seconds instead of minutes; for the test suite)
@@ -145,10 +148,12 @@ note "host CPU AMX: $AMX"
 if [ "$CPU_ONLY" -eq 1 ]; then
     for s in "conformance on cuda" "GPU tests" "decode step on the GPU"; do skip "$s" "--cpu-only"; done
 elif [ "$GPU_OK" -eq 0 ]; then
-    for s in "conformance on cuda" "GPU tests" "decode step on the GPU"; do skip "$s" "no usable CUDA torch"; done
+    for s in "conformance on cuda" "GPU tests" "decode step on the GPU" "bench hybrid"; do
+        skip "$s" "no usable CUDA torch"
+    done
 else
     step "conformance on cuda" 150 "$MOETIER" conformance --backend cuda -q --report "$OUT_DIR/conformance_cuda.json"
-    step "GPU tests" 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_accel_gpu.py
+    step "GPU tests" 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_accel_gpu.py tests/test_hybrid_gpu.py
     step "decode step on the GPU" 120 "$PY" - "$OUT_DIR/decode_gpu.json" <<'PYEOF'
 # The decode step at DeepSeek-V3's expert shape (H 7168, I 2048), 32 experts held, 8 routed per token:
 # time per step eager and graph-replayed, and GB/s of the distinct experts' bytes each step reads.
@@ -198,6 +203,17 @@ json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "
 PYEOF
 fi
 
+# ---- the hybrid step ------------------------------------------------------------------------------------
+# Right after the GPU steps, so that the host-CPU steps below, not this one, absorb a slow build. Its own
+# budget (--time-budget) stops it starting new configurations in time to finish within the step's; the
+# JSON is rewritten after every configuration, so a cut-short run still leaves what it measured.
+if [ "$CPU_ONLY" -eq 1 ]; then
+    step "bench hybrid (CPU stand-in)" 120 "$MOETIER" bench hybrid --cpu-stand-in --quick --shapes tiny --batches 1 \
+        --shares 0,0.5,1 --json "$OUT_DIR/bench_hybrid.json"
+elif [ "$GPU_OK" -eq 1 ]; then
+    step "bench hybrid" 200 "$MOETIER" bench hybrid --quick --time-budget 140 --json "$OUT_DIR/bench_hybrid.json"
+fi
+
 # ---- the host CPU ------------------------------------------------------------------------------------
 case "$AMX" in
     yes*) step "conformance on cpu.amx" 150 "$MOETIER" conformance --backend cpu.amx -q --report "$OUT_DIR/conformance_amx.json" ;;
@@ -210,11 +226,6 @@ else
     step "bench kernels --quick" 240 "$MOETIER" bench kernels --quick --json "$OUT_DIR/bench_kernels.json"
 fi
 
-# ---- the hybrid step ------------------------------------------------------------------------------------
-# RESERVED: `moetier bench hybrid` goes here once the tiered layer has it, writing
-# "$OUT_DIR/bench_hybrid.json" (the eighth and last file this script may leave under OUT_DIR), e.g.
-#   step "bench hybrid" 180 "$MOETIER" bench hybrid --quick --json "$OUT_DIR/bench_hybrid.json"
-skip "bench hybrid" "not built yet (reserved place in this script)"
 
 note "done in $(( $(date +%s) - START ))s"
 exit "$FAILED"

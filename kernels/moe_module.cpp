@@ -10,6 +10,7 @@
 #include <string>
 
 #include "amx_permission.h"
+#include "host_tasks.h"
 #include "moe_layer.h"
 
 namespace py = pybind11;
@@ -81,6 +82,45 @@ int activation_code(const std::string& a) {
 
 using namespace moetier_kernels;
 
+namespace {
+// hidden [T, H] (fp32, or bf16 bits as uint16), ids [T, k] int64, weights [T, k] fp32, out [T, H]: the
+// checks of MoELayer.forward, shared by the host tasks (which keep the pointers for later runs).
+struct ForwardArrays {
+    const void* hidden;
+    int T, K;
+    const int64_t* ids;
+    const float* weights;
+    void* out;
+    size_t out_bytes;
+};
+
+ForwardArrays check_forward_arrays(const MoELayer& L, py::array& hidden, bool hidden_bf16, py::array& ids,
+                                   py::array& weights, py::array& out, bool out_bf16) {
+    const int H = L.down_geometry().N;
+    if (hidden.ndim() != 2 || hidden.shape(1) != H) throw py::value_error("hidden must be [T, hidden]");
+    const int T = int(hidden.shape(0));
+    if (ids.ndim() != 2 || ids.shape(0) != T || ids.shape(1) < 1) throw py::value_error("topk_ids must be [T, k]");
+    const int K = int(ids.shape(1));
+    if (!ids.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("topk_ids must be int64");
+    if (!weights.dtype().is(py::dtype::of<float>())) throw py::type_error("topk_weights must be float32");
+    if (hidden_bf16 ? hidden.itemsize() != 2 : !hidden.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("hidden must be float32 or bf16 bits (uint16)");
+    if (out_bf16 ? out.itemsize() != 2 : !out.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("out must be float32 or bf16 bits (uint16)");
+    if (!out.writeable()) throw py::value_error("out must be writable");
+    ForwardArrays a;
+    a.T = T;
+    a.K = K;
+    a.hidden = bytes_of(hidden, int64_t(T) * H * (hidden_bf16 ? 2 : 4), "hidden");
+    a.ids = reinterpret_cast<const int64_t*>(bytes_of(ids, int64_t(T) * K * 8, "topk_ids"));
+    a.weights = reinterpret_cast<const float*>(bytes_of(weights, int64_t(T) * K * 4, "topk_weights"));
+    a.out_bytes = size_t(T) * H * (out_bf16 ? 2 : 4);
+    bytes_of(out, int64_t(a.out_bytes), "out");
+    a.out = out.mutable_data();
+    return a;
+}
+}  // namespace
+
 PYBIND11_MODULE(MOETIER_MODULE, m) {
     m.doc() = "moetier native MoE expert kernels, ISA variant " MOETIER_VARIANT;
     m.attr("VARIANT") = MOETIER_VARIANT;
@@ -143,29 +183,80 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
             "forward",
             [](const MoELayer& L, ThreadPool& pool, py::array hidden, bool hidden_bf16, py::array ids,
                py::array weights, py::array out, bool out_bf16) {
-                const Geometry& dn = L.down_geometry();
-                const int H = dn.N;
-                if (hidden.ndim() != 2 || hidden.shape(1) != H) throw py::value_error("hidden must be [T, hidden]");
-                const int T = int(hidden.shape(0));
-                if (ids.ndim() != 2 || ids.shape(0) != T || ids.shape(1) < 1)
-                    throw py::value_error("topk_ids must be [T, k]");
-                const int K = int(ids.shape(1));
-                if (!ids.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("topk_ids must be int64");
-                if (!weights.dtype().is(py::dtype::of<float>())) throw py::type_error("topk_weights must be float32");
-                if (hidden_bf16 ? hidden.itemsize() != 2 : !hidden.dtype().is(py::dtype::of<float>()))
-                    throw py::type_error("hidden must be float32 or bf16 bits (uint16)");
-                if (out_bf16 ? out.itemsize() != 2 : !out.dtype().is(py::dtype::of<float>()))
-                    throw py::type_error("out must be float32 or bf16 bits (uint16)");
-                if (!out.writeable()) throw py::value_error("out must be writable");
-                const void* hp = bytes_of(hidden, int64_t(T) * H * (hidden_bf16 ? 2 : 4), "hidden");
-                const int64_t* ip = reinterpret_cast<const int64_t*>(bytes_of(ids, int64_t(T) * K * 8, "topk_ids"));
-                const float* wp = reinterpret_cast<const float*>(bytes_of(weights, int64_t(T) * K * 4, "topk_weights"));
-                bytes_of(out, int64_t(T) * H * (out_bf16 ? 2 : 4), "out");
-                void* op = out.mutable_data();
-                if (T == 0) return;
+                const ForwardArrays a = check_forward_arrays(L, hidden, hidden_bf16, ids, weights, out, out_bf16);
+                if (a.T == 0) return;
                 py::gil_scoped_release release;
-                L.forward(pool, hp, hidden_bf16, T, K, ip, wp, op, out_bf16);
+                L.forward(pool, a.hidden, hidden_bf16, a.T, a.K, a.ids, a.weights, a.out, out_bf16);
             },
             py::arg("pool"), py::arg("hidden"), py::arg("hidden_bf16"), py::arg("topk_ids"), py::arg("topk_weights"),
             py::arg("out"), py::arg("out_bf16"));
+
+    // ---- host tasks: the CPU half of the hybrid step, run from a device stream (host_tasks.h) ----------
+    py::class_<HostWorker>(m, "HostWorker", py::module_local(),
+                           "one thread that runs enqueued host tasks in order (worker 0 of their pool)")
+        .def(py::init<>())
+        .def_property_readonly("tasks_run", &HostWorker::tasks_run);
+
+    py::class_<HostTask>(m, "HostTask", py::module_local(),
+                         "a forward with fixed buffers, started by the enqueue host function and joined by the "
+                         "sync host function (both take the task's address as user data)")
+        .def(py::init([](const MoELayer& L, ThreadPool& pool, HostWorker& worker, py::array hidden, bool hidden_bf16,
+                         py::array ids, py::array weights, py::array out, bool out_bf16) {
+                 const ForwardArrays a = check_forward_arrays(L, hidden, hidden_bf16, ids, weights, out, out_bf16);
+                 return new HostTask(&L, &pool, &worker, a.hidden, hidden_bf16, a.T, a.K, a.ids, a.weights, a.out,
+                                     out_bf16, a.out_bytes);
+             }),
+             // The layer, pool, worker and buffers live as long as the task (its pointers stay valid).
+             py::keep_alive<1, 2>(), py::keep_alive<1, 3>(), py::keep_alive<1, 4>(), py::keep_alive<1, 5>(),
+             py::keep_alive<1, 7>(), py::keep_alive<1, 8>(), py::keep_alive<1, 9>(), py::arg("layer"),
+             py::arg("pool"), py::arg("worker"), py::arg("hidden"), py::arg("hidden_bf16"), py::arg("topk_ids"),
+             py::arg("topk_weights"), py::arg("out"), py::arg("out_bf16"))
+        .def_property_readonly("address", [](const HostTask& t) { return reinterpret_cast<uintptr_t>(&t); },
+                               "the user data to pass to the host functions")
+        .def_property_readonly("tokens", [](const HostTask& t) { return t.T; })
+        .def_property_readonly("submitted", [](const HostTask& t) { return t.submitted.load(); })
+        .def_property_readonly("completed", [](const HostTask& t) { return t.completed.load(); })
+        .def("error",
+             [](const HostTask& t) -> py::object {
+                 const int code = t.error_code.load(std::memory_order_acquire);
+                 if (code == HOST_OK) return py::none();
+                 return py::make_tuple(code, std::string(t.error_message));
+             },
+             "None, or (code, message) of the first error a run hit (1: expert id out of range)")
+        .def("clear_error", [](HostTask& t) { t.error_code.store(HOST_OK, std::memory_order_release); })
+        .def("wait",
+             [](HostTask& t) {
+                 py::gil_scoped_release release;
+                 t.worker->wait_for(&t, t.submitted.load(std::memory_order_acquire));
+             },
+             "block until every enqueue so far has run");
+
+    m.def(
+        "host_function_addresses",
+        []() {
+            py::dict d;
+            d["enqueue"] = reinterpret_cast<uintptr_t>(&moetier_host_enqueue);
+            d["sync"] = reinterpret_cast<uintptr_t>(&moetier_host_sync);
+            return d;
+        },
+        "addresses of the C host functions void fn(void* task): enqueue and sync");
+
+    py::class_<HostCallbackThread>(m, "HostCallbackThread", py::module_local(),
+                                   "runs host functions in launch order on one native thread (the CPU stand-in "
+                                   "of a device stream's host functions)")
+        .def(py::init<>())
+        .def("launch",
+             [](HostCallbackThread& h, uintptr_t fn, uintptr_t data) {
+                 if (fn == 0) throw py::value_error("host function address is null");
+                 return h.launch(reinterpret_cast<host_fn_t>(fn), reinterpret_cast<void*>(data));
+             },
+             py::arg("fn"), py::arg("data"))
+        .def_property_readonly("launched", &HostCallbackThread::launched)
+        .def_property_readonly("executed", &HostCallbackThread::executed)
+        .def("wait_executed",
+             [](HostCallbackThread& h, uint64_t n) {
+                 py::gil_scoped_release release;
+                 h.wait_executed(n);
+             },
+             py::arg("n"));
 }

@@ -21,10 +21,11 @@ def test_cpu_only_run_writes_every_cpu_result_and_names_each_skipped_gpu_step(tm
     summary = (out / "summary.txt").read_text()
     for line in ("OK    moetier doctor", "SKIP  conformance on cuda: --cpu-only", "SKIP  GPU tests: --cpu-only",
                  "SKIP  decode step on the GPU: --cpu-only", "OK    bench kernels (smoke)",
-                 "SKIP  bench hybrid: not built yet (reserved place in this script)", "host CPU AMX: "):
+                 "OK    bench hybrid (CPU stand-in)", "host CPU AMX: "):
         assert line in summary, summary
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8 and {"summary.txt", "log.txt", "doctor.json", "bench_kernels.json"} <= set(files)
+    assert len(files) <= 8 and {"summary.txt", "log.txt", "doctor.json", "bench_kernels.json",
+                                "bench_hybrid.json"} <= set(files)
     doctor = json.loads((out / "doctor.json").read_text())
     verdicts = {b["name"]: b for b in doctor["backends"]}
     assert {"cuda", "cpu.amx", "cpu.accel"} <= set(verdicts)
@@ -32,6 +33,9 @@ def test_cpu_only_run_writes_every_cpu_result_and_names_each_skipped_gpu_step(tm
     assert amx_line.startswith("host CPU AMX: yes" if verdicts["cpu.amx"]["score"] > 0 else "host CPU AMX: no")
     bench = json.loads((out / "bench_kernels.json").read_text())
     assert len(bench["records"]) >= 1  # timings of a real (tiny) run
+    hybrid = json.loads((out / "bench_hybrid.json").read_text())
+    assert hybrid["stand_in"] is True and len(hybrid["rows"]) == 3  # shares 0, 0.5, 1 at batch 1
+    assert all(r["matches_standard_path"] for r in hybrid["rows"])
     assert "Traceback" not in (out / "log.txt").read_text()
 
 

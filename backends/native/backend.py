@@ -7,6 +7,7 @@ which runs in the extension's own pinned thread pool with the GIL released.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,8 +16,10 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from moetier.errors import FormatError, SettingError
+from moetier.errors import DeviceError, DTypeError, ExpertIdError, FormatError, MoetierError, PreparedExpertsError, \
+    SettingError, ShapeError
 from moetier.experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ForwardInputs, PreparedExperts
+from moetier.runtime.hybrid import HostFunction
 from moetier.formats import WeightFormat
 
 from . import load_variant
@@ -95,6 +98,8 @@ class NativeBackend(ExpertBackend):
         self._ext = extension if extension is not None else load_variant(variant, inventory)
         self._inventory = inventory
         self._kernel_pool = None
+        self._host_worker = None
+        self._host_lock = threading.Lock()
         self.set_threads(threads)
 
     def set_threads(self, threads: int) -> None:
@@ -141,13 +146,91 @@ class NativeBackend(ExpertBackend):
     def compute(self, prepared: PreparedExperts, inputs: ForwardInputs) -> torch.Tensor:
         hidden = inputs.hidden.detach()
         T, H = hidden.shape
-        hidden_bf16 = hidden.dtype == torch.bfloat16
         out = torch.empty(T, H, dtype=inputs.out_dtype)
-        out_bf16 = inputs.out_dtype == torch.bfloat16
-        prepared.payload.forward(
-            self._kernel_pool,
-            hidden.view(torch.uint16).numpy() if hidden_bf16 else hidden.numpy(), hidden_bf16,
-            inputs.topk_ids.numpy(), inputs.topk_weights.numpy(),
-            out.view(torch.uint16).numpy() if out_bf16 else out.numpy(), out_bf16,
-        )
+        prepared.payload.forward(self._kernel_pool, _storage(hidden), hidden.dtype == torch.bfloat16,
+                                 inputs.topk_ids.numpy(), inputs.topk_weights.numpy(), _storage(out),
+                                 inputs.out_dtype == torch.bfloat16)
         return out
+
+    # ---- host tasks: the CPU half of the hybrid step (moetier.runtime.hybrid) -----------------------
+    def host_task(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor, out: torch.Tensor) -> NativeHostTask:
+        """A forward over fixed host buffers (hidden [T, H] fp32/bf16, ids [T, k] int64, weights [T, k]
+        fp32, out [T, H] fp32/bf16), run on this backend's host worker thread each time its `enqueue`
+        host function runs. The buffers' values are read when it runs, not now (nothing is validated
+        but shapes and dtypes: the caller validated the values, or reads `error()` afterwards)."""
+        if not isinstance(prepared, PreparedExperts) or prepared.backend != self.name:
+            raise PreparedExpertsError(f"backend {self.name} got experts prepared by "
+                                       f"{getattr(prepared, 'backend', type(prepared).__name__)}")
+        H = prepared.layer.hidden_size
+        for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights), ("out", out)):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                raise DeviceError(f"host task {name} must be a CPU tensor (pinned host memory), got "
+                                  f"{getattr(t, 'device', type(t).__name__)}")
+            if not t.is_contiguous():
+                raise ShapeError(f"host task {name} must be contiguous")
+        T = hidden.shape[0]
+        if hidden.ndim != 2 or hidden.shape[1] != H or out.shape != hidden.shape:
+            raise ShapeError(f"host task hidden and out must be [T, {H}], got {list(hidden.shape)}, {list(out.shape)}")
+        if topk_ids.ndim != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
+            raise ShapeError(f"host task topk_ids and topk_weights must be [{T}, k], got {list(topk_ids.shape)}, "
+                             f"{list(topk_weights.shape)}")
+        if topk_ids.dtype != torch.int64 or topk_weights.dtype != torch.float32:
+            raise DTypeError(f"host task ids must be int64 and weights float32, got {topk_ids.dtype}, "
+                             f"{topk_weights.dtype}")
+        for name, t in (("hidden", hidden), ("out", out)):
+            if t.dtype not in (torch.float32, torch.bfloat16):
+                raise DTypeError(f"host task {name} must be float32 or bfloat16, got {t.dtype}")
+        task = self._ext.HostTask(prepared.payload, self._kernel_pool, self._worker(), _storage(hidden),
+                                  hidden.dtype == torch.bfloat16, topk_ids.numpy(), topk_weights.numpy(),
+                                  _storage(out), out.dtype == torch.bfloat16)
+        fns = self._ext.host_function_addresses()
+        return NativeHostTask(task, HostFunction(fns["enqueue"], task.address), HostFunction(fns["sync"], task.address))
+
+    def host_callback_thread(self):
+        """A native thread that runs host functions in launch order (launch(fn, data), launched,
+        executed, wait_executed(n)): the CPU stand-in of a device stream's host functions."""
+        return self._ext.HostCallbackThread()
+
+    def _worker(self):
+        with self._host_lock:
+            if self._host_worker is None:
+                self._host_worker = self._ext.HostWorker()
+            return self._host_worker
+
+
+def _storage(t: torch.Tensor) -> np.ndarray:
+    """A tensor's memory as numpy (bf16 as its uint16 bits), sharing it."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+class NativeHostTask:
+    """One native host task: `enqueue` and `sync` are the host functions to launch on a stream (each
+    with the task as its argument); the task and its buffers live as long as this object."""
+
+    def __init__(self, task, enqueue: HostFunction, sync: HostFunction):
+        self._task, self.enqueue, self.sync = task, enqueue, sync
+        self.tokens = task.tokens
+
+    @property
+    def completed(self) -> int:
+        return self._task.completed
+
+    @property
+    def submitted(self) -> int:
+        return self._task.submitted
+
+    def wait(self) -> None:
+        """Block (GIL released) until every enqueue so far has run."""
+        self._task.wait()
+
+    def raise_error(self) -> None:
+        """Raise the first error a run hit since the last call (its output was zeroed), and clear it."""
+        err = self._task.error()
+        if err is None:
+            return
+        self._task.clear_error()
+        code, message = err
+        if code == 1:
+            raise ExpertIdError(f"host task: {message} (the CPU part of that step contributed zeros)")
+        raise MoetierError(f"host task failed: {message} (the CPU part of that step contributed zeros)")

@@ -1,11 +1,11 @@
-"""`moetier bench kernels`: the command line of the kernel benchmark (the work lives in moetier.bench)."""
+"""`moetier bench kernels|runtime|hybrid`: the command lines of the benchmarks (the work lives in moetier.bench)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from ..bench.workload import BENCH_FORMATS, GIB, SHAPE_NAMES
-from ..errors import MoetierError, SettingError
+from ..errors import BackendUnavailable, MoetierError, SettingError
 from .options import add_backend_options, check_writable, load_context, positive_int
 
 QUICK = {"shapes": ("qwen3-30b",), "formats": ("bf16", "int4_g64"), "batches": (1, 128), "threads": (2,)}
@@ -82,6 +82,35 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=run_runtime)
 
+    p = bsub.add_parser("hybrid", help="the hybrid step on a GPU: CPU part, device part, joint time, overlap, "
+                                       "device bandwidth share, host-function costs",
+                        description=HYBRID_DESCRIPTION)
+    add_backend_options(p, backend_help="native CPU backend for the CPU experts (default: MOETIER_BACKEND, else the "
+                                        "one `moetier doctor` chooses)")
+    p.add_argument("--cpu-stand-in", action="store_true",
+                   help="run the whole harness on the CPU with cpu.accel as the device (for testing the harness: "
+                        "the numbers then mean nothing)")
+    p.add_argument("--shapes", type=_csv("shape", SHAPE_NAMES), metavar="LIST",
+                   help=f"comma-separated shapes (default: deepseek-v3,qwen3-30b; known: {', '.join(SHAPE_NAMES)})")
+    p.add_argument("--shares", type=_shares, metavar="LIST",
+                   help="shares of the experts on the device, comma-separated in [0, 1] (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--batches", type=_csv("int"), metavar="LIST", help="tokens per step (default: 1,8,128,512)")
+    p.add_argument("--format", default="bf16", choices=BENCH_FORMATS,
+                   help="weight format of every expert, CPU and device (default: bf16)")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU kernel threads (default: physical cores - 1, leaving one to the thread that "
+                        "drives the device)")
+    p.add_argument("--eager", action="store_true", help="do not capture the steps in CUDA graphs")
+    p.add_argument("--quick", action="store_true", help="short timings (every configuration still runs)")
+    p.add_argument("--time-budget", type=float, default=300.0, metavar="S",
+                   help="stop starting new configurations after S seconds; the rest are listed as skipped "
+                        "(default: 300)")
+    p.add_argument("--max-weights-gib", type=float, default=3.0, metavar="GIB",
+                   help="sizes the DeepSeek-V3 expert count: as many of its experts as fit in bf16 (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
+    p.add_argument("--json", metavar="FILE", help="write every result as JSON (rewritten after each one)")
+    p.set_defaults(func=run_hybrid)
+
 
 RUNTIME_DESCRIPTION = """\
 1. The tiered layer's overhead: the Qwen3-30B-A3B layer at decode in one shard against the same experts
@@ -144,6 +173,140 @@ def run_runtime(args) -> int:
         Path(args.json).write_text(json.dumps({"overhead": {**asdict(overhead), "overhead": overhead.overhead},
                                                "disk": asdict(disk)}, indent=2))
     return 0
+
+
+HYBRID_DESCRIPTION = """\
+The hybrid step (CPU experts started from the device stream by host functions while the device experts
+compute) on the Qwen3-30B-A3B layer and DeepSeek-V3 experts, with 0-100% of the experts on the device:
+the CPU part alone, the device part alone, both together (captured in a CUDA graph), overlap efficiency
+= max(parts) / joint, the device part's expert bytes/s as a share of the device's memory bandwidth, and
+what one host function costs. Needs a CUDA GPU; --cpu-stand-in runs the harness on the CPU only.
+"""
+
+
+def _shares(text: str):
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        vals = tuple(float(x) for x in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+    if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"shares must be numbers in [0, 1], got {text!r}")
+    return vals
+
+
+def _gpu_problem() -> str | None:
+    """Why this process cannot run the hybrid bench on a GPU (None: it can)."""
+    import torch
+
+    if getattr(torch.version, "cuda", None) is None and getattr(torch.version, "hip", None) is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "torch sees no GPU"
+    return None
+
+
+def run_hybrid(args) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..bench.hybrid import BATCHES, SHAPES, SHARES, HybridBenchConfig, run_hybrid_bench
+
+    if args.json:
+        check_writable(args.json, "JSON file")
+    if args.time_budget <= 0:
+        raise SettingError(f"--time-budget must be positive, got {args.time_budget}")
+    if args.max_weights_gib <= 0:
+        raise SettingError(f"--max-weights-gib must be positive, got {args.max_weights_gib}")
+    if not args.cpu_stand_in:
+        problem = _gpu_problem()
+        if problem:
+            raise BackendUnavailable(f"bench hybrid needs a CUDA or ROCm GPU ({problem}); --cpu-stand-in runs the "
+                                     "harness on the CPU, with numbers that mean nothing")
+    ctx = load_context(args)
+    name = ctx.requested[0] if ctx.requested else ctx.selection.for_device("cpu")
+    if name is None:
+        raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
+    threads = args.threads or max(1, ctx.inventory.cpu.physical_cores - 1)
+    config = HybridBenchConfig(
+        cpu_backend=name, device_backend="rocm" if getattr(torch.version, "hip", None) else "cuda",
+        stand_in=args.cpu_stand_in, shapes=args.shapes or SHAPES, shares=args.shares or SHARES,
+        batches=args.batches or BATCHES, fmt=args.format, graph=not args.eager, threads=threads, quick=args.quick,
+        time_budget_s=args.time_budget, max_weight_bytes=int(args.max_weights_gib * GIB), seed=args.seed)
+
+    def save(doc):
+        if args.json:
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, args.json)
+
+    from ..bench.report import make_console
+
+    console = make_console()
+    if args.cpu_stand_in:
+        console.print("[bold yellow]CPU stand-in:[/bold yellow] cpu.accel plays the GPU; these numbers test the "
+                      "harness and mean nothing about a GPU.")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("starting")
+        doc = run_hybrid_bench(config, ctx.registry, ctx.inventory,
+                               status=lambda text: progress.update(task, description=text), on_update=save)
+    _print_hybrid(doc, console)
+    return 0
+
+
+def _print_hybrid(doc: dict, console) -> None:
+    from rich.table import Table
+
+    hf = doc["host_functions"]
+    line = (f"host functions ({doc['streams']}): enqueue+sync of an empty task {hf['ctypes_pair_us']:.1f} us "
+            f"called through ctypes, {hf['host_thread_pair_us']:.1f} us through a native host-function thread")
+    if "stream_pair_us" in hf:
+        line += (f"; on the device: launch {hf['launch_us']:.1f} us, one host node {hf['stream_noop_us']:.1f} us, "
+                 f"a pair {hf['stream_pair_us']:.1f} us on a stream, {hf['graph_pair_us']:.1f} us in a graph "
+                 f"(one node {hf['graph_noop_us']:.1f} us)")
+    console.print(line)
+    if doc["bandwidth"]:
+        bw = doc["bandwidth"]
+        nominal = f"{bw['nominal_bytes_per_s'] / 1e9:.0f} GB/s nominal, " if bw["nominal_bytes_per_s"] else ""
+        console.print(f"{bw['name']}: {nominal}{bw['copy_bytes_per_s'] / 1e9:.0f} GB/s device copy")
+    cm = doc["cost_model"]
+    console.print(f"cost model: {cm['note']}" + (f" (CPU {cm['cpu']}; device {cm['device']})" if cm["available"] else ""))
+
+    def ms(v):
+        return "-" if v is None else f"{v * 1e3:.3f}"
+
+    def pct(v):
+        return "-" if v is None else f"{v:.0%}"
+
+    for shape in dict.fromkeys(r["shape"] for r in doc["rows"]):
+        rows = [r for r in doc["rows"] if r["shape"] == shape]
+        r0 = rows[0]
+        t = Table(title=f"{shape}: {r0['num_experts']} experts, top-{r0['top_k']}, hidden {r0['hidden']}, "
+                        f"intermediate {r0['intermediate']}, {r0['fmt']} ({doc['cpu_backend']} "
+                        f"{doc['cpu_threads']} threads + {doc['device_backend']})")
+        # dev: the device's experts; exact: the joint step equals the tiered layer's standard path.
+        for col in ("on dev", "batch", "graph", "CPU ms", "dev ms", "joint ms", "predicted", "overlap", "dev GB/s",
+                    "of BW", "exact"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            gbs = r["device_gb_per_s"]
+            t.add_row(f"{r['share']:.0%}", str(r["batch"]), "yes" if r["graph"] else "no", ms(r["cpu_s"]),
+                      ms(r["device_s"]), ms(r["joint_s"]), ms(r["predicted_s"]),
+                      "-" if r["overlap"] is None else f"{r['overlap']:.2f}",
+                      "-" if gbs is None else f"{gbs:.0f}", pct(r["device_bw_share"]),
+                      "yes" if r["matches_standard_path"] else "NO")
+        console.print(t)
+    for g in doc["goals"]:
+        console.print(f"goal: {g['goal']}: {g['value']:.2f} ({g['where']}) {'met' if g['met'] else 'NOT met'}")
+    for s in doc["skipped"]:
+        console.print(f"skipped {s['shape']} share {s['share']:.0%} batch {s['batch']}: {s['why']}")
+    if doc["stand_in"]:
+        console.print(f"[yellow]{doc['note']}[/yellow]")
 
 
 class _RichProgress:

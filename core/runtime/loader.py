@@ -74,6 +74,12 @@ class ModelExperts(Mapping):
         for layer in self._layers.values():
             layer.deferral = self._deferral
 
+    def set_prefill_streaming(self, streaming) -> None:
+        """Let large prefills stream CPU experts to the device when the n* cost model says so
+        (a moetier.runtime.hybrid.PrefillStreaming; None: never, the default)."""
+        for layer in self._layers.values():
+            layer.streaming = streaming
+
     def close(self) -> None:
         if self._deferral is not None:
             self._deferral.close()
@@ -147,7 +153,9 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
                     prepared = b.prepare(layer.experts, source, ids, f)
                 finally:
                     source.done()
-                shard = Shard(b, prepared, {e: m.tier for m in members for e in m.experts})
+                # The shard can read its experts again from the checkpoint (a large prefill may stream them).
+                shard = Shard(b, prepared, {e: m.tier for m in members for e in m.experts},
+                              CheckpointExperts(ckpt, layout, layer))
                 for tier, n in shard.bytes_per_tier().items():
                     if ledger is not None and tier in ledger.tiers:
                         ledger.reserve(tier, n)  # real packed bytes: padding and tables count

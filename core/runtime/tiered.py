@@ -6,6 +6,12 @@ tier is a `DiskShard` (moetier.runtime.disk_tier): experts read from the checkpo
 on a miss. Forward: device shards are enqueued first (they run asynchronously on their streams), the CPU
 shards run in the calling thread meanwhile, then the disk shard; the partial outputs are summed in fp32
 in the shards' fixed order. With one shard the layer is exactly that backend's forward, bit for bit.
+
+For inputs on a CUDA device, with native CPU shards, the layer runs the hybrid step
+(moetier.runtime.hybrid): hidden states staged to pinned memory on a side stream, the CPU shards started
+by a host function the moment the copy lands, the device shards computed meanwhile, the join an event;
+the result equals the path above (same shards, same order of the fp32 sum). With `streaming` set, a large
+prefill streams a CPU shard's used experts to the device when the n* cost model says so.
 """
 from __future__ import annotations
 
@@ -15,8 +21,10 @@ from typing import Protocol
 
 import torch
 
-from ..errors import ShapeError
-from ..experts import ExpertBackend, ExpertLayerSpec, PreparedExperts, validate_forward_inputs
+from ..errors import MoetierError, SettingError, ShapeError
+from ..experts import ExpertBackend, ExpertLayerSpec, ExpertSource, PreparedExperts, validate_forward_inputs
+from .hybrid import (DeviceStreams, HybridStep, PrefillStreaming, ShardStreamDecision, decide_shard, stream_experts,
+                     tokens_per_expert)
 
 
 class Recorder(Protocol):
@@ -28,11 +36,13 @@ class Recorder(Protocol):
 @dataclass(eq=False)
 class Shard:
     """Experts of one layer held by one backend in one format. `tiers`: expert id -> the tier it lives on
-    (for accounting; the backend places the bytes)."""
+    (for accounting; the backend places the bytes). `source`: where the experts can be read again (a
+    large prefill may stream them to the device from there); None: nowhere."""
 
     backend: ExpertBackend
     prepared: PreparedExperts
     tiers: dict[int, str]
+    source: ExpertSource | None = None
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +87,60 @@ class TieredExperts:
                              f"(missing {missing[:8]}, held twice {twice[:8]})")
         self._cpu = tuple(s for s in self.shards if s.on_cpu)
         self._device = tuple(s for s in self.shards if not s.on_cpu)
+        self.hybrid: HybridStep | None = None  # set by set_hybrid, or made on the first call on a CUDA device
+        self.hybrid_note = ""  # why the hybrid step does not run, when it was tried and cannot
+        self._hybrid_tried = False
+        self.streaming: PrefillStreaming | None = None
+        self.last_stream_decisions: tuple[ShardStreamDecision, ...] = ()
+
+    def set_hybrid(self, step: HybridStep | None) -> None:
+        """Run the hybrid step `step` (it must hold exactly this layer's shards) for inputs on its
+        device; None: back to the standard path. Used for a CPU stand-in device; on CUDA the layer makes
+        its own step on the first call."""
+        if step is not None:
+            if self.disk is not None:
+                raise SettingError(f"layer {self.layer_index}: the hybrid step does not compute a disk tier")
+            mine = sorted(id(s) for s in self.shards)
+            if sorted(id(s) for s in step.host_shards + step.device_shards) != mine:
+                raise SettingError(f"layer {self.layer_index}: the hybrid step must hold exactly this layer's shards")
+        self.hybrid, self._hybrid_tried, self.hybrid_note = step, step is not None, ""
+
+    def _hybrid_for(self, hidden: torch.Tensor) -> HybridStep | None:
+        if self.disk is not None or self.lookahead is not None:
+            return None
+        if self.hybrid is not None:
+            return self.hybrid if hidden.device.type == self.hybrid.device.type else None
+        if hidden.device.type != "cuda" or self._hybrid_tried:
+            return None
+        self._hybrid_tried = True
+        try:
+            streams = DeviceStreams.for_device(hidden.device)
+            self.hybrid = HybridStep(self.spec, self._cpu, self._device, streams, streams.ring(self.spec.hidden_size))
+        except MoetierError as exc:
+            self.hybrid_note = f"standard path: {exc}"
+        return self.hybrid
+
+    def _stream_backend(self) -> ExpertBackend | None:
+        if self.streaming is None:
+            return None
+        if self.streaming.device_backend is not None:
+            return self.streaming.device_backend
+        return self._device[0].backend if self._device else None
+
+    def _decide_streaming(self, ids_cpu: torch.Tensor) -> dict[int, list[int]]:
+        """Per CPU shard, stream its used experts to the device for this batch? -> shard index: experts."""
+        counts = tokens_per_expert(ids_cpu, self.spec.num_experts)
+        decisions, chosen = [], {}
+        for i, s in enumerate(self._cpu):
+            d = decide_shard(self.spec, s, counts, self.streaming.costs)
+            if d.stream and s.source is None:
+                decisions.append(ShardStreamDecision(i, d, False, "the shard has no source to read its experts from"))
+                continue
+            decisions.append(ShardStreamDecision(i, d, d.stream))
+            if d.stream:
+                chosen[i] = [e for e in s.prepared.expert_ids if counts[e] > 0]
+        self.last_stream_decisions = tuple(decisions)
+        return chosen
 
     def bytes_per_tier(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -105,21 +169,43 @@ class TieredExperts:
 
     def _compute(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
-        if len(self.shards) == 1 and self.disk is None and self.lookahead is None \
+        stream_to = self._stream_backend()
+        if len(self.shards) == 1 and self.disk is None and self.lookahead is None and stream_to is None \
                 and hidden.device == self.shards[0].device:
             s = self.shards[0]
             return s.backend.forward(s.prepared, hidden, topk_ids, topk_weights, out_dtype=out_dtype)
+        if stream_to is None:
+            hybrid = self._hybrid_for(hidden)
+            if hybrid is not None:
+                return hybrid.forward(hidden, topk_ids, topk_weights, out_dtype=out_dtype)
         cpu = torch.device("cpu")
         h, ids, w = _on(hidden, cpu), _on(topk_ids, cpu), _on(topk_weights, cpu)
         # Checked once here, so a bad call fails before any shard started.
-        validate_forward_inputs(self.spec, h, ids, w, torch.float32, "propagate")
+        checked = validate_forward_inputs(self.spec, h, ids, w, torch.float32, "propagate")
+        streamed = self._decide_streaming(checked.topk_ids) if stream_to is not None else {}
         if self.disk is not None:  # start reading this layer's disk experts while the others compute
             self.disk.prefetch(torch.unique(ids).tolist())
         if self.lookahead is not None:
             self.lookahead(h)
         pending = [s.backend.submit(s.prepared, _on(hidden, s.device), _on(topk_ids, s.device),
                                     _on(topk_weights, s.device), out_dtype=torch.float32) for s in self._device]
-        parts = [s.backend.forward(s.prepared, h, ids, w, out_dtype=torch.float32) for s in self._cpu]
+        if streamed:
+            # The CPU shards that stay compute on their workers while the streamed ones load and compute.
+            cpu_pending = {i: s.backend.submit(s.prepared, h, ids, w, out_dtype=torch.float32)
+                           for i, s in enumerate(self._cpu) if i not in streamed}
+            dev = stream_to.device
+            nan = "raise" if any(self._cpu[i].backend.nan_policy == "raise" for i in streamed) else "propagate"
+            dev_inputs = validate_forward_inputs(self.spec, _on(hidden, dev), _on(topk_ids, dev),
+                                                 _on(topk_weights, dev), torch.float32, nan, device=dev)
+            parts = []
+            for i, s in enumerate(self._cpu):
+                if i in streamed:
+                    parts.append(stream_experts(self.spec, s.source, s.prepared.fmt, streamed[i], stream_to,
+                                                dev_inputs, self.streaming.chunk_experts))
+                else:
+                    parts.append(cpu_pending[i].wait())
+        else:
+            parts = [s.backend.forward(s.prepared, h, ids, w, out_dtype=torch.float32) for s in self._cpu]
         if self.disk is not None:
             parts.append(self.disk.forward(h, ids, w))
         parts += [p.wait() for p in pending]
