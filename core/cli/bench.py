@@ -1,4 +1,4 @@
-"""`moetier bench kernels|runtime|hybrid`: the command lines of the benchmarks (the work lives in moetier.bench)."""
+"""`moetier bench kernels|runtime|hybrid|model`: the command lines of the benchmarks (the work lives in moetier.bench)."""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +110,130 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and routing (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write every result as JSON (rewritten after each one)")
     p.set_defaults(func=run_hybrid)
+
+    p = bsub.add_parser("model", help="whole-model prefill and decode: moetier against transformers on the same "
+                                      "weights and against the byte limit", description=MODEL_DESCRIPTION)
+    add_backend_options(p, backend_help="CPU backend for the experts (default: MOETIER_BACKEND, else the one "
+                                        "`moetier doctor` chooses)")
+    p.add_argument("--format", type=_csv("format", BENCH_FORMATS), metavar="LIST",
+                   help="comma-separated expert formats for moetier (default: bf16,int8,int4_g64,fp8_e4m3; "
+                        "--quick: bf16,int4_g64)")
+    p.add_argument("--threads", type=positive_int, default=2, help="threads of torch and the kernels (default 2)")
+    p.add_argument("--layers", type=positive_int, help="decoder layers of the synthetic model (default 8; --quick 2)")
+    p.add_argument("--dims", choices=("qwen3-30b-a3b", "tiny"), default="qwen3-30b-a3b",
+                   help="layer dimensions: qwen3-30b-a3b (default), or tiny (for testing the harness: its numbers "
+                        "mean nothing)")
+    p.add_argument("--prompt-tokens", type=positive_int, help="prefill length (default 512; --quick 128)")
+    p.add_argument("--new-tokens", type=positive_int,
+                   help="tokens generated; decode is timed over all but the first (default 65; --quick 17)")
+    p.add_argument("--repeats", type=positive_int, help="timed generations per implementation (default 3; --quick 1)")
+    p.add_argument("--model", metavar="DIR",
+                   help="checkpoint folder: written there if it has no config.json, else reused as it is "
+                        "(default: a temporary folder, removed after)")
+    p.add_argument("--no-transformers", action="store_true", help="do not time transformers (its eager model still "
+                                                                  "gives the correctness check)")
+    p.add_argument("--llama-cpp", metavar="RESULTS.json",
+                   help="llama.cpp figures on the same checkpoint (from ci/llama_cpp_bench.sh) to show side by side")
+    p.add_argument("--quick", action="store_true",
+                   help="2 layers, prefill 128, decode 16 tokens, bf16 and int4_g64, one repeat "
+                        "(explicit options override these)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
+    p.add_argument("--json", metavar="FILE", help="write the results, settings and machine as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    p.set_defaults(func=run_model)
+
+
+MODEL_DESCRIPTION = """\
+Whole-model prefill and decode tokens/s through transformers' generation (greedy, static cache, bf16 on
+the CPU) on a synthetic checkpoint with the real Qwen3-30B-A3B layer dimensions in its real safetensors
+layout: moetier.load in each format, transformers' own model on the same weights (eager and grouped_mm
+experts), and the byte limit (weight bytes per decode token / read bandwidth measured in the same run).
+Every implementation's logits are first checked against transformers' eager model on the same weights.
+"""
+
+
+def run_model(args) -> int:
+    import json
+    import shutil
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..bench import model as mb
+    from ..bench.report import make_console
+
+    for path, what in ((args.json, "JSON file"), (args.markdown, "Markdown file")):
+        if path:
+            check_writable(path, what)
+    llama_records = mb.load_llama_cpp(args.llama_cpp) if args.llama_cpp else []
+    if args.model and Path(args.model).exists() and not Path(args.model).is_dir():
+        raise SettingError(f"--model {args.model} is not a folder")
+    ctx = load_context(args)
+    name = ctx.requested[0] if ctx.requested else ctx.selection.for_device("cpu")
+    if name is None:
+        raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
+    spec = ctx.registry.backend(name)
+    formats = args.format or (mb.QUICK_FORMATS if args.quick else mb.DEFAULT_FORMATS)
+    missing = [f for f in formats if f not in spec.formats]
+    if args.format and missing:
+        raise SettingError(f"backend {name} does not compute {', '.join(missing)}; it computes "
+                           f"{', '.join(spec.formats)}")
+    formats = tuple(f for f in formats if f in spec.formats)
+    dims = mb.DIMS[args.dims]
+    dims = replace(dims, layers=args.layers or (2 if args.quick else dims.layers))
+    config = mb.ModelBenchConfig(
+        dims=dims, backend=name, formats=formats, threads=args.threads,
+        prompt_tokens=args.prompt_tokens or (128 if args.quick else 512),
+        new_tokens=args.new_tokens or (17 if args.quick else 65), repeats=args.repeats or (1 if args.quick else 3),
+        transformers=not args.no_transformers, quick=args.quick, seed=args.seed)
+    if config.new_tokens < 2:
+        raise SettingError("--new-tokens must be at least 2 (decode is timed from the first new token to the last)")
+    console = make_console()
+    errc = Console(stderr=True)
+    folder = Path(args.model) if args.model else Path(tempfile.mkdtemp(prefix="moetier-bench-model-"))
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=errc,
+                      transient=True) as progress:
+            task = progress.add_task("starting")
+
+            def status(text):
+                progress.update(task, description=text)
+
+            if (folder / "config.json").exists():
+                cfg = mb.checkpoint_dims(folder)
+                dims = replace(dims, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
+                               experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+                               moe_intermediate=cfg["moe_intermediate_size"], heads=cfg["num_attention_heads"],
+                               kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"], vocab=cfg["vocab_size"])
+                config = replace(config, dims=dims)
+            else:
+                status(f"writing the synthetic checkpoint ({dims.layers} layers) to {folder}")
+                folder.mkdir(parents=True, exist_ok=True)
+                mb.write_model(folder, dims, registry=ctx.registry, seed=args.seed)
+            result = mb.run_model_bench(config, folder, registry=ctx.registry, inventory=ctx.inventory, status=status)
+            llama = []
+            if llama_records:
+                from ..family import load_layout
+
+                dense = next(r.bytes_per_token for r in result.rows) - mb.expert_decode_bytes(
+                    load_layout(folder, ctx.registry), result.rows[0].format)
+                llama = mb.llama_cpp_rows(llama_records, load_layout(folder, ctx.registry), dense)
+    finally:
+        if not args.model:
+            shutil.rmtree(folder, ignore_errors=True)
+    doc = mb.document(result, ctx.inventory, command=["moetier", *sys.argv[1:]], llama=llama)
+    mb.print_report(doc, console)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+        console.print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(mb.markdown_table(doc) + "\n")
+        console.print(f"wrote {args.markdown}")
+    failed = [r for r in result.rows if not r.check_ok]
+    return 1 if failed else 0
 
 
 RUNTIME_DESCRIPTION = """\
