@@ -205,7 +205,7 @@ def run_model(args) -> int:
             if (folder / "config.json").exists():
                 cfg = mb.checkpoint_dims(folder)
                 dims = replace(dims, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-                               experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+                               experts=cfg.get("num_experts") or cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
                                moe_intermediate=cfg["moe_intermediate_size"], heads=cfg["num_attention_heads"],
                                kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"], vocab=cfg["vocab_size"])
                 config = replace(config, dims=dims)

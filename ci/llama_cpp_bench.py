@@ -1,0 +1,223 @@
+"""llama.cpp (through llama-cpp-python) on the checkpoint `moetier bench model` wrote; run by
+ci/llama_cpp_bench.sh inside its own virtual environment (numpy, safetensors, gguf, llama-cpp-python; no
+torch, no moetier).
+
+1. Convert: the Qwen3-MoE safetensors checkpoint (bf16) becomes a BF16 GGUF in llama.cpp's `qwen3moe`
+   tensor names and metadata keys (those convert_hf_to_gguf.py writes), written with the gguf package;
+   the weights' bf16 bytes are copied as they are, the 1-D norms stored as F32 (as the converter does).
+   The checkpoint has no tokenizer: a synthetic vocabulary of the model's size ("<0>", "<1>", ...) is
+   written, since the runs feed token ids directly. Q8_0, Q4_0 and Q4_K_M come from llama.cpp's own
+   quantizer (`llama_model_quantize`) on that BF16 file, as a user would make them.
+2. Measure, per type: a prompt of --prompt-tokens random ids evaluated in one batch (prefill: tokens /
+   seconds), then --new-tokens greedy steps, one token each (decode: tokens / seconds), after an untimed
+   warm-up run; the median of --repeats runs. The same lengths, threads and repeats as the moetier bench.
+
+Writes {"schema": "moetier.bench.llama_cpp/1", "records": [{"gguf_type", "prefill_tok_s", "decode_tok_s",
+"prefill_runs", "decode_runs", "file_bytes", ...}], ...} for `moetier bench model --llama-cpp`.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TYPES = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")
+
+
+def read_safetensors(folder: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
+    """name -> (file, dtype, shape, begin, end) from every shard's header."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        base = 8 + n
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = meta["data_offsets"]
+            out[name] = (f, meta["dtype"], meta["shape"], base + b, base + e)
+    return out
+
+
+def raw(entry) -> np.ndarray:
+    f, dtype, shape, b, e = entry
+    if dtype != "BF16":
+        raise SystemExit(f"llama_cpp_bench.py: expected a bf16 checkpoint (what `moetier bench model` writes), "
+                         f"found {dtype}")
+    with open(f, "rb") as fh:
+        fh.seek(b)
+        return np.frombuffer(fh.read(e - b), dtype=np.uint16).reshape(shape)
+
+
+def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def convert_bf16(ckpt: Path, out: Path) -> None:
+    import gguf
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if cfg.get("model_type") != "qwen3_moe":
+        raise SystemExit(f"llama_cpp_bench.py: converts Qwen3-MoE checkpoints, this one is {cfg.get('model_type')}")
+    t = read_safetensors(ckpt)
+    L, H = cfg["num_hidden_layers"], cfg["hidden_size"]
+    E = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter
+    V = cfg["vocab_size"]
+    w = gguf.GGUFWriter(str(out), "qwen3moe")
+    w.add_name(cfg.get("_name_or_path", "synthetic"))
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(H)
+    w.add_block_count(L)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 1e6)))
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    w.add_expert_count(E)
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"<{i}>" for i in range(V)])
+    w.add_token_types([gguf.TokenType.NORMAL] * V)
+    w.add_token_merges(["< 0"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(V - 1)
+
+    def bf16(name: str, arr: np.ndarray) -> None:
+        w.add_tensor(name, np.ascontiguousarray(arr).view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
+
+    def f32(name: str, arr: np.ndarray) -> None:
+        w.add_tensor(name, bf16_to_f32(arr))
+
+    bf16("token_embd.weight", raw(t["model.embed_tokens.weight"]))
+    f32("output_norm.weight", raw(t["model.norm.weight"]))
+    bf16("output.weight", raw(t["lm_head.weight"]))
+    for i in range(L):
+        p = f"model.layers.{i}."
+        f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
+        f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+        for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"self_attn.{hf}.weight"]))
+        f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
+        f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
+        f32(f"blk.{i}.ffn_gate_inp.weight", raw(t[p + "mlp.gate.weight"]))  # the converter keeps routers F32
+        for proj, gg in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            bf16(f"blk.{i}.{gg}.weight", np.stack([raw(t[p + f"mlp.experts.{e}.{proj}.weight"]) for e in range(E)]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize(src: Path, dst: Path, gguf_type: str, threads: int) -> None:
+    import llama_cpp
+
+    ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+             "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[gguf_type]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_cpp_bench.py: llama_model_quantize to {gguf_type} failed ({rc})")
+
+
+def measure(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one run: the prompt in one batch, then greedy single-token steps."""
+    from llama_cpp import Llama
+
+    llm = measure.cache.get(path)
+    if llm is None:
+        measure.cache.clear()
+        # n_batch sizes llama-cpp-python's score rows (one per position, so the whole context); n_ubatch is
+        # the batch llama.cpp computes at once: the whole prompt.
+        n_ctx = len(prompt) + new_tokens + 16
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=len(prompt), n_threads=threads, n_threads_batch=threads, logits_all=False,
+                    verbose=False)
+        measure.cache[path] = llm
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t3 = time.perf_counter()
+    return len(prompt) / (t1 - t0), new_tokens / (t3 - t2)
+
+
+measure.cache = {}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="ci/llama_cpp_bench.sh")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--types", default=",".join(TYPES), help=f"comma-separated GGUF types (default {','.join(TYPES)})")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (the moetier bench: 65 new "
+                                                              "tokens, timed from the first: 64 steps)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="prefill 128, decode 16, one repeat")
+    p.add_argument("--workdir", type=Path, help="where the GGUF files go (default: CHECKPOINT/gguf)")
+    args = p.parse_args()
+    if args.quick:
+        args.prompt_tokens, args.new_tokens, args.repeats = 128, 16, 1
+    types = [x.strip() for x in args.types.split(",") if x.strip()]
+    bad = [x for x in types if x not in TYPES]
+    if bad:
+        p.error(f"unknown GGUF types {bad}; known: {', '.join(TYPES)}")
+    threads = int(os.environ.get("THREADS", "2"))
+    import llama_cpp
+
+    work = args.workdir or args.checkpoint / "gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    bf16 = work / "model-BF16.gguf"
+    if not bf16.exists():
+        print(f"converting {args.checkpoint} to {bf16}", file=sys.stderr)
+        convert_bf16(args.checkpoint, bf16)
+    cfg = json.loads((args.checkpoint / "config.json").read_text())
+    prompt = np.random.default_rng(0).integers(0, cfg["vocab_size"], args.prompt_tokens).tolist()
+    records = []
+    for t in types:
+        path = bf16 if t == "BF16" else work / f"model-{t}.gguf"
+        if not path.exists():
+            print(f"quantizing to {t}", file=sys.stderr)
+            quantize(bf16, path, t, threads)
+        runs = []
+        for i in range(args.repeats + 1):
+            print(f"{t}: {'warm-up' if i == 0 else f'repeat {i}/{args.repeats}'}", file=sys.stderr)
+            r = measure(path, prompt, args.new_tokens, threads)
+            if i:
+                runs.append(r)
+        pre, dec = [r[0] for r in runs], [r[1] for r in runs]
+        records.append({"gguf_type": t, "prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
+                        "prefill_runs": pre, "decode_runs": dec, "file_bytes": path.stat().st_size,
+                        "threads": threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens})
+        print(f"{t}: prefill {records[-1]['prefill_tok_s']:.1f} tok/s, decode {records[-1]['decode_tok_s']:.1f} tok/s",
+              file=sys.stderr)
+    args.out.write_text(json.dumps({
+        "schema": "moetier.bench.llama_cpp/1", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version(),
+        "checkpoint": str(args.checkpoint), "records": records}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
