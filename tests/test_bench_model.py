@@ -130,3 +130,29 @@ def test_quick_preset_and_dims(registry):
     assert (q.hidden, q.experts, q.top_k, q.moe_intermediate, q.heads, q.kv_heads, q.head_dim) == \
         (2048, 128, 8, 768, 32, 4, 128)
     assert replace(q, layers=2).layers == 2
+
+
+def test_fp32_decode_linears_change_only_the_summation_order():
+    """The decode-time fp32 path computes the same exact products as bf16 (bf16 x bf16 is exact in fp32) and
+    rounds to bf16 like it: results differ by at most a couple of bf16 ulps from summation order. Prefill
+    (more rows than max_rows) keeps the bf16 path bit for bit; routed experts are left alone."""
+    from moetier.integrations.transformers.dense import fp32_decode_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16))
+    experts = torch.nn.Module()
+    experts.add_module("w", torch.nn.Linear(256, 8, bias=False).to(torch.bfloat16))
+    model.add_module("experts", experts)
+    x1, x16 = torch.randn(1, 256).to(torch.bfloat16), torch.randn(16, 256).to(torch.bfloat16)
+    before1, before16 = model.proj(x1), model.proj(x16)
+    ref = (x1.double() @ model.proj.weight.double().t() + model.proj.bias.double())
+    assert fp32_decode_linears(model, max_rows=8) == 1
+    after1 = model.proj(x1)
+    assert after1.dtype == torch.bfloat16
+    assert torch.equal(model.proj(x16), before16)
+    # Both round the fp32 sum once to bf16 (8 bits: 2^-8 relative): each within one bf16 ulp of float64.
+    ulp = 2.0 ** -7 * ref.abs()
+    assert ((after1.double() - ref).abs() <= ulp + 1e-6).all()
+    assert ((before1.double() - ref).abs() <= ulp + 1e-6).all()
+    assert not hasattr(model.experts.w, "moetier_fp32_weight")

@@ -73,6 +73,7 @@ class ModelBenchConfig:
     new_tokens: int
     repeats: int
     transformers: bool = True
+    fp32_dense_decode: bool = False  # also time each format with fp32 decode-time dense linears
     quick: bool = False
     seed: int = 0
 
@@ -398,6 +399,16 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
                                    f"{label} {fmt}") if ok else ([], [])
         rows.append(Row(label, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec),
                         dense + expert_decode_bytes(layout, fmt), err, bound, ok, logits_err, this_load))
+        if ok and config.fp32_dense_decode:
+            from ..integrations.transformers.dense import fp32_decode_linears
+
+            fp32_decode_linears(model)
+            fast = f"{label} +fp32 dense"
+            logits_fast = check_error(_logits(model, check_ids), refs[fmt].logits)
+            pre, dec = time_generation(model, prompt, config.new_tokens, config.repeats, status, f"{fast} {fmt}")
+            rows.append(Row(fast, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec),
+                            dense + expert_decode_bytes(layout, fmt), err, bound, ok, logits_fast, this_load,
+                            note="dense linear layers in fp32 for inputs of <= 8 rows (twice their bytes)"))
         if not ok:
             notes.append(f"{label} {fmt}: experts differ from transformers' on the same inputs by {err:.2e} "
                          f"(bound {bound:g}): not timed")
