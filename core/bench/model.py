@@ -306,19 +306,19 @@ def time_generation(model, ids: torch.Tensor, new_tokens: int, repeats: int,
 class ModelBenchResult:
     config: ModelBenchConfig
     rows: list[Row]
-    read_gb_per_s: float  # best pass of the read probe at config.threads, before and after
-    read_runs: list[float]
+    read_gb_per_s: float  # best pass of the read probe at config.threads, before and after each format
+    read_runs: list[float]  # every pass
     notes: list[str] = field(default_factory=list)
 
     def byte_limit(self, bytes_per_token: float) -> float:
         return self.read_gb_per_s * 1e9 / bytes_per_token
 
 
-def _read_probe(inventory, threads: int, quick: bool) -> float:
+def _read_probe(inventory, threads: int, quick: bool) -> list[float]:
+    """GB/s of each pass of the read probe (1 GiB; 256 MiB when quick)."""
     from .probes import DEFAULT_READ_BYTES, QUICK_READ_BYTES, read_bandwidth
 
-    rates = read_bandwidth(inventory, threads, QUICK_READ_BYTES if quick else DEFAULT_READ_BYTES, 3 if quick else 5)
-    return max(rates)
+    return list(read_bandwidth(inventory, threads, QUICK_READ_BYTES if quick else DEFAULT_READ_BYTES, 3))
 
 
 def _release(model) -> None:
@@ -344,7 +344,7 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
     prompt = torch.randint(0, vocab, (1, config.prompt_tokens), generator=g)
     reads = []
     status("read bandwidth probe")
-    reads.append(_read_probe(inventory, config.threads, config.quick))
+    reads += _read_probe(inventory, config.threads, config.quick)
     rows: list[Row] = []
     notes: list[str] = []
 
@@ -416,7 +416,7 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
         model = None
         gc.collect()
         status("read bandwidth probe")
-        reads.append(_read_probe(inventory, config.threads, True))
+        reads += _read_probe(inventory, config.threads, config.quick)
     return ModelBenchResult(config, rows, max(reads), reads, notes)
 
 
@@ -511,6 +511,7 @@ def document(result: ModelBenchResult, inventory, *, command: list[str], llama: 
         "python": platform.python_version(), "machine": inventory.to_dict(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "settings": cfg, "read_gb_per_s": result.read_gb_per_s, "read_runs": result.read_runs,
+        "read_gb_per_s_median": statistics.median(result.read_runs),
         "records": records, "notes": list(result.notes),
     }
 
@@ -553,8 +554,8 @@ def print_report(doc: dict, console) -> None:
     for row in table_rows(doc):
         t.add_row(*row)
     console.print(t)
-    console.print(f"read bandwidth ({s['threads']} threads, best pass of the probe runs in this run): "
-                  f"{doc['read_gb_per_s']:.1f} GB/s; byte limit = that / weight bytes per decode token; "
+    console.print(f"read bandwidth ({s['threads']} threads, {len(doc['read_runs'])} probe passes in this run): best "
+                  f"{doc['read_gb_per_s']:.1f} GB/s, median {doc['read_gb_per_s_median']:.1f} GB/s; byte limit = that / weight bytes per decode token; "
                   "x tf = against the faster transformers; x llama = against llama.cpp's matching GGUF type "
                   "(bf16: BF16, int8: Q8_0, int4: Q4_0); check = the experts' largest relative error over the layers "
                   "against transformers eager's on the same inputs and weights (FAIL: over the format's bound, not "
