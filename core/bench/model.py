@@ -73,7 +73,6 @@ class ModelBenchConfig:
     new_tokens: int
     repeats: int
     transformers: bool = True
-    fp32_dense_decode: bool = False  # also time each format with fp32 decode-time dense linears
     quick: bool = False
     seed: int = 0
 
@@ -399,16 +398,6 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
                                    f"{label} {fmt}") if ok else ([], [])
         rows.append(Row(label, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec),
                         dense + expert_decode_bytes(layout, fmt), err, bound, ok, logits_err, this_load))
-        if ok and config.fp32_dense_decode:
-            from ..integrations.transformers.dense import fp32_decode_linears
-
-            fp32_decode_linears(model)
-            fast = f"{label} +fp32 dense"
-            logits_fast = check_error(_logits(model, check_ids), refs[fmt].logits)
-            pre, dec = time_generation(model, prompt, config.new_tokens, config.repeats, status, f"{fast} {fmt}")
-            rows.append(Row(fast, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec),
-                            dense + expert_decode_bytes(layout, fmt), err, bound, ok, logits_fast, this_load,
-                            note="dense linear layers in fp32 for inputs of <= 8 rows (twice their bytes)"))
         if not ok:
             notes.append(f"{label} {fmt}: experts differ from transformers' on the same inputs by {err:.2e} "
                          f"(bound {bound:g}): not timed")
@@ -461,12 +450,23 @@ def load_llama_cpp(path: str | Path) -> list[dict]:
     return recs
 
 
-def llama_cpp_rows(records: list[dict], layout, dense_bytes: int) -> list[Row]:
+def llama_cpp_rows(records: list[dict], layout, dense_bf16_bytes: int, embedding_params: int) -> list[Row]:
+    """Rows for llama.cpp's records. llama.cpp quantizes the dense weights too (Q8_0 all of them, Q4_K_M to
+    q4_K/q6_K), so its bytes per decode token come from its file: the non-expert bytes (file minus every
+    expert in the type's block bytes), less the embedding table's share (a token reads one row), plus the
+    top-k experts per layer."""
     rows = []
+    dense_params = dense_bf16_bytes / 2
+    experts = [(m.experts.num_experts, m.experts.top_k) for m in layout.moe_layers]
     for r in records:
         t = r["gguf_type"]
-        bytes_fmt = GGUF_BYTES_FORMAT.get(t)
-        per_token = dense_bytes + expert_decode_bytes(layout, bytes_fmt) if bytes_fmt else math.nan
+        fmt = GGUF_BYTES_FORMAT.get(t)
+        per_token = math.nan
+        if fmt and r.get("file_bytes"):
+            eb = layout.moe_layers[0].experts.expert_bytes(fmt)
+            non_expert = r["file_bytes"] - sum(E for E, _ in experts) * eb
+            per_token = non_expert * (1 - embedding_params / (dense_params + embedding_params)) + \
+                sum(k for _, k in experts) * eb
         rows.append(Row("llama.cpp", t, r.get("prefill_tok_s"), r.get("decode_tok_s"),
                         tuple(r.get("prefill_runs", ())), tuple(r.get("decode_runs", ())), per_token, None, None, True,
                         None, note=r.get("note", "")))

@@ -132,9 +132,6 @@ def register(sub) -> None:
                         "(default: a temporary folder, removed after)")
     p.add_argument("--no-transformers", action="store_true", help="do not time transformers (its eager model still "
                                                                   "gives the correctness check)")
-    p.add_argument("--fp32-dense-decode", action="store_true",
-                   help="also time each moetier format with fp32 weights for the dense linear layers at decode "
-                        "(moetier.integrations.transformers.dense), on the same loaded model")
     p.add_argument("--llama-cpp", metavar="RESULTS.json",
                    help="llama.cpp figures on the same checkpoint (from ci/llama_cpp_bench.sh) to show side by side")
     p.add_argument("--quick", action="store_true",
@@ -191,7 +188,7 @@ def run_model(args) -> int:
         dims=dims, backend=name, formats=formats, threads=args.threads,
         prompt_tokens=args.prompt_tokens or (128 if args.quick else 512),
         new_tokens=args.new_tokens or (17 if args.quick else 65), repeats=args.repeats or (1 if args.quick else 3),
-        transformers=not args.no_transformers, fp32_dense_decode=args.fp32_dense_decode, quick=args.quick,
+        transformers=not args.no_transformers, quick=args.quick,
         seed=args.seed)
     if config.new_tokens < 2:
         raise SettingError("--new-tokens must be at least 2 (decode is timed from the first new token to the last)")
@@ -222,9 +219,9 @@ def run_model(args) -> int:
             if llama_records:
                 from ..family import load_layout
 
-                dense = next(r.bytes_per_token for r in result.rows) - mb.expert_decode_bytes(
-                    load_layout(folder, ctx.registry), result.rows[0].format)
-                llama = mb.llama_cpp_rows(llama_records, load_layout(folder, ctx.registry), dense)
+                layout = load_layout(folder, ctx.registry)
+                dense = result.rows[0].bytes_per_token - mb.expert_decode_bytes(layout, result.rows[0].format)
+                llama = mb.llama_cpp_rows(llama_records, layout, dense, config.dims.vocab * config.dims.hidden)
     finally:
         if not args.model:
             shutil.rmtree(folder, ignore_errors=True)
