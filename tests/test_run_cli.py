@@ -5,6 +5,7 @@ errors a user can cause as one line and exit status 2."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,8 @@ def test_run_with_a_memory_budget_and_a_plan_file(model_dirs, tmp_path):
     assert_usage_error(cli("run", folder, "--plan", plan, "--cpu-mem", "4MiB", "--prompt", PROMPT), "--plan", "--cpu-mem")
     assert_usage_error(cli("run", folder, "--cpu-mem", "1KiB", "--prompt", PROMPT, *THREADS), "does not fit")
     assert_usage_error(cli("run", folder, "--plan", tmp_path / "none.json", "--prompt", PROMPT), "no such file")
+    # --gpu-mem where there is no accelerator (a recorded 2-core machine): said at once, never a plan for a
+    # GPU this run cannot use
+    zen4 = Path(__file__).parent / "inventories" / "zen4_avx512_2core.json"
+    assert_usage_error(cli("run", folder, "--gpu-mem", "1GiB", "--inventory", zen4, "--prompt", PROMPT, *THREADS),
+                       "--gpu-mem: this machine has no accelerator", "--gpu-mem 0")
