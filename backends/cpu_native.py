@@ -11,8 +11,7 @@ from moetier import BackendSpec, Probe, hookimpl
 from moetier.errors import KernelVariantError
 
 from .native import ENV_VARIANT, VARIANT_FEATURES, choose_variant, is_built, missing_features
-
-FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
+from .native.backend import NATIVE_FORMATS as FORMATS
 
 # backend -> its variants (best first) and the score of each
 BACKENDS = {

@@ -254,7 +254,21 @@ def convert(q: QuantizedTensor, fmt: str | WeightFormat) -> QuantizedTensor:
     fmt = get_format(fmt)
     if q.fmt == fmt:
         return q
+    if q.fmt.name == "q4_0" and fmt.name == "int4_g32":
+        return _q4_0_as_int4_g32(q)
     return quantize(dequantize(q, torch.float32), fmt)
+
+
+def _q4_0_as_int4_g32(q: QuantizedTensor) -> QuantizedTensor:
+    """Q4_0 is symmetric int4 in groups of 32 (x = d * (u - 8)) with an fp16 scale: the same values in
+    int4_g32, exactly (codes moved between nibbles, d widened to fp32), so the int4 kernels compute it."""
+    out_f, in_f = q.shape
+    blocks = q.data.reshape(out_f, in_f // 32, 18)
+    scales = blocks[..., :2].contiguous().view(torch.float16).reshape(out_f, in_f // 32).to(torch.float32)
+    qs = blocks[..., 2:]
+    u = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(out_f, in_f)  # value j of a block: nibble order
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()  # pack_int4's layout: even column low, stored q+8
+    return QuantizedTensor(FORMATS["int4_g32"], (out_f, in_f), packed, scales.contiguous())
 
 
 def _expand_blocks(scale: torch.Tensor, out_f: int, in_f: int, block: tuple[int, int]) -> torch.Tensor:

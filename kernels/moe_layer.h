@@ -334,14 +334,10 @@ inline void run_dot(int path, int fmt, int mb, const Panels& pn, const Geometry&
         default: run_dot_m<NP, 8>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
     }
 }
-// A whole bundle (`np` = 1-4 panels) x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode).
-inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometry& g, const int8_t* const* xq,
-                        const int32_t* const* xc, const float* xs, float* o) {
-    auto go = [&](auto MC, auto NC) {
-        constexpr int MM = decltype(MC)::value, NN = decltype(NC)::value;
-        if (fmt == I4) gemm_int8dot<true, MM, NN>(pn, g, xq, xc, xs, o);
-        else gemm_int8dot<false, MM, NN>(pn, g, xq, xc, xs, o);
-    };
+// Calls go(MC, NC) with MC = mb (1..4 tokens) and NC = np (1..4 panels) as compile-time constants: the
+// kernels of a whole bundle are instantiated once per (tokens, panels) pair.
+template <class Go>
+inline void bundle_tiles(int np, int mb, Go&& go) {
     auto with_np = [&](auto MC) {
         switch (np) {
             case 1: go(MC, std::integral_constant<int, 1>{}); break;
@@ -356,6 +352,15 @@ inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometr
         case 3: with_np(std::integral_constant<int, 3>{}); break;
         default: with_np(std::integral_constant<int, 4>{}); break;
     }
+}
+// A whole bundle (`np` = 1-4 panels) x up to DECODE_MAX_TOKENS tokens on the int8 dot kernel (decode).
+inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometry& g, const int8_t* const* xq,
+                        const int32_t* const* xc, const float* xs, float* o) {
+    bundle_tiles(np, mb, [&](auto MC, auto NC) {
+        constexpr int MM = decltype(MC)::value, NN = decltype(NC)::value;
+        if (fmt == I4) gemm_int8dot<true, MM, NN>(pn, g, xq, xc, xs, o);
+        else gemm_int8dot<false, MM, NN>(pn, g, xq, xc, xs, o);
+    });
 }
 // fp8 on the VBMI kernels: decode (mb <= DECODE_MAX_TOKENS, a whole bundle of np <= 4 panels, split 1
 // or 2) or prefill (mb <= DOT_BLOCK, np <= 2, split 1).
@@ -395,21 +400,9 @@ inline void fp8_dot(int np, int mb, int split, const Panels& pn, const Geometry&
 }
 // A whole bundle (np <= 4 panels) x mb <= BUNDLE_TOKENS tokens on the vdpbf16ps kernel.
 inline void bf16_bundle(int np, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* o) {
-    auto go = [&](auto MC, auto NC) { gemm_bf16dot<decltype(MC)::value, decltype(NC)::value>(pn, g, xb, o); };
-    auto with_np = [&](auto MC) {
-        switch (np) {
-            case 1: go(MC, std::integral_constant<int, 1>{}); break;
-            case 2: go(MC, std::integral_constant<int, 2>{}); break;
-            case 3: go(MC, std::integral_constant<int, 3>{}); break;
-            default: go(MC, std::integral_constant<int, 4>{}); break;
-        }
-    };
-    switch (mb) {
-        case 1: with_np(std::integral_constant<int, 1>{}); break;
-        case 2: with_np(std::integral_constant<int, 2>{}); break;
-        case 3: with_np(std::integral_constant<int, 3>{}); break;
-        default: with_np(std::integral_constant<int, 4>{}); break;
-    }
+    bundle_tiles(np, mb, [&](auto MC, auto NC) {
+        gemm_bf16dot<decltype(MC)::value, decltype(NC)::value>(pn, g, xb, o);
+    });
 }
 #else
 constexpr int DOT_BLOCK = 4;

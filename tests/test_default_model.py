@@ -19,7 +19,7 @@ from moetier.errors import CheckpointError
 from moetier.formats import dequantize, quantize
 from moetier.model_zoo import default_model
 from moetier.model_zoo.default_model import corpus, evaluate, train
-from moetier.placement import ActivationStats
+from moetier.placement import ActivationStats, spread_order
 
 MOETIER = Path(sys.executable).parent / "moetier"
 
@@ -227,3 +227,59 @@ def test_perplexity_per_format_within_bounds(sample):
     for fmt, bound in RATIO_BOUNDS.items():
         assert ppl[fmt] / ppl["bf16"] <= bound, (fmt, ppl)
     assert ppl["int4_g32"] != ppl["bf16"]  # the round trip changed the model
+
+
+# ---- placement plans judged on held-out text --------------------------------------------------------------
+
+INVENTORIES = Path(__file__).parent / "inventories"
+
+
+@pytest.fixture(scope="module")
+def train_sample(shipped):
+    return evaluate.corpus_windows(shipped[2], "train", max_windows=4)
+
+
+def test_placement_plans_hold_a_quarter_of_the_experts_and_rank_by_the_statistics(shipped, sample, train_sample):
+    _, model, _ = shipped
+    train_stats = evaluate.route_counts(model, train_sample)
+    judged = evaluate.placement_shares(train_stats, evaluate.route_counts(model, sample))
+    on_train = evaluate.placement_shares(train_stats, train_stats)
+    E, L = train_stats.num_experts, len(train_stats.layers)
+    assert [(r.strategy, r.with_stats) for r in judged] == list(evaluate.PLACEMENTS)
+    for r in judged + on_train:
+        assert r.fast_tier.startswith("cuda:") and r.fast.shape == (L, E)
+        assert int(r.fast.sum()) == sum(r.fast_per_layer) == L * E // 4, r
+        assert all(0.0 <= x <= 1.0 for x in r.per_layer) and 0.0 <= r.overall <= 1.0, r
+        # Every token makes k choices in every layer, so the overall share is the layers' mean.
+        assert r.overall == pytest.approx(sum(r.per_layer) / L)
+    for a, b in zip(judged, on_train):  # a plan depends on its statistics only, not on the text judging it
+        assert torch.equal(a.fast, b.fast)
+
+    by = {(r.strategy, r.with_stats): r for r in on_train}
+    # uniform (builtin_strategies): the same number per layer; with statistics each layer's hottest (ties
+    # by id, PlacementProblem.ranked), without them spread over the ids (spread_order's first quarter).
+    spread = set(spread_order(E)[:E // 4])
+    for row, layer in enumerate(train_stats.layers):
+        c = train_stats.row(layer)
+        busiest = sorted(range(E), key=lambda e: (-int(c[e]), e))[:E // 4]
+        assert set(by["uniform", True].fast[row].nonzero().flatten().tolist()) == set(busiest)
+        assert set(by["uniform", False].fast[row].nonzero().flatten().tolist()) == spread
+    assert by["uniform", True].per_layer == pytest.approx(evaluate.hot_share(train_stats, train_stats))
+    # frequency-per-layer takes the experts with the largest within-layer shares over all layers: on its own
+    # statistics no choice of as many experts (uniform's included) serves a larger sum of per-layer shares.
+    assert sum(by["frequency-per-layer", True].per_layer) >= sum(by["uniform", True].per_layer) - 1e-12
+    assert by["uniform", True].overall > by["uniform", False].overall  # the statistics matter on this model
+
+
+def test_placement_cli_prints_each_strategy_and_refuses_a_bad_inventory(tmp_path):
+    cmd = [sys.executable, "-m", "moetier.model_zoo.default_model.evaluate", "--placement", "--windows", "1",
+           "--train-windows", "1", "--threads", "1"]
+    run = subprocess.run(cmd + ["--inventory", str(INVENTORIES / "xeon_amx_2socket_rtx4090.json")], cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "fast tier cuda:0: 32 of 128 experts" in run.stdout
+    for strategy, with_stats in evaluate.PLACEMENTS:
+        assert f"| {strategy} | {'training text' if with_stats else 'none'} |" in run.stdout
+    bad = subprocess.run(cmd + ["--inventory", str(tmp_path / "missing.json")], cwd=tmp_path, capture_output=True,
+                         text=True, check=False)
+    assert bad.returncode == 2 and "cannot read hardware inventory" in bad.stderr and "Traceback" not in bad.stderr

@@ -4,7 +4,8 @@ Metaspace BPE over a small alphabet), the text streamed to stdout, the rates and
 errors a user can cause as one line and exit status 2."""
 from __future__ import annotations
 
-import importlib.util
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,14 +135,13 @@ def test_usage_errors(model_dirs, args, needle):
 
 
 def test_default_model():
-    """`default` is the built-in model once the installation ships it; until then a clear error."""
-    r = cli("run", "default", "--prompt", PROMPT, "--max-new-tokens", 4, *THREADS)
-    if importlib.util.find_spec("moetier.model_zoo.default_model") is None:
-        assert_usage_error(r, "default model")
-    else:
-        assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr[-2000:]
-        if r.returncode == 2:
-            assert_usage_error(r, "default model")
+    """The README's main job: the built-in model ships in the package and generates, with its speeds."""
+    r = cli("run", "default", "--prompt", PROMPT, "--max-new-tokens", 8, *THREADS)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.strip(), "no text was generated"
+    assert re.search(r"^prefill +9 tokens in [0-9.]+ s: [0-9.]+ tokens/s$", r.stderr, re.M), r.stderr
+    assert re.search(r"^decode +7 tokens in [0-9.]+ s: [0-9.]+ tokens/s$", r.stderr, re.M), r.stderr
+    assert re.search(r"^experts +cpu:numa0 [0-9.]+ MiB", r.stderr, re.M), r.stderr
 
 
 # ---- moetier stats record --------------------------------------------------------------------------------
@@ -207,3 +207,8 @@ def test_run_with_a_memory_budget_and_a_plan_file(model_dirs, tmp_path):
     assert_usage_error(cli("run", folder, "--plan", plan, "--cpu-mem", "4MiB", "--prompt", PROMPT), "--plan", "--cpu-mem")
     assert_usage_error(cli("run", folder, "--cpu-mem", "1KiB", "--prompt", PROMPT, *THREADS), "does not fit")
     assert_usage_error(cli("run", folder, "--plan", tmp_path / "none.json", "--prompt", PROMPT), "no such file")
+    # --gpu-mem where there is no accelerator (a recorded 2-core machine): said at once, never a plan for a
+    # GPU this run cannot use
+    zen4 = Path(__file__).parent / "inventories" / "zen4_avx512_2core.json"
+    assert_usage_error(cli("run", folder, "--gpu-mem", "1GiB", "--inventory", zen4, "--prompt", PROMPT, *THREADS),
+                       "--gpu-mem: this machine has no accelerator", "--gpu-mem 0")

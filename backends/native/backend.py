@@ -20,11 +20,13 @@ from moetier.errors import DeviceError, DTypeError, ExpertIdError, FormatError, 
     SettingError, ShapeError
 from moetier.experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ForwardInputs, PreparedExperts
 from moetier.runtime.hybrid import HostFunction
-from moetier.formats import WeightFormat
+from moetier.formats import WeightFormat, convert, get_format
 
 from . import load_variant
 
-NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
+NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3", "q4_0")
+# Formats computed by another's kernels after an exact re-encoding at pack time (same values, bit for bit).
+REENCODED = {"q4_0": "int4_g32"}
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
@@ -118,6 +120,9 @@ class NativeBackend(ExpertBackend):
     def pack(self, layer: ExpertLayerSpec, fmt: WeightFormat, experts: Mapping[int, ExpertTensors]):
         if fmt.name not in NATIVE_FORMATS:
             raise FormatError(f"backend {self.name} does not compute format {fmt}")
+        reencode = get_format(REENCODED[fmt.name]) if fmt.name in REENCODED else None
+        if reencode is not None:
+            fmt = reencode
         packed = self._ext.MoELayer(layer.num_experts, layer.hidden_size, layer.intermediate_size, fmt.name,
                                     layer.activation, float(layer.swiglu_alpha), float(layer.swiglu_limit),
                                     bool(layer.has_bias), self.int8_activations, self.fp8_vbmi)
@@ -126,6 +131,9 @@ class NativeBackend(ExpertBackend):
         def add(i_e):
             i, e = i_e
             t = experts[e]
+            if reencode is not None:  # one expert at a time: a lazy source keeps one expert's working set
+                t = ExpertTensors(convert(t.gate, reencode), convert(t.up, reencode), convert(t.down, reencode),
+                                  t.gate_bias, t.up_bias, t.down_bias)
             packed.add_expert(e, _bytes(t.gate.data), _floats(t.gate.scales), _bytes(t.up.data),
                               _floats(t.up.scales), _bytes(t.down.data), _floats(t.down.scales),
                               _floats(t.gate_bias), _floats(t.up_bias), _floats(t.down_bias),

@@ -2,6 +2,7 @@
 
     python -m moetier.model_zoo.default_model.evaluate                  # the shipped checkpoint, whole held-out split
     python -m moetier.model_zoo.default_model.evaluate --windows 8      # a quick sample
+    python -m moetier.model_zoo.default_model.evaluate --placement      # routing only: skew, placement shares
 
 Perplexity takes a *model factory*: a function from a weight-format name to a callable mapping token ids
 [B, T] to logits [B, T, V]. `transformers_factory` builds transformers' own Qwen3-MoE model in fp32 with
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from moetier.errors import SettingError, ShapeError
 from moetier.formats import dequantize, quantize
 from moetier.placement import ActivationStats
 
@@ -171,14 +173,122 @@ def skew(stats: ActivationStats) -> list[LayerSkew]:
     return out
 
 
+def served_share(judged_on: ActivationStats, fast: torch.Tensor) -> list[float]:
+    """Per layer: the share of `judged_on`'s routed token-slots whose expert is marked in `fast` (bool
+    [layers, experts], the experts a placement holds in the fast tier)."""
+    if fast.shape != judged_on.counts.shape:
+        raise ShapeError(f"fast-tier mask {list(fast.shape)} does not match the statistics' "
+                         f"{list(judged_on.counts.shape)} (layers x experts)")
+    served = (judged_on.counts * fast.to(judged_on.counts.dtype)).sum(1).double()
+    return (served / judged_on.counts.sum(1).double()).tolist()
+
+
 def hot_share(chosen_from: ActivationStats, judged_on: ActivationStats, fraction: float = 0.25) -> list[float]:
     """Per layer: the share of `judged_on`'s routed token-slots that the busiest `fraction` of experts by
     `chosen_from`'s counts serve (what a per-layer frequency placement with that fraction in the fast tier
     would serve, when its statistics come from other text)."""
     judged_on.check_layout(chosen_from.layers, chosen_from.num_experts, "the statistics judged")
     n = max(1, math.ceil(chosen_from.num_experts * fraction))
-    hot = chosen_from.counts.topk(n, dim=1).indices
-    return (judged_on.counts.gather(1, hot).sum(1).double() / judged_on.counts.sum(1).double()).tolist()
+    hot = torch.zeros_like(chosen_from.counts, dtype=torch.bool)
+    hot.scatter_(1, chosen_from.counts.topk(n, dim=1).indices, True)
+    return served_share(judged_on, hot)
+
+
+# ---- placement plans judged on other text ------------------------------------------------------------------
+
+# (strategy, planned with the statistics): `uniform` without statistics spreads each layer's fast-tier
+# experts over the ids, the baseline that serves about `fraction` of the work; with them it takes each
+# layer's busiest.
+PLACEMENTS = (("uniform", False), ("uniform", True), ("frequency", True), ("frequency-per-layer", True),
+              ("cost", True))
+
+
+@dataclass(frozen=True)
+class PlacementShare:
+    """One strategy's plan: `fast` (bool [layers, experts]) the experts it put on the fast tier, and per
+    layer and over all layers the share of the judged routed token-slots those experts serve."""
+
+    strategy: str
+    with_stats: bool
+    fast_tier: str
+    fast: torch.Tensor
+    per_layer: tuple[float, ...]
+    overall: float
+
+    @property
+    def fast_per_layer(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.fast.sum(1))
+
+
+def placement_shares(plan_stats: ActivationStats, judged_on: ActivationStats, checkpoint: str | Path | None = None,
+                     *, placements: Sequence[tuple[str, bool]] = PLACEMENTS, fraction: float = 0.25, inventory=None,
+                     cpu_mem: int = 2**30) -> list[PlacementShare]:
+    """Make each (strategy, with statistics) placement's two-tier plan of the checkpoint, with `plan_stats`
+    or none, as moetier's planner does for `moetier plan [--stats ...] --strategy S --gpu-mem ... --cpu-mem ...`,
+    and judge it on `judged_on`.
+
+    The fast tier is the planner's accelerator tier, sized in bytes to hold exactly `fraction` of all
+    experts after what the planner reserves there (dense parts, KV cache, activations, device runtime);
+    the rest goes to CPU DRAM (`cpu_mem`, ample for this model). Nothing is computed, so the inventory only
+    names the machine: None reads the one `moetier` would use (detected, or MOETIER_INVENTORY); without an
+    accelerator the planner plans for one (RTX 4090-class speeds), and CPU speeds, which the `cost`
+    strategy reads, are the planner's assumptions for that inventory (no measurement, so plans are
+    reproducible). SettingError when the plan would not hold exactly that many experts there."""
+    from moetier.hardware import load_inventory
+    from moetier.placement.budgets import make_budgets
+    from moetier.placement.models import resolve_model
+    from moetier.placement.planner import make_plan, tier_compute
+    from moetier.placement.speeds import make_speeds
+    from moetier.plugins import get_registry
+    from moetier.selection import select_backends
+
+    registry = get_registry()
+    inventory = inventory if inventory is not None else load_inventory()
+    info = resolve_model(str(checkpoint or checkpoint_dir()), registry)
+    layout, parts = info.layout, info.parts
+    judged_on.check_layout(plan_stats.layers, plan_stats.num_experts, "the statistics judged")
+    cpu_backend = select_backends(registry, inventory).for_device("cpu")
+    if cpu_backend is None:
+        raise SettingError("no CPU backend can run on this inventory (see `moetier doctor`)")
+    accel = {}
+    for spec in sorted(registry.backends.values(), key=lambda s: s.name):
+        if spec.device != "cpu":
+            accel.setdefault(spec.device, spec.name)
+
+    def budgets_for(gpu_mem: int):
+        b = make_budgets(parts, inventory, registry.tiers.values(), gpu_mem=gpu_mem, cpu_mem=cpu_mem, context=SEQ_LEN)
+        fast = b.of_kind("accelerator")
+        if len(fast) != 1:
+            raise SettingError(f"the inventory gives {len(fast)} accelerator tiers; one fast tier is needed "
+                               "(give an inventory with one accelerator, or none)")
+        return b, fast[0]
+
+    probe, fast = budgets_for(1)
+    compute = tier_compute(layout, probe, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
+                           accelerator_backends=accel)
+    sizes = {m.experts.expert_bytes(compute[fast.name].fmt) for m in layout.moe_layers}
+    if len(sizes) != 1:
+        raise SettingError("experts of different sizes: a byte budget cannot hold an exact share of them")
+    total = sum(m.experts.num_experts for m in layout.moe_layers)
+    want = round(total * fraction)
+    budgets, fast = budgets_for(fast.reserved_bytes + want * sizes.pop())
+    speeds = make_speeds(budgets, inventory, measure=False, cpu_backend=cpu_backend)
+    out = []
+    for name, with_stats in placements:
+        plan = make_plan(layout, parts, budgets, registry.placement(name), compute,
+                         stats=plan_stats if with_stats else None, speeds=speeds)
+        mask = torch.zeros_like(judged_on.counts, dtype=torch.bool)
+        for row, layer in enumerate(judged_on.layers):
+            for shard in plan.shards(layer):
+                if shard.tier == fast.name:
+                    mask[row, list(shard.experts)] = True
+        if int(mask.sum()) != want:
+            raise SettingError(f"strategy {name!r} put {int(mask.sum())} experts on {fast.name}, not {want} "
+                               f"({fraction:.0%} of {total})")
+        per_layer = served_share(judged_on, mask)
+        overall = float((judged_on.counts * mask).sum()) / judged_on.total
+        out.append(PlacementShare(name, with_stats, fast.name, mask, tuple(per_layer), overall))
+    return out
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
@@ -190,6 +300,32 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:])
 
 
+def print_routing(model, tok, rows: torch.Tensor, train_windows: int | None = None, placement: bool = False,
+                  inventory=None) -> None:
+    """The skew table (held-out `rows`), and with `placement` the share each placement serves from a fast
+    tier with a quarter of the experts, planned on training-text statistics and judged on `rows`."""
+    counts = route_counts(model, rows, source="held-out split")
+    train_rows = corpus_windows(tok, "train", train_windows or rows.shape[0])
+    train_counts = route_counts(model, train_rows, source="training split")
+    print(f"training text for the plans' statistics: {train_rows.shape[0]} windows x {train_rows.shape[1]} tokens")
+    print("\n| layer | top-25% experts' share | max/mean | min/mean | idle experts | top 25% by training-text counts |"
+          "\n|---|---|---|---|---|---|")
+    for s, share in zip(skew(counts), hot_share(train_counts, counts)):
+        print(f"| {s.layer} | {s.top_quarter_share:.3f} | {s.max_over_mean:.2f} | {s.min_over_mean:.2f} | {s.idle} "
+              f"| {share:.3f} |")
+    if not placement:
+        return
+    shares = placement_shares(train_counts, counts, inventory=inventory)
+    layers = " | ".join(f"layer {i}" for i in counts.layers)
+    print(f"\nfast tier {shares[0].fast_tier}: {int(shares[0].fast.sum())} of {counts.counts.numel()} experts"
+          f"\n\n| strategy | statistics | fast-tier experts per layer | held-out share served | {layers} |"
+          f"\n|---|---|---|---|{'---|' * len(counts.layers)}")
+    for r in shares:
+        print(f"| {r.strategy} | {'training text' if r.with_stats else 'none'} "
+              f"| {' / '.join(map(str, r.fast_per_layer))} | {r.overall:.3f} | "
+              + " | ".join(f"{x:.3f}" for x in r.per_layer) + " |")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moetier.model_zoo.default_model.evaluate",
                                 description="Held-out perplexity per weight format, routing skew and a greedy sample.")
@@ -198,8 +334,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, metavar="FMT")
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--placement", action="store_true",
+                   help="only routing: the skew table and the held-out share each placement strategy serves from a "
+                        "fast tier with 25%% of the experts, planned on training-text statistics")
+    p.add_argument("--train-windows", type=int,
+                   help="training-text windows for the statistics (default: as many as the held-out windows)")
+    p.add_argument("--inventory", metavar="FILE.json",
+                   help="a recorded hardware inventory to plan for (default: this machine's)")
     args = p.parse_args(argv)
+    for flag, value in (("--windows", args.windows), ("--train-windows", args.train_windows),
+                        ("--threads", args.threads)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     torch.set_num_threads(args.threads)
+    if args.placement:
+        from moetier.errors import MoetierError
+        from moetier.hardware import load_inventory
+
+        try:
+            inventory = load_inventory(args.inventory) if args.inventory else None
+            tok = load_tokenizer(args.checkpoint)
+            rows = heldout_windows(tok, args.windows)
+            print(f"held-out: {rows.shape[0]} windows x {rows.shape[1]} tokens = {rows.numel()} tokens")
+            print_routing(load_model(args.checkpoint), tok, rows, args.train_windows, placement=True,
+                          inventory=inventory)
+        except MoetierError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     tok = load_tokenizer(args.checkpoint)
     rows = heldout_windows(tok, args.windows)
     print(f"held-out: {rows.shape[0]} windows x {rows.shape[1]} tokens = {rows.numel()} tokens")
@@ -211,13 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {fmt} | {v:.4f} | {'' if base is None else f'{v / base:.4f}'} |")
 
     model = load_model(args.checkpoint)
-    counts = route_counts(model, rows, source="held-out split")
-    train_counts = route_counts(model, corpus_windows(tok, "train", rows.shape[0]), source="training split")
-    print("\n| layer | top-25% experts' share | max/mean | min/mean | idle experts | top 25% by training-text counts |"
-          "\n|---|---|---|---|---|---|")
-    for s, share in zip(skew(counts), hot_share(train_counts, counts)):
-        print(f"| {s.layer} | {s.top_quarter_share:.3f} | {s.max_over_mean:.2f} | {s.min_over_mean:.2f} | {s.idle} "
-              f"| {share:.3f} |")
+    print_routing(model, tok, rows, args.train_windows)
     print(f"\ngreedy from {args.prompt!r}:\n{args.prompt}{generate(model, tok, args.prompt)}")
     log = Path(args.checkpoint or checkpoint_dir()) / "train_log.json"
     if log.is_file():

@@ -152,6 +152,10 @@ def plan_from_budgets(folder: Path, layout, registry, inventory, *, cpu_backend:
     from ...placement.speeds import make_speeds
     from ...placement.stats import ActivationStats
 
+    if gpu_mem and not inventory.accelerators:
+        # `moetier plan` may plan for a GPU this machine lacks; a run here cannot use one.
+        raise SettingError("--gpu-mem: this machine has no accelerator (see `moetier doctor`); leave it out or "
+                           "give --gpu-mem 0 to run on the CPU")
     info = resolve_model(str(folder), registry)
     if stats is not None and not isinstance(stats, ActivationStats):
         m0 = layout.moe_layers[0].experts
