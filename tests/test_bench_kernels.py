@@ -12,6 +12,7 @@ from moetier.bench.measure import TINY_PLAN, Measurement, quantile, time_calls
 from moetier.bench.probes import measure_limits
 from moetier.bench.workload import (GIB, deepseek_v3, flops_per_forward, plan_copies, qwen3_30b, random_routing,
                                     random_weights, tiny, weight_bytes_per_forward)
+from moetier.conformance.tolerances import tolerance
 from moetier.cli import main
 from moetier.errors import ShapeError
 from moetier.experts import ExpertLayerSpec
@@ -211,6 +212,22 @@ def test_cli_quick_run_writes_json(tmp_path, capsys):
     assert "Machine limits" in capsys.readouterr().out
     text = md.read_text()
     assert text.startswith("- date: ") and inventory.cpu.model in text and "| shape |" in text
+
+
+def test_cli_times_a_gguf_format_on_the_native_kernels(tmp_path):
+    """A block format the backend declares is benched like any other: q4_0 on the native backend."""
+    from moetier.selection import select_backends
+
+    name = select_backends(load_registry(), inventory).for_device("cpu")
+    if name is None or "q4_0" not in load_registry().backend(name).formats:
+        pytest.skip("the chosen CPU backend does not compute q4_0")
+    out = tmp_path / "b.json"
+    rc = main(["bench", "kernels", "--backend", name, "--shapes", "tiny", "--quick", "--batches", "1",
+               "--threads", "1", "--formats", "q4_0", "--no-baseline", "--json", str(out)])
+    assert rc == 0
+    (rec,) = json.loads(out.read_text())["records"]
+    assert (rec["backend"], rec["format"], rec["peak_kind"]) == (name, "q4_0", "int8") and rec["tokens_per_s"] > 0
+    assert rec["check_relerr"] <= tolerance("q4_0")  # checked against the fp32 reference before it was timed
 
 
 def test_cli_rejects_bad_options(capsys):

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ShapeError
 from ..experts import ExpertLayerSpec, ExpertTensors, ExpertWeights
-from ..formats import QuantizedTensor, get_format
+from ..formats import QuantizedTensor, get_format, quantize
 
 GIB = 1 << 30
 # The formats the benchmark covers by default (fp32/fp16 are storage formats no fast path targets).
@@ -140,7 +140,8 @@ def random_matrix(out_f: int, in_f: int, fmt: str, g: torch.Generator) -> Quanti
     quantizing a float matrix) keeps a model-sized layer's setup to seconds. Magnitudes follow
     1/sqrt(in_f) so outputs stay finite: bf16/fp16/fp32 values have a random sign and mantissa and an
     exponent spread over four octaves below 2/sqrt(in_f); int8 codes are in [-127, 127] and int4 codes in
-    [-7, 7] (the reference quantizer's ranges); fp8 codes are every finite e4m3 value.
+    [-7, 7] (the reference quantizer's ranges); fp8 codes are every finite e4m3 value; block formats
+    are a normal matrix quantized.
     """
     f = get_format(fmt)
     top = 2.0 / math.sqrt(in_f)
@@ -168,7 +169,9 @@ def random_matrix(out_f: int, in_f: int, fmt: str, g: torch.Generator) -> Quanti
         br, bc = f.block
         scales = (0.5 + torch.rand(math.ceil(out_f / br), math.ceil(in_f / bc), generator=g)) * (top / 448)
         return QuantizedTensor(f, (out_f, in_f), codes.view(torch.float8_e4m3fn).contiguous(), scales.contiguous())
-    raise ShapeError(f"no random generator for format {f}")
+    # Block formats (GGUF, MXFP4): a random normal matrix through the reference quantizer (slower, but their
+    # scales sit inside the blocks and every byte pattern is not a valid block).
+    return quantize(torch.randn(out_f, in_f, generator=g) * (top / 2), f)
 
 
 def random_weights(layer: ExpertLayerSpec, fmt: str, seed: int) -> ExpertWeights:

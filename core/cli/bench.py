@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..bench.workload import BENCH_FORMATS, GIB, SHAPE_NAMES
+from ..formats import FORMATS
 from ..errors import BackendUnavailable, MoetierError, SettingError
 from .options import add_backend_options, check_writable, load_context, positive_int
 
@@ -47,8 +48,8 @@ def register(sub) -> None:
                                         "else the CPU backend `moetier doctor` chooses)")
     p.add_argument("--shapes", type=_csv("shape", SHAPE_NAMES), metavar="LIST",
                    help=f"comma-separated shapes (default: qwen3-30b,deepseek-v3; known: {', '.join(SHAPE_NAMES)})")
-    p.add_argument("--formats", type=_csv("format", BENCH_FORMATS + ("fp16", "fp32")), metavar="LIST",
-                   help="comma-separated weight formats (default: every one of "
+    p.add_argument("--formats", type=_csv("format", tuple(FORMATS)), metavar="LIST",
+                   help="comma-separated weight formats, any the backend declares (default: every one of "
                         f"{','.join(BENCH_FORMATS)} the backend declares)")
     p.add_argument("--batches", type=_csv("int"), metavar="LIST", help="tokens per forward (default: 1,4,128,512)")
     p.add_argument("--threads", type=_csv("int"), metavar="LIST", help="thread counts (default: 1,2)")
