@@ -201,3 +201,13 @@ def test_every_argument_has_help():
 
     missing = [(" ".join(path), a.dest) for path, a in walk(build_parser(), ["moetier"]) if not a.help]
     assert not missing, missing
+
+
+def test_default_names_the_built_in_model_in_every_command_that_takes_a_model():
+    """`default` is a model name wherever a MODEL is asked for, not only in `moetier run`."""
+    for args, needle in ((("plan", "default", "--gpu-mem", "0"), "predicted decode"),
+                         (("zoo", "show", "default"), "(qwen)"),
+                         (("zoo", "run", "default", "--tokens", "4"), "OK: 4 MoE layers")):
+        r = moetier(*args)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert needle in r.stdout, (args, r.stdout[-2000:])

@@ -102,3 +102,21 @@ def check_writable(path: str, what: str) -> Path:
     if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise SettingError(f"cannot write {what} {path}: permission denied")
     return p
+
+
+DEFAULT_MODEL = "default"
+
+
+def named_model(name: str) -> str:
+    """MODEL as a path: `default` is the built-in default model's folder (a folder called default is
+    ./default); any other name is returned as given."""
+    if name != DEFAULT_MODEL:
+        return name
+    import importlib
+
+    try:  # the default model ships with the model zoo; found by its documented module path
+        default_model = importlib.import_module("moetier.model_zoo.default_model")
+    except ImportError:
+        raise SettingError("the built-in default model is not part of this installation; name a checkpoint "
+                           "folder (with config.json, safetensors and a tokenizer) instead") from None
+    return str(default_model.checkpoint_dir())

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import SettingError
-from .options import add_backend_options, check_writable, load_context, positive_int
+from .options import add_backend_options, check_writable, load_context, named_model, positive_int
 
 MODEL_HELP = ("checkpoint folder (config.json, index and safetensors headers are read, never the weights), a "
               "config.json, or a model version with published dimensions (e.g. DeepSeek-V3, Qwen3-30B-A3B)")
@@ -136,7 +136,7 @@ def run(args) -> int:
     if args.model is None:
         raise SettingError("name the MODEL to plan (a checkpoint folder, a config.json or a version such as "
                            "DeepSeek-V3)")
-    info = resolve_model(args.model, registry)
+    info = resolve_model(named_model(args.model), registry)
     layout, parts = info.layout, info.parts
     if not layout.moe_layers:
         raise SettingError(f"{layout.version} has no MoE layer: nothing to place")

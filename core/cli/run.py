@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SettingError
-from .options import add_backend_options, load_context, positive_int
+from .options import DEFAULT_MODEL, add_backend_options, load_context, named_model, positive_int
 
 MODEL_HELP = ("checkpoint folder (config.json, safetensors and a tokenizer), its config.json, or `default` for "
               "the built-in default model (name a folder called default as ./default)")
@@ -71,15 +71,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def resolve_model(name: str) -> Path:
     """The checkpoint folder MODEL names: `default` is the built-in model, anything else a folder or config.json."""
-    if name == "default":
-        import importlib
-
-        try:  # the default model ships with the model zoo; the CLI finds it by its documented module path
-            default_model = importlib.import_module("moetier.model_zoo.default_model")
-        except ImportError:
-            raise SettingError("the built-in default model is not part of this installation; name a checkpoint "
-                               "folder (with config.json, safetensors and a tokenizer) instead") from None
-        return Path(default_model.checkpoint_dir())
+    if name == DEFAULT_MODEL:
+        return Path(named_model(name))
     from ..integrations.transformers.loader import checkpoint_folder
 
     folder = checkpoint_folder(name)

@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import LayoutError, SettingError
-from .options import add_backend_options, add_plugin_option, load_context, positive_int
+from .options import add_backend_options, add_plugin_option, load_context, named_model, positive_int
 
-MODEL_HELP = "checkpoint folder (with config.json and safetensors), its config.json, or a .gguf file"
+MODEL_HELP = ("checkpoint folder (with config.json and safetensors), its config.json, a .gguf file, or `default` "
+              "for the built-in default model")
 
 
 def register(sub) -> None:
@@ -140,6 +141,7 @@ def _print_summary(console: Console, s: dict) -> None:
 
 
 def run_show(args) -> int:
+    args.path = named_model(args.path)
     from ..checkpoint import Checkpoint
     from ..checkpoint.experts import verify_checkpoint
     from ..checkpoint.gguf import is_gguf
@@ -196,6 +198,7 @@ def run_show(args) -> int:
 
 
 def run_layers(args) -> int:
+    args.path = named_model(args.path)
     from ..checkpoint.gguf import is_gguf
     from ..runtime.gguf_model import run_gguf
     from ..runtime.layer_check import run_checkpoint, run_with_plan
