@@ -413,6 +413,27 @@ def on_device(t: torch.Tensor, device: torch.device) -> bool:
     return t.device.index == device.index
 
 
+def check_static_inputs(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
+                        batch_size: int, hidden_size: int, top_k: int, device: torch.device) -> None:
+    """The checks a fixed-batch runner (a CUDA-graph step) can make without reading values: types,
+    shapes for its batch size, device and dtypes. Value checks would synchronize with the device."""
+    B, H, k = batch_size, hidden_size, top_k
+    for name, t, shape in (("hidden", hidden, (B, H)), ("topk_ids", topk_ids, (B, k)),
+                           ("topk_weights", topk_weights, (B, k))):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ShapeError(f"{name} must be {list(shape)} for this runner (batch size {B}), got {list(t.shape)}")
+        if not on_device(t, device):
+            raise DeviceError(f"{name} is on {t.device}, but this runner computes on {device}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16):
+        raise DTypeError(f"hidden must be float32 or bfloat16, got {hidden.dtype}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise DTypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+
+
 def check_expert_tensors(layer: ExpertLayerSpec, expert_id: int, t: ExpertTensors) -> None:
     """Shapes of one expert against its layer; raises ShapeError naming the expert and the matrix."""
     h, i = layer.hidden_size, layer.intermediate_size

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from moetier.errors import BackendUnavailable, DeviceError, DTypeError, FormatError, ShapeError
-from moetier.experts import PreparedExperts, on_device
+from moetier.errors import BackendUnavailable, DTypeError, FormatError, ShapeError
+from moetier.experts import PreparedExperts, check_static_inputs
 
 from .forward import moe_forward
 
@@ -81,21 +81,8 @@ class DecodeRunner:
 
     def run(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Copy the inputs into the static buffers, compute, return the static output buffer."""
-        B, H, k = self.batch_size, self.hidden.shape[1], self.top_k
-        for name, t, shape in (("hidden", hidden, (B, H)), ("topk_ids", topk_ids, (B, k)),
-                               ("topk_weights", topk_weights, (B, k))):
-            if not isinstance(t, torch.Tensor):
-                raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ShapeError(f"{name} must be {list(shape)} for this runner (batch size {B}), got {list(t.shape)}")
-            if not on_device(t, self.backend.device):
-                raise DeviceError(f"{name} is on {t.device}, but this runner computes on {self.backend.device}")
-        if hidden.dtype not in (torch.float32, torch.bfloat16):
-            raise DTypeError(f"hidden must be float32 or bfloat16, got {hidden.dtype}")
-        if topk_ids.dtype not in (torch.int32, torch.int64):
-            raise DTypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-        if not topk_weights.is_floating_point():
-            raise DTypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+        check_static_inputs(hidden, topk_ids, topk_weights, batch_size=self.batch_size,
+                            hidden_size=self.hidden.shape[1], top_k=self.top_k, device=self.backend.device)
         self.hidden.copy_(hidden)
         self.topk_ids.copy_(topk_ids)
         self.topk_weights.copy_(topk_weights)

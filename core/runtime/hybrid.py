@@ -45,7 +45,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..errors import BackendUnavailable, DeviceError, DTypeError, SettingError, ShapeError
-from ..experts import ExpertBackend, ExpertLayerSpec, ExpertSource, ForwardInputs, validate_forward_inputs
+from ..experts import (ExpertBackend, ExpertLayerSpec, ExpertSource, ForwardInputs, check_static_inputs,
+                       validate_forward_inputs)
 from ..offload import StreamDecision, decide_stream
 
 
@@ -602,15 +603,9 @@ class HybridRunner:
 
     def run(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Copy the inputs into the static buffers, compute, return the static output buffer."""
-        B, H, k = self.batch_size, self.step_def.spec.hidden_size, self.top_k
-        for name, t, shape in (("hidden", hidden, (B, H)), ("topk_ids", topk_ids, (B, k)),
-                               ("topk_weights", topk_weights, (B, k))):
-            if not isinstance(t, torch.Tensor):
-                raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ShapeError(f"{name} must be {list(shape)} for this runner (batch size {B}), got {list(t.shape)}")
-            if t.device.type != self.step_def.device.type:
-                raise DeviceError(f"{name} is on {t.device}, but this runner computes on {self.step_def.device}")
+        check_static_inputs(hidden, topk_ids, topk_weights, batch_size=self.batch_size,
+                            hidden_size=self.step_def.spec.hidden_size, top_k=self.top_k,
+                            device=torch.device(self.step_def.device.type))
         self.hidden.copy_(hidden)
         self.topk_ids.copy_(topk_ids)
         self.topk_weights.copy_(topk_weights)
