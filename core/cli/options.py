@@ -24,12 +24,20 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer", "must be at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "a whole number", "must not be negative")
+
+
+def _int_at_least(text: str, low: int, expected: str, bound: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{bound}, got {value}")
     return value
 
 

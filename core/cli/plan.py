@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import SettingError
-from .options import add_backend_options, check_writable, load_context, named_model, positive_int
+from .options import add_backend_options, check_writable, load_context, named_model, non_negative_int, positive_int
 
 MODEL_HELP = ("checkpoint folder (config.json, index and safetensors headers are read, never the weights), a "
               "config.json, or a model version with published dimensions (e.g. DeepSeek-V3, Qwen3-30B-A3B)")
@@ -38,16 +38,6 @@ def _mix(text: str) -> float:
     if d < 0 or p < 0 or d + p == 0:
         raise argparse.ArgumentTypeError(f"the ratio must be two non-negative numbers, not both 0, got {text!r}")
     return d / (d + p)
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
-    return v
 
 
 def register(sub) -> None:
@@ -76,9 +66,9 @@ def register(sub) -> None:
                    help="format of CPU experts, converted on load, e.g. int4_g64 (default: as shipped)")
     p.add_argument("--cpu-copies", action="store_true",
                    help="also keep a CPU copy of every accelerator expert (hot-swap headroom; off by default)")
-    p.add_argument("--min-per-layer", type=_count, metavar="N", help="frequency*, cost: at least N fast-tier experts "
+    p.add_argument("--min-per-layer", type=non_negative_int, metavar="N", help="frequency*, cost: at least N fast-tier experts "
                                                                      "per MoE layer")
-    p.add_argument("--max-per-layer", type=_count, metavar="N", help="frequency*, cost: at most N fast-tier experts "
+    p.add_argument("--max-per-layer", type=non_negative_int, metavar="N", help="frequency*, cost: at most N fast-tier experts "
                                                                      "per MoE layer")
     p.add_argument("--seed", type=int, metavar="N", help="random: the seed (default 0)")
     p.add_argument("--rule", action="append", metavar="PATTERN=TIER",
