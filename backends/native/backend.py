@@ -6,6 +6,7 @@ which runs in the extension's own pinned thread pool with the GIL released.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Mapping
@@ -120,9 +121,9 @@ class NativeBackend(ExpertBackend):
     def pack(self, layer: ExpertLayerSpec, fmt: WeightFormat, experts: Mapping[int, ExpertTensors]):
         if fmt.name not in NATIVE_FORMATS:
             raise FormatError(f"backend {self.name} does not compute format {fmt}")
-        reencode = get_format(REENCODED[fmt.name]) if fmt.name in REENCODED else None
-        if reencode is not None:
-            fmt = reencode
+        reencode = fmt.name in REENCODED
+        if reencode:
+            fmt = get_format(REENCODED[fmt.name])
         packed = self._ext.MoELayer(layer.num_experts, layer.hidden_size, layer.intermediate_size, fmt.name,
                                     layer.activation, float(layer.swiglu_alpha), float(layer.swiglu_limit),
                                     bool(layer.has_bias), self.int8_activations, self.fp8_vbmi)
@@ -131,9 +132,8 @@ class NativeBackend(ExpertBackend):
         def add(i_e):
             i, e = i_e
             t = experts[e]
-            if reencode is not None:  # one expert at a time: a lazy source keeps one expert's working set
-                t = ExpertTensors(convert(t.gate, reencode), convert(t.up, reencode), convert(t.down, reencode),
-                                  t.gate_bias, t.up_bias, t.down_bias)
+            if reencode:  # one expert at a time: a lazy source keeps one expert's working set
+                t = dataclasses.replace(t, gate=convert(t.gate, fmt), up=convert(t.up, fmt), down=convert(t.down, fmt))
             packed.add_expert(e, _bytes(t.gate.data), _floats(t.gate.scales), _bytes(t.up.data),
                               _floats(t.up.scales), _bytes(t.down.data), _floats(t.down.scales),
                               _floats(t.gate_bias), _floats(t.up_bias), _floats(t.down_bias),

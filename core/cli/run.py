@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SettingError
-from .options import DEFAULT_MODEL, add_backend_options, load_context, named_model, positive_int
+from .options import add_backend_options, load_context, named_model, positive_int
 
 MODEL_HELP = ("checkpoint folder (config.json, safetensors and a tokenizer), its config.json, or `default` for "
               "the built-in default model (name a folder called default as ./default)")
@@ -71,11 +71,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def resolve_model(name: str) -> Path:
     """The checkpoint folder MODEL names: `default` is the built-in model, anything else a folder or config.json."""
-    if name == DEFAULT_MODEL:
-        return Path(named_model(name))
     from ..integrations.transformers.loader import checkpoint_folder
 
-    folder = checkpoint_folder(name)
+    folder = checkpoint_folder(named_model(name))
     if not (folder / "config.json").is_file():
         raise SettingError(f"model {name}: {folder} has no config.json; name a checkpoint folder or its config.json")
     return folder
