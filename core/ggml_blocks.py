@@ -95,50 +95,54 @@ def pack_scale_min(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
                      dim=1)
 
 
-# ---- dequantize: uint8 blocks [n, type_size] -> fp32 [n, block_size] -----------------------------------
+# ---- decode: uint8 blocks [n, type_size] -> codes and sub-block scales (and mins) ----------------------
 
-def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(b[:, :2])
+@dataclass(frozen=True, eq=False)
+class AffineParts:
+    """A block format's values as integer codes and per-sub-block fp32 terms: for value j of a row,
+    x[j] = scales[j // group] * codes[j] - mins[j // group] (in fp32, in that order: the product is exact,
+    the subtraction rounds once). Every dequantizer here is this; kernels can compute on the parts."""
+
+    codes: torch.Tensor  # int8 [rows, in]: q8_0 -128..127, q4_0 -8..7, q4_k 0..15, q5_k 0..31, q6_k -32..31
+    scales: torch.Tensor  # fp32 [rows, in / group]
+    mins: torch.Tensor | None  # fp32 [rows, in / group] (q4_k, q5_k), else None
+    group: int  # values per sub-block
 
 
-def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
+def _parts_q8_0(b: torch.Tensor):
+    return b[:, 2:].contiguous().view(torch.int8), _f16(b[:, :2]), None
+
+
+def _parts_q4_0(b: torch.Tensor):
     qs = b[:, 2:]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.int8) - 8
-    return _f16(b[:, :2]) * q.to(torch.float32)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.int8) - 8, _f16(b[:, :2]), None
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = b.shape[0]
     sc, mn = scale_min(b[:, 4:16])
-    d = (_f16(b[:, 0:2]) * sc.to(torch.float32)).view(n, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn.to(torch.float32)).view(n, 8, 1)
-    return d, dm
+    return _f16(b[:, 0:2]) * sc.to(torch.float32), _f16(b[:, 2:4]) * mn.to(torch.float32)
 
 
-def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+def _parts_q4_k(b: torch.Tensor):
     n = b.shape[0]
-    d, dm = _k_scales(b)
     q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F
-    return (d * q.reshape(n, 8, 32).to(torch.float32) - dm).reshape(n, QK_K)
+    return (q.reshape(n, QK_K).to(torch.int8), *_k_scales(b))
 
 
-def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
+def _parts_q5_k(b: torch.Tensor):
     n = b.shape[0]
-    d, dm = _k_scales(b)
     ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F).reshape(n, 8, 32)
     qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(*range(8), shape=(1, 1, 8, 1))) & 0x01).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).to(torch.float32)
-    return (d * q - dm).reshape(n, QK_K)
+    return ((ql | (qh << 4)).reshape(n, QK_K).to(torch.int8), *_k_scales(b))
 
 
-def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
+def _parts_q6_k(b: torch.Tensor):
     n = b.shape[0]
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-    d = (_f16(b[:, 208:210]) * scales).view(n, 16, 1)
     ql = ((b[:, 0:128].reshape(n, 2, 1, 64) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F).reshape(n, 8, 32)
     qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & 0x03).reshape(n, 8, 32)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
-    return (d * q).reshape(n, QK_K)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, QK_K)
+    return q, _f16(b[:, 208:210]) * scales, None
 
 
 # ---- quantize: fp32 [n, block_size] -> uint8 blocks [n, type_size] -----------------------------------
@@ -245,16 +249,31 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), sc.to(torch.int8).view(_U8), d_b], dim=1)
 
 
-_DEQUANT = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q5_k": _deq_q5_k, "q6_k": _deq_q6_k}
+# name -> (decoder of blocks, values per sub-block)
+_PARTS = {"q8_0": (_parts_q8_0, 32), "q4_0": (_parts_q4_0, 32), "q4_k": (_parts_q4_k, 32),
+          "q5_k": (_parts_q5_k, 32), "q6_k": (_parts_q6_k, 16)}
 _QUANT = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k}
+
+
+def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts:
+    """uint8 [rows, in/block_size * type_size] -> the rows' codes, sub-block scales and mins."""
+    bt = BLOCK_TYPES[name]
+    decode, group = _PARTS[name]
+    rows = data.shape[0]
+    codes, scales, mins = decode(data.contiguous().view(-1, bt.type_size))
+    per_row = in_features // group
+    return AffineParts(codes.reshape(rows, in_features), scales.reshape(rows, per_row),
+                       None if mins is None else mins.reshape(rows, per_row), group)
 
 
 def dequantize_rows(name: str, data: torch.Tensor, in_features: int) -> torch.Tensor:
     """uint8 [rows, in/block_size * type_size] -> fp32 [rows, in_features], as gguf.quants.dequantize."""
-    bt = BLOCK_TYPES[name]
+    p = affine_parts(name, data, in_features)
     rows = data.shape[0]
-    blocks = data.contiguous().view(-1, bt.type_size)
-    return _DEQUANT[name](blocks).reshape(rows, in_features)
+    x = p.scales.unsqueeze(2) * p.codes.view(rows, -1, p.group).to(torch.float32)
+    if p.mins is not None:
+        x = x - p.mins.unsqueeze(2)
+    return x.reshape(rows, in_features)
 
 
 def quantize_rows(name: str, w: torch.Tensor) -> torch.Tensor:

@@ -135,10 +135,11 @@ struct TaskQueue {
 class MoELayer {
    public:
     // fp8_vbmi: compute fp8 with the VBMI kernels (fp8_vbmi.h) where this build and CPU can.
+    // mins: int4 / grouped int8 with a min per row and group (packed_format.h).
     MoELayer(int num_experts, int H, int I, int fmt, int group, int act, float alpha, float limit, bool has_bias,
-             bool int8_activations, bool fp8_vbmi = true)
+             bool int8_activations, bool fp8_vbmi = true, bool mins = false)
         : num_experts_(num_experts), H_(H), I_(I), fmt_(fmt), act_(act), alpha_(alpha), limit_(limit),
-          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H), dn_(fmt, group, H, I),
+          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H, mins), dn_(fmt, group, H, I, mins),
           gu_deq_(BF16, 0, I, gu_.Kp), dn_deq_(BF16, 0, H, dn_.Kp) {
         if (num_experts < 1) throw std::invalid_argument("num_experts must be positive");
         if (act != SILU && act != SWIGLU_OAI) throw std::invalid_argument("unknown activation code");
@@ -281,13 +282,13 @@ inline Scratch& thread_scratch() {
 }
 
 // ---- kernel dispatch on the runtime token-block size and panel count ----------------------------------
-template <int NP, class D, bool SC>
+template <int NP, class D, bool SC, bool MN = false>
 MOE_INLINE void run_f32(int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
     switch (mb) {
-        case 1: gemm_f32<D, 1, NP, SC>(pn, g, x, o); break;
-        case 2: gemm_f32<D, 2, NP, SC>(pn, g, x, o); break;
-        case 3: gemm_f32<D, 3, NP, SC>(pn, g, x, o); break;
-        default: gemm_f32<D, 4, NP, SC>(pn, g, x, o); break;
+        case 1: gemm_f32<D, 1, NP, SC, MN>(pn, g, x, o); break;
+        case 2: gemm_f32<D, 2, NP, SC, MN>(pn, g, x, o); break;
+        case 3: gemm_f32<D, 3, NP, SC, MN>(pn, g, x, o); break;
+        default: gemm_f32<D, 4, NP, SC, MN>(pn, g, x, o); break;
     }
 }
 template <int NP>
@@ -296,8 +297,14 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
         case F32: run_f32<NP, DecF32, false>(mb, pn, g, x, o); break;
         case F16: run_f32<NP, DecF16, false>(mb, pn, g, x, o); break;
         case BF16: run_f32<NP, DecBF16, false>(mb, pn, g, x, o); break;
-        case I8: run_f32<NP, DecI8, true>(mb, pn, g, x, o); break;
-        case I4: run_f32<NP, DecI4, true>(mb, pn, g, x, o); break;
+        case I8:
+            if (g.mins) run_f32<NP, DecI8, true, true>(mb, pn, g, x, o);
+            else run_f32<NP, DecI8, true>(mb, pn, g, x, o);
+            break;
+        case I4:
+            if (g.mins) run_f32<NP, DecU4, true, true>(mb, pn, g, x, o);
+            else run_f32<NP, DecI4, true>(mb, pn, g, x, o);
+            break;
         default: run_f32<NP, DecFP8, true>(mb, pn, g, x, o); break;
     }
 }
@@ -313,12 +320,23 @@ inline void run_f32_np(int np, int fmt, int mb, const Panels& pn, const Geometry
 constexpr int F32_BLOCK = 4;
 #if MOETIER_HAS_DOT
 constexpr int DOT_BLOCK = 8;
+// gemm_int8dot for int4 / int8 panels, with or without mins.
+template <int M, int NP>
+MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8_t* const* xq,
+                        const int32_t* const* xc, const float* xs, float* o) {
+    if (fmt == I4) {
+        if (g.mins) gemm_int8dot<true, true, M, NP>(pn, g, xq, xc, xs, o);
+        else gemm_int8dot<true, false, M, NP>(pn, g, xq, xc, xs, o);
+    } else {
+        if (g.mins) gemm_int8dot<false, true, M, NP>(pn, g, xq, xc, xs, o);
+        else gemm_int8dot<false, false, M, NP>(pn, g, xq, xc, xs, o);
+    }
+}
 template <int NP, int M>
 MOE_INLINE void run_dot_m(int path, int fmt, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
                           const int8_t* const* xq, const int32_t* const* xc, const float* xs, float* o) {
     if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pn, g, xb, o);
-    else if (fmt == I4) gemm_int8dot<true, M, NP>(pn, g, xq, xc, xs, o);
-    else gemm_int8dot<false, M, NP>(pn, g, xq, xc, xs, o);
+    else int8dot<M, NP>(fmt, pn, g, xq, xc, xs, o);
 }
 template <int NP>
 inline void run_dot(int path, int fmt, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
@@ -357,9 +375,7 @@ inline void bundle_tiles(int np, int mb, Go&& go) {
 inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometry& g, const int8_t* const* xq,
                         const int32_t* const* xc, const float* xs, float* o) {
     bundle_tiles(np, mb, [&](auto MC, auto NC) {
-        constexpr int MM = decltype(MC)::value, NN = decltype(NC)::value;
-        if (fmt == I4) gemm_int8dot<true, MM, NN>(pn, g, xq, xc, xs, o);
-        else gemm_int8dot<false, MM, NN>(pn, g, xq, xc, xs, o);
+        int8dot<decltype(MC)::value, decltype(NC)::value>(fmt, pn, g, xq, xc, xs, o);
     });
 }
 // fp8 on the VBMI kernels: decode (mb <= DECODE_MAX_TOKENS, a whole bundle of np <= 4 panels, split 1
@@ -453,8 +469,9 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
     }
     *scale = s;
 }
-// The unsigned-weight offset of a format on the vpdpbusd path (gemm_int8dot).
-inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
+// The unsigned-weight offset of a format on the vpdpbusd path (gemm_int8dot); with mins the codes are
+// unsigned already and the kernel wants the plain code sums (1).
+inline int weight_offset(const Geometry& g) { return g.mins ? 1 : g.fmt == I4 ? 8 : 128; }
 
 inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
     for (int t = t0; t < t1; ++t) {
@@ -477,7 +494,7 @@ inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
             }
         }
         if (c.need_xq)
-            quantize_row_i8(x, c.xs, gu_.G, c.xgroups, weight_offset(fmt_), c.Xq + int64_t(t) * c.xs, &c.Xscale[t],
+            quantize_row_i8(x, c.xs, gu_.G, c.xgroups, weight_offset(gu_), c.Xq + int64_t(t) * c.xs, &c.Xscale[t],
                             c.Xcorr + int64_t(t) * c.xgroups);
     }
 }
@@ -633,7 +650,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
 inline void MoELayer::phase_quantize_h(Ctx& c, int r0, int r1) const {
     for (int i = r0; i < r1; ++i) {
         const int64_t r = c.q_rows[i];
-        quantize_row_i8(c.Hf + r * c.hs, c.hs, dn_.G, c.hgroups, weight_offset(fmt_), c.Hq + r * c.hs, &c.Hscale[r],
+        quantize_row_i8(c.Hf + r * c.hs, c.hs, dn_.G, c.hgroups, weight_offset(dn_), c.Hq + r * c.hs, &c.Hscale[r],
                         c.Hcorr + r * c.hgroups);
     }
 }
@@ -847,11 +864,12 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
             else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_ && (prefill || std::min(H_, I_) >= INT8_DECODE_MIN_K))
                 path = P_INT8DOT;
         }
-        // int4 keeps vpdpbusd: its per-group scales would need a tile store per 32-128 columns.
+        // int4 and grouped int8 keep vpdpbusd: per-group scales (and mins) would need a tile store per
+        // 16-128 columns.
         if (MOETIER_HAS_AMX && prefill) {
             if (path == P_BF16DOT) path = P_AMX_BF16;
             else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
-            else if (path == P_INT8DOT && fmt_ == I8) path = P_AMX_INT8;
+            else if (path == P_INT8DOT && fmt_ == I8 && gu_.row_scales) path = P_AMX_INT8;
         }
         c.act_path.push_back(path);
         c.need_xb |= bf16_acts(path);

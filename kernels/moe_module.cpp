@@ -21,6 +21,7 @@ namespace {
 
 struct FormatSpec {
     int fmt, group;
+    bool mins = false;
 };
 
 FormatSpec parse_format(const std::string& name) {
@@ -32,6 +33,13 @@ FormatSpec parse_format(const std::string& name) {
     if (name == "int4_g32") return {I4, 32};
     if (name == "int4_g64") return {I4, 64};
     if (name == "int4_g128") return {I4, 128};
+    // Layouts of GGUF's block formats, which the Python side decodes into codes, scales and mins: int8
+    // with a scale per 32 (q8_0) or 16 (q6_k) columns, unsigned int8 / int4 codes with a scale and a min
+    // per 32 (q5_k / q4_k).
+    if (name == "int8_g32") return {I8, 32};
+    if (name == "int8_g16") return {I8, 16};
+    if (name == "int8_g32_min") return {I8, 32, true};
+    if (name == "int4_g32_min") return {I4, 32, true};
     throw py::value_error("native kernels do not compute format '" + name + "'");
 }
 
@@ -147,7 +155,7 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
                          bool int8_activations, bool fp8_vbmi) {
                  const FormatSpec f = parse_format(fmt);
                  return new MoELayer(num_experts, hidden, intermediate, f.fmt, f.group, activation_code(activation),
-                                     alpha, limit, has_bias, int8_activations, fp8_vbmi);
+                                     alpha, limit, has_bias, int8_activations, fp8_vbmi, f.mins);
              }),
              py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("fmt"),
              py::arg("activation") = "silu", py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f,

@@ -4,12 +4,16 @@
 // 64-byte lines:
 //     for each group of G input columns:
 //         [1 scale line: 16 fp32 scales, one per row]          (int8, int4, fp8 only)
+//         [1 min line: 16 fp32 mins, one per row]              (formats with mins only)
 //         [G x 16 weights in `lines` lines, interleaved per format]
-// Float formats and int8 have one group spanning all (padded) columns. Rows past N and columns past K
-// are zero weights, so odd sizes need no special case in the kernels.
+// Float formats have one group spanning all (padded) columns; int8 too (one scale per row), or groups
+// of 16 or 32 columns. Rows past N and columns past K are zero weights, so odd sizes need no special
+// case in the kernels. Formats with mins (GGUF's K-quants) hold unsigned codes q and mean
+// w = scale * q - min per row and group: sum_k x_k w_k = scale * sum_k x_k q_k - min * sum_k x_k, so a
+// kernel subtracts min times the group's activation sum instead of dequantizing each weight.
 //
 // Panels are stored in bundles of up to four, interleaved line by line: in each group, the scale lines
-// of the bundle's panels, then line 0 of every panel, line 1 of every panel, ... A decode call
+// of the bundle's panels (then their min lines), then line 0 of every panel, line 1 of every panel, ... A decode call
 // computes a whole bundle, so it reads one strictly sequential stream, which the hardware prefetchers
 // follow at full speed (four separate panel streams, or short runs, lose 10-25% of a core's DRAM rate
 // when every byte costs vector work). A kernel that reads fewer panels of a bundle steps over the
@@ -49,19 +53,28 @@ struct Geometry {
     int ngroups = 0;
     int cols_per_line = 0;  // input columns in one 64-byte line of a panel
     int lines = 0;          // weight lines per group and panel
-    int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel
+    int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel (scale_bytes: scale and min lines)
     bool scaled = false;
-    bool fp8_pairs = false;  // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
+    bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
+    bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
+    bool fp8_pairs = false;   // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
 
     Geometry() = default;
-    Geometry(int fmt_, int group, int N_, int K_) : fmt(fmt_), N(N_), K(K_) {
+    // group: int4 32/64/128; int8 0 (one scale per row), 16 or 32; ignored by the other formats.
+    Geometry(int fmt_, int group, int N_, int K_, bool mins_ = false) : fmt(fmt_), N(N_), K(K_), mins(mins_) {
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
         switch (fmt) {
             case F32: cols_per_line = 1; Kp = int(round_up(K, 8)); G = Kp; break;
             case F16: cols_per_line = 2; Kp = int(round_up(K, 8)); G = Kp; break;
             case BF16: cols_per_line = 2; Kp = int(round_up(K, 8)); G = Kp; break;
-            case I8: cols_per_line = 4; Kp = int(round_up(K, 8)); G = Kp; scaled = true; break;
+            case I8:
+                if (group != 0 && group != 16 && group != 32)
+                    throw std::invalid_argument("int8 group size must be 0 (one scale per row), 16 or 32, got " +
+                                                std::to_string(group));
+                cols_per_line = 4; scaled = true; row_scales = group == 0;
+                Kp = int(round_up(K, group ? group : 8)); G = group ? group : Kp;
+                break;
             case I4:
                 if (group != 32 && group != 64 && group != 128)
                     throw std::invalid_argument("int4 group size must be 32, 64 or 128, got " + std::to_string(group));
@@ -69,9 +82,11 @@ struct Geometry {
             case FP8: cols_per_line = 4; Kp = int(round_up(K, FP8_BLOCK)); G = FP8_BLOCK; scaled = true; break;
             default: throw std::invalid_argument("unknown format code " + std::to_string(fmt));
         }
+        if (mins && !(fmt == I4 || (fmt == I8 && !row_scales)))
+            throw std::invalid_argument("per-group mins need int4 or grouped int8 weights");
         ngroups = Kp / G;
         lines = G / cols_per_line;
-        scale_bytes = scaled ? LINE : 0;
+        scale_bytes = scaled ? (mins ? 2 : 1) * LINE : 0;
         group_bytes = scale_bytes + int64_t(lines) * LINE;
         panel_bytes = int64_t(ngroups) * group_bytes;
     }
@@ -85,10 +100,11 @@ struct Geometry {
             default: return int64_t(N) * ((K + 1) / 2);
         }
     }
+    // fp32 scales of the source (formats with mins: the [N, groups] scales, then the [N, groups] mins).
     int64_t src_scale_count() const {
         switch (fmt) {
-            case I8: return N;
-            case I4: return int64_t(N) * ((K + G - 1) / G);
+            case I8: return row_scales ? N : (mins ? 2 : 1) * int64_t(N) * ((K + G - 1) / G);
+            case I4: return (mins ? 2 : 1) * int64_t(N) * ((K + G - 1) / G);
             case FP8: return int64_t((N + FP8_BLOCK - 1) / FP8_BLOCK) * ((K + FP8_BLOCK - 1) / FP8_BLOCK);
             default: return 0;
         }
@@ -105,6 +121,9 @@ struct Panels {
     MOE_INLINE const float* scales(const Geometry& g, int gi, int q) const {
         return reinterpret_cast<const float*>(group(g, gi) + int64_t(q0 + q) * LINE);
     }
+    MOE_INLINE const float* mins(const Geometry& g, int gi, int q) const {
+        return reinterpret_cast<const float*>(group(g, gi) + int64_t(n + q0 + q) * LINE);
+    }
     // line 0 of panel q in group gi; line l is + l * stride()
     MOE_INLINE const uint8_t* weights(const Geometry& g, int gi, int q) const {
         return group(g, gi) + n * g.scale_bytes + int64_t(q0 + q) * LINE;
@@ -120,8 +139,9 @@ inline Panels bundle(const uint8_t* seq, const Geometry& g, int count, int b) {
 inline int bundles(int count) { return (count + BUNDLE - 1) / BUNDLE; }
 
 // Where one panel of a packed sequence comes from: a reference matrix (row-major [N, K] data; int4:
-// [N, ceil(K/2)] bytes, low nibble = even column, stored q+8), its fp32 scales as moetier.formats lays
-// them out (or null), and which of its panels.
+// [N, ceil(K/2)] bytes, low nibble = even column, stored q+8, or q itself with mins), its fp32 scales as
+// moetier.formats lays them out (grouped int8 as int4: [N, ceil(K/G)]; with mins, the mins follow in
+// the same shape), or null, and which of its panels.
 struct PanelSource {
     const uint8_t* data;
     const float* scales;
@@ -135,14 +155,14 @@ template <int FMT>
 void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8_t* dst) {
     const int N = g.N, K = g.K, G = g.G;
     const int K2 = (K + 1) / 2;
-    const int sgroups_in = (K + G - 1) / G;  // int4 scale columns
+    const int sgroups_in = (K + G - 1) / G;  // scale columns (int4, grouped int8)
     const int fp8_cols = (K + FP8_BLOCK - 1) / FP8_BLOCK;
     const int cpl = g.cols_per_line;
     for (int b = 0; b < bundles(count); ++b) {
         const Panels bd = bundle(dst, g, count, b);
         uint8_t* bbase = const_cast<uint8_t*>(bd.base);
         std::memset(bbase, 0, size_t(bd.n * g.panel_bytes));
-        if (FMT == I4)  // code 8 = weight 0: the weight lines of a group are contiguous for the bundle
+        if (FMT == I4 && !g.mins)  // code 8 = weight 0: the weight lines of a group are contiguous for the bundle
             for (int gi = 0; gi < g.ngroups; ++gi)
                 std::memset(bbase + (bd.group(g, gi) - bd.base) + bd.n * g.scale_bytes, 0x88,
                             size_t(bd.n) * g.lines * LINE);
@@ -154,11 +174,14 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
             for (int gi = 0; gi < g.ngroups; ++gi) {
                 uint8_t* w = bbase + (bd.weights(g, gi, q) - bd.base);
                 float* sc = reinterpret_cast<float*>(bbase + (bd.group(g, gi) - bd.base) + q * LINE);
+                float* mn = sc + bd.n * PANEL;  // the min lines follow the bundle's scale lines
                 const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
                 for (int r = 0; r < rows; ++r) {
                     const int row = p * PANEL + r;
-                    if (FMT == I8) sc[r] = ps.scales[row];
-                    else if (FMT == I4) sc[r] = ps.scales[int64_t(row) * sgroups_in + gi];
+                    if ((FMT == I8 && !g.row_scales) || FMT == I4) {
+                        sc[r] = ps.scales[int64_t(row) * sgroups_in + gi];
+                        if (g.mins) mn[r] = ps.scales[(int64_t(N) + row) * sgroups_in + gi];
+                    } else if (FMT == I8) sc[r] = ps.scales[row];
                     else if (FMT == FP8) sc[r] = ps.scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;
                 }
                 // 32 columns x 16 rows at a time: the destination block stays in L1, every source row is
@@ -257,6 +280,16 @@ struct DecI4 {
     static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
         R r = rload(p);
         unroll<8>([&](auto J) { fn(J, i4_get<decltype(J)::value>(r)); });
+    }
+};
+// int4 with mins: the nibbles are the codes q in 0..15 themselves (i4_get reads them as q - 8).
+struct DecU4 {
+    static constexpr int UK = 8;
+    template <class Fn>
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
+        R r = rload(p);
+        const V eight = vset1(8.f);
+        unroll<8>([&](auto J) { fn(J, vadd(i4_get<decltype(J)::value>(r), eight)); });
     }
 };
 

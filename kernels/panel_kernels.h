@@ -6,6 +6,8 @@
 // gemm_bf16dot: vdpbf16ps on the bf16 pair layout; activations rounded to bf16 (prefill).
 // gemm_int8dot: vpdpbusd on int8/int4 with activations quantized per token to int8 (prefill, and decode
 //   on model-sized rows).
+// Formats with mins (w = scale * q - min per row and group, packed_format.h) take MINS = true: the kernels
+// sum x * q per group and subtract min * (the group's activation sum), never dequantizing a weight.
 #pragma once
 #include "packed_format.h"
 
@@ -33,8 +35,21 @@ MOE_INLINE void prefetch_stream(const uint8_t* p, int64_t bytes) {
             _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES + i, MOE_PF_HINT);
 }
 
+// The sum of a vector's 16 lanes.
+MOE_INLINE float vhsum(V a) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps(a.v);
+#else
+    __m256 s = _mm256_add_ps(a.a, a.b);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+#endif
+}
+
 // out[q][m][16] = panels q of `pn` times token rows x[m] (fp32, Kp columns), every format, fp32 math.
-template <class D, int M, int NP, bool SCALED>
+template <class D, int M, int NP, bool SCALED, bool MINS = false>
 void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float* out) {
     constexpr int NA = kAvx512 ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M == 1 ? 2 : 1);
     constexpr int S = D::UK >= 4 ? 1 : 4 / D::UK;  // lines per step (a group has a multiple of S lines)
@@ -71,11 +86,19 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
                 p[q] += S * ls;
             }
         }
+        float xsum[M];  // MINS: the activations' sum over the group's columns (a multiple of 16)
+        if constexpr (MINS)
+            for (int m = 0; m < M; ++m) {
+                V v = vload(xr[m] + k0);
+                for (int j = PANEL; j < g.G; j += PANEL) v = vadd(v, vload(xr[m] + k0 + j));
+                xsum[m] = vhsum(v);
+            }
         for (int q = 0; q < NP; ++q)
             for (int m = 0; m < M; ++m) {
                 V s = t[0][q][m];
                 for (int a = 1; a < NA; ++a) s = vadd(s, t[a][q][m]);
                 acc[q][m] = SCALED ? vfma(s, scl[q], acc[q][m]) : vadd(acc[q][m], s);
+                if constexpr (MINS) acc[q][m] = vfma(vset1(-xsum[m]), vload(pn.mins(g, gi, q)), acc[q][m]);
             }
     }
     for (int q = 0; q < NP; ++q)
@@ -139,7 +162,10 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 //     sum_k q_x (q_w + c) - c sum_k q_x = sum_k q_x q_w        (c = 8 or 128)
 // so every group sum is exact, and a zero activation row (all codes 0, whatever its scale) gives +0.0.
 // xcorr[m][gi] = c * sum of the row's codes in group gi (int8: one group), start value -xcorr.
-template <bool INT4, int M, int NP>
+// MINS: the codes are unsigned already (int4 0..15, int8 0..127), so there is no offset: the sums start
+// at 0, xcorr holds the plain code sums (c = 1), and each group ends with - min * xcorr, again exact
+// zero for a zero row.
+template <bool INT4, bool MINS, int M, int NP>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
     // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
@@ -158,7 +184,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         const uint8_t* p = pn.weights(g, gi, 0);
         __m512i ai[NS][NP][M];
         for (int m = 0; m < M; ++m) {
-            const __m512i c0 = _mm512_set1_epi32(-xcorr[m][gi]);
+            const __m512i c0 = MINS ? _mm512_setzero_si512() : _mm512_set1_epi32(-xcorr[m][gi]);
             for (int q = 0; q < NP; ++q) {
                 ai[0][q][m] = c0;
                 if constexpr (NS == 2) ai[1][q][m] = _mm512_setzero_si512();
@@ -172,8 +198,12 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                 __m512i w0[NP], w1[NP];
                 prefetch_stream(p - pn.q0 * LINE, 2 * ls);
                 for (int q = 0; q < NP; ++q) {
-                    w0[q] = _mm512_xor_si512(_mm512_loadu_si512(p + q * LINE), sign);
-                    w1[q] = _mm512_xor_si512(_mm512_loadu_si512(p + ls + q * LINE), sign);
+                    w0[q] = _mm512_loadu_si512(p + q * LINE);
+                    w1[q] = _mm512_loadu_si512(p + ls + q * LINE);
+                    if constexpr (!MINS) {
+                        w0[q] = _mm512_xor_si512(w0[q], sign);
+                        w1[q] = _mm512_xor_si512(w1[q], sign);
+                    }
                 }
                 for (int m = 0; m < M; ++m) {
                     int32_t q0, q1;
@@ -208,12 +238,16 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                 }
             }
         }
-        for (int q = 0; q < NP; ++q)
+        for (int q = 0; q < NP; ++q) {
+            __m512 mn;
+            if constexpr (MINS) mn = _mm512_loadu_ps(pn.mins(g, gi, q));
             for (int m = 0; m < M; ++m) {
                 __m512i t = ai[0][q][m];
                 if constexpr (NS == 2) t = _mm512_add_epi32(t, ai[1][q][m]);
                 acc[q][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scl[q], acc[q][m]);
+                if constexpr (MINS) acc[q][m] = _mm512_fnmadd_ps(_mm512_set1_ps(float(xcorr[m][gi])), mn, acc[q][m]);
             }
+        }
     }
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m)

@@ -6,7 +6,6 @@ which runs in the extension's own pinned thread pool with the GIL released.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from collections.abc import Mapping
@@ -21,13 +20,18 @@ from moetier.errors import DeviceError, DTypeError, ExpertIdError, FormatError, 
     SettingError, ShapeError
 from moetier.experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ForwardInputs, PreparedExperts
 from moetier.runtime.hybrid import HostFunction
-from moetier.formats import WeightFormat, convert, get_format
+from moetier import ggml_blocks
+from moetier.formats import QuantizedTensor, WeightFormat, pack_int4
 
 from . import load_variant
 
-NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3", "q4_0")
-# Formats computed by another's kernels after an exact re-encoding at pack time (same values, bit for bit).
-REENCODED = {"q4_0": "int4_g32"}
+NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3",
+                  "q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+# GGUF block formats -> the kernels' layout that holds their values exactly: the blocks decode into
+# integer codes with an fp32 scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed
+# panels keep per row and group, so the kernels multiply the GGUF values themselves.
+GGUF_LAYOUTS = {"q8_0": "int8_g32", "q6_k": "int8_g16", "q5_k": "int8_g32_min", "q4_k": "int4_g32_min",
+                "q4_0": "int4_g32"}
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
@@ -121,22 +125,19 @@ class NativeBackend(ExpertBackend):
     def pack(self, layer: ExpertLayerSpec, fmt: WeightFormat, experts: Mapping[int, ExpertTensors]):
         if fmt.name not in NATIVE_FORMATS:
             raise FormatError(f"backend {self.name} does not compute format {fmt}")
-        reencode = fmt.name in REENCODED
-        if reencode:
-            fmt = get_format(REENCODED[fmt.name])
-        packed = self._ext.MoELayer(layer.num_experts, layer.hidden_size, layer.intermediate_size, fmt.name,
-                                    layer.activation, float(layer.swiglu_alpha), float(layer.swiglu_limit),
-                                    bool(layer.has_bias), self.int8_activations, self.fp8_vbmi)
+        for size in (layer.hidden_size, layer.intermediate_size):  # block formats: rows of whole blocks
+            fmt.check_in_features(size)
+        packed = self._ext.MoELayer(layer.num_experts, layer.hidden_size, layer.intermediate_size,
+                                    GGUF_LAYOUTS.get(fmt.name, fmt.name), layer.activation,
+                                    float(layer.swiglu_alpha), float(layer.swiglu_limit), bool(layer.has_bias),
+                                    self.int8_activations, self.fp8_vbmi)
         ids = sorted(experts)
 
         def add(i_e):
             i, e = i_e
-            t = experts[e]
-            if reencode:  # one expert at a time: a lazy source keeps one expert's working set
-                t = dataclasses.replace(t, gate=convert(t.gate, fmt), up=convert(t.up, fmt), down=convert(t.down, fmt))
-            packed.add_expert(e, _bytes(t.gate.data), _floats(t.gate.scales), _bytes(t.up.data),
-                              _floats(t.up.scales), _bytes(t.down.data), _floats(t.down.scales),
-                              _floats(t.gate_bias), _floats(t.up_bias), _floats(t.down_bias),
+            t = experts[e]  # one expert at a time: a lazy source keeps one expert's working set
+            (g, gs), (u, us), (d, ds) = (_panel_source(m) for m in (t.gate, t.up, t.down))
+            packed.add_expert(e, g, gs, u, us, d, ds, _floats(t.gate_bias), _floats(t.up_bias), _floats(t.down_bias),
                               node=i % self.num_nodes, num_nodes=self.num_nodes)
 
         # add_expert repacks with the GIL released, so large layers pack on every core.
@@ -205,6 +206,20 @@ class NativeBackend(ExpertBackend):
             if self._host_worker is None:
                 self._host_worker = self._ext.HostWorker()
             return self._host_worker
+
+
+def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """What add_expert takes for one matrix: its data bytes and fp32 scales; GGUF blocks decoded to the
+    codes, scales and mins of their kernel layout (GGUF_LAYOUTS; int4 nibbles as pack_int4 lays them,
+    with mins the codes 0..15 themselves; scales then mins in one array)."""
+    if q.fmt.name not in GGUF_LAYOUTS:
+        return _bytes(q.data), _floats(q.scales)
+    p = ggml_blocks.affine_parts(q.fmt.name, q.data, q.shape[1])
+    codes = p.codes
+    if GGUF_LAYOUTS[q.fmt.name].startswith("int4"):
+        codes = pack_int4(codes if p.mins is None else codes - 8)  # pack_int4 stores q + 8
+    scales = p.scales if p.mins is None else torch.stack([p.scales, p.mins])
+    return _bytes(codes), _floats(scales)
 
 
 def _storage(t: torch.Tensor) -> np.ndarray:
