@@ -106,9 +106,27 @@ def test_conformance_suite_passes_on_the_tile_kernels(emulated):
     assert report.ok and report.n_run >= 56 * 8, failures
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8_e4m3", "fp16", "int4_g64"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8_e4m3", "fp16", "int4_g64", "q4_k", "q6_k"])
 def test_zero_in_gives_zero_out_on_tiles(emulated, fmt):
     """The exact-zero cases of test_native_zeros on the tile kernels (prefill) and the decode paths."""
     from test_native_zeros import check_exact_zeros
 
     check_exact_zeros(lambda: emulated_backend(emulated), fmt, int(torch.randint(0, 2**31, ()).item()))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k", "q5_k", "q6_k"])
+def test_gguf_formats_take_vpdpbusd_not_tiles(emulated, fmt, monkeypatch):
+    """Per-group scales (and mins) do not fit the int8 tiles' one scale per row: GGUF prefill on the amx
+    build runs the same vpdpbusd kernels as the avx512_bf16 build, bit for bit, and no tile dot."""
+    gen = torch.Generator().manual_seed(torch.seed())
+    E, k, H, I = 4, 2, 256, 256
+    layer, weights = random_layer(gen, fmt, E, k, H, I)
+    hidden = torch.randn(64, H, generator=gen)
+    ids, w = routing(gen, 64, E, k)
+    be = emulated_backend(emulated)
+    before = emulated.emulated_tile_dots()
+    out = be.forward(be.prepare(layer, weights, range(E), fmt), hidden, ids, w)
+    assert emulated.emulated_tile_dots() == before
+    assert rel_err(out, reference(layer, weights, range(E), fmt, hidden, ids, w)) < 4e-2
+    vnni = make_backend("avx512_bf16", monkeypatch)
+    assert torch.equal(out, vnni.forward(vnni.prepare(layer, weights, range(E), fmt), hidden, ids, w))

@@ -11,7 +11,8 @@ else (an offset folded out in floating point left residues up to ~1e-4 before). 
   expert whose gate and up weights are zero (where the gate/up products are exactly zero on every path
   because the weights are), with the same down weights and routing.
 Shapes: rows >= 256 so integer decode takes the int8-activation path on the VNNI variants; H = 264 is a
-partial panel, a partial int4_g128 group and a partial fp8 block. Decode: T = 2 (<= 2 tokens per
+partial panel, a partial int4_g128 group and a partial fp8 block (GGUF formats, whose rows are whole
+blocks, take the next multiple of their block: 288 for q8_0/q4_0, 512 for the K-quants). Decode: T = 2 (<= 2 tokens per
 expert); prefill: T = 40 (~20 per expert, every expert on the prefill kernels).
 """
 from __future__ import annotations
@@ -22,11 +23,17 @@ import pytest
 import torch
 
 from moetier import ExpertLayerSpec, ExpertWeights
-from moetier.formats import QuantizedTensor, quantize
+from moetier.formats import QuantizedTensor, get_format, quantize
 from test_native_common import DOT_VARIANTS, RUNNABLE, make_backend, needs_native, random_layer, routing
 
-FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
-E, K, H, I = 4, 2, 264, 256
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3",
+           "q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+E, K, H0, I = 4, 2, 264, 256
+
+
+def hidden_size(fmt: str) -> int:
+    block = get_format(fmt).block_size or 1
+    return -(-H0 // block) * block
 PATHS = {"decode": 2, "prefill": 40}
 
 
@@ -38,6 +45,7 @@ def _bits_zero(t: torch.Tensor) -> bool:
 
 def _with(weights: ExpertWeights, zero: QuantizedTensor, zero_gate: bool = False, zero_up: bool = False,
           experts=None, biases: bool = False) -> ExpertWeights:
+    H = zero.shape[1]
     """`weights` with the gate / up matrices of `experts` (default: all) replaced by `zero`, and random biases."""
     gen = torch.Generator().manual_seed(len(weights.experts))
     out = {}
@@ -53,6 +61,7 @@ def _with(weights: ExpertWeights, zero: QuantizedTensor, zero_gate: bool = False
 
 def check_exact_zeros(backend_factory, fmt: str, seed: int) -> None:
     """Every exact-zero case above for one backend and format, on the decode and the prefill path."""
+    H = hidden_size(fmt)
     gen = torch.Generator().manual_seed(seed)
     _, weights = random_layer(gen, fmt, E, K, H, I)
     zero = quantize(torch.zeros(I, H), fmt)
