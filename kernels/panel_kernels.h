@@ -179,6 +179,11 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
     const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
     for (int gi = 0; gi < g.ngroups; ++gi) {
+        // The steps below prefetch the weight lines ahead; the group's scale (and min) lines lie between
+        // them, and with short groups the hardware prefetchers alone leave them to DRAM latency. Measured
+        // (one Zen 4 core, Qwen3 layer, batch 1): q4_k x1.74, q5_k x1.27, int4_g32 x1.10, int4_g64 x1.05;
+        // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there.
+        if constexpr (INT4 || MINS) prefetch_stream(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
         for (int q = 0; q < NP; ++q) scl[q] = _mm512_loadu_ps(pn.scales(g, gi, q));
         const uint8_t* p = pn.weights(g, gi, 0);
