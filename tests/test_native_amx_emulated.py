@@ -112,3 +112,26 @@ def test_zero_in_gives_zero_out_on_tiles(emulated, fmt):
     from test_native_zeros import check_exact_zeros
 
     check_exact_zeros(lambda: emulated_backend(emulated), fmt, int(torch.randint(0, 2**31, ()).item()))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8_e4m3", "fp16"])
+def test_dense_matrices_on_tiles(emulated, fmt, monkeypatch):
+    """Dense matrices (moetier.dense) prefill on the tiles: against the oracle (the format's bound) and the
+    VNNI build (1e-3, the argument above); odd sizes (N=200: a panel pair and a single panel, K=224: a
+    tail of column blocks), one and two token tiles (40 tokens), and decode (3 tokens) off the tiles."""
+    from moetier.formats import quantize
+
+    gen = torch.Generator().manual_seed(torch.seed())
+    be = emulated_backend(emulated)
+    vnni = make_backend("avx512_bf16", monkeypatch, fp8_vbmi=False)
+    q = quantize(torch.randn(200, 224, generator=gen) / 15, fmt)
+    b = torch.randn(200, generator=gen)
+    packed, packed_vnni = be.pack_linear(q, b), vnni.pack_linear(q, b)
+    for tokens in (40, 3):
+        x = torch.randn(tokens, 224, generator=gen)
+        before = emulated.emulated_tile_dots()
+        out = be.linear(packed, x)
+        assert (emulated.emulated_tile_dots() > before) == (tokens > 4), "tiles for prefill only"
+        ref = x.double() @ q.dequantize(torch.float64).T + b.double()
+        assert rel_err(out, ref) < (4e-2 if fmt == "int8" else 1e-2)
+        assert rel_err(out, vnni.linear(packed_vnni, x)) < 1e-3

@@ -83,6 +83,7 @@ class NativeBackend(ExpertBackend):
     """Experts computed by the native kernels of one ISA variant (see moetier.backends.native)."""
 
     formats = NATIVE_FORMATS
+    dense_formats = NATIVE_FORMATS
 
     def __init__(self, name: str, variant: str, inventory, *, threads: int | None = None,
                  nan_policy: str = "raise", int8_activations: bool = True, fp8_vbmi: bool = True,
@@ -158,6 +159,25 @@ class NativeBackend(ExpertBackend):
         prepared.payload.forward(self._kernel_pool, _storage(hidden), hidden.dtype == torch.bfloat16,
                                  inputs.topk_ids.numpy(), inputs.topk_weights.numpy(), _storage(out),
                                  inputs.out_dtype == torch.bfloat16)
+        return out
+
+    # ---- dense matrices (moetier.dense): the same kernels and pool as the experts ---------------------
+    def pack_dense(self, weight, bias):
+        if weight.fmt.name in REENCODED:
+            weight = convert(weight, REENCODED[weight.fmt.name])
+        out_f, in_f = weight.shape
+        packed = self._ext.DenseLinear(out_f, in_f, weight.fmt.name, bias is not None, self.int8_activations,
+                                       self.fp8_vbmi)
+        packed.pack(_bytes(weight.data), _floats(weight.scales), _floats(bias))
+        return packed
+
+    def dense_nbytes(self, payload, weight) -> int:
+        return payload.nbytes  # panels padded to 16 rows, scales beside them
+
+    def compute_dense(self, packed, x, out_dtype):
+        out = torch.empty(x.shape[0], packed.out_features, dtype=out_dtype)
+        packed.payload.forward(self._kernel_pool, _storage(x), x.dtype == torch.bfloat16, _storage(out),
+                               out_dtype == torch.bfloat16)
         return out
 
     # ---- host tasks: the CPU half of the hybrid step (moetier.runtime.hybrid) -----------------------
