@@ -148,7 +148,7 @@ def plan_from_budgets(folder: Path, layout, registry, inventory, *, cpu_backend:
     """A PlacementPlan of the checkpoint for this machine from memory budgets (bytes; None: detected), the
     way `moetier plan` makes one: a strategy (default: cost with statistics, else uniform) fills the tiers
     fastest first; PlanBudgetError with the numbers when the model does not fit."""
-    from ...placement.budgets import make_budgets
+    from ...placement.budgets import default_context, make_budgets
     from ...placement.models import resolve_model
     from ...placement.planner import make_plan, tier_compute
     from ...placement.speeds import make_speeds
@@ -169,7 +169,7 @@ def plan_from_budgets(folder: Path, layout, registry, inventory, *, cpu_backend:
         if spec.device != "cpu":
             accel.setdefault(spec.device, spec.name)
     budgets = make_budgets(info.parts, inventory, registry.tiers.values(), gpu_mem=gpu_mem, cpu_mem=cpu_mem,
-                           disk=disk, disk_cache=disk_cache)
+                           disk=disk, disk_cache=disk_cache, context=default_context(info.config))
     compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
                            accelerator_backends=accel, cpu_format=cpu_format)
     speeds = None
