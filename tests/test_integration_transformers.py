@@ -321,6 +321,31 @@ def test_dense_layers_move_onto_the_experts_backend(prepared, family, version):
         model.moetier_experts.close()
 
 
+def test_decode_forwards_run_torch_on_one_thread(prepared):
+    """With the dense layers on the backend's pool, a decode forward (<= 4 tokens) runs torch on one thread
+    and a prefill forward on the caller's count; the count is restored after each, also after an error."""
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+    model = load(p.folder, dtype=torch.float32, threads=1, progress=False)
+    if model.moetier_dense.backend is None:
+        model.moetier_experts.close()
+        pytest.skip("no CPU backend here computes dense matrices")
+    seen = []
+    model.model.norm.register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([PROMPT[0][:8]]))
+            model(torch.tensor([PROMPT[0][:1]]))
+            assert torch.get_num_threads() == 2
+            with pytest.raises(Exception):
+                model(torch.tensor([[10**9]]))  # an id past the vocabulary: the embedding raises
+        assert seen == [2, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        model.moetier_experts.close()
+
+
 def test_dense_format_settings(prepared):
     p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
     with pytest.raises(FormatError, match="int3"):

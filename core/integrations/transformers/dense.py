@@ -18,6 +18,8 @@ from ...formats import get_format, quantize
 
 # `dense_format` values that are not formats: leave transformers' own linear layers in place.
 KEEP = "transformers"
+# A forward of at most this many new tokens per sequence is a decode step (the kernels' decode path).
+DECODE_TOKENS = 4
 
 
 class MoetierLinear(torch.nn.Module):
@@ -108,3 +110,42 @@ def route_dense(model: torch.nn.Module, layout, backend, fmt: str) -> DenseRouti
         nbytes += packed.nbytes
         replaced += w.numel() * w.element_size()
     return DenseRouting(backend.name, fmt, matrices, nbytes, replaced)
+
+
+class DecodeThreads:
+    """torch on one thread during decode forwards of a model whose dense layers run on moetier's pool.
+
+    What a decode step leaves to torch then is small (norms, rotary embeddings, attention over the cache,
+    sampling), and torch's OpenMP workers keep spinning after each op, on the cores the kernels' pinned
+    pool is about to need: a 2-core decode ran 3-4x slower with torch on two threads than on one. Prefill
+    forwards (more than DECODE_TOKENS tokens) keep torch's own thread count, which their attention needs.
+    The hooks set the count around each forward and restore it after, also when the forward raises."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._saved: list[int] = []
+        self.handles = (model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        model.register_forward_hook(self._post, always_call=True))
+
+    @staticmethod
+    def _tokens(args, kwargs) -> int | None:
+        for key in ("input_ids", "inputs_embeds"):
+            t = kwargs.get(key)
+            if isinstance(t, torch.Tensor):
+                return t.shape[1] if t.ndim >= 2 else t.shape[0]
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 2:
+            return args[0].shape[1]
+        return None
+
+    def _pre(self, module, args, kwargs):
+        self._saved.append(torch.get_num_threads())
+        tokens = self._tokens(args, kwargs)
+        if tokens is not None and tokens <= DECODE_TOKENS:
+            torch.set_num_threads(1)
+
+    def _post(self, module, args, output):
+        if self._saved:
+            torch.set_num_threads(self._saved.pop())
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -339,6 +339,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
                                                                       dtype)
             if dense_backend is not None:
                 hf_model.moetier_dense = dense_mod.route_dense(hf_model, layout, dense_backend, dense_fmt)
+                hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model)
         except BaseException:
             experts.close()
             raise
