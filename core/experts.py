@@ -28,6 +28,7 @@ import torch
 
 from .errors import (DeviceError, DTypeError, ExpertIdError, FormatError, NonFiniteError, PreparedExpertsError,
                      SettingError, ShapeError)
+from .dense import PackedLinear, check_linear_input
 from .formats import QuantizedTensor, WeightFormat, convert, get_format
 
 ACTIVATIONS = ("silu", "swiglu_oai")
@@ -278,6 +279,46 @@ class ExpertBackend(ABC):
         """Compute on `threads` CPU threads from now on; prepared experts stay valid. A backend that has
         no thread count of its own refuses, rather than ignoring the setting."""
         raise SettingError(f"backend {self.name} does not take a thread count")
+
+    # ---- dense matrices (optional): see moetier.dense ---------------------------------------------
+    dense_formats: tuple[str, ...] = ()  # formats of dense matrices this backend computes (none by default)
+
+    def pack_dense(self, weight: QuantizedTensor, bias: torch.Tensor | None) -> Any:
+        """Repack one validated matrix (in a format of `dense_formats`); return the payload."""
+        raise FormatError(f"backend {self.name} computes no dense matrices")
+
+    def compute_dense(self, packed: PackedLinear, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Return x W^T + b [T, out_features] in out_dtype for a validated x [T, in_features]."""
+        raise FormatError(f"backend {self.name} computes no dense matrices")
+
+    def dense_nbytes(self, payload: Any, weight: QuantizedTensor) -> int:
+        return weight.nbytes
+
+    def pack_linear(self, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> PackedLinear:
+        """A dense matrix (moetier.formats.quantize's output, or any QuantizedTensor) and its bias [out]
+        packed for `linear`."""
+        if not isinstance(weight, QuantizedTensor):
+            raise DTypeError(f"pack_linear takes a moetier.formats.QuantizedTensor (formats.quantize(w, fmt)), "
+                             f"got {type(weight).__name__}")
+        if weight.fmt.name not in self.dense_formats:
+            have = ", ".join(self.dense_formats) or "none"
+            raise FormatError(f"backend {self.name} does not compute dense matrices in {weight.fmt}; it computes: {have}")
+        out_f, in_f = weight.shape
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_f,)):
+            raise ShapeError(f"bias must be a tensor of shape [{out_f}], got "
+                             f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        payload = self.pack_dense(weight, None if bias is None else bias.detach().to(torch.float32).contiguous())
+        return PackedLinear(self.name, weight.fmt, out_f, in_f, bias is not None, self.dense_nbytes(payload, weight),
+                            payload)
+
+    def linear(self, packed: PackedLinear, x: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [T, in_features] (float32 or bfloat16) -> x W^T + b [T, out_features] in out_dtype (default:
+        x's). No value checks (a NaN propagates): this runs once per dense matrix per token."""
+        out_dtype = x.dtype if out_dtype is None and isinstance(x, torch.Tensor) else out_dtype
+        x = check_linear_input(self.name, packed, x, out_dtype)
+        if x.shape[0] == 0:
+            return torch.empty(0, packed.out_features, dtype=out_dtype)
+        return self.compute_dense(packed, x, out_dtype)
 
     # ---- the contract ---------------------------------------------------------------------------
     def prepare(self, layer: ExpertLayerSpec, weights: ExpertSource, experts: Iterable[int],

@@ -92,6 +92,18 @@ class ReferenceBackend(ExpertBackend):
     def pack(self, layer, fmt, experts):
         return {e: DenseExpert.from_tensors(t, self.precision) for e, t in experts.items()}
 
+    @property
+    def dense_formats(self) -> tuple[str, ...]:
+        return self.formats
+
+    def pack_dense(self, weight, bias):
+        return weight.dequantize(self.precision), None if bias is None else bias.to(self.precision)
+
+    def compute_dense(self, packed, x, out_dtype):
+        w, b = packed.payload
+        y = x.to(self.precision) @ w.T
+        return (y if b is None else y + b).to(out_dtype)
+
     def compute(self, prepared, inputs):
         out = moe_forward(prepared.layer, prepared.payload, inputs.hidden, inputs.topk_ids, inputs.topk_weights,
                           self.precision)

@@ -17,7 +17,8 @@ KERNEL_SOURCES = ["kernels/moe_module.cpp"]
 # Headers of the kernel tree: a change to any of them rebuilds every variant.
 KERNEL_HEADERS = ["kernels/variant.h", "kernels/simd.h", "kernels/packed_format.h", "kernels/panel_kernels.h",
                   "kernels/thread_pool.h", "kernels/moe_layer.h", "kernels/amx_tiles.h", "kernels/amx_kernels.h",
-                  "kernels/huge_pages.h", "kernels/amx_permission.h", "kernels/fp8_vbmi.h", "kernels/host_tasks.h"]
+                  "kernels/huge_pages.h", "kernels/amx_permission.h", "kernels/fp8_vbmi.h", "kernels/host_tasks.h",
+                  "kernels/dense_linear.h"]
 COMPILE_ARGS = ["-O3", "-fno-math-errno", "-pthread"]
 LINK_ARGS = ["-pthread"]
 

@@ -471,7 +471,8 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
 }
 // The unsigned-weight offset of a format on the vpdpbusd path (gemm_int8dot); with mins the codes are
 // unsigned already and the kernel wants the plain code sums (1).
-inline int weight_offset(const Geometry& g) { return g.mins ? 1 : g.fmt == I4 ? 8 : 128; }
+inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
+inline int weight_offset(const Geometry& g) { return g.mins ? 1 : weight_offset(g.fmt); }
 
 inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
     for (int t = t0; t < t1; ++t) {

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "amx_permission.h"
+#include "dense_linear.h"
 #include "host_tasks.h"
 #include "moe_layer.h"
 
@@ -41,6 +42,15 @@ FormatSpec parse_format(const std::string& name) {
     if (name == "int8_g32_min") return {I8, 32, true};
     if (name == "int4_g32_min") return {I4, 32, true};
     throw py::value_error("native kernels do not compute format '" + name + "'");
+}
+
+// Dense matrices (dense_linear.h) take the layouts with one scale line per group and int8 with one scale
+// per row: no grouped int8 (its AMX path has per-row scales) and no mins.
+FormatSpec parse_dense_format(const std::string& name) {
+    const FormatSpec f = parse_format(name);
+    if (f.mins || (f.fmt == I8 && f.group))
+        throw py::value_error("dense matrices on the native kernels do not take format '" + name + "'");
+    return f;
 }
 
 const uint8_t* bytes_of(const py::array& a, int64_t want, const char* what) {
@@ -198,6 +208,55 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
             },
             py::arg("pool"), py::arg("hidden"), py::arg("hidden_bf16"), py::arg("topk_ids"), py::arg("topk_weights"),
             py::arg("out"), py::arg("out_bf16"));
+
+    py::class_<DenseLinear>(m, "DenseLinear", py::module_local(),
+                            "one dense matrix W [out, in] in the packed layout: y = x W^T + b on the experts' kernels")
+        .def(py::init([](int out_features, int in_features, const std::string& fmt, bool has_bias,
+                         bool int8_activations, bool fp8_vbmi) {
+                 const FormatSpec f = parse_dense_format(fmt);
+                 return new DenseLinear(out_features, in_features, f.fmt, f.group, has_bias, int8_activations,
+                                        fp8_vbmi);
+             }),
+             py::arg("out_features"), py::arg("in_features"), py::arg("fmt"), py::arg("has_bias") = false,
+             py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true)
+        .def_property_readonly("nbytes", &DenseLinear::bytes, "packed bytes (panels padded to 16 rows, scales)")
+        .def_property_readonly("out_features", [](const DenseLinear& d) { return d.geometry().N; })
+        .def_property_readonly("in_features", [](const DenseLinear& d) { return d.geometry().K; })
+        .def_property_readonly("fp8_vbmi", &DenseLinear::fp8_vbmi)
+        .def(
+            "pack",
+            [](DenseLinear& d, py::array data, py::object scales, py::object bias) {
+                const Geometry& g = d.geometry();
+                if (d.packed()) throw py::value_error("the matrix is already packed");
+                const uint8_t* w = bytes_of(data, g.src_data_bytes(), "weight");
+                const float* s = floats_of(scales, g.src_scale_count(), "weight scales");
+                const float* b = optional_floats(bias, g.N, "bias");
+                py::gil_scoped_release release;
+                d.pack(w, s, b);
+            },
+            py::arg("data"), py::arg("scales"), py::arg("bias") = py::none())
+        .def(
+            "forward",
+            [](const DenseLinear& d, ThreadPool& pool, py::array x, bool x_bf16, py::array out, bool out_bf16) {
+                const Geometry& g = d.geometry();
+                if (!d.packed()) throw py::value_error("the matrix is not packed");
+                if (x.ndim() != 2 || x.shape(1) != g.K) throw py::value_error("x must be [T, in_features]");
+                const int T = int(x.shape(0));
+                if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != g.N)
+                    throw py::value_error("out must be [T, out_features]");
+                if (x_bf16 ? x.itemsize() != 2 : !x.dtype().is(py::dtype::of<float>()))
+                    throw py::type_error("x must be float32 or bf16 bits (uint16)");
+                if (out_bf16 ? out.itemsize() != 2 : !out.dtype().is(py::dtype::of<float>()))
+                    throw py::type_error("out must be float32 or bf16 bits (uint16)");
+                if (!out.writeable()) throw py::value_error("out must be writable");
+                const void* xp = bytes_of(x, int64_t(T) * g.K * (x_bf16 ? 2 : 4), "x");
+                bytes_of(out, int64_t(T) * g.N * (out_bf16 ? 2 : 4), "out");
+                void* op = out.mutable_data();
+                if (T == 0) return;
+                py::gil_scoped_release release;
+                d.forward(pool, xp, x_bf16, T, op, out_bf16);
+            },
+            py::arg("pool"), py::arg("x"), py::arg("x_bf16"), py::arg("out"), py::arg("out_bf16"));
 
     // ---- host tasks: the CPU half of the hybrid step, run from a device stream (host_tasks.h) ----------
     py::class_<HostWorker>(m, "HostWorker", py::module_local(),

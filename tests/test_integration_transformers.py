@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetier.errors import BackendUnavailable, CheckpointError, LayoutError, SettingError
+from moetier.errors import BackendUnavailable, CheckpointError, FormatError, LayoutError, SettingError
 from moetier.plugins import load_registry
 
 transformers = pytest.importorskip("transformers")
@@ -295,6 +295,70 @@ def test_bf16_model_against_fp32_transformers(prepared, family, version, quant):
 
 
 # ---- what the loader guarantees ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,version", [("qwen", "Qwen3-30B-A3B"), ("deepseek", "DeepSeek-V3")])
+def test_dense_layers_move_onto_the_experts_backend(prepared, family, version):
+    """Every CPU linear but the routers becomes a MoetierLinear on the experts' backend, whose packed bytes
+    replace the released weights; the routers stay transformers' (their logits pick the experts)."""
+    from moetier.integrations.transformers.dense import MoetierLinear, routers
+
+    p = prepared(family, version, "default", "bf16")
+    model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False)
+    try:
+        routing = model.moetier_dense
+        backend = next(iter(model.moetier_experts.values())).shards[0].backend
+        if "bf16" not in backend.dense_formats:
+            assert routing.backend is None and routing.matrices == 0
+            pytest.skip(f"{backend.name} computes no dense matrices")
+        assert (routing.backend, routing.fmt) == (backend.name, "bf16")
+        ours = [m for m in model.modules() if isinstance(m, MoetierLinear)]
+        left = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+        assert routing.matrices == len(ours) > 0
+        assert left == routers(model, p.layout)
+        assert all(m.packed.backend == backend.name and m.weight.dtype == torch.bfloat16 for m in ours)
+        assert routing.replaced_nbytes <= routing.nbytes <= 1.1 * routing.replaced_nbytes + len(ours) * 65536
+    finally:
+        model.moetier_experts.close()
+
+
+def test_decode_forwards_run_torch_on_one_thread(prepared):
+    """With the dense layers on the backend's pool, a decode forward (<= 4 tokens) runs torch on one thread
+    and a prefill forward on the caller's count; the count is restored after each, also after an error."""
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+    model = load(p.folder, dtype=torch.float32, threads=1, progress=False)
+    if model.moetier_dense.backend is None:
+        model.moetier_experts.close()
+        pytest.skip("no CPU backend here computes dense matrices")
+    seen = []
+    model.model.norm.register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([PROMPT[0][:8]]))
+            model(torch.tensor([PROMPT[0][:1]]))
+            assert torch.get_num_threads() == 2
+            with pytest.raises(Exception):
+                model(torch.tensor([[10**9]]))  # an id past the vocabulary: the embedding raises
+        assert seen == [2, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        model.moetier_experts.close()
+
+
+def test_dense_format_settings(prepared):
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+    with pytest.raises(FormatError, match="int3"):
+        load(p.folder, dense_format="int3", progress=False)
+    with pytest.raises(SettingError, match="no CPU backend of this model computes dense matrices in int8"):
+        load(p.folder, backend="cpu.numba", dense_format="int8", progress=False)
+    model = load(p.folder, dense_format="transformers", threads=1, progress=False)
+    try:
+        assert model.moetier_dense.backend is None
+        assert model.model.layers[0].self_attn.q_proj.__class__ is torch.nn.Linear
+    finally:
+        model.moetier_experts.close()
+
 
 def test_experts_are_never_materialized_and_know_their_layer(prepared):
     p = prepared("deepseek", "DeepSeek-V3", "default", "bf16")

@@ -130,3 +130,26 @@ def test_gguf_formats_take_vpdpbusd_not_tiles(emulated, fmt, monkeypatch):
     assert rel_err(out, reference(layer, weights, range(E), fmt, hidden, ids, w)) < 4e-2
     vnni = make_backend("avx512_bf16", monkeypatch)
     assert torch.equal(out, vnni.forward(vnni.prepare(layer, weights, range(E), fmt), hidden, ids, w))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8_e4m3", "fp16"])
+def test_dense_matrices_on_tiles(emulated, fmt, monkeypatch):
+    """Dense matrices (moetier.dense) prefill on the tiles: against the oracle (the format's bound) and the
+    VNNI build (1e-3, the argument above); odd sizes (N=200: a panel pair and a single panel, K=224: a
+    tail of column blocks), one and two token tiles (40 tokens), and decode (3 tokens) off the tiles."""
+    from moetier.formats import quantize
+
+    gen = torch.Generator().manual_seed(torch.seed())
+    be = emulated_backend(emulated)
+    vnni = make_backend("avx512_bf16", monkeypatch, fp8_vbmi=False)
+    q = quantize(torch.randn(200, 224, generator=gen) / 15, fmt)
+    b = torch.randn(200, generator=gen)
+    packed, packed_vnni = be.pack_linear(q, b), vnni.pack_linear(q, b)
+    for tokens in (40, 3):
+        x = torch.randn(tokens, 224, generator=gen)
+        before = emulated.emulated_tile_dots()
+        out = be.linear(packed, x)
+        assert (emulated.emulated_tile_dots() > before) == (tokens > 4), "tiles for prefill only"
+        ref = x.double() @ q.dequantize(torch.float64).T + b.double()
+        assert rel_err(out, ref) < (4e-2 if fmt == "int8" else 1e-2)
+        assert rel_err(out, vnni.linear(packed_vnni, x)) < 1e-3

@@ -125,3 +125,13 @@ def test_png_without_matplotlib_names_the_extra(tmp_path):
     (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     r = moetier("plan", "Qwen3-30B-A3B", "--png", tmp_path / "p.png", "--inventory", ZEN4, PYTHONPATH=str(fake))
     assert_usage_error(r, "--png needs matplotlib", "pip install 'moetier[plot]'")
+
+
+def test_the_default_context_is_what_the_model_can_attend(tmp_path):
+    """4096 tokens unless the model's max_position_embeddings is smaller (the default model: 512); an
+    explicit --context is taken as given."""
+    for args, tokens in ((("default",), 512), (("Qwen3-30B-A3B",), 4096), (("default", "--context", "100"), 100)):
+        r = moetier("plan", *args, "--gpu-mem", "0", "--cpu-mem", "200GiB", "--json", tmp_path / "p.json")
+        assert r.returncode == 0, r.stderr
+        assert f"1 sequence(s) x {tokens} tokens of context" in r.stdout, r.stdout
+        assert PlacementPlan.load(tmp_path / "p.json").context == tokens

@@ -144,6 +144,36 @@ def test_default_model():
     assert re.search(r"^experts +cpu:numa0 [0-9.]+ MiB", r.stderr, re.M), r.stderr
 
 
+def test_dense_layers_run_where_the_user_says(model_dirs):
+    """By default the dense layers run on the experts' native backend in the model's dtype; --dense-format
+    picks their format or keeps transformers' own layers; each says so on stderr."""
+    from moetier.backends.native import VARIANTS, is_built
+
+    folder = model_dirs[0]
+    native = any(is_built(v) for v in VARIANTS)
+    outputs = {}
+    for dense, needle in ((None, r"\d+ dense matrices on cpu\.\S+ in fp32" if native else r"dense layers on cpu \(torch\)"),
+                          ("transformers", r"dense layers on cpu \(torch\)"),
+                          ("int8", r"\d+ dense matrices on cpu\.\S+ in int8")):
+        if dense == "int8" and not native:
+            continue
+        extra = ("--dense-format", dense) if dense else ()
+        r = cli("run", folder, "--prompt", PROMPT, "--max-new-tokens", 6, "--dtype", "fp32", *THREADS, *extra)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert re.search(needle, stat_lines(r.stderr)["experts"]), r.stderr
+        outputs[dense] = r.stdout
+    # fp32 dense layers on the kernels compute what torch's do, up to the summation order.
+    assert outputs[None] == outputs["transformers"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--dense-format", "int3"), "unknown weight format 'int3'"),
+    (("--dense-format", "int8", "--backend", "cpu.numba"), "no CPU backend of this model computes dense matrices"),
+])
+def test_dense_format_errors(model_dirs, args, needle):
+    assert_usage_error(cli("run", model_dirs[0], "--prompt", PROMPT, *THREADS, *args), needle)
+
+
 # ---- moetier stats record --------------------------------------------------------------------------------
 
 def test_stats_record_counts_every_routing_choice(model_dirs, tmp_path):

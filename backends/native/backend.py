@@ -32,6 +32,9 @@ NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_
 # panels keep per row and group, so the kernels multiply the GGUF values themselves.
 GGUF_LAYOUTS = {"q8_0": "int8_g32", "q6_k": "int8_g16", "q5_k": "int8_g32_min", "q4_k": "int4_g32_min",
                 "q4_0": "int4_g32"}
+# Dense matrices (dense_linear.h) take int8 with one scale per row (its AMX tiles assume it) and int4
+# groups without mins: q4_0 (the int4_g32 layout) is the one GGUF format among them.
+DENSE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3", "q4_0")
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
@@ -87,6 +90,7 @@ class NativeBackend(ExpertBackend):
     """Experts computed by the native kernels of one ISA variant (see moetier.backends.native)."""
 
     formats = NATIVE_FORMATS
+    dense_formats = DENSE_FORMATS
 
     def __init__(self, name: str, variant: str, inventory, *, threads: int | None = None,
                  nan_policy: str = "raise", int8_activations: bool = True, fp8_vbmi: bool = True,
@@ -159,6 +163,23 @@ class NativeBackend(ExpertBackend):
         prepared.payload.forward(self._kernel_pool, _storage(hidden), hidden.dtype == torch.bfloat16,
                                  inputs.topk_ids.numpy(), inputs.topk_weights.numpy(), _storage(out),
                                  inputs.out_dtype == torch.bfloat16)
+        return out
+
+    # ---- dense matrices (moetier.dense): the same kernels and pool as the experts ---------------------
+    def pack_dense(self, weight, bias):
+        out_f, in_f = weight.shape
+        packed = self._ext.DenseLinear(out_f, in_f, GGUF_LAYOUTS.get(weight.fmt.name, weight.fmt.name),
+                                       bias is not None, self.int8_activations, self.fp8_vbmi)
+        packed.pack(*_panel_source(weight), _floats(bias))
+        return packed
+
+    def dense_nbytes(self, payload, weight) -> int:
+        return payload.nbytes  # panels padded to 16 rows, scales beside them
+
+    def compute_dense(self, packed, x, out_dtype):
+        out = torch.empty(x.shape[0], packed.out_features, dtype=out_dtype)
+        packed.payload.forward(self._kernel_pool, _storage(x), x.dtype == torch.bfloat16, _storage(out),
+                               out_dtype == torch.bfloat16)
         return out
 
     # ---- host tasks: the CPU half of the hybrid step (moetier.runtime.hybrid) -----------------------

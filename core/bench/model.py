@@ -75,6 +75,9 @@ class ModelBenchConfig:
     transformers: bool = True
     quick: bool = False
     seed: int = 0
+    # moetier's dense layers: "auto" (the model's bf16 on the backend's kernels, moetier.load's default),
+    # "same" (each row's expert format), "transformers" (torch's own layers) or a format name.
+    dense: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Row:
     logits_relerr: float | None = None  # max |logits - reference| / max |reference| (whole model; informational)
     load_s: float | None = None
     note: str = ""
+    dense: str = "bf16"  # the dense layers' format ("torch": transformers' own bf16 layers)
 
 
 # ---- the checkpoint ------------------------------------------------------------------------------------
@@ -308,6 +312,7 @@ class ModelBenchResult:
     read_gb_per_s: float  # best pass of the read probe at config.threads, before and after each format
     read_runs: list[float]  # every pass
     notes: list[str] = field(default_factory=list)
+    dense_bf16_bytes: int = 0  # what transformers' bf16 dense layers read per decode token
 
     def byte_limit(self, bytes_per_token: float) -> float:
         return self.read_gb_per_s * 1e9 / bytes_per_token
@@ -376,7 +381,7 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
             pre, dec = time_generation(model, prompt, config.new_tokens, config.repeats, status,
                                        f"transformers {impl}") if ok else ([], [])
             rows.append(Row(f"transformers {impl}", "bf16", _med(pre), _med(dec), tuple(pre), tuple(dec), bf16_bytes,
-                            err, bound, ok, logits_err, this_load))
+                            err, bound, ok, logits_err, this_load, dense="torch"))
             model = ref_model = None
             gc.collect()
     ref_model = None
@@ -386,8 +391,11 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
         label = f"moetier {config.backend}"
         status(f"{label} {fmt}: loading")
         t0 = time.perf_counter()
+        dense_format = {"auto": None, "same": fmt}.get(config.dense, config.dense)
         model = moetier_load(folder, backend=config.backend, fmt=fmt, threads=config.threads, dtype=torch.bfloat16,
-                             device="cpu", registry=registry, inventory=inventory, progress=False)
+                             device="cpu", registry=registry, inventory=inventory, progress=False,
+                             dense_format=dense_format)
+        routed = model.moetier_dense
         this_load = time.perf_counter() - t0
         model.eval()
         bound = check_bound(fmt)
@@ -396,8 +404,11 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
         ok = err <= bound
         pre, dec = time_generation(model, prompt, config.new_tokens, config.repeats, status,
                                    f"{label} {fmt}") if ok else ([], [])
+        # The routed dense matrices are read in their packed bytes instead of transformers' bf16 ones.
+        dense_bytes = dense - routed.replaced_nbytes + routed.nbytes
         rows.append(Row(label, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec),
-                        dense + expert_decode_bytes(layout, fmt), err, bound, ok, logits_err, this_load))
+                        dense_bytes + expert_decode_bytes(layout, fmt), err, bound, ok, logits_err, this_load,
+                        dense=routed.fmt or "torch"))
         if not ok:
             notes.append(f"{label} {fmt}: experts differ from transformers' on the same inputs by {err:.2e} "
                          f"(bound {bound:g}): not timed")
@@ -406,7 +417,7 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
         gc.collect()
         status("read bandwidth probe")
         reads += _read_probe(inventory, config.threads, config.quick)
-    return ModelBenchResult(config, rows, max(reads), reads, notes)
+    return ModelBenchResult(config, rows, max(reads), reads, notes, dense)
 
 
 def _hf_load(folder: Path, impl: str):
@@ -516,7 +527,7 @@ def document(result: ModelBenchResult, inventory, *, command: list[str], llama: 
     }
 
 
-COLUMNS = ("implementation", "format", "check", "logits", "prefill tok/s", "x tf", "x llama", "decode tok/s", "x tf",
+COLUMNS = ("implementation", "format", "dense", "check", "logits", "prefill tok/s", "x tf", "x llama", "decode tok/s", "x tf",
            "x llama", "GB/s", "byte limit", "% limit")
 
 
@@ -531,7 +542,7 @@ def table_rows(doc: dict) -> list[list[str]]:
     for r in doc["records"]:
         check = "-" if r["check_relerr"] is None else (
             f"{r['check_relerr']:.1e}" + ("" if r["check_ok"] else " FAIL"))
-        out.append([r["implementation"], r["format"], check, _f(r["logits_relerr"], 3), _f(r["prefill_tok_s"]),
+        out.append([r["implementation"], r["format"], r.get("dense") or "-", check, _f(r["logits_relerr"], 3), _f(r["prefill_tok_s"]),
                     _f(r["prefill_x_transformers"], 2, "x"), _f(r["prefill_x_llama_cpp"], 2, "x"),
                     _f(r["decode_tok_s"]), _f(r["decode_x_transformers"], 2, "x"),
                     _f(r["decode_x_llama_cpp"], 2, "x"), _f(r["decode_gb_per_s"]), _f(r["byte_limit_tok_s"]),
@@ -557,7 +568,8 @@ def print_report(doc: dict, console) -> None:
     console.print(f"read bandwidth ({s['threads']} threads, {len(doc['read_runs'])} probe passes in this run): best "
                   f"{doc['read_gb_per_s']:.1f} GB/s, median {doc['read_gb_per_s_median']:.1f} GB/s; byte limit = that / weight bytes per decode token; "
                   "x tf = against the faster transformers; x llama = against llama.cpp's matching GGUF type "
-                  "(bf16: BF16, int8: Q8_0, int4: Q4_0); check = the experts' largest relative error over the layers "
+                  "(bf16: BF16, int8: Q8_0, int4: Q4_0); dense = the format of the dense layers (attention, LM head; "
+                  "torch: transformers' own bf16 layers; llama.cpp: its type's); check = the experts' largest relative error over the layers "
                   "against transformers eager's on the same inputs and weights (FAIL: over the format's bound, not "
                   "timed); logits = max logit difference / logit scale over the check prompt (whole model, where "
                   "bf16 roundings can flip near-tie routing)")

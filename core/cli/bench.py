@@ -131,6 +131,10 @@ def register(sub) -> None:
     p.add_argument("--model", metavar="DIR",
                    help="checkpoint folder: written there if it has no config.json, else reused as it is "
                         "(default: a temporary folder, removed after)")
+    p.add_argument("--dense", type=_dense_choice, default="auto", metavar="FMT",
+                   help="moetier's dense layers (attention, LM head): auto (default: bf16 on the backend's kernels), "
+                        "same (each row's expert format, as llama.cpp's types quantize them), transformers (torch's "
+                        "own layers), or a format")
     p.add_argument("--no-transformers", action="store_true", help="do not time transformers (its eager model still "
                                                                   "gives the correctness check)")
     p.add_argument("--llama-cpp", metavar="RESULTS.json",
@@ -142,6 +146,15 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write the results, settings and machine as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
     p.set_defaults(func=run_model)
+
+
+def _dense_choice(value: str) -> str:
+    import argparse
+
+    if value in ("auto", "same", "transformers") or value in FORMATS:
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not auto, same, transformers or a format "
+                                     f"({', '.join(FORMATS)})")
 
 
 MODEL_DESCRIPTION = """\
@@ -190,7 +203,7 @@ def run_model(args) -> int:
         prompt_tokens=args.prompt_tokens or (128 if args.quick else 512),
         new_tokens=args.new_tokens or (17 if args.quick else 65), repeats=args.repeats or (1 if args.quick else 3),
         transformers=not args.no_transformers, quick=args.quick,
-        seed=args.seed)
+        seed=args.seed, dense=args.dense)
     if config.new_tokens < 2:
         raise SettingError("--new-tokens must be at least 2 (decode is timed from the first new token to the last)")
     console = make_console()
@@ -221,8 +234,8 @@ def run_model(args) -> int:
                 from ..family import load_layout
 
                 layout = load_layout(folder, ctx.registry)
-                dense = result.rows[0].bytes_per_token - mb.expert_decode_bytes(layout, result.rows[0].format)
-                llama = mb.llama_cpp_rows(llama_records, layout, dense, config.dims.vocab * config.dims.hidden)
+                llama = mb.llama_cpp_rows(llama_records, layout, result.dense_bf16_bytes,
+                                          config.dims.vocab * config.dims.hidden)
     finally:
         if not args.model:
             shutil.rmtree(folder, ignore_errors=True)

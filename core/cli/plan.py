@@ -53,8 +53,9 @@ def register(sub) -> None:
                                                         "read on demand through a DRAM cache")
     p.add_argument("--disk-cache", type=_size("--disk-cache"), metavar="SIZE",
                    help="DRAM for the disk tier's cache (default: 10%% of the CPU budget)")
-    p.add_argument("--context", type=positive_int, default=4096, metavar="N",
-                   help="tokens of context per sequence: sizes the KV cache and the predicted prompt (default 4096)")
+    p.add_argument("--context", type=positive_int, metavar="N",
+                   help="tokens of context per sequence: sizes the KV cache and the predicted prompt (default "
+                        "4096, or the model's max_position_embeddings when that is smaller)")
     p.add_argument("--batch", type=positive_int, default=1, metavar="N",
                    help="sequences decoded at once (default 1)")
     p.add_argument("--strategy", metavar="NAME",
@@ -100,7 +101,7 @@ _OPTION_FLAGS = {"min_per_layer": "--min-per-layer", "max_per_layer": "--max-per
 
 
 def run(args) -> int:
-    from ..placement.budgets import make_budgets
+    from ..placement.budgets import default_context, make_budgets
     from ..placement.cost import predict
     from ..placement.models import resolve_model
     from ..placement.planner import fit_hint, make_plan, tier_compute
@@ -153,8 +154,9 @@ def run(args) -> int:
     for spec in sorted(registry.backends.values(), key=lambda s: s.name):
         if spec.device != "cpu":
             accel.setdefault(spec.device, ctx.selection.for_device(spec.device) or spec.name)
+    context = args.context or default_context(info.config)
     budgets = make_budgets(parts, ctx.inventory, registry.tiers.values(), gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-                           disk=args.disk, disk_cache=args.disk_cache, context=args.context, batch=args.batch)
+                           disk=args.disk, disk_cache=args.disk_cache, context=context, batch=args.batch)
     compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
                            accelerator_backends=accel, cpu_format=args.cpu_format)
     measure = not args.speeds and args.inventory is None and ctx.inventory.source == "detected"

@@ -117,7 +117,8 @@ def load_model(args, folder: Path, *, recorder=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load(folder, args.plan, dtype=dtype, device=args.device, threads=args.threads, backend=backend,
-                 fmt=args.format, disk=args.disk, registry=ctx.registry, inventory=ctx.inventory, **budgets)
+                 fmt=args.format, disk=args.disk, registry=ctx.registry, inventory=ctx.inventory,
+                 dense_format=getattr(args, "dense_format", None), **budgets)
     backends = sorted({s.backend.name for layer in model.moetier_experts.values() for s in layer.shards})
     return model, ", ".join(backends)
 
@@ -134,6 +135,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
                    help="sampling temperature; 0 picks the most likely token every time (default 0)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling (default 0)")
+    p.add_argument("--dense-format", metavar="FMT",
+                   help="format of the dense layers left on the CPU (attention, dense MLPs, LM head), computed "
+                        "by the experts' CPU backend (default: the model's dtype; 'transformers': torch's own "
+                        "layers)")
     p.set_defaults(func=run)
 
 
@@ -190,8 +195,11 @@ def run(args) -> int:
         else:
             print(f"decode   {times.new_tokens} token(s): too few to time", file=err)
         tiers = ", ".join(f"{tier} {format_bytes(n)}" for tier, n in sorted(experts.bytes_per_tier().items()) if n)
-        print(f"experts  {tiers or 'none'} ({backend}; dense layers on {model.device}, "
-              f"{str(model.dtype).removeprefix('torch.')})", file=err)
+        dense = model.moetier_dense
+        where = (f"{dense.matrices} dense matrices on {dense.backend} in {dense.fmt}" if dense.backend else
+                 f"dense layers on {model.device} (torch)")
+        print(f"experts  {tiers or 'none'} ({backend}; {where}, {str(model.dtype).removeprefix('torch.')})",
+              file=err)
     finally:
         model.moetier_experts.close()
     return 0

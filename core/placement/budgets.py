@@ -107,9 +107,21 @@ def _activation_bytes(parts: ModelParts, context: int, batch: int) -> int:
     return chunk * (4 * lay.hidden_size + 3 * widest) * 2 + batch * parts.vocab_size * 4
 
 
+DEFAULT_CONTEXT = 4096
+
+
+def default_context(config) -> int:
+    """The context a plan sizes the KV cache for unless told: DEFAULT_CONTEXT tokens, or fewer when the
+    model cannot attend that far (a cache it never fills would overstate the budgets)."""
+    from ..hf_config import text_config
+
+    limit = text_config(config).get("max_position_embeddings")
+    return min(DEFAULT_CONTEXT, limit) if isinstance(limit, int) and limit > 0 else DEFAULT_CONTEXT
+
+
 def make_budgets(parts: ModelParts, inventory: HardwareInventory, tier_providers=(), *,
                  gpu_mem: int | None = None, cpu_mem: int | None = None, disk: bool = False,
-                 disk_cache: int | None = None, context: int = 4096, batch: int = 1) -> Budgets:
+                 disk_cache: int | None = None, context: int = DEFAULT_CONTEXT, batch: int = 1) -> Budgets:
     """The tier budgets for `parts`' model on `inventory` (see the module docstring for the rules).
 
     tier_providers: the registry's TierProvider objects (their tiers name the devices and NUMA nodes);

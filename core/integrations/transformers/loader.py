@@ -6,7 +6,7 @@ experts, norms, embeddings, LM head) straight onto the target device in the requ
 transformers never reads or allocates them. moetier's checkpoint reader then packs each expert into the
 backend and tier the placement plan chose (moetier.runtime.load_experts), and every experts module gets
 its layer's runtime attached; transformers' experts dispatch (experts.py) calls it with the router's
-choices.
+choices. Dense linear layers left on the CPU move onto the experts' CPU backend's kernels (dense.py).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from ...errors import CheckpointError, LayoutError, MoetierError, SettingError
+from ...formats import get_format
+from . import dense as dense_mod
 from . import experts as experts_mod
 from . import quantizer
 
@@ -146,7 +148,7 @@ def plan_from_budgets(folder: Path, layout, registry, inventory, *, cpu_backend:
     """A PlacementPlan of the checkpoint for this machine from memory budgets (bytes; None: detected), the
     way `moetier plan` makes one: a strategy (default: cost with statistics, else uniform) fills the tiers
     fastest first; PlanBudgetError with the numbers when the model does not fit."""
-    from ...placement.budgets import make_budgets
+    from ...placement.budgets import default_context, make_budgets
     from ...placement.models import resolve_model
     from ...placement.planner import make_plan, tier_compute
     from ...placement.speeds import make_speeds
@@ -167,7 +169,7 @@ def plan_from_budgets(folder: Path, layout, registry, inventory, *, cpu_backend:
         if spec.device != "cpu":
             accel.setdefault(spec.device, spec.name)
     budgets = make_budgets(info.parts, inventory, registry.tiers.values(), gpu_mem=gpu_mem, cpu_mem=cpu_mem,
-                           disk=disk, disk_cache=disk_cache)
+                           disk=disk, disk_cache=disk_cache, context=default_context(info.config))
     compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
                            accelerator_backends=accel, cpu_format=cpu_format)
     speeds = None
@@ -203,7 +205,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
          fmt: str | None = None, gpu_mem: int | None = None, cpu_mem: int | None = None, disk: bool = False,
          disk_cache: int | None = None, strategy: str | None = None, stats=None, cache_bytes: int | None = None,
          prefetch: bool = True, registry=None, inventory=None, progress: bool | None = None,
-         attn_implementation: str | None = None):
+         attn_implementation: str | None = None, dense_format: str | None = None):
     """Load checkpoint `model` (a folder or its config.json) as a transformers causal LM whose routed experts
     run on moetier.
 
@@ -219,11 +221,14 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     FormatError, never a silent conversion).
     dtype: float32 or bfloat16, for everything transformers holds (activations included). device: where
     that goes (default: the plan's tier for it, else the first CUDA device when there is one, else the
-    CPU). threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of experts left on disk
+    CPU). dense_format: the dense linear layers left on the CPU (attention, dense MLPs, shared experts, LM
+    head; not the routers) run on the experts' CPU backend's kernels in this format (default: the model's
+    dtype, where that backend computes dense matrices; "transformers": transformers' own layers).
+    threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of experts left on disk
     (default: the plan's).
 
     The model carries `moetier_experts` (moetier.runtime.ModelExperts: `bytes_per_tier()`,
-    `set_recorder()`, `close()`) and `moetier_layout`."""
+    `set_recorder()`, `close()`), `moetier_layout` and `moetier_dense` (a DenseRouting)."""
     from ...checkpoint import Checkpoint
     from ...checkpoint.progress import progress_enabled
     from ...errors import BackendUnavailable
@@ -236,6 +241,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
 
     if dtype not in DTYPES:
         raise SettingError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if dense_format is not None and dense_format != dense_mod.KEEP:
+        get_format(dense_format)  # an unknown name fails before anything is read
     folder = checkpoint_folder(model)
     raw = read_config(folder)
     registry = registry or get_registry()
@@ -269,6 +276,9 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         if cache_bytes is None and getattr(plan, "disk_cache_bytes", 0):
             cache_bytes = plan.disk_cache_bytes
     dev = resolve_device(device)
+    if dev.type != "cpu" and dense_format not in (None, dense_mod.KEEP):
+        raise SettingError(f"the dense layers go to {dev}, where transformers computes them: dense_format="
+                           f"{dense_format!r} applies to dense layers on the CPU")
     if backend is not None:  # checked before anything is read: an unknown or unusable backend fails at once
         spec = registry.backend(backend)
         verdict = spec.safe_probe(inventory)
@@ -322,6 +332,17 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         raise
     hf_model.moetier_experts = experts
     hf_model.moetier_layout = layout
+    hf_model.moetier_dense = dense_mod.DenseRouting(None, None)
+    if dev.type == "cpu":
+        try:
+            dense_backend, dense_fmt = dense_mod.choose_dense_backend(list(experts.backends.values()), dense_format,
+                                                                      dtype)
+            if dense_backend is not None:
+                hf_model.moetier_dense = dense_mod.route_dense(hf_model, layout, dense_backend, dense_fmt)
+                hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model)
+        except BaseException:
+            experts.close()
+            raise
     # Released with the model, or at interpreter exit at the latest: a disk tier's read-ahead thread left
     # running into the interpreter's teardown aborted the process (seen with the native backends).
     weakref.finalize(hf_model, experts.close)

@@ -1,0 +1,299 @@
+// One dense weight matrix W [N out, K in] (an attention projection, a dense MLP matrix, the LM head) in
+// the experts' packed layout (packed_format.h), and y = x W^T + b over T tokens on the experts' kernels.
+//
+// Decode (T <= DECODE_MAX_TOKENS) is what a dense layer costs per generated token: every weight byte is
+// read once, so tasks stream runs of whole bundles (one sequential stream each, DECODE_RUN_BYTES long),
+// every task computing all T tokens of its panels. Prefill tasks take a slice of panels and loop over all
+// tokens in blocks, so the slice's weights come from L2 after the first block. Each output element is
+// written by exactly one task, in a fixed order of additions: results do not depend on the thread count.
+#pragma once
+#include "moe_layer.h"
+
+namespace moetier_kernels {
+inline namespace MOETIER_NS {
+
+class DenseLinear {
+   public:
+    DenseLinear(int N, int K, int fmt, int group, bool has_bias, bool int8_activations, bool fp8_vbmi = true)
+        : g_(fmt, group, N, K), deq_(BF16, 0, N, g_.Kp), has_bias_(has_bias), int8_acts_(int8_activations) {
+#if MOETIER_HAS_DOT
+        fp8_vbmi_ = fmt == FP8 && fp8_vbmi && cpu_has_vbmi();
+#else
+        (void)fp8_vbmi;
+#endif
+        g_.fp8_pairs = fp8_vbmi_;
+    }
+    DenseLinear(const DenseLinear&) = delete;
+    DenseLinear& operator=(const DenseLinear&) = delete;
+
+    const Geometry& geometry() const { return g_; }
+    int64_t bytes() const { return g_.bytes(); }
+    bool packed() const { return mem_ != nullptr; }
+    bool fp8_vbmi() const { return fp8_vbmi_; }
+
+    // W in the reference storage (see PanelSource), its scales (or null), bias fp32 [N] (or null). Once.
+    void pack(const uint8_t* data, const float* scales, const float* bias) {
+        if (mem_) throw std::invalid_argument("the matrix is already packed");
+        uint8_t* mem = arena_.allocate(size_t(g_.bytes()), 0, 1);
+        std::vector<PanelSource> src(g_.panels);
+        for (int p = 0; p < g_.panels; ++p) src[p] = {data, scales, p};
+        pack_panels(g_, g_.panels, src.data(), mem);
+        bias_.assign(size_t(g_.panels) * PANEL, 0.f);
+        if (has_bias_ && bias) std::copy(bias, bias + g_.N, bias_.begin());
+        mem_ = mem;
+    }
+
+    // x [T, K] fp32 or bf16 bits; out [T, N] fp32 or bf16 bits, fully overwritten.
+    void forward(ThreadPool& pool, const void* x, bool x_bf16, int T, void* out, bool out_bf16) const;
+
+   private:
+    Geometry g_, deq_;  // deq_: fp8/fp16 panels dequantized to bf16 pairs (prefill)
+    bool has_bias_, int8_acts_;
+    bool fp8_vbmi_ = false;
+    uint8_t* mem_ = nullptr;
+    std::vector<float> bias_;  // zero-padded to whole panels (zeros without a bias)
+    ExpertArena arena_;
+
+    // The kernel path of a call of T tokens: the experts' choice (MoELayer::forward) for one matrix.
+    int path_for(int T) const {
+        const bool prefill = T > DECODE_MAX_TOKENS;
+        const int fmt = g_.fmt;
+        int path = P_F32;
+        if (MOETIER_HAS_DOT) {
+            if (fp8_vbmi_) path = P_FP8DOT;
+            else if (fmt == BF16 && prefill) path = P_BF16DOT;
+            else if ((fmt == FP8 || fmt == F16) && prefill) path = P_DEQDOT;
+            else if ((fmt == I8 || fmt == I4) && int8_acts_ && (prefill || g_.K >= INT8_DECODE_MIN_K))
+                path = P_INT8DOT;
+        }
+        if (MOETIER_HAS_AMX && prefill) {
+            if (path == P_BF16DOT) path = P_AMX_BF16;
+            else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
+            else if (path == P_INT8DOT && fmt == I8) path = P_AMX_INT8;
+        }
+        return path;
+    }
+
+    struct Acts {  // the activations in the forms the path's kernels read, rows of xs columns
+        int T = 0, xs = 0, groups = 0;
+        bool need_xb = false, need_xl = false, need_xq = false;
+        float *X = nullptr, *Xscale = nullptr;
+        uint16_t *Xb = nullptr, *Xl = nullptr;
+        int8_t* Xq = nullptr;
+        int32_t* Xcorr = nullptr;
+        std::vector<uint8_t> exact;  // per token: x is exactly bf16 (Xl is zero)
+    };
+    void convert(Acts& a, const void* x, bool x_bf16, int t0, int t1) const;
+    void panels_decode(const Acts& a, int path, int b0, int b1, void* out, bool out_bf16) const;
+    void panels_prefill(const Acts& a, int path, int p0, int p1, void* out, bool out_bf16) const;
+    // Rows m of o (panel q of the call at output panel p + q, ld rows per panel) + bias into out.
+    void write(const float* o, int ld, int np, int p, int t0, int mb, void* out, bool out_bf16) const {
+        for (int q = 0; q < np; ++q) {
+            const int c0 = (p + q) * PANEL, c1 = std::min(g_.N, c0 + PANEL);
+            if (c0 >= g_.N) break;
+            const V b = vload(bias_.data() + c0);
+            for (int m = 0; m < mb; ++m) {
+                alignas(64) float y[PANEL];
+                vstore(y, vadd(vload(o + (int64_t(q) * ld + m) * PANEL), b));
+                const int64_t at = int64_t(t0 + m) * g_.N + c0;
+                if (out_bf16) {
+                    uint16_t* dst = static_cast<uint16_t*>(out) + at;
+                    for (int i = 0; i < c1 - c0; ++i) dst[i] = f32_to_bf16(y[i]);
+                } else {
+                    std::memcpy(static_cast<float*>(out) + at, y, size_t(c1 - c0) * 4);
+                }
+            }
+        }
+    }
+    Panels bundle_at(int b) const { return bundle(mem_, g_, g_.panels, b); }
+};
+
+inline void DenseLinear::convert(Acts& a, const void* x, bool x_bf16, int t0, int t1) const {
+    const int K = g_.K;
+    for (int t = t0; t < t1; ++t) {
+        float* xf = a.X + int64_t(t) * a.xs;
+        if (x_bf16) {
+            const uint16_t* h = static_cast<const uint16_t*>(x) + int64_t(t) * K;
+            for (int i = 0; i < K; ++i) xf[i] = bf16_to_f32(h[i]);
+        } else {
+            std::memcpy(xf, static_cast<const float*>(x) + int64_t(t) * K, size_t(K) * 4);
+        }
+        std::fill(xf + K, xf + a.xs, 0.f);
+        if (a.need_xb) {
+            uint16_t* xb = a.Xb + int64_t(t) * a.xs;
+            for (int i = 0; i < a.xs; ++i) xb[i] = f32_to_bf16(xf[i]);
+            if (a.need_xl) {
+                uint16_t* xl = a.Xl + int64_t(t) * a.xs;
+                uint16_t any = 0;
+                for (int i = 0; i < a.xs; ++i) any |= xl[i] = f32_to_bf16(xf[i] - bf16_to_f32(xb[i]));
+                a.exact[t] = (any & 0x7FFF) == 0;
+            }
+        }
+        if (a.need_xq)
+            quantize_row_i8(xf, a.xs, g_.G, a.groups, weight_offset(g_.fmt), a.Xq + int64_t(t) * a.xs,
+                            &a.Xscale[t], a.Xcorr + int64_t(t) * a.groups);
+    }
+}
+
+// Bundles [b0, b1), whole bundles per call, all T (<= DECODE_MAX_TOKENS) tokens.
+inline void DenseLinear::panels_decode(const Acts& a, int path, int b0, int b1, void* out, bool out_bf16) const {
+    alignas(64) float o[BUNDLE * DECODE_MAX_TOKENS * PANEL];
+    const int M = a.T;
+    for (int b = b0; b < b1; ++b) {
+        const Panels bd = bundle_at(b);
+        if (path == P_F32) {
+            const float* xp[F32_BLOCK];
+            for (int m = 0; m < M; ++m) xp[m] = a.X + int64_t(m) * a.xs;
+            run_f32_np(bd.n, g_.fmt, M, bd, g_, xp, o);
+        } else {
+#if MOETIER_HAS_DOT
+            if (path == P_FP8DOT) {
+                const uint16_t* xh[DECODE_MAX_TOKENS];
+                const uint16_t* xl[DECODE_MAX_TOKENS];
+                bool exact = true;
+                for (int m = 0; m < M; ++m) {
+                    xh[m] = a.Xb + int64_t(m) * a.xs;
+                    xl[m] = a.Xl + int64_t(m) * a.xs;
+                    exact &= a.exact[m] != 0;
+                }
+                fp8_dot(bd.n, M, exact ? 1 : 2, bd, g_, xh, xl, o);
+            } else {
+                const int8_t* xq[DECODE_MAX_TOKENS];
+                const int32_t* xc[DECODE_MAX_TOKENS];
+                float xsc[DECODE_MAX_TOKENS];
+                for (int m = 0; m < M; ++m) {
+                    xq[m] = a.Xq + int64_t(m) * a.xs;
+                    xc[m] = a.Xcorr + int64_t(m) * a.groups;
+                    xsc[m] = a.Xscale[m];
+                }
+                int8_decode(g_.fmt, bd.n, M, bd, g_, xq, xc, xsc, o);
+            }
+#endif
+        }
+        write(o, M, bd.n, BUNDLE * b, 0, M, out, out_bf16);
+    }
+}
+
+// Output panels [p0, p1) (whole bundles), every token: the experts' prefill down loop for one matrix.
+inline void DenseLinear::panels_prefill(const Acts& a, int path, int p0, int p1, void* out, bool out_bf16) const {
+    alignas(64) float o[4 * 32 * PANEL];
+    const bool tiles = is_amx(path);
+    const bool whole = bundle_path(path, a.T);
+    const int block = whole ? BUNDLE_TOKENS : tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
+#if MOETIER_HAS_AMX
+    amx::TileSession tile_session;
+    if (tiles) tile_session.ensure();
+#endif
+    for (int p = p0, np = 0; p < p1; p += np) {
+        const Panels bd = bundle_at(p / BUNDLE);
+        const int q0 = p % BUNDLE;
+        np = whole ? bd.n - q0 : std::min(2, bd.n - q0);
+        Panels pr = bd.sub(q0);
+        const Geometry* g = &g_;
+        if (is_deq(path)) {
+            pr = dequant_panels(pr, np, g_, scratch(thread_scratch().deq, size_t(2) * deq_.panel_bytes));
+            g = &deq_;
+        }
+        for (int m0 = 0; m0 < a.T; m0 += block) {
+            const int mb = std::min(block, a.T - m0);
+            const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
+            if (path == P_F32) {
+                const float* xp[F32_BLOCK];
+                for (int m = 0; m < mb; ++m) xp[m] = a.X + int64_t(m0 + m) * a.xs;
+                run_f32_np(np, g_.fmt, mb, pr, g_, xp, o);
+            } else if (tiles) {
+#if MOETIER_HAS_AMX
+                if (path == P_AMX_INT8)
+                    amx_panels<true>(pr, np, g_, reinterpret_cast<const uint8_t*>(a.Xq + int64_t(m0) * a.xs), a.xs,
+                                     mb, a.Xscale + m0, o);
+                else
+                    amx_panels<false>(pr, np, *g, reinterpret_cast<const uint8_t*>(a.Xb + int64_t(m0) * a.xs),
+                                      int64_t(a.xs) * 2, mb, nullptr, o);
+#endif
+            } else {
+#if MOETIER_HAS_DOT
+                const uint16_t* xb[DOT_BLOCK];
+                const int8_t* xq[DOT_BLOCK];
+                const int32_t* xc[DOT_BLOCK];
+                float xsc[DOT_BLOCK];
+                for (int m = 0; m < mb; ++m) {
+                    const int64_t r = m0 + m;
+                    xb[m] = a.need_xb ? a.Xb + r * a.xs : nullptr;
+                    xq[m] = a.need_xq ? a.Xq + r * a.xs : nullptr;
+                    xc[m] = a.need_xq ? a.Xcorr + r * a.groups : nullptr;
+                    xsc[m] = a.need_xq ? a.Xscale[r] : 0.f;
+                }
+                const int kp = path == P_DEQDOT ? P_BF16DOT : path;
+                if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, *g, xb, nullptr, o);
+                else if (whole && path == P_BF16DOT) bf16_bundle(np, mb, pr, *g, xb, o);
+                else if (whole) int8_decode(g_.fmt, np, mb, pr, *g, xq, xc, xsc, o);
+                else if (np == 2) run_dot<2>(kp, g_.fmt, mb, pr, *g, xb, xq, xc, xsc, o);
+                else run_dot<1>(kp, g_.fmt, mb, pr, *g, xb, xq, xc, xsc, o);
+#endif
+            }
+            write(o, ld, np, p, m0, mb, out, out_bf16);
+        }
+    }
+}
+
+inline void DenseLinear::forward(ThreadPool& pool, const void* x, bool x_bf16, int T, void* out,
+                                 bool out_bf16) const {
+    if (!mem_) throw std::logic_error("the matrix is not packed");
+    if (T <= 0) return;
+    const int path = path_for(T);
+    const bool decode = T <= DECODE_MAX_TOKENS;
+    const bool tiles = is_amx(path);
+    Acts a;
+    a.T = T;
+    a.xs = g_.Kp;
+    // A tiles read whole 64-byte column blocks; 64 more keep a tile's rows off one L1 set (as the experts).
+    if (tiles) a.xs = int(round_up(a.xs, 64)) + 64;
+    a.groups = g_.Kp / g_.G;
+    a.need_xb = bf16_acts(path);
+    a.need_xl = path == P_FP8DOT && decode;
+    a.need_xq = i8_acts(path);
+    const size_t rows = size_t(T) + (tiles ? TILE_ROW_PAD : 0);  // tile loads read past the last token
+    Scratch& sc = thread_scratch();
+    a.X = scratch(sc.X, rows * a.xs);
+    if (a.need_xb) a.Xb = scratch(sc.Xb, rows * a.xs);
+    if (a.need_xl) {
+        a.Xl = scratch(sc.Xl, rows * a.xs);
+        a.exact.assign(T, 0);
+    }
+    if (a.need_xq) {
+        a.Xq = scratch(sc.Xq, rows * a.xs);
+        a.Xscale = scratch(sc.Xscale, rows);
+        a.Xcorr = scratch(sc.Xcorr, rows * a.groups);
+    }
+    constexpr int CONVERT_CHUNK = 4;
+    const int nb = bundles(g_.panels);
+    std::vector<std::array<int, 2>> tasks;
+    if (decode) {
+        const int run = int(std::max<int64_t>(1, DECODE_RUN_BYTES / (BUNDLE * g_.panel_bytes)));
+        // At least two runs per worker, so a descheduled worker's share is picked up by the others.
+        const int per = std::max(1, std::min(run, nb / (2 * pool.size())));
+        for (int b = 0; b < nb; b += per) tasks.push_back({b, std::min(nb, b + per)});
+    } else {
+        const int chunk = int(round_up(
+            std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, g_.panels / (8 * pool.size()))), BUNDLE));
+        for (int p = 0; p < g_.panels; p += chunk) tasks.push_back({p, std::min(g_.panels, p + chunk)});
+    }
+    std::atomic<int> convert_next{0}, convert_done{0}, task_next{0};
+    const int ntasks = int(tasks.size());
+    const std::function<void(int)> job = [&](int) {
+        for (int i; (i = convert_next.fetch_add(CONVERT_CHUNK, std::memory_order_relaxed)) < T;) {
+            const int e = std::min(T, i + CONVERT_CHUNK);
+            convert(a, x, x_bf16, i, e);
+            convert_done.fetch_add(e - i, std::memory_order_release);
+        }
+        wait_count(convert_done, T);
+        for (int i; (i = task_next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
+            if (decode) panels_decode(a, path, tasks[i][0], tasks[i][1], out, out_bf16);
+            else panels_prefill(a, path, tasks[i][0], tasks[i][1], out, out_bf16);
+        }
+    };
+    pool.run(job);
+}
+
+}  // namespace MOETIER_NS
+}  // namespace moetier_kernels

@@ -1,0 +1,168 @@
+"""Dense matrices on the native kernels (moetier.dense; kernels/dense_linear.h) against the float64 oracle.
+
+Bounds, relative Frobenius error against x W^T + b in float64 on the same (dequantized) weights:
+- decode (<= 4 tokens) of float weights and of integer weights on short rows (K < 256) runs in fp32 on
+  weights exact in fp32: only the summation order differs, ~sqrt(K) * 2^-24 ~ 1e-6; bound FP32_BOUND 2e-5
+  (the conformance fp32 bound). fp8 decode on the VBMI kernels splits x into bf16 hi + lo parts, which
+  carry ~16 significant bits: ~2^-17 ~ 1e-5 worst, bound 5e-5 (measured 2.3e-6).
+- everything else rounds activations (bf16 for vdpbf16ps, int8 per token for vpdpbusd): the conformance
+  suite's bound of the format (bf16 / fp16 / fp8 1e-2; int8 / int4 4e-2), the same argument as for one
+  expert matrix. A wrong panel, scale, group or bias moves the error above 1e-1.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moetier.conformance.tolerances import tolerance
+from moetier.errors import DeviceError, DTypeError, FormatError, PreparedExpertsError, ShapeError
+from moetier.formats import quantize
+from moetier.reference import oracle
+from test_native_common import DOT_VARIANTS, RUNNABLE, make_backend, needs_native, rel_err
+
+pytestmark = needs_native
+
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3", "q4_0")
+FP32_BOUND = 2e-5
+FP8_SPLIT_BOUND = 5e-5
+INT8_DECODE_MIN_K = 256  # kernels/moe_layer.h: shorter rows decode on the exact fp32 path
+
+
+def fresh_gen() -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def bound(variant: str, fmt: str, T: int, K: int, backend) -> float:
+    if variant not in DOT_VARIANTS or fmt == "fp32":
+        return FP32_BOUND  # no dot kernels: every format on the fp32 path
+    if T > 4:
+        return tolerance(fmt)
+    if fmt == "fp8_e4m3" and backend.fp8_vbmi:
+        return FP8_SPLIT_BOUND
+    int_fmt = fmt.startswith("int") or fmt == "q4_0"
+    return tolerance(fmt) if int_fmt and K >= INT8_DECODE_MIN_K else FP32_BOUND
+
+
+def check(backend, variant, fmt, N, K, T, *, bias: bool, dtype=torch.float32):
+    gen = fresh_gen()
+    w = torch.randn(N, K, generator=gen) / K ** 0.5
+    b = torch.randn(N, generator=gen) if bias else None
+    q = quantize(w, fmt)
+    packed = backend.pack_linear(q, b)
+    x = torch.randn(T, K, generator=gen).to(dtype)
+    y = backend.linear(packed, x)
+    assert y.shape == (T, N) and y.dtype == dtype
+    ref = x.double() @ q.dequantize(torch.float64).T + (0 if b is None else b.double())
+    err = rel_err(y, ref)
+    limit = max(bound(variant, fmt, T, K, backend), 4e-3 if dtype == torch.bfloat16 else 0)  # bf16 output rounding
+    assert err <= limit, f"{variant} {fmt} N={N} K={K} T={T} bias={bias}: {err:.2e} > {limit:g}"
+    return packed, x, y
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matches_the_oracle(variant, fmt, monkeypatch):
+    """Odd sizes: N=200 is 13 panels (a bundle of one), K=224 pads the int4 g64/g128 and fp8 groups; K=320 is long
+    enough for int8-activation decode. Decode (1, 4 tokens), bundle prefill (7) and block prefill (40)."""
+    backend = make_backend(variant, monkeypatch)
+    for N, K in ((200, 224), (48, 320)):
+        for T in (1, 4, 7, 40):
+            check(backend, variant, fmt, N, K, T, bias=T % 2 == 1)
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_bf16_in_and_out(variant, monkeypatch):
+    backend = make_backend(variant, monkeypatch)
+    for fmt in ("bf16", "int8"):
+        for T in (1, 33):
+            check(backend, variant, fmt, 96, 320, T, bias=True, dtype=torch.bfloat16)
+
+
+def test_the_thread_count_changes_no_bit(monkeypatch):
+    variant = RUNNABLE[-1]
+    one, two = make_backend(variant, monkeypatch, threads=1), make_backend(variant, monkeypatch, threads=2)
+    gen = fresh_gen()
+    for fmt in ("bf16", "int4_g64", "fp8_e4m3"):
+        q = quantize(torch.randn(520, 256, generator=gen), fmt)
+        b = torch.randn(520, generator=gen)
+        p1, p2 = one.pack_linear(q, b), two.pack_linear(q, b)
+        for T in (1, 3, 50):
+            x = torch.randn(T, 256, generator=gen)
+            assert torch.equal(one.linear(p1, x), two.linear(p2, x)), f"{fmt} T={T}"
+
+
+def test_a_zero_row_gives_exact_zeros(monkeypatch):
+    backend = make_backend(RUNNABLE[-1], monkeypatch)
+    gen = fresh_gen()
+    for fmt in ("bf16", "int8", "int4_g32", "fp8_e4m3"):
+        packed = backend.pack_linear(quantize(torch.randn(64, 256, generator=gen), fmt))
+        for T in (1, 20):
+            x = torch.randn(T, 256, generator=gen)
+            x[T // 2] = 0
+            y = backend.linear(packed, x)
+            assert torch.equal(y[T // 2], torch.zeros(64)) and not torch.signbit(y[T // 2]).any(), fmt
+
+
+def test_nan_propagates_to_its_row_only(monkeypatch):
+    backend = make_backend(RUNNABLE[-1], monkeypatch)
+    packed = backend.pack_linear(quantize(torch.randn(32, 256), "int8"))
+    x = torch.randn(3, 256)
+    x[1, 7] = float("nan")
+    y = backend.linear(packed, x)
+    assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
+
+
+def test_empty_input(monkeypatch):
+    backend = make_backend(RUNNABLE[-1], monkeypatch)
+    packed = backend.pack_linear(quantize(torch.randn(32, 64), "bf16"))
+    assert backend.linear(packed, torch.empty(0, 64)).shape == (0, 32)
+
+
+def test_bad_inputs_are_typed_errors(monkeypatch):
+    backend = make_backend(RUNNABLE[-1], monkeypatch)
+    q = quantize(torch.randn(32, 64), "bf16")
+    packed = backend.pack_linear(q)
+    with pytest.raises(ShapeError, match=r"\[T, 64\]"):
+        backend.linear(packed, torch.randn(2, 65))
+    with pytest.raises(ShapeError):
+        backend.linear(packed, torch.randn(64))
+    with pytest.raises(DTypeError, match="float32 or bfloat16"):
+        backend.linear(packed, torch.randn(2, 64).half())
+    with pytest.raises(DTypeError):
+        backend.linear(packed, [[0.0] * 64])
+    with pytest.raises(DeviceError):
+        backend.linear(packed, torch.randn(2, 64, device="meta"))
+    with pytest.raises(PreparedExpertsError, match="pack it with this backend"):
+        backend.linear(oracle().pack_linear(q), torch.randn(2, 64))
+    with pytest.raises(ShapeError, match="bias"):
+        backend.pack_linear(q, torch.randn(31))
+    with pytest.raises(DTypeError, match="QuantizedTensor"):
+        backend.pack_linear(torch.randn(32, 64))
+    with pytest.raises(FormatError, match="mxfp4"):
+        backend.pack_linear(quantize(torch.randn(32, 64), "mxfp4"))
+
+
+def test_a_backend_without_dense_kernels_says_so():
+    from moetier.hardware import detect_inventory
+    from moetier.plugins import get_registry
+
+    spec = get_registry().backend("cpu.numba")
+    if not spec.safe_probe(detect_inventory()).usable:
+        pytest.skip("cpu.numba is not usable here")
+    numba = spec.create(detect_inventory())
+    assert numba.dense_formats == ()
+    with pytest.raises(FormatError, match="cpu.numba"):
+        numba.pack_linear(quantize(torch.randn(16, 32), "bf16"))
+
+
+def test_the_oracle_computes_every_format():
+    o = oracle()
+    gen = fresh_gen()
+    w, b, x = torch.randn(24, 256, generator=gen), torch.randn(24, generator=gen), torch.randn(5, 256, generator=gen)
+    for fmt in ("bf16", "int8", "q8_0", "q4_k", "mxfp4"):
+        q = quantize(w, fmt)
+        y = o.linear(o.pack_linear(q, b), x)
+        assert y.dtype == torch.float32
+        assert rel_err(y, x.double() @ q.dequantize(torch.float64).T + b.double()) < 1e-7, fmt
