@@ -1,5 +1,5 @@
 """GGUF files read directly: layout from metadata per architecture, expert bytes, dequantization
-bit-identical to the gguf package, whole MoE layers on cpu.numba and cpu.torch against a float64
+bit-identical to the gguf package, whole MoE layers on cpu.numba, cpu.torch and the native kernels against a float64
 reference computed here from the file with gguf's own reader and dequantizer, and the refusals (mixed
 formats, types without a moetier format, backends without the format, corrupt files)."""
 from __future__ import annotations
@@ -153,13 +153,19 @@ def reference_layer(path: str, model: Model, layer, hidden: torch.Tensor):
     return out, ids
 
 
-@pytest.mark.parametrize("backend_name", ["cpu.numba", "cpu.torch"])
+@pytest.mark.parametrize("backend_name", ["cpu.numba", "cpu.torch", "native"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_whole_moe_layer_against_float64(files, case, backend_name):
     if backend_name == "cpu.numba":
         pytest.importorskip("numba")
         from moetier.backends.cpu_numba import NumbaBackend
         backend = NumbaBackend(num_threads=2)
+    elif backend_name == "native":
+        # fp32 math on the packed GGUF values (no int8 activations): the fp32 bound shows they are exact
+        from moetier.backends.native.backend import NativeBackend
+        from moetier.hardware import load_inventory
+        native = runnable_native(load_registry(no_plugins=True))
+        backend = NativeBackend(native.name, native.variant, load_inventory(), threads=2, int8_activations=False)
     else:
         from moetier.backends.cpu_torch import TorchBackend
         backend = TorchBackend()
@@ -212,15 +218,19 @@ def test_types_without_a_moetier_format_are_refused_or_converted_on_request(tmp_
 
 
 def test_a_backend_without_the_files_format_is_refused(files):
-    native = runnable_native(load_registry(no_plugins=True))
-    assert not {"q8_0", "q4_k", "q5_k", "q6_k", "mxfp4"} & set(native.formats)  # q4_0 runs as int4_g32
+    from moetier.backends.accel.backend import AccelBackend
+    from moetier.backends.accel.build import detect_build
+    from moetier.backends.accel.plan import plan_kernels
+
+    accel = AccelBackend("cpu.accel", "cpu", plan_kernels("cpu", None, detect_build()))
+    assert not {"q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"} & set(accel.formats)
     w = files("qwen3moe")
     with GGUFFile(w.path) as gf:
         layout = gf.layout()
-        with pytest.raises(FormatError, match=f"backend {native.name} does not compute q4_k"):
-            gguf_block(gf, layout, 0, native)
-        with pytest.raises(FormatError, match=f"backend {native.name} does not compute format q4_k"):
-            native.prepare(layout.layer(0).experts, GGUFExperts(gf, layout.layer(0)), [0], "q4_k")
+        with pytest.raises(FormatError, match=f"backend {accel.name} does not compute q4_k"):
+            gguf_block(gf, layout, 0, accel)
+        with pytest.raises(FormatError, match=f"backend {accel.name} does not compute format q4_k"):
+            accel.prepare(layout.layer(0).experts, GGUFExperts(gf, layout.layer(0)), [0], "q4_k")
 
 
 def test_split_files_read_as_one_model(tmp_path):
@@ -282,9 +292,9 @@ def test_cli_show_and_run_a_gguf_file(files, tmp_path):
 
 def test_cli_refuses_a_backend_without_the_format_and_unmapped_files(files, tmp_path):
     w = files("qwen3moe")
-    r = moetier("zoo", "run", w.path, "--backend", "cpu.avx2")
-    # either the variant cannot run here, or it runs and refuses q4_k: never a silent conversion
+    r = moetier("zoo", "run", w.path, "--backend", "cpu.accel")
+    # the accelerator path has no GGUF kernels: refused, never a silent conversion
     assert_usage_error(r)
-    assert "does not compute q4_k" in r.stderr or "cannot run here" in r.stderr, r.stderr
+    assert "does not compute q4_k" in r.stderr, r.stderr
     other = write(tmp_path / "llama.gguf", Model("llama", "Llama", 1, 64, 64, 4, 2, ("q8_0",) * 3))
     assert_usage_error(moetier("zoo", "show", other.path), "architecture 'llama' is not mapped")
