@@ -181,7 +181,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
     for (int gi = 0; gi < g.ngroups; ++gi) {
         // The steps below prefetch the weight lines ahead; the group's scale (and min) lines lie between
         // them, and with short groups the hardware prefetchers alone leave them to DRAM latency. Measured
-        // (one Zen 4 core, Qwen3 layer, batch 1): q4_k x1.74, q5_k x1.27, int4_g32 x1.10, int4_g64 x1.05;
+        // (one Zen 4 core, Qwen3 layer, batch 1): q4_k x1.74, q5_k x1.27, int4_g32 x1.05-1.10, int4_g64 x1.03-1.05;
         // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there.
         if constexpr (INT4 || MINS) prefetch_stream(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
@@ -244,8 +244,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             }
         }
         for (int q = 0; q < NP; ++q) {
-            __m512 mn;
-            if constexpr (MINS) mn = _mm512_loadu_ps(pn.mins(g, gi, q));
+            const __m512 mn = MINS ? _mm512_loadu_ps(pn.mins(g, gi, q)) : _mm512_setzero_ps();
             for (int m = 0; m < M; ++m) {
                 __m512i t = ai[0][q][m];
                 if constexpr (NS == 2) t = _mm512_add_epi32(t, ai[1][q][m]);
