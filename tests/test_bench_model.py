@@ -58,6 +58,10 @@ def test_every_implementation_agrees_with_transformers_before_it_is_timed(tiny_r
     assert doc["schema"] == mb.SCHEMA
     rows = {(r["implementation"].split(" ")[0], r["format"]): r for r in doc["records"]}
     assert {f for (impl, f) in rows if impl == "moetier"} == {"bf16", "int8", "int4_g64"}
+    # moetier's dense layers run on its kernels in the model's bf16 (--dense auto); transformers' are torch's.
+    assert {r["dense"] for r in doc["records"] if r["implementation"].startswith("moetier")} == {"bf16"}
+    assert {r["dense"] for r in doc["records"] if r["implementation"].startswith("transformers")} == {"torch"}
+    assert {r["dense"] for r in doc["records"] if r["implementation"] == "llama.cpp"} == {"BF16", "Q8_0"}
     for r in doc["records"]:  # moetier against llama.cpp's matching type, in the same table
         if r["implementation"].startswith("moetier") and r["format"] in ("bf16", "int8"):
             peer = 10.0 if r["format"] == "bf16" else 20.0
@@ -130,6 +134,7 @@ def test_the_check_catches_wrong_experts(tmp_path, registry):
     (("--dims", "huge"), "--dims"),
     (("--llama-cpp", "/nonexistent/llama.json"), "llama.cpp results"),
     (("--backend", "cpu.nope"), "cpu.nope"),
+    (("--dense", "bogus"), "--dense"),
 ])
 def test_bad_options_exit_2_with_one_line(args, needle, tmp_path):
     r = moetier("bench", "model", *TINY_ARGS, *args, "--model", tmp_path / "m", timeout=120)

@@ -480,7 +480,7 @@ def llama_cpp_rows(records: list[dict], layout, dense_bf16_bytes: int, embedding
                 sum(k for _, k in experts) * eb
         rows.append(Row("llama.cpp", t, r.get("prefill_tok_s"), r.get("decode_tok_s"),
                         tuple(r.get("prefill_runs", ())), tuple(r.get("decode_runs", ())), per_token, None, None, True,
-                        None, note=r.get("note", "")))
+                        None, note=r.get("note", ""), dense=t))
     return rows
 
 
