@@ -109,29 +109,14 @@ class DenseLinear {
 };
 
 inline void DenseLinear::convert(Acts& a, const void* x, bool x_bf16, int t0, int t1) const {
-    const int K = g_.K;
+    const size_t row_bytes = size_t(g_.K) * (x_bf16 ? 2 : 4);
     for (int t = t0; t < t1; ++t) {
-        float* xf = a.X + int64_t(t) * a.xs;
-        if (x_bf16) {
-            const uint16_t* h = static_cast<const uint16_t*>(x) + int64_t(t) * K;
-            for (int i = 0; i < K; ++i) xf[i] = bf16_to_f32(h[i]);
-        } else {
-            std::memcpy(xf, static_cast<const float*>(x) + int64_t(t) * K, size_t(K) * 4);
-        }
-        std::fill(xf + K, xf + a.xs, 0.f);
-        if (a.need_xb) {
-            uint16_t* xb = a.Xb + int64_t(t) * a.xs;
-            for (int i = 0; i < a.xs; ++i) xb[i] = f32_to_bf16(xf[i]);
-            if (a.need_xl) {
-                uint16_t* xl = a.Xl + int64_t(t) * a.xs;
-                uint16_t any = 0;
-                for (int i = 0; i < a.xs; ++i) any |= xl[i] = f32_to_bf16(xf[i] - bf16_to_f32(xb[i]));
-                a.exact[t] = (any & 0x7FFF) == 0;
-            }
-        }
-        if (a.need_xq)
-            quantize_row_i8(xf, a.xs, g_.G, a.groups, weight_offset(g_.fmt), a.Xq + int64_t(t) * a.xs,
-                            &a.Xscale[t], a.Xcorr + int64_t(t) * a.groups);
+        const int64_t at = int64_t(t) * a.xs;
+        const bool exact = convert_row(static_cast<const uint8_t*>(x) + t * row_bytes, x_bf16, g_.K, a.xs, g_,
+                                       a.X + at, a.need_xb ? a.Xb + at : nullptr, a.need_xl ? a.Xl + at : nullptr,
+                                       a.need_xq ? a.Xq + at : nullptr, a.need_xq ? &a.Xscale[t] : nullptr,
+                                       a.need_xq ? a.Xcorr + int64_t(t) * a.groups : nullptr);
+        if (a.need_xl) a.exact[t] = exact;
     }
 }
 
@@ -184,6 +169,9 @@ inline void DenseLinear::panels_prefill(const Acts& a, int path, int p0, int p1,
     amx::TileSession tile_session;
     if (tiles) tile_session.ensure();
 #endif
+    ActRows rows;
+    rows.f = a.X, rows.b = a.Xb, rows.q = a.Xq, rows.corr = a.Xcorr, rows.scale = a.Xscale, rows.stride = a.xs;
+    rows.groups = a.groups;
     for (int p = p0, np = 0; p < p1; p += np) {
         const Panels bd = bundle_at(p / BUNDLE);
         const int q0 = p % BUNDLE;
@@ -197,40 +185,7 @@ inline void DenseLinear::panels_prefill(const Acts& a, int path, int p0, int p1,
         for (int m0 = 0; m0 < a.T; m0 += block) {
             const int mb = std::min(block, a.T - m0);
             const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
-            if (path == P_F32) {
-                const float* xp[F32_BLOCK];
-                for (int m = 0; m < mb; ++m) xp[m] = a.X + int64_t(m0 + m) * a.xs;
-                run_f32_np(np, g_.fmt, mb, pr, g_, xp, o);
-            } else if (tiles) {
-#if MOETIER_HAS_AMX
-                if (path == P_AMX_INT8)
-                    amx_panels<true>(pr, np, g_, reinterpret_cast<const uint8_t*>(a.Xq + int64_t(m0) * a.xs), a.xs,
-                                     mb, a.Xscale + m0, o);
-                else
-                    amx_panels<false>(pr, np, *g, reinterpret_cast<const uint8_t*>(a.Xb + int64_t(m0) * a.xs),
-                                      int64_t(a.xs) * 2, mb, nullptr, o);
-#endif
-            } else {
-#if MOETIER_HAS_DOT
-                const uint16_t* xb[DOT_BLOCK];
-                const int8_t* xq[DOT_BLOCK];
-                const int32_t* xc[DOT_BLOCK];
-                float xsc[DOT_BLOCK];
-                for (int m = 0; m < mb; ++m) {
-                    const int64_t r = m0 + m;
-                    xb[m] = a.need_xb ? a.Xb + r * a.xs : nullptr;
-                    xq[m] = a.need_xq ? a.Xq + r * a.xs : nullptr;
-                    xc[m] = a.need_xq ? a.Xcorr + r * a.groups : nullptr;
-                    xsc[m] = a.need_xq ? a.Xscale[r] : 0.f;
-                }
-                const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-                if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, *g, xb, nullptr, o);
-                else if (whole && path == P_BF16DOT) bf16_bundle(np, mb, pr, *g, xb, o);
-                else if (whole) int8_decode(g_.fmt, np, mb, pr, *g, xq, xc, xsc, o);
-                else if (np == 2) run_dot<2>(kp, g_.fmt, mb, pr, *g, xb, xq, xc, xsc, o);
-                else run_dot<1>(kp, g_.fmt, mb, pr, *g, xb, xq, xc, xsc, o);
-#endif
-            }
+            prefill_block(path, whole, np, mb, pr, g_, *g, rows, m0, o);
             write(o, ld, np, p, m0, mb, out, out_bf16);
         }
     }

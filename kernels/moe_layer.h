@@ -474,29 +474,42 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
 inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
 inline int weight_offset(const Geometry& g) { return g.mins ? 1 : weight_offset(g.fmt); }
 
+// One activation row (n values, fp32 or bf16 bits) in the forms the kernels read: fp32 in xf, zero-padded
+// to xs columns; when asked (non-null), its bf16 copy xb, the bf16 low part xl = x - bf16(x) (fp8 decode),
+// and int8 codes xq with the scale and per-group code sums of quantize_row_i8 for the matrix `g`. Returns
+// whether the low part is all zero (x exactly bf16); true when xl is not asked.
+inline bool convert_row(const void* src, bool src_bf16, int n, int xs, const Geometry& g, float* xf, uint16_t* xb,
+                        uint16_t* xl, int8_t* xq, float* scale, int32_t* corr) {
+    if (src_bf16) {
+        const uint16_t* h = static_cast<const uint16_t*>(src);
+        for (int i = 0; i < n; ++i) xf[i] = bf16_to_f32(h[i]);
+    } else {
+        std::memcpy(xf, src, size_t(n) * 4);
+    }
+    std::fill(xf + n, xf + xs, 0.f);
+    bool exact = true;
+    if (xb) {
+        for (int i = 0; i < xs; ++i) xb[i] = f32_to_bf16(xf[i]);
+        if (xl) {
+            uint16_t any = 0;
+            for (int i = 0; i < xs; ++i) any |= xl[i] = f32_to_bf16(xf[i] - bf16_to_f32(xb[i]));
+            exact = (any & 0x7FFF) == 0;
+        }
+    }
+    if (xq) quantize_row_i8(xf, xs, g.G, g.Kp / g.G, weight_offset(g), xq, scale, corr);
+    return exact;
+}
+
 inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
+    const size_t row_bytes = size_t(H_) * (c.hidden_bf16 ? 2 : 4);
     for (int t = t0; t < t1; ++t) {
-        float* x = c.X + int64_t(t) * c.xs;
-        if (c.hidden_bf16) {
-            const uint16_t* h = static_cast<const uint16_t*>(c.hidden) + int64_t(t) * H_;
-            for (int i = 0; i < H_; ++i) x[i] = bf16_to_f32(h[i]);
-        } else {
-            std::memcpy(x, static_cast<const float*>(c.hidden) + int64_t(t) * H_, size_t(H_) * 4);
-        }
-        std::fill(x + H_, x + c.xs, 0.f);
-        if (c.need_xb) {
-            uint16_t* xb = c.Xb + int64_t(t) * c.xs;
-            for (int i = 0; i < c.xs; ++i) xb[i] = f32_to_bf16(x[i]);
-            if (c.need_xl) {
-                uint16_t* xl = c.Xl + int64_t(t) * c.xs;
-                uint16_t any = 0;
-                for (int i = 0; i < c.xs; ++i) any |= xl[i] = f32_to_bf16(x[i] - bf16_to_f32(xb[i]));
-                c.x_exact[t] = (any & 0x7FFF) == 0;
-            }
-        }
-        if (c.need_xq)
-            quantize_row_i8(x, c.xs, gu_.G, c.xgroups, weight_offset(gu_), c.Xq + int64_t(t) * c.xs, &c.Xscale[t],
-                            c.Xcorr + int64_t(t) * c.xgroups);
+        const int64_t at = int64_t(t) * c.xs;
+        const bool exact = convert_row(static_cast<const uint8_t*>(c.hidden) + t * row_bytes, c.hidden_bf16, H_, c.xs,
+                                       gu_, c.X + at, c.need_xb ? c.Xb + at : nullptr,
+                                       c.need_xl ? c.Xl + at : nullptr, c.need_xq ? c.Xq + at : nullptr,
+                                       c.need_xq ? &c.Xscale[t] : nullptr,
+                                       c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr);
+        if (c.need_xl) c.x_exact[t] = exact;
     }
 }
 
@@ -717,6 +730,61 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
     }
 }
 
+// Activation rows of one matrix's input in the forms the prefill kernels read, `stride` columns apart: fp32
+// (f), bf16 (b), int8 codes (q) with per-group code sums (corr, `groups` per row) and scales; a form the
+// path does not use may be null.
+struct ActRows {
+    const float* f = nullptr;
+    const uint16_t* b = nullptr;
+    const int8_t* q = nullptr;
+    const int32_t* corr = nullptr;
+    const float* scale = nullptr;
+    int64_t stride = 0;
+    int groups = 0;
+};
+
+// Rows r0 .. r0 + mb of `a` through the np panels `pr` (`own`: their packed geometry; `g`: the one the
+// kernels read, the bf16 one after dequant_panels) on `path` into o[q][m][16], AMX_TOKENS rows per panel
+// on the tiles and mb otherwise. `whole`: whole bundles, up to BUNDLE_TOKENS rows per call.
+inline void prefill_block(int path, bool whole, int np, int mb, const Panels& pr, const Geometry& own,
+                          const Geometry& g, const ActRows& a, int64_t r0, float* o) {
+    if (path == P_F32) {
+        const float* x[F32_BLOCK];
+        for (int m = 0; m < mb; ++m) x[m] = a.f + (r0 + m) * a.stride;
+        run_f32_np(np, own.fmt, mb, pr, own, x, o);
+    } else if (is_amx(path)) {
+#if MOETIER_HAS_AMX
+        if (path == P_AMX_INT8)
+            amx_panels<true>(pr, np, own, reinterpret_cast<const uint8_t*>(a.q + r0 * a.stride), a.stride, mb,
+                             a.scale + r0, o);
+        else
+            amx_panels<false>(pr, np, g, reinterpret_cast<const uint8_t*>(a.b + r0 * a.stride), a.stride * 2, mb,
+                              nullptr, o);
+#endif
+    } else {
+#if MOETIER_HAS_DOT
+        const uint16_t* xb[DOT_BLOCK];
+        const int8_t* xq[DOT_BLOCK];
+        const int32_t* xc[DOT_BLOCK];
+        float xsc[DOT_BLOCK];
+        const bool i8 = path == P_INT8DOT;
+        for (int m = 0; m < mb; ++m) {
+            const int64_t r = r0 + m;
+            xb[m] = i8 ? nullptr : a.b + r * a.stride;
+            xq[m] = i8 ? a.q + r * a.stride : nullptr;
+            xc[m] = i8 ? a.corr + r * a.groups : nullptr;
+            xsc[m] = i8 ? a.scale[r] : 0.f;
+        }
+        const int kp = path == P_DEQDOT ? P_BF16DOT : path;
+        if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, g, xb, nullptr, o);
+        else if (whole && path == P_BF16DOT) bf16_bundle(np, mb, pr, g, xb, o);
+        else if (whole) int8_decode(own.fmt, np, mb, pr, g, xq, xc, xsc, o);
+        else if (np == 2) run_dot<2>(kp, own.fmt, mb, pr, g, xb, xq, xc, xsc, o);
+        else run_dot<1>(kp, own.fmt, mb, pr, g, xb, xq, xc, xsc, o);
+#endif
+    }
+}
+
 // Down projection of the prefill experts of `node`, output panels [p0, p1) (whole bundles), every token:
 // acc = sum over the experts in id order of w * (down h + bias). No other task writes these elements.
 inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
@@ -726,6 +794,8 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
 #if MOETIER_HAS_AMX
     amx::TileSession tile_session;
 #endif
+    ActRows h;  // the intermediate rows of every expert
+    h.f = c.Hf, h.b = c.Hb, h.q = c.Hq, h.corr = c.Hcorr, h.scale = c.Hscale, h.stride = c.hs, h.groups = c.hgroups;
     for (int a : c.node_prefill[node]) {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
         const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
@@ -748,41 +818,7 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
             for (int m0 = 0; m0 < M; m0 += block) {
                 const int mb = std::min(block, M - m0);
                 const int ld = tiles ? AMX_TOKENS : mb;  // rows per panel in o
-                if (path == P_F32) {
-                    const float* x[F32_BLOCK];
-                    for (int m = 0; m < mb; ++m) x[m] = c.Hf + int64_t(row0 + m0 + m) * c.hs;
-                    run_f32_np(np, fmt_, mb, pr, dn_, x, o);
-                } else if (tiles) {
-#if MOETIER_HAS_AMX
-                    const int64_t r0 = row0 + m0;
-                    if (path == P_AMX_INT8)
-                        amx_panels<true>(pr, np, dn_, reinterpret_cast<const uint8_t*>(c.Hq + r0 * c.hs), c.hs, mb,
-                                         c.Hscale + r0, o);
-                    else
-                        amx_panels<false>(pr, np, *g, reinterpret_cast<const uint8_t*>(c.Hb + r0 * c.hs),
-                                          int64_t(c.hs) * 2, mb, nullptr, o);
-#endif
-                } else {
-#if MOETIER_HAS_DOT
-                    const uint16_t* xb[DOT_BLOCK];
-                    const int8_t* xq[DOT_BLOCK];
-                    const int32_t* xc[DOT_BLOCK];
-                    float xsc[DOT_BLOCK];
-                    for (int m = 0; m < mb; ++m) {
-                        const int64_t r = row0 + m0 + m;
-                        xb[m] = path != P_INT8DOT ? c.Hb + r * c.hs : nullptr;
-                        xq[m] = path == P_INT8DOT ? c.Hq + r * c.hs : nullptr;
-                        xc[m] = path == P_INT8DOT ? c.Hcorr + r * c.hgroups : nullptr;
-                        xsc[m] = path == P_INT8DOT ? c.Hscale[r] : 0.f;
-                    }
-                    const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-                    if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, *g, xb, nullptr, o);
-                    else if (whole && path == P_BF16DOT) bf16_bundle(np, mb, pr, *g, xb, o);
-                    else if (whole) int8_decode(fmt_, np, mb, pr, *g, xq, xc, xsc, o);
-                    else if (np == 2) run_dot<2>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
-                    else run_dot<1>(kp, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
-#endif
-                }
+                prefill_block(path, whole, np, mb, pr, dn_, *g, h, row0 + m0, o);
                 for (int q = 0; q < np; ++q)
                     for (int m = 0; m < mb; ++m) {
                         const int r = row0 + m0 + m;
