@@ -14,8 +14,9 @@ inline namespace MOETIER_NS {
 
 class DenseLinear {
    public:
-    DenseLinear(int N, int K, int fmt, int group, bool has_bias, bool int8_activations, bool fp8_vbmi = true)
-        : g_(fmt, group, N, K), deq_(BF16, 0, N, g_.Kp), has_bias_(has_bias), int8_acts_(int8_activations) {
+    DenseLinear(int N, int K, int fmt, int group, bool has_bias, bool int8_activations, bool fp8_vbmi = true,
+                bool mins = false)
+        : g_(fmt, group, N, K, mins), deq_(BF16, 0, N, g_.Kp), has_bias_(has_bias), int8_acts_(int8_activations) {
 #if MOETIER_HAS_DOT
         fp8_vbmi_ = fmt == FP8 && fp8_vbmi && cpu_has_vbmi();
 #else
@@ -54,25 +55,7 @@ class DenseLinear {
     std::vector<float> bias_;  // zero-padded to whole panels (zeros without a bias)
     ExpertArena arena_;
 
-    // The kernel path of a call of T tokens: the experts' choice (MoELayer::forward) for one matrix.
-    int path_for(int T) const {
-        const bool prefill = T > DECODE_MAX_TOKENS;
-        const int fmt = g_.fmt;
-        int path = P_F32;
-        if (MOETIER_HAS_DOT) {
-            if (fp8_vbmi_) path = P_FP8DOT;
-            else if (fmt == BF16 && prefill) path = P_BF16DOT;
-            else if ((fmt == FP8 || fmt == F16) && prefill) path = P_DEQDOT;
-            else if ((fmt == I8 || fmt == I4) && int8_acts_ && (prefill || g_.K >= INT8_DECODE_MIN_K))
-                path = P_INT8DOT;
-        }
-        if (MOETIER_HAS_AMX && prefill) {
-            if (path == P_BF16DOT) path = P_AMX_BF16;
-            else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
-            else if (path == P_INT8DOT && fmt == I8) path = P_AMX_INT8;
-        }
-        return path;
-    }
+    int path_for(int T) const { return choose_path(g_, T > DECODE_MAX_TOKENS, g_.K, int8_acts_, fp8_vbmi_); }
 
     struct Acts {  // the activations in the forms the path's kernels read, rows of xs columns
         int T = 0, xs = 0, groups = 0;

@@ -127,6 +127,31 @@ inline bool bundle_path(int path, int M) {
     return M <= BUNDLE_MAX_TOKENS && (path == P_BF16DOT || path == P_INT8DOT || path == P_FP8DOT);
 }
 
+// The kernel path of a matrix of geometry `g` (shortest row length min_k among the matrices computed
+// together) for a prefill (more than DECODE_MAX_TOKENS rows) or a decode call. bf16 decode streams at
+// DRAM speed with exact fp32 math, so vdpbf16ps only pays off for prefill. Integer weights also take
+// vpdpbusd for decode on model-sized rows: unpacking them to fp32 costs more instructions per byte than a
+// core issues at DRAM speed (measured ~15 GB/s int8, ~10 GB/s int4 per core). On short rows (< INT8_DECODE_MIN_K)
+// a token's quantization error does not average out (up to 7% on a 16 x 8 expert), and the exact path
+// costs nothing there. int4 and grouped int8 keep vpdpbusd on AMX builds: per-group scales (and mins)
+// would need a tile store per 16-128 columns.
+inline int choose_path(const Geometry& g, bool prefill, int min_k, bool int8_acts, bool fp8_vbmi) {
+    int path = P_F32;
+    if (MOETIER_HAS_DOT) {
+        if (fp8_vbmi) path = P_FP8DOT;
+        else if (g.fmt == BF16 && prefill) path = P_BF16DOT;
+        else if ((g.fmt == FP8 || g.fmt == F16) && prefill) path = P_DEQDOT;
+        else if ((g.fmt == I8 || g.fmt == I4) && int8_acts && (prefill || min_k >= INT8_DECODE_MIN_K))
+            path = P_INT8DOT;
+    }
+    if (MOETIER_HAS_AMX && prefill) {
+        if (path == P_BF16DOT) path = P_AMX_BF16;
+        else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
+        else if (path == P_INT8DOT && g.fmt == I8 && g.row_scales) path = P_AMX_INT8;
+    }
+    return path;
+}
+
 struct TaskQueue {
     std::vector<std::array<int, 3>> items;
     std::atomic<int> next{0};
@@ -887,27 +912,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         c.act_row0.push_back(R);
         c.act_m.push_back(count[s]);
         fill_pos[s] = R;
-        // bf16 decode streams at DRAM speed with exact fp32 math, so vdpbf16ps only pays off for prefill.
-        // Integer weights also take vpdpbusd for decode on model-sized rows: unpacking them to fp32 costs
-        // more instructions per byte than a core issues at DRAM speed (measured ~15 GB/s int8, ~10 GB/s
-        // int4 per core). On short rows (< INT8_DECODE_MIN_K) a token's quantization error does not
-        // average out (up to 7% on a 16 x 8 expert), and the exact path costs nothing there.
         const bool prefill = count[s] > DECODE_MAX_TOKENS;
-        int path = P_F32;
-        if (MOETIER_HAS_DOT) {
-            if (fp8_vbmi_) path = P_FP8DOT;
-            else if (fmt_ == BF16 && prefill) path = P_BF16DOT;
-            else if ((fmt_ == FP8 || fmt_ == F16) && prefill) path = P_DEQDOT;
-            else if ((fmt_ == I8 || fmt_ == I4) && int8_acts_ && (prefill || std::min(H_, I_) >= INT8_DECODE_MIN_K))
-                path = P_INT8DOT;
-        }
-        // int4 and grouped int8 keep vpdpbusd: per-group scales (and mins) would need a tile store per
-        // 16-128 columns.
-        if (MOETIER_HAS_AMX && prefill) {
-            if (path == P_BF16DOT) path = P_AMX_BF16;
-            else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
-            else if (path == P_INT8DOT && fmt_ == I8 && gu_.row_scales) path = P_AMX_INT8;
-        }
+        const int path = choose_path(gu_, prefill, std::min(H_, I_), int8_acts_, fp8_vbmi_);
         c.act_path.push_back(path);
         c.need_xb |= bf16_acts(path);
         c.need_xq |= i8_acts(path);

@@ -44,15 +44,6 @@ FormatSpec parse_format(const std::string& name) {
     throw py::value_error("native kernels do not compute format '" + name + "'");
 }
 
-// Dense matrices (dense_linear.h) take the layouts with one scale line per group and int8 with one scale
-// per row: no grouped int8 (its AMX path has per-row scales) and no mins.
-FormatSpec parse_dense_format(const std::string& name) {
-    const FormatSpec f = parse_format(name);
-    if (f.mins || (f.fmt == I8 && f.group))
-        throw py::value_error("dense matrices on the native kernels do not take format '" + name + "'");
-    return f;
-}
-
 const uint8_t* bytes_of(const py::array& a, int64_t want, const char* what) {
     if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
     if (int64_t(a.nbytes()) != want)
@@ -213,9 +204,9 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
                             "one dense matrix W [out, in] in the packed layout: y = x W^T + b on the experts' kernels")
         .def(py::init([](int out_features, int in_features, const std::string& fmt, bool has_bias,
                          bool int8_activations, bool fp8_vbmi) {
-                 const FormatSpec f = parse_dense_format(fmt);
+                 const FormatSpec f = parse_format(fmt);
                  return new DenseLinear(out_features, in_features, f.fmt, f.group, has_bias, int8_activations,
-                                        fp8_vbmi);
+                                        fp8_vbmi, f.mins);
              }),
              py::arg("out_features"), py::arg("in_features"), py::arg("fmt"), py::arg("has_bias") = false,
              py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true)

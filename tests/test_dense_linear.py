@@ -24,7 +24,9 @@ from test_native_common import DOT_VARIANTS, RUNNABLE, make_backend, needs_nativ
 
 pytestmark = needs_native
 
-FORMATS = ("fp32", "bf16", "fp16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3", "q4_0")
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
+# GGUF blocks: rows of whole blocks (256 values for the K-quants, 32 for q8_0 / q4_0)
+GGUF = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
 FP32_BOUND = 2e-5
 FP8_SPLIT_BOUND = 5e-5
 INT8_DECODE_MIN_K = 256  # kernels/moe_layer.h: shorter rows decode on the exact fp32 path
@@ -41,7 +43,7 @@ def bound(variant: str, fmt: str, T: int, K: int, backend) -> float:
         return tolerance(fmt)
     if fmt == "fp8_e4m3" and backend.fp8_vbmi:
         return FP8_SPLIT_BOUND
-    int_fmt = fmt.startswith("int") or fmt == "q4_0"
+    int_fmt = fmt.startswith("int") or fmt in GGUF
     return tolerance(fmt) if int_fmt and K >= INT8_DECODE_MIN_K else FP32_BOUND
 
 
@@ -68,6 +70,18 @@ def test_matches_the_oracle(variant, fmt, monkeypatch):
     enough for int8-activation decode. Decode (1, 4 tokens), bundle prefill (7) and block prefill (40)."""
     backend = make_backend(variant, monkeypatch)
     for N, K in ((200, 224), (48, 320)):
+        for T in (1, 4, 7, 40):
+            check(backend, variant, fmt, N, K, T, bias=T % 2 == 1)
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", GGUF)
+def test_gguf_blocks_match_the_oracle(variant, fmt, monkeypatch):
+    """The GGUF layouts (grouped int8, per-group mins) as dense matrices: K=256 decodes on the int8 dot path
+    where the build has it, the exact fp32 path otherwise (the fp32 bound: the packed values are the GGUF
+    values themselves); K=512 with N=200 (a bundle of one)."""
+    backend = make_backend(variant, monkeypatch)
+    for N, K in ((200, 512), (48, 256)):
         for T in (1, 4, 7, 40):
             check(backend, variant, fmt, N, K, T, bias=T % 2 == 1)
 

@@ -153,3 +153,19 @@ def test_dense_matrices_on_tiles(emulated, fmt, monkeypatch):
         ref = x.double() @ q.dequantize(torch.float64).T + b.double()
         assert rel_err(out, ref) < (4e-2 if fmt == "int8" else 1e-2)
         assert rel_err(out, vnni.linear(packed_vnni, x)) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_grouped_dense_matrices_stay_off_the_tiles(emulated, fmt, monkeypatch):
+    """Grouped int8 and min-carrying layouts as dense matrices prefill on vpdpbusd in the amx build, as the
+    experts do: no tile instruction runs, and the result is the VNNI build's bit for bit."""
+    from moetier.formats import quantize
+
+    gen = torch.Generator().manual_seed(torch.seed())
+    be, vnni = emulated_backend(emulated), make_backend("avx512_bf16", monkeypatch)
+    q = quantize(torch.randn(96, 512, generator=gen) / 20, fmt)
+    x = torch.randn(40, 512, generator=gen)
+    before = emulated.emulated_tile_dots()
+    out = be.linear(be.pack_linear(q), x)
+    assert emulated.emulated_tile_dots() == before
+    assert torch.equal(out, vnni.linear(vnni.pack_linear(q), x))

@@ -112,14 +112,3 @@ def test_rows_of_partial_blocks_are_refused(fmt, hidden, intermediate, monkeypat
         b.prepare(ExpertLayerSpec(2, 1, hidden, intermediate), w, [0, 1], fmt)
 
 
-@needs_native
-def test_dense_matrices_keep_their_layouts(monkeypatch):
-    """Dense matrices (dense_linear.h: int8 tiles with one scale per row, no mins) take q4_0 but not the
-    grouped-int8 or min-carrying GGUF layouts; the extension refuses those layouts for them too."""
-    from moetier.backends.native.backend import GGUF_LAYOUTS
-
-    b = make_backend(RUNNABLE[-1], monkeypatch)
-    assert "q4_0" in b.dense_formats and not {"q8_0", "q4_k", "q5_k", "q6_k"} & set(b.dense_formats)
-    for fmt in ("q8_0", "q4_k", "q5_k", "q6_k"):
-        with pytest.raises(ValueError, match="dense matrices on the native kernels do not take"):
-            b._ext.DenseLinear(32, 256, GGUF_LAYOUTS[fmt])

@@ -32,9 +32,6 @@ NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_
 # panels keep per row and group, so the kernels multiply the GGUF values themselves.
 GGUF_LAYOUTS = {"q8_0": "int8_g32", "q6_k": "int8_g16", "q5_k": "int8_g32_min", "q4_k": "int4_g32_min",
                 "q4_0": "int4_g32"}
-# Dense matrices (dense_linear.h) take int8 with one scale per row (its AMX tiles assume it) and int4
-# groups without mins: q4_0 (the int4_g32 layout) is the one GGUF format among them.
-DENSE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3", "q4_0")
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
@@ -90,7 +87,7 @@ class NativeBackend(ExpertBackend):
     """Experts computed by the native kernels of one ISA variant (see moetier.backends.native)."""
 
     formats = NATIVE_FORMATS
-    dense_formats = DENSE_FORMATS
+    dense_formats = NATIVE_FORMATS
 
     def __init__(self, name: str, variant: str, inventory, *, threads: int | None = None,
                  nan_policy: str = "raise", int8_activations: bool = True, fp8_vbmi: bool = True,
