@@ -185,12 +185,12 @@ def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedTensor:
     if not weight.is_floating_point():
         raise DTypeError(f"expected a floating-point weight, got {weight.dtype}")
     fmt.check_in_features(weight.shape[1])
-    w = weight.detach().to(torch.float32)
-    if not torch.isfinite(w).all():
+    if not torch.isfinite(weight).all():
         raise NonFiniteError("weight contains NaN or Inf; refusing to quantize it")
-    out_f, in_f = w.shape
-    if fmt.kind == "float":
+    out_f, in_f = weight.shape
+    if fmt.kind == "float":  # no fp32 copy: a bf16 LM head of a large vocabulary is gigabytes in fp32
         return QuantizedTensor(fmt, (out_f, in_f), weight.detach().to(fmt.dtype).contiguous())
+    w = weight.detach().to(torch.float32)
     if fmt.kind == "int8":
         scale = _safe_scale(w.abs().amax(dim=1), 127.0)
         q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
