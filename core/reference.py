@@ -72,6 +72,7 @@ class ReferenceBackend(ExpertBackend):
 
     name = "reference"
     formats = tuple(FORMATS)
+    dense_formats = formats
 
     def __init__(self, precision: torch.dtype = torch.float32, nan_policy: str = "raise"):
         super().__init__(nan_policy=nan_policy)
@@ -91,10 +92,6 @@ class ReferenceBackend(ExpertBackend):
 
     def pack(self, layer, fmt, experts):
         return {e: DenseExpert.from_tensors(t, self.precision) for e, t in experts.items()}
-
-    @property
-    def dense_formats(self) -> tuple[str, ...]:
-        return self.formats
 
     def pack_dense(self, weight, bias):
         return weight.dequantize(self.precision), None if bias is None else bias.to(self.precision)

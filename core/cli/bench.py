@@ -149,8 +149,6 @@ def register(sub) -> None:
 
 
 def _dense_choice(value: str) -> str:
-    import argparse
-
     if value in ("auto", "same", "transformers") or value in FORMATS:
         return value
     raise argparse.ArgumentTypeError(f"{value!r} is not auto, same, transformers or a format "

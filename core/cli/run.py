@@ -52,6 +52,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", metavar="FMT",
                    help="weight format of the experts, converted on load, e.g. int4_g64 (default: the checkpoint's; "
                         "a backend that does not compute it is an error)")
+    p.add_argument("--dense-format", metavar="FMT",
+                   help="format of the dense layers left on the CPU (attention, dense MLPs, LM head), computed "
+                        "by the experts' CPU backend (default: the model's dtype; 'transformers': torch's own "
+                        "layers)")
     add_backend_options(p, backend_help="CPU backend of the experts (default: MOETIER_BACKEND, else the one "
                                         "`moetier doctor` chooses)")
     g = p.add_argument_group("placement (default: every expert in DRAM on the CPU backend)")
@@ -118,7 +122,7 @@ def load_model(args, folder: Path, *, recorder=None):
         torch.set_num_threads(args.threads)
     model = load(folder, args.plan, dtype=dtype, device=args.device, threads=args.threads, backend=backend,
                  fmt=args.format, disk=args.disk, registry=ctx.registry, inventory=ctx.inventory,
-                 dense_format=getattr(args, "dense_format", None), **budgets)
+                 dense_format=args.dense_format, **budgets)
     backends = sorted({s.backend.name for layer in model.moetier_experts.values() for s in layer.shards})
     return model, ", ".join(backends)
 
@@ -135,10 +139,6 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
                    help="sampling temperature; 0 picks the most likely token every time (default 0)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling (default 0)")
-    p.add_argument("--dense-format", metavar="FMT",
-                   help="format of the dense layers left on the CPU (attention, dense MLPs, LM head), computed "
-                        "by the experts' CPU backend (default: the model's dtype; 'transformers': torch's own "
-                        "layers)")
     p.set_defaults(func=run)
 
 

@@ -53,12 +53,6 @@ class DenseRouting:
     nbytes: int = 0  # packed bytes of the routed matrices
     replaced_nbytes: int = 0  # bytes of the weights they replaced
 
-    def describe(self) -> str:
-        if self.backend is None:
-            return "dense layers: transformers (torch)"
-        return f"dense layers: {self.matrices} matrices on {self.backend} in {self.fmt} " \
-               f"({self.nbytes / 2**20:.1f} MiB)"
-
 
 def routers(model: torch.nn.Module, layout) -> set[str]:
     """Names of the router linears: in each MoE block (the experts module's parent), the linear layers
