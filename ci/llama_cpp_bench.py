@@ -13,6 +13,9 @@ torch, no moetier).
    seconds), then --new-tokens greedy steps, one token each (decode: tokens / seconds), after an untimed
    warm-up run; the median of --repeats runs. The same lengths, threads and repeats as the moetier bench.
 
+With --logits N: no timing; llama.cpp's logits over an N-token random prompt per type go to OUT (.npz, with
+the prompt) for ci/llama_cpp_compare.py.
+
 Writes {"schema": "moetier.bench.llama_cpp/1", "records": [{"gguf_type", "prefill_tok_s", "decode_tok_s",
 "prefill_runs", "decode_runs", "file_bytes", ...}], ...} for `moetier bench model --llama-cpp`.
 """
@@ -229,6 +232,18 @@ def measure(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tup
 measure.cache = {}
 
 
+def logits(path: Path, prompt: list[int], threads: int) -> np.ndarray:
+    """llama.cpp's logits [len(prompt), vocab] for the prompt evaluated in one batch (float32)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + 16, n_batch=len(prompt), n_ubatch=len(prompt),
+                n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+    llm.eval(prompt)
+    out = np.array(llm.scores[:len(prompt)], dtype=np.float32)
+    del llm
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="ci/llama_cpp_bench.sh")
     p.add_argument("checkpoint", type=Path)
@@ -240,6 +255,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="prefill 128, decode 16, one repeat")
     p.add_argument("--workdir", type=Path, help="where the GGUF files go (default: CHECKPOINT/gguf)")
+    p.add_argument("--logits", type=int, metavar="N",
+                   help="instead of timing: write llama.cpp's logits over an N-token random prompt per type to OUT "
+                        "(.npz; ci/llama_cpp_compare.py compares moetier's with them)")
     args = p.parse_args()
     if args.quick:
         args.prompt_tokens, args.new_tokens, args.repeats = 128, 16, 1
@@ -257,13 +275,17 @@ def main() -> int:
         print(f"converting {args.checkpoint} to {bf16}", file=sys.stderr)
         convert_bf16(args.checkpoint, bf16)
     cfg = json.loads((args.checkpoint / "config.json").read_text())
-    prompt = np.random.default_rng(0).integers(0, cfg["vocab_size"], args.prompt_tokens).tolist()
-    records = []
+    prompt = np.random.default_rng(0).integers(0, cfg["vocab_size"], args.logits or args.prompt_tokens).tolist()
+    records, saved = [], {"prompt": np.array(prompt, dtype=np.int64)}
     for t in types:
         path = bf16 if t == "BF16" else work / f"model-{t}.gguf"
         if not path.exists():
             print(f"quantizing to {t}", file=sys.stderr)
             quantize(bf16, path, t, threads)
+        if args.logits:
+            print(f"{t}: logits over {len(prompt)} tokens", file=sys.stderr)
+            saved[t] = logits(path, prompt, threads)
+            continue
         runs = []
         for i in range(args.repeats + 1):
             print(f"{t}: {'warm-up' if i == 0 else f'repeat {i}/{args.repeats}'}", file=sys.stderr)
@@ -276,6 +298,10 @@ def main() -> int:
                         "threads": threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens})
         print(f"{t}: prefill {records[-1]['prefill_tok_s']:.1f} tok/s, decode {records[-1]['decode_tok_s']:.1f} tok/s",
               file=sys.stderr)
+    if args.logits:
+        with open(args.out, "wb") as f:  # np.savez adds ".npz" to a name without it: keep the one asked for
+            np.savez(f, **saved)
+        return 0
     args.out.write_text(json.dumps({
         "schema": "moetier.bench.llama_cpp/1", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version(),

@@ -7,6 +7,12 @@
 #   ci/llama_cpp_bench.sh build/bench-model llama.json [--quick]          # this script
 #   moetier bench model --model build/bench-model --llama-cpp llama.json  # side by side
 #
+# With --logits N it writes llama.cpp's logits over an N-token prompt instead of timing, for
+# ci/llama_cpp_compare.py (moetier's logits on the same weights against llama.cpp's and transformers'):
+#   moetier bench model --dims tiny-deepseek --model build/tiny-ds --no-transformers --format bf16
+#   ci/llama_cpp_bench.sh build/tiny-ds logits.npz --logits 32 --types BF16,Q8_0
+#   python ci/llama_cpp_compare.py build/tiny-ds logits.npz
+#
 # Not part of the test run: building llama.cpp takes minutes and needs PyPI (or a local mirror).
 # Environment: LLAMA_VENV (default build/llama-venv), LLAMA_CPP_PYTHON_VERSION (default: newest), PYTHON,
 # THREADS (default 2).

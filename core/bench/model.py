@@ -123,7 +123,7 @@ DIMS = {
     "tiny": ModelDims("tiny", 128, 2, 16, 4, 64, 4, 2, 32, 512),
     "tiny-deepseek": ModelDims("tiny-deepseek", 128, 3, 16, 4, 64, 4, 4, 32, 512, family="deepseek_v3",
                                dense_layers=1, dense_intermediate=192, shared_experts=1, n_group=4, topk_group=2,
-                               mla=MLADims(48, 32, 16, 32, 32)),
+                               mla=MLADims(64, 32, 16, 32, 32)),
 }
 
 
