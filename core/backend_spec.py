@@ -49,6 +49,11 @@ class BackendSpec:
         if not self.name or not isinstance(self.formats, tuple):
             raise PluginError(f"backend {self.name!r}: needs a name and a tuple of formats")
 
+    def computes(self, fmt) -> bool:
+        """Whether the backend computes `fmt` (a mixed format: both its parts; see moetier.formats.computes)."""
+        from .formats import computes
+        return computes(self.formats, fmt)
+
     def safe_probe(self, inventory: HardwareInventory) -> Probe:
         """The probe, with a crash turned into an unusable verdict that names the exception. A SettingError
         (a user setting the backend cannot honour) propagates."""
