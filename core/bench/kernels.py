@@ -26,6 +26,7 @@ from . import baseline as torch_baseline
 from .measure import (DECODE_PLAN, PREFILL_PLAN, QUICK_DECODE_PLAN, QUICK_PREFILL_PLAN, Measurement, TimingPlan,
                       summarize, time_calls)
 from .probes import MachineLimits, measure_limits
+from ..formats import computes
 from .workload import (BENCH_FORMATS, GIB, BenchShape, distinct_experts, flops_per_forward, get_shape, plan_copies,
                        random_hidden, random_routing, random_weights, weights_seed)
 
@@ -122,7 +123,8 @@ def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None) -
     """(formats to run, formats skipped because the backend does not declare them)."""
     if wanted is None:
         return [f for f in BENCH_FORMATS if f in spec_formats], []
-    return [f for f in wanted if f in spec_formats], [f for f in wanted if f not in spec_formats]
+    # a mixed format (q4_k+q6_k) runs where the backend computes both its parts
+    return [f for f in wanted if computes(spec_formats, f)], [f for f in wanted if not computes(spec_formats, f)]
 
 
 CHECK_TOKENS = 4
