@@ -159,6 +159,7 @@ _layer_is_threadsafe: bool | None = None
 class NumbaBackend(ExpertBackend):
     name = NAME
     formats = COMPUTED_FORMATS
+    mixed_formats = True  # a kernel kind per projection
 
     def __init__(self, num_threads: int | None = None, nan_policy: str = "raise"):
         super().__init__(nan_policy=nan_policy)
@@ -259,6 +260,6 @@ def _factory(inv) -> NumbaBackend:
 
 @hookimpl
 def moetier_register_backends(register):
-    register(BackendSpec(name=NAME, device="cpu", formats=COMPUTED_FORMATS, probe=_probe,
+    register(BackendSpec(name=NAME, device="cpu", formats=COMPUTED_FORMATS, mixed_formats=True, probe=_probe,
                          factory=_factory,
                          description="portable numba kernels, all formats, fp32 accumulation"))

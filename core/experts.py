@@ -262,11 +262,14 @@ class ExpertBackend(ABC):
     # Where inputs, weights and outputs live; accelerator backends set their own in __init__.
     device: torch.device = torch.device("cpu")
     threads: int | None = None  # CPU threads it computes on (None: not configurable)
+    # Whether it computes mixed formats (gate/up in one format, down in another: each projection in its own
+    # part) for every pair of formats it declares; `formats` lists plain formats only.
+    mixed_formats: bool = False
 
     def computes(self, fmt: str | WeightFormat) -> bool:
-        """Whether this backend computes experts in `fmt`: a plain format it declares, or a mixed one
-        whose gate/up and down formats it both declares (`formats` lists plain formats only)."""
-        return computes(self.formats, fmt)
+        """Whether this backend computes experts in `fmt`: a plain format it declares, or (mixed_formats) a
+        mixed one whose gate/up and down formats it both declares."""
+        return computes(self.formats, fmt, mixed=self.mixed_formats)
 
     def __init__(self, nan_policy: str = "raise"):
         if nan_policy not in NAN_POLICIES:
@@ -338,10 +341,8 @@ class ExpertBackend(ABC):
                 fmt: str | WeightFormat) -> PreparedExperts:
         fmt = get_format(fmt)
         if not self.computes(fmt):
-            lacking = ", ".join(p.name for p in fmt.parts if p.name not in self.formats)
-            raise FormatError(f"backend {self.name} does not compute format {fmt}"
-                              + (f" (it lacks {lacking})" if fmt.split else "")
-                              + f"; it computes {', '.join(self.formats)}")
+            raise FormatError(f"backend {self.name} does not compute format {fmt}{why_not(self, fmt)}; it computes "
+                              f"{', '.join(self.formats)}")
         ids = tuple(_expert_id(e) for e in experts)
         if len(set(ids)) != len(ids):
             raise ExpertIdError(f"expert ids given to prepare repeat: {sorted(ids)}")
@@ -394,6 +395,15 @@ class ExpertBackend(ABC):
                                        f"this backend's prepare()")
         return validate_forward_inputs(prepared.layer, hidden, topk_ids, topk_weights, out_dtype, self.nan_policy,
                                        device=self.device)
+
+
+def why_not(backend, fmt: WeightFormat) -> str:
+    """Why a backend (or BackendSpec) that does not compute the mixed `fmt` refuses it ("" for a plain format)."""
+    if fmt.split is None:
+        return ""
+    if not backend.mixed_formats:
+        return " (it computes a layer in one format; a mixed one keeps gate/up and down in two)"
+    return f" (it lacks {', '.join(p.name for p in fmt.parts if p.name not in backend.formats)})"
 
 
 def _expert_id(e) -> int:

@@ -148,11 +148,14 @@ def mixed_format(gate_up: str | WeightFormat, down: str | WeightFormat) -> Weigh
     return WeightFormat(f"{gu.name}{MIXED_SEP}{dn.name}", "mixed", split=(gu, dn))
 
 
-def computes(declared: Iterable[str], fmt: str | WeightFormat) -> bool:
-    """Whether a backend declaring the plain formats `declared` computes `fmt`: every part of it (a mixed
-    format is computed by a backend that computes both its gate/up and its down format)."""
+def computes(declared: Iterable[str], fmt: str | WeightFormat, *, mixed: bool) -> bool:
+    """Whether a backend declaring the plain formats `declared` computes `fmt`. A mixed format needs a backend
+    that computes each projection in its own format (`mixed`) and declares both parts."""
+    f = get_format(fmt)
+    if f.split is not None and not mixed:
+        return False
     names = set(declared)
-    return all(p.name in names for p in get_format(fmt).parts)
+    return all(p.name in names for p in f.parts)
 
 
 @dataclass(frozen=True, eq=False)

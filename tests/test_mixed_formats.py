@@ -107,20 +107,31 @@ def test_expert_tensors_format_and_conversion_per_projection():
         ExpertTensors(quantize(gate, "q4_k"), quantize(up, "q5_k"), quantize(down, "q6_k")).fmt
 
 
-def test_backends_compute_a_mixed_format_when_they_compute_both_parts():
-    registry = load_registry(no_plugins=True)
-    numba_spec, accel_spec = registry.backend("cpu.numba"), registry.backend("cpu.accel")
-    assert numba_spec.computes(MIXED) and "q4_k" in numba_spec.formats and MIXED not in numba_spec.formats
-    assert accel_spec.computes("bf16+int8") and not accel_spec.computes("int8+q6_k")
-    assert computes(("q4_k", "q6_k"), MIXED) and not computes(("q4_k",), MIXED)
+def _accel():
     from moetier.backends.accel.backend import AccelBackend
     from moetier.backends.accel.build import detect_build
     from moetier.backends.accel.plan import plan_kernels
 
-    accel = AccelBackend("cpu.accel", "cpu", plan_kernels("cpu", None, detect_build()))
+    return AccelBackend("cpu.accel", "cpu", plan_kernels("cpu", None, detect_build()))
+
+
+def test_backends_that_declare_mixed_formats_compute_them_from_both_parts(monkeypatch):
+    registry = load_registry(no_plugins=True)
+    numba_spec, accel_spec = registry.backend("cpu.numba"), registry.backend("cpu.accel")
+    assert numba_spec.computes(MIXED) and "q4_k" in numba_spec.formats and MIXED not in numba_spec.formats
+    assert registry.backend("cpu.torch").computes(MIXED) and numba_spec.computes("q8_0+mxfp4")
+    # cpu.accel computes a layer in one format: a mixed one is refused even where it has both parts
+    assert accel_spec.computes("bf16") and not accel_spec.computes("bf16+int8")
+    assert computes(("q4_k", "q6_k"), MIXED, mixed=True) and not computes(("q4_k",), MIXED, mixed=True)
+    assert not computes(("q4_k", "q6_k"), MIXED, mixed=False)
     layer = ExpertLayerSpec(2, 1, 256, 256)
-    with pytest.raises(FormatError, match=r"does not compute format int8\+q6_k \(it lacks q6_k\)"):
-        accel.prepare(layer, {}, [0], "int8+q6_k")
+    with pytest.raises(FormatError, match=r"does not compute format bf16\+int8 \(it computes a layer in one format"):
+        _accel().prepare(layer, {}, [0], "bf16+int8")
+    if RUNNABLE:  # the native kernels compute mixed formats of what they declare, and have no mxfp4
+        native = make_backend(RUNNABLE[0], monkeypatch)
+        assert native.computes(MIXED) and not native.computes("q4_k+mxfp4")
+        with pytest.raises(FormatError, match=r"does not compute format q4_k\+mxfp4 \(it lacks mxfp4\)"):
+            native.prepare(layer, {}, [0], "q4_k+mxfp4")
 
 
 # ---- a Q4_K_M-style GGUF file --------------------------------------------------------------------------
@@ -223,20 +234,16 @@ def test_conformance_suite_on_the_mixed_format():
         assert report.summary()[n][MIXED]["passed"] >= 50
 
 
-def test_a_backend_lacking_a_part_of_the_files_format_is_refused(tmp_path):
-    # gate/up F16 (which cpu.accel computes) and down Q6_K (which it does not)
-    w = write(tmp_path / "f16_q6k.gguf", Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("f16", "f16", "q6_k")))
-    from moetier.backends.accel.backend import AccelBackend
-    from moetier.backends.accel.build import detect_build
-    from moetier.backends.accel.plan import plan_kernels
-
-    accel = AccelBackend("cpu.accel", "cpu", plan_kernels("cpu", None, detect_build()))
+def test_a_backend_without_the_files_mixed_format_is_refused(tmp_path):
+    # gate/up F16 and down F32: cpu.accel computes both, but not a layer in two formats
+    w = write(tmp_path / "f16_f32.gguf", Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("f16", "f16", "f32")))
     with GGUFFile(w.path) as gf:
         layout = gf.layout()
-        with pytest.raises(FormatError, match=r"backend cpu.accel does not compute q6_k, the format layer 0 .* "
-                                              r"\(fp16\+q6_k: gate/up fp16, down q6_k\)"):
-            gguf_block(gf, layout, 0, accel)
-        assert gguf_block(gf, layout, 0, ReferenceBackend()).prepared.fmt.name == "fp16+q6_k"
+        with pytest.raises(FormatError, match=r"backend cpu.accel does not compute fp16\+fp32 \(gate/up fp16, down "
+                                              r"fp32\), the format layer 0 .* \(it computes a layer in one format"):
+            gguf_block(gf, layout, 0, _accel())
+        assert gguf_block(gf, layout, 0, _accel(), fmt="bf16").prepared.fmt.name == "bf16"  # converted on request
+        assert gguf_block(gf, layout, 0, ReferenceBackend()).prepared.fmt.name == "fp16+fp32"
 
 
 def test_run_gguf_reports_the_mixed_format_and_its_bound(mixed_file):

@@ -88,6 +88,7 @@ class NativeBackend(ExpertBackend):
 
     formats = NATIVE_FORMATS
     dense_formats = NATIVE_FORMATS
+    mixed_formats = True  # gate/up and down each packed in its own layout (MoELayer's down_fmt)
 
     def __init__(self, name: str, variant: str, inventory, *, threads: int | None = None,
                  nan_policy: str = "raise", int8_activations: bool = True, fp8_vbmi: bool = True,

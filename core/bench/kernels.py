@@ -119,12 +119,14 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None, *,
+                mixed: bool = False) -> tuple[list[str], list[str]]:
     """(formats to run, formats skipped because the backend does not declare them)."""
     if wanted is None:
         return [f for f in BENCH_FORMATS if f in spec_formats], []
-    # a mixed format (q4_k+q6_k) runs where the backend computes both its parts
-    return [f for f in wanted if computes(spec_formats, f)], [f for f in wanted if not computes(spec_formats, f)]
+    # a mixed format (q4_k+q6_k) runs where the backend computes mixed formats and both its parts
+    ok = [f for f in wanted if computes(spec_formats, f, mixed=mixed)]
+    return ok, [f for f in wanted if f not in ok]
 
 
 CHECK_TOKENS = 4
@@ -188,7 +190,7 @@ class KernelBench:
             probe = spec.safe_probe(self.inventory)
             if not probe.usable:
                 raise MoetierError(f"backend {name} cannot run here: {probe.reason}")
-            fmts, skipped = formats_for(spec.formats, self.config.formats)
+            fmts, skipped = formats_for(spec.formats, self.config.formats, mixed=spec.mixed_formats)
             out.append((name, spec, fmts, skipped))
         return out
 

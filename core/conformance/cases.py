@@ -289,6 +289,10 @@ def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
             if undeclared:
                 expect(FormatError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [0], undeclared[0]),
                        f"format {undeclared[0]} the backend does not declare")
+            if not b.mixed_formats and len(b.formats) > 1:  # one format per layer: a mixed one is refused
+                mixed = f"{b.formats[0]}+{b.formats[1]}"
+                expect(FormatError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [0], mixed),
+                       f"mixed format {mixed} from a backend without mixed_formats")
         else:
             raise ValueError(what)
     return run

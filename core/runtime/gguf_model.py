@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint.gguf import GGUFExperts, GGUFFile, read_router, read_shared, verify_gguf
 from ..errors import FormatError
-from ..experts import ExpertBackend
+from ..experts import ExpertBackend, why_not
 from ..formats import WeightFormat, get_format, mixed_format
 from .moe_block import MoEBlock
 
@@ -38,11 +38,10 @@ def layer_format(source: GGUFExperts, backend: ExpertBackend, fmt: str | WeightF
                           "bf16 or the larger of the GGUF types are smaller)")
     fmt = mixed_format(native["gate"], native["down"])
     if not backend.computes(fmt):
-        lacking = ", ".join(p.name for p in fmt.parts if p.name not in backend.formats)
-        raise FormatError(f"backend {backend.name} does not compute {lacking}, the format layer {i} of "
-                          f"{gf.path.name} stores its experts in ({fmt}: gate/up {fmt.gate_up}, down {fmt.down}); "
-                          f"choose a backend that does (e.g. cpu.numba) or pass a format to convert to (it computes "
-                          f"{', '.join(backend.formats)})")
+        stored_as = fmt.name if fmt.split is None else f"{fmt} (gate/up {fmt.gate_up}, down {fmt.down})"
+        raise FormatError(f"backend {backend.name} does not compute {stored_as}, the format layer {i} of "
+                          f"{gf.path.name} stores its experts in{why_not(backend, fmt)}; choose a backend that does "
+                          f"(e.g. cpu.numba) or pass a format to convert to (it computes {', '.join(backend.formats)})")
     return fmt.name, False
 
 
