@@ -2,8 +2,9 @@
 ci/llama_cpp_bench.sh inside its own virtual environment (numpy, safetensors, gguf, llama-cpp-python; no
 torch, no moetier).
 
-1. Convert: the Qwen3-MoE safetensors checkpoint (bf16) becomes a BF16 GGUF in llama.cpp's `qwen3moe`
-   tensor names and metadata keys (those convert_hf_to_gguf.py writes), written with the gguf package;
+1. Convert: the Qwen3-MoE or DeepSeek-V3 safetensors checkpoint (bf16) becomes a BF16 GGUF in llama.cpp's
+   `qwen3moe` / `deepseek2` tensor names and metadata keys (those convert_hf_to_gguf.py writes; DeepSeek's
+   kv_b split into k_b and v_b for llama.cpp's absorbed MLA), written with the gguf package;
    the weights' bf16 bytes are copied as they are, the 1-D norms stored as F32 (as the converter does).
    The checkpoint has no tokenizer: a synthetic vocabulary of the model's size ("<0>", "<1>", ...) is
    written, since the runs feed token ids directly. Q8_0, Q4_0 and Q4_K_M come from llama.cpp's own
@@ -49,6 +50,16 @@ def read_safetensors(folder: Path) -> dict[str, tuple[Path, str, list[int], int,
     return out
 
 
+def raw_f32(entry) -> np.ndarray:
+    """An F32 tensor (the zoo writes DeepSeek's selection bias in fp32, as the releases ship it)."""
+    f, dtype, shape, b, e = entry
+    if dtype == "BF16":
+        return bf16_to_f32(raw(entry))
+    with open(f, "rb") as fh:
+        fh.seek(b)
+        return np.frombuffer(fh.read(e - b), dtype=np.float32).reshape(shape)
+
+
 def raw(entry) -> np.ndarray:
     f, dtype, shape, b, e = entry
     if dtype != "BF16":
@@ -63,29 +74,29 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
+ARCH = {"qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2"}
+
+
 def convert_bf16(ckpt: Path, out: Path) -> None:
+    """The BF16 GGUF of a Qwen3-MoE or DeepSeek-V3 checkpoint, as convert_hf_to_gguf.py writes it."""
     import gguf
 
     cfg = json.loads((ckpt / "config.json").read_text())
-    if cfg.get("model_type") != "qwen3_moe":
-        raise SystemExit(f"llama_cpp_bench.py: converts Qwen3-MoE checkpoints, this one is {cfg.get('model_type')}")
+    arch = ARCH.get(cfg.get("model_type"))
+    if arch is None:
+        raise SystemExit(f"llama_cpp_bench.py: converts Qwen3-MoE and DeepSeek-V3 checkpoints, this one is "
+                         f"{cfg.get('model_type')}")
     t = read_safetensors(ckpt)
-    L, H = cfg["num_hidden_layers"], cfg["hidden_size"]
-    E = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter
-    V = cfg["vocab_size"]
-    w = gguf.GGUFWriter(str(out), "qwen3moe")
+    L, H, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_name(cfg.get("_name_or_path", "synthetic"))
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(H)
     w.add_block_count(L)
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 1e6)))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-    w.add_expert_count(E)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
@@ -103,20 +114,73 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
     def f32(name: str, arr: np.ndarray) -> None:
         w.add_tensor(name, bf16_to_f32(arr))
 
-    bf16("token_embd.weight", raw(t["model.embed_tokens.weight"]))
-    f32("output_norm.weight", raw(t["model.norm.weight"]))
-    bf16("output.weight", raw(t["lm_head.weight"]))
-    for i in range(L):
-        p = f"model.layers.{i}."
-        f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
-        f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
-        for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
-            bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"self_attn.{hf}.weight"]))
-        f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
-        f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
+    def experts(i: int, p: str, E: int) -> None:
         f32(f"blk.{i}.ffn_gate_inp.weight", raw(t[p + "mlp.gate.weight"]))  # the converter keeps routers F32
         for proj, gg in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
             bf16(f"blk.{i}.{gg}.weight", np.stack([raw(t[p + f"mlp.experts.{e}.{proj}.weight"]) for e in range(E)]))
+
+    bf16("token_embd.weight", raw(t["model.embed_tokens.weight"]))
+    f32("output_norm.weight", raw(t["model.norm.weight"]))
+    bf16("output.weight", raw(t["lm_head.weight"]))
+    if arch == "qwen3moe":
+        E = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter
+        w.add_head_count_kv(cfg["num_key_value_heads"])
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+        w.add_expert_count(E)
+        for i in range(L):
+            p = f"model.layers.{i}."
+            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
+            f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"self_attn.{hf}.weight"]))
+            f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
+            f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
+            experts(i, p, E)
+    else:
+        # MLA as llama.cpp runs it (absorbed, one shared latent "head"): kv_b split into k_b (transposed) and v_b.
+        E, rank, rope = cfg["n_routed_experts"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+        nope, v_dim, heads = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["num_attention_heads"]
+        w.add_head_count_kv(1)
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+        w.add_kv_lora_rank(rank)
+        w.add_key_length(rank + rope)
+        w.add_value_length(rank)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v_dim)
+        w.add_rope_dimension_count(rope)
+        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+        w.add_expert_count(E)
+        w.add_expert_shared_count(cfg["n_shared_experts"])
+        w.add_expert_weights_scale(float(cfg["routed_scaling_factor"]))
+        w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(cfg["n_group"])
+        w.add_expert_group_used_count(cfg["topk_group"])
+        for i in range(L):
+            p = f"model.layers.{i}."
+            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
+            f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            a = p + "self_attn."
+            bf16(f"blk.{i}.attn_q_a.weight", raw(t[a + "q_a_proj.weight"]))
+            f32(f"blk.{i}.attn_q_a_norm.weight", raw(t[a + "q_a_layernorm.weight"]))
+            bf16(f"blk.{i}.attn_q_b.weight", raw(t[a + "q_b_proj.weight"]))
+            bf16(f"blk.{i}.attn_kv_a_mqa.weight", raw(t[a + "kv_a_proj_with_mqa.weight"]))
+            f32(f"blk.{i}.attn_kv_a_norm.weight", raw(t[a + "kv_a_layernorm.weight"]))
+            kv_b = raw(t[a + "kv_b_proj.weight"]).reshape(heads, nope + v_dim, rank)
+            bf16(f"blk.{i}.attn_k_b.weight", kv_b[:, :nope, :].transpose(0, 2, 1))
+            bf16(f"blk.{i}.attn_v_b.weight", kv_b[:, nope:, :])
+            bf16(f"blk.{i}.attn_output.weight", raw(t[a + "o_proj.weight"]))
+            if i < cfg["first_k_dense_replace"]:
+                for proj, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                    bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.{proj}.weight"]))
+                continue
+            experts(i, p, E)
+            w.add_tensor(f"blk.{i}.exp_probs_b.bias", np.ascontiguousarray(
+                raw_f32(t[p + "mlp.gate.e_score_correction_bias"])))
+            for proj, gg in (("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"),
+                             ("down_proj", "ffn_down_shexp")):
+                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.shared_experts.{proj}.weight"]))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -4,6 +4,7 @@ The core defines the plugin contracts (backends, memory tiers, model families), 
 backend selection, weight formats and the conformance suite; backends and families are plugins.
 `moetier.load(checkpoint, ...)` returns a transformers model whose routed experts run on moetier.
 """
+from . import openmp  # noqa: F401  (first: it must act before anything here loads torch)
 from .backend_spec import BackendSpec, Probe
 from .errors import (BackendUnavailable, BudgetError, CheckpointError, DTypeError, ExpertIdError, FormatError,
                      KernelVariantError, LayoutError, MoetierError, NonFiniteError, PluginError, SelectionError,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,64 @@ def test_bytes_per_token(tiny_run, registry):
         assert r["bytes_per_token"] == dense + L * d.top_k * e, (fmt, r["bytes_per_token"], dense, e)
 
 
+@pytest.fixture(scope="module")
+def deepseek_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-model-deepseek")
+    r = moetier("bench", "model", "--dims", "tiny-deepseek", "--prompt-tokens", "16", "--new-tokens", "4", "--repeats",
+                "1", "--format", "bf16,int8", "--model", out / "ckpt", "--json", out / "run.json", timeout=300)
+    return r, out
+
+
+def test_the_deepseek_v3_slice_runs_checked(deepseek_run):
+    """DeepSeek-V3's layout (MLA, a dense first layer, shared experts, grouped sigmoid routing) through the same
+    harness: written in the family's real layout, transformers' DeepseekV3 model as the reference."""
+    r, out = deepseek_run
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert "1 dense, 2 MoE" in r.stdout and "MLA 4 heads" in r.stdout
+    cfg = json.loads((out / "ckpt" / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["first_k_dense_replace"] == 1 and cfg["n_shared_experts"] == 1
+    doc = json.loads((out / "run.json").read_text())
+    impls = {(r["implementation"].split(" ")[0], r["format"]) for r in doc["records"]}
+    assert impls == {("transformers", "bf16"), ("moetier", "bf16"), ("moetier", "int8")}
+    for rec in doc["records"]:
+        assert rec["check_ok"] and rec["check_relerr"] <= rec["check_bound"], rec
+        assert rec["decode_tok_s"] > 0 and rec["prefill_tok_s"] > 0
+    assert doc["settings"]["dims"]["mla"]["kv_lora_rank"] == mb.DIMS["tiny-deepseek"].mla.kv_lora_rank
+
+
+def test_deepseek_bytes_per_token(deepseek_run):
+    """By hand from the dimensions: MLA's five matrices and two norms per layer, the dense layer's MLP, per MoE
+    layer the router (fp32) and the shared expert, the LM head and one embedding row, bf16; the routed
+    experts top-k per MoE layer in each format."""
+    _, out = deepseek_run
+    doc = json.loads((out / "run.json").read_text())
+    d = mb.DIMS["tiny-deepseek"]
+    m, H, I = d.mla, d.hidden, d.moe_intermediate
+    attn = (m.q_lora_rank * H + m.q_lora_rank + d.heads * (m.qk_nope_head_dim + m.qk_rope_head_dim) * m.q_lora_rank
+            + (m.kv_lora_rank + m.qk_rope_head_dim) * H + m.kv_lora_rank
+            + d.heads * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank + H * d.heads * m.v_head_dim)
+    moe_layers = d.layers - d.dense_layers
+    dense = 2 * (d.layers * (attn + 2 * H) + d.dense_layers * 3 * H * d.dense_intermediate
+                 + moe_layers * 3 * H * I * d.shared_experts + H + d.vocab * H + H)
+    dense += 4 * moe_layers * d.experts * H  # transformers keeps DeepSeek's routers in fp32
+    from moetier.formats import get_format
+
+    for r in doc["records"]:
+        f = get_format(r["format"])
+        e = 3 * H * I * 2 if r["format"] == "bf16" else 2 * f.nbytes(I, H) + f.nbytes(H, I)
+        assert r["bytes_per_token"] == dense + moe_layers * d.top_k * e, (r["format"], r["bytes_per_token"], dense, e)
+
+
+def test_dims_that_cannot_route_are_refused():
+    from moetier.errors import SettingError
+
+    with pytest.raises(SettingError, match="no MoE layer"):
+        replace(mb.DIMS["deepseek-v3"], layers=1)
+    with pytest.raises(SettingError, match="cannot give top-8"):
+        replace(mb.DIMS["deepseek-v3"], experts=8)
+
+
 def test_the_check_catches_wrong_experts(tmp_path, registry):
     """A benchmark of a wrong model is worthless: give every layer another layer's experts and the check fails."""
     from moetier.integrations.transformers import load
@@ -148,4 +207,56 @@ def test_quick_preset_and_dims(registry):
     assert (q.hidden, q.experts, q.top_k, q.moe_intermediate, q.heads, q.kv_heads, q.head_dim) == \
         (2048, 128, 8, 768, 32, 4, 128)
     assert replace(q, layers=2).layers == 2
+    ds = mb.DIMS["deepseek-v3"]
+    # DeepSeek-V3's published layer dimensions (fewer layers and experts: a slice).
+    assert (ds.hidden, ds.top_k, ds.moe_intermediate, ds.heads, ds.shared_experts, ds.dense_intermediate,
+            ds.n_group, ds.topk_group) == (7168, 8, 2048, 128, 1, 18432, 8, 4)
+    assert (ds.mla.q_lora_rank, ds.mla.kv_lora_rank, ds.mla.qk_rope_head_dim, ds.mla.qk_nope_head_dim,
+            ds.mla.v_head_dim) == (1536, 512, 64, 128, 128)
 
+
+
+def test_the_llama_cpp_converter_writes_deepseek2_as_llama_cpp_reads_it(deepseek_run, tmp_path, registry):
+    """ci/llama_cpp_bench.py's conversion of the DeepSeek-V3 slice (run without llama.cpp: only the gguf
+    package): moetier's own GGUF reader finds the deepseek2 layout of the checkpoint in it, the experts and
+    the shared expert are the checkpoint's bf16 bytes, and kv_b comes back from the k_b / v_b split."""
+    import importlib.util
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from moetier.checkpoint.gguf import GGUFFile, GGUFExperts, read_shared
+
+    _, out = deepseek_run
+    spec = importlib.util.spec_from_file_location("llama_cpp_bench", Path(__file__).parents[1] / "ci" / "llama_cpp_bench.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    path = tmp_path / "ds.gguf"
+    conv.convert_bf16(out / "ckpt", path)
+    d = mb.DIMS["tiny-deepseek"]
+    tensors = {}
+    for f in sorted((out / "ckpt").glob("*.safetensors")):
+        tensors.update(load_file(f))
+    with GGUFFile(path) as gf:
+        assert gf.arch == "deepseek2"
+        layout = gf.layout(registry)
+        assert [m.index for m in layout.moe_layers] == [1, 2] and layout.dense_layers == (0,)
+        m = layout.moe_layers[0]
+        assert (m.experts.num_experts, m.experts.top_k, m.experts.intermediate_size) == (d.experts, d.top_k,
+                                                                                        d.moe_intermediate)
+        assert m.router.scoring == "sigmoid" and (m.router.n_group, m.router.topk_group) == (d.n_group, d.topk_group)
+        e = GGUFExperts(gf, m).expert(3)
+        p = "model.layers.1.mlp."
+        for proj in ("gate", "up", "down"):
+            got = getattr(e, proj).data.view(torch.bfloat16).reshape(tensors[f"{p}experts.3.{proj}_proj.weight"].shape)
+            assert torch.equal(got, tensors[f"{p}experts.3.{proj}_proj.weight"]), proj
+        shared = read_shared(gf, m)
+        assert torch.equal(shared.gate.to(torch.bfloat16), tensors[p + "shared_experts.gate_proj.weight"])
+        mla = d.mla
+        k_b = gf.read_float("blk.1.attn_k_b.weight")
+        v_b = gf.read_float("blk.1.attn_v_b.weight")
+        kv_b = torch.cat([k_b.reshape(d.heads, mla.kv_lora_rank, mla.qk_nope_head_dim).transpose(1, 2),
+                          v_b.reshape(d.heads, mla.v_head_dim, mla.kv_lora_rank)], dim=1)
+        want = tensors["model.layers.1.self_attn.kv_b_proj.weight"].float()
+        assert torch.equal(kv_b.reshape(want.shape), want)
+        assert np.isclose(gf.llm("expert_weights_scale"), 2.5)

@@ -1,9 +1,11 @@
 """`moetier bench model`: whole-model prefill and decode through transformers' generation, moetier against
 transformers on the same weights and against the byte limit of the machine measured in the same run.
 
-- The model: a synthetic checkpoint with the real Qwen3-30B-A3B layer dimensions (hidden 2048, 128 experts
-  top-8, expert intermediate 768, 32 query / 4 key-value heads of 128, a 32k vocabulary) and fewer layers,
-  written by the model zoo's tiny-checkpoint writer in the family's real safetensors layout (bf16).
+- The model: a synthetic checkpoint with the real layer dimensions of Qwen3-30B-A3B (hidden 2048, 128
+  experts top-8, expert intermediate 768, 32 query / 4 key-value heads of 128) or of DeepSeek-V3 (hidden
+  7168, MLA, top-8 of 8 groups plus a shared expert, expert intermediate 2048, a dense first layer), with
+  fewer layers (and for DeepSeek-V3 fewer experts) and a 32k vocabulary, written by the model zoo's
+  tiny-checkpoint writer in the family's real safetensors layout (bf16).
 - Implementations: `moetier.load` on a CPU backend in each asked format, and transformers' own model on
   the same bf16 weights with its `eager` and `grouped_mm` experts implementations; everything in bf16 on
   the CPU, greedy, a static KV cache.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MoetierError
+from ..errors import MoetierError, SettingError
 
 SCHEMA = "moetier.bench.model/1"
 TRANSFORMERS_IMPLS = ("eager", "grouped_mm")
@@ -40,8 +42,24 @@ CHECK_TOKENS = 32  # prompt length of the correctness check
 
 
 @dataclass(frozen=True)
+class MLADims:
+    """DeepSeek's multi-head latent attention: the query and key-value compression ranks and the head parts."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
 class ModelDims:
-    """The decoder dimensions of a Qwen3-MoE model (every layer an MoE layer)."""
+    """The decoder dimensions of a synthetic model in one family's layout.
+
+    family "qwen3_moe": every layer an MoE layer, grouped-query attention of `heads` / `kv_heads` heads of
+    `head_dim`. family "deepseek_v3": the first `dense_layers` layers have a dense MLP of
+    `dense_intermediate`, the others `shared_experts` shared experts beside the routed ones and a sigmoid
+    router over `n_group` groups (top `topk_group`); attention is MLA (`mla`)."""
 
     name: str
     hidden: int
@@ -53,14 +71,82 @@ class ModelDims:
     kv_heads: int
     head_dim: int
     vocab: int
+    family: str = "qwen3_moe"
+    dense_layers: int = 0
+    dense_intermediate: int = 0
+    shared_experts: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    mla: MLADims | None = None
 
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.layers <= self.dense_layers:
+            raise SettingError(f"{self.name}: {self.layers} layers leave no MoE layer after the "
+                               f"{self.dense_layers} dense ones")
+        if self.experts % self.n_group or self.experts // self.n_group * self.topk_group < self.top_k:
+            raise SettingError(f"{self.name}: {self.experts} experts in {self.n_group} groups (top {self.topk_group}) "
+                               f"cannot give top-{self.top_k}")
+
+    def describe(self) -> str:
+        moe = self.layers - self.dense_layers
+        parts = [f"{self.name}: {self.layers} layers"
+                 + (f" ({self.dense_layers} dense, {moe} MoE)" if self.dense_layers else ""),
+                 f"hidden {self.hidden}", f"{self.experts} experts top-{self.top_k}"
+                 + (f" + {self.shared_experts} shared" if self.shared_experts else ""),
+                 f"expert intermediate {self.moe_intermediate}"]
+        if self.mla:
+            m = self.mla
+            parts.append(f"MLA {self.heads} heads (q rank {m.q_lora_rank}, kv rank {m.kv_lora_rank}, "
+                         f"qk {m.qk_nope_head_dim}+{m.qk_rope_head_dim}, v {m.v_head_dim})")
+        else:
+            parts.append(f"{self.heads}/{self.kv_heads} heads of {self.head_dim}")
+        return ", ".join(parts + [f"vocab {self.vocab}"])
+
+
+FAMILIES = {"qwen3_moe": ("qwen", "Qwen3-30B-A3B", "Qwen3MoeForCausalLM"),
+            "deepseek_v3": ("deepseek", "DeepSeek-V3", "DeepseekV3ForCausalLM")}
+DEEPSEEK_V3_MLA = MLADims(1536, 512, 64, 128, 128)
 
 DIMS = {
     # Qwen3-30B-A3B's published config, with 8 of its 48 layers and a 32k vocabulary (the real one is 151k).
     "qwen3-30b-a3b": ModelDims("qwen3-30b-a3b", 2048, 8, 128, 8, 768, 32, 4, 128, 32768),
+    # DeepSeek-V3's published layer dimensions (MLA, one shared expert, top-8 of 8 groups, dense MLP first)
+    # in a slice: one dense and two MoE layers with 32 of the 256 routed experts (a bf16 MoE layer of all 256
+    # is 22.5 GB) and a 32k vocabulary (the real one is 129k). A decode token reads what the real model's
+    # layers read (top-8 + the shared expert); prefill spreads its tokens over 8x fewer experts.
+    "deepseek-v3": ModelDims("deepseek-v3", 7168, 3, 32, 8, 2048, 128, 128, 128, 32768, family="deepseek_v3",
+                             dense_layers=1, dense_intermediate=18432, shared_experts=1, n_group=8, topk_group=4,
+                             mla=DEEPSEEK_V3_MLA),
     # For testing the harness only: seconds to write and run.
     "tiny": ModelDims("tiny", 128, 2, 16, 4, 64, 4, 2, 32, 512),
+    "tiny-deepseek": ModelDims("tiny-deepseek", 128, 3, 16, 4, 64, 4, 4, 32, 512, family="deepseek_v3",
+                               dense_layers=1, dense_intermediate=192, shared_experts=1, n_group=4, topk_group=2,
+                               mla=MLADims(48, 32, 16, 32, 32)),
 }
+
+
+def dims_from_config(base: ModelDims, cfg: dict) -> ModelDims:
+    """`base` with the dimensions of an existing checkpoint's config.json (a reused --model folder)."""
+    from dataclasses import replace
+
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise SettingError(f"the checkpoint is a {family!r} model; bench model writes and reads "
+                           f"{' and '.join(FAMILIES)} checkpoints")
+    common = dict(family=family, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
+                  experts=cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg["num_local_experts"],
+                  top_k=cfg["num_experts_per_tok"], moe_intermediate=cfg["moe_intermediate_size"],
+                  heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"], vocab=cfg["vocab_size"])
+    if family == "qwen3_moe":
+        return replace(base, **common, head_dim=cfg["head_dim"], dense_layers=0, dense_intermediate=0,
+                       shared_experts=0, n_group=1, topk_group=1, mla=None)
+    mla = MLADims(cfg["q_lora_rank"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"],
+                  cfg["v_head_dim"])
+    return replace(base, **common, head_dim=mla.v_head_dim, dense_layers=cfg.get("first_k_dense_replace", 0),
+                   dense_intermediate=cfg["intermediate_size"], shared_experts=cfg.get("n_shared_experts", 0),
+                   n_group=cfg.get("n_group", 1), topk_group=cfg.get("topk_group", 1), mla=mla)
 
 
 @dataclass(frozen=True)
@@ -102,16 +188,26 @@ class Row:
 
 # ---- the checkpoint ------------------------------------------------------------------------------------
 
-def _hf_config(dims: ModelDims, *, experts: int, moe_intermediate: int):
+def _hf_config(dims: ModelDims, *, experts: int, moe_intermediate: int, n_group: int | None = None,
+               topk_group: int | None = None):
     import transformers as tf
 
-    return tf.Qwen3MoeConfig(
-        hidden_size=dims.hidden, num_hidden_layers=dims.layers, num_attention_heads=dims.heads,
-        num_key_value_heads=dims.kv_heads, head_dim=dims.head_dim, intermediate_size=6144,
-        moe_intermediate_size=moe_intermediate, num_experts=experts, num_experts_per_tok=dims.top_k,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=dims.vocab,
-        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None)
+    common = dict(hidden_size=dims.hidden, num_hidden_layers=dims.layers, num_attention_heads=dims.heads,
+                  num_key_value_heads=dims.kv_heads, moe_intermediate_size=moe_intermediate,
+                  num_experts_per_tok=dims.top_k, norm_topk_prob=True, vocab_size=dims.vocab,
+                  max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None)
+    if dims.family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=dims.head_dim, intermediate_size=6144, num_experts=experts,
+                                 decoder_sparse_step=1, mlp_only_layers=[])
+    m = dims.mla
+    return tf.DeepseekV3Config(**common, intermediate_size=dims.dense_intermediate, n_routed_experts=experts,
+                               n_shared_experts=dims.shared_experts, first_k_dense_replace=dims.dense_layers,
+                               n_group=dims.n_group if n_group is None else n_group,
+                               topk_group=dims.topk_group if topk_group is None else topk_group,
+                               routed_scaling_factor=2.5, q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
+                               qk_rope_head_dim=m.qk_rope_head_dim, qk_nope_head_dim=m.qk_nope_head_dim,
+                               v_head_dim=m.v_head_dim)
 
 
 def write_model(folder: str | Path, dims: ModelDims, *, registry, seed: int = 0) -> None:
@@ -123,13 +219,27 @@ def write_model(folder: str | Path, dims: ModelDims, *, registry, seed: int = 0)
 
     import transformers as tf
 
-    family = registry.family("qwen")
+    family_name, version, arch = FAMILIES[dims.family]
+    family = registry.family(family_name)
     config = config_dict(_hf_config(dims, experts=dims.experts, moe_intermediate=dims.moe_intermediate),
-                         version="Qwen3-30B-A3B", architectures=["Qwen3MoeForCausalLM"])
+                         version=version, architectures=[arch])
     config["_name_or_path"] = f"synthetic/{dims.name}-{dims.layers}l"
-    skeleton = _hf_config(dims, experts=1, moe_intermediate=8)
-    spec = zoo_tiny.TinySpec("Qwen3-30B-A3B", config, lambda: tf.Qwen3MoeForCausalLM(skeleton))
-    expert_bytes = 3 * dims.hidden * dims.moe_intermediate * 2 * dims.experts * dims.layers
+    skeleton = _hf_config(dims, experts=1, moe_intermediate=8, n_group=1, topk_group=1)
+    cls = tf.Qwen3MoeForCausalLM if dims.family == "qwen3_moe" else tf.DeepseekV3ForCausalLM
+
+    def build():
+        # Initialized in bf16 (what is written) rather than fp32: at DeepSeek-V3's dimensions the fp32
+        # skeleton alone would take 6 GB beside the experts being written.
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            return cls(skeleton)
+        finally:
+            torch.set_default_dtype(default)
+
+    spec = zoo_tiny.TinySpec(version, config, build)
+    moe_layers = dims.layers - dims.dense_layers
+    expert_bytes = 3 * dims.hidden * dims.moe_intermediate * 2 * (dims.experts + dims.shared_experts) * moe_layers
     zoo_tiny.write_tiny(spec, family.layout, str(folder), quant=None, seed=seed,
                         shards=max(1, math.ceil(expert_bytes / (2 << 30))))
 
@@ -555,9 +665,8 @@ def print_report(doc: dict, console) -> None:
 
     s = doc["settings"]
     d = s["dims"]
-    title = (f"{d['name']}: {d['layers']} layers, hidden {d['hidden']}, {d['experts']} experts top-{d['top_k']}, "
-             f"expert intermediate {d['moe_intermediate']}, {d['heads']}/{d['kv_heads']} heads of {d['head_dim']}, "
-             f"vocab {d['vocab']}; prefill {s['prompt_tokens']} tokens, decode {s['new_tokens']} tokens; "
+    dims = ModelDims(**{**d, "mla": MLADims(**d["mla"]) if d.get("mla") else None})
+    title = (f"{dims.describe()}; prefill {s['prompt_tokens']} tokens, decode {s['new_tokens']} tokens; "
              f"{s['threads']} threads; median of {s['repeats']}")
     t = Table(title=title)
     for c in COLUMNS:

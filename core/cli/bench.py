@@ -120,10 +120,16 @@ def register(sub) -> None:
                    help="comma-separated expert formats for moetier (default: bf16,int8,int4_g64,fp8_e4m3; "
                         "--quick: bf16,int4_g64)")
     p.add_argument("--threads", type=positive_int, default=2, help="threads of torch and the kernels (default 2)")
-    p.add_argument("--layers", type=positive_int, help="decoder layers of the synthetic model (default 8; --quick 2)")
-    p.add_argument("--dims", choices=("qwen3-30b-a3b", "tiny"), default="qwen3-30b-a3b",
-                   help="layer dimensions: qwen3-30b-a3b (default), or tiny (for testing the harness: its numbers "
-                        "mean nothing)")
+    p.add_argument("--layers", type=positive_int,
+                   help="decoder layers of the synthetic model (default: qwen3-30b-a3b 8, deepseek-v3 3; --quick 2)")
+    p.add_argument("--dims", choices=("qwen3-30b-a3b", "deepseek-v3", "tiny", "tiny-deepseek"),
+                   default="qwen3-30b-a3b",
+                   help="layer dimensions: qwen3-30b-a3b (default; 8 layers), deepseek-v3 (a slice: one dense and "
+                        "two MoE layers of 32 experts), or tiny / tiny-deepseek (for testing the harness: their "
+                        "numbers mean nothing)")
+    p.add_argument("--experts", type=positive_int, metavar="N",
+                   help="routed experts per MoE layer of the synthetic model (default: qwen3-30b-a3b 128, "
+                        "deepseek-v3 32: all 256 take 22.5 GB per layer in bf16)")
     p.add_argument("--prompt-tokens", type=positive_int, help="prefill length (default 512; --quick 128)")
     p.add_argument("--new-tokens", type=positive_int,
                    help="tokens generated; decode is timed over all but the first (default 65; --quick 17)")
@@ -157,8 +163,8 @@ def _dense_choice(value: str) -> str:
 
 MODEL_DESCRIPTION = """\
 Whole-model prefill and decode tokens/s through transformers' generation (greedy, static cache, bf16 on
-the CPU) on a synthetic checkpoint with the real Qwen3-30B-A3B layer dimensions in its real safetensors
-layout: moetier.load in each format, transformers' own model on the same weights (eager and grouped_mm
+the CPU) on a synthetic checkpoint with the real Qwen3-30B-A3B or DeepSeek-V3 layer dimensions in the
+family's real safetensors layout: moetier.load in each format, transformers' own model on the same weights (eager and grouped_mm
 experts), and the byte limit (weight bytes per decode token / read bandwidth measured in the same run).
 Every implementation's logits are first checked against transformers' eager model on the same weights.
 """
@@ -195,7 +201,8 @@ def run_model(args) -> int:
                            f"{', '.join(spec.formats)}")
     formats = tuple(f for f in formats if f in spec.formats)
     dims = mb.DIMS[args.dims]
-    dims = replace(dims, layers=args.layers or (2 if args.quick else dims.layers))
+    dims = replace(dims, layers=args.layers or (2 if args.quick else dims.layers),
+                   experts=args.experts or dims.experts)
     config = mb.ModelBenchConfig(
         dims=dims, backend=name, formats=formats, threads=args.threads,
         prompt_tokens=args.prompt_tokens or (128 if args.quick else 512),
@@ -216,12 +223,7 @@ def run_model(args) -> int:
                 progress.update(task, description=text)
 
             if (folder / "config.json").exists():
-                cfg = mb.checkpoint_dims(folder)
-                dims = replace(dims, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-                               experts=cfg.get("num_experts") or cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
-                               moe_intermediate=cfg["moe_intermediate_size"], heads=cfg["num_attention_heads"],
-                               kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"], vocab=cfg["vocab_size"])
-                config = replace(config, dims=dims)
+                config = replace(config, dims=mb.dims_from_config(dims, mb.checkpoint_dims(folder)))
             else:
                 status(f"writing the synthetic checkpoint ({dims.layers} layers) to {folder}")
                 folder.mkdir(parents=True, exist_ok=True)

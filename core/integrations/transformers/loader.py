@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 import weakref
 from pathlib import Path
 
 import torch
 
+from ... import openmp
 from ...errors import CheckpointError, LayoutError, MoetierError, SettingError
 from ...formats import get_format
 from . import dense as dense_mod
@@ -333,6 +335,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     hf_model.moetier_experts = experts
     hf_model.moetier_layout = layout
     hf_model.moetier_dense = dense_mod.DenseRouting(None, None)
+    if dev.type == "cpu" and openmp.workers_may_spin() and torch.get_num_threads() > 1:
+        warnings.warn(openmp.SPIN_ADVICE, RuntimeWarning, stacklevel=2)
     if dev.type == "cpu":
         try:
             dense_backend, dense_fmt = dense_mod.choose_dense_backend(list(experts.backends.values()), dense_format,
