@@ -62,5 +62,5 @@ def _factory(name: str):
 def moetier_register_backends(register):
     for name, variants in BACKENDS.items():
         feats = ", ".join(VARIANT_FEATURES[min(variants, key=variants.get)])
-        register(BackendSpec(name=name, device="cpu", formats=FORMATS, probe=_probe(name), factory=_factory(name),
-                             description=f"native C++ kernels, variants {', '.join(variants)} (needs {feats})"))
+        register(BackendSpec(name=name, device="cpu", formats=FORMATS, mixed_formats=True, probe=_probe(name),
+                             factory=_factory(name), description=f"native C++ kernels, variants {', '.join(variants)} (needs {feats})"))

@@ -81,8 +81,10 @@ _VIEW_OF_KIND = {0: np.float32, 1: np.uint16, 2: np.uint16, 3: np.int8, 4: np.ui
 
 @dataclass(frozen=True, eq=False)
 class NumbaPayload:
-    kind: int
+    kind: int  # gate/up's kernel kind (and down's: `down_kind`, which differs in a mixed format)
     group: int  # columns per scale: int4 group size, 128 for fp8 (1, unused, otherwise)
+    down_kind: int
+    down_group: int
     slot_of: np.ndarray  # [num_experts] int64: global expert id -> index into the stacked arrays, -1 if not held
     gate: PackedMatrix
     up: PackedMatrix
@@ -136,6 +138,11 @@ def _row_scales(q) -> np.ndarray:
     return np.repeat(s, FP8_BLOCK, axis=0)[:rows]
 
 
+def _group(fmt) -> int:
+    """Columns per scale the kernels take: the int4 group size, 128 for fp8 (1, unused, otherwise)."""
+    return {"int4": fmt.group_size, "fp8": FP8_BLOCK}.get(fmt.kind, 1)
+
+
 def _stack(mats, kind: int) -> PackedMatrix:
     raw = np.ascontiguousarray(np.stack([_row_bytes(q) for q in mats]))
     scales = np.ascontiguousarray(np.stack([_row_scales(q) for q in mats]), dtype=np.float32)
@@ -152,6 +159,7 @@ _layer_is_threadsafe: bool | None = None
 class NumbaBackend(ExpertBackend):
     name = NAME
     formats = COMPUTED_FORMATS
+    mixed_formats = True  # a kernel kind per projection
 
     def __init__(self, num_threads: int | None = None, nan_policy: str = "raise"):
         super().__init__(nan_policy=nan_policy)
@@ -183,11 +191,14 @@ class NumbaBackend(ExpertBackend):
                 return np.zeros((E, n), np.float32)
             return np.ascontiguousarray(np.stack([getattr(t, name).to(torch.float32).numpy() for t in ts]))
 
-        group = {"int4": fmt.group_size, "fp8": FP8_BLOCK}.get(fmt.kind, 1)  # float and int8 use no groups
-        kind = _KINDS[fmt.name]
+        # The kernels dispatch on the format per projection: a mixed format's gate/up and down each run
+        # their own decoder.
+        gu, dn = fmt.gate_up, fmt.down
+        kind, down_kind = _KINDS[gu.name], _KINDS[dn.name]
         return NumbaPayload(
-            kind=kind, group=group, slot_of=slot_of, gate=_stack([t.gate for t in ts], kind),
-            up=_stack([t.up for t in ts], kind), down=_stack([t.down for t in ts], kind),
+            kind=kind, group=_group(gu), down_kind=down_kind, down_group=_group(dn), slot_of=slot_of,
+            gate=_stack([t.gate for t in ts], kind), up=_stack([t.up for t in ts], kind),
+            down=_stack([t.down for t in ts], down_kind),
             gate_bias=bias("gate_bias", I), up_bias=bias("up_bias", I), down_bias=bias("down_bias", H))
 
     def compute(self, prepared, inputs):
@@ -229,7 +240,7 @@ class NumbaBackend(ExpertBackend):
         alpha, limit = np.float32(layer.swiglu_alpha), np.float32(layer.swiglu_limit)
         k.gate_up(pl.kind, pl.group, act, alpha, limit, H, I, x, offsets, pair_tok, active,
                   *pl.gate.args(), *pl.up.args(), pl.gate_bias, pl.up_bias, h)
-        k.down_accumulate(pl.kind, pl.group, H, I, offsets, pair_tok, pair_w, active,
+        k.down_accumulate(pl.down_kind, pl.down_group, H, I, offsets, pair_tok, pair_w, active,
                           *pl.down.args(), pl.down_bias, h, out)
 
 
@@ -249,6 +260,6 @@ def _factory(inv) -> NumbaBackend:
 
 @hookimpl
 def moetier_register_backends(register):
-    register(BackendSpec(name=NAME, device="cpu", formats=COMPUTED_FORMATS, probe=_probe,
+    register(BackendSpec(name=NAME, device="cpu", formats=COMPUTED_FORMATS, mixed_formats=True, probe=_probe,
                          factory=_factory,
                          description="portable numba kernels, all formats, fp32 accumulation"))

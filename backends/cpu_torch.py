@@ -20,7 +20,7 @@ class TorchBackend(ReferenceBackend):
 @hookimpl
 def moetier_register_backends(register):
     register(BackendSpec(
-        name=NAME, device="cpu", formats=tuple(FORMATS),
+        name=NAME, device="cpu", formats=tuple(FORMATS), mixed_formats=True,
         probe=lambda inv: Probe(10, "portable PyTorch reference; runs on any CPU (slow: dequantizes to fp32)"),
         factory=lambda inv: TorchBackend(),
         description="PyTorch reference implementation, all formats, fp32 accumulation",

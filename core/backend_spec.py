@@ -42,12 +42,18 @@ class BackendSpec:
     probe: Callable[[HardwareInventory], Probe]
     factory: Callable[[HardwareInventory], ExpertBackend]
     description: str = ""
+    mixed_formats: bool = False  # computes mixed formats (gate/up and down in two declared formats)
 
     def __post_init__(self):
         if self.device not in DEVICE_KINDS:
             raise PluginError(f"backend {self.name!r}: device must be one of {DEVICE_KINDS}, got {self.device!r}")
         if not self.name or not isinstance(self.formats, tuple):
             raise PluginError(f"backend {self.name!r}: needs a name and a tuple of formats")
+
+    def computes(self, fmt) -> bool:
+        """Whether the backend computes `fmt` (see moetier.formats.computes)."""
+        from .formats import computes
+        return computes(self.formats, fmt, mixed=self.mixed_formats)
 
     def safe_probe(self, inventory: HardwareInventory) -> Probe:
         """The probe, with a crash turned into an unusable verdict that names the exception. A SettingError
@@ -82,6 +88,9 @@ class BackendSpec:
         if backend.name != self.name:
             raise PluginError(f"backend {self.name}: its factory built a backend named {backend.name!r}; "
                               "the spec and the instance must agree")
+        if backend.mixed_formats != self.mixed_formats:
+            raise PluginError(f"backend {self.name}: the spec says mixed_formats={self.mixed_formats}, the instance "
+                              f"{backend.mixed_formats}; they must agree")
         if threads is not None:
             backend.set_threads(threads)
         return backend

@@ -29,7 +29,7 @@ import torch
 from .errors import (DeviceError, DTypeError, ExpertIdError, FormatError, NonFiniteError, PreparedExpertsError,
                      SettingError, ShapeError)
 from .dense import PackedLinear, check_linear_input
-from .formats import QuantizedTensor, WeightFormat, convert, get_format
+from .formats import QuantizedTensor, WeightFormat, computes, convert, get_format, mixed_format
 
 ACTIVATIONS = ("silu", "swiglu_oai")
 
@@ -62,10 +62,8 @@ class ExpertLayerSpec:
             raise FormatError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
 
     def expert_bytes(self, fmt: str | WeightFormat) -> int:
-        """Bytes of one expert's three matrices in `fmt`."""
-        f = get_format(fmt)
-        h, i = self.hidden_size, self.intermediate_size
-        return 2 * f.nbytes(i, h) + f.nbytes(h, i)
+        """Bytes of one expert's three matrices in `fmt` (mixed: gate/up in its gate/up part, down in its down part)."""
+        return get_format(fmt).expert_nbytes(self.hidden_size, self.intermediate_size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,13 +79,20 @@ class ExpertTensors:
 
     @property
     def fmt(self) -> WeightFormat:
-        return self.gate.fmt
+        """The expert's format: the plain one its three matrices share, or the mixed gate/up+down one.
+        FormatError when gate and up differ (no layer format describes that)."""
+        if self.gate.fmt != self.up.fmt:
+            raise FormatError(f"expert gate is {self.gate.fmt} but up is {self.up.fmt}; a layer format keeps gate "
+                              "and up in one format (convert them to one)")
+        return mixed_format(self.gate.fmt, self.down.fmt)
 
     def to_format(self, fmt: str | WeightFormat) -> ExpertTensors:
+        """The expert in `fmt`: gate and up in fmt.gate_up, down in fmt.down (each converted only if it differs)."""
         fmt = get_format(fmt)
-        if self.gate.fmt == self.up.fmt == self.down.fmt == fmt:
+        gu, dn = fmt.gate_up, fmt.down
+        if self.gate.fmt == self.up.fmt == gu and self.down.fmt == dn:
             return self
-        return ExpertTensors(convert(self.gate, fmt), convert(self.up, fmt), convert(self.down, fmt),
+        return ExpertTensors(convert(self.gate, gu), convert(self.up, gu), convert(self.down, dn),
                              self.gate_bias, self.up_bias, self.down_bias)
 
 
@@ -112,15 +117,18 @@ class ExpertWeights:
     @classmethod
     def from_float(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fmt: str | WeightFormat,
                    biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> ExpertWeights:
-        """Quantize stacked float weights gate/up [E, I, H], down [E, H, I] (biases [E,I],[E,I],[E,H])."""
+        """Quantize stacked float weights gate/up [E, I, H], down [E, H, I] (biases [E,I],[E,I],[E,H]); a
+        mixed `fmt` quantizes gate/up to its gate/up part and down to its down part."""
         from .formats import quantize
 
+        fmt = get_format(fmt)
         if gate.ndim != 3 or up.shape != gate.shape or down.ndim != 3 or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
             raise ShapeError(f"expected gate/up [E, I, H] and down [E, H, I], got {list(gate.shape)}, {list(up.shape)}, {list(down.shape)}")
         out = {}
         for e in range(gate.shape[0]):
             b = (biases[0][e].float(), biases[1][e].float(), biases[2][e].float()) if biases is not None else (None, None, None)
-            out[e] = ExpertTensors(quantize(gate[e], fmt), quantize(up[e], fmt), quantize(down[e], fmt), *b)
+            out[e] = ExpertTensors(quantize(gate[e], fmt.gate_up), quantize(up[e], fmt.gate_up),
+                                   quantize(down[e], fmt.down), *b)
         return cls(out)
 
 
@@ -254,6 +262,14 @@ class ExpertBackend(ABC):
     # Where inputs, weights and outputs live; accelerator backends set their own in __init__.
     device: torch.device = torch.device("cpu")
     threads: int | None = None  # CPU threads it computes on (None: not configurable)
+    # Whether it computes mixed formats (gate/up in one format, down in another: each projection in its own
+    # part) for every pair of formats it declares; `formats` lists plain formats only.
+    mixed_formats: bool = False
+
+    def computes(self, fmt: str | WeightFormat) -> bool:
+        """Whether this backend computes experts in `fmt`: a plain format it declares, or (mixed_formats) a
+        mixed one whose gate/up and down formats it both declares."""
+        return computes(self.formats, fmt, mixed=self.mixed_formats)
 
     def __init__(self, nan_policy: str = "raise"):
         if nan_policy not in NAN_POLICIES:
@@ -324,8 +340,9 @@ class ExpertBackend(ABC):
     def prepare(self, layer: ExpertLayerSpec, weights: ExpertSource, experts: Iterable[int],
                 fmt: str | WeightFormat) -> PreparedExperts:
         fmt = get_format(fmt)
-        if fmt.name not in self.formats:
-            raise FormatError(f"backend {self.name} does not compute format {fmt}; it computes {', '.join(self.formats)}")
+        if not self.computes(fmt):
+            raise FormatError(f"backend {self.name} does not compute format {fmt}{why_not(self, fmt)}; it computes "
+                              f"{', '.join(self.formats)}")
         ids = tuple(_expert_id(e) for e in experts)
         if len(set(ids)) != len(ids):
             raise ExpertIdError(f"expert ids given to prepare repeat: {sorted(ids)}")
@@ -378,6 +395,15 @@ class ExpertBackend(ABC):
                                        f"this backend's prepare()")
         return validate_forward_inputs(prepared.layer, hidden, topk_ids, topk_weights, out_dtype, self.nan_policy,
                                        device=self.device)
+
+
+def why_not(backend, fmt: WeightFormat) -> str:
+    """Why a backend (or BackendSpec) that does not compute the mixed `fmt` refuses it ("" for a plain format)."""
+    if fmt.split is None:
+        return ""
+    if not backend.mixed_formats:
+        return " (it computes a layer in one format; a mixed one keeps gate/up and down in two)"
+    return f" (it lacks {', '.join(p.name for p in fmt.parts if p.name not in backend.formats)})"
 
 
 def _expert_id(e) -> int:

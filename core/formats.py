@@ -8,10 +8,15 @@ Block formats keep other projects' storage byte for byte, so their files are com
 the GGUF types q8_0, q4_0, q4_k, q5_k, q6_k (llama.cpp's block structs; see `ggml_blocks`) and mxfp4
 (OCP microscaling as gpt-oss ships it; see `mxfp4`). Their rows are whole blocks: `in` must be a multiple
 of the block size (32, or 256 for the K-quants), and any other shape is refused with a FormatError.
+
+A layer's experts may keep gate/up in one format and down in another, as llama.cpp's Q4_K_M files do
+(ffn_down in Q6_K where its "use_more_bits" rule says so): the mixed format "q4_k+q6_k" names both
+(`gate_up`, `down`), so a layer still has one format value. A matrix is always in a plain format.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +47,31 @@ class WeightFormat:
     block: tuple[int, int] | None = None  # fp8: (rows, cols) per scale
     block_size: int | None = None  # gguf / mxfp4: values per block along the input dimension
     block_bytes: int | None = None  # gguf / mxfp4: bytes per block, scales included
+    split: tuple[WeightFormat, WeightFormat] | None = None  # kind "mixed": (gate/up format, down format)
 
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def gate_up(self) -> WeightFormat:
+        """The format of the gate and up matrices (the format itself unless it is mixed)."""
+        return self.split[0] if self.split else self
+
+    @property
+    def down(self) -> WeightFormat:
+        """The format of the down matrix (the format itself unless it is mixed)."""
+        return self.split[1] if self.split else self
+
+    @property
+    def parts(self) -> tuple[WeightFormat, ...]:
+        """The plain formats a layer in this format computes: (gate/up, down) when mixed, else (self,)."""
+        return self.split or (self,)
+
     def check_in_features(self, in_features: int) -> None:
-        """FormatError unless a row of `in_features` values is whole blocks (block formats only)."""
+        """FormatError unless a row of `in_features` values is whole blocks (block formats only; a mixed
+        format: in each of its parts)."""
+        for p in self.split or ():
+            p.check_in_features(in_features)
         if self.block_size is not None and in_features % self.block_size:
             origin = "GGUF" if self.kind == "gguf" else "MXFP4"
             raise FormatError(f"format {self.name} stores rows as whole blocks of {self.block_size} values ({origin} "
@@ -67,7 +91,14 @@ class WeightFormat:
         if self.kind in ("gguf", "mxfp4"):
             self.check_in_features(in_features)
             return out_features * (in_features // self.block_size) * self.block_bytes
+        if self.kind == "mixed":
+            raise FormatError(f"format {self.name} is a layer's gate/up and down formats; a single matrix is in one "
+                              f"of them ({self.gate_up} or {self.down})")
         raise FormatError(f"unknown format kind {self.kind!r}")
+
+    def expert_nbytes(self, hidden: int, intermediate: int) -> int:
+        """Bytes of one expert's three matrices (gate and up [I, H], down [H, I]) in this format."""
+        return 2 * self.gate_up.nbytes(intermediate, hidden) + self.down.nbytes(hidden, intermediate)
 
 
 FORMATS: dict[str, WeightFormat] = {
@@ -83,14 +114,48 @@ FORMATS: dict[str, WeightFormat] = {
 }
 
 
+MIXED_SEP = "+"
+
+
 def get_format(fmt: str | WeightFormat) -> WeightFormat:
-    """The format named `fmt` (or `fmt` itself); FormatError lists the known names otherwise."""
+    """The format named `fmt` (or `fmt` itself): a name of FORMATS, or a mixed "GATEUP+DOWN" (see
+    `mixed_format`). FormatError lists the known names otherwise."""
     if isinstance(fmt, WeightFormat):
         return fmt
+    if isinstance(fmt, str) and MIXED_SEP in fmt:
+        parts = fmt.split(MIXED_SEP)
+        if len(parts) != 2 or not all(p in FORMATS for p in parts):
+            raise FormatError(f"mixed weight format {fmt!r}: write it GATEUP{MIXED_SEP}DOWN, two expert formats (the "
+                              f"gate/up one, then the down one, e.g. q4_k{MIXED_SEP}q6_k) of: {', '.join(FORMATS)}")
+        return mixed_format(FORMATS[parts[0]], FORMATS[parts[1]])
     try:
         return FORMATS[fmt]
     except (KeyError, TypeError):
-        raise FormatError(f"unknown weight format {fmt!r}; known formats: {', '.join(FORMATS)}") from None
+        raise FormatError(f"unknown weight format {fmt!r}; known formats: {', '.join(FORMATS)} (or a mixed "
+                          f"GATEUP{MIXED_SEP}DOWN, e.g. q4_k{MIXED_SEP}q6_k)") from None
+
+
+def mixed_format(gate_up: str | WeightFormat, down: str | WeightFormat) -> WeightFormat:
+    """The format of a layer whose gate and up matrices are in `gate_up` and down in `down`; the plain
+    format itself when both are the same. FormatError unless both are plain formats of FORMATS."""
+    gu, dn = get_format(gate_up), get_format(down)
+    for part in (gu, dn):
+        if part.split is not None or FORMATS.get(part.name) != part:
+            raise FormatError(f"mixed weight format {gu}{MIXED_SEP}{dn}: each part must be one expert format "
+                              f"({', '.join(FORMATS)}), got {part.name!r}")
+    if gu == dn:
+        return gu
+    return WeightFormat(f"{gu.name}{MIXED_SEP}{dn.name}", "mixed", split=(gu, dn))
+
+
+def computes(declared: Iterable[str], fmt: str | WeightFormat, *, mixed: bool) -> bool:
+    """Whether a backend declaring the plain formats `declared` computes `fmt`. A mixed format needs a backend
+    that computes each projection in its own format (`mixed`) and declares both parts."""
+    f = get_format(fmt)
+    if f.split is not None and not mixed:
+        return False
+    names = set(declared)
+    return all(p.name in names for p in f.parts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,6 +216,9 @@ def _data_spec(fmt: WeightFormat, out_f: int, in_f: int) -> tuple[tuple[int, int
 
 
 def _check_layout(q: QuantizedTensor) -> None:
+    if q.fmt.split is not None:
+        raise FormatError(f"a matrix is in one format, not the mixed {q.fmt} (its gate/up matrices are in {q.fmt.gate_up}, "
+                          f"its down matrix in {q.fmt.down})")
     if len(q.shape) != 2 or min(q.shape) < 1:
         raise ShapeError(f"{q.fmt} tensor: logical shape must be [out, in] with positive sizes, got {q.shape}")
     q.fmt.check_in_features(q.shape[1])
@@ -180,6 +248,9 @@ def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedTensor:
     """Quantize a float [out, in] matrix to `fmt` with the reference (round-to-nearest) scheme."""
     fmt = get_format(fmt)
+    if fmt.split is not None:
+        raise FormatError(f"a matrix is quantized to one format, not the mixed {fmt}: quantize gate/up to "
+                          f"{fmt.gate_up} and down to {fmt.down}")
     if weight.ndim != 2:
         raise ShapeError(f"expected a 2-D [out, in] weight, got shape {list(weight.shape)}")
     if not weight.is_floating_point():
@@ -254,6 +325,9 @@ def convert(q: QuantizedTensor, fmt: str | WeightFormat) -> QuantizedTensor:
     fmt = get_format(fmt)
     if q.fmt == fmt:
         return q
+    if fmt.split is not None:
+        raise FormatError(f"a matrix converts to one format, not the mixed {fmt}: gate/up go to {fmt.gate_up}, "
+                          f"down to {fmt.down} (ExpertTensors.to_format does that)")
     if q.fmt.name == "q4_0" and fmt.name == "int4_g32":
         return _q4_0_as_int4_g32(q)
     return quantize(dequantize(q, torch.float32), fmt)

@@ -73,6 +73,7 @@ class ReferenceBackend(ExpertBackend):
     name = "reference"
     formats = tuple(FORMATS)
     dense_formats = formats
+    mixed_formats = True  # each matrix dequantized from its own format
 
     def __init__(self, precision: torch.dtype = torch.float32, nan_policy: str = "raise"):
         super().__init__(nan_policy=nan_policy)

@@ -157,22 +157,31 @@ struct TaskQueue {
     std::atomic<int> next{0};
 };
 
+// The packed format of one projection: format code, group (see Geometry) and whether it has mins.
+struct MatFormat {
+    int fmt = F32, group = 0;
+    bool mins = false;
+};
+
 class MoELayer {
    public:
+    // gate_up, down: the formats of the gate/up and of the down matrices, which may differ (GGUF's Q4_K_M
+    // keeps some down matrices in Q6_K): each projection has its own geometry and kernel path.
     // fp8_vbmi: compute fp8 with the VBMI kernels (fp8_vbmi.h) where this build and CPU can.
-    // mins: int4 / grouped int8 with a min per row and group (packed_format.h).
-    MoELayer(int num_experts, int H, int I, int fmt, int group, int act, float alpha, float limit, bool has_bias,
-             bool int8_activations, bool fp8_vbmi = true, bool mins = false)
-        : num_experts_(num_experts), H_(H), I_(I), fmt_(fmt), act_(act), alpha_(alpha), limit_(limit),
-          has_bias_(has_bias), int8_acts_(int8_activations), gu_(fmt, group, I, H, mins), dn_(fmt, group, H, I, mins),
-          gu_deq_(BF16, 0, I, gu_.Kp), dn_deq_(BF16, 0, H, dn_.Kp) {
+    MoELayer(int num_experts, int H, int I, MatFormat gate_up, MatFormat down, int act, float alpha, float limit,
+             bool has_bias, bool int8_activations, bool fp8_vbmi = true)
+        : num_experts_(num_experts), H_(H), I_(I), act_(act), alpha_(alpha), limit_(limit),
+          has_bias_(has_bias), int8_acts_(int8_activations), gu_(gate_up.fmt, gate_up.group, I, H, gate_up.mins),
+          dn_(down.fmt, down.group, H, I, down.mins), gu_deq_(BF16, 0, I, gu_.Kp), dn_deq_(BF16, 0, H, dn_.Kp) {
         if (num_experts < 1) throw std::invalid_argument("num_experts must be positive");
         if (act != SILU && act != SWIGLU_OAI) throw std::invalid_argument("unknown activation code");
         slot_of_.assign(num_experts, -1);
 #if MOETIER_HAS_DOT
-        fp8_vbmi_ = fmt == FP8 && fp8_vbmi && cpu_has_vbmi();
+        const bool vbmi = fp8_vbmi && cpu_has_vbmi();
+        gu_.fp8_pairs = gu_.fmt == FP8 && vbmi;
+        dn_.fp8_pairs = dn_.fmt == FP8 && vbmi;
 #endif
-        gu_.fp8_pairs = dn_.fp8_pairs = fp8_vbmi_;
+        fp8_vbmi_ = gu_.fp8_pairs || dn_.fp8_pairs;
     }
 
     const Geometry& gate_up_geometry() const { return gu_; }
@@ -226,7 +235,7 @@ class MoELayer {
                  const float* w, void* out, bool out_bf16) const;
 
    private:
-    int num_experts_, H_, I_, fmt_, act_;
+    int num_experts_, H_, I_, act_;
     float alpha_, limit_;
     bool has_bias_, int8_acts_;
     bool fp8_vbmi_ = false;
@@ -258,8 +267,9 @@ struct MoELayer::Ctx {
     const void* hidden = nullptr;
     bool hidden_bf16 = false, out_bf16 = false;
     void* out = nullptr;
-    // routing: active slots (ascending expert id), their rows [row0, row0 + M)
-    std::vector<int> act_slot, act_row0, act_m, act_path;
+    // routing: active slots (ascending expert id), their rows [row0, row0 + M), the kernel paths of their
+    // gate/up (act_path) and down (act_dpath) projections
+    std::vector<int> act_slot, act_row0, act_m, act_path, act_dpath;
     std::vector<int> row_tok;
     std::vector<float> row_w;
     std::vector<std::vector<int>> node_prefill;  // per node: prefill experts (indices into act_*)
@@ -269,7 +279,8 @@ struct MoELayer::Ctx {
     std::vector<int> row_y;                    // per row of a decode expert: its row in Y (else -1)
     std::vector<int> tok_ystart, tok_yrows;    // per token: its decode rows, in expert-id order
     bool any_decode = false;
-    bool need_xb = false, need_xq = false, need_xl = false;
+    bool need_xb = false, need_xq = false, need_xl = false;  // forms of x the gate/up paths read
+    bool need_hl = false;                                    // h's bf16 low part (fp8 down decode)
     std::vector<uint8_t> x_exact;  // per token: x is exactly bf16 (its low part Xl is zero)
     int xs = 0, hs = 0, hp = 0;  // row strides: activations, h, output accumulator (and Y)
     // Scratch (not zero-initialized; every element read is written first), see Scratch.
@@ -539,7 +550,7 @@ inline void MoELayer::phase_convert(Ctx& c, int t0, int t1) const {
 }
 
 inline void MoELayer::phase_gather(Ctx& c, int i0, int i1) const {
-    const bool i8 = fmt_ == I8;
+    const bool i8 = gu_.fmt == I8;
     for (int i = i0; i < i1; ++i) {
         const int64_t r = c.g_rows[i];
         const int t = c.row_tok[r];
@@ -554,12 +565,12 @@ inline void MoELayer::phase_gather(Ctx& c, int i0, int i1) const {
 
 inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
     const ExpertSlot& s = *slots_[c.act_slot[a]];
-    const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
+    const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a], dpath = c.act_dpath[a];
     const bool tiles = is_amx(path);
     const bool decode = M <= DECODE_MAX_TOKENS;
     const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
-    const bool bf16_h = bf16_acts(path);
-    const bool lo_h = path == P_FP8DOT && decode;  // the down projection splits h into bf16 hi + lo
+    const bool bf16_h = bf16_acts(dpath);           // the forms of h the down projection's path reads
+    const bool lo_h = dpath == P_FP8DOT && decode;  // the down projection splits h into bf16 hi + lo
     const bool bundle_calls = bundle_path(path, M);
     alignas(64) float o[4 * 32 * PANEL];
     uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_deq_.panel_bytes) : nullptr;
@@ -605,7 +616,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                 if (path == P_F32) {
                     const float* x[F32_BLOCK];
                     for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
-                    run_f32_np(bd.n, fmt_, mb, bd, gu_, x, o);
+                    run_f32_np(bd.n, gu_.fmt, mb, bd, gu_, x, o);
                 } else {
 #if MOETIER_HAS_DOT
                     const uint16_t* xh[BUNDLE_TOKENS];
@@ -625,7 +636,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                     }
                     if (path == P_FP8DOT) fp8_dot(bd.n, mb, exact ? 1 : 2, bd, gu_, xh, xl, o);
                     else if (path == P_BF16DOT) bf16_bundle(bd.n, mb, bd, gu_, xh, o);
-                    else int8_decode(fmt_, bd.n, mb, bd, gu_, xq, xc, xsc, o);
+                    else int8_decode(gu_.fmt, bd.n, mb, bd, gu_, xq, xc, xsc, o);
 #endif
                 }
                 for (int j = 0; 2 * j < bd.n; ++j)
@@ -647,7 +658,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                 if (path == P_F32) {
                     const float* x[F32_BLOCK];
                     for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
-                    run_f32_fmt<2>(fmt_, mb, pr, gu_, x, o);
+                    run_f32_fmt<2>(gu_.fmt, mb, pr, gu_, x, o);
                 } else if (tiles) {
 #if MOETIER_HAS_AMX
                     const uint8_t* xa = c.Xg + int64_t(row0 + m0) * c.xg_stride;
@@ -668,7 +679,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                         xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                     }
                     if (path == P_FP8DOT) fp8_dot(2, mb, 1, pr, *g, xb, nullptr, o);
-                    else run_dot<2>(deq ? P_BF16DOT : path, fmt_, mb, pr, *g, xb, xq, xc, xsc, o);
+                    else run_dot<2>(deq ? P_BF16DOT : path, gu_.fmt, mb, pr, *g, xb, xq, xc, xsc, o);
 #endif
                 }
                 finish(p, o, o + ld * PANEL, m0, mb);
@@ -712,14 +723,14 @@ inline void MoELayer::write_out(Ctx& c, const float* acc, int t0, int t1, int c0
 // call (one sequential stream), into its rows of Y (+ bias).
 inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
     const ExpertSlot& s = *slots_[c.act_slot[a]];
-    const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
+    const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_dpath[a];
     alignas(64) float o[4 * DECODE_MAX_TOKENS * PANEL];
     for (int b = b0; b < b1; ++b) {
         const Panels bd = dn_bundle(s, b);
         if (path == P_F32) {
             const float* x[F32_BLOCK];
             for (int m = 0; m < M; ++m) x[m] = c.Hf + int64_t(row0 + m) * c.hs;
-            run_f32_np(bd.n, fmt_, M, bd, dn_, x, o);
+            run_f32_np(bd.n, dn_.fmt, M, bd, dn_, x, o);
         } else if (path == P_FP8DOT) {
 #if MOETIER_HAS_DOT
             const uint16_t* xh[DECODE_MAX_TOKENS];
@@ -741,7 +752,7 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
                 xc[m] = c.Hcorr + r * c.hgroups;
                 xsc[m] = c.Hscale[r];
             }
-            int8_decode(fmt_, bd.n, M, bd, dn_, xq, xc, xsc, o);
+            int8_decode(dn_.fmt, bd.n, M, bd, dn_, xq, xc, xsc, o);
 #endif
         }
         for (int q = 0; q < bd.n; ++q) {
@@ -823,7 +834,7 @@ inline void MoELayer::phase_down(Ctx& c, int node, int p0, int p1) const {
     h.f = c.Hf, h.b = c.Hb, h.q = c.Hq, h.corr = c.Hcorr, h.scale = c.Hscale, h.stride = c.hs, h.groups = c.hgroups;
     for (int a : c.node_prefill[node]) {
         const ExpertSlot& s = *slots_[c.act_slot[a]];
-        const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_path[a];
+        const int row0 = c.act_row0[a], M = c.act_m[a], path = c.act_dpath[a];
         const bool tiles = is_amx(path);
         const bool whole = bundle_path(path, M);  // whole bundles, BUNDLE_TOKENS tokens per call
         const int block = whole ? BUNDLE_TOKENS : tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
@@ -913,11 +924,14 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         c.act_m.push_back(count[s]);
         fill_pos[s] = R;
         const bool prefill = count[s] > DECODE_MAX_TOKENS;
-        const int path = choose_path(gu_, prefill, std::min(H_, I_), int8_acts_, fp8_vbmi_);
+        const int path = choose_path(gu_, prefill, std::min(H_, I_), int8_acts_, gu_.fp8_pairs);
+        const int dpath = choose_path(dn_, prefill, std::min(H_, I_), int8_acts_, dn_.fp8_pairs);
         c.act_path.push_back(path);
+        c.act_dpath.push_back(dpath);
         c.need_xb |= bf16_acts(path);
         c.need_xq |= i8_acts(path);
         c.need_xl |= path == P_FP8DOT && !prefill;
+        c.need_hl |= dpath == P_FP8DOT && !prefill;
         R += count[s];
     }
     c.row_tok.resize(R);
@@ -956,7 +970,7 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     }
     // ---- buffers ----
     bool any_tiles = false;
-    for (int path : c.act_path) any_tiles |= is_amx(path);
+    for (size_t a = 0; a < c.act_path.size(); ++a) any_tiles |= is_amx(c.act_path[a]) || is_amx(c.act_dpath[a]);
     c.xs = gu_.Kp;
     c.hs = std::max<int>(dn_.Kp, gu_.panels * PANEL);
     if (any_tiles) {
@@ -990,23 +1004,23 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
     c.Hf = scratch(sc.Hf, size_t(R) * c.hs);
     bool need_hb = false;
     for (size_t a = 0; a < c.act_slot.size(); ++a) {
-        need_hb |= bf16_acts(c.act_path[a]);
-        if (i8_acts(c.act_path[a]))
+        need_hb |= bf16_acts(c.act_dpath[a]);
+        if (i8_acts(c.act_dpath[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.q_rows.push_back(c.act_row0[a] + m);
         if (is_amx(c.act_path[a]))
             for (int m = 0; m < c.act_m[a]; ++m) c.g_rows.push_back(c.act_row0[a] + m);
     }
     if (need_hb) c.Hb = scratch(sc.Hb, size_t(R_alloc) * c.hs);
-    if (c.need_xl) c.Hl = scratch(sc.Hl, size_t(R_alloc) * c.hs);
+    if (c.need_hl) c.Hl = scratch(sc.Hl, size_t(R_alloc) * c.hs);
     if (!c.q_rows.empty()) {
         c.Hq = scratch(sc.Hq, size_t(R_alloc) * c.hs);
         c.Hscale = scratch(sc.Hscale, size_t(R_alloc));
         c.Hcorr = scratch(sc.Hcorr, size_t(R_alloc) * c.hgroups);
     }
     if (!c.g_rows.empty()) {
-        c.xg_stride = int64_t(c.xs) * (fmt_ == I8 ? 1 : 2);
+        c.xg_stride = int64_t(c.xs) * (gu_.fmt == I8 ? 1 : 2);
         c.Xg = scratch(sc.Xg, size_t(R_alloc) * c.xg_stride);
-        if (fmt_ == I8) c.Xgscale = scratch(sc.Xgscale, size_t(R_alloc));
+        if (gu_.fmt == I8) c.Xgscale = scratch(sc.Xgscale, size_t(R_alloc));
     }
     c.acc = scratch(sc.acc, size_t(num_nodes) * T * c.hp);
     if (c.any_decode) c.Y = scratch(sc.Y, size_t(Y_rows) * c.hp);

@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 
 #include "amx_permission.h"
@@ -153,14 +154,18 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
     py::class_<MoELayer>(m, "MoELayer", py::module_local())
         .def(py::init([](int num_experts, int hidden, int intermediate, const std::string& fmt,
                          const std::string& activation, float alpha, float limit, bool has_bias,
-                         bool int8_activations, bool fp8_vbmi) {
+                         bool int8_activations, bool fp8_vbmi, const std::optional<std::string>& down_fmt) {
                  const FormatSpec f = parse_format(fmt);
-                 return new MoELayer(num_experts, hidden, intermediate, f.fmt, f.group, activation_code(activation),
-                                     alpha, limit, has_bias, int8_activations, fp8_vbmi, f.mins);
+                 const FormatSpec d = down_fmt ? parse_format(*down_fmt) : f;
+                 return new MoELayer(num_experts, hidden, intermediate, MatFormat{f.fmt, f.group, f.mins},
+                                     MatFormat{d.fmt, d.group, d.mins}, activation_code(activation), alpha, limit,
+                                     has_bias, int8_activations, fp8_vbmi);
              }),
              py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("fmt"),
              py::arg("activation") = "silu", py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f,
-             py::arg("has_bias") = false, py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true)
+             py::arg("has_bias") = false, py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true,
+             py::arg("down_fmt") = py::none(),
+             "fmt: the gate/up matrices' packed layout; down_fmt: the down matrix's (None: the same)")
         .def_property_readonly("expert_bytes", &MoELayer::expert_bytes, "packed bytes of one expert")
         .def_property_readonly("num_slots", &MoELayer::num_slots)
         .def_property_readonly("int8_activations", &MoELayer::int8_activations)

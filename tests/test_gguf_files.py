@@ -1,7 +1,7 @@
 """GGUF files read directly: layout from metadata per architecture, expert bytes, dequantization
 bit-identical to the gguf package, whole MoE layers on cpu.numba, cpu.torch and the native kernels against a float64
-reference computed here from the file with gguf's own reader and dequantizer, and the refusals (mixed
-formats, types without a moetier format, backends without the format, corrupt files)."""
+reference computed here from the file with gguf's own reader and dequantizer, and the refusals (gate
+and up in different types, types without a moetier format, backends without the format, corrupt files)."""
 from __future__ import annotations
 
 import numpy as np
@@ -186,20 +186,22 @@ def test_whole_moe_layer_against_float64(files, case, backend_name):
             assert rel < FP32_BOUND, f"{case} layer {m.index} on {backend_name}: {rel:.3g}"
 
 
-def test_mixed_formats_need_an_explicit_format(tmp_path):
-    m = Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("q4_k", "q4_k", "q6_k"))
+def test_gate_and_up_in_different_types_need_an_explicit_format(tmp_path):
+    # (a down in another type than gate/up is computed as it is: tests/test_mixed_formats.py)
+    m = Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("q4_k", "q5_k", "q6_k"))
     w = write(tmp_path / "mixed.gguf", m)
     ref = ReferenceBackend()
     with GGUFFile(w.path) as gf:
         layout = gf.layout()
-        with pytest.raises(FormatError, match=r"layer 0 stores its experts as gate Q4_K, up Q4_K, down Q6_K.*--format"):
+        with pytest.raises(FormatError, match=r"layer 0 stores its experts as gate Q4_K, up Q5_K, down Q6_K.*gate and "
+                                              r"up in one format.*--format"):
             gguf_block(gf, layout, 0, ref)
         exact = gguf_block(gf, layout, 0, ref, fmt="fp32")
         down = exact.prepared.payload[3].down
         want = gguf.quants.dequantize(_gguf_tensor(w.path, "blk.0.ffn_down_exps.weight").data[3],
                                       gguf.GGMLQuantizationType.Q6_K)
         assert torch.equal(down, torch.from_numpy(want))  # fp32 holds the GGUF values exactly
-    assert "q4_k/q4_k/q6_k (1 layers)" in show_gguf(w.path)["quantization"]
+    assert "q4_k/q5_k/q6_k (1 layers)" in show_gguf(w.path)["quantization"]
 
 
 def test_types_without_a_moetier_format_are_refused_or_converted_on_request(tmp_path):
@@ -284,10 +286,10 @@ def test_cli_show_and_run_a_gguf_file(files, tmp_path):
     pytest.importorskip("numba")
     r = moetier("zoo", "run", w.path, "--backend", "cpu.numba", "--tokens", "5")
     assert r.returncode == 0 and "OK: 2 MoE layers match the float64 reference" in r.stdout, r.stdout + r.stderr
-    # a layer stored in two formats: refused with one line naming it, then computed when a format is given
-    mixed = write(tmp_path / "mixed.gguf", Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("q4_k", "q4_k", "q6_k")))
+    # gate and up in two formats: refused with one line naming them
+    mixed = write(tmp_path / "mixed.gguf", Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("q4_k", "q5_k", "q6_k")))
     r = moetier("zoo", "run", mixed.path, "--backend", "cpu.numba")
-    assert_usage_error(r, "layer 0 stores its experts as gate Q4_K, up Q4_K, down Q6_K")
+    assert_usage_error(r, "layer 0 stores its experts as gate Q4_K, up Q5_K, down Q6_K")
 
 
 def test_cli_refuses_a_backend_without_the_format_and_unmapped_files(files, tmp_path):

@@ -88,6 +88,7 @@ class NativeBackend(ExpertBackend):
 
     formats = NATIVE_FORMATS
     dense_formats = NATIVE_FORMATS
+    mixed_formats = True  # gate/up and down each packed in its own layout (MoELayer's down_fmt)
 
     def __init__(self, name: str, variant: str, inventory, *, threads: int | None = None,
                  nan_policy: str = "raise", int8_activations: bool = True, fp8_vbmi: bool = True,
@@ -124,14 +125,15 @@ class NativeBackend(ExpertBackend):
         return f"NativeBackend({self.name}, variant={self.variant}, threads={self.threads})"
 
     def pack(self, layer: ExpertLayerSpec, fmt: WeightFormat, experts: Mapping[int, ExpertTensors]):
-        if fmt.name not in NATIVE_FORMATS:
+        if not self.computes(fmt):
             raise FormatError(f"backend {self.name} does not compute format {fmt}")
-        for size in (layer.hidden_size, layer.intermediate_size):  # block formats: rows of whole blocks
-            fmt.check_in_features(size)
+        gu, dn = fmt.gate_up, fmt.down  # a mixed format packs each projection in its own layout
+        gu.check_in_features(layer.hidden_size)  # block formats: rows of whole blocks (gate/up rows are H
+        dn.check_in_features(layer.intermediate_size)  # long, down rows I)
         packed = self._ext.MoELayer(layer.num_experts, layer.hidden_size, layer.intermediate_size,
-                                    GGUF_LAYOUTS.get(fmt.name, fmt.name), layer.activation,
+                                    _layout(gu), layer.activation,
                                     float(layer.swiglu_alpha), float(layer.swiglu_limit), bool(layer.has_bias),
-                                    self.int8_activations, self.fp8_vbmi)
+                                    self.int8_activations, self.fp8_vbmi, down_fmt=_layout(dn))
         ids = sorted(experts)
 
         def add(i_e):
@@ -165,7 +167,7 @@ class NativeBackend(ExpertBackend):
     # ---- dense matrices (moetier.dense): the same kernels and pool as the experts ---------------------
     def pack_dense(self, weight, bias):
         out_f, in_f = weight.shape
-        packed = self._ext.DenseLinear(out_f, in_f, GGUF_LAYOUTS.get(weight.fmt.name, weight.fmt.name),
+        packed = self._ext.DenseLinear(out_f, in_f, _layout(weight.fmt),
                                        bias is not None, self.int8_activations, self.fp8_vbmi)
         packed.pack(*_panel_source(weight), _floats(bias))
         return packed
@@ -224,6 +226,11 @@ class NativeBackend(ExpertBackend):
             if self._host_worker is None:
                 self._host_worker = self._ext.HostWorker()
             return self._host_worker
+
+
+def _layout(fmt: WeightFormat) -> str:
+    """The kernels' packed layout of a plain format (GGUF_LAYOUTS for the block formats)."""
+    return GGUF_LAYOUTS.get(fmt.name, fmt.name)
 
 
 def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:

@@ -26,6 +26,7 @@ from . import baseline as torch_baseline
 from .measure import (DECODE_PLAN, PREFILL_PLAN, QUICK_DECODE_PLAN, QUICK_PREFILL_PLAN, Measurement, TimingPlan,
                       summarize, time_calls)
 from .probes import MachineLimits, measure_limits
+from ..formats import computes
 from .workload import (BENCH_FORMATS, GIB, BenchShape, distinct_experts, flops_per_forward, get_shape, plan_copies,
                        random_hidden, random_routing, random_weights, weights_seed)
 
@@ -118,11 +119,14 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+def formats_for(spec_formats: tuple[str, ...], wanted: tuple[str, ...] | None, *,
+                mixed: bool = False) -> tuple[list[str], list[str]]:
     """(formats to run, formats skipped because the backend does not declare them)."""
     if wanted is None:
         return [f for f in BENCH_FORMATS if f in spec_formats], []
-    return [f for f in wanted if f in spec_formats], [f for f in wanted if f not in spec_formats]
+    # a mixed format (q4_k+q6_k) runs where the backend computes mixed formats and both its parts
+    ok = [f for f in wanted if computes(spec_formats, f, mixed=mixed)]
+    return ok, [f for f in wanted if f not in ok]
 
 
 CHECK_TOKENS = 4
@@ -186,7 +190,7 @@ class KernelBench:
             probe = spec.safe_probe(self.inventory)
             if not probe.usable:
                 raise MoetierError(f"backend {name} cannot run here: {probe.reason}")
-            fmts, skipped = formats_for(spec.formats, self.config.formats)
+            fmts, skipped = formats_for(spec.formats, self.config.formats, mixed=spec.mixed_formats)
             out.append((name, spec, fmts, skipped))
         return out
 

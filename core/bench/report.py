@@ -57,7 +57,8 @@ def build_records(measurements: Iterable[Measurement], limits: MachineLimits,
     for m in measurements:
         rec = m.to_record()
         bw = limits.read_gb_per_s_best.get(m.threads)  # STREAM's convention: the best pass is the limit
-        kind, peak = limits.peak_for(get_format(m.format).kind, m.threads)
+        # a mixed format is judged by its gate/up part (two thirds of an expert's work)
+        kind, peak = limits.peak_for(get_format(m.format).gate_up.kind, m.threads)
         base = torch_rate.get(_baseline_key(m))
         peer = peer_by_key.get(m.key())
         rec.update(

@@ -175,11 +175,13 @@ def random_matrix(out_f: int, in_f: int, fmt: str, g: torch.Generator) -> Quanti
 
 
 def random_weights(layer: ExpertLayerSpec, fmt: str, seed: int) -> ExpertWeights:
-    """Every expert of `layer` as random matrices in `fmt` (see random_matrix)."""
+    """Every expert of `layer` as random matrices in `fmt` (see random_matrix; a mixed format: gate/up in its
+    gate/up part, down in its down part)."""
     g = torch.Generator().manual_seed(seed)
     h, i = layer.hidden_size, layer.intermediate_size
-    return ExpertWeights({e: ExpertTensors(random_matrix(i, h, fmt, g), random_matrix(i, h, fmt, g),
-                                           random_matrix(h, i, fmt, g))
+    gu, dn = get_format(fmt).gate_up, get_format(fmt).down
+    return ExpertWeights({e: ExpertTensors(random_matrix(i, h, gu, g), random_matrix(i, h, gu, g),
+                                           random_matrix(h, i, dn, g))
                           for e in range(layer.num_experts)})
 
 

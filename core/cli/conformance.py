@@ -25,13 +25,16 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..conformance.cases import build_cases
     from ..conformance.runner import run_suite, runnable_backends
-    from ..formats import FORMATS
+    from ..errors import FormatError
+    from ..formats import get_format
 
     if args.report:
         check_writable(args.report, "report")
     for fmt in args.formats or ():
-        if fmt not in FORMATS:
-            raise SettingError(f"unknown weight format {fmt!r}; known formats: {', '.join(FORMATS)}")
+        try:
+            get_format(fmt)  # a format name, or a mixed GATEUP+DOWN one
+        except FormatError as exc:
+            raise SettingError(str(exc)) from None
     ctx = load_context(args)
     if ctx.requested:
         names = list(ctx.requested)
@@ -43,7 +46,7 @@ def run(args) -> int:
         raise SettingError("no backend can run on this host; nothing to test (see `moetier doctor`)")
     for name in names:
         declared = ctx.registry.backends[name].formats
-        lacking = [f for f in args.formats or () if f not in declared]
+        lacking = [f for f in args.formats or () if not ctx.registry.backends[name].computes(f)]
         if lacking:
             raise SettingError(f"backend {name} does not compute {', '.join(lacking)}; it computes "
                                f"{', '.join(declared) or 'nothing yet'}")

@@ -222,7 +222,7 @@ def run_layers(args) -> int:
     if name is None:
         raise SettingError("no CPU backend can run here (see `moetier doctor`)")
     backend = ctx.registry.backend(name).create(ctx.inventory)
-    if args.format is not None and args.format not in backend.formats:
+    if args.format is not None and not backend.computes(args.format):
         raise SettingError(f"backend {name} does not compute format {args.format!r}; it computes "
                            f"{', '.join(backend.formats)}")
     run = run_gguf if is_gguf(args.path) else run_checkpoint

@@ -4,6 +4,8 @@ Inputs are drawn on the CPU (so a seed reproduces a run on any machine), moved t
 for the call, and the output is brought back and compared on the CPU with the oracle's."""
 from __future__ import annotations
 
+import math
+
 import threading
 import zlib
 from collections.abc import Callable
@@ -41,7 +43,7 @@ TOKEN_COUNTS = (0, 1, 3, 130)
 def shapes_for(fmt: str, shapes: tuple[Shape, ...] = SHAPES) -> tuple[Shape, ...]:
     """`shapes` as a format can store them: block formats (GGUF, mxfp4) hold whole blocks of 32 or 256
     inputs per row, so hidden and intermediate sizes are rounded up to the block (same experts, same k)."""
-    m = get_format(fmt).block_size or 1
+    m = math.lcm(*(p.block_size or 1 for p in get_format(fmt).parts))  # mixed: both parts' blocks
     up = lambda n: -(-n // m) * m  # noqa: E731
     return tuple(Shape(s.name, s.num_experts, s.top_k, up(s.hidden), up(s.intermediate)) for s in shapes)
 TOPK_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 10)
@@ -276,7 +278,8 @@ def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
         elif what == "prepare-shape":
             layer = ctx.layer(shape)
             good = ctx.weights(shape, fmt).expert(0)
-            wrong = ExpertTensors(quantize(torch.randn(shape.intermediate + 1, H, generator=g), fmt), good.up, good.down)
+            wrong = ExpertTensors(quantize(torch.randn(shape.intermediate + 1, H, generator=g), get_format(fmt).gate_up),
+                                  good.up, good.down)
             expect(ShapeError, lambda: b.prepare(layer, ExpertWeights({0: wrong}), [0], fmt), "gate [I+1, H] at prepare")
             expect(ExpertIdError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [E], fmt), f"prepare expert {E}")
         elif what == "format":
@@ -286,6 +289,10 @@ def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
             if undeclared:
                 expect(FormatError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [0], undeclared[0]),
                        f"format {undeclared[0]} the backend does not declare")
+            if not b.mixed_formats and len(b.formats) > 1:  # one format per layer: a mixed one is refused
+                mixed = f"{b.formats[0]}+{b.formats[1]}"
+                expect(FormatError, lambda: b.prepare(layer, ctx.weights(shape, fmt), [0], mixed),
+                       f"mixed format {mixed} from a backend without mixed_formats")
         else:
             raise ValueError(what)
     return run

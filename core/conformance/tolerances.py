@@ -40,5 +40,11 @@ TOLERANCES: dict[str, float] = {
 }
 
 
-def tolerance(fmt: str) -> float:
-    return TOLERANCES[fmt]
+def tolerance(fmt) -> float:
+    """The bound of format `fmt` (a name or a WeightFormat). A mixed format (gate/up in one format, down in
+    another) gets the larger of its parts' bounds: every budget above already counts the rounding of both
+    the layer's activations (x into gate/up and the intermediate into down), so the looser part's budget
+    covers a layer whose projections each round no more than their own format allows."""
+    from ..formats import get_format
+
+    return max(TOLERANCES[p.name] for p in get_format(fmt).parts)

@@ -1,10 +1,11 @@
 """A GGUF file as a moetier model: its MoE layers as MoEBlocks, and what `moetier zoo show / run` print for it.
 
 The layout comes from the file's metadata through the zoo's families (moetier.checkpoint.gguf); each MoE
-layer's experts are prepared in the format the file stores them in. A layer's gate/up and down may be
-stored in different GGUF types (llama.cpp's Q4_K_M keeps some ffn_down tensors in Q6_K): moetier computes
-one format per layer, so such a layer needs an explicit format to convert to; it is never converted
-silently, and a backend that lacks the file's format is refused rather than replaced.
+layer's experts are prepared in the format the file stores them in. A layer's down may be stored in
+another GGUF type than its gate/up (llama.cpp's Q4_K_M keeps some ffn_down tensors in Q6_K): such a layer
+is computed in the mixed format (e.g. q4_k+q6_k), each projection in its own type, with no conversion.
+Gate and up in different types have no layer format and need an explicit one to convert to; nothing is
+converted silently, and a backend that lacks the file's format is refused rather than replaced.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 
 from ..checkpoint.gguf import GGUFExperts, GGUFFile, read_router, read_shared, verify_gguf
 from ..errors import FormatError
-from ..experts import ExpertBackend
-from ..formats import WeightFormat, get_format
+from ..experts import ExpertBackend, why_not
+from ..formats import WeightFormat, get_format, mixed_format
 from .moe_block import MoEBlock
 
 
@@ -31,17 +32,17 @@ def layer_format(source: GGUFExperts, backend: ExpertBackend, fmt: str | WeightF
     if any(f is None for f in native.values()):
         raise FormatError(f"{gf.path}: layer {i} stores its experts as {stored}, which moetier cannot compute "
                           "as they are; pass a format to convert them to (e.g. --format bf16)")
-    names = {f.name for f in native.values()}
-    if len(names) > 1:
-        raise FormatError(f"{gf.path}: layer {i} stores its experts as {stored}; moetier computes a layer in one "
-                          "format, so pass one to convert to (--format fp32 is exact, bf16 or the larger of the "
-                          "two GGUF types are smaller)")
-    name = names.pop()
-    if name not in backend.formats:
-        raise FormatError(f"backend {backend.name} does not compute {name}, the format layer {i} of {gf.path.name} "
-                          f"stores its experts in; choose a backend that does (e.g. cpu.numba) or pass a format to "
-                          f"convert to (it computes {', '.join(backend.formats)})")
-    return name, False
+    if native["gate"] != native["up"]:
+        raise FormatError(f"{gf.path}: layer {i} stores its experts as {stored}; moetier keeps a layer's gate and up "
+                          "in one format (down may differ), so pass a format to convert to (--format fp32 is exact, "
+                          "bf16 or the larger of the GGUF types are smaller)")
+    fmt = mixed_format(native["gate"], native["down"])
+    if not backend.computes(fmt):
+        stored_as = fmt.name if fmt.split is None else f"{fmt} (gate/up {fmt.gate_up}, down {fmt.down})"
+        raise FormatError(f"backend {backend.name} does not compute {stored_as}, the format layer {i} of "
+                          f"{gf.path.name} stores its experts in{why_not(backend, fmt)}; choose a backend that does "
+                          f"(e.g. cpu.numba) or pass a format to convert to (it computes {', '.join(backend.formats)})")
+    return fmt.name, False
 
 
 def gguf_block(gf: GGUFFile, layout, layer_index: int, backend: ExpertBackend, *,

@@ -19,7 +19,8 @@ TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k":
 @dataclass
 class Model:
     """A synthetic MoE model. `shared`: DeepSeek/GLM shared-expert count, or Qwen2's shared-expert width.
-    `types`: GGUF types of ffn_gate_exps, ffn_up_exps, ffn_down_exps. `meta`: extra `<arch>.` keys."""
+    `types`: GGUF types of ffn_gate_exps, ffn_up_exps, ffn_down_exps; `layer_types`: other types for some
+    blocks (as llama.cpp's Q4_K_M gives some blocks' ffn_down Q6_K). `meta`: extra `<arch>.` keys."""
 
     arch: str
     name: str
@@ -34,6 +35,7 @@ class Model:
     nextn: int = 0
     selection_bias: bool = False
     meta: dict = field(default_factory=dict)
+    layer_types: dict = field(default_factory=dict)  # block index -> (gate, up, down) types
 
 
 @dataclass
@@ -96,7 +98,7 @@ def write(path, m: Model, seed: int = 0, split_max_tensors: int = 0) -> Written:
             layer["bias"] = torch.randn(E, generator=g) * 0.5
             w.add_tensor(f"blk.{i}.exp_probs_b.bias", layer["bias"].numpy())
         shapes = {"gate": (E, I, H), "up": (E, I, H), "down": (E, H, I)}
-        for n, t in zip(("gate", "up", "down"), m.types):
+        for n, t in zip(("gate", "up", "down"), m.layer_types.get(i, m.types)):
             shape = shapes[n]
             f = torch.randn(*shape, generator=g) / shape[2] ** 0.5
             arr = _stored(f, t)
