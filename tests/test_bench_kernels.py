@@ -233,7 +233,10 @@ def test_cli_times_a_gguf_format_on_the_native_kernels(tmp_path):
 def test_cli_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "kernels", "--formats", "int3"])
-    assert "unknown format" in capsys.readouterr().err
+    assert "unknown weight format 'int3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a mixed name is parsed as one: both parts must be formats
+        main(["bench", "kernels", "--formats", "q4_k+int3"])
+    assert "GATEUP+DOWN" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "kernels", "--batches", "0"])
     assert ">= 1" in capsys.readouterr().err

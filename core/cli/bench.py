@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..bench.workload import BENCH_FORMATS, GIB, SHAPE_NAMES
-from ..formats import FORMATS
+from ..formats import FORMATS, get_format
 from ..errors import BackendUnavailable, MoetierError, SettingError
 from .options import add_backend_options, check_writable, load_context, positive_int
 
@@ -31,6 +31,11 @@ def _csv(kind, choices=None):
             if any(v < 1 for v in vals):
                 raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
             return vals
+        if kind == "format" and choices is None:  # any format get_format knows, mixed "GATEUP+DOWN" included
+            try:
+                return tuple(get_format(x).name for x in items)
+            except MoetierError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
         if choices is not None:
             bad = [x for x in items if x not in choices]
             if bad:
@@ -48,7 +53,7 @@ def register(sub) -> None:
                                         "else the CPU backend `moetier doctor` chooses)")
     p.add_argument("--shapes", type=_csv("shape", SHAPE_NAMES), metavar="LIST",
                    help=f"comma-separated shapes (default: qwen3-30b,deepseek-v3; known: {', '.join(SHAPE_NAMES)})")
-    p.add_argument("--formats", type=_csv("format", tuple(FORMATS)), metavar="LIST",
+    p.add_argument("--formats", type=_csv("format"), metavar="LIST",
                    help="comma-separated weight formats, any the backend declares (default: every one of "
                         f"{','.join(BENCH_FORMATS)} the backend declares)")
     p.add_argument("--batches", type=_csv("int"), metavar="LIST", help="tokens per forward (default: 1,4,128,512)")
@@ -195,11 +200,11 @@ def run_model(args) -> int:
         raise MoetierError("no CPU backend can run here (see `moetier doctor`)")
     spec = ctx.registry.backend(name)
     formats = args.format or (mb.QUICK_FORMATS if args.quick else mb.DEFAULT_FORMATS)
-    missing = [f for f in formats if f not in spec.formats]
+    missing = [f for f in formats if not spec.computes(f)]
     if args.format and missing:
         raise SettingError(f"backend {name} does not compute {', '.join(missing)}; it computes "
                            f"{', '.join(spec.formats)}")
-    formats = tuple(f for f in formats if f in spec.formats)
+    formats = tuple(f for f in formats if spec.computes(f))
     dims = mb.DIMS[args.dims]
     dims = replace(dims, layers=args.layers or (2 if args.quick else dims.layers),
                    experts=args.experts or dims.experts)

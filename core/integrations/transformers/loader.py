@@ -287,7 +287,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         if not verdict.usable:
             raise BackendUnavailable(f"backend {backend} cannot run here: {verdict.reason}")
         fmt = fmt or default_format(layout, spec)  # the checkpoint's own; FormatError if the backend lacks it
-        if fmt not in spec.formats:
+        if not spec.computes(fmt):
             raise SettingError(f"backend {backend} does not compute format {fmt!r}; it computes {', '.join(spec.formats)}")
         plan, fmt = single_tier_plan(layout, backend, fmt), None
 
