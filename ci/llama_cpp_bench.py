@@ -124,7 +124,8 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
 
     bf16("token_embd.weight", raw(t["model.embed_tokens.weight"]))
     f32("output_norm.weight", raw(t["model.norm.weight"]))
-    bf16("output.weight", raw(t["lm_head.weight"]))
+    if "lm_head.weight" in t:  # a tied LM head is the embedding table: llama.cpp reads token_embd then
+        bf16("output.weight", raw(t["lm_head.weight"]))
     if arch == "qwen3moe":
         E = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter
         w.add_head_count_kv(cfg["num_key_value_heads"])

@@ -21,6 +21,7 @@ shared expert) are dequantized to fp32 with the same dequantizer.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import re
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ExpertIdError, FormatError, LayoutError
+from ..errors import CheckpointError, ExpertIdError, FormatError, LayoutError, SettingError
 from ..experts import ExpertTensors
 from ..formats import FORMATS, QuantizedTensor, WeightFormat
 from ..ggml_blocks import BY_GGML_TYPE
@@ -38,6 +39,7 @@ from .matrices import convert_to
 from .progress import track
 
 MAGIC = b"GGUF"
+TOKEN_EMBD, OUTPUT = "token_embd", "output"  # llama.cpp's names of the embedding table and the LM head
 # GGMLQuantizationType F32, F16, BF16 -> the float format they are
 FLOAT_TYPES = {0: "fp32", 1: "fp16", 30: "bf16"}
 _SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -53,6 +55,14 @@ def is_gguf(path) -> bool:
             return f.read(4) == MAGIC
     except OSError:
         return False
+
+
+def plan_refusal(path) -> SettingError:
+    """`moetier plan` given a GGUF file: placement sizes safetensors checkpoints (a GGUF file's layers may
+    each store their experts in another type); the file runs on one CPU backend."""
+    return SettingError(f"{path} is a GGUF file: `moetier plan` and memory budgets place safetensors checkpoints; "
+                        f"a GGUF file runs with its experts on one CPU backend (`moetier run {path}`), and "
+                        f"`moetier zoo show {path}` lists its layers and the types they store")
 
 
 def gguf_package():
@@ -87,6 +97,16 @@ KEYS_READ = ("block_count", "embedding_length", "feed_forward_length", "expert_c
              "expert_feed_forward_length", "expert_shared_feed_forward_length", "expert_shared_count",
              "leading_dense_block_count", "expert_weights_scale", "expert_weights_norm", "expert_gating_func",
              "expert_group_count", "expert_group_used_count", "nextn_predict_layers")
+
+# Model-level keys, read for whole-model loading (gguf.Keys.LLM / Attention / Rope spell each "{arch}.<key>").
+MODEL_KEYS_READ = ("context_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                   "attention.value_length", "attention.layer_norm_rms_epsilon", "attention.q_lora_rank",
+                   "attention.kv_lora_rank", "attention.key_length_mla", "attention.value_length_mla",
+                   "rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
+                   "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier")
+# llama.cpp's converter writes DeepSeek's yarn as rope.scaling.yarn_log_multiplier = 0.1 * mscale_all_dim.
+YARN_LOG_MUL_PER_MSCALE = 0.1
+
 
 def _f32(v) -> float:
     """A float32 metadata value as the shortest decimal that is the same float32 (2.827, not 2.8269999...),
@@ -153,6 +173,52 @@ def _minimax_m2(f: GGUFFile) -> dict:
             "use_routing_bias": f.has(_names()["selection_bias"].format(bid=f.first_moe_block())),
             "routed_scaling_factor": _f32(f.llm("expert_weights_scale", 1.0))}
 
+
+def _rope(f: GGUFFile) -> dict:
+    """transformers' rope_parameters from the rope keys: default, or DeepSeek's yarn as llama.cpp writes it."""
+    params = {"rope_type": "default", "rope_theta": _f32(f.llm("rope.freq_base", 10000.0))}
+    kind = f.llm("rope.scaling.type", None)
+    if kind == "yarn":
+        mscale = _f32(f.llm("rope.scaling.yarn_log_multiplier", 0.0)) / YARN_LOG_MUL_PER_MSCALE
+        params.update(rope_type="yarn", factor=_f32(f.llm("rope.scaling.factor")),
+                      original_max_position_embeddings=int(f.llm("rope.scaling.original_context_length")),
+                      mscale=mscale, mscale_all_dim=mscale, beta_fast=32.0, beta_slow=1.0)
+    elif kind not in (None, "none"):
+        raise LayoutError(f"{f.path}: {f.arch}.rope.scaling.type = {kind!r} is not mapped for whole-model loading; "
+                          "known: none, yarn")
+    return params
+
+
+def _common_model(f: GGUFFile) -> dict:
+    embd = f.dims(f"{TOKEN_EMBD}.weight")
+    return {"vocab_size": embd[0], "max_position_embeddings": int(f.llm("context_length")),
+            "rms_norm_eps": _f32(f.llm("attention.layer_norm_rms_epsilon")), "rope_parameters": _rope(f),
+            "num_attention_heads": int(f.llm("attention.head_count")),
+            "tie_word_embeddings": not f.has(f"{OUTPUT}.weight"), "bos_token_id": f.meta("tokenizer.ggml.bos_token_id", None),
+            "eos_token_id": f.meta("tokenizer.ggml.eos_token_id", None)}
+
+
+def _qwen_model(f: GGUFFile) -> dict:
+    return {**_common_model(f), "num_key_value_heads": int(f.llm("attention.head_count_kv")),
+            "head_dim": int(f.llm("attention.key_length"))}
+
+
+def _deepseek2_model(f: GGUFFile) -> dict:
+    """MLA dimensions: llama.cpp's absorbed form (attention.key_length_mla / value_length_mla, one kv head)
+    or the older files' (key_length = nope + rope, value_length = v, a kv head per head)."""
+    rope = int(f.llm("rope.dimension_count"))
+    k_mla, v_mla = f.llm("attention.key_length_mla", None), f.llm("attention.value_length_mla", None)
+    k_len = int(k_mla if k_mla is not None else f.llm("attention.key_length"))
+    v_len = int(v_mla if v_mla is not None else f.llm("attention.value_length"))
+    q_rank = int(f.llm("attention.q_lora_rank", 0)) or None
+    heads = int(f.llm("attention.head_count"))
+    return {**_common_model(f), "num_key_value_heads": heads, "q_lora_rank": q_rank,
+            "kv_lora_rank": int(f.llm("attention.kv_lora_rank")), "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": k_len - rope, "v_head_dim": v_len, "head_dim": rope}
+
+
+# general.architecture -> model-level config builder, for the architectures whole-model loading reads
+MODEL_ARCHITECTURES = {"qwen3moe": _qwen_model, "deepseek2": _deepseek2_model}
 
 # general.architecture -> (config builder, the zoo family its config lands in, for docs and errors)
 ARCHITECTURES = {
@@ -230,7 +296,7 @@ class GGUFFile:
 
     def llm(self, key: str, default=LookupError):
         """`<arch>.<key>` (gguf.Keys.LLM names, e.g. "expert_count")."""
-        assert key in KEYS_READ, key
+        assert key in KEYS_READ or key in MODEL_KEYS_READ, key
         return self.meta(f"{self.arch}.{key}", default)
 
     def gating(self, default: str) -> str:
@@ -272,6 +338,15 @@ class GGUFFile:
             cfg["num_nextn_predict_layers"] = n_mtp
         cfg.update(ARCHITECTURES[self.arch][0](self))
         return cfg
+
+    def model_config(self) -> dict:
+        """`config()` plus what transformers needs to build the whole model (attention, rope, vocabulary);
+        LayoutError for an architecture whole-model loading does not map yet."""
+        if self.arch not in MODEL_ARCHITECTURES:
+            raise LayoutError(f"{self.path}: whole-model loading reads GGUF architectures "
+                              f"{', '.join(MODEL_ARCHITECTURES)}; this one is {self.arch!r} (its MoE layers run with "
+                              f"`moetier zoo run`)")
+        return {**self.config(), **MODEL_ARCHITECTURES[self.arch](self)}
 
     def layout(self, registry=None):
         """The MoELayout the zoo's family gives this file's config."""
@@ -449,6 +524,55 @@ def read_shared(gf: GGUFFile, layer) -> SharedTensors | None:
     return SharedTensors(gf.read_float(names["shared_gate"].format(bid=i), (S, H)),
                          gf.read_float(names["shared_up"].format(bid=i), (S, H)),
                          gf.read_float(names["shared_down"].format(bid=i), (H, S)), gate_weight)
+
+
+def hf_state_dict(gf: GGUFFile, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
+                  progress: bool | None = False) -> dict[str, torch.Tensor]:
+    """The tensors of the file under transformers' names: `wanted` maps each parameter or persistent buffer of
+    the model (the routed experts' left out) to its shape and dtype. Names are mapped to llama.cpp's with the
+    gguf package's own table (gguf.get_tensor_name_map, what convert_hf_to_gguf.py writes by); DeepSeek's
+    kv_b_proj is put back together from the k_b / v_b halves llama.cpp's absorbed MLA stores. Each tensor is
+    dequantized by its type and cast to its dtype (a tied LM head is left to transformers).
+    MissingTensorError names a tensor the model needs that the file lacks."""
+    g = gguf_package()
+    arch = next((a for a, n in g.MODEL_ARCH_NAMES.items() if n == gf.arch), None)
+    if arch is None:
+        raise LayoutError(f"{gf.path}: the gguf package does not know architecture {gf.arch!r}")
+    tmap = g.get_tensor_name_map(arch, int(gf.llm("block_count")))
+    out = {}
+    for name, (shape, dtype) in track(wanted.items(), description="dense tensors", enabled=progress):
+        if name.endswith("e_score_correction_bias"):  # a buffer named like a parameter: llama.cpp's is a bias
+            gname = tmap.get_name(name.removesuffix("_bias") + ".bias", try_suffixes=(".bias",))
+        else:
+            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if name.endswith("kv_b_proj.weight") and gname is not None and not gf.has(gname):
+            t = _kv_b(gf, gname, shape)
+        elif gname is not None and gf.has(gname):
+            t = gf.read_float(gname)
+        elif name == "lm_head.weight" and not gf.has(f"{OUTPUT}.weight"):
+            continue  # tied to the embedding table
+        else:
+            raise MissingTensorError(f"{gf.path}: no tensor for {name}" + (f" ({gname!r})" if gname else
+                                     " (the gguf package maps it to no llama.cpp name)"))
+        if tuple(t.shape) != tuple(shape):
+            if t.numel() != math.prod(shape):
+                raise TensorShapeError(f"{gf.path}: tensor {gname!r} has shape {list(t.shape)}; {name} is "
+                                       f"{list(shape)}")
+            t = t.reshape(shape)  # 1-element leading dimensions (a gate vector stored [1, H])
+        out[name] = t.to(dtype)
+    return out
+
+
+def _kv_b(gf: GGUFFile, kv_b_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """kv_b_proj [heads * (nope + v), kv_rank] from llama.cpp's k_b [heads, kv_rank, nope] (stored transposed
+    per head) and v_b [heads, v, kv_rank]."""
+    k_name, v_name = kv_b_name.replace("attn_kv_b", "attn_k_b"), kv_b_name.replace("attn_kv_b", "attn_v_b")
+    k_b, v_b = gf.read_float(k_name), gf.read_float(v_name)
+    if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
+        raise TensorShapeError(f"{gf.path}: {k_name} {list(k_b.shape)} and {v_name} {list(v_b.shape)} are not the "
+                               "halves of one kv_b projection ([heads, kv_rank, nope] and [heads, v, kv_rank])")
+    kv_b = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # [heads, nope + v, kv_rank]
+    return kv_b.reshape(-1, kv_b.shape[-1])
 
 
 def verify_gguf(gf: GGUFFile, layout) -> int:

@@ -13,8 +13,9 @@ from pathlib import Path
 from ..errors import SettingError
 from .options import add_backend_options, load_context, named_model, positive_int
 
-MODEL_HELP = ("checkpoint folder (config.json, safetensors and a tokenizer), its config.json, or `default` for "
-              "the built-in default model (name a folder called default as ./default)")
+MODEL_HELP = ("checkpoint folder (config.json, safetensors and a tokenizer), its config.json, a GGUF file "
+              "(llama.cpp's; qwen3moe or deepseek2), or `default` for the built-in default model (name a folder "
+              "called default as ./default)")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -42,6 +43,9 @@ def size_arg(flag: str):
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """What `run` and `stats record` share: the model, its dtype and device, and where its experts go."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="folder with the model's tokenizer files (default: the checkpoint's own; for a GGUF file, "
+                        "the tokenizer its metadata describes, where transformers can rebuild it)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="dtype of everything transformers holds: attention, dense layers, activations (default bf16)")
     p.add_argument("--device", metavar="DEV",
@@ -74,26 +78,47 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_model(name: str) -> Path:
-    """The checkpoint folder MODEL names: `default` is the built-in model, anything else a folder or config.json."""
+    """The checkpoint MODEL names: `default` is the built-in model, anything else a folder, a config.json (its
+    folder is returned) or a GGUF file (returned as it is)."""
+    from ..checkpoint.gguf import is_gguf
     from ..integrations.transformers.loader import checkpoint_folder
 
+    if is_gguf(named_model(name)):
+        return Path(named_model(name))
     folder = checkpoint_folder(named_model(name))
     if not (folder / "config.json").is_file():
         raise SettingError(f"model {name}: {folder} has no config.json; name a checkpoint folder or its config.json")
     return folder
 
 
-def load_tokenizer(folder: Path, name: str):
-    """transformers' tokenizer of the checkpoint; a clear error when it has none or it cannot be read."""
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise SettingError(f"model {name} has no tokenizer ({' / '.join(TOKENIZER_FILES)} in {folder}): text "
-                           "cannot be turned into tokens; add the tokenizer files of the model's release")
+def load_tokenizer(folder: Path, name: str, tokenizer_dir: str | None = None):
+    """transformers' tokenizer of the checkpoint (of `tokenizer_dir` when given; of a GGUF file, rebuilt from
+    its metadata by transformers); a clear error when there is none or it cannot be read."""
     from transformers import AutoTokenizer
 
+    from ..checkpoint.gguf import is_gguf
+
+    gguf_file = folder if is_gguf(folder) else None
+    if tokenizer_dir is not None:
+        folder, what = Path(tokenizer_dir), f"--tokenizer {tokenizer_dir}"
+        if not folder.is_dir():
+            raise SettingError(f"{what}: no such folder")
+    else:
+        what = f"model {name}"
+    if gguf_file is not None and tokenizer_dir is None:
+        try:
+            return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        except Exception as exc:  # transformers' GGUF tokenizer support: many error kinds, many unsupported files
+            raise SettingError(f"{what}: transformers cannot rebuild the tokenizer from the GGUF metadata "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give the "
+                               "folder of the model's tokenizer files with --tokenizer DIR") from None
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise SettingError(f"{what} has no tokenizer ({' / '.join(TOKENIZER_FILES)} in {folder}): text "
+                           "cannot be turned into tokens; add the tokenizer files of the model's release")
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises many kinds (OSError, ValueError, KeyError) for a bad tokenizer
-        raise SettingError(f"model {name}: cannot read its tokenizer: {type(exc).__name__}: {exc}") from None
+        raise SettingError(f"{what}: cannot read its tokenizer: {type(exc).__name__}: {exc}") from None
 
 
 def load_model(args, folder: Path, *, recorder=None):
@@ -176,7 +201,7 @@ def run(args) -> int:
     if not args.prompt.strip():
         raise SettingError("--prompt is empty; give the text to continue")
     folder = resolve_model(args.model)
-    tokenizer = load_tokenizer(folder, args.model)
+    tokenizer = load_tokenizer(folder, args.model, args.tokenizer)
     model, backend = load_model(args, folder)
     try:
         input_ids = encode(tokenizer, args.prompt, args.chat, args.model)

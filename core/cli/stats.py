@@ -48,7 +48,7 @@ def run_record(args) -> int:
     out = check_writable(args.out, "statistics file")
     text = _read_text(args.text)
     folder = resolve_model(args.model)
-    tokenizer = load_tokenizer(folder, args.model)
+    tokenizer = load_tokenizer(folder, args.model, args.tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]

@@ -48,6 +48,10 @@ def resolve_model(model: str, registry) -> ModelInfo:
             return ModelInfo(config, layout, parts_from_config(config, layout),
                              f"config of {model} (weights not read: {str(exc).split(':')[-1].strip()})")
     if model.endswith(".json") or os.path.isfile(model):
+        from ..checkpoint.gguf import is_gguf, plan_refusal
+
+        if is_gguf(model):
+            raise plan_refusal(model)
         config = read_config(model)
         family, version = identify(config, registry.families.values())
         layout = family.layout(config, version)

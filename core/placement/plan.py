@@ -414,11 +414,19 @@ def compact_ids(ids: Sequence[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def single_tier_plan(layout: MoELayout, backend: str, fmt: str, tier: str = "cpu:numa0") -> PlacementPlan:
-    """The trivial plan: every expert of every MoE layer on one tier, backend and format; every other part
-    on that tier too. No budgets: `validate(layout, budgets)` checks it against a machine when wanted."""
-    get_format(fmt)
+def single_tier_plan(layout: MoELayout, backend: str, fmt: str | Mapping[int, str],
+                     tier: str = "cpu:numa0") -> PlacementPlan:
+    """The trivial plan: every expert of every MoE layer on one tier and backend, in `fmt` (or in
+    fmt[layer], for a file whose layers store their experts in different formats); every other part on
+    that tier too. No budgets: `validate(layout, budgets)` checks it against a machine when wanted."""
     model = ModelRef.of(layout)
-    experts = tuple(LayerPlacement(s.index, (ShardSpec(tier, backend, fmt, tuple(range(s.num_experts))),))
+    by_layer = fmt if isinstance(fmt, Mapping) else {s.index: fmt for s in model.layers}
+    missing = [s.index for s in model.layers if s.index not in by_layer]
+    if missing:
+        raise SettingError(f"single_tier_plan: no format for MoE layers {missing}")
+    for f in set(by_layer.values()):
+        get_format(f)
+    experts = tuple(LayerPlacement(s.index, (ShardSpec(tier, backend, by_layer[s.index],
+                                                       tuple(range(s.num_experts))),))
                     for s in model.layers)
     return PlacementPlan(model, experts, tuple((p, tier) for p in PARTS), strategy="single-tier")

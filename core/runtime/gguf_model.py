@@ -45,6 +45,12 @@ def layer_format(source: GGUFExperts, backend: ExpertBackend, fmt: str | WeightF
     return fmt.name, False
 
 
+def file_formats(gf: GGUFFile, layout, backend: ExpertBackend, fmt: str | WeightFormat | None = None) -> dict[int, str]:
+    """MoE layer index -> the format to prepare its experts in on `backend`: each layer's own (see
+    `layer_format`: a Q4_K_M file's layers differ), or `fmt` for all of them."""
+    return {m.index: layer_format(GGUFExperts(gf, m), backend, fmt)[0] for m in layout.moe_layers}
+
+
 def gguf_block(gf: GGUFFile, layout, layer_index: int, backend: ExpertBackend, *,
                fmt: str | WeightFormat | None = None, experts=None, progress: bool | None = False) -> MoEBlock:
     """MoE layer `layer_index` of the file as an MoEBlock on `backend` (router, selection bias and shared

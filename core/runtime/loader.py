@@ -98,23 +98,39 @@ class ModelExperts(Mapping):
 def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inventory=None,
                  threads: int | None = None, cache_bytes: int | None = None, prefetch: bool = True,
                  layers: Iterable[int] | None = None, progress: bool | None = None) -> ModelExperts:
-    """Prepare the routed experts of checkpoint `model` (a folder or its config.json).
+    """Prepare the routed experts of checkpoint `model` (a folder, its config.json, or a GGUF file).
 
     plan: anything with `shards(layer_index) -> [ShardSpec-like]`; a moetier.placement PlacementPlan is
     checked against the model and its budgets before anything is read, and the bytes really packed on
     each tier are accounted against them (BudgetError naming the tier if the packed layout needs more).
     Every tier a plan names must exist on this machine (the registry's tier providers on `inventory`).
     Default: every expert on the CPU backend the selection picks, in `fmt` (default: the checkpoint's
-    format; a backend that lacks it is a FormatError). cache_bytes: the DRAM budget of the disk tier's
+    format, for a GGUF file each layer's own; a backend that lacks it is a FormatError). cache_bytes: the DRAM budget of the disk tier's
     cache (default: the plan's "disk cache" reservation; required when experts stay on disk). layers:
     only these MoE layers."""
+    from ..checkpoint.gguf import GGUFFile, is_gguf
     from ..hardware import load_inventory
     from ..plugins import get_registry
-    from ..selection import select_backends
 
     registry = registry or get_registry()
     inventory = inventory or load_inventory()
-    layout = load_layout(model, registry)
+    gguf = GGUFFile(model) if is_gguf(model) else None
+    try:
+        return _load_experts(model, gguf, plan=plan, fmt=fmt, registry=registry, inventory=inventory, threads=threads,
+                             cache_bytes=cache_bytes, prefetch=prefetch, layers=layers, progress=progress)
+    except BaseException:
+        if gguf is not None:
+            gguf.close()
+        raise
+
+
+def _load_experts(model, gguf, *, plan, fmt, registry, inventory, threads, cache_bytes, prefetch, layers,
+                  progress) -> ModelExperts:
+    """load_experts, with the GGUF file open when `model` is one (its experts are read in each layer's own
+    format: a GGUF file may store them in a different type per layer)."""
+    from ..selection import select_backends
+
+    layout = gguf.layout(registry) if gguf is not None else load_layout(model, registry)
     backends: dict[str, ExpertBackend] = {}
 
     def backend(name: str) -> ExpertBackend:
@@ -126,14 +142,26 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
         name = select_backends(registry, inventory).for_device("cpu")
         if name is None:
             raise SettingError("no CPU backend can run here (see `moetier doctor`)")
-        plan = single_tier_plan(layout, name, fmt or default_format(layout, backend(name)))
+        if gguf is not None:
+            from .gguf_model import file_formats
+            plan = single_tier_plan(layout, name, file_formats(gguf, layout, backend(name), fmt))
+        else:
+            plan = single_tier_plan(layout, name, fmt or default_format(layout, backend(name)))
     elif fmt is not None:
         raise SettingError("give the weight format in the plan, not beside it")
     wanted = tuple(layout.moe_layer_indices if layers is None else layers)
     ledger = _check_plan(plan, layout, registry, inventory, wanted)
     if cache_bytes is None and getattr(plan, "disk_cache_bytes", 0):
         cache_bytes = plan.disk_cache_bytes
-    ckpt = Checkpoint(model)
+    ckpt = gguf if gguf is not None else Checkpoint(model)
+
+    def source_of(layer, **kw):
+        if gguf is None:
+            return CheckpointExperts(ckpt, layout, layer, **kw)
+        # Types without a moetier format are read through the gguf dequantizer only when the plan converts.
+        from ..checkpoint.gguf import GGUFExperts
+        return GGUFExperts(gguf, layer, convert=True, **kw)
+
     cache = prefetcher = disk_ckpt = None
     built: dict[int, TieredExperts] = {}
     try:
@@ -148,20 +176,22 @@ def load_experts(model, *, plan=None, fmt: str | None = None, registry=None, inv
             for (bname, f), members in groups.items():
                 b = backend(bname)
                 ids = sorted(e for m in members for e in m.experts)
-                source = CheckpointExperts(ckpt, layout, layer, progress=progress)
+                source = source_of(layer, progress=progress)
                 try:
                     prepared = b.prepare(layer.experts, source, ids, f)
                 finally:
                     source.done()
                 # The shard can read its experts again from the checkpoint (a large prefill may stream them).
-                shard = Shard(b, prepared, {e: m.tier for m in members for e in m.experts},
-                              CheckpointExperts(ckpt, layout, layer))
+                shard = Shard(b, prepared, {e: m.tier for m in members for e in m.experts}, source_of(layer))
                 for tier, n in shard.bytes_per_tier().items():
                     if ledger is not None and tier in ledger.tiers:
                         ledger.reserve(tier, n)  # real packed bytes: padding and tables count
                 shards.append(shard)
             disk = None
             if disk_specs:
+                if gguf is not None:
+                    raise SettingError("the plan leaves experts on disk: the disk tier reads safetensors checkpoints; "
+                                       "a GGUF file's experts must fit the memory tiers")
                 if cache_bytes is None:
                     raise SettingError("the plan leaves experts on disk: give the DRAM budget of their cache "
                                        "(cache_bytes)")

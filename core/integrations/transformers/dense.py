@@ -88,9 +88,10 @@ def choose_dense_backend(backends, dense_format: str | None, dtype: torch.dtype)
                        f"pick another format or dense_format='{KEEP}'")
 
 
-def route_dense(model: torch.nn.Module, layout, backend, fmt: str) -> DenseRouting:
-    """Swap every CPU `nn.Linear` of `model` but the routers for a MoetierLinear on `backend` in `fmt`."""
-    skip = routers(model, layout)
+def route_dense(model: torch.nn.Module, layout, backend, fmt: str, keep=()) -> DenseRouting:
+    """Swap every CPU `nn.Linear` of `model` but the routers (and the linears named in `keep`, whose weight
+    other code reads) for a MoetierLinear on `backend` in `fmt`."""
+    skip = routers(model, layout) | set(keep)
     todo = [(name, m) for name, m in model.named_modules()
             if type(m) is torch.nn.Linear and name not in skip and m.weight.device.type == "cpu"]
     matrices = nbytes = replaced = 0

@@ -24,7 +24,7 @@ from ...errors import CheckpointError, LayoutError, MoetierError, SettingError
 from ...formats import get_format
 from . import dense as dense_mod
 from . import experts as experts_mod
-from . import quantizer
+from . import mla, quantizer
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -60,8 +60,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
-def hf_model_class(folder: Path, raw: dict, layout):
-    """(transformers config, causal-LM class, key_mapping) for the checkpoint's language model.
+def gguf_dense_state_dict(path: Path, hf_config, cls, dtype: torch.dtype, progress) -> dict[str, torch.Tensor]:
+    """Every tensor transformers' model holds besides the routed experts, read from the GGUF file under the
+    model's names (moetier.checkpoint.gguf.hf_state_dict): in `dtype`, 1-D tensors and routers in fp32 (as the
+    file keeps them; transformers casts what it keeps in its own dtype)."""
+    from ...checkpoint.gguf import GGUFFile, hf_state_dict
+
+    with torch.device("meta"):
+        skeleton = cls(hf_config)  # names, shapes: no memory
+    experts = tuple(name + "." for name, _ in quantizer.experts_modules(skeleton).values())
+    wanted = {name: (tuple(t.shape), torch.float32 if t.ndim == 1 or name.endswith("mlp.gate.weight") else dtype)
+              for name, t in skeleton.state_dict().items() if not name.startswith(experts)}
+    with GGUFFile(path) as gf:
+        return hf_state_dict(gf, wanted, progress=progress)
+
+
+def hf_model_class(folder: Path | None, raw: dict, layout):
+    """(transformers config, causal-LM class, key_mapping) for the checkpoint's language model (`folder`
+    None: the config comes from `raw` alone, as a GGUF file's metadata gives it).
 
     Multimodal wrappers (Qwen3.5, Kimi-K2.5) run their text model alone. A model_type transformers does not
     know (Kimi-K2's `kimi_k2`) is read through its `architectures` class, as transformers' own loader needs
@@ -73,7 +89,9 @@ def hf_model_class(folder: Path, raw: dict, layout):
 
     mt = raw.get("model_type")
     archs = list(raw.get("architectures") or ())
-    if mt in CONFIG_MAPPING:
+    if folder is None and mt in CONFIG_MAPPING:
+        config = CONFIG_MAPPING[mt].from_dict(raw)
+    elif mt in CONFIG_MAPPING:
         config = AutoConfig.from_pretrained(str(folder))
     else:
         cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
@@ -81,7 +99,7 @@ def hf_model_class(folder: Path, raw: dict, layout):
             raise LayoutError(f"transformers {transformers.__version__} has no model class for model_type {mt!r} "
                               f"(architectures {archs}): such checkpoints ship their modeling as remote code, "
                               "which moetier does not run")
-        config = cls.config_class.from_pretrained(str(folder))
+        config = cls.config_class.from_dict(raw) if folder is None else cls.config_class.from_pretrained(str(folder))
         config.model_type = cls.config_class.model_type
     text = config.get_text_config(decoder=True)
     for c in {id(config): config, id(text): text}.values():
@@ -208,8 +226,11 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
          disk_cache: int | None = None, strategy: str | None = None, stats=None, cache_bytes: int | None = None,
          prefetch: bool = True, registry=None, inventory=None, progress: bool | None = None,
          attn_implementation: str | None = None, dense_format: str | None = None):
-    """Load checkpoint `model` (a folder or its config.json) as a transformers causal LM whose routed experts
-    run on moetier.
+    """Load checkpoint `model` (a folder, its config.json, or a GGUF file) as a transformers causal LM whose
+    routed experts run on moetier. A GGUF file (llama.cpp's; architectures qwen3moe and deepseek2) is read
+    as it is: its other tensors dequantized into transformers' model, its experts packed in the types it
+    stores them in, layer by layer (a Q4_K_M file's layers differ); memory budgets plan safetensors
+    checkpoints only.
 
     Where the experts go, one of:
     - plan: a moetier.placement.PlacementPlan or the path of its JSON (`moetier plan --json`), checked
@@ -232,6 +253,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     The model carries `moetier_experts` (moetier.runtime.ModelExperts: `bytes_per_tier()`,
     `set_recorder()`, `close()`), `moetier_layout` and `moetier_dense` (a DenseRouting)."""
     from ...checkpoint import Checkpoint
+    from ...checkpoint.gguf import GGUFFile, is_gguf, plan_refusal, verify_gguf
     from ...checkpoint.progress import progress_enabled
     from ...errors import BackendUnavailable
     from ...family import load_layout, read_config
@@ -245,13 +267,21 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         raise SettingError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     if dense_format is not None and dense_format != dense_mod.KEEP:
         get_format(dense_format)  # an unknown name fails before anything is read
-    folder = checkpoint_folder(model)
-    raw = read_config(folder)
+    gguf_file = Path(model) if is_gguf(model) else None
     registry = registry or get_registry()
+    if gguf_file is not None:
+        folder = gguf_file  # named in errors
+        with GGUFFile(gguf_file) as gf:
+            raw = gf.model_config()
+    else:
+        folder = checkpoint_folder(model)
+        raw = read_config(folder)
     layout = load_layout(raw, registry)
     budgets = {"gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "disk_cache": disk_cache, "strategy": strategy,
                "stats": stats}
     asked = sorted(k for k, v in budgets.items() if v is not None) + (["disk"] if disk else [])
+    if gguf_file is not None and asked:
+        raise plan_refusal(gguf_file)
     beside = asked + [k for k, v in (("backend", backend), ("fmt", fmt)) if v is not None]
     if plan is not None and beside:
         raise SettingError(f"a plan already says where every expert goes and how it is computed: give no "
@@ -286,20 +316,31 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         verdict = spec.safe_probe(inventory)
         if not verdict.usable:
             raise BackendUnavailable(f"backend {backend} cannot run here: {verdict.reason}")
-        fmt = fmt or default_format(layout, spec)  # the checkpoint's own; FormatError if the backend lacks it
-        if not spec.computes(fmt):
-            raise SettingError(f"backend {backend} does not compute format {fmt!r}; it computes {', '.join(spec.formats)}")
-        plan, fmt = single_tier_plan(layout, backend, fmt), None
+        if gguf_file is not None:  # each layer in the format the file stores it in (or fmt for all)
+            from ...runtime.gguf_model import file_formats
 
-    with Checkpoint(folder) as ckpt:
-        ckpt.verify_files()  # every shard's header against its size: a truncated download fails here, named
+            with GGUFFile(gguf_file) as gf:
+                plan, fmt = single_tier_plan(layout, backend, file_formats(gf, layout, spec, fmt)), None
+        else:
+            fmt = fmt or default_format(layout, spec)  # the checkpoint's own; FormatError if the backend lacks it
+            if not spec.computes(fmt):
+                raise SettingError(f"backend {backend} does not compute format {fmt!r}; it computes "
+                                   f"{', '.join(spec.formats)}")
+            plan, fmt = single_tier_plan(layout, backend, fmt), None
+
+    if gguf_file is not None:
+        with GGUFFile(gguf_file) as gf:
+            verify_gguf(gf, layout)  # every MoE tensor the metadata promises, with its shape
+    else:
+        with Checkpoint(folder) as ckpt:
+            ckpt.verify_files()  # every shard's header against its size: a truncated download fails here, named
 
     experts_mod.register()
     config_cls, _ = quantizer.register()
     try:
-        hf_config, cls, mapping = hf_model_class(folder, raw, layout)
+        hf_config, cls, mapping = hf_model_class(None if gguf_file else folder, raw, layout)
     except (ValueError, KeyError, TypeError, OSError) as exc:  # transformers' config classes refusing the config
-        raise LayoutError(f"{folder}: transformers cannot read config.json: {type(exc).__name__}: {exc}") from exc
+        raise LayoutError(f"{folder}: transformers cannot read the config: {type(exc).__name__}: {exc}") from exc
     qconfig = config_cls(moe_layers=layout.moe_layer_indices, dequantize=layout.quantization.scheme == "fp8_block")
     kwargs = dict(config=hf_config, dtype=dtype, experts_implementation=experts_mod.IMPLEMENTATION,
                   quantization_config=qconfig, output_loading_info=True)
@@ -314,9 +355,13 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         kwargs["key_mapping"] = mapping
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    source = str(folder)
+    if gguf_file is not None:  # transformers reads the dense tensors from a state dict made from the file
+        kwargs["state_dict"] = gguf_dense_state_dict(gguf_file, hf_config, cls, dtype, progress)
+        source = None
     with _quiet_transformers(progress_enabled(progress)):
         try:
-            hf_model, info = cls.from_pretrained(str(folder), **kwargs)
+            hf_model, info = cls.from_pretrained(source, **kwargs)
         except MoetierError:
             raise
         except Exception as exc:  # transformers' many error types for a checkpoint it cannot build or read
@@ -324,6 +369,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
                                   f"{type(exc).__name__}: {exc}") from exc
     _check_report(info, folder)
 
+    kwargs.pop("state_dict", None)
     experts = load_experts(str(folder), plan=plan, fmt=fmt, registry=registry, inventory=inventory, threads=threads,
                            cache_bytes=cache_bytes, prefetch=prefetch, progress=progress)
     try:
@@ -335,6 +381,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     hf_model.moetier_experts = experts
     hf_model.moetier_layout = layout
     hf_model.moetier_dense = dense_mod.DenseRouting(None, None)
+    hf_model.moetier_mla = mla.absorb_mla(hf_model)  # decode without expanding the latent cache
     if dev.type == "cpu" and openmp.workers_may_spin() and torch.get_num_threads() > 1:
         warnings.warn(openmp.SPIN_ADVICE, RuntimeWarning, stacklevel=2)
     if dev.type == "cpu":
@@ -342,7 +389,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             dense_backend, dense_fmt = dense_mod.choose_dense_backend(list(experts.backends.values()), dense_format,
                                                                       dtype)
             if dense_backend is not None:
-                hf_model.moetier_dense = dense_mod.route_dense(hf_model, layout, dense_backend, dense_fmt)
+                hf_model.moetier_dense = dense_mod.route_dense(
+                    hf_model, layout, dense_backend, dense_fmt, keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla})
                 hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model)
         except BaseException:
             experts.close()

@@ -1,0 +1,142 @@
+"""Whole models from GGUF files: `moetier.load(FILE.gguf)` and `moetier run FILE.gguf`.
+
+The files are what llama.cpp's converter writes for a checkpoint (ci/llama_cpp_bench.py's conversion, in
+`qwen3moe` and `deepseek2` names: DeepSeek's kv_b split into k_b / v_b as llama.cpp's absorbed MLA reads it),
+from the synthetic checkpoints `moetier bench model` writes; the same weights as safetensors are the
+reference. In fp32 and with BF16 tensors in the file, the two loads hold the same numbers, so the logits must
+be equal to the last bit: a tensor mapped to the wrong name, transposed, or a kv_b put back wrong moves them
+by order 1. A Q8_0 file (experts quantized by moetier's q8_0 quantizer, which writes llama.cpp's bytes) is
+checked against the safetensors model with its experts in q8_0: equal as well."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import assert_usage_error, moetier
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+import moetier as mt  # noqa: E402
+from moetier.bench import model as mb  # noqa: E402
+from moetier.errors import LayoutError, SettingError  # noqa: E402
+
+
+def converter():
+    spec = importlib.util.spec_from_file_location("llama_cpp_bench", Path(__file__).parents[1] / "ci" / "llama_cpp_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from moetier.plugins import load_registry
+
+    out = {}
+    conv = converter()
+    for dims in ("tiny", "tiny-deepseek"):
+        folder = tmp_path_factory.mktemp(dims)
+        mb.write_model(folder, mb.DIMS[dims], registry=load_registry(), seed=5)
+        conv.convert_bf16(folder, folder / "model-BF16.gguf")
+        out[dims] = folder
+    return out
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        out = model(ids).logits[0].float()
+    model.moetier_experts.close()
+    return out
+
+
+@pytest.mark.parametrize("dims", ["tiny", "tiny-deepseek"])
+def test_a_bf16_gguf_is_the_same_model_as_its_safetensors(models, dims):
+    folder = models[dims]
+    ids = torch.randint(0, mb.DIMS[dims].vocab, (1, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(backend="cpu.torch", dtype=torch.float32, device="cpu", progress=False)
+    want = logits(mt.load(folder, fmt="bf16", **kw), ids)
+    model = mt.load(folder / "model-BF16.gguf", **kw)
+    assert {s.prepared.fmt.name for layer in model.moetier_experts.values() for s in layer.shards} == {"bf16"}
+    got = logits(model, ids)
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_layers_keep_the_format_the_file_stores_them_in(models, tmp_path):
+    """A GGUF whose MoE layers store their experts in Q8_0 loads them in q8_0 with no conversion, and computes
+    what the safetensors model computes with its experts converted to q8_0 (the same bytes)."""
+    folder = models["tiny"]
+    path = tmp_path / "q8.gguf"
+    requantize_experts(folder / "model-BF16.gguf", path, "q8_0")
+    ids = torch.randint(0, mb.DIMS["tiny"].vocab, (1, 9), generator=torch.Generator().manual_seed(2))
+    kw = dict(backend="cpu.torch", dtype=torch.float32, device="cpu", progress=False)
+    model = mt.load(path, **kw)
+    assert {s.prepared.fmt.name for layer in model.moetier_experts.values() for s in layer.shards} == {"q8_0"}
+    got = logits(model, ids)
+    want = logits(mt.load(folder, fmt="q8_0", **kw), ids)
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+def requantize_experts(src: Path, dst: Path, fmt: str) -> None:
+    """A copy of a GGUF file with its routed experts in `fmt` (moetier's quantizer: llama.cpp's bytes)."""
+    from moetier.formats import quantize
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), str(reader.get_field("general.architecture").contents()))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if "_exps." in t.name:
+            w = torch.from_numpy(np.array(t.data).view(np.uint16).astype(np.int32) << 16).view(torch.float32)
+            w = w.reshape(shape)
+            q = np.stack([quantize(w[e], fmt).data.numpy() for e in range(shape[0])])
+            writer.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_refusals_name_the_problem(models, tmp_path):
+    path = models["tiny"] / "model-BF16.gguf"
+    with pytest.raises(SettingError, match="memory budgets place safetensors"):
+        mt.load(path, cpu_mem=1 << 30, progress=False)
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(path.read_bytes()[: 4096])
+    with pytest.raises(mt.MoetierError, match="cut.gguf"):
+        mt.load(truncated, progress=False)
+
+
+def test_plan_says_a_gguf_file_runs_on_one_cpu_backend(models):
+    path = models["tiny"] / "model-BF16.gguf"
+    assert_usage_error(moetier("plan", path), "is a GGUF file", f"moetier run {path}")
+
+
+def test_moetier_run_on_a_gguf_file_writes_what_the_checkpoint_writes(tmp_path):
+    """The built-in default model converted to GGUF (tied embeddings: no output tensor) and run through the
+    real command with the checkpoint's tokenizer: the same greedy text as the checkpoint itself."""
+    from moetier.cli.options import named_model
+
+    folder = Path(named_model("default"))
+    path = tmp_path / "default.gguf"
+    converter().convert_bf16(folder, path)
+    args = ("--prompt", "def fibonacci(n):", "--max-new-tokens", "12", "--dtype", "fp32", "--backend", "cpu.torch")
+    want = moetier("run", "default", *args)
+    got = moetier("run", path, "--tokenizer", folder, *args)
+    assert want.returncode == 0 and got.returncode == 0, (want.stderr[-1500:], got.stderr[-1500:])
+    assert "Traceback" not in got.stderr
+    assert got.stdout == want.stdout and len(got.stdout.strip()) > 0, (got.stdout, want.stdout)
+    # Without --tokenizer the synthetic vocabulary the converter wrote is all there is: transformers rebuilds it
+    # or says why not, never a traceback.
+    r = moetier("run", path, *args)
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
