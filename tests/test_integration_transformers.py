@@ -299,7 +299,8 @@ def test_bf16_model_against_fp32_transformers(prepared, family, version, quant):
 @pytest.mark.parametrize("family,version", [("qwen", "Qwen3-30B-A3B"), ("deepseek", "DeepSeek-V3")])
 def test_dense_layers_move_onto_the_experts_backend(prepared, family, version):
     """Every CPU linear but the routers becomes a MoetierLinear on the experts' backend, whose packed bytes
-    replace the released weights; the routers stay transformers' (their logits pick the experts)."""
+    replace the released weights; the routers stay transformers' (their logits pick the experts), and so
+    does the kv_b of latent attention that decodes absorbed (its weight is read as two per-head matrices)."""
     from moetier.integrations.transformers.dense import MoetierLinear, routers
 
     p = prepared(family, version, "default", "bf16")
@@ -314,7 +315,7 @@ def test_dense_layers_move_onto_the_experts_backend(prepared, family, version):
         ours = [m for m in model.modules() if isinstance(m, MoetierLinear)]
         left = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
         assert routing.matrices == len(ours) > 0
-        assert left == routers(model, p.layout)
+        assert left == routers(model, p.layout) | {f"{n}.kv_b_proj" for n in model.moetier_mla}
         assert all(m.packed.backend == backend.name and m.weight.dtype == torch.bfloat16 for m in ours)
         assert routing.replaced_nbytes <= routing.nbytes <= 1.1 * routing.replaced_nbytes + len(ours) * 65536
     finally:
@@ -510,7 +511,7 @@ def test_bad_settings_are_refused_before_loading(prepared, tmp_path):
     arm = load_inventory(Path(__file__).parent / "inventories" / "arm_graviton3.json")
     with pytest.raises(BackendUnavailable, match="cpu.avx2"):
         load(p.folder, backend="cpu.avx2", inventory=arm)
-    with pytest.raises(SettingError, match="format"):
+    with pytest.raises(FormatError, match="unknown weight format 'int3'"):
         load(p.folder, backend="cpu.torch", fmt="int3")
     with pytest.raises(SettingError, match="torch device"):
         load(p.folder, device="gpu:7")

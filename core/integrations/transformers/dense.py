@@ -111,8 +111,9 @@ class DecodeThreads:
     """torch on one thread during decode forwards of a model whose dense layers run on moetier's pool.
 
     What a decode step leaves to torch then is small (norms, rotary embeddings, attention over the cache,
-    sampling), and torch's OpenMP workers keep spinning after each op, on the cores the kernels' pinned
-    pool is about to need: a 2-core decode ran 3-4x slower with torch on two threads than on one. Prefill
+    sampling). With spinning OpenMP workers (torch imported before moetier: see moetier.openmp) they hold
+    the cores the kernels' pinned pool is about to need: a 2-core decode ran 3-4x slower with torch on two
+    threads than on one. With sleeping workers the two are within noise (docs/benchmarks.md). Prefill
     forwards (more than DECODE_TOKENS tokens) keep torch's own thread count, which their attention needs.
     The hooks set the count around each forward and restore it after, also when the forward raises."""
 
