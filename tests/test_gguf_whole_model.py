@@ -140,3 +140,51 @@ def test_moetier_run_on_a_gguf_file_writes_what_the_checkpoint_writes(tmp_path):
     # or says why not, never a traceback.
     r = moetier("run", path, *args)
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_deepseek_yarn_keys_map_back_to_the_release_config(tmp_path):
+    """DeepSeek-V3's released rope scaling (yarn, factor 40 over 4096 positions, mscale = mscale_all_dim = 1)
+    written the way llama.cpp's converter writes it (rope.scaling.yarn_log_multiplier = 0.1 * mscale_all_dim)
+    comes back as transformers' rope parameters of the release; an unknown scaling type is refused."""
+    from moetier.checkpoint.gguf import GGUFFile
+
+    release = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+               "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 10000.0}
+
+    def write(path, scaling_type):
+        w = gguf.GGUFWriter(str(path), "deepseek2")
+        for key, value in (("block_count", 2), ("embedding_length", 64), ("expert_count", 4),
+                           ("expert_used_count", 2), ("expert_feed_forward_length", 32), ("context_length", 163840),
+                           ("leading_dense_block_count", 1), ("expert_shared_count", 1)):
+            w.add_uint32(f"deepseek2.{key}", value)
+        w.add_uint32("deepseek2.expert_gating_func", int(gguf.ExpertGatingFuncType.SIGMOID))
+        w.add_head_count(4)
+        w.add_head_count_kv(1)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_q_lora_rank(32)
+        w.add_kv_lora_rank(16)
+        w.add_key_length(16 + 8)
+        w.add_value_length(16)
+        w.add_key_length_mla(24 + 8)
+        w.add_value_length_mla(24)
+        w.add_rope_dimension_count(8)
+        w.add_rope_freq_base(10000.0)
+        w.add_rope_scaling_type(scaling_type)
+        w.add_rope_scaling_factor(40.0)
+        w.add_rope_scaling_orig_ctx_len(4096)
+        w.add_rope_scaling_yarn_log_mul(0.1 * release["mscale_all_dim"])
+        w.add_tensor("token_embd.weight", np.zeros((100, 64), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    with GGUFFile(write(tmp_path / "yarn.gguf", gguf.RopeScalingType.YARN)) as gf:
+        cfg = gf.model_config()
+    assert cfg["rope_parameters"] == release
+    assert (cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"],
+            cfg["q_lora_rank"], cfg["vocab_size"], cfg["tie_word_embeddings"]) == (24, 8, 24, 16, 32, 100, True)
+    with GGUFFile(write(tmp_path / "longrope.gguf", gguf.RopeScalingType.LONGROPE)) as gf:
+        with pytest.raises(LayoutError, match="rope.scaling.type = 'longrope' is not mapped"):
+            gf.model_config()
