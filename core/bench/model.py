@@ -27,7 +27,7 @@ import importlib
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -129,8 +129,6 @@ DIMS = {
 
 def dims_from_config(base: ModelDims, cfg: dict) -> ModelDims:
     """`base` with the dimensions of an existing checkpoint's config.json (a reused --model folder)."""
-    from dataclasses import replace
-
     family = cfg.get("model_type")
     if family not in FAMILIES:
         raise SettingError(f"the checkpoint is a {family!r} model; bench model writes and reads "

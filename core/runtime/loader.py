@@ -128,6 +128,7 @@ def _load_experts(model, gguf, *, plan, fmt, registry, inventory, threads, cache
                   progress) -> ModelExperts:
     """load_experts, with the GGUF file open when `model` is one (its experts are read in each layer's own
     format: a GGUF file may store them in a different type per layer)."""
+    from ..checkpoint.gguf import GGUFExperts
     from ..selection import select_backends
 
     layout = gguf.layout(registry) if gguf is not None else load_layout(model, registry)
@@ -158,8 +159,7 @@ def _load_experts(model, gguf, *, plan, fmt, registry, inventory, threads, cache
     def source_of(layer, **kw):
         if gguf is None:
             return CheckpointExperts(ckpt, layout, layer, **kw)
-        # Types without a moetier format are read through the gguf dequantizer only when the plan converts.
-        from ..checkpoint.gguf import GGUFExperts
+        # A type without a moetier format is read through the gguf dequantizer (the plan converts it).
         return GGUFExperts(gguf, layer, convert=True, **kw)
 
     cache = prefetcher = disk_ckpt = None

@@ -271,12 +271,14 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     registry = registry or get_registry()
     if gguf_file is not None:
         folder = gguf_file  # named in errors
-        with GGUFFile(gguf_file) as gf:
+        with GGUFFile(gguf_file) as gf:  # header only: config, layout, every MoE tensor with its shape
             raw = gf.model_config()
+            layout = load_layout(raw, registry)
+            verify_gguf(gf, layout)
     else:
         folder = checkpoint_folder(model)
         raw = read_config(folder)
-    layout = load_layout(raw, registry)
+        layout = load_layout(raw, registry)
     budgets = {"gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "disk_cache": disk_cache, "strategy": strategy,
                "stats": stats}
     asked = sorted(k for k, v in budgets.items() if v is not None) + (["disk"] if disk else [])
@@ -328,10 +330,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
                                    f"{', '.join(spec.formats)}")
             plan, fmt = single_tier_plan(layout, backend, fmt), None
 
-    if gguf_file is not None:
-        with GGUFFile(gguf_file) as gf:
-            verify_gguf(gf, layout)  # every MoE tensor the metadata promises, with its shape
-    else:
+    if gguf_file is None:
         with Checkpoint(folder) as ckpt:
             ckpt.verify_files()  # every shard's header against its size: a truncated download fails here, named
 
@@ -369,7 +368,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
                                   f"{type(exc).__name__}: {exc}") from exc
     _check_report(info, folder)
 
-    kwargs.pop("state_dict", None)
+    kwargs.pop("state_dict", None)  # the tensors are the model's now: hold no second reference while packing
     experts = load_experts(str(folder), plan=plan, fmt=fmt, registry=registry, inventory=inventory, threads=threads,
                            cache_bytes=cache_bytes, prefetch=prefetch, progress=progress)
     try:
