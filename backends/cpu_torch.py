@@ -15,6 +15,9 @@ NAME = "cpu.torch"
 
 class TorchBackend(ReferenceBackend):
     name = NAME
+    # Its attention would be torch's own, which transformers' sdpa already is: nothing to take over (the
+    # reference's float64 attention is the oracle, not a way to run a model).
+    attention_dtypes = ()
 
 
 @hookimpl

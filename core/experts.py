@@ -28,6 +28,7 @@ import torch
 
 from .errors import (DeviceError, DTypeError, ExpertIdError, FormatError, NonFiniteError, PreparedExpertsError,
                      SettingError, ShapeError)
+from .attention import check_attention_inputs
 from .dense import PackedLinear, check_linear_input
 from .formats import QuantizedTensor, WeightFormat, computes, convert, get_format, mixed_format
 
@@ -335,6 +336,23 @@ class ExpertBackend(ABC):
         if x.shape[0] == 0:
             return torch.empty(0, packed.out_features, dtype=out_dtype)
         return self.compute_dense(packed, x, out_dtype)
+
+    # ---- attention over a KV cache (optional): see moetier.attention ----------------------------
+    attention_dtypes: tuple[torch.dtype, ...] = ()  # q/k/v dtypes this backend's decode attention takes
+
+    def compute_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Return [B, T, Hq, Dv] in q's dtype for inputs check_attention_inputs accepted."""
+        raise DTypeError(f"backend {self.name} computes no attention")
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                         mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """Attention of q [B, Hq, T, D] (a few new tokens) over k [B, Hkv, S, D] / v [B, Hkv, S, Dv]:
+        [B, T, Hq, Dv] in q's dtype (moetier.attention has the conventions). No value checks: this runs
+        once per layer per token."""
+        mask = check_attention_inputs(self.name, self.attention_dtypes, q, k, v, mask, scale)
+        return self.compute_attention(q.detach(), k.detach(), v.detach(), float(scale),
+                                      None if mask is None else mask.detach(), bool(causal))
 
     # ---- the contract ---------------------------------------------------------------------------
     def prepare(self, layer: ExpertLayerSpec, weights: ExpertSource, experts: Iterable[int],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import ATTENTION_DTYPES, reference_attention
 from .errors import SettingError
 from .experts import ExpertBackend, ExpertLayerSpec, ExpertTensors
 from .formats import FORMATS
@@ -101,6 +102,11 @@ class ReferenceBackend(ExpertBackend):
         w, b = packed.payload
         y = x.to(self.precision) @ w.T
         return (y if b is None else y + b).to(out_dtype)
+
+    attention_dtypes = ATTENTION_DTYPES
+
+    def compute_attention(self, q, k, v, scale, mask, causal):
+        return reference_attention(q, k, v, scale=scale, mask=mask, causal=causal).to(q.dtype)
 
     def compute(self, prepared, inputs):
         out = moe_forward(prepared.layer, prepared.payload, inputs.hidden, inputs.topk_ids, inputs.topk_weights,

@@ -18,8 +18,8 @@ KERNEL_SOURCES = ["kernels/moe_module.cpp"]
 KERNEL_HEADERS = ["kernels/variant.h", "kernels/simd.h", "kernels/packed_format.h", "kernels/panel_kernels.h",
                   "kernels/thread_pool.h", "kernels/moe_layer.h", "kernels/amx_tiles.h", "kernels/amx_kernels.h",
                   "kernels/huge_pages.h", "kernels/amx_permission.h", "kernels/fp8_vbmi.h", "kernels/host_tasks.h",
-                  "kernels/dense_linear.h"]
-COMPILE_ARGS = ["-O3", "-fno-math-errno", "-pthread"]
+                  "kernels/dense_linear.h", "kernels/decode_attention.h"]
+COMPILE_ARGS = ["-O3", "-fno-math-errno", "-fno-wrapv", "-pthread"]
 LINK_ARGS = ["-pthread"]
 
 

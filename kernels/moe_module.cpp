@@ -7,10 +7,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 #include <string>
 
 #include "amx_permission.h"
+#include "decode_attention.h"
 #include "dense_linear.h"
 #include "host_tasks.h"
 #include "moe_layer.h"
@@ -128,6 +131,21 @@ ForwardArrays check_forward_arrays(const MoELayer& L, py::array& hidden, bool hi
     bytes_of(out, int64_t(a.out_bytes), "out");
     a.out = out.mutable_data();
     return a;
+}
+
+// Byte strides of a 4-d array whose last dimension is contiguous (any strides before it, 0 to broadcast).
+std::array<int64_t, 3> outer_strides(const py::array& a, const char* what) {
+    if (a.ndim() != 4) throw py::value_error(std::string(what) + " must have 4 dimensions");
+    for (int i = 0; i < 4; ++i)
+        if (a.strides(i) < 0) throw py::value_error(std::string(what) + " must not have negative strides");
+    if (a.shape(3) > 1 && a.strides(3) != a.itemsize())
+        throw py::value_error(std::string(what) + ": its last dimension must be contiguous");
+    return {a.strides(0), a.strides(1), a.strides(2)};
+}
+
+void check_element(const py::array& a, bool bf16, const char* what) {
+    if (bf16 ? a.itemsize() != 2 : !a.dtype().is(py::dtype::of<float>()))
+        throw py::type_error(std::string(what) + " must be float32 or bf16 bits (uint16)");
 }
 }  // namespace
 
@@ -253,6 +271,69 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
                 d.forward(pool, xp, x_bf16, T, op, out_bf16);
             },
             py::arg("pool"), py::arg("x"), py::arg("x_bf16"), py::arg("out"), py::arg("out_bf16"));
+
+    // ---- attention over a KV cache for decode steps (decode_attention.h) ---------------------------------
+    m.attr("ATTENTION_MAX_TOKENS") = ATTENTION_MAX_TOKENS;
+    m.def(
+        "decode_attention",
+        [](ThreadPool& pool, py::array q, py::array k, py::array v, py::array out, bool bf16, float scale,
+           py::object mask, bool causal) {
+            AttentionArgs a;
+            a.bf16 = bf16;
+            check_element(q, bf16, "q");
+            check_element(k, bf16, "k");
+            check_element(v, bf16, "v");
+            check_element(out, bf16, "out");
+            const auto qs = outer_strides(q, "q"), ks = outer_strides(k, "k"), vs = outer_strides(v, "v");
+            a.B = int(q.shape(0));
+            a.Hq = int(q.shape(1));
+            a.T = int(q.shape(2));
+            a.D = int(q.shape(3));
+            a.Hkv = int(k.shape(1));
+            a.S = int(k.shape(2));
+            a.Dv = int(v.shape(3));
+            if (a.T > ATTENTION_MAX_TOKENS)
+                throw py::value_error("decode_attention takes at most " + std::to_string(ATTENTION_MAX_TOKENS) +
+                                      " new tokens; prefill has its own path");
+            if (k.shape(0) != a.B || v.shape(0) != a.B) throw py::value_error("q, k and v must have the same batch");
+            if (a.Hkv < 1 || a.Hq % a.Hkv != 0)
+                throw py::value_error("the query heads must be a multiple of the key/value heads");
+            if (k.shape(3) != a.D) throw py::value_error("q and k must have the same head size");
+            if (v.shape(1) != a.Hkv || v.shape(2) != a.S) throw py::value_error("k and v must have the same heads and length");
+            if (!(out.flags() & py::array::c_style) || !out.writeable() || out.ndim() != 4 || out.shape(0) != a.B ||
+                out.shape(1) != a.T || out.shape(2) != a.Hq || out.shape(3) != a.Dv)
+                throw py::value_error("out must be a writable C-contiguous [B, T, Hq, Dv] array");
+            a.q = static_cast<const uint8_t*>(q.data());
+            a.k = static_cast<const uint8_t*>(k.data());
+            a.v = static_cast<const uint8_t*>(v.data());
+            a.out = static_cast<uint8_t*>(out.mutable_data());
+            std::tie(a.q_sb, a.q_sh, a.q_st) = std::tuple(qs[0], qs[1], qs[2]);
+            std::tie(a.k_sb, a.k_sh, a.k_ss) = std::tuple(ks[0], ks[1], ks[2]);
+            std::tie(a.v_sb, a.v_sh, a.v_ss) = std::tuple(vs[0], vs[1], vs[2]);
+            a.scale = scale;
+            a.causal = causal;
+            py::array mk;
+            if (!mask.is_none()) {
+                mk = py::reinterpret_borrow<py::array>(mask);
+                const auto ms = outer_strides(mk, "mask");
+                if (mk.dtype().is(py::dtype::of<bool>()) || mk.dtype().is(py::dtype::of<uint8_t>())) a.mask_kind = MASK_KEEP;
+                else if (mk.dtype().is(py::dtype::of<float>())) a.mask_kind = MASK_BIAS;
+                else throw py::type_error("mask must be bool (True: attend) or float32 (added to the scores)");
+                if ((mk.shape(0) != a.B && mk.shape(0) != 1) || (mk.shape(1) != a.Hq && mk.shape(1) != 1) ||
+                    mk.shape(2) != a.T || mk.shape(3) != a.S)
+                    throw py::value_error("mask must be [B or 1, Hq or 1, T, S]");
+                a.mask = static_cast<const uint8_t*>(mk.data());
+                a.m_sb = mk.shape(0) == 1 ? 0 : ms[0];
+                a.m_sh = mk.shape(1) == 1 ? 0 : ms[1];
+                a.m_st = ms[2];
+            }
+            if (a.B == 0 || a.T == 0 || a.Hq == 0 || a.Dv == 0) return;
+            py::gil_scoped_release release;
+            decode_attention(pool, a);
+        },
+        py::arg("pool"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("bf16"), py::arg("scale"),
+        py::arg("mask") = py::none(), py::arg("causal") = false,
+        "attention of q [B, Hq, T, D] over k [B, Hkv, S, D] / v [B, Hkv, S, Dv] into out [B, T, Hq, Dv] (decode)");
 
     // ---- host tasks: the CPU half of the hybrid step, run from a device stream (host_tasks.h) ----------
     py::class_<HostWorker>(m, "HostWorker", py::module_local(),

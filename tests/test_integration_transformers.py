@@ -347,6 +347,51 @@ def test_decode_forwards_run_torch_on_one_thread(prepared):
         model.moetier_experts.close()
 
 
+def test_decode_attention_runs_on_the_experts_backend(prepared):
+    """A CPU model's attention modules get the backend's decode attention: greedy tokens over dynamic and
+    static caches equal those of the same model on transformers' sdpa (fp32), decode calls reach the
+    kernels and prefill calls do not."""
+    from moetier.integrations.transformers import attention as attention_mod
+
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "fp32")
+    ours = load(p.folder, dtype=torch.float32, threads=1, progress=False)
+    theirs = load(p.folder, dtype=torch.float32, threads=1, progress=False, attn_implementation="sdpa")
+    try:
+        backend = next(iter(ours.moetier_experts.values())).shards[0].backend
+        if torch.float32 not in backend.attention_dtypes:
+            assert ours.moetier_attention is None
+            pytest.skip(f"{backend.name} computes no attention")
+        assert ours.moetier_attention == backend.name and ours.config._attn_implementation == "moetier"
+        assert theirs.moetier_attention is None and theirs.config._attn_implementation == "sdpa"
+        calls = []
+        real = backend.decode_attention
+        backend.decode_attention = lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k)
+        for cache in ("dynamic", "static"):
+            for model in (ours, theirs):
+                model.generation_config.cache_implementation = cache
+            calls.clear()
+            tokens, logits = greedy(ours)
+            want, want_logits = greedy(theirs)
+            assert torch.equal(tokens, want), cache
+            assert float((logits - want_logits).norm() / want_logits.norm()) < 1e-5
+            layers = len(ours.model.layers)
+            assert calls == [1] * layers * (NEW_TOKENS - 1), cache  # decode steps only, one call per layer
+    finally:
+        ours.moetier_experts.close()
+        theirs.moetier_experts.close()
+
+
+def test_attention_settings(prepared):
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "fp32")
+    with pytest.raises(SettingError, match="attn_implementation='moetier' needs a CPU backend that computes attention"):
+        load(p.folder, backend="cpu.torch", attn_implementation="moetier", progress=False)
+    model = load(p.folder, backend="cpu.torch", dtype=torch.float32, progress=False)
+    try:
+        assert model.moetier_attention is None and model.config._attn_implementation == "sdpa"
+    finally:
+        model.moetier_experts.close()
+
+
 def test_dense_format_settings(prepared):
     p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
     with pytest.raises(FormatError, match="int3"):

@@ -21,6 +21,7 @@ from moetier.errors import DeviceError, DTypeError, ExpertIdError, FormatError, 
 from moetier.experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ForwardInputs, PreparedExperts
 from moetier.runtime.hybrid import HostFunction
 from moetier import ggml_blocks
+from moetier.attention import ATTENTION_DTYPES
 from moetier.formats import QuantizedTensor, WeightFormat, pack_int4
 
 from . import load_variant
@@ -181,6 +182,22 @@ class NativeBackend(ExpertBackend):
                                out_dtype == torch.bfloat16)
         return out
 
+    # ---- attention over a KV cache for decode steps (moetier.attention) ------------------------------
+    attention_dtypes = ATTENTION_DTYPES
+
+    def compute_attention(self, q, k, v, scale, mask, causal):
+        B, Hq, T, _ = q.shape
+        out = torch.empty(B, T, Hq, v.shape[-1], dtype=q.dtype)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(torch.float32)
+        # Strided views, no copies: a cache's keys are read where they lie (rows must be contiguous).
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if mask is not None and mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        self._ext.decode_attention(self._kernel_pool, _storage(q), _storage(k), _storage(v), _storage(out),
+                                   q.dtype == torch.bfloat16, scale, None if mask is None else mask.numpy(), causal)
+        return out
+
     # ---- host tasks: the CPU half of the hybrid step (moetier.runtime.hybrid) -----------------------
     def host_task(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, out: torch.Tensor) -> NativeHostTask:
@@ -248,7 +265,7 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _storage(t: torch.Tensor) -> np.ndarray:
-    """A tensor's memory as numpy (bf16 as its uint16 bits), sharing it."""
+    """A tensor's memory as numpy (bf16 as its uint16 bits), sharing it, strides kept."""
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 

@@ -22,6 +22,7 @@ import torch
 from ... import openmp
 from ...errors import CheckpointError, LayoutError, MoetierError, SettingError
 from ...formats import get_format
+from . import attention as attention_mod
 from . import dense as dense_mod
 from . import experts as experts_mod
 from . import mla, quantizer
@@ -247,11 +248,14 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     CPU). dense_format: the dense linear layers left on the CPU (attention, dense MLPs, shared experts, LM
     head; not the routers) run on the experts' CPU backend's kernels in this format (default: the model's
     dtype, where that backend computes dense matrices; "transformers": transformers' own layers).
-    threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of experts left on disk
+    attn_implementation: transformers' attention implementation; unset, decode attention on the CPU runs on
+    the experts' CPU backend's kernels where it computes the model's dtype ("moetier": must, else an error),
+    prefill on transformers' sdpa. threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of experts left on disk
     (default: the plan's).
 
     The model carries `moetier_experts` (moetier.runtime.ModelExperts: `bytes_per_tier()`,
-    `set_recorder()`, `close()`), `moetier_layout` and `moetier_dense` (a DenseRouting)."""
+    `set_recorder()`, `close()`), `moetier_layout`, `moetier_dense` (a DenseRouting) and `moetier_attention`
+    (the name of the backend computing decode attention, or None)."""
     from ...checkpoint import Checkpoint
     from ...checkpoint.gguf import GGUFFile, is_gguf, plan_refusal, verify_gguf
     from ...checkpoint.progress import progress_enabled
@@ -313,6 +317,9 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     if dev.type != "cpu" and dense_format not in (None, dense_mod.KEEP):
         raise SettingError(f"the dense layers go to {dev}, where transformers computes them: dense_format="
                            f"{dense_format!r} applies to dense layers on the CPU")
+    if dev.type != "cpu" and attn_implementation == attention_mod.NAME:
+        raise SettingError(f"the attention goes to {dev}: attn_implementation='{attention_mod.NAME}' computes it on "
+                           f"the CPU; leave it unset or name one of transformers' implementations")
     if backend is not None:  # checked before anything is read: an unknown or unusable backend fails at once
         spec = registry.backend(backend)
         verdict = spec.safe_probe(inventory)
@@ -352,7 +359,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         kwargs["device_map"] = {"": str(dev)}
     if mapping:
         kwargs["key_mapping"] = mapping
-    if attn_implementation is not None:
+    if attn_implementation not in (None, attention_mod.NAME):  # "moetier" is set once the backends exist
         kwargs["attn_implementation"] = attn_implementation
     source = str(folder)
     if gguf_file is not None:  # transformers reads the dense tensors from a state dict made from the file
@@ -380,6 +387,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     hf_model.moetier_experts = experts
     hf_model.moetier_layout = layout
     hf_model.moetier_dense = dense_mod.DenseRouting(None, None)
+    hf_model.moetier_attention = None  # the backend whose kernels compute decode attention, if any
     hf_model.moetier_mla = mla.absorb_mla(hf_model)  # decode without expanding the latent cache
     if dev.type == "cpu" and openmp.workers_may_spin() and torch.get_num_threads() > 1:
         warnings.warn(openmp.SPIN_ADVICE, RuntimeWarning, stacklevel=2)
@@ -391,6 +399,11 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
                 hf_model.moetier_dense = dense_mod.route_dense(
                     hf_model, layout, dense_backend, dense_fmt, keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla})
                 hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model)
+            attention_backend = attention_mod.choose_attention_backend(list(experts.backends.values()), dtype,
+                                                                       attn_implementation)
+            if attention_backend is not None:
+                hf_model.moetier_attention = attention_backend.name
+                attention_mod.route_attention(hf_model, attention_backend)
         except BaseException:
             experts.close()
             raise

@@ -1,0 +1,313 @@
+// Attention of a few new query tokens over a KV cache: the attention step of decode.
+//
+// torch's CPU scaled_dot_product_attention is built for long query blocks; for one query token in bf16
+// it measured 1.5-2.9 ms per layer at a 576-token context (2 and 1 threads), while the whole layer's
+// weights stream in about 1 ms. Here each task takes one key/value head (all the query heads that share
+// it, over all new tokens: the rows) and a chunk of the cache, so every cached key and value is read
+// once per step whatever the group size, and keys no row may see (the mask's padding, a static cache's
+// empty tail, the causal future) are never read. Chunks of one head merge by their softmax maxima
+// (log-sum-exp), so a long context spreads over every worker. Everything is accumulated in fp32; the
+// order of additions depends on the chunking, which depends on the thread count.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "panel_kernels.h"
+#include "thread_pool.h"
+
+namespace moetier_kernels {
+inline namespace MOETIER_NS {
+
+// New tokens per call: the rows of a task's score buffer are this times the group size.
+constexpr int ATTENTION_MAX_TOKENS = 64;
+
+enum AttentionMask { MASK_NONE = 0, MASK_KEEP = 1, MASK_BIAS = 2 };
+
+struct AttentionArgs {
+    int B = 0, Hq = 0, Hkv = 0, T = 0, S = 0, D = 0, Dv = 0;
+    bool bf16 = false;  // q, k, v and out: bf16 bits, else fp32
+    // Byte strides of batch, head and token (the last dimension is contiguous).
+    const uint8_t* q = nullptr;
+    int64_t q_sb = 0, q_sh = 0, q_st = 0;
+    const uint8_t* k = nullptr;
+    int64_t k_sb = 0, k_sh = 0, k_ss = 0;
+    const uint8_t* v = nullptr;
+    int64_t v_sb = 0, v_sh = 0, v_ss = 0;
+    uint8_t* out = nullptr;  // [B, T, Hq, Dv], contiguous: the layout the output projection reads
+    float scale = 1.f;
+    int mask_kind = MASK_NONE;  // KEEP: bytes, nonzero = attend; BIAS: fp32 added to the scores
+    const uint8_t* mask = nullptr;
+    int64_t m_sb = 0, m_sh = 0, m_st = 0;  // byte strides (m_sh 0: one mask for every head); keys contiguous
+    bool causal = false;                   // new token t sees the keys up to S - T + t
+};
+
+namespace attention_detail {
+
+constexpr int MAX_CHUNK = 1024;  // keys per task: bounds the per-task score buffer
+constexpr int MIN_CHUNK = 64;    // below this, a chunk's merge costs more than it spreads
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline int round16(int n) { return (n + 15) & ~15; }
+
+// n values (bf16 bits or fp32) -> fp32 dst[round16(n)], zero-padded (dot products run over whole vectors).
+MOE_INLINE void load_row(const uint8_t* src, bool bf16, int n, float scale, float* dst) {
+    int i = 0;
+    if (bf16) {
+        const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#if defined(__AVX512F__)
+        const __m512 f = _mm512_set1_ps(scale);
+        for (; i + 16 <= n; i += 16) {
+            const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), f));
+        }
+#else
+        const __m256 f = _mm256_set1_ps(scale);
+        for (; i + 8 <= n; i += 8) {
+            const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+            _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), f));
+        }
+#endif
+        for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]) * scale;
+    } else {
+        const float* s = reinterpret_cast<const float*>(src);
+        for (; i < n; ++i) dst[i] = s[i] * scale;
+    }
+    for (; i < round16(n); ++i) dst[i] = 0.f;
+}
+
+MOE_INLINE float dot(const float* a, const float* b, int n16) {
+    V acc = vzero();
+    for (int i = 0; i < n16; i += 16) acc = vfma(vload(a + i), vload(b + i), acc);
+    return vhsum(acc);
+}
+
+// One task's result for each of its rows: the chunk's score maximum, its sum of exp(score - max) and
+// the unnormalized weighted sum of values.
+struct Partial {
+    float* max;
+    float* sum;
+    float* acc;  // [rows][Dvp]
+};
+
+// Scores of one query row against a block of 16 keys (kblk: 16 rows of Dp floats) into out[16].
+MOE_INLINE void scores16(const float* q, const float* kblk, int Dp, float* out) {
+#if defined(__AVX512F__)
+    // 16 independent dot products, then one reduction tree (lane j of the result: key j), instead of a
+    // dependent chain and a horizontal sum per key.
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < Dp; i += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + i);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kblk + size_t(j) * Dp + i), acc[j]);
+    }
+    // Each level halves the vectors: pairs (x, y) -> lanes of x's partial sums beside y's.
+    __m512 l1[8], l2[4], l3[2];
+    for (int j = 0; j < 8; ++j) {
+        const __m512 x = acc[2 * j], y = acc[2 * j + 1];
+        l1[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }  // l1[j]: 128-bit blocks [x x y y]
+    for (int j = 0; j < 4; ++j) {
+        const __m512 x = l1[2 * j], y = l1[2 * j + 1];
+        l2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+    }  // l2[j]: blocks [k0 k1 k2 k3] of keys 4j..4j+3, 4 partial sums each
+    for (int j = 0; j < 2; ++j) {
+        const __m512 x = l2[2 * j], y = l2[2 * j + 1];
+        l3[j] = _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE));
+    }  // l3[j]: block b holds [x_b x_b y_b y_b] partial pairs
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88), _mm512_shuffle_ps(l3[0], l3[1], 0xDD));
+    // Lane l of r holds key (l % 4) * 4 + l / 4: a 4x4 transpose, its own inverse.
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, r));
+#else
+    for (int j = 0; j < 16; ++j) out[j] = dot(q, kblk + size_t(j) * Dp, Dp);
+#endif
+}
+
+// out[Dvp] (+)= sum_j p[j] vblk[j] over n keys, 128 values at a time in registers.
+MOE_INLINE void weighted_values(const float* p, const float* vblk, int n, int Dvp, float* out, bool first) {
+    constexpr int W = 8;  // vectors per register block
+    for (int d = 0; d < Dvp; d += 16 * W) {
+        const int vecs = std::min(W, (Dvp - d) / 16);
+        V acc[W];
+        for (int i = 0; i < W; ++i) acc[i] = (i < vecs && !first) ? vload(out + d + 16 * i) : vzero();
+        for (int j = 0; j < n; ++j) {
+            if (p[j] == 0.f) continue;  // a key this row does not see (its value may be anything, even NaN)
+            const V w = vset1(p[j]);
+            const float* row = vblk + size_t(j) * Dvp + d;
+            for (int i = 0; i < W; ++i)
+                if (i < vecs) acc[i] = vfma(w, vload(row + 16 * i), acc[i]);
+        }
+        for (int i = 0; i < vecs; ++i) vstore(out + d + 16 * i, acc[i]);
+    }
+}
+
+}  // namespace attention_detail
+
+// Scores, softmax and the weighted values of rows (token t, query head g * G + j) over keys [s0, s1) of
+// key/value head g of sequence b, into `part`. Keys go in blocks of 16: each block's keys (then values)
+// are widened to fp32 once and used by every row.
+inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1, attention_detail::Partial part) {
+    using namespace attention_detail;
+    constexpr int KB = 16;
+    const int G = a.Hq / a.Hkv, R = a.T * G, C = s1 - s0;
+    const int Dp = round16(a.D), Dvp = round16(a.Dv);
+    // Per-worker scratch, reached through plain pointers below (every access to a thread_local vector
+    // in a shared library is a call).
+    thread_local std::vector<float> qbuf_, kv_, scores_;
+    thread_local std::vector<uint8_t> used_;
+    qbuf_.resize(size_t(R) * Dp);
+    kv_.resize(size_t(KB) * std::max(Dp, Dvp));
+    scores_.resize(size_t(R) * C);
+    used_.resize(C);
+    float* const qbuf = qbuf_.data();
+    float* const blk = kv_.data();
+    float* const scores = scores_.data();
+    uint8_t* const used = used_.data();
+    auto row_head = [&](int r) { return g * G + r % G; };
+    auto row_token = [&](int r) { return r / G; };
+    for (int r = 0; r < R; ++r)
+        load_row(a.q + b * a.q_sb + row_head(r) * a.q_sh + row_token(r) * a.q_st, a.bf16, a.D, a.scale,
+                 qbuf + size_t(r) * Dp);
+    const uint8_t* kb = a.k + b * a.k_sb + g * a.k_sh;
+    const uint8_t* vb = a.v + b * a.v_sb + g * a.v_sh;
+    const bool all_visible = a.mask_kind == MASK_NONE && !a.causal;
+    // Whether row r sees key s, and the mask's bias for it.
+    auto visible = [&](int r, int s, float& bias) {
+        const int t = row_token(r);
+        if (a.causal && s > a.S - a.T + t) return false;
+        if (a.mask_kind == MASK_NONE) return true;
+        const uint8_t* m = a.mask + b * a.m_sb + row_head(r) * a.m_sh + t * a.m_st;
+        if (a.mask_kind == MASK_KEEP) return m[s] != 0;
+        bias = reinterpret_cast<const float*>(m)[s];
+        return bias != NEG_INF;
+    };
+    for (int c0 = 0; c0 < C; c0 += KB) {
+        const int n = std::min(KB, C - c0);
+        bool any_key = false;
+        for (int j = 0; j < KB; ++j) {
+            bool seen = false;
+            if (j < n) {
+                float bias = 0.f;
+                for (int r = 0; r < R && !seen; ++r) seen = all_visible || visible(r, s0 + c0 + j, bias);
+            }
+            if (j < n) used[c0 + j] = seen;
+            any_key = any_key || seen;
+            float* row = blk + size_t(j) * Dp;
+            if (seen) load_row(kb + (s0 + c0 + j) * a.k_ss, a.bf16, a.D, 1.f, row);
+            else std::fill(row, row + Dp, 0.f);
+        }
+        for (int r = 0; r < R; ++r) {
+            float* sr = scores + size_t(r) * C + c0;
+            if (!any_key) {
+                std::fill(sr, sr + n, NEG_INF);
+                continue;
+            }
+            float dots[KB];
+            scores16(qbuf + size_t(r) * Dp, blk, Dp, dots);
+            for (int j = 0; j < n; ++j) {
+                float bias = 0.f;
+                sr[j] = all_visible || visible(r, s0 + c0 + j, bias) ? dots[j] + bias : NEG_INF;
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        float* sr = scores + size_t(r) * C;
+        float m = NEG_INF;
+        for (int c = 0; c < C; ++c) m = std::max(m, sr[c]);
+        part.max[r] = m;
+        float l = 0.f;
+        if (m != NEG_INF) {
+            float e[16];
+            for (int c = 0; c < C; c += 16) {
+                const int n = std::min(16, C - c);
+                if (n == 16) vstore(e, vexp(vsub(vload(sr + c), vset1(m))));
+                else for (int j = 0; j < n; ++j) e[j] = std::exp(sr[c + j] - m);
+                // vexp clamps its argument: a masked key must weigh exactly nothing, not exp(-87).
+                for (int j = 0; j < n; ++j) {
+                    sr[c + j] = sr[c + j] == NEG_INF ? 0.f : e[j];
+                    l += sr[c + j];
+                }
+            }
+        } else {
+            std::fill(sr, sr + C, 0.f);
+        }
+        part.sum[r] = l;
+    }
+    for (int c0 = 0; c0 < C; c0 += KB) {
+        const int n = std::min(KB, C - c0);
+        for (int j = 0; j < n; ++j) {
+            float* row = blk + size_t(j) * Dvp;
+            if (used[c0 + j]) load_row(vb + (s0 + c0 + j) * a.v_ss, a.bf16, a.Dv, 1.f, row);
+            else std::fill(row, row + Dvp, 0.f);  // no row sees this key: never read from the cache
+        }
+        for (int r = 0; r < R; ++r)
+            weighted_values(scores + size_t(r) * C + c0, blk, n, Dvp, part.acc + size_t(r) * Dvp, c0 == 0);
+    }
+    if (C == 0)
+        for (int r = 0; r < R; ++r) std::fill(part.acc + size_t(r) * Dvp, part.acc + size_t(r + 1) * Dvp, 0.f);
+}
+
+// out[b, t, h, :] for every row; a row that sees no key at all gets zeros (torch's SDPA would give NaN).
+inline void decode_attention(ThreadPool& pool, const AttentionArgs& a) {
+    using namespace attention_detail;
+    const int G = a.Hq / a.Hkv, R = a.T * G;
+    const int Dvp = round16(a.Dv);
+    const int heads = a.B * a.Hkv;
+    // Enough chunks for every worker to have about two tasks, none shorter than MIN_CHUNK or longer
+    // than MAX_CHUNK keys.
+    int chunks = std::max(1, std::min((a.S + MIN_CHUNK - 1) / MIN_CHUNK, (2 * pool.size() + heads - 1) / heads));
+    chunks = std::max(chunks, (a.S + MAX_CHUNK - 1) / MAX_CHUNK);
+    chunks = std::max(1, std::min(chunks, a.S));
+    const int span = a.S > 0 ? (a.S + chunks - 1) / chunks : 0;
+    const int tasks = heads * chunks;
+    std::vector<float> maxes(size_t(tasks) * R), sums(size_t(tasks) * R), accs(size_t(tasks) * R * Dvp);
+    std::atomic<int> next{0};
+    pool.run([&](int) {
+        for (int i = next.fetch_add(1); i < tasks; i = next.fetch_add(1)) {
+            const int head = i / chunks, chunk = i % chunks;
+            const int s0 = std::min(a.S, chunk * span), s1 = std::min(a.S, s0 + span);
+            attention_chunk(a, head / a.Hkv, head % a.Hkv, s0, s1,
+                            Partial{maxes.data() + size_t(i) * R, sums.data() + size_t(i) * R,
+                                    accs.data() + size_t(i) * R * Dvp});
+        }
+    });
+    // Merge each row's chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
+    std::vector<float> row(Dvp);
+    for (int head = 0; head < heads; ++head) {
+        const int b = head / a.Hkv, g = head % a.Hkv;
+        for (int r = 0; r < R; ++r) {
+            float M = NEG_INF;
+            for (int c = 0; c < chunks; ++c) M = std::max(M, maxes[size_t(head * chunks + c) * R + r]);
+            std::fill(row.begin(), row.end(), 0.f);
+            float L = 0.f;
+            if (M != NEG_INF) {
+                for (int c = 0; c < chunks; ++c) {
+                    const size_t i = size_t(head * chunks + c) * R + r;
+                    if (maxes[i] == NEG_INF) continue;
+                    const float w = std::exp(maxes[i] - M);
+                    L += w * sums[i];
+                    const float* acc = accs.data() + i * Dvp;
+                    for (int d = 0; d < a.Dv; ++d) row[d] += w * acc[d];
+                }
+            }
+            const float inv = L > 0.f ? 1.f / L : 0.f;
+            const int t = r / G, h = g * G + r % G;
+            const size_t o = ((size_t(b) * a.T + t) * a.Hq + h) * a.Dv;
+            if (a.bf16) {
+                uint16_t* out = reinterpret_cast<uint16_t*>(a.out) + o;
+                for (int d = 0; d < a.Dv; ++d) out[d] = f32_to_bf16(row[d] * inv);
+            } else {
+                float* out = reinterpret_cast<float*>(a.out) + o;
+                for (int d = 0; d < a.Dv; ++d) out[d] = row[d] * inv;
+            }
+        }
+    }
+}
+
+}  // namespace MOETIER_NS
+}  // namespace moetier_kernels
