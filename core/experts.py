@@ -297,6 +297,11 @@ class ExpertBackend(ABC):
         no thread count of its own refuses, rather than ignoring the setting."""
         raise SettingError(f"backend {self.name} does not take a thread count")
 
+    def set_idle_spin_us(self, microseconds: int) -> None:
+        """How long this backend's idle workers spin before sleeping. Decode raises it for its duration
+        (waking a sleeping worker costs a system call round trip per call, ~50 calls per token); a
+        backend without workers of its own has nothing to set."""
+
     # ---- dense matrices (optional): see moetier.dense ---------------------------------------------
     dense_formats: tuple[str, ...] = ()  # formats of dense matrices this backend computes (none by default)
 

@@ -19,6 +19,9 @@ KERNEL_HEADERS = ["kernels/variant.h", "kernels/simd.h", "kernels/packed_format.
                   "kernels/thread_pool.h", "kernels/moe_layer.h", "kernels/amx_tiles.h", "kernels/amx_kernels.h",
                   "kernels/huge_pages.h", "kernels/amx_permission.h", "kernels/fp8_vbmi.h", "kernels/host_tasks.h",
                   "kernels/dense_linear.h", "kernels/decode_attention.h"]
+# -fno-wrapv undoes the -fwrapv of Python's own compile flags: with defined signed overflow the compiler
+# keeps int index arithmetic unwidened, which cost the decode attention kernel 30% (measured; the expert
+# kernels were unchanged within noise).
 COMPILE_ARGS = ["-O3", "-fno-math-errno", "-fno-wrapv", "-pthread"]
 LINK_ARGS = ["-pthread"]
 

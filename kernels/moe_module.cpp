@@ -167,7 +167,10 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
              py::arg("nodes"))
         .def_property_readonly("size", &ThreadPool::size)
         .def_property_readonly("num_nodes", &ThreadPool::num_nodes)
-        .def_property_readonly("pinned", &ThreadPool::pinned_count);
+        .def_property_readonly("pinned", &ThreadPool::pinned_count)
+        .def_property("idle_spin_us", &ThreadPool::idle_spin_us, &ThreadPool::set_idle_spin_us,
+                      "microseconds an idle worker spins before parking (waking a parked one costs a futex "
+                      "round trip per call)");
 
     py::class_<MoELayer>(m, "MoELayer", py::module_local())
         .def(py::init([](int num_experts, int hidden, int intermediate, const std::string& fmt,

@@ -2,7 +2,7 @@
 //
 // run(job) runs job(worker) on the calling thread and every background worker and returns when all are
 // done; concurrent run() calls from several Python threads are serialized. An idle worker spins for at
-// most 50 microseconds (to catch back-to-back calls) and then parks: on a small machine a spinning
+// most idle_spin_us (50 microseconds unless raised; to catch back-to-back calls) and then parks: on a small machine a spinning
 // worker would steal the core the caller needs. A job orders its phases by counting finished tasks
 // (wait_count), so a worker the OS descheduled never holds up the others.
 #pragma once
@@ -61,6 +61,13 @@ class ThreadPool {
     int size() const { return n_; }
     int num_nodes() const { return num_nodes_; }
     int node_of(int worker) const { return nodes_[worker]; }
+    // How long an idle worker spins before it parks. Waking a parked worker costs a futex round trip
+    // (measured 55 us on a 2-core VM), once per call: a decode step makes ~50 calls with a few hundred
+    // microseconds of Python between them, so decode raises this for its duration and sets it back.
+    static constexpr int DEFAULT_IDLE_SPIN_US = 50;
+    int idle_spin_us() const { return idle_spin_us_.load(std::memory_order_relaxed); }
+    void set_idle_spin_us(int us) { idle_spin_us_.store(us < 0 ? 0 : us, std::memory_order_relaxed); }
+
     int pinned_count() const {
         int c = 0;
         for (int i = 0; i < n_; ++i) c += pinned_[i];
@@ -93,12 +100,12 @@ class ThreadPool {
     }
 
    private:
-    // Spin for at most SPIN_US waiting for pred: back-to-back calls (the two halves of a layer, the
-    // next layer) skip the futex round trip, and an idle pool is parked again within microseconds.
-    static constexpr int SPIN_US = 50;
+    // Spin for at most idle_spin_us() waiting for pred: back-to-back calls (the two halves of a layer, the
+    // next layer) skip the futex round trip, and an idle pool is parked again soon after.
     template <class P>
-    static bool spin_until(P&& pred) {
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
+    bool spin_until(P&& pred) const {
+        const auto deadline =
+            std::chrono::steady_clock::now() + std::chrono::microseconds(idle_spin_us_.load(std::memory_order_relaxed));
         for (int i = 0;; ++i) {
             if (pred()) return true;
             cpu_relax();
@@ -145,6 +152,7 @@ class ThreadPool {
     std::atomic<bool> closed_{true};
     std::atomic<uint64_t> generation_{0};
     std::atomic<bool> stop_{false};
+    std::atomic<int> idle_spin_us_{DEFAULT_IDLE_SPIN_US};
 };
 
 }  // namespace MOETIER_NS

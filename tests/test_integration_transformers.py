@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 from moetier.integrations.transformers import IMPLEMENTATION, LAYER_ATTR, RUNTIME_ATTR, experts_forward, load  # noqa: E402
 from moetier.integrations.transformers.quantizer import experts_modules  # noqa: E402
+from moetier.integrations.transformers.generation import generate  # noqa: E402
 
 from zoo.golden import RawTensors, independent_dequantize  # noqa: E402
 
@@ -193,9 +194,10 @@ def kernel_bound(fmt: str) -> float:
     return tolerance(fmt)
 
 
-def compare(p: Prepared, tokens: torch.Tensor, logits: torch.Tensor, bound: float, *, near_ties: bool, label: str):
-    """Tokens identical over NEW_TOKENS steps (with near_ties: up to a step where the reference's two best
-    logits are within 2 * bound of each other, a decision the bound cannot fix) and logits within bound."""
+def same_tokens_up_to_a_near_tie(p: Prepared, tokens: torch.Tensor, bound: float, *, near_ties: bool,
+                                 label: str) -> int:
+    """The steps the tokens agree with the reference's; a difference is allowed (near_ties) only where the
+    reference's two best logits are within 2 * bound of its logit scale."""
     scale = float(p.logits.abs().max())
     differ = (tokens != p.tokens).nonzero()
     steps = NEW_TOKENS if differ.numel() == 0 else int(differ[0, 0])
@@ -205,6 +207,14 @@ def compare(p: Prepared, tokens: torch.Tensor, logits: torch.Tensor, bound: floa
         assert near_ties and margin <= 2 * bound * scale, (
             f"{label}: token {steps} differs ({int(tokens[steps])} vs transformers' {int(p.tokens[steps])}); "
             f"the reference's top-2 margin there is {margin:.2e}, the logit bound {bound * scale:.2e}")
+    return steps
+
+
+def compare(p: Prepared, tokens: torch.Tensor, logits: torch.Tensor, bound: float, *, near_ties: bool, label: str):
+    """Tokens identical over NEW_TOKENS steps (with near_ties: up to a step where the reference's two best
+    logits are within 2 * bound of each other, a decision the bound cannot fix) and logits within bound."""
+    scale = float(p.logits.abs().max())
+    steps = same_tokens_up_to_a_near_tie(p, tokens, bound, near_ties=near_ties, label=label)
     # Up to and including the first differing step the two runs saw the same prefix: their logits compare.
     upto = min(steps + 1, NEW_TOKENS)
     diff = float((logits[:upto] - p.logits[:upto]).abs().max())
@@ -238,9 +248,15 @@ def test_greedy_generation_on_the_selected_backend(prepared, family, version, qu
         fmt = next(iter(model.moetier_experts.values())).shards[0].prepared.fmt.name
         assert fmt == p.layout.quantization.fmt or fmt == "bf16"
         tokens, logits = greedy(model)
+        # moetier's own generation (what `moetier run` and the benchmark call): a static cache where the
+        # model takes one
+        model.generation_config.min_new_tokens = NEW_TOKENS  # as greedy(): the end token held off
+        static, _ = generate(model, torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, pad_token_id=0)
     finally:
         model.moetier_experts.close()
     compare(p, tokens, logits, kernel_bound(fmt), near_ties=True, label=f"{version} ({fmt})")
+    assert static.numel() == NEW_TOKENS
+    same_tokens_up_to_a_near_tie(p, static, kernel_bound(fmt), near_ties=True, label=f"{version} ({fmt}, generate)")
 
 
 def teacher_forced(model, p: Prepared) -> torch.Tensor:
@@ -322,16 +338,22 @@ def test_dense_layers_move_onto_the_experts_backend(prepared, family, version):
         model.moetier_experts.close()
 
 
-def test_decode_forwards_run_torch_on_one_thread(prepared):
+def test_decode_forwards_run_torch_on_one_thread_and_keep_the_workers_awake(prepared):
     """With the dense layers on the backend's pool, a decode forward (<= 4 tokens) runs torch on one thread
-    and a prefill forward on the caller's count; the count is restored after each, also after an error."""
+    and a prefill forward on the caller's count, and the native pool's idle workers spin for the decode
+    setting only during decode forwards; both are restored after each forward, also after an error."""
+    from moetier.integrations.transformers.dense import DECODE_IDLE_SPIN_US, IDLE_SPIN_US
+
     p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
     model = load(p.folder, dtype=torch.float32, threads=1, progress=False)
     if model.moetier_dense.backend is None:
         model.moetier_experts.close()
         pytest.skip("no CPU backend here computes dense matrices")
+    backend = next(iter(model.moetier_experts.values())).shards[0].backend
+    pool = getattr(backend, "_kernel_pool", None)  # the native backends' pool; others have no workers
+    spin = (lambda: pool.idle_spin_us) if pool is not None else (lambda: None)
     seen = []
-    model.model.norm.register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    model.model.norm.register_forward_hook(lambda *a: seen.append((torch.get_num_threads(), spin())))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -341,7 +363,9 @@ def test_decode_forwards_run_torch_on_one_thread(prepared):
             assert torch.get_num_threads() == 2
             with pytest.raises(Exception):
                 model(torch.tensor([[10**9]]))  # an id past the vocabulary: the embedding raises
-        assert seen == [2, 1] and torch.get_num_threads() == 2
+        assert [threads for threads, _ in seen] == [2, 1] and torch.get_num_threads() == 2
+        if pool is not None:
+            assert [us for _, us in seen] == [IDLE_SPIN_US, DECODE_IDLE_SPIN_US] and spin() == IDLE_SPIN_US
     finally:
         torch.set_num_threads(before)
         model.moetier_experts.close()
@@ -563,3 +587,4 @@ def test_bad_settings_are_refused_before_loading(prepared, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SettingError, match="no CUDA device"):
             load(p.folder, device="cuda:0")
+

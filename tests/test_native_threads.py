@@ -179,3 +179,24 @@ def test_two_numa_nodes_split_and_reduce(monkeypatch):
         out1 = be1.forward(be1.prepare(layer, weights, range(7), "bf16"), hidden, ids, w)
         assert rel_err(out2, out1) < 1e-6  # only the order of the fp32 sums across nodes differs
         assert rel_err(out2, reference(layer, weights, range(7), "bf16", hidden, ids, w)) < 1e-2
+
+
+def test_idle_spin_is_a_setting_of_the_backend(monkeypatch):
+    """How long idle workers spin (decode raises it: moetier.integrations.transformers.dense.DecodeThreads)
+    is kept across set_threads; a negative value clamps to 0; forwards are unchanged by it. What it buys is
+    measured, not asserted here (docs/benchmarks.md: a call after an idle gap 60 us parked, 5 us spinning)."""
+    backend = make_backend(BEST, monkeypatch, threads=2)
+    assert backend._kernel_pool.idle_spin_us == 50
+    from moetier.formats import quantize
+
+    packed = backend.pack_linear(quantize(torch.randn(64, 64), "fp32"))
+    x = torch.randn(3, 64)
+    want = backend.linear(packed, x)
+    backend.set_idle_spin_us(3000)
+    assert backend._kernel_pool.idle_spin_us == 3000
+    backend.set_threads(2)
+    assert backend._kernel_pool.idle_spin_us == 3000
+    assert torch.equal(backend.linear(packed, x), want)
+    backend.set_idle_spin_us(-5)
+    assert backend._kernel_pool.idle_spin_us == 0
+    assert torch.equal(backend.linear(packed, x), want)

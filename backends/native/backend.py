@@ -108,6 +108,7 @@ class NativeBackend(ExpertBackend):
         self._ext = extension if extension is not None else load_variant(variant, inventory)
         self._inventory = inventory
         self._kernel_pool = None
+        self._idle_spin_us = None  # None: the pool's default
         self._host_worker = None
         self._host_lock = threading.Lock()
         self.set_threads(threads)
@@ -119,8 +120,14 @@ class NativeBackend(ExpertBackend):
             raise SettingError(f"{self.name}: threads must be a positive integer, got {threads!r}")
         cpus, nodes = worker_cpus(self._inventory, threads)
         self._kernel_pool = self._ext.ThreadPool(threads, cpus, nodes)
+        if self._idle_spin_us is not None:  # a new pool keeps the setting
+            self._kernel_pool.idle_spin_us = self._idle_spin_us
         self.threads = threads
         self.num_nodes = self._kernel_pool.num_nodes
+
+    def set_idle_spin_us(self, microseconds: int) -> None:
+        self._idle_spin_us = int(microseconds)
+        self._kernel_pool.idle_spin_us = self._idle_spin_us
 
     def __repr__(self) -> str:
         return f"NativeBackend({self.name}, variant={self.variant}, threads={self.threads})"

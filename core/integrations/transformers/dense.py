@@ -20,6 +20,10 @@ from ...formats import get_format, quantize
 KEEP = "transformers"
 # A forward of at most this many new tokens per sequence is a decode step (the kernels' decode path).
 DECODE_TOKENS = 4
+# Microseconds kernel workers spin between calls during decode forwards (longer than the Python between
+# two calls of a step, and between steps), and otherwise (the pool's default).
+DECODE_IDLE_SPIN_US = 2000
+IDLE_SPIN_US = 50
 
 
 class MoetierLinear(torch.nn.Module):
@@ -108,17 +112,23 @@ def route_dense(model: torch.nn.Module, layout, backend, fmt: str, keep=()) -> D
 
 
 class DecodeThreads:
-    """torch on one thread during decode forwards of a model whose dense layers run on moetier's pool.
+    """Thread settings for the decode forwards of a model whose dense layers or attention run on moetier's
+    pool: torch on one thread, and the backends' idle workers spinning between calls.
 
-    What a decode step leaves to torch then is small (norms, rotary embeddings, attention over the cache,
+    What a decode step leaves to torch then is small (norms, rotary embeddings, the cache update,
     sampling). With spinning OpenMP workers (torch imported before moetier: see moetier.openmp) they hold
     the cores the kernels' pinned pool is about to need: a 2-core decode ran 3-4x slower with torch on two
-    threads than on one. With sleeping workers the two are within noise (docs/benchmarks.md). Prefill
-    forwards (more than DECODE_TOKENS tokens) keep torch's own thread count, which their attention needs.
-    The hooks set the count around each forward and restore it after, also when the forward raises."""
+    threads than on one. With sleeping workers the two are within noise (docs/benchmarks.md). A decode step
+    calls the kernels ~50 times with a few hundred microseconds of Python between calls, and waking a
+    parked kernel worker costs a futex round trip each time (measured 55 us per call on a 2-core VM, a few
+    ms per token): during decode forwards the backends' workers spin for DECODE_IDLE_SPIN_US before
+    parking, and are set back after. Prefill forwards (more than DECODE_TOKENS tokens) keep torch's own
+    thread count, which their attention needs. The hooks restore both settings after each forward, also
+    when the forward raises."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, backends=()):
         self._saved: list[int] = []
+        self.backends = tuple(backends)
         self.handles = (model.register_forward_pre_hook(self._pre, with_kwargs=True),
                         model.register_forward_hook(self._post, always_call=True))
 
@@ -137,10 +147,14 @@ class DecodeThreads:
         tokens = self._tokens(args, kwargs)
         if tokens is not None and tokens <= DECODE_TOKENS:
             torch.set_num_threads(1)
+            for b in self.backends:
+                b.set_idle_spin_us(DECODE_IDLE_SPIN_US)
 
     def _post(self, module, args, output):
         if self._saved:
             torch.set_num_threads(self._saved.pop())
+        for b in self.backends:
+            b.set_idle_spin_us(IDLE_SPIN_US)
 
     def remove(self) -> None:
         for h in self.handles:

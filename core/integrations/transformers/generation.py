@@ -54,11 +54,22 @@ def _clock(inner):
     return Clock()
 
 
+def _static_cache_is_safe(model) -> bool:
+    """Whether generation may use a static cache: the model's generation config names no cache, transformers
+    marks the model as working with static caches, and it has no sparse-attention indexer (DeepSeek-V3.2,
+    GLM-5: over a static cache's empty slots transformers' indexer selects other keys; measured different
+    greedy tokens from the seventh on, with transformers' own sdpa attention too)."""
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    return (model.generation_config.cache_implementation is None and getattr(model, "_can_compile_fullgraph", False)
+            and getattr(config, "index_topk", None) is None)
+
+
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0,
              seed: int | None = None, streamer=None, attention_mask: torch.Tensor | None = None,
              eos_token_id=None, pad_token_id=None) -> tuple[torch.Tensor, GenerationTimes]:
     """Greedy (temperature 0) or sampled generation of one sequence; returns (new token ids [n], times).
-    `streamer` (e.g. transformers' TextStreamer) receives the tokens as they come."""
+    `streamer` (e.g. transformers' TextStreamer) receives the tokens as they come. A model transformers
+    marks as working with static caches gets one (see _static_cache_is_safe)."""
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got {list(input_ids.shape)}")
     device = model.device
@@ -75,6 +86,10 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
         kwargs["eos_token_id"] = eos_token_id
     if pad_token_id is not None:
         kwargs["pad_token_id"] = pad_token_id
+    if _static_cache_is_safe(model):
+        # A cache of the final length up front: a dynamic cache concatenates every layer's keys and values
+        # at every step (measured 14.0 against 11.5 ms per decode step on Qwen3-30B-A3B's dimensions).
+        kwargs["cache_implementation"] = "static"
     clock = _clock(streamer)
     start = time.perf_counter()
     with torch.inference_mode():

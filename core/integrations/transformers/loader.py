@@ -398,12 +398,14 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             if dense_backend is not None:
                 hf_model.moetier_dense = dense_mod.route_dense(
                     hf_model, layout, dense_backend, dense_fmt, keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla})
-                hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model)
             attention_backend = attention_mod.choose_attention_backend(list(experts.backends.values()), dtype,
                                                                        attn_implementation)
             if attention_backend is not None:
                 hf_model.moetier_attention = attention_backend.name
                 attention_mod.route_attention(hf_model, attention_backend)
+            if dense_backend is not None or attention_backend is not None:
+                cpu_backends = [b for b in experts.backends.values() if b.device.type == "cpu"]
+                hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model, cpu_backends)
         except BaseException:
             experts.close()
             raise
