@@ -94,17 +94,10 @@ struct Partial {
     float* acc;  // [rows][Dvp]
 };
 
-// Scores of one query row against a block of 16 keys (kblk: 16 rows of Dp floats) into out[16].
-MOE_INLINE void scores16(const float* q, const float* kblk, int Dp, float* out) {
 #if defined(__AVX512F__)
-    // 16 independent dot products, then one reduction tree (lane j of the result: key j), instead of a
-    // dependent chain and a horizontal sum per key.
-    __m512 acc[16];
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-    for (int i = 0; i < Dp; i += 16) {
-        const __m512 qv = _mm512_loadu_ps(q + i);
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kblk + size_t(j) * Dp + i), acc[j]);
-    }
+// 16 vectors of partial sums -> out[j] = the sum of acc[j]'s lanes: one reduction tree instead of a
+// horizontal sum per vector.
+MOE_INLINE void reduce16(const __m512* acc, float* out) {
     // Each level halves the vectors: pairs (x, y) -> lanes of x's partial sums beside y's.
     __m512 l1[8], l2[4], l3[2];
     for (int j = 0; j < 8; ++j) {
@@ -114,19 +107,48 @@ MOE_INLINE void scores16(const float* q, const float* kblk, int Dp, float* out) 
     for (int j = 0; j < 4; ++j) {
         const __m512 x = l1[2 * j], y = l1[2 * j + 1];
         l2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
-    }  // l2[j]: blocks [k0 k1 k2 k3] of keys 4j..4j+3, 4 partial sums each
+    }  // l2[j]: blocks [k0 k1 k2 k3] of vectors 4j..4j+3, 4 partial sums each
     for (int j = 0; j < 2; ++j) {
         const __m512 x = l2[2 * j], y = l2[2 * j + 1];
         l3[j] = _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE));
     }  // l3[j]: block b holds [x_b x_b y_b y_b] partial pairs
     const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88), _mm512_shuffle_ps(l3[0], l3[1], 0xDD));
-    // Lane l of r holds key (l % 4) * 4 + l / 4: a 4x4 transpose, its own inverse.
+    // Lane l of r holds vector (l % 4) * 4 + l / 4: a 4x4 transpose, its own inverse.
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, r));
+}
+#endif
+
+// Scores of one query row against a block of 16 keys (kblk: 16 rows of Dp floats) into out[16].
+MOE_INLINE void scores16(const float* q, const float* kblk, int Dp, float* out) {
+#if defined(__AVX512F__)
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < Dp; i += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + i);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kblk + size_t(j) * Dp + i), acc[j]);
+    }
+    reduce16(acc, out);
 #else
     for (int j = 0; j < 16; ++j) out[j] = dot(q, kblk + size_t(j) * Dp, Dp);
 #endif
 }
+
+#if MOETIER_HAS_DOT
+// The same on bf16 q and keys as they are stored (rows of Dp2 values, a multiple of 32, zero-padded):
+// vdpbf16ps multiplies bf16 pairs exactly and accumulates in fp32, as the fp32 path does, without
+// widening the keys first. The caller scales the scores.
+MOE_INLINE void scores16_bf16(const uint16_t* q, const uint16_t* const* krows, int Dp2, float* out) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < Dp2; i += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + i);
+        for (int j = 0; j < 16; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(krows[j] + i));
+    }
+    reduce16(acc, out);
+}
+#endif
 
 // out[Dvp] (+)= sum_j p[j] vblk[j] over n keys, 128 values at a time in registers.
 MOE_INLINE void weighted_values(const float* p, const float* vblk, int n, int Dvp, float* out, bool first) {
@@ -170,9 +192,29 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
     uint8_t* const used = used_.data();
     auto row_head = [&](int r) { return g * G + r % G; };
     auto row_token = [&](int r) { return r / G; };
-    for (int r = 0; r < R; ++r)
-        load_row(a.q + b * a.q_sb + row_head(r) * a.q_sh + row_token(r) * a.q_st, a.bf16, a.D, a.scale,
-                 qbuf + size_t(r) * Dp);
+#if MOETIER_HAS_DOT
+    // bf16 scores on vdpbf16ps: q and keys as stored, in rows of Dp2 (keys read in place when D is a
+    // multiple of 32, else copied into zero-padded rows).
+    const bool pairs = a.bf16;
+    const int Dp2 = (a.D + 31) & ~31;
+    thread_local std::vector<uint16_t> qraw_, kpad_;
+    const uint16_t* krows[KB];
+    if (pairs) {
+        qraw_.assign(size_t(R) * Dp2, 0);
+        kpad_.assign(size_t(KB + 1) * Dp2, 0);  // row KB: the zero key of a block's unseen slots
+        for (int r = 0; r < R; ++r)
+            std::memcpy(qraw_.data() + size_t(r) * Dp2,
+                        a.q + b * a.q_sb + row_head(r) * a.q_sh + row_token(r) * a.q_st, size_t(a.D) * 2);
+    }
+    uint16_t* const qraw = qraw_.data();
+    uint16_t* const kpad = kpad_.data();
+#else
+    constexpr bool pairs = false;
+#endif
+    if (!pairs)
+        for (int r = 0; r < R; ++r)
+            load_row(a.q + b * a.q_sb + row_head(r) * a.q_sh + row_token(r) * a.q_st, a.bf16, a.D, a.scale,
+                     qbuf + size_t(r) * Dp);
     const uint8_t* kb = a.k + b * a.k_sb + g * a.k_sh;
     const uint8_t* vb = a.v + b * a.v_sb + g * a.v_sh;
     const bool all_visible = a.mask_kind == MASK_NONE && !a.causal;
@@ -197,8 +239,20 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
             }
             if (j < n) used[c0 + j] = seen;
             any_key = any_key || seen;
+            const uint8_t* key = kb + int64_t(s0 + c0 + j) * a.k_ss;
+#if MOETIER_HAS_DOT
+            if (pairs) {
+                if (!seen) krows[j] = kpad + size_t(KB) * Dp2;
+                else if (a.D == Dp2) krows[j] = reinterpret_cast<const uint16_t*>(key);
+                else {
+                    std::memcpy(kpad + size_t(j) * Dp2, key, size_t(a.D) * 2);
+                    krows[j] = kpad + size_t(j) * Dp2;
+                }
+                continue;
+            }
+#endif
             float* row = blk + size_t(j) * Dp;
-            if (seen) load_row(kb + (s0 + c0 + j) * a.k_ss, a.bf16, a.D, 1.f, row);
+            if (seen) load_row(key, a.bf16, a.D, 1.f, row);
             else std::fill(row, row + Dp, 0.f);
         }
         for (int r = 0; r < R; ++r) {
@@ -208,7 +262,13 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
                 continue;
             }
             float dots[KB];
-            scores16(qbuf + size_t(r) * Dp, blk, Dp, dots);
+#if MOETIER_HAS_DOT
+            if (pairs) {
+                scores16_bf16(qraw + size_t(r) * Dp2, krows, Dp2, dots);
+                for (int j = 0; j < KB; ++j) dots[j] *= a.scale;
+            } else
+#endif
+                scores16(qbuf + size_t(r) * Dp, blk, Dp, dots);
             for (int j = 0; j < n; ++j) {
                 float bias = 0.f;
                 sr[j] = all_visible || visible(r, s0 + c0 + j, bias) ? dots[j] + bias : NEG_INF;
@@ -242,7 +302,7 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
         const int n = std::min(KB, C - c0);
         for (int j = 0; j < n; ++j) {
             float* row = blk + size_t(j) * Dvp;
-            if (used[c0 + j]) load_row(vb + (s0 + c0 + j) * a.v_ss, a.bf16, a.Dv, 1.f, row);
+            if (used[c0 + j]) load_row(vb + int64_t(s0 + c0 + j) * a.v_ss, a.bf16, a.Dv, 1.f, row);
             else std::fill(row, row + Dvp, 0.f);  // no row sees this key: never read from the cache
         }
         for (int r = 0; r < R; ++r)
