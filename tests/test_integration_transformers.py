@@ -405,10 +405,37 @@ def test_decode_attention_runs_on_the_experts_backend(prepared):
         theirs.moetier_experts.close()
 
 
+def test_prompts_short_enough_for_the_decode_kernels(prepared):
+    """A first forward of at most 4 tokens also runs on the attention kernels; over a static cache its keys
+    sit at the start and transformers passes no mask (SDPA's causal flag: token t sees keys 0..t). Greedy
+    tokens equal the sdpa model's for 1-4 token prompts over both caches."""
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "fp32")
+    ours = load(p.folder, dtype=torch.float32, threads=1, progress=False)
+    theirs = load(p.folder, dtype=torch.float32, threads=1, progress=False, attn_implementation="sdpa")
+    try:
+        if ours.moetier_attention is None:
+            pytest.skip("no CPU backend here computes attention")
+        for n in (1, 2, 4):
+            ids = torch.tensor([PROMPT[0][:n]])
+            for cache in ("dynamic", "static"):
+                got = []
+                for model in (ours, theirs):
+                    model.generation_config.cache_implementation = cache
+                    with torch.inference_mode():
+                        got.append(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                                  pad_token_id=0)[0, n:])
+                assert torch.equal(got[0], got[1]), (n, cache)
+    finally:
+        ours.moetier_experts.close()
+        theirs.moetier_experts.close()
+
+
 def test_attention_settings(prepared):
     p = prepared("qwen", "Qwen3-30B-A3B", "default", "fp32")
-    with pytest.raises(SettingError, match="attn_implementation='moetier' needs a CPU backend that computes attention"):
+    with pytest.raises(SettingError, match="attention implementation 'moetier' needs a CPU backend that computes"):
         load(p.folder, backend="cpu.torch", attn_implementation="moetier", progress=False)
+    with pytest.raises(SettingError, match="unknown attention implementation 'bogus'; known: .*moetier.*sdpa"):
+        load(p.folder, attn_implementation="bogus", progress=False)
     model = load(p.folder, backend="cpu.torch", dtype=torch.float32, progress=False)
     try:
         assert model.moetier_attention is None and model.config._attn_implementation == "sdpa"

@@ -161,14 +161,24 @@ def test_dense_layers_run_where_the_user_says(model_dirs):
         r = cli("run", folder, "--prompt", PROMPT, "--max-new-tokens", 6, "--dtype", "fp32", *THREADS, *extra)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert re.search(needle, stat_lines(r.stderr)["experts"]), r.stderr
+        attention = r"attention on cpu\.\S+," if native else r"attention sdpa \(transformers\)"
+        assert re.search(attention, stat_lines(r.stderr)["experts"]), r.stderr
         outputs[dense] = r.stdout
     # fp32 dense layers on the kernels compute what torch's do, up to the summation order.
     assert outputs[None] == outputs["transformers"]
+    # so does the attention: transformers' own, asked for by name
+    r = cli("run", folder, "--prompt", PROMPT, "--max-new-tokens", 6, "--dtype", "fp32", *THREADS,
+            "--attention", "sdpa")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "attention sdpa (transformers)" in stat_lines(r.stderr)["experts"], r.stderr
+    assert r.stdout == outputs[None]
 
 
 @pytest.mark.parametrize("args,needle", [
     (("--dense-format", "int3"), "unknown weight format 'int3'"),
     (("--dense-format", "int8", "--backend", "cpu.numba"), "no CPU backend of this model computes dense matrices"),
+    (("--attention", "bogus"), "unknown attention implementation 'bogus'; known: "),
+    (("--attention", "moetier", "--backend", "cpu.torch"), "attention implementation 'moetier' needs a CPU backend"),
 ])
 def test_dense_format_errors(model_dirs, args, needle):
     assert_usage_error(cli("run", model_dirs[0], "--prompt", PROMPT, *THREADS, *args), needle)

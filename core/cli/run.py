@@ -60,6 +60,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="format of the dense layers left on the CPU (attention, dense MLPs, LM head), computed "
                         "by the experts' CPU backend (default: the model's dtype; 'transformers': torch's own "
                         "layers)")
+    p.add_argument("--attention", metavar="IMPL",
+                   help="attention implementation: 'moetier' (decode attention on the experts' CPU backend's "
+                        "kernels; the default where that backend computes it), or one of transformers' "
+                        "('sdpa', 'eager')")
     add_backend_options(p, backend_help="CPU backend of the experts (default: MOETIER_BACKEND, else the one "
                                         "`moetier doctor` chooses)")
     g = p.add_argument_group("placement (default: every expert in DRAM on the CPU backend)")
@@ -147,7 +151,7 @@ def load_model(args, folder: Path, *, recorder=None):
         torch.set_num_threads(args.threads)
     model = load(folder, args.plan, dtype=dtype, device=args.device, threads=args.threads, backend=backend,
                  fmt=args.format, disk=args.disk, registry=ctx.registry, inventory=ctx.inventory,
-                 dense_format=args.dense_format, **budgets)
+                 dense_format=args.dense_format, attn_implementation=args.attention, **budgets)
     backends = sorted({s.backend.name for layer in model.moetier_experts.values() for s in layer.shards})
     return model, ", ".join(backends)
 
@@ -223,6 +227,8 @@ def run(args) -> int:
         dense = model.moetier_dense
         where = (f"{dense.matrices} dense matrices on {dense.backend} in {dense.fmt}" if dense.backend else
                  f"dense layers on {model.device} (torch)")
+        where += (f"; attention on {model.moetier_attention}" if model.moetier_attention else
+                  f"; attention {model.config._attn_implementation} (transformers)")
         print(f"experts  {tiers or 'none'} ({backend}; {where}, {str(model.dtype).removeprefix('torch.')})",
               file=err)
     finally:

@@ -1,7 +1,8 @@
 """transformers' attention on a moetier CPU backend's decode-attention kernels (moetier.attention).
 
 Registered in transformers' AttentionInterface (and its mask interface, with sdpa's boolean masks) as
-"moetier". Decode forwards (at most DECODE_TOKENS new tokens, on the CPU, in a dtype the backend takes)
+"moetier", with SDPA's conventions: where transformers passes no mask with the causal flag, new token t
+sees keys 0..t. Decode forwards (at most DECODE_TOKENS new tokens, on the CPU, in a dtype the backend takes)
 run `backend.decode_attention` over the cache transformers hands in; everything else (prefill, a GPU,
 attention sinks, soft-capping, position biases, dropout while training) goes to transformers' sdpa
 function, as the model would have run it. Sparse attention's key selection (DeepSeek-V3.2 and GLM-5 hand
@@ -31,6 +32,15 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
+def check_name(attn_implementation: str | None) -> None:
+    """A SettingError for a name neither moetier nor transformers implements, before anything loads."""
+    from transformers import AttentionInterface
+
+    known = sorted({NAME, "eager", *AttentionInterface._global_mapping})
+    if attn_implementation is not None and attn_implementation not in known:
+        raise SettingError(f"unknown attention implementation {attn_implementation!r}; known: {', '.join(known)}")
+
+
 def choose_attention_backend(backends, dtype: torch.dtype, attn_implementation: str | None):
     """The CPU backend (of those computing the experts) whose kernels take the decode attention, or None
     to leave transformers' choice. attn_implementation None: the first CPU backend that computes attention
@@ -42,9 +52,9 @@ def choose_attention_backend(backends, dtype: torch.dtype, attn_implementation: 
             return b
     if attn_implementation == NAME:
         names = ", ".join(b.name for b in backends if b.device.type == "cpu") or "no CPU backend"
-        raise SettingError(f"attn_implementation='{NAME}' needs a CPU backend that computes attention in "
-                           f"{str(dtype).removeprefix('torch.')}; this model's: {names}; leave attn_implementation "
-                           f"unset or name one of transformers' (sdpa, eager)")
+        raise SettingError(f"attention implementation '{NAME}' needs a CPU backend that computes attention in "
+                           f"{str(dtype).removeprefix('torch.')}; this model's: {names}; leave it unset or name one "
+                           f"of transformers' (sdpa, eager)")
     return None
 
 
@@ -79,8 +89,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                       is_causal=is_causal, **kwargs)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
-    return backend.decode_attention(query, key, value, scale=scale, mask=attention_mask, causal=causal), None
+    T, S = query.shape[2], key.shape[2]
+    if attention_mask is None and is_causal and T > 1:
+        # transformers leaves the mask out only where SDPA's is_causal means it: token t sees keys 0..t
+        # (aligned at the start: a first forward over a static cache, whose later slots are empty).
+        attention_mask = (torch.arange(S)[None, :] <= torch.arange(T)[:, None])[None, None]
+    return backend.decode_attention(query, key, value, scale=scale, mask=attention_mask), None
 
 
 def _selected_keys_mask(attention_mask, indices: torch.Tensor, keys: int, dtype: torch.dtype) -> torch.Tensor:

@@ -317,6 +317,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     if dev.type != "cpu" and dense_format not in (None, dense_mod.KEEP):
         raise SettingError(f"the dense layers go to {dev}, where transformers computes them: dense_format="
                            f"{dense_format!r} applies to dense layers on the CPU")
+    attention_mod.check_name(attn_implementation)
     if dev.type != "cpu" and attn_implementation == attention_mod.NAME:
         raise SettingError(f"the attention goes to {dev}: attn_implementation='{attention_mod.NAME}' computes it on "
                            f"the CPU; leave it unset or name one of transformers' implementations")
