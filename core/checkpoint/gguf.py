@@ -199,8 +199,13 @@ def _common_model(f: GGUFFile) -> dict:
 
 
 def _qwen_model(f: GGUFFile) -> dict:
-    return {**_common_model(f), "num_key_value_heads": int(f.llm("attention.head_count_kv")),
-            "head_dim": int(f.llm("attention.key_length"))}
+    heads = int(f.llm("attention.head_count"))
+    # Qwen2-MoE files may omit the key length: the heads then split the embedding evenly.
+    head_dim = int(f.llm("attention.key_length", int(f.llm("embedding_length")) // heads))
+    cfg = {**_common_model(f), "num_key_value_heads": int(f.llm("attention.head_count_kv")), "head_dim": head_dim}
+    if f.arch == "qwen2moe":  # q/k/v biases when the file has them (Qwen1.5-MoE and Qwen2-57B do)
+        cfg["qkv_bias"] = f.has("blk.0.attn_q.bias")
+    return cfg
 
 
 def _deepseek2_model(f: GGUFFile) -> dict:
@@ -218,7 +223,7 @@ def _deepseek2_model(f: GGUFFile) -> dict:
 
 
 # general.architecture -> model-level config builder, for the architectures whole-model loading reads
-MODEL_ARCHITECTURES = {"qwen3moe": _qwen_model, "deepseek2": _deepseek2_model}
+MODEL_ARCHITECTURES = {"qwen3moe": _qwen_model, "qwen2moe": _qwen_model, "deepseek2": _deepseek2_model}
 
 # general.architecture -> (config builder, the zoo family its config lands in, for docs and errors)
 ARCHITECTURES = {
