@@ -2,8 +2,8 @@
 ci/llama_cpp_bench.sh inside its own virtual environment (numpy, safetensors, gguf, llama-cpp-python; no
 torch, no moetier).
 
-1. Convert: the Qwen3-MoE, Qwen2-MoE or DeepSeek-V3 safetensors checkpoint (bf16) becomes a BF16 GGUF in
-   llama.cpp's `qwen3moe` / `qwen2moe` / `deepseek2` tensor names and metadata keys (those convert_hf_to_gguf.py writes; DeepSeek's
+1. Convert: the Qwen3-MoE, Qwen2-MoE, GLM-4.5 or DeepSeek-V3 safetensors checkpoint (bf16) becomes a BF16
+   GGUF in llama.cpp's `qwen3moe` / `qwen2moe` / `glm4moe` / `deepseek2` tensor names and metadata keys (those convert_hf_to_gguf.py writes; DeepSeek's
    kv_b split into k_b and v_b for llama.cpp's absorbed MLA), written with the gguf package;
    the weights' bf16 bytes are copied as they are, the 1-D norms stored as F32 (as the converter does).
    The checkpoint has no tokenizer: a synthetic vocabulary of the model's size ("<0>", "<1>", ...) is
@@ -77,17 +77,18 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
-ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "deepseek_v3": "deepseek2"}
+ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2"}
 
 
 def convert_bf16(ckpt: Path, out: Path) -> None:
-    """The BF16 GGUF of a Qwen3-MoE, Qwen2-MoE or DeepSeek-V3 checkpoint, as convert_hf_to_gguf.py writes it."""
+    """The BF16 GGUF of a Qwen3-MoE, Qwen2-MoE, GLM-4.5 or DeepSeek-V3 checkpoint, as convert_hf_to_gguf.py
+    writes it."""
     import gguf
 
     cfg = json.loads((ckpt / "config.json").read_text())
     arch = ARCH.get(cfg.get("model_type"))
     if arch is None:
-        raise SystemExit(f"llama_cpp_bench.py: converts Qwen3-MoE, Qwen2-MoE and DeepSeek-V3 checkpoints, this one is "
+        raise SystemExit(f"llama_cpp_bench.py: converts Qwen3-MoE, Qwen2-MoE, GLM-4.5 and DeepSeek-V3 checkpoints, this one is "
                          f"{cfg.get('model_type')}")
     t = read_safetensors(ckpt)
     L, H, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
@@ -153,6 +154,43 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
                                  ("down_proj", "ffn_down_shexp")):
                     bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.shared_expert.{proj}.weight"]))
                 f32(f"blk.{i}.ffn_gate_inp_shexp.weight", raw(t[p + "mlp.shared_expert_gate.weight"]))
+    elif arch == "glm4moe":
+        E, head_dim = cfg["n_routed_experts"], cfg["head_dim"]
+        rope = cfg.get("rope_parameters") or {}
+        w.add_head_count_kv(cfg["num_key_value_heads"])
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))))
+        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+        w.add_expert_count(E)
+        w.add_expert_shared_count(cfg["n_shared_experts"])
+        w.add_expert_weights_scale(float(cfg["routed_scaling_factor"]))
+        w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(cfg["n_group"])
+        w.add_expert_group_used_count(cfg["topk_group"])
+        # The MTP layers (num_nextn_predict_layers) are not converted: transformers' model does not run them.
+        for i in range(L):
+            p = f"model.layers.{i}."
+            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
+            f32(f"blk.{i}.post_attention_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"self_attn.{hf}.weight"]))
+                if p + f"self_attn.{hf}.bias" in t:
+                    f32(f"blk.{i}.{gg}.bias", raw(t[p + f"self_attn.{hf}.bias"]))
+            if p + "self_attn.q_norm.weight" in t:  # use_qk_norm
+                f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
+                f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
+            if i < cfg["first_k_dense_replace"]:
+                for proj, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                    bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.{proj}.weight"]))
+                continue
+            experts(i, p, E)
+            w.add_tensor(f"blk.{i}.exp_probs_b.bias", np.ascontiguousarray(
+                raw_f32(t[p + "mlp.gate.e_score_correction_bias"])))
+            for proj, gg in (("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"),
+                             ("down_proj", "ffn_down_shexp")):
+                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.shared_experts.{proj}.weight"]))
     else:
         # MLA as llama.cpp runs it (absorbed, one shared latent "head"): kv_b split into k_b (transposed) and v_b.
         E, rank, rope = cfg["n_routed_experts"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]

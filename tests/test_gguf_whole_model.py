@@ -66,22 +66,25 @@ def test_a_bf16_gguf_is_the_same_model_as_its_safetensors(models, dims):
     assert torch.equal(got, want), (got - want).abs().max()
 
 
-def test_a_qwen2_moe_gguf_is_the_same_model_as_its_safetensors(tmp_path):
-    """qwen2moe (Qwen1.5-MoE, Qwen2-57B): q/k/v biases, the shared expert and its sigmoid gate, the head
-    size from the heads when the file has no key length. The zoo's tiny checkpoint in its real on-disk
-    layout, converted to a BF16 GGUF: the same fp32 logits, bit for bit, on the reference backend and on
-    the one this machine selects."""
+@pytest.mark.parametrize("family,version", [("qwen", "Qwen1.5-MoE-A2.7B"), ("glm", "GLM-4.5-Air"), ("glm", "GLM-4.7")])
+def test_zoo_checkpoints_as_gguf_are_the_same_models(tmp_path, family, version):
+    """qwen2moe (Qwen1.5-MoE, Qwen2-57B: q/k/v biases, the shared expert and its sigmoid gate, the head size
+    from the heads when the file has no key length) and glm4moe (GLM-4.5..4.7: partial rotary embedding,
+    dense first layers, sigmoid routing with the selection bias, shared experts, `post_attention_norm`).
+    The zoo's tiny checkpoints in their real on-disk layouts, converted to BF16 GGUFs as llama.cpp names
+    them (llama.cpp itself reads these files within the bf16 bound: docs/benchmarks.md): the same fp32
+    logits, bit for bit, on the reference backend and on the one this machine selects."""
     from moetier.plugins import load_registry
 
-    folder = tmp_path / "qwen2moe"
-    load_registry().family("qwen").tiny("Qwen1.5-MoE-A2.7B", str(folder), seed=1)
+    folder = tmp_path / version
+    load_registry().family(family).tiny(version, str(folder), seed=1)
     converter().convert_bf16(folder, folder / "model-BF16.gguf")
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     for backend in ("cpu.torch", None):
         kw = dict(backend=backend, dtype=torch.float32, device="cpu", threads=1, progress=False)
         want = logits(mt.load(folder, **kw), ids)
         model = mt.load(folder / "model-BF16.gguf", **kw)
-        assert model.config.qkv_bias and model.config.shared_expert_intermediate_size == 48
+        assert type(model).__name__ == ("Qwen2MoeForCausalLM" if family == "qwen" else "Glm4MoeForCausalLM")
         got = logits(model, ids)
         assert torch.equal(got, want), (backend, (got - want).abs().max())
 
