@@ -123,6 +123,38 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
         for proj, gg in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
             bf16(f"blk.{i}.{gg}.weight", np.stack([raw(t[p + f"mlp.experts.{e}.{proj}.weight"]) for e in range(E)]))
 
+    def mlp(i: int, p: str, hf: str, suffix: str) -> None:  # gate/up/down of a dense MLP or a shared expert
+        for proj, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            bf16(f"blk.{i}.{gg}{suffix}.weight", raw(t[p + f"{hf}.{proj}.weight"]))
+
+    def gqa_attention(i: int, p: str) -> None:  # q/k/v/o, with the biases and q/k norms the checkpoint has
+        for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"self_attn.{hf}.weight"]))
+            if p + f"self_attn.{hf}.bias" in t:  # F32, as the converter keeps 1-D tensors
+                f32(f"blk.{i}.{gg}.bias", raw(t[p + f"self_attn.{hf}.bias"]))
+        if p + "self_attn.q_norm.weight" in t:
+            f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
+            f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
+
+    def sigmoid_routing(E: int) -> None:  # DeepSeek-V3's routing keys, which GLM-4.5 shares
+        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+        w.add_expert_count(E)
+        w.add_expert_shared_count(cfg["n_shared_experts"])
+        w.add_expert_weights_scale(float(cfg["routed_scaling_factor"]))
+        w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(cfg["n_group"])
+        w.add_expert_group_used_count(cfg["topk_group"])
+
+    def sigmoid_moe(i: int, p: str, E: int) -> None:  # a dense first layer, or routed experts + bias + shared
+        if i < cfg["first_k_dense_replace"]:
+            mlp(i, p, "mlp", "")
+            return
+        experts(i, p, E)
+        w.add_tensor(f"blk.{i}.exp_probs_b.bias", np.ascontiguousarray(
+            raw_f32(t[p + "mlp.gate.e_score_correction_bias"])))
+        mlp(i, p, "mlp.shared_experts", "_shexp")
+
     bf16("token_embd.weight", raw(t["model.embed_tokens.weight"]))
     f32("output_norm.weight", raw(t["model.norm.weight"]))
     if "lm_head.weight" in t:  # a tied LM head is the embedding table: llama.cpp reads token_embd then
@@ -141,18 +173,10 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
             p = f"model.layers.{i}."
             f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
             f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
-            for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
-                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"self_attn.{hf}.weight"]))
-                if p + f"self_attn.{hf}.bias" in t:  # Qwen2-MoE's q/k/v biases, F32 as the converter keeps them
-                    f32(f"blk.{i}.{gg}.bias", raw(t[p + f"self_attn.{hf}.bias"]))
-            if arch == "qwen3moe":
-                f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
-                f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
+            gqa_attention(i, p)
             experts(i, p, E)
             if arch == "qwen2moe":  # the shared expert and its sigmoid gate (one logit per token)
-                for proj, gg in (("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"),
-                                 ("down_proj", "ffn_down_shexp")):
-                    bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.shared_expert.{proj}.weight"]))
+                mlp(i, p, "mlp.shared_expert", "_shexp")
                 f32(f"blk.{i}.ffn_gate_inp_shexp.weight", raw(t[p + "mlp.shared_expert_gate.weight"]))
     elif arch == "glm4moe":
         E, head_dim = cfg["n_routed_experts"], cfg["head_dim"]
@@ -161,36 +185,14 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))))
-        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
-        w.add_expert_count(E)
-        w.add_expert_shared_count(cfg["n_shared_experts"])
-        w.add_expert_weights_scale(float(cfg["routed_scaling_factor"]))
-        w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_group_count(cfg["n_group"])
-        w.add_expert_group_used_count(cfg["topk_group"])
+        sigmoid_routing(E)
         # The MTP layers (num_nextn_predict_layers) are not converted: transformers' model does not run them.
         for i in range(L):
             p = f"model.layers.{i}."
             f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
             f32(f"blk.{i}.post_attention_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
-            for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
-                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"self_attn.{hf}.weight"]))
-                if p + f"self_attn.{hf}.bias" in t:
-                    f32(f"blk.{i}.{gg}.bias", raw(t[p + f"self_attn.{hf}.bias"]))
-            if p + "self_attn.q_norm.weight" in t:  # use_qk_norm
-                f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
-                f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
-            if i < cfg["first_k_dense_replace"]:
-                for proj, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-                    bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.{proj}.weight"]))
-                continue
-            experts(i, p, E)
-            w.add_tensor(f"blk.{i}.exp_probs_b.bias", np.ascontiguousarray(
-                raw_f32(t[p + "mlp.gate.e_score_correction_bias"])))
-            for proj, gg in (("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"),
-                             ("down_proj", "ffn_down_shexp")):
-                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.shared_experts.{proj}.weight"]))
+            gqa_attention(i, p)
+            sigmoid_moe(i, p, E)
     else:
         # MLA as llama.cpp runs it (absorbed, one shared latent "head"): kv_b split into k_b (transposed) and v_b.
         E, rank, rope = cfg["n_routed_experts"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
@@ -203,14 +205,7 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
         w.add_key_length_mla(nope + rope)
         w.add_value_length_mla(v_dim)
         w.add_rope_dimension_count(rope)
-        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
-        w.add_expert_count(E)
-        w.add_expert_shared_count(cfg["n_shared_experts"])
-        w.add_expert_weights_scale(float(cfg["routed_scaling_factor"]))
-        w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_group_count(cfg["n_group"])
-        w.add_expert_group_used_count(cfg["topk_group"])
+        sigmoid_routing(E)
         for i in range(L):
             p = f"model.layers.{i}."
             f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
@@ -225,16 +220,7 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
             bf16(f"blk.{i}.attn_k_b.weight", kv_b[:, :nope, :].transpose(0, 2, 1))
             bf16(f"blk.{i}.attn_v_b.weight", kv_b[:, nope:, :])
             bf16(f"blk.{i}.attn_output.weight", raw(t[a + "o_proj.weight"]))
-            if i < cfg["first_k_dense_replace"]:
-                for proj, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-                    bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.{proj}.weight"]))
-                continue
-            experts(i, p, E)
-            w.add_tensor(f"blk.{i}.exp_probs_b.bias", np.ascontiguousarray(
-                raw_f32(t[p + "mlp.gate.e_score_correction_bias"])))
-            for proj, gg in (("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"),
-                             ("down_proj", "ffn_down_shexp")):
-                bf16(f"blk.{i}.{gg}.weight", raw(t[p + f"mlp.shared_experts.{proj}.weight"]))
+            sigmoid_moe(i, p, E)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
