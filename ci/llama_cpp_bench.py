@@ -2,8 +2,8 @@
 ci/llama_cpp_bench.sh inside its own virtual environment (numpy, safetensors, gguf, llama-cpp-python; no
 torch, no moetier).
 
-1. Convert: the Qwen3-MoE, Qwen2-MoE, GLM-4.5 or DeepSeek-V3 safetensors checkpoint (bf16) becomes a BF16
-   GGUF in llama.cpp's `qwen3moe` / `qwen2moe` / `glm4moe` / `deepseek2` tensor names and metadata keys (those convert_hf_to_gguf.py writes; DeepSeek's
+1. Convert: the Qwen3-MoE, Qwen2-MoE, GLM-4.5, MiniMax-M2 or DeepSeek-V3 safetensors checkpoint (bf16)
+   becomes a BF16 GGUF in llama.cpp's `qwen3moe` / `qwen2moe` / `glm4moe` / `minimax-m2` / `deepseek2` tensor names and metadata keys (those convert_hf_to_gguf.py writes; DeepSeek's
    kv_b split into k_b and v_b for llama.cpp's absorbed MLA), written with the gguf package;
    the weights' bf16 bytes are copied as they are, the 1-D norms stored as F32 (as the converter does).
    The checkpoint has no tokenizer: a synthetic vocabulary of the model's size ("<0>", "<1>", ...) is
@@ -77,18 +77,20 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
-ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2"}
+ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2",
+        "deepseek_v3": "deepseek2"}
 
 
 def convert_bf16(ckpt: Path, out: Path) -> None:
-    """The BF16 GGUF of a Qwen3-MoE, Qwen2-MoE, GLM-4.5 or DeepSeek-V3 checkpoint, as convert_hf_to_gguf.py
-    writes it."""
+    """The BF16 GGUF of a Qwen3-MoE, Qwen2-MoE, GLM-4.5, MiniMax-M2 (bf16, not its shipped FP8) or
+    DeepSeek-V3 checkpoint, as convert_hf_to_gguf.py writes it."""
     import gguf
 
     cfg = json.loads((ckpt / "config.json").read_text())
     arch = ARCH.get(cfg.get("model_type"))
     if arch is None:
-        raise SystemExit(f"llama_cpp_bench.py: converts Qwen3-MoE, Qwen2-MoE, GLM-4.5 and DeepSeek-V3 checkpoints, this one is "
+        raise SystemExit(f"llama_cpp_bench.py: converts Qwen3-MoE, Qwen2-MoE, GLM-4.5, MiniMax-M2 and DeepSeek-V3 "
+                         f"checkpoints, this one is "
                          f"{cfg.get('model_type')}")
     t = read_safetensors(ckpt)
     L, H, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
@@ -97,12 +99,12 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(H)
     w.add_block_count(L)
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])  # MiniMax-M2's is its experts' (no dense MLP)
     w.add_head_count(cfg["num_attention_heads"])
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 1e6)))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_expert_used_count(cfg["num_experts_per_tok"])
-    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -136,6 +138,13 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
             f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
             f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
 
+    def gqa_heads(head_dim: int, partial_rotary: float | None = None) -> None:  # the attention's keys
+        w.add_head_count_kv(cfg["num_key_value_heads"])
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        if partial_rotary is not None:  # the rotary embedding on the first values of each head
+            w.add_rope_dimension_count(int(head_dim * partial_rotary))
+
     def sigmoid_routing(E: int) -> None:  # DeepSeek-V3's routing keys, which GLM-4.5 shares
         w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
         w.add_expert_count(E)
@@ -161,10 +170,7 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
         bf16("output.weight", raw(t["lm_head.weight"]))
     if arch in ("qwen3moe", "qwen2moe"):
         E = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter
-        head_dim = cfg.get("head_dim") or H // cfg["num_attention_heads"]
-        w.add_head_count_kv(cfg["num_key_value_heads"])
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+        gqa_heads(cfg.get("head_dim") or H // cfg["num_attention_heads"])
         w.add_expert_count(E)
         if arch == "qwen2moe":
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
@@ -179,12 +185,8 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
                 mlp(i, p, "mlp.shared_expert", "_shexp")
                 f32(f"blk.{i}.ffn_gate_inp_shexp.weight", raw(t[p + "mlp.shared_expert_gate.weight"]))
     elif arch == "glm4moe":
-        E, head_dim = cfg["n_routed_experts"], cfg["head_dim"]
-        rope = cfg.get("rope_parameters") or {}
-        w.add_head_count_kv(cfg["num_key_value_heads"])
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))))
+        E = cfg["n_routed_experts"]
+        gqa_heads(cfg["head_dim"], (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 0.5))
         sigmoid_routing(E)
         # The MTP layers (num_nextn_predict_layers) are not converted: transformers' model does not run them.
         for i in range(L):
@@ -193,6 +195,21 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
             f32(f"blk.{i}.post_attention_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
             gqa_attention(i, p)
             sigmoid_moe(i, p, E)
+    elif arch == "minimax-m2":
+        E = cfg["num_local_experts"]
+        gqa_heads(cfg["head_dim"], (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+        w.add_expert_count(E)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        for i in range(L):
+            p = f"model.layers.{i}."
+            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
+            f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            gqa_attention(i, p)  # its q/k norms span all heads: [heads * head_dim]
+            m = p + "block_sparse_moe."
+            f32(f"blk.{i}.ffn_gate_inp.weight", raw(t[m + "gate.weight"]))
+            for proj, gg in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+                bf16(f"blk.{i}.{gg}.weight", np.stack([raw(t[m + f"experts.{e}.{proj}.weight"]) for e in range(E)]))
+            w.add_tensor(f"blk.{i}.exp_probs_b.bias", np.ascontiguousarray(raw_f32(t[m + "e_score_correction_bias"])))
     else:
         # MLA as llama.cpp runs it (absorbed, one shared latent "head"): kv_b split into k_b (transposed) and v_b.
         E, rank, rope = cfg["n_routed_experts"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]

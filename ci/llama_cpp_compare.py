@@ -4,7 +4,8 @@
     python ci/llama_cpp_compare.py CHECKPOINT llama_logits.npz                         # this script
 
 CHECKPOINT is one `moetier bench model` wrote (Qwen3-MoE or DeepSeek-V3 layout, bf16; the tiny dimensions
-are enough and take seconds), or a bf16 Qwen2-MoE or GLM-4.5 one (the zoo's tiny Qwen1.5-MoE-A2.7B, GLM-4.5-Air). moetier loads it with the experts and the dense layers in the format
+are enough and take seconds), or a bf16 Qwen2-MoE, GLM-4.5 or MiniMax-M2 one (the zoo's tiny Qwen1.5-MoE-A2.7B, GLM-4.5-Air, MiniMax-M2
+written with quant=None). moetier loads it with the experts and the dense layers in the format
 llama.cpp's type stores them in (BF16: bf16; Q8_0: q8_0, which moetier's quantizer writes byte for byte as
 llama.cpp's does) and activations in fp32, as llama.cpp keeps its residual stream. Both are also compared
 with transformers' fp32 model on the checkpoint's weights (the exact result for BF16; for Q8_0 it adds the

@@ -66,25 +66,29 @@ def test_a_bf16_gguf_is_the_same_model_as_its_safetensors(models, dims):
     assert torch.equal(got, want), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("family,version", [("qwen", "Qwen1.5-MoE-A2.7B"), ("glm", "GLM-4.5-Air"), ("glm", "GLM-4.7")])
+@pytest.mark.parametrize("family,version", [("qwen", "Qwen1.5-MoE-A2.7B"), ("glm", "GLM-4.5-Air"), ("glm", "GLM-4.7"),
+                                            ("minimax", "MiniMax-M2")])
 def test_zoo_checkpoints_as_gguf_are_the_same_models(tmp_path, family, version):
     """qwen2moe (Qwen1.5-MoE, Qwen2-57B: q/k/v biases, the shared expert and its sigmoid gate, the head size
     from the heads when the file has no key length) and glm4moe (GLM-4.5..4.7: partial rotary embedding,
-    dense first layers, sigmoid routing with the selection bias, shared experts, `post_attention_norm`).
+    dense first layers, sigmoid routing with the selection bias, shared experts, `post_attention_norm`) and
+    minimax-m2 (q/k norms over all heads, `block_sparse_moe` w1/w3/w2 experts, the selection bias; bf16,
+    as llama.cpp's converter writes the FP8 release after dequantizing it).
     The zoo's tiny checkpoints in their real on-disk layouts, converted to BF16 GGUFs as llama.cpp names
     them (llama.cpp itself reads these files within the bf16 bound: docs/benchmarks.md): the same fp32
     logits, bit for bit, on the reference backend and on the one this machine selects."""
     from moetier.plugins import load_registry
 
     folder = tmp_path / version
-    load_registry().family(family).tiny(version, str(folder), seed=1)
+    load_registry().family(family).tiny(version, str(folder), quant=None, seed=1)
     converter().convert_bf16(folder, folder / "model-BF16.gguf")
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     for backend in ("cpu.torch", None):
         kw = dict(backend=backend, dtype=torch.float32, device="cpu", threads=1, progress=False)
         want = logits(mt.load(folder, **kw), ids)
         model = mt.load(folder / "model-BF16.gguf", **kw)
-        assert type(model).__name__ == ("Qwen2MoeForCausalLM" if family == "qwen" else "Glm4MoeForCausalLM")
+        assert type(model).__name__ == {"qwen": "Qwen2MoeForCausalLM", "glm": "Glm4MoeForCausalLM",
+                                        "minimax": "MiniMaxM2ForCausalLM"}[family]
         got = logits(model, ids)
         assert torch.equal(got, want), (backend, (got - want).abs().max())
 

@@ -208,15 +208,20 @@ def _qwen_model(f: GGUFFile) -> dict:
     return cfg
 
 
-def _glm4moe_model(f: GGUFFile) -> dict:
-    """GLM-4.5/4.6/4.7: rotary embedding on the first rope.dimension_count of each head, q/k/v biases and
-    q/k norms when the file has them."""
+def _partial_rotary_model(f: GGUFFile) -> dict:
+    """Grouped-query attention with the rotary embedding on the first rope.dimension_count values of each
+    head (GLM-4.5..4.7, MiniMax-M2)."""
     head_dim = int(f.llm("attention.key_length"))
-    cfg = {**_common_model(f), "num_key_value_heads": int(f.llm("attention.head_count_kv")), "head_dim": head_dim,
-           "attention_bias": f.has("blk.0.attn_q.bias"), "use_qk_norm": f.has("blk.0.attn_q_norm.weight")}
+    cfg = {**_common_model(f), "num_key_value_heads": int(f.llm("attention.head_count_kv")), "head_dim": head_dim}
     cfg["rope_parameters"] = {**cfg["rope_parameters"],
                               "partial_rotary_factor": int(f.llm("rope.dimension_count", head_dim)) / head_dim}
     return cfg
+
+
+def _glm4moe_model(f: GGUFFile) -> dict:
+    """GLM-4.5/4.6/4.7: q/k/v biases and q/k norms when the file has them."""
+    return {**_partial_rotary_model(f), "attention_bias": f.has("blk.0.attn_q.bias"),
+            "use_qk_norm": f.has("blk.0.attn_q_norm.weight")}
 
 
 def _deepseek2_model(f: GGUFFile) -> dict:
@@ -235,7 +240,7 @@ def _deepseek2_model(f: GGUFFile) -> dict:
 
 # general.architecture -> model-level config builder, for the architectures whole-model loading reads
 MODEL_ARCHITECTURES = {"qwen3moe": _qwen_model, "qwen2moe": _qwen_model, "glm4moe": _glm4moe_model,
-                       "deepseek2": _deepseek2_model}
+                       "minimax-m2": _partial_rotary_model, "deepseek2": _deepseek2_model}
 
 # general.architecture -> (config builder, the zoo family its config lands in, for docs and errors)
 ARCHITECTURES = {

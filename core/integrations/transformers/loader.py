@@ -228,8 +228,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
          prefetch: bool = True, registry=None, inventory=None, progress: bool | None = None,
          attn_implementation: str | None = None, dense_format: str | None = None):
     """Load checkpoint `model` (a folder, its config.json, or a GGUF file) as a transformers causal LM whose
-    routed experts run on moetier. A GGUF file (llama.cpp's; architectures qwen3moe, qwen2moe, glm4moe and
-    deepseek2) is read as it is: its other tensors dequantized into transformers' model, its experts packed in the types it
+    routed experts run on moetier. A GGUF file (llama.cpp's; architectures qwen3moe, qwen2moe, glm4moe,
+    minimax-m2 and deepseek2) is read as it is: its other tensors dequantized into transformers' model, its experts packed in the types it
     stores them in, layer by layer (a Q4_K_M file's layers differ); memory budgets plan safetensors
     checkpoints only.
 
