@@ -436,6 +436,15 @@ def test_attention_settings(prepared):
         load(p.folder, backend="cpu.torch", attn_implementation="moetier", progress=False)
     with pytest.raises(SettingError, match="unknown attention implementation 'bogus'; known: .*moetier.*sdpa"):
         load(p.folder, attn_implementation="bogus", progress=False)
+    # Only sdpa is taken over (the kernels fall back to it): a model transformers runs on eager (gpt-oss's
+    # attention sinks, which sdpa lacks) keeps it, and insisting on "moetier" there says why not.
+    from moetier.integrations.transformers.attention import choose_attention_backend
+    from moetier.reference import oracle
+
+    assert choose_attention_backend([oracle()], torch.float32, None, "sdpa") is not None
+    assert choose_attention_backend([oracle()], torch.float32, None, "eager") is None
+    with pytest.raises(SettingError, match="takes over sdpa attention; transformers runs this model's on eager"):
+        choose_attention_backend([oracle()], torch.float32, "moetier", "eager")
     model = load(p.folder, backend="cpu.torch", dtype=torch.float32, progress=False)
     try:
         assert model.moetier_attention is None and model.config._attn_implementation == "sdpa"

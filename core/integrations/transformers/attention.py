@@ -41,11 +41,18 @@ def check_name(attn_implementation: str | None) -> None:
         raise SettingError(f"unknown attention implementation {attn_implementation!r}; known: {', '.join(known)}")
 
 
-def choose_attention_backend(backends, dtype: torch.dtype, attn_implementation: str | None):
+def choose_attention_backend(backends, dtype: torch.dtype, attn_implementation: str | None, loaded_with: str):
     """The CPU backend (of those computing the experts) whose kernels take the decode attention, or None
     to leave transformers' choice. attn_implementation None: the first CPU backend that computes attention
-    in `dtype`, else none; "moetier": that backend, an error when there is none; another name: none."""
+    in `dtype`, else none; "moetier": that backend, an error when there is none; another name: none.
+    Only a model transformers runs on sdpa (`loaded_with`) is taken over, since sdpa is where everything
+    the kernels do not compute goes: a model on eager (gpt-oss's attention sinks, which sdpa lacks) stays."""
     if attn_implementation not in (None, NAME):
+        return None
+    if loaded_with != "sdpa":
+        if attn_implementation == NAME:
+            raise SettingError(f"attention implementation '{NAME}' takes over sdpa attention; transformers runs this "
+                               f"model's on {loaded_with}; leave it unset")
         return None
     for b in backends:
         if b.device.type == "cpu" and dtype in b.attention_dtypes:

@@ -399,8 +399,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             if dense_backend is not None:
                 hf_model.moetier_dense = dense_mod.route_dense(
                     hf_model, layout, dense_backend, dense_fmt, keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla})
-            attention_backend = attention_mod.choose_attention_backend(list(experts.backends.values()), dtype,
-                                                                       attn_implementation)
+            attention_backend = attention_mod.choose_attention_backend(
+                list(experts.backends.values()), dtype, attn_implementation, hf_model.config._attn_implementation)
             if attention_backend is not None:
                 hf_model.moetier_attention = attention_backend.name
                 attention_mod.route_attention(hf_model, attention_backend)
