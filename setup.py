@@ -23,6 +23,8 @@ def packages():
     found = ["moetier"] + [f"moetier.{p}" for p in find_packages("core")]
     found += ["moetier.backends"] + [f"moetier.backends.{p}" for p in find_packages("backends")]
     found += ["moetier.model_zoo"] + [f"moetier.model_zoo.{p}" for p in find_packages("model_zoo")]
+    # The default model's checkpoint and tokenizer: a data folder, listed so setuptools ships it as one.
+    found.append("moetier.model_zoo.default_model.data")
     return found
 
 
