@@ -138,6 +138,10 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
             f32(f"blk.{i}.attn_q_norm.weight", raw(t[p + "self_attn.q_norm.weight"]))
             f32(f"blk.{i}.attn_k_norm.weight", raw(t[p + "self_attn.k_norm.weight"]))
 
+    def layer_norms(i: int, p: str, post: str = "ffn_norm") -> None:  # the two RMSNorms around attention
+        f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
+        f32(f"blk.{i}.{post}.weight", raw(t[p + "post_attention_layernorm.weight"]))
+
     def gqa_heads(head_dim: int, partial_rotary: float | None = None) -> None:  # the attention's keys
         w.add_head_count_kv(cfg["num_key_value_heads"])
         w.add_key_length(head_dim)
@@ -177,8 +181,7 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
             w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", False)))
         for i in range(L):
             p = f"model.layers.{i}."
-            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
-            f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            layer_norms(i, p)
             gqa_attention(i, p)
             experts(i, p, E)
             if arch == "qwen2moe":  # the shared expert and its sigmoid gate (one logit per token)
@@ -191,8 +194,7 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
         # The MTP layers (num_nextn_predict_layers) are not converted: transformers' model does not run them.
         for i in range(L):
             p = f"model.layers.{i}."
-            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
-            f32(f"blk.{i}.post_attention_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            layer_norms(i, p, "post_attention_norm")
             gqa_attention(i, p)
             sigmoid_moe(i, p, E)
     elif arch == "minimax-m2":
@@ -202,8 +204,7 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         for i in range(L):
             p = f"model.layers.{i}."
-            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
-            f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            layer_norms(i, p)
             gqa_attention(i, p)  # its q/k norms span all heads: [heads * head_dim]
             m = p + "block_sparse_moe."
             f32(f"blk.{i}.ffn_gate_inp.weight", raw(t[m + "gate.weight"]))
@@ -225,8 +226,7 @@ def convert_bf16(ckpt: Path, out: Path) -> None:
         sigmoid_routing(E)
         for i in range(L):
             p = f"model.layers.{i}."
-            f32(f"blk.{i}.attn_norm.weight", raw(t[p + "input_layernorm.weight"]))
-            f32(f"blk.{i}.ffn_norm.weight", raw(t[p + "post_attention_layernorm.weight"]))
+            layer_norms(i, p)
             a = p + "self_attn."
             bf16(f"blk.{i}.attn_q_a.weight", raw(t[a + "q_a_proj.weight"]))
             f32(f"blk.{i}.attn_q_a_norm.weight", raw(t[a + "q_a_layernorm.weight"]))

@@ -7,9 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 #include <optional>
-#include <tuple>
 #include <string>
 
 #include "amx_permission.h"
@@ -133,14 +131,17 @@ ForwardArrays check_forward_arrays(const MoELayer& L, py::array& hidden, bool hi
     return a;
 }
 
-// Byte strides of a 4-d array whose last dimension is contiguous (any strides before it, 0 to broadcast).
-std::array<int64_t, 3> outer_strides(const py::array& a, const char* what) {
+// The byte strides of the first three dimensions of a 4-d array whose last dimension is contiguous (any
+// strides before it, 0 to broadcast).
+void outer_strides(const py::array& a, const char* what, int64_t& s0, int64_t& s1, int64_t& s2) {
     if (a.ndim() != 4) throw py::value_error(std::string(what) + " must have 4 dimensions");
     for (int i = 0; i < 4; ++i)
         if (a.strides(i) < 0) throw py::value_error(std::string(what) + " must not have negative strides");
     if (a.shape(3) > 1 && a.strides(3) != a.itemsize())
         throw py::value_error(std::string(what) + ": its last dimension must be contiguous");
-    return {a.strides(0), a.strides(1), a.strides(2)};
+    s0 = a.strides(0);
+    s1 = a.strides(1);
+    s2 = a.strides(2);
 }
 
 void check_element(const py::array& a, bool bf16, const char* what) {
@@ -287,7 +288,9 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
             check_element(k, bf16, "k");
             check_element(v, bf16, "v");
             check_element(out, bf16, "out");
-            const auto qs = outer_strides(q, "q"), ks = outer_strides(k, "k"), vs = outer_strides(v, "v");
+            outer_strides(q, "q", a.q_sb, a.q_sh, a.q_st);
+            outer_strides(k, "k", a.k_sb, a.k_sh, a.k_ss);
+            outer_strides(v, "v", a.v_sb, a.v_sh, a.v_ss);
             a.B = int(q.shape(0));
             a.Hq = int(q.shape(1));
             a.T = int(q.shape(2));
@@ -310,15 +313,13 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
             a.k = static_cast<const uint8_t*>(k.data());
             a.v = static_cast<const uint8_t*>(v.data());
             a.out = static_cast<uint8_t*>(out.mutable_data());
-            std::tie(a.q_sb, a.q_sh, a.q_st) = std::tuple(qs[0], qs[1], qs[2]);
-            std::tie(a.k_sb, a.k_sh, a.k_ss) = std::tuple(ks[0], ks[1], ks[2]);
-            std::tie(a.v_sb, a.v_sh, a.v_ss) = std::tuple(vs[0], vs[1], vs[2]);
             a.scale = scale;
             a.causal = causal;
             py::array mk;
             if (!mask.is_none()) {
                 mk = py::reinterpret_borrow<py::array>(mask);
-                const auto ms = outer_strides(mk, "mask");
+                int64_t m_sb, m_sh;
+                outer_strides(mk, "mask", m_sb, m_sh, a.m_st);
                 if (mk.dtype().is(py::dtype::of<bool>()) || mk.dtype().is(py::dtype::of<uint8_t>())) a.mask_kind = MASK_KEEP;
                 else if (mk.dtype().is(py::dtype::of<float>())) a.mask_kind = MASK_BIAS;
                 else throw py::type_error("mask must be bool (True: attend) or float32 (added to the scores)");
@@ -326,9 +327,8 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
                     mk.shape(2) != a.T || mk.shape(3) != a.S)
                     throw py::value_error("mask must be [B or 1, Hq or 1, T, S]");
                 a.mask = static_cast<const uint8_t*>(mk.data());
-                a.m_sb = mk.shape(0) == 1 ? 0 : ms[0];
-                a.m_sh = mk.shape(1) == 1 ? 0 : ms[1];
-                a.m_st = ms[2];
+                a.m_sb = mk.shape(0) == 1 ? 0 : m_sb;
+                a.m_sh = mk.shape(1) == 1 ? 0 : m_sh;
             }
             if (a.B == 0 || a.T == 0 || a.Hq == 0 || a.Dv == 0) return;
             py::gil_scoped_release release;

@@ -84,9 +84,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers' attention-function signature: q [B, Hq, T, D], k / v [B, Hkv, S, D] ->
     ([B, T, Hq, Dv], None)."""
     backend = getattr(module, BACKEND_ATTR, None)
-    if kwargs.get("indices") is not None:  # sparse attention's selection (DeepSeek-V3.2, GLM-5): as a mask
-        attention_mask = _selected_keys_mask(attention_mask, kwargs.pop("indices"), key.shape[2], query.dtype)
-    kwargs.pop("indices", None)
+    indices = kwargs.pop("indices", None)
+    if indices is not None:  # sparse attention's selection (DeepSeek-V3.2, GLM-5): as a mask
+        attention_mask = _selected_keys_mask(attention_mask, indices, key.shape[2], query.dtype)
     if backend is None or query.shape[2] > DECODE_TOKENS or query.device.type != "cpu" \
             or query.dtype not in backend.attention_dtypes or (dropout and module.training) \
             or kwargs.get("output_attentions") or any(kwargs.get(k) is not None for k in UNSUPPORTED_KWARGS):

@@ -229,9 +229,9 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
          attn_implementation: str | None = None, dense_format: str | None = None):
     """Load checkpoint `model` (a folder, its config.json, or a GGUF file) as a transformers causal LM whose
     routed experts run on moetier. A GGUF file (llama.cpp's; architectures qwen3moe, qwen2moe, glm4moe,
-    minimax-m2 and deepseek2) is read as it is: its other tensors dequantized into transformers' model, its experts packed in the types it
-    stores them in, layer by layer (a Q4_K_M file's layers differ); memory budgets plan safetensors
-    checkpoints only.
+    minimax-m2 and deepseek2) is read as it is: its other tensors dequantized into transformers' model, its
+    experts packed in the types it stores them in, layer by layer (a Q4_K_M file's layers differ); memory
+    budgets plan safetensors checkpoints only.
 
     Where the experts go, one of:
     - plan: a moetier.placement.PlacementPlan or the path of its JSON (`moetier plan --json`), checked
@@ -250,8 +250,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     dtype, where that backend computes dense matrices; "transformers": transformers' own layers).
     attn_implementation: transformers' attention implementation; unset, decode attention on the CPU runs on
     the experts' CPU backend's kernels where it computes the model's dtype ("moetier": must, else an error),
-    prefill on transformers' sdpa. threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of experts left on disk
-    (default: the plan's).
+    prefill on transformers' sdpa. threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of
+    experts left on disk (default: the plan's).
 
     The model carries `moetier_experts` (moetier.runtime.ModelExperts: `bytes_per_tier()`,
     `set_recorder()`, `close()`), `moetier_layout`, `moetier_dense` (a DenseRouting) and `moetier_attention`
