@@ -15,9 +15,11 @@ NAME = "cpu.torch"
 
 class TorchBackend(ReferenceBackend):
     name = NAME
-    # Its attention would be torch's own, which transformers' sdpa already is: nothing to take over (the
-    # reference's float64 attention is the oracle, not a way to run a model).
+    # Its attention, norms and rotary embedding would be torch's own, which transformers' modules already
+    # are: nothing to take over (the reference's float64 versions are oracles, not a way to run a model).
     attention_dtypes = ()
+    norm_dtypes = ()
+    rotary_dtypes = ()
 
 
 @hookimpl

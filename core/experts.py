@@ -26,9 +26,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import (DeviceError, DTypeError, ExpertIdError, FormatError, NonFiniteError, PreparedExpertsError,
+from .errors import (DeviceError, DTypeError, ExpertIdError, FormatError, MoetierError, NonFiniteError,
+                     PreparedExpertsError,
                      SettingError, ShapeError)
 from .attention import check_attention_inputs
+from .norm import check_rms_norm_inputs
+from .rotary import check_rotary_inputs
 from .dense import PackedLinear, check_linear_input
 from .formats import QuantizedTensor, WeightFormat, computes, convert, get_format, mixed_format
 
@@ -359,6 +362,41 @@ class ExpertBackend(ABC):
         return self.compute_attention(q.detach(), k.detach(), v.detach(), float(scale),
                                       None if mask is None else mask.detach(), bool(causal))
 
+    # ---- RMSNorm (optional): see moetier.norm --------------------------------------------------------
+    norm_dtypes: tuple[torch.dtype, ...] = ()  # dtypes this backend's RMSNorm takes
+
+    def compute_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Return weight * norm(x) for x [rows, D] (rows contiguous) that check_rms_norm_inputs accepted."""
+        raise DTypeError(f"backend {self.name} computes no norms")
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, *, eps: float) -> torch.Tensor:
+        """transformers' Llama-family RMSNorm of x [..., D] with weight [D] (moetier.norm has the
+        convention), in x's dtype and shape. No value checks: this runs several times per layer per token."""
+        check_rms_norm_inputs(self.name, self.norm_dtypes, x, weight, eps)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if rows.shape[-1] > 1 and rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        return self.compute_rms_norm(rows, weight.detach().contiguous(), float(eps)).view(x.shape)
+
+    # ---- rotary embedding of attention heads (optional): see moetier.rotary ---------------------------
+    rotary_dtypes: tuple[torch.dtype, ...] = ()  # dtypes this backend's rotary embedding takes
+
+    def compute_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor | None,
+                       eps: float) -> torch.Tensor:
+        """Return [T, H, D] for inputs check_rotary_inputs accepted (heads, cos and sin rows contiguous)."""
+        raise DTypeError(f"backend {self.name} computes no rotary embeddings")
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+               eps: float = 0.0) -> torch.Tensor:
+        """Rotary embedding of the heads x [T, H, D] with cos / sin [T, R] (the first R dims of each head),
+        after an RMSNorm of each head with norm_weight [D] when given; a new [T, H, D] tensor in x's dtype
+        (moetier.rotary has the convention). No value checks: this runs twice per layer per token."""
+        check_rotary_inputs(self.name, self.rotary_dtypes, x, cos, sin, norm_weight, eps)
+        x, cos, sin = (t.detach() if t.stride(-1) == 1 or t.shape[-1] == 1 else t.detach().contiguous()
+                       for t in (x, cos, sin))
+        return self.compute_rotary(x, cos, sin, None if norm_weight is None else norm_weight.detach().contiguous(),
+                                   float(eps))
+
     # ---- the contract ---------------------------------------------------------------------------
     def prepare(self, layer: ExpertLayerSpec, weights: ExpertSource, experts: Iterable[int],
                 fmt: str | WeightFormat) -> PreparedExperts:
@@ -412,12 +450,25 @@ class ExpertBackend(ABC):
     def validate(self, prepared: PreparedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor, out_dtype: torch.dtype) -> ForwardInputs:
         """The typed checks every backend's forward gets; see the conformance suite for each case."""
-        if not isinstance(prepared, PreparedExperts) or prepared.backend != self.name:
-            got = prepared.backend if isinstance(prepared, PreparedExperts) else type(prepared).__name__
-            raise PreparedExpertsError(f"backend {self.name} got experts prepared by {got}; prepare them with "
-                                       f"this backend's prepare()")
+        check_prepared(self.name, prepared)
         return validate_forward_inputs(prepared.layer, hidden, topk_ids, topk_weights, out_dtype, self.nan_policy,
                                        device=self.device)
+
+
+def check_prepared(backend: str, prepared: PreparedExperts) -> None:
+    """Refuse experts another backend prepared (their payload is that backend's business)."""
+    if not isinstance(prepared, PreparedExperts) or prepared.backend != backend:
+        got = prepared.backend if isinstance(prepared, PreparedExperts) else type(prepared).__name__
+        raise PreparedExpertsError(f"backend {backend} got experts prepared by {got}; prepare them with "
+                                   f"this backend's prepare()")
+
+
+def forward_value_error(layer: ExpertLayerSpec, what: str, bad_id: int = 0) -> MoetierError:
+    """The typed error for a forward's bad values: what is "expert_id" (bad_id out of range), "hidden" or
+    "topk_weights" (NaN or Inf under nan_policy='raise')."""
+    if what == "expert_id":
+        return ExpertIdError(f"expert id {bad_id} in topk_ids is out of range [0, {layer.num_experts})")
+    return NonFiniteError(f"{what} {'contains' if what == 'hidden' else 'contain'} NaN or Inf (nan_policy='raise')")
 
 
 def why_not(backend, fmt: WeightFormat) -> str:
@@ -439,9 +490,11 @@ def _expert_id(e) -> int:
 
 def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_ids: torch.Tensor,
                             topk_weights: torch.Tensor, out_dtype: torch.dtype = torch.float32,
-                            nan_policy: str = "raise", device: torch.device = torch.device("cpu")) -> ForwardInputs:
+                            nan_policy: str = "raise", device: torch.device = torch.device("cpu"),
+                            values: bool = True) -> ForwardInputs:
     """The shape, dtype, device and value checks of a forward. The value checks (ids in range, no NaN)
-    read the device once: one host synchronisation on an accelerator, none of it per tensor."""
+    read the device once: one host synchronisation on an accelerator, none of it per tensor. values=False
+    leaves them to a caller that makes them itself (the native kernels' binding does, in one pass)."""
     for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -471,8 +524,8 @@ def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_i
     # Inference only: the output carries no gradient, and inputs that require grad are read as plain data.
     hidden, topk_ids, topk_weights = hidden.detach(), topk_ids.detach(), topk_weights.detach()
     weights = topk_weights.to(torch.float32).contiguous()
-    check_finite = nan_policy == "raise" and T > 0
-    if topk_ids.numel() or check_finite:
+    check_finite = values and nan_policy == "raise" and T > 0
+    if values and (topk_ids.numel() or check_finite):
         # Every value check in one tensor, read once (one device synchronisation, not four).
         parts = []
         if topk_ids.numel():
@@ -483,14 +536,13 @@ def validate_forward_inputs(layer: ExpertLayerSpec, hidden: torch.Tensor, topk_i
         if topk_ids.numel():
             lo, hi = vals[0], vals[1]
             if lo < 0 or hi >= layer.num_experts:
-                bad = lo if lo < 0 else hi
-                raise ExpertIdError(f"expert id {bad} in topk_ids is out of range [0, {layer.num_experts})")
+                raise forward_value_error(layer, "expert_id", lo if lo < 0 else hi)
         if check_finite:
             finite_hidden, finite_weights = vals[-2], vals[-1]
             if not finite_hidden:
-                raise NonFiniteError("hidden contains NaN or Inf (nan_policy='raise')")
+                raise forward_value_error(layer, "hidden")
             if not finite_weights:
-                raise NonFiniteError("topk_weights contain NaN or Inf (nan_policy='raise')")
+                raise forward_value_error(layer, "topk_weights")
     return ForwardInputs(hidden, topk_ids.to(torch.int64).contiguous(), weights, out_dtype)
 
 

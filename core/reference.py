@@ -12,6 +12,8 @@ from .attention import ATTENTION_DTYPES, reference_attention
 from .errors import SettingError
 from .experts import ExpertBackend, ExpertLayerSpec, ExpertTensors
 from .formats import FORMATS
+from .norm import NORM_DTYPES, reference_rms_norm
+from .rotary import ROTARY_DTYPES, reference_rotary
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,6 +109,16 @@ class ReferenceBackend(ExpertBackend):
 
     def compute_attention(self, q, k, v, scale, mask, causal):
         return reference_attention(q, k, v, scale=scale, mask=mask, causal=causal).to(q.dtype)
+
+    norm_dtypes = NORM_DTYPES
+
+    def compute_rms_norm(self, x, weight, eps):
+        return reference_rms_norm(x, weight, eps).to(x.dtype)
+
+    rotary_dtypes = ROTARY_DTYPES
+
+    def compute_rotary(self, x, cos, sin, norm_weight, eps):
+        return reference_rotary(x, cos, sin, norm_weight, eps).to(x.dtype)
 
     def compute(self, prepared, inputs):
         out = moe_forward(prepared.layer, prepared.payload, inputs.hidden, inputs.topk_ids, inputs.topk_weights,

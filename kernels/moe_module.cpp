@@ -15,6 +15,8 @@
 #include "dense_linear.h"
 #include "host_tasks.h"
 #include "moe_layer.h"
+#include "rms_norm.h"
+#include "rotary.h"
 
 namespace py = pybind11;
 
@@ -131,6 +133,36 @@ ForwardArrays check_forward_arrays(const MoELayer& L, py::array& hidden, bool hi
     return a;
 }
 
+// The value checks of a forward, before any work: every expert id in [0, E) and, with check_finite, no
+// NaN or Inf in hidden or the weights (an exponent of all ones). Returns None, or (what, bad id) for the
+// caller's typed error. One pass over each array: a decode call's are a few kilobytes.
+py::object value_problem(const ForwardArrays& a, int H, bool hidden_bf16, int num_experts, bool check_finite) {
+    const int64_t n_ids = int64_t(a.T) * a.K;
+    if (n_ids) {
+        int64_t lo = a.ids[0], hi = a.ids[0];
+        for (int64_t i = 1; i < n_ids; ++i) {
+            lo = std::min(lo, a.ids[i]);
+            hi = std::max(hi, a.ids[i]);
+        }
+        if (lo < 0 || hi >= num_experts) return py::make_tuple("expert_id", lo < 0 ? lo : hi);
+    }
+    if (!check_finite) return py::none();
+    const int64_t n = int64_t(a.T) * H;
+    bool bad = false;
+    if (hidden_bf16) {
+        const uint16_t* h = static_cast<const uint16_t*>(a.hidden);
+        for (int64_t i = 0; i < n; ++i) bad |= (h[i] & 0x7f80) == 0x7f80;
+    } else {
+        const uint32_t* h = static_cast<const uint32_t*>(a.hidden);
+        for (int64_t i = 0; i < n; ++i) bad |= (h[i] & 0x7f800000u) == 0x7f800000u;
+    }
+    if (bad) return py::make_tuple("hidden", 0);
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(a.weights);
+    for (int64_t i = 0; i < n_ids; ++i) bad |= (w[i] & 0x7f800000u) == 0x7f800000u;
+    if (bad) return py::make_tuple("topk_weights", 0);
+    return py::none();
+}
+
 // The byte strides of the first three dimensions of a 4-d array whose last dimension is contiguous (any
 // strides before it, 0 to broadcast).
 void outer_strides(const py::array& a, const char* what, int64_t& s0, int64_t& s1, int64_t& s2) {
@@ -218,14 +250,18 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
         .def(
             "forward",
             [](const MoELayer& L, ThreadPool& pool, py::array hidden, bool hidden_bf16, py::array ids,
-               py::array weights, py::array out, bool out_bf16) {
+               py::array weights, py::array out, bool out_bf16, bool check_finite) -> py::object {
                 const ForwardArrays a = check_forward_arrays(L, hidden, hidden_bf16, ids, weights, out, out_bf16);
-                if (a.T == 0) return;
+                py::object problem = value_problem(a, L.down_geometry().N, hidden_bf16, L.num_experts(), check_finite);
+                if (!problem.is_none() || a.T == 0) return problem;
                 py::gil_scoped_release release;
                 L.forward(pool, a.hidden, hidden_bf16, a.T, a.K, a.ids, a.weights, a.out, out_bf16);
+                return py::none();
             },
             py::arg("pool"), py::arg("hidden"), py::arg("hidden_bf16"), py::arg("topk_ids"), py::arg("topk_weights"),
-            py::arg("out"), py::arg("out_bf16"));
+            py::arg("out"), py::arg("out_bf16"), py::arg("check_finite") = false,
+            "None, or (what, bad expert id) when an input is bad (nothing computed, out untouched): an expert "
+            "id out of range, or with check_finite NaN/Inf in hidden or topk_weights");
 
     py::class_<DenseLinear>(m, "DenseLinear", py::module_local(),
                             "one dense matrix W [out, in] in the packed layout: y = x W^T + b on the experts' kernels")
@@ -275,6 +311,89 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
                 d.forward(pool, xp, x_bf16, T, op, out_bf16);
             },
             py::arg("pool"), py::arg("x"), py::arg("x_bf16"), py::arg("out"), py::arg("out_bf16"));
+
+    // ---- RMSNorm over rows (rms_norm.h) --------------------------------------------------------------------
+    m.def(
+        "rms_norm",
+        [](ThreadPool& pool, py::array x, py::array weight, py::array out, bool bf16, float eps) {
+            check_element(x, bf16, "x");
+            check_element(weight, bf16, "weight");
+            check_element(out, bf16, "out");
+            if (x.ndim() != 2 || out.ndim() != 2 || weight.ndim() != 1)
+                throw py::value_error("x and out must be [rows, D], weight [D]");
+            const int64_t rows = x.shape(0), D = x.shape(1);
+            if (weight.shape(0) != D || out.shape(0) != rows || out.shape(1) != D)
+                throw py::value_error("x, weight and out must have the same D, x and out the same rows");
+            const int64_t item = bf16 ? 2 : 4;
+            if ((D > 1 && (x.strides(1) != item || out.strides(1) != item)) || x.strides(0) < 0 || out.strides(0) < 0 ||
+                (D > 1 && weight.strides(0) != item))
+                throw py::value_error("rows of x, out and weight must be contiguous");
+            if (!out.writeable()) throw py::value_error("out must be writable");
+            RmsNormArgs a;
+            a.x = static_cast<const uint8_t*>(x.data());
+            a.x_stride = x.strides(0);
+            a.w = weight.data();
+            a.out = static_cast<uint8_t*>(out.mutable_data());
+            a.out_stride = out.strides(0);
+            a.rows = rows;
+            a.D = int(D);
+            a.bf16 = bf16;
+            a.eps = eps;
+            if (rows == 0 || D == 0) return;
+            py::gil_scoped_release release;
+            rms_norm(pool, a);
+        },
+        py::arg("pool"), py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("bf16"), py::arg("eps"),
+        "out = weight * norm(x) per row, as transformers' RMSNorm modules compute it (rms_norm.h)");
+
+    // ---- rotary embedding of attention heads, after an optional per-head norm (rotary.h) -----------------
+    m.def(
+        "rotary",
+        [](py::array x, py::array cos, py::array sin, py::array out, bool bf16, py::object norm_weight, float eps) {
+            check_element(x, bf16, "x");
+            check_element(cos, bf16, "cos");
+            check_element(sin, bf16, "sin");
+            check_element(out, bf16, "out");
+            const int64_t item = bf16 ? 2 : 4;
+            if (x.ndim() != 3 || cos.ndim() != 2 || sin.ndim() != 2) throw py::value_error("x must be [T, H, D], cos and sin [T, R]");
+            RotaryArgs a;
+            a.T = int(x.shape(0));
+            a.H = int(x.shape(1));
+            a.D = int(x.shape(2));
+            a.R = int(cos.shape(1));
+            if (a.D > 1024) throw py::value_error("heads of at most 1024 values");
+            if (a.R % 2 || a.R > a.D || cos.shape(0) != a.T || sin.shape(0) != a.T || sin.shape(1) != a.R)
+                throw py::value_error("cos and sin must be [T, R] with R even and at most the head size");
+            if ((a.D > 1 && x.strides(2) != item) || (a.R > 1 && (cos.strides(1) != item || sin.strides(1) != item)) ||
+                cos.strides(0) != sin.strides(0) || x.strides(0) < 0 || x.strides(1) < 0 || cos.strides(0) < 0)
+                throw py::value_error("x's heads and cos / sin rows must be contiguous (cos and sin alike)");
+            if (!(out.flags() & py::array::c_style) || !out.writeable() || out.ndim() != 3 || out.shape(0) != a.T ||
+                out.shape(1) != a.H || out.shape(2) != a.D)
+                throw py::value_error("out must be a writable C-contiguous [T, H, D] array");
+            a.x = static_cast<const uint8_t*>(x.data());
+            a.x_st = x.strides(0);
+            a.x_sh = x.strides(1);
+            a.out = static_cast<uint8_t*>(out.mutable_data());
+            a.cos = static_cast<const uint8_t*>(cos.data());
+            a.sin = static_cast<const uint8_t*>(sin.data());
+            a.c_st = cos.strides(0);
+            a.eps = eps;
+            a.bf16 = bf16;
+            a.norm_w = nullptr;
+            py::array w;
+            if (!norm_weight.is_none()) {
+                w = py::reinterpret_borrow<py::array>(norm_weight);
+                check_element(w, bf16, "norm_weight");
+                if (w.ndim() != 1 || w.shape(0) != a.D || (a.D > 1 && w.strides(0) != item))
+                    throw py::value_error("norm_weight must be a contiguous [D]");
+                a.norm_w = w.data();
+            }
+            if (a.T == 0 || a.H == 0 || a.D == 0) return;
+            rotary(a);
+        },
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("bf16"), py::arg("norm_weight") = py::none(),
+        py::arg("eps") = 0.0f,
+        "out = rotary embedding (rotate-half, first R dims) of x [T, H, D], after a per-head RMSNorm with norm_weight");
 
     // ---- attention over a KV cache for decode steps (decode_attention.h) ---------------------------------
     m.attr("ATTENTION_MAX_TOKENS") = ATTENTION_MAX_TOKENS;

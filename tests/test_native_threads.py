@@ -130,8 +130,21 @@ def test_extension_checks_sizes_itself(monkeypatch):
     x = np.zeros((2, 40), np.float32)
     with pytest.raises(TypeError):
         layer.forward(pool, x, False, np.zeros((2, 2), np.int32), np.zeros((2, 2), np.float32), out, False)
-    with pytest.raises(IndexError):
-        layer.forward(pool, x, False, np.full((2, 2), 9, np.int64), np.zeros((2, 2), np.float32), out, False)
+    # Bad values come back as (what, id) before any work, for the backend's typed error; out untouched.
+    out[:] = 5.0
+    assert layer.forward(pool, x, False, np.full((2, 2), 9, np.int64), np.zeros((2, 2), np.float32), out,
+                         False) == ("expert_id", 9)
+    assert layer.forward(pool, x, False, np.array([[0, -3], [1, 2]], np.int64), np.zeros((2, 2), np.float32), out,
+                         False) == ("expert_id", -3)
+    nan_x = x.copy()
+    nan_x[1, 7] = np.nan
+    ids, w = np.zeros((2, 2), np.int64), np.ones((2, 2), np.float32)
+    assert layer.forward(pool, nan_x, False, ids, w, out, False, True) == ("hidden", 0)
+    inf_w = w.copy()
+    inf_w[0, 1] = np.inf
+    assert layer.forward(pool, x, False, ids, inf_w, out, False, True) == ("topk_weights", 0)
+    assert (out == 5.0).all()
+    assert layer.forward(pool, nan_x, False, ids, w, out, False) is None  # check_finite off: NaN propagates
     with pytest.raises(ValueError):
         layer.forward(pool, x[:, :30].copy(), False, np.zeros((2, 2), np.int64), np.zeros((2, 2), np.float32), out, False)
 

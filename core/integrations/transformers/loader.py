@@ -25,7 +25,7 @@ from ...formats import get_format
 from . import attention as attention_mod
 from . import dense as dense_mod
 from . import experts as experts_mod
-from . import mla, quantizer
+from . import decode_layer, mla, quantizer
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -389,6 +389,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     hf_model.moetier_layout = layout
     hf_model.moetier_dense = dense_mod.DenseRouting(None, None)
     hf_model.moetier_attention = None  # the backend whose kernels compute decode attention, if any
+    hf_model.moetier_fused_decode = []  # decoder layers whose decode steps run as one call sequence
     hf_model.moetier_mla = mla.absorb_mla(hf_model)  # decode without expanding the latent cache
     if dev.type == "cpu" and openmp.workers_may_spin() and torch.get_num_threads() > 1:
         warnings.warn(openmp.SPIN_ADVICE, RuntimeWarning, stacklevel=2)
@@ -404,6 +405,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             if attention_backend is not None:
                 hf_model.moetier_attention = attention_backend.name
                 attention_mod.route_attention(hf_model, attention_backend)
+            if dense_backend is not None and attention_backend is dense_backend:
+                hf_model.moetier_fused_decode = decode_layer.fuse_decode_layers(hf_model, dense_backend, dtype)
             if dense_backend is not None or attention_backend is not None:
                 cpu_backends = [b for b in experts.backends.values() if b.device.type == "cpu"]
                 hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model, cpu_backends)

@@ -1,0 +1,236 @@
+"""Fused decode layers (moetier.integrations.transformers.decode_layer) and the kernels they call:
+RMSNorm (moetier.norm) and the rotary embedding with per-head norms (moetier.rotary).
+
+The kernels are held to transformers' own modules on fresh random inputs: bf16 bit for bit (the same
+operators and roundings), fp32 to a few ulps (only the sum of squares' order differs). The fused layer is
+held to the same model with the fusion undone: identical greedy tokens and logits within the bf16 /
+fp32 rounding of a differently ordered router sum.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moetier.errors import DeviceError, DTypeError, ShapeError
+from moetier.norm import reference_rms_norm
+from moetier.rotary import reference_rotary
+from moetier.reference import ReferenceBackend
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm, apply_rotary_pos_emb  # noqa: E402
+
+from test_native_common import RUNNABLE, make_backend  # noqa: E402
+from test_integration_transformers import NEW_TOKENS, PROMPT, greedy, prepared, registry  # noqa: E402,F401
+from moetier.integrations.transformers import load  # noqa: E402
+from moetier.integrations.transformers.generation import generate  # noqa: E402
+
+
+@pytest.fixture(params=["reference", *RUNNABLE])
+def backend(request, monkeypatch):
+    """The reference backend, and a native backend on every kernel variant this CPU runs."""
+    if request.param == "reference":
+        return ReferenceBackend(precision=torch.float32)
+    return make_backend(request.param, monkeypatch, threads=2)
+
+
+def _gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference in units of the dtype's epsilon times the reference's magnitude (at least 1)."""
+    eps = torch.finfo(want.dtype).eps
+    return float(((got.double() - want.double()).abs() / (want.double().abs().clamp(min=1e-3) * eps)).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 1, 32, 128), (130, 96), (3, 7)])
+def test_rms_norm_is_transformers_rmsnorm(backend, dtype, shape):
+    g = _gen()
+    D = shape[-1]
+    module = Qwen3MoeRMSNorm(D, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(D, generator=g) * 0.5 + 1)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    with torch.inference_mode():
+        want = module(x)
+    got = backend.rms_norm(x, module.weight, eps=1e-6)
+    assert got.shape == x.shape and got.dtype == dtype
+    exact = reference_rms_norm(x, module.weight.detach(), 1e-6)
+    bound = 2 ** -7 if dtype == torch.bfloat16 else 1e-6  # two bf16 roundings / fp32 ulps
+    assert float(((got.double() - exact).abs() / exact.abs().max()).max()) <= bound
+    if isinstance(backend, ReferenceBackend):
+        return  # the float64 math rounded once, not transformers' two roundings
+    if dtype == torch.bfloat16:
+        # The same roundings; a sum of squares in another order may move n across a bf16 rounding
+        # boundary: at most one element in 10^4 by one ulp (measured 14 of 10^6).
+        differ = (got != want).sum().item()
+        assert differ <= max(1, x.numel() // 10_000) and _ulps(got, want) <= 2
+    else:
+        assert _ulps(got, want) <= 8  # fp32: sum order and one division, a few ulps
+
+
+def _rope_reference(x, cos, sin, norm):
+    """transformers' own: the q/k norm module, then apply_rotary_pos_emb on the first R dims."""
+    x = norm(x) if norm is not None else x  # [T, H, D]
+    R = cos.shape[-1]
+    xt = x.transpose(0, 1)[None]  # [1, H, T, D]
+    rot, _ = apply_rotary_pos_emb(xt[..., :R], xt[..., :R], cos[None], sin[None])
+    return torch.cat([rot, xt[..., R:]], -1)[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,H,D,R,with_norm", [(1, 32, 128, 128, True), (3, 4, 128, 64, False), (2, 5, 64, 32, True),
+                                               (1, 2, 10, 10, False)])
+def test_rotary_is_transformers_rope(backend, dtype, T, H, D, R, with_norm):
+    g = _gen()
+    norm = None
+    if with_norm:
+        norm = Qwen3MoeRMSNorm(D, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(D, generator=g) * 0.3 + 1)
+    x = (torch.randn(T, H, D, generator=g) * 2).to(dtype)
+    pos = torch.randint(0, 4000, (T,), generator=g)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, R, 2, dtype=torch.float32) / R))
+    angles = pos[:, None].float() * inv_freq
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    with torch.inference_mode():
+        want = _rope_reference(x, cos, sin, norm)
+    got = backend.rotary(x, cos, sin, norm_weight=None if norm is None else norm.weight, eps=1e-6)
+    assert got.shape == x.shape and got.dtype == dtype
+    exact = reference_rotary(x, cos, sin, None if norm is None else norm.weight.detach(), 1e-6)
+    # bf16: up to four roundings of values up to the head's scale (norm, weight, products, sum)
+    bound = 2 ** -6 if dtype == torch.bfloat16 else 1e-6
+    assert float((got.double() - exact).abs().max() / exact.abs().max()) <= bound
+    if isinstance(backend, ReferenceBackend):
+        return
+    if dtype == torch.bfloat16 or not with_norm:
+        # bf16: the same operators and roundings; fp32 without a norm: products and sums alike
+        assert torch.equal(got, want) or (with_norm and (got != want).sum() <= max(1, x.numel() // 1000))
+    else:
+        assert float((got - want).abs().max()) <= 8 * torch.finfo(dtype).eps * float(want.abs().max())
+
+
+def test_rotary_reads_strided_heads(backend):
+    """q as the projection's output viewed [T, H, D] and heads picked with a stride: read in place."""
+    g = _gen()
+    x = torch.randn(2, 8, 64, generator=g).bfloat16()
+    cos, sin = torch.rand(2, 64, generator=g).bfloat16(), torch.rand(2, 64, generator=g).bfloat16()
+    view = x[:, ::2]
+    assert torch.equal(backend.rotary(view, cos, sin), backend.rotary(view.contiguous(), cos, sin))
+
+
+def test_typed_errors(backend):
+    x = torch.randn(2, 4, 16)
+    w = torch.ones(16)
+    with pytest.raises(DTypeError, match="one dtype"):
+        backend.rms_norm(x, w.bfloat16(), eps=1e-6)
+    with pytest.raises(ShapeError, match=r"\[D\]"):
+        backend.rms_norm(x, torch.ones(8), eps=1e-6)
+    with pytest.raises(DTypeError, match="eps"):
+        backend.rms_norm(x, w, eps=float("nan"))
+    with pytest.raises(DTypeError, match="float16"):
+        backend.rms_norm(x.half(), w.half(), eps=1e-6)
+    cos = torch.ones(2, 16)
+    with pytest.raises(ShapeError, match="even"):
+        backend.rotary(x, cos[:, :15], cos[:, :15])
+    with pytest.raises(ShapeError, match=r"\[T, heads, D\]"):
+        backend.rotary(x, cos[:1], cos[:1])
+    with pytest.raises(ShapeError, match=r"\[D\]"):
+        backend.rotary(x, cos, cos, norm_weight=torch.ones(8))
+    with pytest.raises(DTypeError, match="one dtype"):
+        backend.rotary(x, cos.bfloat16(), cos.bfloat16())
+    if torch.cuda.is_available():
+        with pytest.raises(DeviceError):
+            backend.rms_norm(x.cuda(), w.cuda(), eps=1e-6)
+
+
+def test_backends_without_the_ops_say_so():
+    from moetier.backends.cpu_torch import TorchBackend
+
+    b = TorchBackend()
+    with pytest.raises(DTypeError, match="computes RMSNorm on .* none"):
+        b.rms_norm(torch.randn(2, 8), torch.ones(8), eps=1e-6)
+    with pytest.raises(DTypeError, match="none"):
+        b.rotary(torch.randn(1, 2, 8), torch.ones(1, 8), torch.ones(1, 8))
+
+
+# ---- the fused layers in a whole model -------------------------------------------------------------------
+
+def _unfuse(model) -> None:
+    """Back to transformers' own layer forwards (the fusion is an instance attribute over the class's)."""
+    for name in model.moetier_fused_decode:
+        del model.get_submodule(name).forward
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_layers_generate_what_the_layers_do(prepared, dtype):
+    """Qwen3-MoE on the selected backend: each decoder layer is fused; decode steps (and only those) take the
+    fused path, one rotary call for q and one for k per layer and step; greedy tokens over a static and a
+    dynamic cache equal those of the same model with the fusion undone, and the logits agree within the
+    dtype's rounding of a router sum taken in another order."""
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+    model = load(p.folder, dtype=dtype, threads=1, progress=False)
+    try:
+        backend = next(iter(model.moetier_experts.values())).shards[0].backend
+        if dtype not in backend.rotary_dtypes or model.moetier_attention is None:
+            assert model.moetier_fused_decode == []
+            pytest.skip(f"{backend.name} does not compute the fused decode's operations")
+        layers = len(model.model.layers)
+        assert model.moetier_fused_decode == [f"model.layers.{i}" for i in range(layers)]
+        calls = []
+        real = backend.rotary
+        backend.rotary = lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k)
+        runs = {}
+        for fused in (True, False):
+            if not fused:
+                _unfuse(model)
+            for cache in ("static", "dynamic"):
+                model.generation_config.cache_implementation = cache
+                calls.clear()
+                runs[fused, cache] = greedy(model)
+                assert calls == ([1] * 2 * layers * (NEW_TOKENS - 1) if fused else []), (fused, cache)
+        bound = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        for cache in ("static", "dynamic"):
+            (tokens, logits), (want, want_logits) = runs[True, cache], runs[False, cache]
+            assert torch.equal(tokens, want), cache
+            assert float((logits - want_logits).abs().max() / want_logits.abs().max()) <= bound, cache
+    finally:
+        model.moetier_experts.close()
+
+
+def test_fused_layers_in_moetiers_generate(prepared):
+    """moetier's own generation (a static cache, what `moetier run` and the benchmark use) on fused layers:
+    the tokens of the unfused model."""
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+    model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False)
+    try:
+        if not model.moetier_fused_decode:
+            pytest.skip("no fused layers on this machine's backend")
+        model.generation_config.min_new_tokens = NEW_TOKENS
+        fused, _ = generate(model, torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, pad_token_id=0)
+        _unfuse(model)
+        plain, _ = generate(model, torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, pad_token_id=0)
+        assert torch.equal(fused, plain)
+    finally:
+        model.moetier_experts.close()
+
+
+def test_other_layers_and_settings_are_not_fused(prepared):
+    """Families the fusion does not reproduce keep their layers; so does a model whose attention stays on
+    transformers' sdpa (the fused layer calls the kernels' attention)."""
+    p = prepared("deepseek", "DeepSeek-V3", None, "bf16")
+    model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False)
+    try:
+        assert model.moetier_fused_decode == []
+    finally:
+        model.moetier_experts.close()
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+    model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False, attn_implementation="sdpa")
+    try:
+        assert model.moetier_fused_decode == []
+    finally:
+        model.moetier_experts.close()
