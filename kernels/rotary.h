@@ -28,39 +28,38 @@ struct RotaryArgs {
 
 namespace rotary_detail {
 MOE_INLINE float rb(float v) { return bf16_to_f32(f32_to_bf16(v)); }
-// a * b rounded to fp32: the empty asm keeps the compiler from fusing it into a later add (torch rounds
-// each product before the sum; an fp-contract pragma does not survive inlining into other functions).
-MOE_INLINE float mul(float a, float b) {
-    float r = a * b;
-    asm volatile("" : "+x"(r));
-    return r;
-}
 
+// Simple array loops, so the compiler vectorizes them. The products go to arrays in one loop and are
+// summed in the next: torch rounds each product before the sum, so they must not fuse into an FMA.
 template <bool BF16>
 inline void head(const RotaryArgs& a, int t, int h) {
     using E = std::conditional_t<BF16, uint16_t, float>;
-    auto get = [](const E* p, int i) { if constexpr (BF16) return bf16_to_f32(p[i]); else return p[i]; };
+    auto get = [](E e) { if constexpr (BF16) return bf16_to_f32(e); else return e; };
     auto round = [](float v) { if constexpr (BF16) return rb(v); else return v; };
-    auto put = [](E* p, int i, float v) { if constexpr (BF16) p[i] = f32_to_bf16(v); else p[i] = v; };
+    auto put = [](float v) { if constexpr (BF16) return f32_to_bf16(v); else return v; };
     const E* x = reinterpret_cast<const E*>(a.x + t * a.x_st + h * a.x_sh);
     E* y = reinterpret_cast<E*>(a.out) + (int64_t(t) * a.H + h) * a.D;
     const E* c = reinterpret_cast<const E*>(a.cos + t * a.c_st);
     const E* s = reinterpret_cast<const E*>(a.sin + t * a.c_st);
-    float v[1024];  // the head after the norm (D <= 1024, checked by the binding)
+    const int D = a.D, half = a.R / 2;
+    alignas(64) float v[1024], p[1024], q[1024];  // D <= 1024 (checked by the binding)
+    for (int i = 0; i < D; ++i) v[i] = get(x[i]);
     if (a.norm_w) {
         const E* w = static_cast<const E*>(a.norm_w);
-        const float inv = 1.0f / std::sqrt(rms_detail::mean_square([&](int i) { return get(x, i); }, a.D) + a.eps);
-        for (int i = 0; i < a.D; ++i) v[i] = round(mul(get(w, i), round(mul(get(x, i), inv))));
-    } else {
-        for (int i = 0; i < a.D; ++i) v[i] = get(x, i);
+        const float inv = 1.0f / std::sqrt(rms_detail::mean_square([&](int i) { return v[i]; }, D) + a.eps);
+        for (int i = 0; i < D; ++i) v[i] = round(get(w[i]) * round(v[i] * inv));
     }
-    const int half = a.R / 2;
     for (int i = 0; i < half; ++i) {
-        const float x1 = v[i], x2 = v[i + half];
-        put(y, i, round(mul(x1, get(c, i))) - round(mul(x2, get(s, i))));
-        put(y, i + half, round(mul(x2, get(c, i + half))) + round(mul(x1, get(s, i + half))));
+        p[i] = round(v[i] * get(c[i]));
+        q[i] = round(v[i + half] * get(s[i]));
+        p[i + half] = round(v[i + half] * get(c[i + half]));
+        q[i + half] = round(v[i] * get(s[i + half]));
     }
-    for (int i = a.R; i < a.D; ++i) put(y, i, v[i]);
+    for (int i = 0; i < half; ++i) {
+        y[i] = put(p[i] - q[i]);
+        y[i + half] = put(p[i + half] + q[i + half]);
+    }
+    for (int i = a.R; i < D; ++i) y[i] = put(v[i]);
 }
 }  // namespace rotary_detail
 

@@ -31,7 +31,7 @@ FUSED_ATTR = "moetier_fused_decode"
 
 
 def _rms(module) -> tuple[torch.Tensor, float]:
-    return module.weight.detach(), float(module.variance_epsilon)
+    return module.weight.detach().contiguous(), float(module.variance_epsilon)
 
 
 class FusedDecode:
@@ -43,8 +43,9 @@ class FusedDecode:
         self.layer_idx = attn.layer_idx
         self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.head_dim = attn.head_dim
-        self.q_norm = _rms(attn.q_norm) if getattr(attn, "q_norm", None) is not None else None
-        self.k_norm = _rms(attn.k_norm) if getattr(attn, "k_norm", None) is not None else None
+        self.q_norm = _rms(attn.q_norm) if getattr(attn, "q_norm", None) is not None else (None, 0.0)
+        self.k_norm = _rms(attn.k_norm) if getattr(attn, "k_norm", None) is not None else (None, 0.0)
+        self.sliding_window = getattr(attn, "sliding_window", None)
         self.input_norm = _rms(layer.input_layernorm)
         self.post_norm = _rms(layer.post_attention_layernorm)
         self.mlp = layer.mlp
@@ -59,31 +60,31 @@ class FusedDecode:
             self.top_k, self.renormalize = int(router.top_k), bool(router.norm_topk_prob)
 
     def decode(self, hidden: torch.Tensor, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:
-        b = self.backend
+        # The backend's compute_* entry points: every shape and dtype here is the layer's own, fixed at
+        # construction (the public methods' checks cost more than the kernels at one token).
+        b, dtype, D = self.backend, self.dtype, self.head_dim
         T = hidden.shape[1]
         x = hidden[0]
-        h = b.rms_norm(x, self.input_norm[0], eps=self.input_norm[1])
-        cos, sin = (t[0] for t in position_embeddings)
-        q = self.q(h).view(T, -1, self.head_dim)
-        k = self.k(h).view(T, -1, self.head_dim)
-        v = self.v(h).view(T, -1, self.head_dim)
-        q = b.rotary(q, cos, sin, norm_weight=None if self.q_norm is None else self.q_norm[0],
-                     eps=0.0 if self.q_norm is None else self.q_norm[1])
-        k = b.rotary(k, cos, sin, norm_weight=None if self.k_norm is None else self.k_norm[0],
-                     eps=0.0 if self.k_norm is None else self.k_norm[1])
+        h = b.compute_rms_norm(x, *self.input_norm)
+        cos, sin = position_embeddings[0][0], position_embeddings[1][0]
+        q = b.compute_dense(self.q.packed, h, dtype).view(T, -1, D)
+        k = b.compute_dense(self.k.packed, h, dtype).view(T, -1, D)
+        v = b.compute_dense(self.v.packed, h, dtype).view(T, -1, D)
+        q = b.compute_rotary(q, cos, sin, *self.q_norm)
+        k = b.compute_rotary(k, cos, sin, *self.k_norm)
         keys, values = cache.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None], self.layer_idx, kwargs=kwargs)
         out, _ = attention_forward(self.attn, q.transpose(0, 1)[None], keys, values, attention_mask,
-                                   scaling=self.attn.scaling, sliding_window=getattr(self.attn, "sliding_window", None))
-        x = x + self.o(out.reshape(T, -1))
-        h = b.rms_norm(x, self.post_norm[0], eps=self.post_norm[1])
+                                   scaling=self.attn.scaling, sliding_window=self.sliding_window)
+        x = x + b.compute_dense(self.o.packed, out.reshape(T, -1), dtype)
+        h = b.compute_rms_norm(x, *self.post_norm)
         if self.experts is None:
             return (x + self.mlp(h[None])[0])[None]
-        logits = b.linear(self.router, h)
+        logits = b.compute_dense(self.router, h, dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights /= weights.sum(dim=-1, keepdim=True)
-        routed = self.experts(h, ids, weights.to(logits.dtype), out_dtype=h.dtype)
+        routed = self.experts(h, ids, weights.to(dtype), out_dtype=dtype)
         return (x + routed)[None]
 
 
