@@ -228,15 +228,30 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
         bias = reinterpret_cast<const float*>(m)[s];
         return bias != NEG_INF;
     };
+    // Visibility differs by row only through the token, unless the mask has one row per head: decided once
+    // per (token, key) for a block, not once per query head (a GQA group of 8 checked the mask 8 times).
+    const bool per_head = a.mask_kind != MASK_NONE && a.m_sh != 0;
+    const int VR = per_head ? R : a.T;
+    auto vis_row = [&](int r) { return per_head ? r : row_token(r); };
+    thread_local std::vector<uint8_t> vis_;
+    thread_local std::vector<float> vbias_;
+    vis_.resize(size_t(VR) * KB);
+    vbias_.resize(size_t(VR) * KB);
+    uint8_t* const vis = vis_.data();
+    float* const vbias = vbias_.data();
     for (int c0 = 0; c0 < C; c0 += KB) {
         const int n = std::min(KB, C - c0);
+        for (int vr = 0; vr < VR; ++vr)
+            for (int j = 0; j < n; ++j) {
+                float bias = 0.f;
+                vis[vr * KB + j] = all_visible || visible(per_head ? vr : vr * G, s0 + c0 + j, bias);
+                vbias[vr * KB + j] = bias;
+            }
         bool any_key = false;
         for (int j = 0; j < KB; ++j) {
             bool seen = false;
-            if (j < n) {
-                float bias = 0.f;
-                for (int r = 0; r < R && !seen; ++r) seen = all_visible || visible(r, s0 + c0 + j, bias);
-            }
+            if (j < n)
+                for (int vr = 0; vr < VR && !seen; ++vr) seen = vis[vr * KB + j];
             if (j < n) used[c0 + j] = seen;
             any_key = any_key || seen;
             const uint8_t* key = kb + int64_t(s0 + c0 + j) * a.k_ss;
@@ -269,10 +284,8 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
             } else
 #endif
                 scores16(qbuf + size_t(r) * Dp, blk, Dp, dots);
-            for (int j = 0; j < n; ++j) {
-                float bias = 0.f;
-                sr[j] = all_visible || visible(r, s0 + c0 + j, bias) ? dots[j] + bias : NEG_INF;
-            }
+            const int vr = vis_row(r);
+            for (int j = 0; j < n; ++j) sr[j] = vis[vr * KB + j] ? dots[j] + vbias[vr * KB + j] : NEG_INF;
         }
     }
     for (int r = 0; r < R; ++r) {

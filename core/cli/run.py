@@ -229,6 +229,8 @@ def run(args) -> int:
                  f"dense layers on {model.device} (torch)")
         where += (f"; attention on {model.moetier_attention}" if model.moetier_attention else
                   f"; attention {model.config._attn_implementation} (transformers)")
+        if model.moetier_fused_decode:
+            where += f"; {len(model.moetier_fused_decode)} decoder layers fused for decode"
         print(f"experts  {tiers or 'none'} ({backend}; {where}, {str(model.dtype).removeprefix('torch.')})",
               file=err)
     finally:
