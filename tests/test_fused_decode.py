@@ -166,13 +166,22 @@ def _unfuse(model) -> None:
         del model.get_submodule(name).forward
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_layers_generate_what_the_layers_do(prepared, dtype):
-    """Qwen3-MoE on the selected backend: each decoder layer is fused; decode steps (and only those) take the
-    fused path, one rotary call for q and one for k per layer and step; greedy tokens over a static and a
-    dynamic cache equal those of the same model with the fusion undone, and the logits agree within the
-    dtype's rounding of a router sum taken in another order."""
-    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+# Each fused layer class with what sets it apart: Qwen3 per-head q/k norms and the fused router; Qwen2-MoE
+# q/k/v biases, a shared expert with its sigmoid gate and sliding-window layer types; GLM-4.5-Air partial
+# rotary, dense first layers and a sigmoid router with shared experts (its own module); GLM-4.7 per-head
+# q/k norms (use_qk_norm); MiniMax-M2 q/k norms over all heads and partial rotary.
+FUSED_MODELS = [("qwen", "Qwen3-30B-A3B", "default"), ("qwen", "Qwen1.5-MoE-A2.7B", "default"),
+                ("glm", "GLM-4.5-Air", "default"), ("glm", "GLM-4.7", "default"), ("minimax", "MiniMax-M2", None)]
+
+
+@pytest.mark.parametrize("family,version,quant", FUSED_MODELS, ids=[v for _, v, _ in FUSED_MODELS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_layers_generate_what_the_layers_do(prepared, family, version, quant, dtype):
+    """On the selected backend every decoder layer of these families is fused; decode steps (and only those)
+    take the fused path, one rotary call for q and one for k per layer and step; greedy tokens over a static
+    and a dynamic cache equal those of the same model with the fusion undone, and the logits agree within
+    the dtype's rounding of sums taken in another order (the router's)."""
+    p = prepared(family, version, quant, "bf16")
     model = load(p.folder, dtype=dtype, threads=1, progress=False)
     try:
         backend = next(iter(model.moetier_experts.values())).shards[0].backend

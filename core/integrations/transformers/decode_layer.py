@@ -22,16 +22,28 @@ from .attention import attention_forward
 from .dense import DECODE_TOKENS, MoetierLinear
 from .experts import RUNTIME_ATTR
 
-# Decoder layers whose decode `_decode` reproduces (tests compare it with the layer's own forward, per
-# transformers version): attention with optional per-head q/k norms and full or partial rotary, a softmax
-# top-k router (optionally renormalized) over routed experts, or a dense MLP.
-LAYERS = ("Qwen3MoeDecoderLayer",)
-ROUTERS = ("Qwen3MoeTopKRouter",)
+# Decoder layers whose decode `FusedDecode` reproduces (tests compare it with the layer's own forward, per
+# transformers version): pre-norm residual blocks; attention over q/k/v/o projections with optional q/k
+# norms (per head, or over all heads as MiniMax-M2's) and full or partial rotate-half rotary embeddings.
+LAYERS = ("Qwen3MoeDecoderLayer", "Qwen2MoeDecoderLayer", "Glm4MoeDecoderLayer", "MiniMaxM2DecoderLayer")
+# Their RMSNorm classes: transformers' Llama-family formula (moetier.norm).
+NORMS = ("Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "Glm4MoeRMSNorm", "MiniMaxM2RMSNorm")
+# Routers computed here: logits in the model's dtype, softmax, top-k, optional renormalization. Other MoE
+# blocks (GLM's and MiniMax's sigmoid routers with their correction bias, and the shared experts they add)
+# run as transformers' own module, on the kernels through the experts and dense routing.
+ROUTERS = ("Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter")
 FUSED_ATTR = "moetier_fused_decode"
 
 
 def _rms(module) -> tuple[torch.Tensor, float]:
     return module.weight.detach().contiguous(), float(module.variance_epsilon)
+
+
+def _norm_of(attn, name: str):
+    """A q/k norm module of the attention (None: none; GLM's exist only with use_qk_norm)."""
+    if getattr(attn, "use_qk_norm", True) is False:
+        return None
+    return getattr(attn, name, None)
 
 
 class FusedDecode:
@@ -42,9 +54,17 @@ class FusedDecode:
         self.backend, self.dtype, self.attn = backend, dtype, attn
         self.layer_idx = attn.layer_idx
         self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.head_dim = attn.head_dim
-        self.q_norm = _rms(attn.q_norm) if getattr(attn, "q_norm", None) is not None else (None, 0.0)
-        self.k_norm = _rms(attn.k_norm) if getattr(attn, "k_norm", None) is not None else (None, 0.0)
+        self.head_dim = D = attn.head_dim
+        # q/k norms: per head (weight [D], in the rotary call) or over the whole projection (weight [H * D])
+        self.q_norm, self.k_norm, self.whole_q_norm, self.whole_k_norm = (None, 0.0), (None, 0.0), None, None
+        for name in ("q_norm", "k_norm"):
+            module = _norm_of(attn, name)
+            if module is None:
+                continue
+            if module.weight.numel() == D:
+                setattr(self, name, _rms(module))
+            else:
+                setattr(self, f"whole_{name}", _rms(module))
         self.sliding_window = getattr(attn, "sliding_window", None)
         self.input_norm = _rms(layer.input_layernorm)
         self.post_norm = _rms(layer.post_attention_layernorm)
@@ -52,12 +72,16 @@ class FusedDecode:
         router = getattr(layer.mlp, "gate", None)
         self.experts = getattr(getattr(layer.mlp, "experts", None), RUNTIME_ATTR, None)
         self.router = None
-        if self.experts is not None:
+        if self.experts is not None and type(router).__name__ in ROUTERS:
             # The router in the model's dtype, as transformers computes its logits (F.linear in that dtype).
             from ...formats import quantize
 
-            self.router = backend.pack_linear(quantize(router.weight.detach().to(dtype), "bf16" if dtype == torch.bfloat16 else "fp32"))
+            fmt = "bf16" if dtype == torch.bfloat16 else "fp32"
+            self.router = backend.pack_linear(quantize(router.weight.detach().to(dtype), fmt))
             self.top_k, self.renormalize = int(router.top_k), bool(router.norm_topk_prob)
+            # Qwen2-MoE's shared expert, weighted by sigmoid(its gate)
+            self.shared = getattr(layer.mlp, "shared_expert", None)
+            self.shared_gate = getattr(layer.mlp, "shared_expert_gate", None)
 
     def decode(self, hidden: torch.Tensor, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:
         # The backend's compute_* entry points: every shape and dtype here is the layer's own, fixed at
@@ -67,25 +91,31 @@ class FusedDecode:
         x = hidden[0]
         h = b.compute_rms_norm(x, *self.input_norm)
         cos, sin = position_embeddings[0][0], position_embeddings[1][0]
-        q = b.compute_dense(self.q.packed, h, dtype).view(T, -1, D)
-        k = b.compute_dense(self.k.packed, h, dtype).view(T, -1, D)
+        q = b.compute_dense(self.q.packed, h, dtype)
+        k = b.compute_dense(self.k.packed, h, dtype)
         v = b.compute_dense(self.v.packed, h, dtype).view(T, -1, D)
-        q = b.compute_rotary(q, cos, sin, *self.q_norm)
-        k = b.compute_rotary(k, cos, sin, *self.k_norm)
+        if self.whole_q_norm is not None:
+            q = b.compute_rms_norm(q, *self.whole_q_norm)
+        if self.whole_k_norm is not None:
+            k = b.compute_rms_norm(k, *self.whole_k_norm)
+        q = b.compute_rotary(q.view(T, -1, D), cos, sin, *self.q_norm)
+        k = b.compute_rotary(k.view(T, -1, D), cos, sin, *self.k_norm)
         keys, values = cache.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None], self.layer_idx, kwargs=kwargs)
         out, _ = attention_forward(self.attn, q.transpose(0, 1)[None], keys, values, attention_mask,
                                    scaling=self.attn.scaling, sliding_window=self.sliding_window)
         x = x + b.compute_dense(self.o.packed, out.reshape(T, -1), dtype)
         h = b.compute_rms_norm(x, *self.post_norm)
-        if self.experts is None:
+        if self.router is None:  # a dense MLP, or an MoE block computed by its own module
             return (x + self.mlp(h[None])[0])[None]
         logits = b.compute_dense(self.router, h, dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights /= weights.sum(dim=-1, keepdim=True)
-        routed = self.experts(h, ids, weights.to(dtype), out_dtype=dtype)
-        return (x + routed)[None]
+        out = self.experts(h, ids, weights.to(dtype), out_dtype=dtype)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
+        return (x + out)[None]
 
 
 def _supported(layer: torch.nn.Module, backend, dtype: torch.dtype) -> bool:
@@ -98,10 +128,9 @@ def _supported(layer: torch.nn.Module, backend, dtype: torch.dtype) -> bool:
         return False
     if getattr(attn, "_moetier_attention_backend", None) is not backend:
         return False
-    experts = getattr(layer.mlp, "experts", None)
-    if experts is not None:
-        return getattr(experts, RUNTIME_ATTR, None) is not None and type(getattr(layer.mlp, "gate", None)).__name__ in ROUTERS
-    return True
+    norms = [layer.input_layernorm, layer.post_attention_layernorm] + \
+        [m for m in (_norm_of(attn, "q_norm"), _norm_of(attn, "k_norm")) if m is not None]
+    return all(type(m).__name__ in NORMS and m.weight.dtype == dtype for m in norms)
 
 
 def fuse_decode_layers(model: torch.nn.Module, backend, dtype: torch.dtype) -> list[str]:
@@ -118,15 +147,17 @@ def fuse_decode_layers(model: torch.nn.Module, backend, dtype: torch.dtype) -> l
 
 
 def _forward(original, fused: FusedDecode, dtype: torch.dtype):
-    def forward(hidden_states, attention_mask=None, *args, **kwargs):
+    # Keyword arguments only on the fused path (the models call their layers so; the classes differ in
+    # the order of their parameters).
+    def forward(hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         embeddings = kwargs.get("position_embeddings")
         if args or cache is None or embeddings is None or hidden_states.ndim != 3 or hidden_states.shape[0] != 1 \
                 or hidden_states.shape[1] > DECODE_TOKENS or hidden_states.dtype != dtype \
                 or hidden_states.device.type != "cpu" or kwargs.get("output_attentions") or torch.is_grad_enabled():
-            return original(hidden_states, attention_mask, *args, **kwargs)
-        rest = {k: v for k, v in kwargs.items()
-                if k not in ("cache", "past_key_values", "position_embeddings", "position_ids", "use_cache")}
-        return fused.decode(hidden_states, attention_mask, cache, embeddings, rest)
+            return original(hidden_states, *args, **kwargs)
+        rest = {k: v for k, v in kwargs.items() if k not in
+                ("cache", "past_key_values", "position_embeddings", "position_ids", "use_cache", "attention_mask")}
+        return fused.decode(hidden_states, kwargs.get("attention_mask"), cache, embeddings, rest)
 
     return forward
