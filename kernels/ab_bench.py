@@ -61,10 +61,10 @@ class _OlderBuild:
     def __getattr__(self, name):
         return getattr(self._module, name)
 
-    def MoELayer(self, *args):  # noqa: N802 (the extension's class name)
+    def MoELayer(self, *args, **kwargs):  # noqa: N802 (the extension's class name)
         for n in range(len(args), 0, -1):
             try:
-                return self._module.MoELayer(*args[:n])
+                return self._module.MoELayer(*args[:n], **kwargs)
             except TypeError:
                 continue
         raise TypeError("no MoELayer signature of this build accepts the arguments")

@@ -115,7 +115,7 @@ inline void DenseLinear::panels_decode(const Acts& a, int path, int b0, int b1, 
             run_f32_np(bd.n, g_.fmt, M, bd, g_, xp, o);
         } else {
 #if MOETIER_HAS_DOT
-            if (path == P_FP8DOT) {
+            if (split_acts(path)) {
                 const uint16_t* xh[DECODE_MAX_TOKENS];
                 const uint16_t* xl[DECODE_MAX_TOKENS];
                 bool exact = true;
@@ -124,7 +124,8 @@ inline void DenseLinear::panels_decode(const Acts& a, int path, int b0, int b1, 
                     xl[m] = a.Xl + int64_t(m) * a.xs;
                     exact &= a.exact[m] != 0;
                 }
-                fp8_dot(bd.n, M, exact ? 1 : 2, bd, g_, xh, xl, o);
+                if (path == P_FP8DOT) fp8_dot(bd.n, M, exact ? 1 : 2, bd, g_, xh, xl, o);
+                else bf16_bundle(bd.n, M, bd, g_, xh, o, exact ? 1 : 2, xl);
             } else {
                 const int8_t* xq[DECODE_MAX_TOKENS];
                 const int32_t* xc[DECODE_MAX_TOKENS];
@@ -188,7 +189,7 @@ inline void DenseLinear::forward(ThreadPool& pool, const void* x, bool x_bf16, i
     if (tiles) a.xs = int(round_up(a.xs, 64)) + 64;
     a.groups = g_.Kp / g_.G;
     a.need_xb = bf16_acts(path);
-    a.need_xl = path == P_FP8DOT && decode;
+    a.need_xl = split_acts(path) && decode;
     a.need_xq = i8_acts(path);
     const size_t rows = size_t(T) + (tiles ? TILE_ROW_PAD : 0);  // tile loads read past the last token
     Scratch& sc = thread_scratch();

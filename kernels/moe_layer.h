@@ -120,6 +120,9 @@ inline bool is_deq(int path) { return path == P_DEQDOT || path == P_AMX_DEQ; }
 // Paths whose activations (x for gate/up, h for down) are bf16, and whose are int8 with per-row scales.
 inline bool bf16_acts(int path) { return path == P_BF16DOT || is_deq(path) || path == P_AMX_BF16 || path == P_FP8DOT; }
 inline bool i8_acts(int path) { return path == P_INT8DOT || path == P_AMX_INT8; }
+// Paths whose decode reads activations as bf16 hi + lo parts (fp32 activations to ~16 bits, exact for
+// activations that are bf16 already: one product then).
+inline bool split_acts(int path) { return path == P_FP8DOT || path == P_BF16DOT; }
 // Whether an expert of M tokens on `path` runs whole bundles per call (decode, and the dot paths up to
 // BUNDLE_MAX_TOKENS tokens), or two panels per call.
 inline bool bundle_path(int path, int M) {
@@ -128,8 +131,10 @@ inline bool bundle_path(int path, int M) {
 }
 
 // The kernel path of a matrix of geometry `g` (shortest row length min_k among the matrices computed
-// together) for a prefill (more than DECODE_MAX_TOKENS rows) or a decode call. bf16 decode streams at
-// DRAM speed with exact fp32 math, so vdpbf16ps only pays off for prefill. Integer weights also take
+// together) for a prefill (more than DECODE_MAX_TOKENS rows) or a decode call. bf16 takes vdpbf16ps for
+// decode too, on activations split into bf16 hi + lo parts (one product where they are bf16 already):
+// widening the weights to fp32 for FMAs held a Qwen3 layer at 46 GB/s on 2 cores against an 80 GB/s
+// read probe (2026-11-30). Integer weights also take
 // vpdpbusd for decode on model-sized rows: unpacking them to fp32 costs more instructions per byte than a
 // core issues at DRAM speed (measured ~15 GB/s int8, ~10 GB/s int4 per core). On short rows (< INT8_DECODE_MIN_K)
 // a token's quantization error does not average out (up to 7% on a 16 x 8 expert), and the exact path
@@ -139,7 +144,7 @@ inline int choose_path(const Geometry& g, bool prefill, int min_k, bool int8_act
     int path = P_F32;
     if (MOETIER_HAS_DOT) {
         if (fp8_vbmi) path = P_FP8DOT;
-        else if (g.fmt == BF16 && prefill) path = P_BF16DOT;
+        else if (g.fmt == BF16) path = P_BF16DOT;
         else if ((g.fmt == FP8 || g.fmt == F16) && prefill) path = P_DEQDOT;
         else if ((g.fmt == I8 || g.fmt == I4) && int8_acts && (prefill || min_k >= INT8_DECODE_MIN_K))
             path = P_INT8DOT;
@@ -450,8 +455,17 @@ inline void fp8_dot(int np, int mb, int split, const Panels& pn, const Geometry&
         default: prefill(std::integral_constant<int, 8>{}); break;
     }
 }
-// A whole bundle (np <= 4 panels) x mb <= BUNDLE_TOKENS tokens on the vdpbf16ps kernel.
-inline void bf16_bundle(int np, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* o) {
+// A whole bundle (np <= 4 panels) x mb <= BUNDLE_TOKENS tokens on the vdpbf16ps kernel; split 2 (decode,
+// mb <= DECODE_MAX_TOKENS): activations as bf16 hi (xb) + lo (xl) parts.
+inline void bf16_bundle(int np, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* o,
+                        int split = 1, const uint16_t* const* xl = nullptr) {
+    if (split == 2) {
+        bundle_tiles(np, mb, [&](auto MC, auto NC) {
+            if constexpr (decltype(MC)::value <= DECODE_MAX_TOKENS)
+                gemm_bf16dot<decltype(MC)::value, decltype(NC)::value, 2>(pn, g, xb, o, xl);
+        });
+        return;
+    }
     bundle_tiles(np, mb, [&](auto MC, auto NC) {
         gemm_bf16dot<decltype(MC)::value, decltype(NC)::value>(pn, g, xb, o);
     });
@@ -570,7 +584,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
     const bool decode = M <= DECODE_MAX_TOKENS;
     const int block = tiles ? AMX_TOKENS : path == P_F32 ? F32_BLOCK : DOT_BLOCK;
     const bool bf16_h = bf16_acts(dpath);           // the forms of h the down projection's path reads
-    const bool lo_h = dpath == P_FP8DOT && decode;  // the down projection splits h into bf16 hi + lo
+    const bool lo_h = split_acts(dpath) && decode;  // the down projection splits h into bf16 hi + lo
     const bool bundle_calls = bundle_path(path, M);
     alignas(64) float o[4 * 32 * PANEL];
     uint8_t* deq = is_deq(path) ? scratch(thread_scratch().deq, size_t(2) * gu_deq_.panel_bytes) : nullptr;
@@ -635,6 +649,7 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                         xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                     }
                     if (path == P_FP8DOT) fp8_dot(bd.n, mb, exact ? 1 : 2, bd, gu_, xh, xl, o);
+                    else if (path == P_BF16DOT && decode) bf16_bundle(bd.n, mb, bd, gu_, xh, o, exact ? 1 : 2, xl);
                     else if (path == P_BF16DOT) bf16_bundle(bd.n, mb, bd, gu_, xh, o);
                     else int8_decode(gu_.fmt, bd.n, mb, bd, gu_, xq, xc, xsc, o);
 #endif
@@ -731,7 +746,7 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
             const float* x[F32_BLOCK];
             for (int m = 0; m < M; ++m) x[m] = c.Hf + int64_t(row0 + m) * c.hs;
             run_f32_np(bd.n, dn_.fmt, M, bd, dn_, x, o);
-        } else if (path == P_FP8DOT) {
+        } else if (split_acts(path)) {
 #if MOETIER_HAS_DOT
             const uint16_t* xh[DECODE_MAX_TOKENS];
             const uint16_t* xl[DECODE_MAX_TOKENS];
@@ -739,7 +754,8 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
                 xh[m] = c.Hb + int64_t(row0 + m) * c.hs;
                 xl[m] = c.Hl + int64_t(row0 + m) * c.hs;
             }
-            fp8_dot(bd.n, M, 2, bd, dn_, xh, xl, o);
+            if (path == P_FP8DOT) fp8_dot(bd.n, M, 2, bd, dn_, xh, xl, o);
+            else bf16_bundle(bd.n, M, bd, dn_, xh, o, 2, xl);
 #endif
         } else {
 #if MOETIER_HAS_DOT
@@ -930,8 +946,8 @@ inline void MoELayer::forward(ThreadPool& pool, const void* hidden, bool hidden_
         c.act_dpath.push_back(dpath);
         c.need_xb |= bf16_acts(path);
         c.need_xq |= i8_acts(path);
-        c.need_xl |= path == P_FP8DOT && !prefill;
-        c.need_hl |= dpath == P_FP8DOT && !prefill;
+        c.need_xl |= split_acts(path) && !prefill;
+        c.need_hl |= split_acts(dpath) && !prefill;
         R += count[s];
     }
     c.row_tok.resize(R);

@@ -106,11 +106,18 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
 }
 
 #if MOETIER_HAS_DOT
-// xb[m]: bf16 activations, Kp columns (pairs read as one 32-bit broadcast).
-template <int M, int NP>
-void gemm_bf16dot(const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* out) {
+// xb[m]: bf16 activations, Kp columns (pairs read as one 32-bit broadcast). SPLIT 2: xl[m] holds the low
+// parts x - bf16(x) of fp32 activations, a second product per pair, so the sum carries ~16 bits of each
+// activation (decode; prefill rounds the activations to bf16).
+template <int M, int NP, int SPLIT = 1>
+void gemm_bf16dot(const Panels& pn, const Geometry& g, const uint16_t* const* xb, float* out,
+                  const uint16_t* const* xl = nullptr) {
     const uint16_t* xr[M];
-    for (int m = 0; m < M; ++m) xr[m] = xb[m];
+    const uint16_t* lr[M];
+    for (int m = 0; m < M; ++m) {
+        xr[m] = xb[m];
+        lr[m] = SPLIT == 2 ? xl[m] : nullptr;
+    }
     const int64_t ls = pn.stride();
     const uint8_t* p = pn.weights(g, 0, 0);
     __m512 acc[NP][M];
@@ -125,6 +132,11 @@ void gemm_bf16dot(const Panels& pn, const Geometry& g, const uint16_t* const* xb
             std::memcpy(&pair, xr[m] + k, 4);
             const __m512i xv = _mm512_set1_epi32(pair);
             for (int q = 0; q < NP; ++q) acc[q][m] = _mm512_dpbf16_ps(acc[q][m], (__m512bh)w[q], (__m512bh)xv);
+            if constexpr (SPLIT == 2) {
+                std::memcpy(&pair, lr[m] + k, 4);
+                const __m512i lv = _mm512_set1_epi32(pair);
+                for (int q = 0; q < NP; ++q) acc[q][m] = _mm512_dpbf16_ps(acc[q][m], (__m512bh)w[q], (__m512bh)lv);
+            }
         }
     }
     for (int q = 0; q < NP; ++q)
