@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 
 import moetier as mt  # noqa: E402
 from moetier.bench import model as mb  # noqa: E402
+from moetier.integrations.transformers.generation import generate  # noqa: E402
 from moetier.errors import LayoutError, SettingError  # noqa: E402
 
 
@@ -91,6 +92,15 @@ def test_zoo_checkpoints_as_gguf_are_the_same_models(tmp_path, family, version):
                                         "minimax": "MiniMaxM2ForCausalLM"}[family]
         got = logits(model, ids)
         assert torch.equal(got, want), (backend, (got - want).abs().max())
+    # Decode steps: the GGUF model's layers are fused where the safetensors twin's are, and generate the same
+    # tokens (fp32, the same weights, the same kernels).
+    twin = mt.load(folder, **kw)
+    assert model.moetier_fused_decode == twin.moetier_fused_decode
+    if model.moetier_attention is not None and model.moetier_dense.backend == model.moetier_attention:
+        assert model.moetier_fused_decode  # every layer of these families fuses where the kernels take both
+    twin.generation_config.min_new_tokens = model.generation_config.min_new_tokens = 8
+    tokens = [generate(m, ids, max_new_tokens=8, pad_token_id=0)[0] for m in (model, twin)]
+    assert torch.equal(tokens[0], tokens[1])
 
 
 def test_layers_keep_the_format_the_file_stores_them_in(models, tmp_path):
