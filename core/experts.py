@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -315,6 +315,12 @@ class ExpertBackend(ABC):
     def compute_dense(self, packed: PackedLinear, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """Return x W^T + b [T, out_features] in out_dtype for a validated x [T, in_features]."""
         raise FormatError(f"backend {self.name} computes no dense matrices")
+
+    def compute_dense_many(self, packed: Sequence[PackedLinear], x: torch.Tensor,
+                           out_dtype: torch.dtype) -> list[torch.Tensor]:
+        """compute_dense of several matrices on one x that check_linear_input accepted for each (a layer's
+        q, k and v). A backend may do them in one call."""
+        return [self.compute_dense(p, x, out_dtype) for p in packed]
 
     def dense_nbytes(self, payload: Any, weight: QuantizedTensor) -> int:
         return weight.nbytes

@@ -45,7 +45,19 @@ class DenseLinear {
     }
 
     // x [T, K] fp32 or bf16 bits; out [T, N] fp32 or bf16 bits, fully overwritten.
-    void forward(ThreadPool& pool, const void* x, bool x_bf16, int T, void* out, bool out_bf16) const;
+    void forward(ThreadPool& pool, const void* x, bool x_bf16, int T, void* out, bool out_bf16) const {
+        const DenseLinear* self = this;
+        forward_many(pool, 1, &self, x, x_bf16, T, &out, out_bf16);
+    }
+    // Several matrices of one input width, format and kernel path (a layer's q, k and v) on the same x,
+    // in one call: x converted once, every matrix's panels in one task list (one pool dispatch, not n).
+    static void forward_many(ThreadPool& pool, int n, const DenseLinear* const* mats, const void* x, bool x_bf16,
+                             int T, void* const* outs, bool out_bf16);
+    // Whether `other` reads the same forms of the same x for T tokens (forward_many's requirement).
+    bool shares_input(const DenseLinear& other, int T) const {
+        return g_.K == other.g_.K && g_.Kp == other.g_.Kp && g_.G == other.g_.G && g_.fmt == other.g_.fmt &&
+               path_for(T) == other.path_for(T);
+    }
 
    private:
     Geometry g_, deq_;  // deq_: fp8/fp16 panels dequantized to bf16 pairs (prefill)
@@ -175,19 +187,25 @@ inline void DenseLinear::panels_prefill(const Acts& a, int path, int p0, int p1,
     }
 }
 
-inline void DenseLinear::forward(ThreadPool& pool, const void* x, bool x_bf16, int T, void* out,
-                                 bool out_bf16) const {
-    if (!mem_) throw std::logic_error("the matrix is not packed");
-    if (T <= 0) return;
-    const int path = path_for(T);
+inline void DenseLinear::forward_many(ThreadPool& pool, int n, const DenseLinear* const* mats, const void* x,
+                                      bool x_bf16, int T, void* const* outs, bool out_bf16) {
+    if (n <= 0 || T <= 0) return;
+    const DenseLinear& d0 = *mats[0];
+    for (int i = 0; i < n; ++i) {
+        if (!mats[i]->mem_) throw std::logic_error("the matrix is not packed");
+        if (!d0.shares_input(*mats[i], T))
+            throw std::invalid_argument("forward_many: the matrices differ in input width, format or kernel path");
+    }
+    const Geometry& g = d0.g_;
+    const int path = d0.path_for(T);
     const bool decode = T <= DECODE_MAX_TOKENS;
     const bool tiles = is_amx(path);
     Acts a;
     a.T = T;
-    a.xs = g_.Kp;
+    a.xs = g.Kp;
     // A tiles read whole 64-byte column blocks; 64 more keep a tile's rows off one L1 set (as the experts).
     if (tiles) a.xs = int(round_up(a.xs, 64)) + 64;
-    a.groups = g_.Kp / g_.G;
+    a.groups = g.Kp / g.G;
     a.need_xb = bf16_acts(path);
     a.need_xl = split_acts(path) && decode;
     a.need_xq = i8_acts(path);
@@ -205,30 +223,35 @@ inline void DenseLinear::forward(ThreadPool& pool, const void* x, bool x_bf16, i
         a.Xcorr = scratch(sc.Xcorr, rows * a.groups);
     }
     constexpr int CONVERT_CHUNK = 4;
-    const int nb = bundles(g_.panels);
-    std::vector<std::array<int, 2>> tasks;
-    if (decode) {
-        const int run = int(std::max<int64_t>(1, DECODE_RUN_BYTES / (BUNDLE * g_.panel_bytes)));
-        // At least two runs per worker, so a descheduled worker's share is picked up by the others.
-        const int per = std::max(1, std::min(run, nb / (2 * pool.size())));
-        for (int b = 0; b < nb; b += per) tasks.push_back({b, std::min(nb, b + per)});
-    } else {
-        const int chunk = int(round_up(
-            std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, g_.panels / (8 * pool.size()))), BUNDLE));
-        for (int p = 0; p < g_.panels; p += chunk) tasks.push_back({p, std::min(g_.panels, p + chunk)});
+    std::vector<std::array<int, 3>> tasks;  // (matrix, first, end): bundles (decode) or panels (prefill)
+    for (int i = 0; i < n; ++i) {
+        const DenseLinear& d = *mats[i];
+        const int nb = bundles(d.g_.panels);
+        if (decode) {
+            const int run = int(std::max<int64_t>(1, DECODE_RUN_BYTES / (BUNDLE * d.g_.panel_bytes)));
+            // At least two runs per worker, so a descheduled worker's share is picked up by the others.
+            const int per = std::max(1, std::min(run, nb / (2 * pool.size())));
+            for (int b = 0; b < nb; b += per) tasks.push_back({i, b, std::min(nb, b + per)});
+        } else {
+            const int chunk = int(round_up(
+                std::max(DN_CHUNK_MIN, std::min(DN_CHUNK_MAX, d.g_.panels / (8 * pool.size()))), BUNDLE));
+            for (int p = 0; p < d.g_.panels; p += chunk) tasks.push_back({i, p, std::min(d.g_.panels, p + chunk)});
+        }
     }
     std::atomic<int> convert_next{0}, convert_done{0}, task_next{0};
     const int ntasks = int(tasks.size());
     const std::function<void(int)> job = [&](int) {
         for (int i; (i = convert_next.fetch_add(CONVERT_CHUNK, std::memory_order_relaxed)) < T;) {
             const int e = std::min(T, i + CONVERT_CHUNK);
-            convert(a, x, x_bf16, i, e);
+            d0.convert(a, x, x_bf16, i, e);
             convert_done.fetch_add(e - i, std::memory_order_release);
         }
         wait_count(convert_done, T);
         for (int i; (i = task_next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
-            if (decode) panels_decode(a, path, tasks[i][0], tasks[i][1], out, out_bf16);
-            else panels_prefill(a, path, tasks[i][0], tasks[i][1], out, out_bf16);
+            const DenseLinear& d = *mats[tasks[i][0]];
+            void* out = outs[tasks[i][0]];
+            if (decode) d.panels_decode(a, path, tasks[i][1], tasks[i][2], out, out_bf16);
+            else d.panels_prefill(a, path, tasks[i][1], tasks[i][2], out, out_bf16);
         }
     };
     pool.run(job);

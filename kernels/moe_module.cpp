@@ -312,6 +312,40 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
             },
             py::arg("pool"), py::arg("x"), py::arg("x_bf16"), py::arg("out"), py::arg("out_bf16"));
 
+    m.def(
+        "dense_forward_many",
+        [](ThreadPool& pool, const std::vector<const DenseLinear*>& mats, py::array x, bool x_bf16,
+           std::vector<py::array> outs, bool out_bf16) {
+            if (mats.empty() || mats.size() != outs.size())
+                throw py::value_error("give one out array per matrix (and at least one matrix)");
+            const int64_t K = mats[0]->geometry().K;
+            if (x.ndim() != 2 || x.shape(1) != K) throw py::value_error("x must be [T, in_features]");
+            const int T = int(x.shape(0));
+            if (x_bf16 ? x.itemsize() != 2 : !x.dtype().is(py::dtype::of<float>()))
+                throw py::type_error("x must be float32 or bf16 bits (uint16)");
+            const void* xp = bytes_of(x, int64_t(T) * K * (x_bf16 ? 2 : 4), "x");
+            std::vector<void*> ptrs;
+            for (size_t i = 0; i < mats.size(); ++i) {
+                const DenseLinear* d = mats[i];
+                if (!d || !d->packed()) throw py::value_error("every matrix must be packed");
+                if (!mats[0]->shares_input(*d, T))
+                    throw py::value_error("the matrices differ in input width, format or kernel path");
+                py::array& out = outs[i];
+                if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != d->geometry().N)
+                    throw py::value_error("each out must be [T, its matrix's out_features]");
+                if (out_bf16 ? out.itemsize() != 2 : !out.dtype().is(py::dtype::of<float>()))
+                    throw py::type_error("out must be float32 or bf16 bits (uint16)");
+                if (!out.writeable()) throw py::value_error("out must be writable");
+                bytes_of(out, int64_t(T) * d->geometry().N * (out_bf16 ? 2 : 4), "out");
+                ptrs.push_back(out.mutable_data());
+            }
+            if (T == 0) return;
+            py::gil_scoped_release release;
+            DenseLinear::forward_many(pool, int(mats.size()), mats.data(), xp, x_bf16, T, ptrs.data(), out_bf16);
+        },
+        py::arg("pool"), py::arg("mats"), py::arg("x"), py::arg("x_bf16"), py::arg("outs"), py::arg("out_bf16"),
+        "every matrix on the same x in one call (one input conversion and one pool dispatch): a layer's q, k, v");
+
     // ---- RMSNorm over rows (rms_norm.h) --------------------------------------------------------------------
     m.def(
         "rms_norm",

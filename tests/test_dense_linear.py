@@ -180,3 +180,31 @@ def test_the_oracle_computes_every_format():
         y = o.linear(o.pack_linear(q, b), x)
         assert y.dtype == torch.float32
         assert rel_err(y, x.double() @ q.dequantize(torch.float64).T + b.double()) < 1e-7, fmt
+
+
+@needs_native
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4_g64", "fp8_e4m3"])
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_several_matrices_in_one_call_compute_what_each_does(variant, fmt, T, monkeypatch):
+    """compute_dense_many (a layer's q, k and v on one x: one conversion, one pool dispatch) gives each
+    matrix's own result bit for bit, decode and prefill; matrices of different formats take one call each."""
+    backend = make_backend(variant, monkeypatch, threads=2)
+    g = fresh_gen()
+    K = 256
+    packed = [backend.pack_linear(quantize(torch.randn(n, K, generator=g) * 0.05, fmt),
+                                  torch.randn(n, generator=g) if n == 80 else None) for n in (256, 64, 80)]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(T, K, generator=g).to(dtype)
+        many = backend.compute_dense_many(packed, x, dtype)
+        for p, got in zip(packed, many):
+            assert got.shape == (T, p.out_features) and got.dtype == dtype
+            assert torch.equal(got, backend.linear(p, x))
+    other = backend.pack_linear(quantize(torch.randn(32, K, generator=g), "bf16" if fmt != "bf16" else "int8"))
+    x = torch.randn(T, K, generator=g)
+    mixed = backend.compute_dense_many([packed[0], other], x, torch.float32)
+    assert torch.equal(mixed[0], backend.linear(packed[0], x)) and torch.equal(mixed[1], backend.linear(other, x))
+    # the binding itself refuses matrices that do not share the input's forms
+    with pytest.raises(ValueError, match="differ"):
+        backend._ext.dense_forward_many(backend._kernel_pool, [packed[0].payload, other.payload], x.numpy(), False,
+                                        [torch.empty(T, 256).numpy(), torch.empty(T, 32).numpy()], False)

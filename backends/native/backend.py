@@ -204,6 +204,17 @@ class NativeBackend(ExpertBackend):
                                out_dtype == torch.bfloat16)
         return out
 
+    def compute_dense_many(self, packed, x, out_dtype):
+        # One kernel call for matrices of one format and width (a layer's q, k, v): x converted once, one
+        # pool dispatch instead of one per matrix.
+        if len(packed) < 2 or any(p.fmt != packed[0].fmt or p.in_features != packed[0].in_features for p in packed):
+            return super().compute_dense_many(packed, x, out_dtype)
+        outs = [torch.empty(x.shape[0], p.out_features, dtype=out_dtype) for p in packed]
+        self._ext.dense_forward_many(self._kernel_pool, [p.payload for p in packed], _storage(x),
+                                     x.dtype == torch.bfloat16, [_storage(o) for o in outs],
+                                     out_dtype == torch.bfloat16)
+        return outs
+
     # ---- attention over a KV cache for decode steps (moetier.attention) ------------------------------
     attention_dtypes = ATTENTION_DTYPES
 

@@ -53,7 +53,8 @@ class FusedDecode:
         attn = layer.self_attn
         self.backend, self.dtype, self.attn = backend, dtype, attn
         self.layer_idx = attn.layer_idx
-        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.o = attn.o_proj
+        self.qkv = (attn.q_proj.packed, attn.k_proj.packed, attn.v_proj.packed)
         self.head_dim = D = attn.head_dim
         # q/k norms: per head (weight [D], in the rotary call) or over the whole projection (weight [H * D])
         self.q_norm, self.k_norm, self.whole_q_norm, self.whole_k_norm = (None, 0.0), (None, 0.0), None, None
@@ -91,9 +92,8 @@ class FusedDecode:
         x = hidden[0]
         h = b.compute_rms_norm(x, *self.input_norm)
         cos, sin = position_embeddings[0][0], position_embeddings[1][0]
-        q = b.compute_dense(self.q.packed, h, dtype)
-        k = b.compute_dense(self.k.packed, h, dtype)
-        v = b.compute_dense(self.v.packed, h, dtype).view(T, -1, D)
+        q, k, v = b.compute_dense_many(self.qkv, h, dtype)
+        v = v.view(T, -1, D)
         if self.whole_q_norm is not None:
             q = b.compute_rms_norm(q, *self.whole_q_norm)
         if self.whole_k_norm is not None:
