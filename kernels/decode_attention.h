@@ -86,6 +86,20 @@ MOE_INLINE float dot(const float* a, const float* b, int n16) {
     return vhsum(acc);
 }
 
+// exp(s - m), exactly 0 where s is -inf: vexp clamps its argument, and a masked key must weigh nothing,
+// not exp(-87).
+MOE_INLINE V exp_or_zero(V s, V m) {
+    const V e = vexp(vsub(s, m));
+#if defined(__AVX512F__)
+    const __mmask16 masked = _mm512_cmp_ps_mask(s.v, _mm512_set1_ps(NEG_INF), _CMP_EQ_OQ);
+    return {_mm512_maskz_mov_ps(__mmask16(~masked), e.v)};
+#else
+    const __m256 ninf = _mm256_set1_ps(NEG_INF);
+    return {_mm256_andnot_ps(_mm256_cmp_ps(s.a, ninf, _CMP_EQ_OQ), e.a),
+            _mm256_andnot_ps(_mm256_cmp_ps(s.b, ninf, _CMP_EQ_OQ), e.b)};
+#endif
+}
+
 // One task's result for each of its rows: the chunk's score maximum, its sum of exp(score - max) and
 // the unnormalized weighted sum of values.
 struct Partial {
@@ -288,23 +302,32 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
             for (int j = 0; j < n; ++j) sr[j] = vis[vr * KB + j] ? dots[j] + vbias[vr * KB + j] : NEG_INF;
         }
     }
+    // Softmax numerators in whole vectors (a scalar pass per key and row, with its serial sum, cost as much
+    // as the dot products of a 576-key decode step).
     for (int r = 0; r < R; ++r) {
         float* sr = scores + size_t(r) * C;
+        const int C16 = C & ~15;
+        V vm = vset1(NEG_INF);
+        for (int c = 0; c < C16; c += 16) vm = vmax(vm, vload(sr + c));
+        alignas(64) float lanes[16];
+        vstore(lanes, vm);
         float m = NEG_INF;
-        for (int c = 0; c < C; ++c) m = std::max(m, sr[c]);
+        for (int j = 0; j < 16; ++j) m = std::max(m, lanes[j]);
+        for (int c = C16; c < C; ++c) m = std::max(m, sr[c]);
         part.max[r] = m;
         float l = 0.f;
         if (m != NEG_INF) {
-            float e[16];
-            for (int c = 0; c < C; c += 16) {
-                const int n = std::min(16, C - c);
-                if (n == 16) vstore(e, vexp(vsub(vload(sr + c), vset1(m))));
-                else for (int j = 0; j < n; ++j) e[j] = std::exp(sr[c + j] - m);
-                // vexp clamps its argument: a masked key must weigh exactly nothing, not exp(-87).
-                for (int j = 0; j < n; ++j) {
-                    sr[c + j] = sr[c + j] == NEG_INF ? 0.f : e[j];
-                    l += sr[c + j];
-                }
+            const V mv = vset1(m);
+            V vl = vzero();
+            for (int c = 0; c < C16; c += 16) {
+                const V e = exp_or_zero(vload(sr + c), mv);
+                vstore(sr + c, e);
+                vl = vadd(vl, e);
+            }
+            l = vhsum(vl);
+            for (int c = C16; c < C; ++c) {
+                sr[c] = sr[c] == NEG_INF ? 0.f : std::exp(sr[c] - m);
+                l += sr[c];
             }
         } else {
             std::fill(sr, sr + C, 0.f);
