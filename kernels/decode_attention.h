@@ -100,6 +100,22 @@ MOE_INLINE V exp_or_zero(V s, V m) {
 #endif
 }
 
+// Lanes j of v where vis[j] is nonzero, -inf elsewhere (a select, not an addition: a key this row does not
+// see may hold NaN that another row's score read).
+MOE_INLINE V visible_or_neg_inf(V v, const uint8_t* vis) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vis));
+#if defined(__AVX512F__)
+    const __mmask16 seen = _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(0xFF));
+    return {_mm512_mask_blend_ps(seen, _mm512_set1_ps(NEG_INF), v.v)};
+#else
+    const __m256 ninf = _mm256_set1_ps(NEG_INF);
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256 lo = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(bytes), zero));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)), zero));
+    return {_mm256_blendv_ps(v.a, ninf, lo), _mm256_blendv_ps(v.b, ninf, hi)};
+#endif
+}
+
 // One task's result for each of its rows: the chunk's score maximum, its sum of exp(score - max) and
 // the unnormalized weighted sum of values.
 struct Partial {
@@ -290,16 +306,22 @@ inline void attention_chunk(const AttentionArgs& a, int b, int g, int s0, int s1
                 std::fill(sr, sr + n, NEG_INF);
                 continue;
             }
-            float dots[KB];
+            alignas(64) float dots[KB];
+            float dscale = 1.f;  // the fp32 path's q rows carry the scale already
 #if MOETIER_HAS_DOT
             if (pairs) {
                 scores16_bf16(qraw + size_t(r) * Dp2, krows, Dp2, dots);
-                for (int j = 0; j < KB; ++j) dots[j] *= a.scale;
+                dscale = a.scale;
             } else
 #endif
                 scores16(qbuf + size_t(r) * Dp, blk, Dp, dots);
             const int vr = vis_row(r);
-            for (int j = 0; j < n; ++j) sr[j] = vis[vr * KB + j] ? dots[j] + vbias[vr * KB + j] : NEG_INF;
+            if (n == KB) {
+                const V sc = vadd(vmul(vload(dots), vset1(dscale)), vload(vbias + vr * KB));
+                vstore(sr, visible_or_neg_inf(sc, vis + vr * KB));
+            } else {
+                for (int j = 0; j < n; ++j) sr[j] = vis[vr * KB + j] ? dots[j] * dscale + vbias[vr * KB + j] : NEG_INF;
+            }
         }
     }
     // Softmax numerators in whole vectors (a scalar pass per key and row, with its serial sum, cost as much
