@@ -2,6 +2,8 @@
 the amx kernels over a software tile unit. Explicit feature flags, never -march=native, so a wheel runs
 on every CPU that has the variant's features."""
 
+from pathlib import Path
+
 # ISA variant -> compiler flags. Each becomes the module moetier.backends.native._moe_<variant>.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
@@ -14,11 +16,9 @@ KERNEL_VARIANTS = {
 }
 
 KERNEL_SOURCES = ["kernels/moe_module.cpp"]
-# Headers of the kernel tree: a change to any of them rebuilds every variant.
-KERNEL_HEADERS = ["kernels/variant.h", "kernels/simd.h", "kernels/packed_format.h", "kernels/panel_kernels.h",
-                  "kernels/thread_pool.h", "kernels/moe_layer.h", "kernels/amx_tiles.h", "kernels/amx_kernels.h",
-                  "kernels/huge_pages.h", "kernels/amx_permission.h", "kernels/fp8_vbmi.h", "kernels/host_tasks.h",
-                  "kernels/dense_linear.h", "kernels/decode_attention.h"]
+# Headers of the kernel tree, every one: a change to any of them rebuilds every variant (a hand-kept list
+# missed new headers, and their changes did not rebuild).
+KERNEL_HEADERS = sorted(f"kernels/{p.name}" for p in Path(__file__).resolve().parent.glob("*.h"))
 # -fno-wrapv undoes the -fwrapv of Python's own compile flags: with defined signed overflow the compiler
 # keeps int index arithmetic unwidened, which cost the decode attention kernel 30% (measured; the expert
 # kernels were unchanged within noise).
