@@ -61,6 +61,10 @@ def test_every_implementation_agrees_with_transformers_before_it_is_timed(tiny_r
     assert {f for (impl, f) in rows if impl == "moetier"} == {"bf16", "int8", "int4_g64"}
     # moetier's dense layers run on its kernels in the model's bf16 (--dense auto); transformers' are torch's.
     assert {r["dense"] for r in doc["records"] if r["implementation"].startswith("moetier")} == {"bf16"}
+    # the Qwen3-MoE layers decode fused (dense layers and attention on the kernels), and the run says so
+    moetier_rows = [r for r in doc["records"] if r["implementation"].startswith("moetier")]
+    fused = [n for n in doc["notes"] if "decoder layers fused for decode" in n]
+    assert len(fused) == len(moetier_rows), doc["notes"]
     assert {r["dense"] for r in doc["records"] if r["implementation"].startswith("transformers")} == {"torch"}
     assert {r["dense"] for r in doc["records"] if r["implementation"] == "llama.cpp"} == {"BF16", "Q8_0"}
     for r in doc["records"]:  # moetier against llama.cpp's matching type, in the same table

@@ -504,6 +504,9 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
                              device="cpu", registry=registry, inventory=inventory, progress=False,
                              dense_format=dense_format)
         routed = model.moetier_dense
+        if model.moetier_fused_decode:
+            notes.append(f"{label} {fmt}: {len(model.moetier_fused_decode)} decoder layers fused for decode "
+                         "(moetier.integrations.transformers.decode_layer)")
         this_load = time.perf_counter() - t0
         model.eval()
         bound = check_bound(fmt)
