@@ -27,8 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .errors import (DeviceError, DTypeError, ExpertIdError, FormatError, MoetierError, NonFiniteError,
-                     PreparedExpertsError,
-                     SettingError, ShapeError)
+                     PreparedExpertsError, SettingError, ShapeError)
 from .attention import check_attention_inputs
 from .norm import check_rms_norm_inputs
 from .rotary import check_rotary_inputs

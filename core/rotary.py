@@ -17,7 +17,7 @@ import math
 import torch
 
 from .errors import DeviceError, DTypeError, ShapeError
-from .norm import NORM_DTYPES, check_rms_norm_inputs
+from .norm import NORM_DTYPES, check_rms_norm_inputs, reference_rms_norm
 
 ROTARY_DTYPES = NORM_DTYPES
 MAX_HEAD_SIZE = 1024
@@ -51,9 +51,7 @@ def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm
                      eps: float = 0.0) -> torch.Tensor:
     """The math in float64 (no roundings): each head RMS-normalized with norm_weight when given, then
     x * cos + rotate_half(x) * sin over the first R dims; x [T, H, D], cos / sin [T, R]."""
-    x = x.to(torch.float64)
-    if norm_weight is not None:
-        x = norm_weight.to(torch.float64) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    x = x.to(torch.float64) if norm_weight is None else reference_rms_norm(x, norm_weight, eps)
     R = cos.shape[-1]
     rot, rest = x[..., :R], x[..., R:]
     x1, x2 = rot[..., :R // 2], rot[..., R // 2:]

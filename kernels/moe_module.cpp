@@ -163,6 +163,28 @@ py::object value_problem(const ForwardArrays& a, int H, bool hidden_bf16, int nu
     return py::none();
 }
 
+// x [T, K] of a dense matrix (fp32, or bf16 bits as uint16): its data, and T.
+const void* dense_input(py::array& x, int64_t K, bool x_bf16, int& T) {
+    if (x.ndim() != 2 || x.shape(1) != K) throw py::value_error("x must be [T, in_features]");
+    T = int(x.shape(0));
+    if (x_bf16 ? x.itemsize() != 2 : !x.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("x must be float32 or bf16 bits (uint16)");
+    return bytes_of(x, int64_t(T) * K * (x_bf16 ? 2 : 4), "x");
+}
+
+// out [T, N] of packed matrix d (fp32, or bf16 bits): its writable data.
+void* dense_output(const DenseLinear& d, py::array& out, int T, bool out_bf16) {
+    const int64_t N = d.geometry().N;
+    if (!d.packed()) throw py::value_error("the matrix is not packed");
+    if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != N)
+        throw py::value_error("out must be [T, out_features]");
+    if (out_bf16 ? out.itemsize() != 2 : !out.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("out must be float32 or bf16 bits (uint16)");
+    if (!out.writeable()) throw py::value_error("out must be writable");
+    bytes_of(out, int64_t(T) * N * (out_bf16 ? 2 : 4), "out");
+    return out.mutable_data();
+}
+
 // The byte strides of the first three dimensions of a 4-d array whose last dimension is contiguous (any
 // strides before it, 0 to broadcast).
 void outer_strides(const py::array& a, const char* what, int64_t& s0, int64_t& s1, int64_t& s2) {
@@ -292,20 +314,9 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
         .def(
             "forward",
             [](const DenseLinear& d, ThreadPool& pool, py::array x, bool x_bf16, py::array out, bool out_bf16) {
-                const Geometry& g = d.geometry();
-                if (!d.packed()) throw py::value_error("the matrix is not packed");
-                if (x.ndim() != 2 || x.shape(1) != g.K) throw py::value_error("x must be [T, in_features]");
-                const int T = int(x.shape(0));
-                if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != g.N)
-                    throw py::value_error("out must be [T, out_features]");
-                if (x_bf16 ? x.itemsize() != 2 : !x.dtype().is(py::dtype::of<float>()))
-                    throw py::type_error("x must be float32 or bf16 bits (uint16)");
-                if (out_bf16 ? out.itemsize() != 2 : !out.dtype().is(py::dtype::of<float>()))
-                    throw py::type_error("out must be float32 or bf16 bits (uint16)");
-                if (!out.writeable()) throw py::value_error("out must be writable");
-                const void* xp = bytes_of(x, int64_t(T) * g.K * (x_bf16 ? 2 : 4), "x");
-                bytes_of(out, int64_t(T) * g.N * (out_bf16 ? 2 : 4), "out");
-                void* op = out.mutable_data();
+                int T = 0;
+                const void* xp = dense_input(x, d.geometry().K, x_bf16, T);
+                void* op = dense_output(d, out, T, out_bf16);
                 if (T == 0) return;
                 py::gil_scoped_release release;
                 d.forward(pool, xp, x_bf16, T, op, out_bf16);
@@ -318,26 +329,14 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
            std::vector<py::array> outs, bool out_bf16) {
             if (mats.empty() || mats.size() != outs.size())
                 throw py::value_error("give one out array per matrix (and at least one matrix)");
-            const int64_t K = mats[0]->geometry().K;
-            if (x.ndim() != 2 || x.shape(1) != K) throw py::value_error("x must be [T, in_features]");
-            const int T = int(x.shape(0));
-            if (x_bf16 ? x.itemsize() != 2 : !x.dtype().is(py::dtype::of<float>()))
-                throw py::type_error("x must be float32 or bf16 bits (uint16)");
-            const void* xp = bytes_of(x, int64_t(T) * K * (x_bf16 ? 2 : 4), "x");
+            int T = 0;
+            const void* xp = dense_input(x, mats[0]->geometry().K, x_bf16, T);
             std::vector<void*> ptrs;
             for (size_t i = 0; i < mats.size(); ++i) {
-                const DenseLinear* d = mats[i];
-                if (!d || !d->packed()) throw py::value_error("every matrix must be packed");
-                if (!mats[0]->shares_input(*d, T))
+                if (!mats[i]) throw py::value_error("every matrix must be a DenseLinear");
+                if (!mats[0]->shares_input(*mats[i], T))
                     throw py::value_error("the matrices differ in input width, format or kernel path");
-                py::array& out = outs[i];
-                if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != d->geometry().N)
-                    throw py::value_error("each out must be [T, its matrix's out_features]");
-                if (out_bf16 ? out.itemsize() != 2 : !out.dtype().is(py::dtype::of<float>()))
-                    throw py::type_error("out must be float32 or bf16 bits (uint16)");
-                if (!out.writeable()) throw py::value_error("out must be writable");
-                bytes_of(out, int64_t(T) * d->geometry().N * (out_bf16 ? 2 : 4), "out");
-                ptrs.push_back(out.mutable_data());
+                ptrs.push_back(dense_output(*mats[i], outs[i], T, out_bf16));
             }
             if (T == 0) return;
             py::gil_scoped_release release;

@@ -43,12 +43,14 @@ inline void head(const RotaryArgs& a, int t, int h) {
     const E* s = reinterpret_cast<const E*>(a.sin + t * a.c_st);
     const int D = a.D, half = a.R / 2;
     alignas(64) float v[1024], p[1024], q[1024];  // D <= 1024 (checked by the binding)
-    for (int i = 0; i < D; ++i) v[i] = get(x[i]);
-    if (a.norm_w) {
-        const E* w = static_cast<const E*>(a.norm_w);
-        const float inv = 1.0f / std::sqrt(rms_detail::mean_square([&](int i) { return v[i]; }, D) + a.eps);
-        for (int i = 0; i < D; ++i) v[i] = round(get(w[i]) * round(v[i] * inv));
+    const E* src = x;
+    if (a.norm_w) {  // the head's norm into y (rms_norm.h's row), read back as the rotation's input
+        const RmsNormArgs n{reinterpret_cast<const uint8_t*>(x), 0, a.norm_w, reinterpret_cast<uint8_t*>(y), 0, 1, D,
+                            BF16, a.eps};
+        rms_detail::row(n, 0);
+        src = y;
     }
+    for (int i = 0; i < D; ++i) v[i] = get(src[i]);
     for (int i = 0; i < half; ++i) {
         p[i] = round(v[i] * get(c[i]));
         q[i] = round(v[i + half] * get(s[i]));

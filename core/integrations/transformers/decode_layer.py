@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import attention_forward
-from .dense import DECODE_TOKENS, MoetierLinear
+from ...formats import quantize
+from .attention import BACKEND_ATTR, attention_forward
+from .dense import DECODE_TOKENS, MoetierLinear, dtype_format
 from .experts import RUNTIME_ATTR
 
 # Decoder layers whose decode `FusedDecode` reproduces (tests compare it with the layer's own forward, per
@@ -32,7 +33,6 @@ NORMS = ("Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "Glm4MoeRMSNorm", "MiniMaxM2RMSNo
 # blocks (GLM's and MiniMax's sigmoid routers with their correction bias, and the shared experts they add)
 # run as transformers' own module, on the kernels through the experts and dense routing.
 ROUTERS = ("Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter")
-FUSED_ATTR = "moetier_fused_decode"
 
 
 def _rms(module) -> tuple[torch.Tensor, float]:
@@ -53,7 +53,7 @@ class FusedDecode:
         attn = layer.self_attn
         self.backend, self.dtype, self.attn = backend, dtype, attn
         self.layer_idx = attn.layer_idx
-        self.o = attn.o_proj
+        self.o = attn.o_proj.packed
         self.qkv = (attn.q_proj.packed, attn.k_proj.packed, attn.v_proj.packed)
         self.head_dim = D = attn.head_dim
         # q/k norms: per head (weight [D], in the rotary call) or over the whole projection (weight [H * D])
@@ -75,10 +75,7 @@ class FusedDecode:
         self.router = None
         if self.experts is not None and type(router).__name__ in ROUTERS:
             # The router in the model's dtype, as transformers computes its logits (F.linear in that dtype).
-            from ...formats import quantize
-
-            fmt = "bf16" if dtype == torch.bfloat16 else "fp32"
-            self.router = backend.pack_linear(quantize(router.weight.detach().to(dtype), fmt))
+            self.router = backend.pack_linear(quantize(router.weight.detach().to(dtype), dtype_format(dtype)))
             self.top_k, self.renormalize = int(router.top_k), bool(router.norm_topk_prob)
             # Qwen2-MoE's shared expert, weighted by sigmoid(its gate)
             self.shared = getattr(layer.mlp, "shared_expert", None)
@@ -103,7 +100,7 @@ class FusedDecode:
         keys, values = cache.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None], self.layer_idx, kwargs=kwargs)
         out, _ = attention_forward(self.attn, q.transpose(0, 1)[None], keys, values, attention_mask,
                                    scaling=self.attn.scaling, sliding_window=self.sliding_window)
-        x = x + b.compute_dense(self.o.packed, out.reshape(T, -1), dtype)
+        x = x + b.compute_dense(self.o, out.reshape(T, -1), dtype)
         h = b.compute_rms_norm(x, *self.post_norm)
         if self.router is None:  # a dense MLP, or an MoE block computed by its own module
             return (x + self.mlp(h[None])[0])[None]
@@ -119,14 +116,14 @@ class FusedDecode:
 
 
 def _supported(layer: torch.nn.Module, backend, dtype: torch.dtype) -> bool:
-    """Whether `layer` is a class `_decode` reproduces with every matrix on `backend`'s kernels."""
+    """Whether `layer` is a class `FusedDecode` reproduces with every matrix on `backend`'s kernels."""
     if type(layer).__name__ not in LAYERS or dtype not in backend.norm_dtypes or dtype not in backend.rotary_dtypes \
             or dtype not in backend.attention_dtypes:
         return False
     attn = layer.self_attn
     if not all(isinstance(getattr(attn, n, None), MoetierLinear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return False
-    if getattr(attn, "_moetier_attention_backend", None) is not backend:
+    if getattr(attn, BACKEND_ATTR, None) is not backend:
         return False
     norms = [layer.input_layernorm, layer.post_attention_layernorm] + \
         [m for m in (_norm_of(attn, "q_norm"), _norm_of(attn, "k_norm")) if m is not None]
@@ -139,21 +136,19 @@ def fuse_decode_layers(model: torch.nn.Module, backend, dtype: torch.dtype) -> l
     for name, layer in model.named_modules():
         if not _supported(layer, backend, dtype):
             continue
-        fused = FusedDecode(layer, backend, dtype)
-        setattr(layer, FUSED_ATTR, fused)
-        layer.forward = _forward(layer.forward, fused, dtype)
+        layer.forward = _forward(layer.forward, FusedDecode(layer, backend, dtype))
         names.append(name)
     return names
 
 
-def _forward(original, fused: FusedDecode, dtype: torch.dtype):
+def _forward(original, fused: FusedDecode):
     # Keyword arguments only on the fused path (the models call their layers so; the classes differ in
     # the order of their parameters).
     def forward(hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         embeddings = kwargs.get("position_embeddings")
         if args or cache is None or embeddings is None or hidden_states.ndim != 3 or hidden_states.shape[0] != 1 \
-                or hidden_states.shape[1] > DECODE_TOKENS or hidden_states.dtype != dtype \
+                or hidden_states.shape[1] > DECODE_TOKENS or hidden_states.dtype != fused.dtype \
                 or hidden_states.device.type != "cpu" or kwargs.get("output_attentions") or torch.is_grad_enabled():
             return original(hidden_states, *args, **kwargs)
         rest = {k: v for k, v in kwargs.items() if k not in

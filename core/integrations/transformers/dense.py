@@ -73,6 +73,11 @@ def routers(model: torch.nn.Module, layout) -> set[str]:
     return out
 
 
+def dtype_format(dtype: torch.dtype) -> str:
+    """The weight format that holds a bf16 or fp32 model's matrices as they are."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def choose_dense_backend(backends, dense_format: str | None, dtype: torch.dtype):
     """The CPU backend (of those computing the experts) that takes the dense matrices, and their format.
 
@@ -81,7 +86,7 @@ def choose_dense_backend(backends, dense_format: str | None, dtype: torch.dtype)
     "transformers": transformers' own layers."""
     if dense_format == KEEP:
         return None, None
-    fmt = get_format(dense_format).name if dense_format is not None else ("bf16" if dtype == torch.bfloat16 else "fp32")
+    fmt = get_format(dense_format).name if dense_format is not None else dtype_format(dtype)
     for b in backends:
         if b.device.type == "cpu" and fmt in b.dense_formats:
             return b, fmt
