@@ -39,6 +39,15 @@ def _gen():
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
+def _flips_allowed(numel: int) -> int:
+    """How many bf16 elements may differ by one rounding from transformers' module when only the fp32 sum
+    of squares runs in another order. Measured: 3.7e-6 of the elements (RMSNorm, 300 draws of 130 x 96)
+    and 8e-7 (per-head norm + rotary). The bound is 270x that rate plus 4, so that a draw of the test
+    sizes (<= 0.05 expected flips) exceeds it with probability < 1e-8 (Poisson tail); the one-ulp limit
+    beside it is what catches a wrong rounding."""
+    return 4 + numel // 1000
+
+
 def _ulps(got: torch.Tensor, want: torch.Tensor) -> float:
     """Largest difference in units of the dtype's epsilon times the reference's magnitude (at least 1)."""
     eps = torch.finfo(want.dtype).eps
@@ -64,10 +73,9 @@ def test_rms_norm_is_transformers_rmsnorm(backend, dtype, shape):
     if isinstance(backend, ReferenceBackend):
         return  # the float64 math rounded once, not transformers' two roundings
     if dtype == torch.bfloat16:
-        # The same roundings; a sum of squares in another order may move n across a bf16 rounding
-        # boundary: at most one element in 10^4 by one ulp (measured 14 of 10^6).
+        # The same roundings; a sum of squares in another order may move n across a bf16 rounding boundary.
         differ = (got != want).sum().item()
-        assert differ <= max(1, x.numel() // 10_000) and _ulps(got, want) <= 2
+        assert differ <= _flips_allowed(x.numel()) and _ulps(got, want) <= 2
     else:
         assert _ulps(got, want) <= 8  # fp32: sum order and one division, a few ulps
 
@@ -109,7 +117,8 @@ def test_rotary_is_transformers_rope(backend, dtype, T, H, D, R, with_norm):
         return
     if dtype == torch.bfloat16 or not with_norm:
         # bf16: the same operators and roundings; fp32 without a norm: products and sums alike
-        assert torch.equal(got, want) or (with_norm and (got != want).sum() <= max(1, x.numel() // 1000))
+        assert torch.equal(got, want) or (with_norm and (got != want).sum() <= _flips_allowed(x.numel())
+                                          and (got - want).abs().max() <= 2 * 2 ** -8 * want.abs().max())
     else:
         assert float((got - want).abs().max()) <= 8 * torch.finfo(dtype).eps * float(want.abs().max())
 
