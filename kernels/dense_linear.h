@@ -14,11 +14,10 @@ inline namespace MOETIER_NS {
 
 class DenseLinear {
    public:
-    DenseLinear(int N, int K, int fmt, int group, bool has_bias, bool int8_activations, bool fp8_vbmi = true,
-                bool mins = false)
-        : g_(fmt, group, N, K, mins), deq_(BF16, 0, N, g_.Kp), has_bias_(has_bias), int8_acts_(int8_activations) {
+    DenseLinear(int N, int K, MatFormat fmt, bool has_bias, bool int8_activations, bool fp8_vbmi = true)
+        : g_(fmt, N, K), deq_(MatFormat{BF16}, N, g_.Kp), has_bias_(has_bias), int8_acts_(int8_activations) {
 #if MOETIER_HAS_DOT
-        fp8_vbmi_ = fmt == FP8 && fp8_vbmi && cpu_has_vbmi();
+        fp8_vbmi_ = fmt.fmt == FP8 && fp8_vbmi && cpu_has_vbmi();
 #else
         (void)fp8_vbmi;
 #endif

@@ -162,12 +162,6 @@ struct TaskQueue {
     std::atomic<int> next{0};
 };
 
-// The packed format of one projection: format code, group (see Geometry) and whether it has mins.
-struct MatFormat {
-    int fmt = F32, group = 0;
-    bool mins = false;
-};
-
 class MoELayer {
    public:
     // gate_up, down: the formats of the gate/up and of the down matrices, which may differ (GGUF's Q4_K_M
@@ -176,8 +170,8 @@ class MoELayer {
     MoELayer(int num_experts, int H, int I, MatFormat gate_up, MatFormat down, int act, float alpha, float limit,
              bool has_bias, bool int8_activations, bool fp8_vbmi = true)
         : num_experts_(num_experts), H_(H), I_(I), act_(act), alpha_(alpha), limit_(limit),
-          has_bias_(has_bias), int8_acts_(int8_activations), gu_(gate_up.fmt, gate_up.group, I, H, gate_up.mins),
-          dn_(down.fmt, down.group, H, I, down.mins), gu_deq_(BF16, 0, I, gu_.Kp), dn_deq_(BF16, 0, H, dn_.Kp) {
+          has_bias_(has_bias), int8_acts_(int8_activations), gu_(gate_up, I, H),
+          dn_(down, H, I), gu_deq_(MatFormat{BF16}, I, gu_.Kp), dn_deq_(MatFormat{BF16}, H, dn_.Kp) {
         if (num_experts < 1) throw std::invalid_argument("num_experts must be positive");
         if (act != SILU && act != SWIGLU_OAI) throw std::invalid_argument("unknown activation code");
         slot_of_.assign(num_experts, -1);
@@ -344,6 +338,7 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
             break;
         case I4:
             if (g.mins) run_f32<NP, DecU4, true, true>(mb, pn, g, x, o);
+            else if (g.e2m1) run_f32<NP, DecE2M1, true>(mb, pn, g, x, o);
             else run_f32<NP, DecI4, true>(mb, pn, g, x, o);
             break;
         default: run_f32<NP, DecFP8, true>(mb, pn, g, x, o); break;
@@ -367,6 +362,7 @@ MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8
                         const int32_t* const* xc, const float* xs, float* o) {
     if (fmt == I4) {
         if (g.mins) gemm_int8dot<true, true, M, NP>(pn, g, xq, xc, xs, o);
+        else if (g.e2m1) gemm_int8dot<true, false, M, NP, true>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<true, false, M, NP>(pn, g, xq, xc, xs, o);
     } else {
         if (g.mins) gemm_int8dot<false, true, M, NP>(pn, g, xq, xc, xs, o);
@@ -522,7 +518,7 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
 // The unsigned-weight offset of a format on the vpdpbusd path (gemm_int8dot); with mins the codes are
 // unsigned already and the kernel wants the plain code sums (1).
 inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
-inline int weight_offset(const Geometry& g) { return g.mins ? 1 : weight_offset(g.fmt); }
+inline int weight_offset(const Geometry& g) { return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : weight_offset(g.fmt); }
 
 // One activation row (n values, fp32 or bf16 bits) in the forms the kernels read: fp32 in xf, zero-padded
 // to xs columns; when asked (non-null), its bf16 copy xb, the bf16 low part xl = x - bf16(x) (fp8 decode),

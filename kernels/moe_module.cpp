@@ -24,12 +24,7 @@ namespace moetier_kernels {
 inline namespace MOETIER_NS {
 namespace {
 
-struct FormatSpec {
-    int fmt, group;
-    bool mins = false;
-};
-
-FormatSpec parse_format(const std::string& name) {
+MatFormat parse_format(const std::string& name) {
     if (name == "fp32") return {F32, 0};
     if (name == "fp16") return {F16, 0};
     if (name == "bf16") return {BF16, 0};
@@ -45,6 +40,8 @@ FormatSpec parse_format(const std::string& name) {
     if (name == "int8_g16") return {I8, 16};
     if (name == "int8_g32_min") return {I8, 32, true};
     if (name == "int4_g32_min") return {I4, 32, true};
+    // MXFP4: the e2m1 codes as they ship, an fp32 scale per 32 (half the e8m0 power of two)
+    if (name == "mxfp4") return {I4, 32, false, true};
     throw py::value_error("native kernels do not compute format '" + name + "'");
 }
 
@@ -231,10 +228,9 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
         .def(py::init([](int num_experts, int hidden, int intermediate, const std::string& fmt,
                          const std::string& activation, float alpha, float limit, bool has_bias,
                          bool int8_activations, bool fp8_vbmi, const std::optional<std::string>& down_fmt) {
-                 const FormatSpec f = parse_format(fmt);
-                 const FormatSpec d = down_fmt ? parse_format(*down_fmt) : f;
-                 return new MoELayer(num_experts, hidden, intermediate, MatFormat{f.fmt, f.group, f.mins},
-                                     MatFormat{d.fmt, d.group, d.mins}, activation_code(activation), alpha, limit,
+                 const MatFormat f = parse_format(fmt);
+                 const MatFormat d = down_fmt ? parse_format(*down_fmt) : f;
+                 return new MoELayer(num_experts, hidden, intermediate, f, d, activation_code(activation), alpha, limit,
                                      has_bias, int8_activations, fp8_vbmi);
              }),
              py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("fmt"),
@@ -289,9 +285,8 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
                             "one dense matrix W [out, in] in the packed layout: y = x W^T + b on the experts' kernels")
         .def(py::init([](int out_features, int in_features, const std::string& fmt, bool has_bias,
                          bool int8_activations, bool fp8_vbmi) {
-                 const FormatSpec f = parse_format(fmt);
-                 return new DenseLinear(out_features, in_features, f.fmt, f.group, has_bias, int8_activations,
-                                        fp8_vbmi, f.mins);
+                 return new DenseLinear(out_features, in_features, parse_format(fmt), has_bias, int8_activations,
+                                        fp8_vbmi);
              }),
              py::arg("out_features"), py::arg("in_features"), py::arg("fmt"), py::arg("has_bias") = false,
              py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true)

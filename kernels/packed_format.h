@@ -42,8 +42,16 @@ constexpr int PANEL = 16;  // rows per panel: one fp32 vector of 16 lanes
 constexpr int LINE = 64;   // bytes per line
 constexpr int BUNDLE = 4;  // panels per bundle
 constexpr int FP8_BLOCK = 128;
+constexpr int E2M1_OFFSET = 12;  // e2m1 codes on the vpdpbusd path: 12 + twice the value, unsigned
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The packed format of one matrix: format code, group (int4 32/64/128; int8 0 = one scale per row, 16
+// or 32; ignored by the other formats), per-group mins, e2m1 codes in int4 nibbles.
+struct MatFormat {
+    int fmt = F32, group = 0;
+    bool mins = false, e2m1 = false;
+};
 
 struct Geometry {
     int fmt = F32, N = 0, K = 0;
@@ -57,11 +65,12 @@ struct Geometry {
     bool scaled = false;
     bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
     bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
+    bool e2m1 = false;        // int4 nibbles are e2m1 codes (MXFP4), groups of 32
     bool fp8_pairs = false;   // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
 
     Geometry() = default;
-    // group: int4 32/64/128; int8 0 (one scale per row), 16 or 32; ignored by the other formats.
-    Geometry(int fmt_, int group, int N_, int K_, bool mins_ = false) : fmt(fmt_), N(N_), K(K_), mins(mins_) {
+    Geometry(MatFormat f, int N_, int K_) : fmt(f.fmt), N(N_), K(K_), mins(f.mins), e2m1(f.e2m1) {
+        const int group = f.group;
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
         switch (fmt) {
@@ -84,6 +93,8 @@ struct Geometry {
         }
         if (mins && !(fmt == I4 || (fmt == I8 && !row_scales)))
             throw std::invalid_argument("per-group mins need int4 or grouped int8 weights");
+        if (e2m1 && !(fmt == I4 && G == 32 && !mins))
+            throw std::invalid_argument("e2m1 codes need int4 panels with groups of 32 and no mins");
         ngroups = Kp / G;
         lines = G / cols_per_line;
         scale_bytes = scaled ? (mins ? 2 : 1) * LINE : 0;
@@ -162,7 +173,7 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
         const Panels bd = bundle(dst, g, count, b);
         uint8_t* bbase = const_cast<uint8_t*>(bd.base);
         std::memset(bbase, 0, size_t(bd.n * g.panel_bytes));
-        if (FMT == I4 && !g.mins)  // code 8 = weight 0: the weight lines of a group are contiguous for the bundle
+        if (FMT == I4 && !g.mins && !g.e2m1)  // code 8 = weight 0: the weight lines of a group are contiguous for the bundle
             for (int gi = 0; gi < g.ngroups; ++gi)
                 std::memset(bbase + (bd.group(g, gi) - bd.base) + bd.n * g.scale_bytes, 0x88,
                             size_t(bd.n) * g.lines * LINE);
@@ -280,6 +291,15 @@ struct DecI4 {
     static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
         R r = rload(p);
         unroll<8>([&](auto J) { fn(J, i4_get<decltype(J)::value>(r)); });
+    }
+};
+// int4 nibbles holding e2m1 codes: twice the e2m1 values (the packed scales hold the half).
+struct DecE2M1 {
+    static constexpr int UK = 8;
+    template <class Fn>
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
+        R r = rload(p);
+        unroll<8>([&](auto J) { fn(J, e2m1_get<decltype(J)::value>(r)); });
     }
 };
 // int4 with mins: the nibbles are the codes q in 0..15 themselves (i4_get reads them as q - 8).

@@ -174,10 +174,12 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 //     sum_k q_x (q_w + c) - c sum_k q_x = sum_k q_x q_w        (c = 8 or 128)
 // so every group sum is exact, and a zero activation row (all codes 0, whatever its scale) gives +0.0.
 // xcorr[m][gi] = c * sum of the row's codes in group gi (int8: one group), start value -xcorr.
+// E2M1: the nibbles are e2m1 codes; one byte shuffle per 64 weights turns each into E2M1_OFFSET plus
+// twice its value (0..24), and the offset comes back out as above (c = 12).
 // MINS: the codes are unsigned already (int4 0..15, int8 0..127), so there is no offset: the sums start
 // at 0, xcorr holds the plain code sums (c = 1), and each group ends with - min * xcorr, again exact
 // zero for a zero row.
-template <bool INT4, bool MINS, int M, int NP>
+template <bool INT4, bool MINS, int M, int NP, bool E2M1 = false>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
     // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
@@ -190,6 +192,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
     const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
+    const __m512i e2m1_lut = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
     for (int gi = 0; gi < g.ngroups; ++gi) {
         // The steps below prefetch the weight lines ahead; the group's scale (and min) lines lie between
         // them, and with short groups the hardware prefetchers alone leave them to DRAM latency. Measured
@@ -242,6 +245,10 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                     const __m512i raw = _mm512_loadu_si512(p + q * LINE);
                     wl[q] = _mm512_and_si512(raw, lo4);
                     wh[q] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
+                    if constexpr (E2M1) {
+                        wl[q] = _mm512_shuffle_epi8(e2m1_lut, wl[q]);
+                        wh[q] = _mm512_shuffle_epi8(e2m1_lut, wh[q]);
+                    }
                 }
                 for (int m = 0; m < M; ++m) {
                     int32_t q0, q1;

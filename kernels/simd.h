@@ -72,6 +72,14 @@ MOE_INLINE V i4_get(R r) {
     __m512i t = sh ? _mm512_srli_epi32(r.v, sh) : r.v;
     return {_mm512_permutexvar_ps(t, lut)};
 }
+// The same layout holding e2m1 codes (bit 3 the sign): the table holds twice the e2m1 values, integers.
+template <int J>
+MOE_INLINE V e2m1_get(R r) {
+    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, -0.f, -1, -2, -3, -4, -6, -8, -12);
+    __m512i t = sh ? _mm512_srli_epi32(r.v, sh) : r.v;
+    return {_mm512_permutexvar_ps(t, lut)};
+}
 // 16 e4m3 bytes -> 16 floats / 256. Sign-extending to 16 bits and shifting left by 7 puts the sign in
 // bit 15 and exponent|mantissa in bits 13..7: exactly an fp16 (subnormals included) 2^8 smaller than the
 // e4m3 value; the 2^8 is folded into the packed scales.
@@ -158,6 +166,17 @@ MOE_INLINE __m256 i4_half(__m256i x) {
 }
 template <int J>
 MOE_INLINE V i4_get(R r) { return {i4_half<J>(r.a), i4_half<J>(r.b)}; }
+// e2m1: the magnitude from an 8-entry table (vpermps reads the low 3 index bits), bit 3 the sign.
+template <int J>
+MOE_INLINE __m256 e2m1_half(__m256i x) {
+    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
+    const __m256i t = sh ? _mm256_srli_epi32(x, sh) : x;
+    const __m256 mag = _mm256_permutevar8x32_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 6, 8, 12), t);
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(t, _mm256_set1_epi32(8)), 28);
+    return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+}
+template <int J>
+MOE_INLINE V e2m1_get(R r) { return {e2m1_half<J>(r.a), e2m1_half<J>(r.b)}; }
 MOE_INLINE V fp8_get(const uint8_t* p) {
     __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(int16_t(0xBF80)));

@@ -18,15 +18,15 @@ import torch
 
 from moetier.conformance.tolerances import tolerance
 from moetier.errors import DeviceError, DTypeError, FormatError, PreparedExpertsError, ShapeError
-from moetier.formats import quantize
+from moetier.formats import QuantizedTensor, get_format, quantize
 from moetier.reference import oracle
 from test_native_common import DOT_VARIANTS, RUNNABLE, make_backend, needs_native, rel_err
 
 pytestmark = needs_native
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
-# GGUF blocks: rows of whole blocks (256 values for the K-quants, 32 for q8_0 / q4_0)
-GGUF = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+# GGUF blocks and mxfp4: rows of whole blocks (256 values for the K-quants, 32 for q8_0 / q4_0 / mxfp4)
+BLOCKS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4")
 FP32_BOUND = 2e-5
 FP8_SPLIT_BOUND = 5e-5
 INT8_DECODE_MIN_K = 256  # kernels/moe_layer.h: shorter rows decode on the exact fp32 path
@@ -43,7 +43,7 @@ def bound(variant: str, fmt: str, T: int, K: int, backend) -> float:
         return tolerance(fmt)
     if fmt == "fp8_e4m3" and backend.fp8_vbmi:
         return FP8_SPLIT_BOUND
-    int_fmt = fmt.startswith("int") or fmt in GGUF
+    int_fmt = fmt.startswith("int") or fmt in BLOCKS
     return tolerance(fmt) if int_fmt and K >= INT8_DECODE_MIN_K else FP32_BOUND
 
 
@@ -75,15 +75,37 @@ def test_matches_the_oracle(variant, fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
-@pytest.mark.parametrize("fmt", GGUF)
-def test_gguf_blocks_match_the_oracle(variant, fmt, monkeypatch):
-    """The GGUF layouts (grouped int8, per-group mins) as dense matrices: K=256 decodes on the int8 dot path
-    where the build has it, the exact fp32 path otherwise (the fp32 bound: the packed values are the GGUF
-    values themselves); K=512 with N=200 (a bundle of one)."""
+@pytest.mark.parametrize("fmt", BLOCKS)
+def test_block_formats_match_the_oracle(variant, fmt, monkeypatch):
+    """The GGUF layouts (grouped int8, per-group mins) and mxfp4 (e2m1 codes in int4 panels) as dense
+    matrices: K=256 decodes on the int8 dot path where the build has it, the exact fp32 path otherwise
+    (the fp32 bound: the packed values are the file's values themselves); K=512 with N=200 (a bundle of
+    one)."""
     backend = make_backend(variant, monkeypatch)
     for N, K in ((200, 512), (48, 256)):
         for T in (1, 4, 7, 40):
             check(backend, variant, fmt, N, K, T, bias=T % 2 == 1)
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("T", [1, 40])
+def test_mxfp4_int8_path_is_exact_on_integer_activations(variant, T, monkeypatch):
+    """Activations that are integers with |x| max 127 in every row quantize to int8 exactly (scale 1), so the
+    vpdpbusd path (12 + twice the e2m1 value per byte, the offset taken back out) must give the exact sum
+    like the fp32 path: every code of the byte table checked to the fp32 bound, not the int8 budget."""
+    gen = fresh_gen()
+    N, K = 48, 512
+    # Random codes, so every e2m1 code (-0 included, which the quantizer never writes) is exercised.
+    codes = torch.randint(0, 256, (N, K // 2), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(120, 132, (N, K // 32), generator=gen, dtype=torch.uint8)
+    q = QuantizedTensor(get_format("mxfp4"), (N, K), codes, scales)
+    x = torch.randint(-127, 128, (T, K), generator=gen).float()
+    x[:, 0] = 127.0
+    backend = make_backend(variant, monkeypatch)
+    y = backend.linear(backend.pack_linear(q, None), x)
+    ref = x.double() @ q.dequantize(torch.float64).T
+    err = rel_err(y, ref)
+    assert err <= FP32_BOUND, f"{variant} T={T}: {err:.2e}"
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
@@ -154,8 +176,9 @@ def test_bad_inputs_are_typed_errors(monkeypatch):
         backend.pack_linear(q, torch.randn(31))
     with pytest.raises(DTypeError, match="QuantizedTensor"):
         backend.pack_linear(torch.randn(32, 64))
-    with pytest.raises(FormatError, match="mxfp4"):
-        backend.pack_linear(quantize(torch.randn(32, 64), "mxfp4"))
+    backend.dense_formats = ("int8",)  # as a backend without bf16 dense kernels declares
+    with pytest.raises(FormatError, match="bf16"):
+        backend.pack_linear(q)
 
 
 def test_a_backend_without_dense_kernels_says_so():

@@ -1,6 +1,7 @@
 """gpt-oss's shipped MXFP4 experts through the out-of-tree example family: the checkpoint reader returns
 each expert's on-disk bytes as the mxfp4 format (no conversion), transformers' own MXFP4 loader reads the
-same file to the same weights, and every layer runs on cpu.numba and cpu.torch against float64. (The
+same file to the same weights, and every layer runs on the native kernels, cpu.numba and cpu.torch against
+float64. (The
 block-level golden against transformers' GptOssMLP is tests/test_zoo_plugin.py, through check_golden.)"""
 from __future__ import annotations
 
@@ -77,23 +78,28 @@ def test_transformers_reads_the_same_weights(gpt_oss):
                     np.testing.assert_array_equal(a.numpy().view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("backend_name", ["cpu.numba", "cpu.torch"])
+@pytest.mark.parametrize("backend_name", ["native", "cpu.numba", "cpu.torch"])
 def test_every_layer_runs_in_mxfp4(gpt_oss, backend_name):
     from moetier.hardware import load_inventory
 
     registry, out, layout = gpt_oss
     if backend_name == "cpu.numba":
         pytest.importorskip("numba")
-    backend = registry.backend(backend_name).create(load_inventory())
+    if backend_name == "native":
+        backend = runnable_native(registry)
+    else:
+        backend = registry.backend(backend_name).create(load_inventory())
     results = run_checkpoint(str(out), backend, tokens=20, seed=4, registry=registry)
     assert [r.layer for r in results] == list(layout.moe_layer_indices)
     assert all(r.fmt == "mxfp4" and r.ok for r in results), results
 
 
 def test_a_backend_without_mxfp4_refuses_it(gpt_oss):
+    from moetier.hardware import load_inventory
+
     registry, out, layout = gpt_oss
-    native = runnable_native(registry)
-    assert "mxfp4" not in native.formats
+    accel = registry.backend("cpu.accel").create(load_inventory())
+    assert "mxfp4" not in accel.formats
     with Checkpoint(out) as ckpt:
-        with pytest.raises(FormatError, match=f"backend {native.name} does not compute format mxfp4"):
-            MoEBlock.from_checkpoint(ckpt, layout, 0, native, fmt="mxfp4", progress=False)
+        with pytest.raises(FormatError, match="backend cpu.accel does not compute format mxfp4"):
+            MoEBlock.from_checkpoint(ckpt, layout, 0, accel, fmt="mxfp4", progress=False)

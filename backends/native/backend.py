@@ -21,7 +21,7 @@ from moetier.errors import DeviceError, DTypeError, ExpertIdError, FormatError, 
 from moetier.experts import ExpertBackend, ExpertLayerSpec, ExpertTensors, ForwardInputs, PreparedExperts, \
     check_prepared, forward_value_error, validate_forward_inputs
 from moetier.runtime.hybrid import HostFunction
-from moetier import ggml_blocks
+from moetier import ggml_blocks, mxfp4
 from moetier.attention import ATTENTION_DTYPES
 from moetier.norm import NORM_DTYPES
 from moetier.rotary import ROTARY_DTYPES
@@ -30,7 +30,7 @@ from moetier.formats import QuantizedTensor, WeightFormat, pack_int4
 from . import load_variant
 
 NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3",
-                  "q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+                  "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4")
 # GGUF block formats -> the kernels' layout that holds their values exactly: the blocks decode into
 # integer codes with an fp32 scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed
 # panels keep per row and group, so the kernels multiply the GGUF values themselves.
@@ -305,6 +305,8 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
     """What add_expert takes for one matrix: its data bytes and fp32 scales; GGUF blocks decoded to the
     codes, scales and mins of their kernel layout (GGUF_LAYOUTS; int4 nibbles as pack_int4 lays them,
     with mins the codes 0..15 themselves; scales then mins in one array)."""
+    if q.fmt.name == "mxfp4":
+        return _bytes(q.data), mxfp4_kernel_scales(q.scales)
     if q.fmt.name not in GGUF_LAYOUTS:
         return _bytes(q.data), _floats(q.scales)
     p = ggml_blocks.affine_parts(q.fmt.name, q.data, q.shape[1])
@@ -313,6 +315,16 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
         codes = pack_int4(codes if p.mins is None else codes - 8)  # pack_int4 stores q + 8
     scales = p.scales if p.mins is None else torch.stack([p.scales, p.mins])
     return _bytes(codes), _floats(scales)
+
+
+def mxfp4_kernel_scales(e8m0: torch.Tensor) -> np.ndarray:
+    """The kernels' fp32 scale per 32 of an mxfp4 matrix: half the e8m0 power of two, since the kernels'
+    e2m1 table holds twice the values (integers). 255, the OCP spec's NaN scale, is refused: no weight of
+    a quantized checkpoint can be NaN."""
+    if bool((e8m0 == 255).any()):
+        raise FormatError("mxfp4 scales hold 255, the NaN encoding of e8m0: the checkpoint's weights are not "
+                          "numbers; re-export the model")
+    return torch.ldexp(torch.ones(e8m0.shape), e8m0.to(torch.int32) - (mxfp4.E8M0_BIAS + 1)).numpy()
 
 
 def _storage(t: torch.Tensor) -> np.ndarray:

@@ -8,7 +8,7 @@ gate = min(gate, limit), up = clamp(up, -limit, limit), out = ((up + 1) * gate *
 The releases store the experts in MXFP4 (`quantization_config.quant_method: mxfp4`): `gate_up_proj_blocks`
 [E, 2I, H/32, 16] and `gate_up_proj_scales` [E, 2I, H/32] (rows in [out, in] order, gate/up in the even/odd
 rows), `down_proj_blocks` [E, H, I/32, 16] and `down_proj_scales`; moetier computes those bytes as its
-`mxfp4` format (cpu.numba, cpu.torch) without converting them.
+`mxfp4` format (the native CPU kernels, cpu.numba, cpu.torch) without converting them.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""GGUF block formats on the native kernels: q8_0, q4_0, q4_k, q5_k and q6_k are packed as integer codes
+"""Block formats on the native kernels. GGUF's q8_0, q4_0, q4_k, q5_k and q6_k are packed as integer codes
 with an fp32 scale (and, for the K-quants with mins, an fp32 min) per row and sub-block, which hold the
-GGUF values exactly, so the kernels multiply the file's own weights.
+GGUF values exactly, so the kernels multiply the file's own weights. mxfp4 keeps its e2m1 codes as they
+ship, in int4 panels that decode them through a table of twice the e2m1 values, with half the e8m0
+power of two as the fp32 scale per 32: the same values exactly.
 
 Bounds against the float64 oracle on the same dequantized GGUF weights (core/reference.py):
 - fp32-math paths (the avx2/avx512 builds, and any build with int8_activations=False): the fp32 bound
@@ -28,6 +30,7 @@ from test_native_common import (DOT_VARIANTS, RUNNABLE, make_backend, needs_nati
                                 rel_err, routing)
 
 GGUF = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+BLOCKS = (*GGUF, "mxfp4")
 E, K, H, I = 4, 2, 256, 512
 PATHS = {"decode": 3, "mid": 24, "prefill": 80}  # tokens; E = 4, k = 2: 1-2, 12, 40 per expert
 # (variant, int8 activations): every runnable build as the backend runs it, and the VNNI builds' fp32 path.
@@ -51,7 +54,7 @@ def test_reencoding_keeps_every_value():
 
 @needs_native
 @pytest.mark.parametrize("variant,int8_acts", RUNS)
-@pytest.mark.parametrize("fmt", GGUF)
+@pytest.mark.parametrize("fmt", BLOCKS)
 @pytest.mark.parametrize("path", PATHS)
 def test_layer_matches_the_oracle(variant, int8_acts, fmt, path, monkeypatch):
     seed = fresh_seed()
@@ -112,3 +115,14 @@ def test_rows_of_partial_blocks_are_refused(fmt, hidden, intermediate, monkeypat
         b.prepare(ExpertLayerSpec(2, 1, hidden, intermediate), w, [0, 1], fmt)
 
 
+
+
+@needs_native
+def test_the_nan_scale_of_mxfp4_is_refused(monkeypatch):
+    """e8m0 255 is NaN in the OCP spec: packing it is a FormatError naming it, not weights of inf."""
+    g = torch.Generator().manual_seed(0)
+    layer, w = random_layer(g, "mxfp4", 2, 1, 64, 64)
+    w.experts[1].down.scales[3, 1] = 255
+    b = make_backend(RUNNABLE[-1], monkeypatch)
+    with pytest.raises(FormatError, match="255, the NaN encoding of e8m0"):
+        b.prepare(layer, w, [0, 1], "mxfp4")
