@@ -5,12 +5,16 @@
 //     for each group of G input columns:
 //         [1 scale line: 16 fp32 scales, one per row]          (int8, int4, fp8 only)
 //         [1 min line: 16 fp32 mins, one per row]              (formats with mins only)
+//         (e2m1 panels instead: 16 e8m0 bytes, one per row: a bundle of four shares one line)
 //         [G x 16 weights in `lines` lines, interleaved per format]
 // Float formats have one group spanning all (padded) columns; int8 too (one scale per row), or groups
 // of 16 or 32 columns. Rows past N and columns past K are zero weights, so odd sizes need no special
 // case in the kernels. Formats with mins (GGUF's K-quants) hold unsigned codes q and mean
 // w = scale * q - min per row and group: sum_k x_k w_k = scale * sum_k x_k q_k - min * sum_k x_k, so a
 // kernel subtracts min times the group's activation sum instead of dequantizing each weight.
+// int4 panels may instead hold e2m1 codes (MXFP4): the nibble indexes twice the e2m1 values (integers
+// -12..12, so the vpdpbusd path takes them as bytes too), and the scales stay e8m0 bytes read as
+// 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight.
 //
 // Panels are stored in bundles of up to four, interleaved line by line: in each group, the scale lines
 // of the bundle's panels (then their min lines), then line 0 of every panel, line 1 of every panel, ... A decode call
@@ -62,6 +66,7 @@ struct Geometry {
     int cols_per_line = 0;  // input columns in one 64-byte line of a panel
     int lines = 0;          // weight lines per group and panel
     int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel (scale_bytes: scale and min lines)
+    int scale_stride = LINE;  // bytes of one panel's scales in a group (e2m1: 16 e8m0 bytes)
     bool scaled = false;
     bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
     bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
@@ -97,7 +102,8 @@ struct Geometry {
             throw std::invalid_argument("e2m1 codes need int4 panels with groups of 32 and no mins");
         ngroups = Kp / G;
         lines = G / cols_per_line;
-        scale_bytes = scaled ? (mins ? 2 : 1) * LINE : 0;
+        scale_stride = e2m1 ? PANEL : LINE;
+        scale_bytes = scaled ? (mins ? 2 : 1) * scale_stride : 0;
         group_bytes = scale_bytes + int64_t(lines) * LINE;
         panel_bytes = int64_t(ngroups) * group_bytes;
     }
@@ -124,13 +130,16 @@ struct Geometry {
 
 // NP consecutive panels q0 .. q0 + NP - 1 of the bundle at `base`, which holds n panels: what a kernel
 // call computes. Group gi of the bundle starts at base + gi * n * group_bytes; in it, panel q's scale
-// line is at + q * 64 and its weight line l at + n * scale_bytes + (l * n + q) * 64.
+// line is at + q * scale_stride (64; e2m1 16) and its weight line l at + n * scale_bytes + (l * n + q) * 64.
 struct Panels {
     const uint8_t* base = nullptr;
     int n = 1, q0 = 0;
     MOE_INLINE const uint8_t* group(const Geometry& g, int gi) const { return base + int64_t(gi) * n * g.group_bytes; }
+    MOE_INLINE const uint8_t* scale_bytes(const Geometry& g, int gi, int q) const {
+        return group(g, gi) + int64_t(q0 + q) * g.scale_stride;
+    }
     MOE_INLINE const float* scales(const Geometry& g, int gi, int q) const {
-        return reinterpret_cast<const float*>(group(g, gi) + int64_t(q0 + q) * LINE);
+        return reinterpret_cast<const float*>(scale_bytes(g, gi, q));
     }
     MOE_INLINE const float* mins(const Geometry& g, int gi, int q) const {
         return reinterpret_cast<const float*>(group(g, gi) + int64_t(n + q0 + q) * LINE);
@@ -159,6 +168,15 @@ struct PanelSource {
     int panel;
 };
 
+// The e8m0 byte e of an e2m1 panel's scale 2^(e - 128) (half the MXFP4 scale 2^(e - 127)).
+inline uint8_t e8m0_of(float s) {
+    const int e = std::ilogb(s) + 128;
+    if (!(s > 0.f) || e < 0 || e > 254 || std::ldexp(1.f, e - 128) != s)
+        throw std::invalid_argument("an mxfp4 panel scale must be 2^(e - 128) with e in 0..254, got " +
+                                    std::to_string(s));
+    return uint8_t(e);
+}
+
 // Pack `count` panels (src[s] for sequence position s) into bundles at dst. The format is a template
 // parameter so the per-element loop has no branches (packing a 600 GB checkpoint is bound by how fast
 // this loop runs).
@@ -184,12 +202,14 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
             const int rows = std::min(PANEL, N - p * PANEL);
             for (int gi = 0; gi < g.ngroups; ++gi) {
                 uint8_t* w = bbase + (bd.weights(g, gi, q) - bd.base);
-                float* sc = reinterpret_cast<float*>(bbase + (bd.group(g, gi) - bd.base) + q * LINE);
+                uint8_t* sc8 = bbase + (bd.scale_bytes(g, gi, q) - bd.base);
+                float* sc = reinterpret_cast<float*>(sc8);
                 float* mn = sc + bd.n * PANEL;  // the min lines follow the bundle's scale lines
                 const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
                 for (int r = 0; r < rows; ++r) {
                     const int row = p * PANEL + r;
-                    if ((FMT == I8 && !g.row_scales) || FMT == I4) {
+                    if (FMT == I4 && g.e2m1) sc8[r] = e8m0_of(ps.scales[int64_t(row) * sgroups_in + gi]);
+                    else if ((FMT == I8 && !g.row_scales) || FMT == I4) {
                         sc[r] = ps.scales[int64_t(row) * sgroups_in + gi];
                         if (g.mins) mn[r] = ps.scales[(int64_t(N) + row) * sgroups_in + gi];
                     } else if (FMT == I8) sc[r] = ps.scales[row];
@@ -293,7 +313,7 @@ struct DecI4 {
         unroll<8>([&](auto J) { fn(J, i4_get<decltype(J)::value>(r)); });
     }
 };
-// int4 nibbles holding e2m1 codes: twice the e2m1 values (the packed scales hold the half).
+// int4 nibbles holding e2m1 codes: twice the e2m1 values (the e8m0 scales hold the half).
 struct DecE2M1 {
     static constexpr int UK = 8;
     template <class Fn>

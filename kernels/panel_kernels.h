@@ -9,6 +9,8 @@
 // Formats with mins (w = scale * q - min per row and group, packed_format.h) take MINS = true: the kernels
 // sum x * q per group and subtract min * (the group's activation sum), never dequantizing a weight.
 #pragma once
+#include <type_traits>
+
 #include "packed_format.h"
 
 namespace moetier_kernels {
@@ -63,7 +65,8 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
         V scl[NP];
         const uint8_t* p[NP];
         for (int q = 0; q < NP; ++q) {
-            if constexpr (SCALED) scl[q] = vload(pn.scales(g, gi, q));
+            if constexpr (std::is_same_v<D, DecE2M1>) scl[q] = e8m0_scales(pn.scale_bytes(g, gi, q));
+            else if constexpr (SCALED) scl[q] = vload(pn.scales(g, gi, q));
             p[q] = pn.weights(g, gi, q);
         }
         V t[NA][NP][M];
@@ -200,7 +203,8 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there.
         if constexpr (INT4 || MINS) prefetch_stream(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
-        for (int q = 0; q < NP; ++q) scl[q] = _mm512_loadu_ps(pn.scales(g, gi, q));
+        for (int q = 0; q < NP; ++q)
+            scl[q] = E2M1 ? e8m0_scales(pn.scale_bytes(g, gi, q)).v : _mm512_loadu_ps(pn.scales(g, gi, q));
         const uint8_t* p = pn.weights(g, gi, 0);
         __m512i ai[NS][NP][M];
         for (int m = 0; m < M; ++m) {

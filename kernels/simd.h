@@ -72,6 +72,11 @@ MOE_INLINE V i4_get(R r) {
     __m512i t = sh ? _mm512_srli_epi32(r.v, sh) : r.v;
     return {_mm512_permutexvar_ps(t, lut)};
 }
+// 16 e8m0 bytes -> 2^(e - 128) each; vscalefps is exact down to the subnormals (e = 0, 1).
+MOE_INLINE V e8m0_scales(const uint8_t* p) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_cvtepi32_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(128))))};
+}
 // The same layout holding e2m1 codes (bit 3 the sign): the table holds twice the e2m1 values, integers.
 template <int J>
 MOE_INLINE V e2m1_get(R r) {
@@ -166,6 +171,15 @@ MOE_INLINE __m256 i4_half(__m256i x) {
 }
 template <int J>
 MOE_INLINE V i4_get(R r) { return {i4_half<J>(r.a), i4_half<J>(r.b)}; }
+// 8 e8m0 bytes -> 2^(e - 128): the exponent field e - 1, and for e = 0, 1 the two subnormals.
+MOE_INLINE __m256 e8m0_half(const uint8_t* p) {
+    const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256 normal = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23));
+    const __m256 tiny = _mm256_blendv_ps(_mm256_set1_ps(0x1p-128f), _mm256_set1_ps(0x1p-127f),
+                                         _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(1))));
+    return _mm256_blendv_ps(normal, tiny, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)));
+}
+MOE_INLINE V e8m0_scales(const uint8_t* p) { return {e8m0_half(p), e8m0_half(p + 8)}; }
 // e2m1: the magnitude from an 8-entry table (vpermps reads the low 3 index bits), bit 3 the sign.
 template <int J>
 MOE_INLINE __m256 e2m1_half(__m256i x) {

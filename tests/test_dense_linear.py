@@ -109,6 +109,24 @@ def test_mxfp4_int8_path_is_exact_on_integer_activations(variant, T, monkeypatch
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("e", [0, 1, 2, 127, 160])
+def test_mxfp4_scales_are_exact_powers_of_two(variant, e, monkeypatch):
+    """The panels keep the e8m0 bytes and read them as 2^(e - 128) (the table holds twice the e2m1 values):
+    the subnormal scales of e = 0 and 1 included, on the fp32 path (1 token, K = 64) and the vpdpbusd
+    path (K = 512), every row exact to one fp32 rounding."""
+    gen = fresh_gen()
+    backend = make_backend(variant, monkeypatch)
+    for K, T in ((64, 1), (512, 1), (512, 40)):
+        codes = torch.randint(0, 256, (32, K // 2), generator=gen, dtype=torch.uint8)
+        q = QuantizedTensor(get_format("mxfp4"), (32, K), codes, torch.full((32, K // 32), e, dtype=torch.uint8))
+        x = torch.randint(-127, 128, (T, K), generator=gen).float()
+        x[:, 0] = 127.0
+        y = backend.linear(backend.pack_linear(q, None), x).double()
+        ref = x.double() @ q.dequantize(torch.float64).T
+        assert ((y - ref).abs() <= 2 ** -22 * ref.abs()).all(), f"{variant} e={e} K={K} T={T}"
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
 def test_bf16_in_and_out(variant, monkeypatch):
     backend = make_backend(variant, monkeypatch)
     for fmt in ("bf16", "int8"):

@@ -53,12 +53,18 @@ def deepseek_v3(max_weight_bytes: int) -> BenchShape:
                       "(as many as the memory budget allows)")
 
 
+def gpt_oss_20b() -> BenchShape:
+    return BenchShape("gpt-oss-20b", ExpertLayerSpec(32, 4, 2880, 2880, activation="swiglu_oai", has_bias=True),
+                      "gpt-oss-20b MoE layer: 32 experts, top-4, hidden 2880, expert intermediate 2880, clamped "
+                      "SwiGLU with biases (shipped in mxfp4)")
+
+
 def tiny() -> BenchShape:
     """A seconds-scale shape for tests and smoke runs (not a model)."""
     return BenchShape("tiny", ExpertLayerSpec(16, 4, 256, 128), "test shape: 16 experts, top-4, hidden 256, intermediate 128")
 
 
-SHAPE_NAMES = ("qwen3-30b", "deepseek-v3", "tiny")
+SHAPE_NAMES = ("qwen3-30b", "deepseek-v3", "gpt-oss-20b", "tiny")
 
 
 def get_shape(name: str, max_weight_bytes: int) -> BenchShape:
@@ -66,6 +72,8 @@ def get_shape(name: str, max_weight_bytes: int) -> BenchShape:
         return qwen3_30b()
     if name == "deepseek-v3":
         return deepseek_v3(max_weight_bytes)
+    if name == "gpt-oss-20b":
+        return gpt_oss_20b()
     if name == "tiny":
         return tiny()
     raise ShapeError(f"unknown bench shape {name!r}; known: {', '.join(SHAPE_NAMES)}")
@@ -180,8 +188,13 @@ def random_weights(layer: ExpertLayerSpec, fmt: str, seed: int) -> ExpertWeights
     g = torch.Generator().manual_seed(seed)
     h, i = layer.hidden_size, layer.intermediate_size
     gu, dn = get_format(fmt).gate_up, get_format(fmt).down
+
+    def biases():
+        return (torch.randn(i, generator=g) * 0.1, torch.randn(i, generator=g) * 0.1,
+                torch.randn(h, generator=g) * 0.1) if layer.has_bias else (None, None, None)
+
     return ExpertWeights({e: ExpertTensors(random_matrix(i, h, gu, g), random_matrix(i, h, gu, g),
-                                           random_matrix(h, i, dn, g))
+                                           random_matrix(h, i, dn, g), *biases())
                           for e in range(layer.num_experts)})
 
 
