@@ -33,15 +33,16 @@ MatFormat parse_format(const std::string& name) {
     if (name == "int4_g32") return {I4, 32};
     if (name == "int4_g64") return {I4, 64};
     if (name == "int4_g128") return {I4, 128};
-    // Layouts of GGUF's block formats, which the Python side decodes into codes, scales and mins: int8
-    // with a scale per 32 (q8_0) or 16 (q6_k) columns, unsigned int8 / int4 codes with a scale and a min
-    // per 32 (q5_k / q4_k).
-    if (name == "int8_g32") return {I8, 32};
+    // Layouts of GGUF's block formats, which the Python side decodes into codes, scales and mins: int8 /
+    // int4 with the file's fp16 scale per 32 (q8_0 / q4_0), int8 with a scale per 16 (q6_k), unsigned
+    // int8 / int4 codes with a scale and a min per 32 (q5_k / q4_k).
+    if (name == "int8_g32_f16") return {I8, 32, false, false, SCALE_F16};
+    if (name == "int4_g32_f16") return {I4, 32, false, false, SCALE_F16};
     if (name == "int8_g16") return {I8, 16};
     if (name == "int8_g32_min") return {I8, 32, true};
     if (name == "int4_g32_min") return {I4, 32, true};
-    // MXFP4: the e2m1 codes as they ship, an fp32 scale per 32 (half the e8m0 power of two)
-    if (name == "mxfp4") return {I4, 32, false, true};
+    // MXFP4: the e2m1 codes and e8m0 scales as they ship
+    if (name == "mxfp4") return {I4, 32, false, true, SCALE_E8M0};
     throw py::value_error("native kernels do not compute format '" + name + "'");
 }
 

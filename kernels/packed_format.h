@@ -5,7 +5,8 @@
 //     for each group of G input columns:
 //         [1 scale line: 16 fp32 scales, one per row]          (int8, int4, fp8 only)
 //         [1 min line: 16 fp32 mins, one per row]              (formats with mins only)
-//         (e2m1 panels instead: 16 e8m0 bytes, one per row: a bundle of four shares one line)
+//         (scales as the file has them: 16 fp16 (GGUF q8_0 / q4_0, two panels to a line) or 16
+//          e8m0 bytes (mxfp4, a bundle of four to a line) instead of fp32)
 //         [G x 16 weights in `lines` lines, interleaved per format]
 // Float formats have one group spanning all (padded) columns; int8 too (one scale per row), or groups
 // of 16 or 32 columns. Rows past N and columns past K are zero weights, so odd sizes need no special
@@ -14,7 +15,8 @@
 // kernel subtracts min times the group's activation sum instead of dequantizing each weight.
 // int4 panels may instead hold e2m1 codes (MXFP4): the nibble indexes twice the e2m1 values (integers
 // -12..12, so the vpdpbusd path takes them as bytes too), and the scales stay e8m0 bytes read as
-// 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight.
+// 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight; likewise
+// GGUF's q8_0 and q4_0 keep their fp16 scales (8.5 and 4.5 bits, not 9 and 5).
 //
 // Panels are stored in bundles of up to four, interleaved line by line: in each group, the scale lines
 // of the bundle's panels (then their min lines), then line 0 of every panel, line 1 of every panel, ... A decode call
@@ -50,11 +52,16 @@ constexpr int E2M1_OFFSET = 12;  // e2m1 codes on the vpdpbusd path: 12 + twice 
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// How a panel stores its per-row scales of a group: fp32 (a line), fp16 (32 bytes) or e8m0 (16 bytes).
+enum ScaleKind : int { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E8M0 = 2 };
+
 // The packed format of one matrix: format code, group (int4 32/64/128; int8 0 = one scale per row, 16
-// or 32; ignored by the other formats), per-group mins, e2m1 codes in int4 nibbles.
+// or 32; ignored by the other formats), per-group mins, e2m1 codes in int4 nibbles (e8m0 scales), and
+// how the scales are stored.
 struct MatFormat {
     int fmt = F32, group = 0;
     bool mins = false, e2m1 = false;
+    int scales = SCALE_F32;
 };
 
 struct Geometry {
@@ -66,7 +73,8 @@ struct Geometry {
     int cols_per_line = 0;  // input columns in one 64-byte line of a panel
     int lines = 0;          // weight lines per group and panel
     int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel (scale_bytes: scale and min lines)
-    int scale_stride = LINE;  // bytes of one panel's scales in a group (e2m1: 16 e8m0 bytes)
+    int scale_kind = SCALE_F32;
+    int scale_stride = LINE;  // bytes of one panel's scales in a group (fp16 32, e8m0 16)
     bool scaled = false;
     bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
     bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
@@ -74,7 +82,8 @@ struct Geometry {
     bool fp8_pairs = false;   // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
 
     Geometry() = default;
-    Geometry(MatFormat f, int N_, int K_) : fmt(f.fmt), N(N_), K(K_), mins(f.mins), e2m1(f.e2m1) {
+    Geometry(MatFormat f, int N_, int K_)
+        : fmt(f.fmt), N(N_), K(K_), mins(f.mins), e2m1(f.e2m1), scale_kind(f.scales) {
         const int group = f.group;
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
@@ -100,9 +109,13 @@ struct Geometry {
             throw std::invalid_argument("per-group mins need int4 or grouped int8 weights");
         if (e2m1 && !(fmt == I4 && G == 32 && !mins))
             throw std::invalid_argument("e2m1 codes need int4 panels with groups of 32 and no mins");
+        if (e2m1 != (scale_kind == SCALE_E8M0))
+            throw std::invalid_argument("e8m0 scales go with e2m1 codes, and only with them");
+        if (scale_kind == SCALE_F16 && !((fmt == I4 || (fmt == I8 && !row_scales)) && !mins))
+            throw std::invalid_argument("fp16 scales need grouped int4 / int8 panels without mins");
         ngroups = Kp / G;
         lines = G / cols_per_line;
-        scale_stride = e2m1 ? PANEL : LINE;
+        scale_stride = scale_kind == SCALE_E8M0 ? PANEL : scale_kind == SCALE_F16 ? 2 * PANEL : LINE;
         scale_bytes = scaled ? (mins ? 2 : 1) * scale_stride : 0;
         group_bytes = scale_bytes + int64_t(lines) * LINE;
         panel_bytes = int64_t(ngroups) * group_bytes;
@@ -130,7 +143,7 @@ struct Geometry {
 
 // NP consecutive panels q0 .. q0 + NP - 1 of the bundle at `base`, which holds n panels: what a kernel
 // call computes. Group gi of the bundle starts at base + gi * n * group_bytes; in it, panel q's scale
-// line is at + q * scale_stride (64; e2m1 16) and its weight line l at + n * scale_bytes + (l * n + q) * 64.
+// line is at + q * scale_stride (64; fp16 32; e8m0 16) and its weight line l at + n * scale_bytes + (l * n + q) * 64.
 struct Panels {
     const uint8_t* base = nullptr;
     int n = 1, q0 = 0;
@@ -177,6 +190,20 @@ inline uint8_t e8m0_of(float s) {
     return uint8_t(e);
 }
 
+// The fp16 bits of a scale that is an fp16 value (GGUF's d), refused otherwise (no scale is rounded).
+inline uint16_t f16_of(float s) {
+    const uint16_t h = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+    if (_cvtsh_ss(h) != s) throw std::invalid_argument("a panel scale stored as fp16 must be an fp16 value, got " + std::to_string(s));
+    return h;
+}
+inline void store_scale(const Geometry& g, uint8_t* p, int r, float s) {
+    if (g.scale_kind == SCALE_E8M0) p[r] = e8m0_of(s);
+    else if (g.scale_kind == SCALE_F16) {
+        const uint16_t h = f16_of(s);
+        std::memcpy(p + 2 * r, &h, 2);
+    } else std::memcpy(p + 4 * r, &s, 4);
+}
+
 // Pack `count` panels (src[s] for sequence position s) into bundles at dst. The format is a template
 // parameter so the per-element loop has no branches (packing a 600 GB checkpoint is bound by how fast
 // this loop runs).
@@ -208,9 +235,8 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                 const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
                 for (int r = 0; r < rows; ++r) {
                     const int row = p * PANEL + r;
-                    if (FMT == I4 && g.e2m1) sc8[r] = e8m0_of(ps.scales[int64_t(row) * sgroups_in + gi]);
-                    else if ((FMT == I8 && !g.row_scales) || FMT == I4) {
-                        sc[r] = ps.scales[int64_t(row) * sgroups_in + gi];
+                    if ((FMT == I8 && !g.row_scales) || FMT == I4) {
+                        store_scale(g, sc8, r, ps.scales[int64_t(row) * sgroups_in + gi]);
                         if (g.mins) mn[r] = ps.scales[(int64_t(N) + row) * sgroups_in + gi];
                     } else if (FMT == I8) sc[r] = ps.scales[row];
                     else if (FMT == FP8) sc[r] = ps.scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;

@@ -9,8 +9,6 @@
 // Formats with mins (w = scale * q - min per row and group, packed_format.h) take MINS = true: the kernels
 // sum x * q per group and subtract min * (the group's activation sum), never dequantizing a weight.
 #pragma once
-#include <type_traits>
-
 #include "packed_format.h"
 
 namespace moetier_kernels {
@@ -35,6 +33,14 @@ MOE_INLINE void prefetch_stream(const uint8_t* p, int64_t bytes) {
     if constexpr (PREFETCH_BYTES > 0)
         for (int64_t i = 0; i < bytes; i += LINE)
             _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES + i, MOE_PF_HINT);
+}
+
+// Panel q's 16 row scales of group gi as fp32, however the panel stores them (ScaleKind).
+MOE_INLINE V group_scales(const Panels& pn, const Geometry& g, int gi, int q) {
+    const uint8_t* p = pn.scale_bytes(g, gi, q);
+    if (g.scale_kind == SCALE_E8M0) return e8m0_scales(p);
+    if (g.scale_kind == SCALE_F16) return f16_get(p);
+    return vload(reinterpret_cast<const float*>(p));
 }
 
 // The sum of a vector's 16 lanes.
@@ -65,8 +71,7 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
         V scl[NP];
         const uint8_t* p[NP];
         for (int q = 0; q < NP; ++q) {
-            if constexpr (std::is_same_v<D, DecE2M1>) scl[q] = e8m0_scales(pn.scale_bytes(g, gi, q));
-            else if constexpr (SCALED) scl[q] = vload(pn.scales(g, gi, q));
+            if constexpr (SCALED) scl[q] = group_scales(pn, g, gi, q);
             p[q] = pn.weights(g, gi, q);
         }
         V t[NA][NP][M];
@@ -204,7 +209,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         if constexpr (INT4 || MINS) prefetch_stream(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
         for (int q = 0; q < NP; ++q)
-            scl[q] = E2M1 ? e8m0_scales(pn.scale_bytes(g, gi, q)).v : _mm512_loadu_ps(pn.scales(g, gi, q));
+            scl[q] = group_scales(pn, g, gi, q).v;
         const uint8_t* p = pn.weights(g, gi, 0);
         __m512i ai[NS][NP][M];
         for (int m = 0; m < M; ++m) {

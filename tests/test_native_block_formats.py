@@ -18,6 +18,7 @@ dot kernels); prefill: > 16 per expert (two panels x token blocks).
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +127,19 @@ def test_the_nan_scale_of_mxfp4_is_refused(monkeypatch):
     b = make_backend(RUNNABLE[-1], monkeypatch)
     with pytest.raises(FormatError, match="255, the NaN encoding of e8m0"):
         b.prepare(layer, w, [0, 1], "mxfp4")
+
+
+@needs_native
+@pytest.mark.parametrize("layout,scale", [("int8_g32_f16", 0.1), ("int4_g32_f16", 1e-9), ("mxfp4", 0.75)])
+def test_panels_refuse_a_scale_their_storage_would_round(layout, scale, monkeypatch):
+    """Panels that keep the file's scales (fp16 for q8_0 / q4_0, e8m0 for mxfp4) take exactly those values:
+    a scale the storage cannot hold (0.1 is no fp16, 1e-9 below fp16's range, 0.75 no power of two) is a
+    ValueError of the binding, never a rounded scale."""
+    ext = make_backend(RUNNABLE[-1], monkeypatch)._ext
+    d = ext.DenseLinear(16, 64, layout)
+    codes = np.zeros(16 * 64 if layout.startswith("int8") else 16 * 32, dtype=np.uint8)
+    scales = np.full(16 * 2, scale, dtype=np.float32)
+    with pytest.raises(ValueError, match="scale"):
+        d.pack(codes, scales)
+    scales[:] = 0.5  # an fp16 value and a power of two
+    d.pack(codes, scales)

@@ -34,8 +34,8 @@ NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_
 # GGUF block formats -> the kernels' layout that holds their values exactly: the blocks decode into
 # integer codes with an fp32 scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed
 # panels keep per row and group, so the kernels multiply the GGUF values themselves.
-GGUF_LAYOUTS = {"q8_0": "int8_g32", "q6_k": "int8_g16", "q5_k": "int8_g32_min", "q4_k": "int4_g32_min",
-                "q4_0": "int4_g32"}
+GGUF_LAYOUTS = {"q8_0": "int8_g32_f16", "q6_k": "int8_g16", "q5_k": "int8_g32_min", "q4_k": "int4_g32_min",
+                "q4_0": "int4_g32_f16"}
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
