@@ -91,6 +91,11 @@ def run_one(module_dir: Path, fmt: str, threads: list[int], batches: list[int], 
     torch.set_num_threads(1)
     inv = detect_inventory()
     module = _load(module_dir)
+    renamed = module_dir / "layouts.json"  # an older build that names a format's kernel layout differently
+    if renamed.exists():
+        from moetier.backends.native import backend as native_backend
+
+        native_backend.GGUF_LAYOUTS.update(json.loads(renamed.read_text()))
     layer = qwen3_30b().layer
     weights = random_weights(layer, fmt, weights_seed(seed, fmt))
     out = []
