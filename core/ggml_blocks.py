@@ -266,6 +266,28 @@ def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts
                        None if mins is None else mins.reshape(rows, per_row), group)
 
 
+@dataclass(frozen=True, eq=False)
+class KScales:
+    """The two levels of a q4_k / q5_k row's scales as stored: per superblock of 256 the fp16 d and dmin (as
+    fp32, exact), per sub-block of 32 the 6-bit sc and m; AffineParts' scales are d * sc, its mins dmin * m."""
+
+    d: torch.Tensor  # fp32 [rows, in / 256]
+    dmin: torch.Tensor  # fp32 [rows, in / 256]
+    sc: torch.Tensor  # uint8 [rows, in / 32], 0..63
+    m: torch.Tensor  # uint8 [rows, in / 32], 0..63
+
+
+def k_scales(name: str, data: torch.Tensor, in_features: int) -> KScales:
+    """uint8 q4_k / q5_k rows [rows, in/256 * type_size] -> their d, dmin, sc and m."""
+    if name not in ("q4_k", "q5_k"):
+        raise FormatError(f"{name} has no two-level scales with mins (q4_k and q5_k have)")
+    b = data.contiguous().view(-1, BLOCK_TYPES[name].type_size)
+    rows, blocks = data.shape[0], in_features // QK_K
+    sc, mn = scale_min(b[:, 4:16])
+    return KScales(_f16(b[:, 0:2]).reshape(rows, blocks), _f16(b[:, 2:4]).reshape(rows, blocks),
+                   sc.reshape(rows, blocks * 8), mn.reshape(rows, blocks * 8))
+
+
 def dequantize_rows(name: str, data: torch.Tensor, in_features: int) -> torch.Tensor:
     """uint8 [rows, in/block_size * type_size] -> fp32 [rows, in_features], as gguf.quants.dequantize."""
     p = affine_parts(name, data, in_features)

@@ -6,7 +6,9 @@
 //         [1 scale line: 16 fp32 scales, one per row]          (int8, int4, fp8 only)
 //         [1 min line: 16 fp32 mins, one per row]              (formats with mins only)
 //         (scales as the file has them: 16 fp16 (GGUF q8_0 / q4_0, two panels to a line) or 16
-//          e8m0 bytes (mxfp4, a bundle of four to a line) instead of fp32)
+//          e8m0 bytes (mxfp4, a bundle of four to a line) instead of fp32; K-quants: 16 sc bytes
+//          then 16 m bytes, with the fp16 d and dmin lines of the panels in a header before every
+//          8 groups (256 columns))
 //         [G x 16 weights in `lines` lines, interleaved per format]
 // Float formats have one group spanning all (padded) columns; int8 too (one scale per row), or groups
 // of 16 or 32 columns. Rows past N and columns past K are zero weights, so odd sizes need no special
@@ -52,8 +54,11 @@ constexpr int E2M1_OFFSET = 12;  // e2m1 codes on the vpdpbusd path: 12 + twice 
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// How a panel stores its per-row scales of a group: fp32 (a line), fp16 (32 bytes) or e8m0 (16 bytes).
-enum ScaleKind : int { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E8M0 = 2 };
+// How a panel stores its per-row scales of a group: fp32 (a line), fp16 (32 bytes), e8m0 (16 bytes) or
+// GGUF's K-quant two levels (SCALE_K: scale = d * sc, min = dmin * m with fp16 d, dmin per 256 columns
+// and 6-bit sc, m per group of 32: the products are exact in fp32, the values the K-quants define).
+enum ScaleKind : int { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E8M0 = 2, SCALE_K = 3 };
+constexpr int K_SUPER = 256;  // columns per K-quant superblock: one d / dmin header per 8 groups
 
 // The packed format of one matrix: format code, group (int4 32/64/128; int8 0 = one scale per row, 16
 // or 32; ignored by the other formats), per-group mins, e2m1 codes in int4 nibbles (e8m0 scales), and
@@ -74,7 +79,9 @@ struct Geometry {
     int lines = 0;          // weight lines per group and panel
     int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel (scale_bytes: scale and min lines)
     int scale_kind = SCALE_F32;
-    int scale_stride = LINE;  // bytes of one panel's scales in a group (fp16 32, e8m0 16)
+    int scale_stride = LINE;  // bytes of one panel's scales in a group (fp16 32, e8m0 and K 16)
+    int groups_per_header = 0;    // SCALE_K: groups between two d / dmin headers (8), else 0
+    int64_t header_bytes = 0;     // SCALE_K: per panel, its fp16 d (32 bytes) and dmin (32 bytes)
     bool scaled = false;
     bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
     bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
@@ -113,12 +120,20 @@ struct Geometry {
             throw std::invalid_argument("e8m0 scales go with e2m1 codes, and only with them");
         if (scale_kind == SCALE_F16 && !((fmt == I4 || (fmt == I8 && !row_scales)) && !mins))
             throw std::invalid_argument("fp16 scales need grouped int4 / int8 panels without mins");
+        if (scale_kind == SCALE_K && !(mins && G == 32 && K % K_SUPER == 0))
+            throw std::invalid_argument("K-quant scales need panels with mins, groups of 32 and whole 256-column "
+                                        "superblocks");
         ngroups = Kp / G;
         lines = G / cols_per_line;
-        scale_stride = scale_kind == SCALE_E8M0 ? PANEL : scale_kind == SCALE_F16 ? 2 * PANEL : LINE;
+        scale_stride = scale_kind == SCALE_E8M0 || scale_kind == SCALE_K ? PANEL
+                       : scale_kind == SCALE_F16 ? 2 * PANEL : LINE;
         scale_bytes = scaled ? (mins ? 2 : 1) * scale_stride : 0;
         group_bytes = scale_bytes + int64_t(lines) * LINE;
-        panel_bytes = int64_t(ngroups) * group_bytes;
+        if (scale_kind == SCALE_K) {
+            groups_per_header = K_SUPER / G;
+            header_bytes = 2 * 2 * PANEL;
+        }
+        panel_bytes = int64_t(ngroups) * group_bytes + (groups_per_header ? ngroups / groups_per_header : 0) * header_bytes;
     }
     int64_t bytes() const { return int64_t(panels) * panel_bytes; }
     // Bytes of the source matrix in the reference format (moetier.formats): data, then scales.
@@ -130,8 +145,10 @@ struct Geometry {
             default: return int64_t(N) * ((K + 1) / 2);
         }
     }
-    // fp32 scales of the source (formats with mins: the [N, groups] scales, then the [N, groups] mins).
+    // fp32 scales of the source (formats with mins: the [N, groups] scales, then the [N, groups] mins;
+    // SCALE_K: d [N, superblocks], dmin [N, superblocks], sc [N, groups], m [N, groups]).
     int64_t src_scale_count() const {
+        if (scale_kind == SCALE_K) return 2 * int64_t(N) * (K / K_SUPER) + 2 * int64_t(N) * (K / G);
         switch (fmt) {
             case I8: return row_scales ? N : (mins ? 2 : 1) * int64_t(N) * ((K + G - 1) / G);
             case I4: return (mins ? 2 : 1) * int64_t(N) * ((K + G - 1) / G);
@@ -147,15 +164,30 @@ struct Geometry {
 struct Panels {
     const uint8_t* base = nullptr;
     int n = 1, q0 = 0;
-    MOE_INLINE const uint8_t* group(const Geometry& g, int gi) const { return base + int64_t(gi) * n * g.group_bytes; }
+    // SCALE_K: each 8 groups follow their header (the bundle's d lines, then its dmin lines).
+    MOE_INLINE const uint8_t* group(const Geometry& g, int gi) const {
+        const int64_t headers = g.groups_per_header ? gi / g.groups_per_header + 1 : 0;
+        return base + int64_t(n) * (gi * g.group_bytes + headers * g.header_bytes);
+    }
+    MOE_INLINE const uint8_t* header(const Geometry& g, int gi) const {
+        const int sb = gi / g.groups_per_header;
+        return base + int64_t(n) * sb * (g.groups_per_header * g.group_bytes + g.header_bytes);
+    }
+    MOE_INLINE const uint8_t* d_f16(const Geometry& g, int gi, int q) const { return header(g, gi) + (q0 + q) * 2 * PANEL; }
+    MOE_INLINE const uint8_t* dmin_f16(const Geometry& g, int gi, int q) const {
+        return header(g, gi) + (n + q0 + q) * 2 * PANEL;
+    }
     MOE_INLINE const uint8_t* scale_bytes(const Geometry& g, int gi, int q) const {
         return group(g, gi) + int64_t(q0 + q) * g.scale_stride;
     }
     MOE_INLINE const float* scales(const Geometry& g, int gi, int q) const {
         return reinterpret_cast<const float*>(scale_bytes(g, gi, q));
     }
+    MOE_INLINE const uint8_t* min_bytes(const Geometry& g, int gi, int q) const {
+        return group(g, gi) + int64_t(n + q0 + q) * g.scale_stride;
+    }
     MOE_INLINE const float* mins(const Geometry& g, int gi, int q) const {
-        return reinterpret_cast<const float*>(group(g, gi) + int64_t(n + q0 + q) * LINE);
+        return reinterpret_cast<const float*>(min_bytes(g, gi, q));
     }
     // line 0 of panel q in group gi; line l is + l * stride()
     MOE_INLINE const uint8_t* weights(const Geometry& g, int gi, int q) const {
@@ -196,6 +228,12 @@ inline uint16_t f16_of(float s) {
     if (_cvtsh_ss(h) != s) throw std::invalid_argument("a panel scale stored as fp16 must be an fp16 value, got " + std::to_string(s));
     return h;
 }
+// A K-quant sub-scale or sub-min: an integer 0..63.
+inline uint8_t u6_of(float v) {
+    if (!(v >= 0.f && v <= 63.f) || v != std::floor(v))
+        throw std::invalid_argument("a K-quant sub-block scale must be an integer 0..63, got " + std::to_string(v));
+    return uint8_t(v);
+}
 inline void store_scale(const Geometry& g, uint8_t* p, int r, float s) {
     if (g.scale_kind == SCALE_E8M0) p[r] = e8m0_of(s);
     else if (g.scale_kind == SCALE_F16) {
@@ -231,11 +269,24 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                 uint8_t* w = bbase + (bd.weights(g, gi, q) - bd.base);
                 uint8_t* sc8 = bbase + (bd.scale_bytes(g, gi, q) - bd.base);
                 float* sc = reinterpret_cast<float*>(sc8);
-                float* mn = sc + bd.n * PANEL;  // the min lines follow the bundle's scale lines
+                float* mn = reinterpret_cast<float*>(bbase + (bd.min_bytes(g, gi, q) - bd.base));
                 const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
                 for (int r = 0; r < rows; ++r) {
                     const int row = p * PANEL + r;
-                    if ((FMT == I8 && !g.row_scales) || FMT == I4) {
+                    if (g.scale_kind == SCALE_K) {
+                        const int64_t nsb = K / K_SUPER, sb = gi / g.groups_per_header;
+                        const float* d = ps.scales;
+                        const float* dmin = d + int64_t(N) * nsb;
+                        const float* scv = dmin + int64_t(N) * nsb;
+                        const float* mv = scv + int64_t(N) * g.ngroups;
+                        if (gi % g.groups_per_header == 0) {
+                            const uint16_t dh = f16_of(d[row * nsb + sb]), mh = f16_of(dmin[row * nsb + sb]);
+                            std::memcpy(bbase + (bd.d_f16(g, gi, q) - bd.base) + 2 * r, &dh, 2);
+                            std::memcpy(bbase + (bd.dmin_f16(g, gi, q) - bd.base) + 2 * r, &mh, 2);
+                        }
+                        sc8[r] = u6_of(scv[int64_t(row) * g.ngroups + gi]);
+                        reinterpret_cast<uint8_t*>(mn)[r] = u6_of(mv[int64_t(row) * g.ngroups + gi]);
+                    } else if ((FMT == I8 && !g.row_scales) || FMT == I4) {
                         store_scale(g, sc8, r, ps.scales[int64_t(row) * sgroups_in + gi]);
                         if (g.mins) mn[r] = ps.scales[(int64_t(N) + row) * sgroups_in + gi];
                     } else if (FMT == I8) sc[r] = ps.scales[row];

@@ -40,7 +40,13 @@ MOE_INLINE V group_scales(const Panels& pn, const Geometry& g, int gi, int q) {
     const uint8_t* p = pn.scale_bytes(g, gi, q);
     if (g.scale_kind == SCALE_E8M0) return e8m0_scales(p);
     if (g.scale_kind == SCALE_F16) return f16_get(p);
+    if (g.scale_kind == SCALE_K) return vmul(f16_get(pn.d_f16(g, gi, q)), u8_get(p));  // d * sc: exact
     return vload(reinterpret_cast<const float*>(p));
+}
+// The same for the mins of formats with mins.
+MOE_INLINE V group_mins(const Panels& pn, const Geometry& g, int gi, int q) {
+    if (g.scale_kind == SCALE_K) return vmul(f16_get(pn.dmin_f16(g, gi, q)), u8_get(pn.min_bytes(g, gi, q)));
+    return vload(pn.mins(g, gi, q));
 }
 
 // The sum of a vector's 16 lanes.
@@ -106,7 +112,7 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
                 V s = t[0][q][m];
                 for (int a = 1; a < NA; ++a) s = vadd(s, t[a][q][m]);
                 acc[q][m] = SCALED ? vfma(s, scl[q], acc[q][m]) : vadd(acc[q][m], s);
-                if constexpr (MINS) acc[q][m] = vfma(vset1(-xsum[m]), vload(pn.mins(g, gi, q)), acc[q][m]);
+                if constexpr (MINS) acc[q][m] = vfma(vset1(-xsum[m]), group_mins(pn, g, gi, q), acc[q][m]);
             }
     }
     for (int q = 0; q < NP; ++q)
@@ -272,7 +278,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             }
         }
         for (int q = 0; q < NP; ++q) {
-            const __m512 mn = MINS ? _mm512_loadu_ps(pn.mins(g, gi, q)) : _mm512_setzero_ps();
+            const __m512 mn = MINS ? group_mins(pn, g, gi, q).v : _mm512_setzero_ps();
             for (int m = 0; m < M; ++m) {
                 __m512i t = ai[0][q][m];
                 if constexpr (NS == 2) t = _mm512_add_epi32(t, ai[1][q][m]);

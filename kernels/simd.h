@@ -72,6 +72,10 @@ MOE_INLINE V i4_get(R r) {
     __m512i t = sh ? _mm512_srli_epi32(r.v, sh) : r.v;
     return {_mm512_permutexvar_ps(t, lut)};
 }
+// 16 unsigned bytes -> 16 floats.
+MOE_INLINE V u8_get(const uint8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
 // 16 e8m0 bytes -> 2^(e - 128) each; vscalefps is exact down to the subnormals (e = 0, 1).
 MOE_INLINE V e8m0_scales(const uint8_t* p) {
     const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -171,6 +175,10 @@ MOE_INLINE __m256 i4_half(__m256i x) {
 }
 template <int J>
 MOE_INLINE V i4_get(R r) { return {i4_half<J>(r.a), i4_half<J>(r.b)}; }
+MOE_INLINE __m256 u8_half(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+MOE_INLINE V u8_get(const uint8_t* p) { return {u8_half(p), u8_half(p + 8)}; }
 // 8 e8m0 bytes -> 2^(e - 128): the exponent field e - 1, and for e = 0, 1 the two subnormals.
 MOE_INLINE __m256 e8m0_half(const uint8_t* p) {
     const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));

@@ -32,9 +32,10 @@ from . import load_variant
 NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3",
                   "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4")
 # GGUF block formats -> the kernels' layout that holds their values exactly: the blocks decode into
-# integer codes with an fp32 scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed
-# panels keep per row and group, so the kernels multiply the GGUF values themselves.
-GGUF_LAYOUTS = {"q8_0": "int8_g32_f16", "q6_k": "int8_g16", "q5_k": "int8_g32_min", "q4_k": "int4_g32_min",
+# integer codes with a scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed panels
+# keep per row and group as the file stores them (q8_0 / q4_0: fp16 d; q4_k / q5_k: fp16 d and dmin per
+# 256 with 6-bit sc and m per 32; q6_k: the fp32 product d * sc), so the kernels multiply the GGUF values.
+GGUF_LAYOUTS = {"q8_0": "int8_g32_f16", "q6_k": "int8_g16", "q5_k": "int8_g32_kscales", "q4_k": "int4_g32_kscales",
                 "q4_0": "int4_g32_f16"}
 
 
@@ -303,8 +304,8 @@ def _layout(fmt: WeightFormat) -> str:
 
 def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
     """What add_expert takes for one matrix: its data bytes and fp32 scales; GGUF blocks decoded to the
-    codes, scales and mins of their kernel layout (GGUF_LAYOUTS; int4 nibbles as pack_int4 lays them,
-    with mins the codes 0..15 themselves; scales then mins in one array)."""
+    codes and scales of their kernel layout (GGUF_LAYOUTS; int4 nibbles as pack_int4 lays them, with mins
+    the codes 0..15 themselves; the K-quants' d, dmin, sc and m, or scales then mins, in one array)."""
     if q.fmt.name == "mxfp4":
         return _bytes(q.data), mxfp4_kernel_scales(q.scales)
     if q.fmt.name not in GGUF_LAYOUTS:
@@ -313,7 +314,11 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
     codes = p.codes
     if GGUF_LAYOUTS[q.fmt.name].startswith("int4"):
         codes = pack_int4(codes if p.mins is None else codes - 8)  # pack_int4 stores q + 8
-    scales = p.scales if p.mins is None else torch.stack([p.scales, p.mins])
+    if GGUF_LAYOUTS[q.fmt.name].endswith("_kscales"):  # the two levels as stored: d, dmin, sc, m
+        k = ggml_blocks.k_scales(q.fmt.name, q.data, q.shape[1])
+        scales = torch.cat([k.d.flatten(), k.dmin.flatten(), k.sc.flatten().float(), k.m.flatten().float()])
+    else:
+        scales = p.scales if p.mins is None else torch.stack([p.scales, p.mins])
     return _bytes(codes), _floats(scales)
 
 
