@@ -268,21 +268,25 @@ def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts
 
 @dataclass(frozen=True, eq=False)
 class KScales:
-    """The two levels of a q4_k / q5_k row's scales as stored: per superblock of 256 the fp16 d and dmin (as
-    fp32, exact), per sub-block of 32 the 6-bit sc and m; AffineParts' scales are d * sc, its mins dmin * m."""
+    """The two levels of a K-quant row's scales as stored: per superblock of 256 the fp16 d (and dmin) as
+    fp32, exact, per sub-block the 6-bit sc and m (q4_k, q5_k: 32 values) or the int8 sc (q6_k: 16 values);
+    AffineParts' scales are d * sc, its mins dmin * m."""
 
     d: torch.Tensor  # fp32 [rows, in / 256]
-    dmin: torch.Tensor  # fp32 [rows, in / 256]
-    sc: torch.Tensor  # uint8 [rows, in / 32], 0..63
-    m: torch.Tensor  # uint8 [rows, in / 32], 0..63
+    dmin: torch.Tensor | None  # fp32 [rows, in / 256]; q6_k: None
+    sc: torch.Tensor  # [rows, in / group]: uint8 0..63, q6_k int8
+    m: torch.Tensor | None  # uint8 [rows, in / 32], 0..63; q6_k: None
 
 
 def k_scales(name: str, data: torch.Tensor, in_features: int) -> KScales:
-    """uint8 q4_k / q5_k rows [rows, in/256 * type_size] -> their d, dmin, sc and m."""
-    if name not in ("q4_k", "q5_k"):
-        raise FormatError(f"{name} has no two-level scales with mins (q4_k and q5_k have)")
+    """uint8 q4_k / q5_k / q6_k rows [rows, in/256 * type_size] -> their d, dmin, sc and m."""
+    if name not in ("q4_k", "q5_k", "q6_k"):
+        raise FormatError(f"{name} has no two-level scales (the K-quants q4_k, q5_k and q6_k have)")
     b = data.contiguous().view(-1, BLOCK_TYPES[name].type_size)
     rows, blocks = data.shape[0], in_features // QK_K
+    if name == "q6_k":
+        return KScales(_f16(b[:, 208:210]).reshape(rows, blocks), None,
+                       b[:, 192:208].contiguous().view(torch.int8).reshape(rows, blocks * 16), None)
     sc, mn = scale_min(b[:, 4:16])
     return KScales(_f16(b[:, 0:2]).reshape(rows, blocks), _f16(b[:, 2:4]).reshape(rows, blocks),
                    sc.reshape(rows, blocks * 8), mn.reshape(rows, blocks * 8))

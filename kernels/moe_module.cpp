@@ -41,9 +41,11 @@ MatFormat parse_format(const std::string& name) {
     if (name == "int8_g16") return {I8, 16};
     if (name == "int8_g32_min") return {I8, 32, true};
     if (name == "int4_g32_min") return {I4, 32, true};
-    // ... or with the K-quants' own two-level scales (fp16 d / dmin per 256, 6-bit sc / m per 32)
+    // ... or with the K-quants' own two-level scales (fp16 d / dmin per 256, 6-bit sc / m per 32; q6_k:
+    // fp16 d per 256, int8 sc per 16)
     if (name == "int8_g32_kscales") return {I8, 32, true, false, SCALE_K};
     if (name == "int4_g32_kscales") return {I4, 32, true, false, SCALE_K};
+    if (name == "int8_g16_kscales") return {I8, 16, false, false, SCALE_K};
     // MXFP4: the e2m1 codes and e8m0 scales as they ship
     if (name == "mxfp4") return {I4, 32, false, true, SCALE_E8M0};
     throw py::value_error("native kernels do not compute format '" + name + "'");

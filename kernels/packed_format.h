@@ -56,9 +56,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // How a panel stores its per-row scales of a group: fp32 (a line), fp16 (32 bytes), e8m0 (16 bytes) or
 // GGUF's K-quant two levels (SCALE_K: scale = d * sc, min = dmin * m with fp16 d, dmin per 256 columns
-// and 6-bit sc, m per group of 32: the products are exact in fp32, the values the K-quants define).
+// and 6-bit sc, m per group of 32 (q4_k, q5_k); without mins, d per 256 and a signed 8-bit sc per group
+// of 16 (q6_k): the products are exact in fp32, the values the K-quants define).
 enum ScaleKind : int { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E8M0 = 2, SCALE_K = 3 };
-constexpr int K_SUPER = 256;  // columns per K-quant superblock: one d / dmin header per 8 groups
+constexpr int K_SUPER = 256;  // columns per K-quant superblock: one d (and dmin) header per 256 / G groups
 
 // The packed format of one matrix: format code, group (int4 32/64/128; int8 0 = one scale per row, 16
 // or 32; ignored by the other formats), per-group mins, e2m1 codes in int4 nibbles (e8m0 scales), and
@@ -80,8 +81,8 @@ struct Geometry {
     int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel (scale_bytes: scale and min lines)
     int scale_kind = SCALE_F32;
     int scale_stride = LINE;  // bytes of one panel's scales in a group (fp16 32, e8m0 and K 16)
-    int groups_per_header = 0;    // SCALE_K: groups between two d / dmin headers (8), else 0
-    int64_t header_bytes = 0;     // SCALE_K: per panel, its fp16 d (32 bytes) and dmin (32 bytes)
+    int groups_per_header = 0;    // SCALE_K: groups between two headers (256 / G), else 0
+    int64_t header_bytes = 0;     // SCALE_K: per panel, its fp16 d (32 bytes) and, with mins, dmin (32)
     bool scaled = false;
     bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
     bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
@@ -120,9 +121,9 @@ struct Geometry {
             throw std::invalid_argument("e8m0 scales go with e2m1 codes, and only with them");
         if (scale_kind == SCALE_F16 && !((fmt == I4 || (fmt == I8 && !row_scales)) && !mins))
             throw std::invalid_argument("fp16 scales need grouped int4 / int8 panels without mins");
-        if (scale_kind == SCALE_K && !(mins && G == 32 && K % K_SUPER == 0))
-            throw std::invalid_argument("K-quant scales need panels with mins, groups of 32 and whole 256-column "
-                                        "superblocks");
+        if (scale_kind == SCALE_K && !(((mins && G == 32) || (!mins && fmt == I8 && G == 16)) && K % K_SUPER == 0))
+            throw std::invalid_argument("K-quant scales need panels with mins and groups of 32, or int8 panels "
+                                        "with groups of 16, over whole 256-column superblocks");
         ngroups = Kp / G;
         lines = G / cols_per_line;
         scale_stride = scale_kind == SCALE_E8M0 || scale_kind == SCALE_K ? PANEL
@@ -131,7 +132,7 @@ struct Geometry {
         group_bytes = scale_bytes + int64_t(lines) * LINE;
         if (scale_kind == SCALE_K) {
             groups_per_header = K_SUPER / G;
-            header_bytes = 2 * 2 * PANEL;
+            header_bytes = (mins ? 2 : 1) * 2 * PANEL;
         }
         panel_bytes = int64_t(ngroups) * group_bytes + (groups_per_header ? ngroups / groups_per_header : 0) * header_bytes;
     }
@@ -146,9 +147,10 @@ struct Geometry {
         }
     }
     // fp32 scales of the source (formats with mins: the [N, groups] scales, then the [N, groups] mins;
-    // SCALE_K: d [N, superblocks], dmin [N, superblocks], sc [N, groups], m [N, groups]).
+    // SCALE_K: d [N, superblocks], dmin [N, superblocks], sc [N, groups], m [N, groups], without dmin
+    // and m when there are no mins).
     int64_t src_scale_count() const {
-        if (scale_kind == SCALE_K) return 2 * int64_t(N) * (K / K_SUPER) + 2 * int64_t(N) * (K / G);
+        if (scale_kind == SCALE_K) return (mins ? 2 : 1) * int64_t(N) * (K / K_SUPER + K / G);
         switch (fmt) {
             case I8: return row_scales ? N : (mins ? 2 : 1) * int64_t(N) * ((K + G - 1) / G);
             case I4: return (mins ? 2 : 1) * int64_t(N) * ((K + G - 1) / G);
@@ -228,11 +230,13 @@ inline uint16_t f16_of(float s) {
     if (_cvtsh_ss(h) != s) throw std::invalid_argument("a panel scale stored as fp16 must be an fp16 value, got " + std::to_string(s));
     return h;
 }
-// A K-quant sub-scale or sub-min: an integer 0..63.
-inline uint8_t u6_of(float v) {
-    if (!(v >= 0.f && v <= 63.f) || v != std::floor(v))
-        throw std::invalid_argument("a K-quant sub-block scale must be an integer 0..63, got " + std::to_string(v));
-    return uint8_t(v);
+// A K-quant sub-scale or sub-min as its byte: an integer 0..63 (with mins) or -128..127 (q6_k).
+inline uint8_t k_sub_of(float v, bool is_unsigned) {
+    const float lo = is_unsigned ? 0.f : -128.f, hi = is_unsigned ? 63.f : 127.f;
+    if (!(v >= lo && v <= hi) || v != std::floor(v))
+        throw std::invalid_argument("a K-quant sub-block scale must be an integer " + std::to_string(int(lo)) + ".." +
+                                    std::to_string(int(hi)) + ", got " + std::to_string(v));
+    return uint8_t(int8_t(int(v)));
 }
 inline void store_scale(const Geometry& g, uint8_t* p, int r, float s) {
     if (g.scale_kind == SCALE_E8M0) p[r] = e8m0_of(s);
@@ -274,18 +278,20 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                 for (int r = 0; r < rows; ++r) {
                     const int row = p * PANEL + r;
                     if (g.scale_kind == SCALE_K) {
-                        const int64_t nsb = K / K_SUPER, sb = gi / g.groups_per_header;
-                        const float* d = ps.scales;
-                        const float* dmin = d + int64_t(N) * nsb;
-                        const float* scv = dmin + int64_t(N) * nsb;
-                        const float* mv = scv + int64_t(N) * g.ngroups;
+                        const int64_t nsb = K / K_SUPER, sb = gi / g.groups_per_header, levels = g.mins ? 2 : 1;
+                        const float* d = ps.scales;  // d, [dmin,] sc, [m]
+                        const float* scv = d + levels * int64_t(N) * nsb;
                         if (gi % g.groups_per_header == 0) {
-                            const uint16_t dh = f16_of(d[row * nsb + sb]), mh = f16_of(dmin[row * nsb + sb]);
+                            const uint16_t dh = f16_of(d[row * nsb + sb]);
                             std::memcpy(bbase + (bd.d_f16(g, gi, q) - bd.base) + 2 * r, &dh, 2);
-                            std::memcpy(bbase + (bd.dmin_f16(g, gi, q) - bd.base) + 2 * r, &mh, 2);
+                            if (g.mins) {
+                                const uint16_t mh = f16_of(d[(int64_t(N) + row) * nsb + sb]);
+                                std::memcpy(bbase + (bd.dmin_f16(g, gi, q) - bd.base) + 2 * r, &mh, 2);
+                            }
                         }
-                        sc8[r] = u6_of(scv[int64_t(row) * g.ngroups + gi]);
-                        reinterpret_cast<uint8_t*>(mn)[r] = u6_of(mv[int64_t(row) * g.ngroups + gi]);
+                        sc8[r] = k_sub_of(scv[int64_t(row) * g.ngroups + gi], g.mins);
+                        if (g.mins)
+                            reinterpret_cast<uint8_t*>(mn)[r] = k_sub_of(scv[(int64_t(N) + row) * g.ngroups + gi], true);
                     } else if ((FMT == I8 && !g.row_scales) || FMT == I4) {
                         store_scale(g, sc8, r, ps.scales[int64_t(row) * sgroups_in + gi]);
                         if (g.mins) mn[r] = ps.scales[(int64_t(N) + row) * sgroups_in + gi];

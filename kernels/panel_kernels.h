@@ -40,7 +40,8 @@ MOE_INLINE V group_scales(const Panels& pn, const Geometry& g, int gi, int q) {
     const uint8_t* p = pn.scale_bytes(g, gi, q);
     if (g.scale_kind == SCALE_E8M0) return e8m0_scales(p);
     if (g.scale_kind == SCALE_F16) return f16_get(p);
-    if (g.scale_kind == SCALE_K) return vmul(f16_get(pn.d_f16(g, gi, q)), u8_get(p));  // d * sc: exact
+    if (g.scale_kind == SCALE_K)  // d * sc, exact; sc unsigned with mins (q4_k, q5_k), signed without (q6_k)
+        return vmul(f16_get(pn.d_f16(g, gi, q)), g.mins ? u8_get(p) : s8_get(p));
     return vload(reinterpret_cast<const float*>(p));
 }
 // The same for the mins of formats with mins.

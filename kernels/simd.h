@@ -76,6 +76,9 @@ MOE_INLINE V i4_get(R r) {
 MOE_INLINE V u8_get(const uint8_t* p) {
     return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
+MOE_INLINE V s8_get(const uint8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
 // 16 e8m0 bytes -> 2^(e - 128) each; vscalefps is exact down to the subnormals (e = 0, 1).
 MOE_INLINE V e8m0_scales(const uint8_t* p) {
     const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -179,6 +182,10 @@ MOE_INLINE __m256 u8_half(const uint8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 MOE_INLINE V u8_get(const uint8_t* p) { return {u8_half(p), u8_half(p + 8)}; }
+MOE_INLINE __m256 s8_half(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+MOE_INLINE V s8_get(const uint8_t* p) { return {s8_half(p), s8_half(p + 8)}; }
 // 8 e8m0 bytes -> 2^(e - 128): the exponent field e - 1, and for e = 0, 1 the two subnormals.
 MOE_INLINE __m256 e8m0_half(const uint8_t* p) {
     const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));

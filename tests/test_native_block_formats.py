@@ -143,3 +143,22 @@ def test_panels_refuse_a_scale_their_storage_would_round(layout, scale, monkeypa
         d.pack(codes, scales)
     scales[:] = 0.5  # an fp16 value and a power of two
     d.pack(codes, scales)
+
+
+@needs_native
+@pytest.mark.parametrize("layout,levels,sub", [("int4_g32_kscales", 2, 8), ("int8_g32_kscales", 2, 8),
+                                               ("int8_g16_kscales", 1, 16)])
+def test_k_quant_panels_refuse_scales_they_would_round(layout, levels, sub, monkeypatch):
+    """The K-quants' two levels are kept as stored: d (and dmin) must be fp16 values, sc (and m) integers in
+    their range (0..63 with mins, int8 for q6_k); anything else is a ValueError of the binding."""
+    ext = make_backend(RUNNABLE[-1], monkeypatch)._ext
+    codes = np.zeros(16 * (128 if layout.startswith("int4") else 256), dtype=np.uint8)
+
+    def scales(d=0.5, sc=3.0):
+        return np.concatenate([np.full(16 * levels, d), np.full(16 * sub * levels, sc)]).astype(np.float32)
+
+    for bad, match in ((scales(d=0.1), "fp16"), (scales(sc=64.0 if levels == 2 else 128.0), "integer"),
+                       (scales(sc=2.5), "integer")):
+        with pytest.raises(ValueError, match=match):
+            ext.DenseLinear(16, 256, layout).pack(codes, bad)
+    ext.DenseLinear(16, 256, layout).pack(codes, scales(sc=-5.0 if levels == 1 else 5.0))

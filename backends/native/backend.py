@@ -34,8 +34,9 @@ NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_
 # GGUF block formats -> the kernels' layout that holds their values exactly: the blocks decode into
 # integer codes with a scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed panels
 # keep per row and group as the file stores them (q8_0 / q4_0: fp16 d; q4_k / q5_k: fp16 d and dmin per
-# 256 with 6-bit sc and m per 32; q6_k: the fp32 product d * sc), so the kernels multiply the GGUF values.
-GGUF_LAYOUTS = {"q8_0": "int8_g32_f16", "q6_k": "int8_g16", "q5_k": "int8_g32_kscales", "q4_k": "int4_g32_kscales",
+# 256 with 6-bit sc and m per 32; q6_k: fp16 d per 256, int8 sc per 16), so the kernels multiply the GGUF
+# values.
+GGUF_LAYOUTS = {"q8_0": "int8_g32_f16", "q6_k": "int8_g16_kscales", "q5_k": "int8_g32_kscales", "q4_k": "int4_g32_kscales",
                 "q4_0": "int4_g32_f16"}
 
 
@@ -316,7 +317,8 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
         codes = pack_int4(codes if p.mins is None else codes - 8)  # pack_int4 stores q + 8
     if GGUF_LAYOUTS[q.fmt.name].endswith("_kscales"):  # the two levels as stored: d, dmin, sc, m
         k = ggml_blocks.k_scales(q.fmt.name, q.data, q.shape[1])
-        scales = torch.cat([k.d.flatten(), k.dmin.flatten(), k.sc.flatten().float(), k.m.flatten().float()])
+        parts = [k.d, k.dmin, k.sc, k.m] if k.m is not None else [k.d, k.sc]
+        scales = torch.cat([t.flatten().float() for t in parts])
     else:
         scales = p.scales if p.mins is None else torch.stack([p.scales, p.mins])
     return _bytes(codes), _floats(scales)
