@@ -33,16 +33,12 @@ MatFormat parse_format(const std::string& name) {
     if (name == "int4_g32") return {I4, 32};
     if (name == "int4_g64") return {I4, 64};
     if (name == "int4_g128") return {I4, 128};
-    // Layouts of GGUF's block formats, which the Python side decodes into codes, scales and mins: int8 /
-    // int4 with the file's fp16 scale per 32 (q8_0 / q4_0), int8 with a scale per 16 (q6_k), unsigned
-    // int8 / int4 codes with a scale and a min per 32 (q5_k / q4_k).
+    // Layouts of GGUF's block formats, which the Python side decodes into codes and the file's scales:
+    // int8 / int4 with its fp16 scale per 32 (q8_0 / q4_0); the K-quants' two levels (fp16 d / dmin per
+    // 256 with 6-bit sc / m per 32 over unsigned int8 / int4 codes for q5_k / q4_k; q6_k: fp16 d per 256,
+    // int8 sc per 16).
     if (name == "int8_g32_f16") return {I8, 32, false, false, SCALE_F16};
     if (name == "int4_g32_f16") return {I4, 32, false, false, SCALE_F16};
-    if (name == "int8_g16") return {I8, 16};
-    if (name == "int8_g32_min") return {I8, 32, true};
-    if (name == "int4_g32_min") return {I4, 32, true};
-    // ... or with the K-quants' own two-level scales (fp16 d / dmin per 256, 6-bit sc / m per 32; q6_k:
-    // fp16 d per 256, int8 sc per 16)
     if (name == "int8_g32_kscales") return {I8, 32, true, false, SCALE_K};
     if (name == "int4_g32_kscales") return {I4, 32, true, false, SCALE_K};
     if (name == "int8_g16_kscales") return {I8, 16, false, false, SCALE_K};
