@@ -37,13 +37,13 @@ MatFormat parse_format(const std::string& name) {
     // int8 / int4 with its fp16 scale per 32 (q8_0 / q4_0); the K-quants' two levels (fp16 d / dmin per
     // 256 with 6-bit sc / m per 32 over unsigned int8 / int4 codes for q5_k / q4_k; q6_k: fp16 d per 256,
     // int8 sc per 16).
-    if (name == "int8_g32_f16") return {I8, 32, false, false, SCALE_F16};
-    if (name == "int4_g32_f16") return {I4, 32, false, false, SCALE_F16};
-    if (name == "int8_g32_kscales") return {I8, 32, true, false, SCALE_K};
-    if (name == "int4_g32_kscales") return {I4, 32, true, false, SCALE_K};
-    if (name == "int8_g16_kscales") return {I8, 16, false, false, SCALE_K};
+    if (name == "int8_g32_f16") return {I8, 32, false, SCALE_F16};
+    if (name == "int4_g32_f16") return {I4, 32, false, SCALE_F16};
+    if (name == "int8_g32_kscales") return {I8, 32, true, SCALE_K};
+    if (name == "int4_g32_kscales") return {I4, 32, true, SCALE_K};
+    if (name == "int8_g16_kscales") return {I8, 16, false, SCALE_K};
     // MXFP4: the e2m1 codes and e8m0 scales as they ship
-    if (name == "mxfp4") return {I4, 32, false, true, SCALE_E8M0};
+    if (name == "mxfp4") return {I4, 32, false, SCALE_E8M0};
     throw py::value_error("native kernels do not compute format '" + name + "'");
 }
 

@@ -62,11 +62,11 @@ enum ScaleKind : int { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E8M0 = 2, SCALE_K = 3
 constexpr int K_SUPER = 256;  // columns per K-quant superblock: one d (and dmin) header per 256 / G groups
 
 // The packed format of one matrix: format code, group (int4 32/64/128; int8 0 = one scale per row, 16
-// or 32; ignored by the other formats), per-group mins, e2m1 codes in int4 nibbles (e8m0 scales), and
-// how the scales are stored.
+// or 32; ignored by the other formats), per-group mins, and how the scales are stored (int4 panels with
+// e8m0 scales hold e2m1 codes: MXFP4).
 struct MatFormat {
     int fmt = F32, group = 0;
-    bool mins = false, e2m1 = false;
+    bool mins = false;
     int scales = SCALE_F32;
 };
 
@@ -86,12 +86,12 @@ struct Geometry {
     bool scaled = false;
     bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
     bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
-    bool e2m1 = false;        // int4 nibbles are e2m1 codes (MXFP4), groups of 32
+    bool e2m1 = false;        // int4 nibbles are e2m1 codes (MXFP4: the panels with e8m0 scales)
     bool fp8_pairs = false;   // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
 
     Geometry() = default;
     Geometry(MatFormat f, int N_, int K_)
-        : fmt(f.fmt), N(N_), K(K_), mins(f.mins), e2m1(f.e2m1), scale_kind(f.scales) {
+        : fmt(f.fmt), N(N_), K(K_), scale_kind(f.scales), mins(f.mins), e2m1(f.scales == SCALE_E8M0) {
         const int group = f.group;
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
@@ -116,9 +116,7 @@ struct Geometry {
         if (mins && !(fmt == I4 || (fmt == I8 && !row_scales)))
             throw std::invalid_argument("per-group mins need int4 or grouped int8 weights");
         if (e2m1 && !(fmt == I4 && G == 32 && !mins))
-            throw std::invalid_argument("e2m1 codes need int4 panels with groups of 32 and no mins");
-        if (e2m1 != (scale_kind == SCALE_E8M0))
-            throw std::invalid_argument("e8m0 scales go with e2m1 codes, and only with them");
+            throw std::invalid_argument("e8m0 scales (e2m1 codes) need int4 panels with groups of 32 and no mins");
         if (scale_kind == SCALE_F16 && !((fmt == I4 || (fmt == I8 && !row_scales)) && !mins))
             throw std::invalid_argument("fp16 scales need grouped int4 / int8 panels without mins");
         if (scale_kind == SCALE_K && !(((mins && G == 32) || (!mins && fmt == I8 && G == 16)) && K % K_SUPER == 0))
@@ -246,6 +244,26 @@ inline void store_scale(const Geometry& g, uint8_t* p, int r, float s) {
     } else std::memcpy(p + 4 * r, &s, 4);
 }
 
+// Row r (matrix row `row`) of panel q's K-quant scales in group gi of bundle bd (writable): the sc (and
+// m) bytes, and at the first group of a superblock the header's d (and dmin). src: d, [dmin,] sc, [m]
+// (Geometry::src_scale_count).
+inline void pack_k_scales(const Geometry& g, const Panels& bd, const float* src, int gi, int q, int r, int row) {
+    const int64_t N = g.N, nsb = g.K / K_SUPER, levels = g.mins ? 2 : 1;
+    const float* sub = src + levels * N * nsb;
+    auto at = [&](const uint8_t* p) { return const_cast<uint8_t*>(p); };
+    if (gi % g.groups_per_header == 0) {
+        const int sb = gi / g.groups_per_header;
+        const uint16_t d = f16_of(src[row * nsb + sb]);
+        std::memcpy(at(bd.d_f16(g, gi, q)) + 2 * r, &d, 2);
+        if (g.mins) {
+            const uint16_t dmin = f16_of(src[(N + row) * nsb + sb]);
+            std::memcpy(at(bd.dmin_f16(g, gi, q)) + 2 * r, &dmin, 2);
+        }
+    }
+    at(bd.scale_bytes(g, gi, q))[r] = k_sub_of(sub[row * g.ngroups + gi], g.mins);
+    if (g.mins) at(bd.min_bytes(g, gi, q))[r] = k_sub_of(sub[(N + row) * g.ngroups + gi], true);
+}
+
 // Pack `count` panels (src[s] for sequence position s) into bundles at dst. The format is a template
 // parameter so the per-element loop has no branches (packing a 600 GB checkpoint is bound by how fast
 // this loop runs).
@@ -277,22 +295,8 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                 const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
                 for (int r = 0; r < rows; ++r) {
                     const int row = p * PANEL + r;
-                    if (g.scale_kind == SCALE_K) {
-                        const int64_t nsb = K / K_SUPER, sb = gi / g.groups_per_header, levels = g.mins ? 2 : 1;
-                        const float* d = ps.scales;  // d, [dmin,] sc, [m]
-                        const float* scv = d + levels * int64_t(N) * nsb;
-                        if (gi % g.groups_per_header == 0) {
-                            const uint16_t dh = f16_of(d[row * nsb + sb]);
-                            std::memcpy(bbase + (bd.d_f16(g, gi, q) - bd.base) + 2 * r, &dh, 2);
-                            if (g.mins) {
-                                const uint16_t mh = f16_of(d[(int64_t(N) + row) * nsb + sb]);
-                                std::memcpy(bbase + (bd.dmin_f16(g, gi, q) - bd.base) + 2 * r, &mh, 2);
-                            }
-                        }
-                        sc8[r] = k_sub_of(scv[int64_t(row) * g.ngroups + gi], g.mins);
-                        if (g.mins)
-                            reinterpret_cast<uint8_t*>(mn)[r] = k_sub_of(scv[(int64_t(N) + row) * g.ngroups + gi], true);
-                    } else if ((FMT == I8 && !g.row_scales) || FMT == I4) {
+                    if (g.scale_kind == SCALE_K) pack_k_scales(g, bd, ps.scales, gi, q, r, row);
+                    else if ((FMT == I8 && !g.row_scales) || FMT == I4) {
                         store_scale(g, sc8, r, ps.scales[int64_t(row) * sgroups_in + gi]);
                         if (g.mins) mn[r] = ps.scales[(int64_t(N) + row) * sgroups_in + gi];
                     } else if (FMT == I8) sc[r] = ps.scales[row];

@@ -25,6 +25,10 @@ MOE_INLINE void unroll(F&& f) {
     unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
+// int4 octet layout (packed_format.h): the bit offset of column k+J's nibble in lane r's 32 bits.
+template <int J>
+constexpr int nibble_shift = 8 * (J % 4) + 4 * (J / 4);
+
 #if defined(__AVX512F__)
 constexpr bool kAvx512 = true;
 
@@ -66,16 +70,19 @@ MOE_INLINE V i8_get(R r) {
 // int4 octet layout: lane r byte b = (q[k+b]+8) | (q[k+4+b]+8) << 4. vpermps reads only the low 4
 // index bits, so a 16-entry table {-8..7} turns each nibble into its float in one instruction.
 template <int J>
+MOE_INLINE V nibble_lookup(R r, __m512 lut) {
+    constexpr int sh = nibble_shift<J>;
+    return {_mm512_permutexvar_ps(sh ? _mm512_srli_epi32(r.v, sh) : r.v, lut)};
+}
+template <int J>
 MOE_INLINE V i4_get(R r) {
-    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
-    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512i t = sh ? _mm512_srli_epi32(r.v, sh) : r.v;
-    return {_mm512_permutexvar_ps(t, lut)};
+    return nibble_lookup<J>(r, _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
 }
 // 16 unsigned bytes -> 16 floats.
 MOE_INLINE V u8_get(const uint8_t* p) {
     return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
+// 16 signed bytes -> 16 floats.
 MOE_INLINE V s8_get(const uint8_t* p) {
     return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
@@ -87,10 +94,7 @@ MOE_INLINE V e8m0_scales(const uint8_t* p) {
 // The same layout holding e2m1 codes (bit 3 the sign): the table holds twice the e2m1 values, integers.
 template <int J>
 MOE_INLINE V e2m1_get(R r) {
-    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
-    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, -0.f, -1, -2, -3, -4, -6, -8, -12);
-    __m512i t = sh ? _mm512_srli_epi32(r.v, sh) : r.v;
-    return {_mm512_permutexvar_ps(t, lut)};
+    return nibble_lookup<J>(r, _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, -0.f, -1, -2, -3, -4, -6, -8, -12));
 }
 // 16 e4m3 bytes -> 16 floats / 256. Sign-extending to 16 bits and shifting left by 7 puts the sign in
 // bit 15 and exponent|mantissa in bits 13..7: exactly an fp16 (subnormals included) 2^8 smaller than the
@@ -172,7 +176,7 @@ template <int J>
 MOE_INLINE V i8_get(R r) { return {i8_half<J>(r.a), i8_half<J>(r.b)}; }
 template <int J>
 MOE_INLINE __m256 i4_half(__m256i x) {
-    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
+    constexpr int sh = nibble_shift<J>;
     __m256i t = _mm256_and_si256(sh ? _mm256_srli_epi32(x, sh) : x, _mm256_set1_epi32(15));
     return _mm256_cvtepi32_ps(_mm256_sub_epi32(t, _mm256_set1_epi32(8)));
 }
@@ -198,7 +202,7 @@ MOE_INLINE V e8m0_scales(const uint8_t* p) { return {e8m0_half(p), e8m0_half(p +
 // e2m1: the magnitude from an 8-entry table (vpermps reads the low 3 index bits), bit 3 the sign.
 template <int J>
 MOE_INLINE __m256 e2m1_half(__m256i x) {
-    constexpr int sh = 8 * (J % 4) + 4 * (J / 4);
+    constexpr int sh = nibble_shift<J>;
     const __m256i t = sh ? _mm256_srli_epi32(x, sh) : x;
     const __m256 mag = _mm256_permutevar8x32_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 6, 8, 12), t);
     const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(t, _mm256_set1_epi32(8)), 28);

@@ -308,7 +308,7 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
     codes and scales of their kernel layout (GGUF_LAYOUTS; int4 nibbles as pack_int4 lays them, with mins
     the codes 0..15 themselves; the K-quants' d, dmin, sc and m, or scales then mins, in one array)."""
     if q.fmt.name == "mxfp4":
-        return _bytes(q.data), mxfp4_kernel_scales(q.scales)
+        return _bytes(q.data), _mxfp4_scales(q.scales)
     if q.fmt.name not in GGUF_LAYOUTS:
         return _bytes(q.data), _floats(q.scales)
     p = ggml_blocks.affine_parts(q.fmt.name, q.data, q.shape[1])
@@ -324,7 +324,7 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
     return _bytes(codes), _floats(scales)
 
 
-def mxfp4_kernel_scales(e8m0: torch.Tensor) -> np.ndarray:
+def _mxfp4_scales(e8m0: torch.Tensor) -> np.ndarray:
     """The kernels' fp32 scale per 32 of an mxfp4 matrix: half the e8m0 power of two, since the kernels'
     e2m1 table holds twice the values (integers). 255, the OCP spec's NaN scale, is refused: no weight of
     a quantized checkpoint can be NaN."""
