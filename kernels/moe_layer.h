@@ -317,13 +317,13 @@ inline Scratch& thread_scratch() {
 }
 
 // ---- kernel dispatch on the runtime token-block size and panel count ----------------------------------
-template <int NP, class D, bool SC, bool MN = false>
+template <int NP, class D, bool SC, bool MN = false, int SK = SCALE_F32>
 MOE_INLINE void run_f32(int mb, const Panels& pn, const Geometry& g, const float* const* x, float* o) {
     switch (mb) {
-        case 1: gemm_f32<D, 1, NP, SC, MN>(pn, g, x, o); break;
-        case 2: gemm_f32<D, 2, NP, SC, MN>(pn, g, x, o); break;
-        case 3: gemm_f32<D, 3, NP, SC, MN>(pn, g, x, o); break;
-        default: gemm_f32<D, 4, NP, SC, MN>(pn, g, x, o); break;
+        case 1: gemm_f32<D, 1, NP, SC, MN, SK>(pn, g, x, o); break;
+        case 2: gemm_f32<D, 2, NP, SC, MN, SK>(pn, g, x, o); break;
+        case 3: gemm_f32<D, 3, NP, SC, MN, SK>(pn, g, x, o); break;
+        default: gemm_f32<D, 4, NP, SC, MN, SK>(pn, g, x, o); break;
     }
 }
 template <int NP>
@@ -332,13 +332,19 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
         case F32: run_f32<NP, DecF32, false>(mb, pn, g, x, o); break;
         case F16: run_f32<NP, DecF16, false>(mb, pn, g, x, o); break;
         case BF16: run_f32<NP, DecBF16, false>(mb, pn, g, x, o); break;
+        // The scale kinds each format packs into (Geometry's checks): the kernels are instantiated per kind.
         case I8:
-            if (g.mins) run_f32<NP, DecI8, true, true>(mb, pn, g, x, o);
+            if (g.mins && g.scale_kind == SCALE_K) run_f32<NP, DecI8, true, true, SCALE_K>(mb, pn, g, x, o);
+            else if (g.mins) run_f32<NP, DecI8, true, true>(mb, pn, g, x, o);
+            else if (g.scale_kind == SCALE_K) run_f32<NP, DecI8, true, false, SCALE_K>(mb, pn, g, x, o);
+            else if (g.scale_kind == SCALE_F16) run_f32<NP, DecI8, true, false, SCALE_F16>(mb, pn, g, x, o);
             else run_f32<NP, DecI8, true>(mb, pn, g, x, o);
             break;
         case I4:
-            if (g.mins) run_f32<NP, DecU4, true, true>(mb, pn, g, x, o);
-            else if (g.e2m1) run_f32<NP, DecE2M1, true>(mb, pn, g, x, o);
+            if (g.mins && g.scale_kind == SCALE_K) run_f32<NP, DecU4, true, true, SCALE_K>(mb, pn, g, x, o);
+            else if (g.mins) run_f32<NP, DecU4, true, true>(mb, pn, g, x, o);
+            else if (g.e2m1) run_f32<NP, DecE2M1, true, false, SCALE_E8M0>(mb, pn, g, x, o);
+            else if (g.scale_kind == SCALE_F16) run_f32<NP, DecI4, true, false, SCALE_F16>(mb, pn, g, x, o);
             else run_f32<NP, DecI4, true>(mb, pn, g, x, o);
             break;
         default: run_f32<NP, DecFP8, true>(mb, pn, g, x, o); break;
@@ -361,11 +367,16 @@ template <int M, int NP>
 MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8_t* const* xq,
                         const int32_t* const* xc, const float* xs, float* o) {
     if (fmt == I4) {
-        if (g.mins) gemm_int8dot<true, true, M, NP>(pn, g, xq, xc, xs, o);
-        else if (g.e2m1) gemm_int8dot<true, false, M, NP, true>(pn, g, xq, xc, xs, o);
+        if (g.mins && g.scale_kind == SCALE_K) gemm_int8dot<true, true, M, NP, SCALE_K>(pn, g, xq, xc, xs, o);
+        else if (g.mins) gemm_int8dot<true, true, M, NP>(pn, g, xq, xc, xs, o);
+        else if (g.e2m1) gemm_int8dot<true, false, M, NP, SCALE_E8M0>(pn, g, xq, xc, xs, o);
+        else if (g.scale_kind == SCALE_F16) gemm_int8dot<true, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<true, false, M, NP>(pn, g, xq, xc, xs, o);
     } else {
-        if (g.mins) gemm_int8dot<false, true, M, NP>(pn, g, xq, xc, xs, o);
+        if (g.mins && g.scale_kind == SCALE_K) gemm_int8dot<false, true, M, NP, SCALE_K>(pn, g, xq, xc, xs, o);
+        else if (g.mins) gemm_int8dot<false, true, M, NP>(pn, g, xq, xc, xs, o);
+        else if (g.scale_kind == SCALE_K) gemm_int8dot<false, false, M, NP, SCALE_K>(pn, g, xq, xc, xs, o);
+        else if (g.scale_kind == SCALE_F16) gemm_int8dot<false, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<false, false, M, NP>(pn, g, xq, xc, xs, o);
     }
 }

@@ -81,7 +81,7 @@ struct Geometry {
     int64_t scale_bytes = 0, group_bytes = 0, panel_bytes = 0;  // per panel (scale_bytes: scale and min lines)
     int scale_kind = SCALE_F32;
     int scale_stride = LINE;  // bytes of one panel's scales in a group (fp16 32, e8m0 and K 16)
-    int groups_per_header = 0;    // SCALE_K: groups between two headers (256 / G), else 0
+    int header_shift = 30;        // SCALE_K: log2 of the groups between two headers (256 / G); else none
     int64_t header_bytes = 0;     // SCALE_K: per panel, its fp16 d (32 bytes) and, with mins, dmin (32)
     bool scaled = false;
     bool row_scales = false;  // int8 with one scale per row (group 0): the AMX int8 tiles' layout
@@ -129,10 +129,10 @@ struct Geometry {
         scale_bytes = scaled ? (mins ? 2 : 1) * scale_stride : 0;
         group_bytes = scale_bytes + int64_t(lines) * LINE;
         if (scale_kind == SCALE_K) {
-            groups_per_header = K_SUPER / G;
+            header_shift = G == 32 ? 3 : 4;  // 256 / G groups
             header_bytes = (mins ? 2 : 1) * 2 * PANEL;
         }
-        panel_bytes = int64_t(ngroups) * group_bytes + (groups_per_header ? ngroups / groups_per_header : 0) * header_bytes;
+        panel_bytes = int64_t(ngroups) * group_bytes + int64_t(ngroups >> header_shift) * header_bytes;
     }
     int64_t bytes() const { return int64_t(panels) * panel_bytes; }
     // Bytes of the source matrix in the reference format (moetier.formats): data, then scales.
@@ -166,12 +166,12 @@ struct Panels {
     int n = 1, q0 = 0;
     // SCALE_K: each 8 groups follow their header (the bundle's d lines, then its dmin lines).
     MOE_INLINE const uint8_t* group(const Geometry& g, int gi) const {
-        const int64_t headers = g.groups_per_header ? gi / g.groups_per_header + 1 : 0;
-        return base + int64_t(n) * (gi * g.group_bytes + headers * g.header_bytes);
+        // branch-free: formats without headers have header_bytes 0
+        return base + int64_t(n) * (gi * g.group_bytes + ((gi >> g.header_shift) + 1) * g.header_bytes);
     }
     MOE_INLINE const uint8_t* header(const Geometry& g, int gi) const {
-        const int sb = gi / g.groups_per_header;
-        return base + int64_t(n) * sb * (g.groups_per_header * g.group_bytes + g.header_bytes);
+        const int sb = gi >> g.header_shift;
+        return base + int64_t(n) * sb * ((int64_t(1) << g.header_shift) * g.group_bytes + g.header_bytes);
     }
     MOE_INLINE const uint8_t* d_f16(const Geometry& g, int gi, int q) const { return header(g, gi) + (q0 + q) * 2 * PANEL; }
     MOE_INLINE const uint8_t* dmin_f16(const Geometry& g, int gi, int q) const {
@@ -251,8 +251,8 @@ inline void pack_k_scales(const Geometry& g, const Panels& bd, const float* src,
     const int64_t N = g.N, nsb = g.K / K_SUPER, levels = g.mins ? 2 : 1;
     const float* sub = src + levels * N * nsb;
     auto at = [&](const uint8_t* p) { return const_cast<uint8_t*>(p); };
-    if (gi % g.groups_per_header == 0) {
-        const int sb = gi / g.groups_per_header;
+    if ((gi & ((1 << g.header_shift) - 1)) == 0) {
+        const int sb = gi >> g.header_shift;
         const uint16_t d = f16_of(src[row * nsb + sb]);
         std::memcpy(at(bd.d_f16(g, gi, q)) + 2 * r, &d, 2);
         if (g.mins) {

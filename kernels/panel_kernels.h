@@ -35,19 +35,22 @@ MOE_INLINE void prefetch_stream(const uint8_t* p, int64_t bytes) {
             _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES + i, MOE_PF_HINT);
 }
 
-// Panel q's 16 row scales of group gi as fp32, however the panel stores them (ScaleKind).
+// Panel q's 16 row scales of group gi as fp32, stored as the ScaleKind SK (g.scale_kind; a template
+// parameter, so the kernels' group loops carry no per-group dispatch: it cost int4_g64 decode 6%).
+template <int SK>
 MOE_INLINE V group_scales(const Panels& pn, const Geometry& g, int gi, int q) {
     const uint8_t* p = pn.scale_bytes(g, gi, q);
-    if (g.scale_kind == SCALE_E8M0) return e8m0_scales(p);
-    if (g.scale_kind == SCALE_F16) return f16_get(p);
-    if (g.scale_kind == SCALE_K)  // d * sc, exact; sc unsigned with mins (q4_k, q5_k), signed without (q6_k)
+    if constexpr (SK == SCALE_E8M0) return e8m0_scales(p);
+    else if constexpr (SK == SCALE_F16) return f16_get(p);
+    else if constexpr (SK == SCALE_K)  // d * sc, exact; sc unsigned with mins (q4_k, q5_k), signed without (q6_k)
         return vmul(f16_get(pn.d_f16(g, gi, q)), g.mins ? u8_get(p) : s8_get(p));
-    return vload(reinterpret_cast<const float*>(p));
+    else return vload(reinterpret_cast<const float*>(p));
 }
 // The same for the mins of formats with mins.
+template <int SK>
 MOE_INLINE V group_mins(const Panels& pn, const Geometry& g, int gi, int q) {
-    if (g.scale_kind == SCALE_K) return vmul(f16_get(pn.dmin_f16(g, gi, q)), u8_get(pn.min_bytes(g, gi, q)));
-    return vload(pn.mins(g, gi, q));
+    if constexpr (SK == SCALE_K) return vmul(f16_get(pn.dmin_f16(g, gi, q)), u8_get(pn.min_bytes(g, gi, q)));
+    else return vload(pn.mins(g, gi, q));
 }
 
 // The sum of a vector's 16 lanes.
@@ -64,7 +67,7 @@ MOE_INLINE float vhsum(V a) {
 }
 
 // out[q][m][16] = panels q of `pn` times token rows x[m] (fp32, Kp columns), every format, fp32 math.
-template <class D, int M, int NP, bool SCALED, bool MINS = false>
+template <class D, int M, int NP, bool SCALED, bool MINS = false, int SK = SCALE_F32>
 void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float* out) {
     constexpr int NA = kAvx512 ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M == 1 ? 2 : 1);
     constexpr int S = D::UK >= 4 ? 1 : 4 / D::UK;  // lines per step (a group has a multiple of S lines)
@@ -78,7 +81,7 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
         V scl[NP];
         const uint8_t* p[NP];
         for (int q = 0; q < NP; ++q) {
-            if constexpr (SCALED) scl[q] = group_scales(pn, g, gi, q);
+            if constexpr (SCALED) scl[q] = group_scales<SK>(pn, g, gi, q);
             p[q] = pn.weights(g, gi, q);
         }
         V t[NA][NP][M];
@@ -113,7 +116,7 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
                 V s = t[0][q][m];
                 for (int a = 1; a < NA; ++a) s = vadd(s, t[a][q][m]);
                 acc[q][m] = SCALED ? vfma(s, scl[q], acc[q][m]) : vadd(acc[q][m], s);
-                if constexpr (MINS) acc[q][m] = vfma(vset1(-xsum[m]), group_mins(pn, g, gi, q), acc[q][m]);
+                if constexpr (MINS) acc[q][m] = vfma(vset1(-xsum[m]), group_mins<SK>(pn, g, gi, q), acc[q][m]);
             }
     }
     for (int q = 0; q < NP; ++q)
@@ -189,12 +192,13 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 //     sum_k q_x (q_w + c) - c sum_k q_x = sum_k q_x q_w        (c = 8 or 128)
 // so every group sum is exact, and a zero activation row (all codes 0, whatever its scale) gives +0.0.
 // xcorr[m][gi] = c * sum of the row's codes in group gi (int8: one group), start value -xcorr.
-// E2M1: the nibbles are e2m1 codes; one byte shuffle per 64 weights turns each into E2M1_OFFSET plus
+// SK: how the panels store their scales (ScaleKind). With e8m0 scales (SCALE_E8M0) the nibbles are e2m1
+// codes; one byte shuffle per 64 weights turns each into E2M1_OFFSET plus
 // twice its value (0..24), and the offset comes back out as above (c = 12).
 // MINS: the codes are unsigned already (int4 0..15, int8 0..127), so there is no offset: the sums start
 // at 0, xcorr holds the plain code sums (c = 1), and each group ends with - min * xcorr, again exact
 // zero for a zero row.
-template <bool INT4, bool MINS, int M, int NP, bool E2M1 = false>
+template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
     // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
@@ -216,7 +220,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         if constexpr (INT4 || MINS) prefetch_stream(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
         for (int q = 0; q < NP; ++q)
-            scl[q] = group_scales(pn, g, gi, q).v;
+            scl[q] = group_scales<SK>(pn, g, gi, q).v;
         const uint8_t* p = pn.weights(g, gi, 0);
         __m512i ai[NS][NP][M];
         for (int m = 0; m < M; ++m) {
@@ -261,7 +265,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                     const __m512i raw = _mm512_loadu_si512(p + q * LINE);
                     wl[q] = _mm512_and_si512(raw, lo4);
                     wh[q] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
-                    if constexpr (E2M1) {
+                    if constexpr (SK == SCALE_E8M0) {  // e2m1 codes
                         wl[q] = _mm512_shuffle_epi8(e2m1_lut, wl[q]);
                         wh[q] = _mm512_shuffle_epi8(e2m1_lut, wh[q]);
                     }
@@ -279,7 +283,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             }
         }
         for (int q = 0; q < NP; ++q) {
-            const __m512 mn = MINS ? group_mins(pn, g, gi, q).v : _mm512_setzero_ps();
+            const __m512 mn = MINS ? group_mins<SK>(pn, g, gi, q).v : _mm512_setzero_ps();
             for (int m = 0; m < M; ++m) {
                 __m512i t = ai[0][q][m];
                 if constexpr (NS == 2) t = _mm512_add_epi32(t, ai[1][q][m]);
