@@ -16,13 +16,13 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import LayoutError
+from .errors import FormatError, LayoutError
 from .experts import ExpertLayerSpec
 from .formats import get_format
 
 SCORINGS = ("softmax", "sigmoid", "softmax_topk")
 GROUP_SCORES = ("max", "top2_sum")
-QUANT_SCHEMES = ("none", "fp8_block", "int4_pack", "mxfp4")
+QUANT_SCHEMES = ("none", "fp8_block", "int4_pack", "mxfp4", "gguf")
 FUSED_STYLES = ("rows", "interleaved_in_out")
 
 
@@ -176,14 +176,19 @@ class Quantization:
     scheme "none": plain `<module>.weight` in `fmt` (bf16/fp16/fp32). "fp8_block": float8_e4m3fn
     `<module>.weight` plus fp32 `<module>.weight_scale_inv` in 128x128 blocks. "int4_pack":
     compressed-tensors pack-quantized `<module>.weight_packed`/`weight_scale`/`weight_shape`. "mxfp4":
-    gpt-oss's fused experts as `<name>_blocks`/`<name>_scales` (see moetier.checkpoint.matrices).
+    gpt-oss's fused experts as `<name>_blocks`/`<name>_scales` (see moetier.checkpoint.matrices). "gguf": a
+    GGUF file, each tensor in its own GGML type (moetier.checkpoint.gguf).
     scope: "all" linear weights but the router, or only the "experts" (routed experts; Kimi INT4).
-    fmt: the moetier WeightFormat the routed experts are read as.
+    fmt: the moetier WeightFormat the routed experts are read as (for a file whose MoE layers differ, the
+    one most of them store). layers: (MoE layer index, its format) where a file's layers differ (a GGUF
+    Q4_K_M keeps some layers' down in Q6_K: "q4_k+q6_k"); None for a layer stored in types moetier has no
+    format for. Read a layer's format with `fmt_of`.
     """
 
     scheme: str = "none"
     fmt: str = "bf16"
     scope: str = "all"
+    layers: tuple[tuple[int, str | None], ...] = ()
 
     def __post_init__(self):
         if self.scheme not in QUANT_SCHEMES:
@@ -191,9 +196,28 @@ class Quantization:
         get_format(self.fmt)
         if self.scope not in ("all", "experts"):
             raise LayoutError(f"quantization scope must be 'all' or 'experts', got {self.scope!r}")
+        layers = tuple((int(i), None if f is None else get_format(f).name) for i, f in self.layers)
+        object.__setattr__(self, "layers", layers)
+
+    def fmt_of(self, layer: int) -> str:
+        """The format MoE layer `layer` stores its routed experts in (see `stored_format`)."""
+        return stored_format(self.fmt, self.layers, layer)
 
     def applies_to_shared(self) -> bool:
         return self.scheme != "none" and self.scope == "all"
+
+
+def stored_format(fmt: str, layers: tuple[tuple[int, str | None], ...], layer: int) -> str:
+    """MoE layer `layer`'s format: its entry in `layers`, else `fmt`; FormatError for a layer stored in types
+    moetier has no format for (they can only be converted on load)."""
+    for i, f in layers:
+        if i == layer:
+            if f is None:
+                raise FormatError(f"MoE layer {layer} stores its routed experts in GGML types moetier has no format "
+                                  "for (`moetier zoo show FILE` lists them): they can only be converted on load; "
+                                  "give a format to convert them to (--cpu-format / --format)")
+            return f
+    return fmt
 
 
 @dataclass(frozen=True)

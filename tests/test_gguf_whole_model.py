@@ -118,8 +118,9 @@ def test_layers_keep_the_format_the_file_stores_them_in(models, tmp_path):
     assert torch.equal(got, want), (got - want).abs().max()
 
 
-def requantize_experts(src: Path, dst: Path, fmt: str) -> None:
-    """A copy of a GGUF file with its routed experts in `fmt` (moetier's quantizer: llama.cpp's bytes)."""
+def requantize_experts(src: Path, dst: Path, fmt) -> None:
+    """A copy of a GGUF file with its routed experts in `fmt` (moetier's quantizer: llama.cpp's bytes), or in
+    fmt(tensor name) per tensor, as llama.cpp's mixes (Q4_K_M) choose a type per tensor."""
     from moetier.formats import quantize
 
     reader = gguf.GGUFReader(str(src))
@@ -134,8 +135,9 @@ def requantize_experts(src: Path, dst: Path, fmt: str) -> None:
         if "_exps." in t.name:
             w = torch.from_numpy(np.array(t.data).view(np.uint16).astype(np.int32) << 16).view(torch.float32)
             w = w.reshape(shape)
-            q = np.stack([quantize(w[e], fmt).data.numpy() for e in range(shape[0])])
-            writer.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            f = fmt(t.name) if callable(fmt) else fmt
+            q = np.stack([quantize(w[e], f).data.numpy() for e in range(shape[0])])
+            writer.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType[f.upper()])
         else:
             writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
@@ -146,17 +148,110 @@ def requantize_experts(src: Path, dst: Path, fmt: str) -> None:
 
 def test_refusals_name_the_problem(models, tmp_path):
     path = models["tiny"] / "model-BF16.gguf"
-    with pytest.raises(SettingError, match="memory budgets place safetensors"):
-        mt.load(path, cpu_mem=1 << 30, progress=False)
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(path.read_bytes()[: 4096])
     with pytest.raises(mt.MoetierError, match="cut.gguf"):
         mt.load(truncated, progress=False)
 
 
-def test_plan_says_a_gguf_file_runs_on_one_cpu_backend(models):
-    path = models["tiny"] / "model-BF16.gguf"
-    assert_usage_error(moetier("plan", path), "is a GGUF file", f"moetier run {path}")
+def _mixed(name: str) -> str:
+    """Layer 1's gate and up in Q4_0, everything else in Q8_0: a per-layer, per-tensor mix as Q4_K_M has."""
+    return "q4_0" if name.startswith("blk.1.ffn_") and "down" not in name else "q8_0"
+
+
+@pytest.fixture(scope="module")
+def mixed_file(models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    requantize_experts(models["tiny"] / "model-BF16.gguf", path, _mixed)
+    return path
+
+
+def test_moetier_plan_places_a_gguf_file_layer_by_layer_in_its_own_types(mixed_file, tmp_path):
+    """`moetier plan FILE.gguf` with budgets: each MoE layer's experts sized and computed in the types the file
+    stores them in (layer 1 mixed: q4_0 gate/up, q8_0 down), the rest left on disk; the plan file says so."""
+    import json
+
+    plan_path = tmp_path / "plan.json"
+    d = mb.DIMS["tiny"]
+    # the CPU budget holds the non-expert parts (3.0 MiB at this context) and about half of the experts' 688
+    # KiB: the rest stay in the file
+    r = plan_gguf(mixed_file, plan_path, "3.2MiB")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "shipped q8_0 (layer 0), q4_0+q8_0 (layer 1)" in " ".join(r.stdout.split())
+    plan = json.loads(plan_path.read_text())
+    assert plan["model"]["shipped_formats"] == {"0": "q8_0", "1": "q4_0+q8_0"}
+    formats = {(p["layer"], s["tier"]): s["format"] for p in plan["experts"] for s in p["shards"]}
+    assert {f for (layer, _), f in formats.items() if layer == 1} == {"q4_0+q8_0"}
+    assert {f for (layer, _), f in formats.items() if layer == 0} == {"q8_0"}
+    on_disk = sum(len(s["experts"]) for p in plan["experts"] for s in p["shards"] if s["tier"] == "disk")
+    assert 0 < on_disk < d.layers * d.experts
+    # sizes as the file stores the experts: q8_0 34 bytes per 32 weights; q4_0 18
+    from moetier.placement import PlacementPlan
+    pp = PlacementPlan.load(plan_path)
+    per_expert = {0: 3 * d.hidden * d.moe_intermediate * 34 // 32,
+                  1: 2 * d.hidden * d.moe_intermediate * 18 // 32 + d.hidden * d.moe_intermediate * 34 // 32}
+    for layer in (0, 1):
+        n = {s.tier: len(s.experts) for s in pp.shards(layer)}
+        assert pp.layer_bytes(layer) == {t: k * per_expert[layer] for t, k in n.items()}
+
+
+def plan_gguf(path: Path, out: Path, cpu_mem: str, *more: str):
+    """`moetier plan` of a GGUF file on the recorded 2-core AVX-512 machine, experts that do not fit left on disk."""
+    return moetier("plan", path, "--cpu-mem", cpu_mem, "--disk", "--disk-cache", "64KiB", "--context", "64",
+                   "--inventory", Path(__file__).parent / "inventories" / "zen4_avx512_2core.json",
+                   "--backend", "cpu.torch", "--json", out, *more)
+
+
+@pytest.mark.parametrize("how", ["plan file", "budgets"])
+def test_a_gguf_file_runs_with_experts_left_on_disk(mixed_file, tmp_path, how):
+    """Experts left in the GGUF file (by a plan file, or by budgets given to moetier.load) are read on demand in
+    their own types and computed as the all-in-memory load computes them (fp32; the disk experts' outputs are
+    summed apart from the memory ones, so the order of a few fp32 additions differs: within 1e-5 of the
+    largest logit)."""
+    import json
+
+    ids = torch.randint(0, mb.DIMS["tiny"].vocab, (1, 10), generator=torch.Generator().manual_seed(3))
+    kw = dict(dtype=torch.float32, device="cpu", threads=1, progress=False)
+    want = logits(mt.load(mixed_file, backend="cpu.torch", **kw), ids)
+    if how == "plan file":
+        plan_path = tmp_path / "plan.json"
+        assert plan_gguf(mixed_file, plan_path, "3.2MiB").returncode == 0
+        model = mt.load(mixed_file, plan=plan_path, **kw)
+    else:  # what the non-expert parts take at the model's own context, plus room for ~16 of the 32 experts
+        probe = tmp_path / "probe.json"
+        r = moetier("plan", mixed_file, "--cpu-mem", "1GiB", "--disk", "--disk-cache", "64KiB", "--json", probe)
+        assert r.returncode == 0, r.stderr[-2000:]
+        reserved = sum(sum(t["reserved"].values()) for t in json.loads(probe.read_text())["tiers"]
+                       if t["name"] == "cpu:numa0")
+        model = mt.load(mixed_file, cpu_mem=reserved + (344 << 10), disk=True, disk_cache=64 << 10,
+                        backend="cpu.torch", **kw)
+    experts = model.moetier_experts
+    assert any(layer.disk is not None for layer in experts.values()), experts.bytes_per_tier()
+    with torch.inference_mode():
+        got = model(ids).logits[0].float()
+    counters = experts.disk_counters
+    assert counters.misses + counters.waits > 0 and counters.bytes_read > 0
+    experts.close()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+
+
+def test_gguf_plans_refuse_what_cannot_be_honoured(models, mixed_file, tmp_path):
+    """The accelerator backends compute no GGML type: a GPU budget for a GGUF file's experts is refused, named.
+    A layer whose gate and up are stored in different types has no format of its own: it is planned only
+    converted (--cpu-format), and cannot be left on disk."""
+    r = moetier("plan", mixed_file, "--gpu-mem", "8GiB", "--inventory",
+                Path(__file__).parent / "inventories" / "xeon_amx_2socket_rtx4090.json")
+    assert_usage_error(r, "GGUF file's experts stay on the CPU", "--gpu-mem 0")
+    odd = tmp_path / "odd.gguf"
+    requantize_experts(models["tiny"] / "model-BF16.gguf", odd,
+                       lambda name: "q4_0" if name.startswith("blk.1.ffn_gate") else "q8_0")
+    out = tmp_path / "p.json"
+    assert_usage_error(plan_gguf(odd, out, "1GiB"), "MoE layer 1", "--cpu-format")
+    r = plan_gguf(odd, out, "1GiB", "--cpu-format", "int8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {s.fmt for s in mt.placement.PlacementPlan.load(out).shards(1)} == {"int8"}
+    assert_usage_error(plan_gguf(odd, out, "3.2MiB", "--cpu-format", "int8"), "MoE layer 1", "converted on load")
 
 
 def test_moetier_run_on_a_gguf_file_writes_what_the_checkpoint_writes(tmp_path):
@@ -173,6 +268,18 @@ def test_moetier_run_on_a_gguf_file_writes_what_the_checkpoint_writes(tmp_path):
     assert want.returncode == 0 and got.returncode == 0, (want.stderr[-1500:], got.stderr[-1500:])
     assert "Traceback" not in got.stderr
     assert got.stdout == want.stdout and len(got.stdout.strip()) > 0, (got.stdout, want.stdout)
+    # Planned with half of its experts left in the file: the same text.
+    probe, plan = tmp_path / "probe.json", tmp_path / "plan.json"
+    assert plan_gguf(path, probe, "1GiB").returncode == 0
+    all_in = mt.placement.PlacementPlan.load(probe)
+    experts = sum(all_in.layer_bytes(i).get("cpu:numa0", 0) for i in all_in.moe_layers)
+    r = plan_gguf(path, plan, str(all_in.tier("cpu:numa0").reserved_bytes + experts // 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    on_disk = mt.placement.PlacementPlan.load(plan).expert_count("disk")
+    assert on_disk > 0
+    got = moetier("run", path, "--tokenizer", folder, "--plan", plan, *args[:-2])
+    assert got.returncode == 0 and "Traceback" not in got.stderr, got.stderr[-2000:]
+    assert got.stdout == want.stdout, (got.stdout, want.stdout)
     # Without --tokenizer the synthetic vocabulary the converter wrote is all there is: transformers rebuilds it
     # or says why not, never a traceback.
     r = moetier("run", path, *args)

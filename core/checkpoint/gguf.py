@@ -21,9 +21,12 @@ shared expert) are dequantized to fp32 with the same dequantizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
+import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +34,9 @@ import torch
 
 from ..errors import CheckpointError, ExpertIdError, FormatError, LayoutError, SettingError
 from ..experts import ExpertTensors
-from ..formats import FORMATS, QuantizedTensor, WeightFormat
+from ..formats import FORMATS, QuantizedTensor, WeightFormat, mixed_format
 from ..ggml_blocks import BY_GGML_TYPE
+from ..layout import Quantization
 from .errors import CorruptFileError, MissingShardError, MissingTensorError, TensorShapeError
 from .experts import RouterTensors, SharedTensors
 from .matrices import convert_to
@@ -55,14 +59,6 @@ def is_gguf(path) -> bool:
             return f.read(4) == MAGIC
     except OSError:
         return False
-
-
-def plan_refusal(path) -> SettingError:
-    """`moetier plan` given a GGUF file: placement sizes safetensors checkpoints (a GGUF file's layers may
-    each store their experts in another type); the file runs on one CPU backend."""
-    return SettingError(f"{path} is a GGUF file: `moetier plan` and memory budgets place safetensors checkpoints; "
-                        f"a GGUF file runs with its experts on one CPU backend (`moetier run {path}`), and "
-                        f"`moetier zoo show {path}` lists its layers and the types they store")
 
 
 def gguf_package():
@@ -255,9 +251,12 @@ ARCHITECTURES = {
 class GGUFFile:
     """A GGUF model file (or all shards of a split one), memory-mapped. Use as a context manager."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, drop_page_cache: bool = False):
+        """drop_page_cache: after each expert read, unmap its pages and tell the OS to drop them from its page
+        cache (the disk tier: what it reads lives in its own bounded cache, not twice in memory)."""
         g = gguf_package()
         self.path = Path(path)
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such GGUF file")
         if not is_gguf(self.path):
@@ -267,12 +266,13 @@ class GGUFFile:
         count = self._meta_of(self.reader, "split.count", 1)
         if count > 1:
             self._open_shards(g, count)
-        self._tensors = {}
+        self._tensors, self._reader_of = {}, {}
         for r in self._readers:
             for t in r.tensors:
                 if t.name in self._tensors:
                     raise CorruptFileError(f"{self.path}: tensor {t.name!r} appears in two shards")
                 self._tensors[t.name] = t
+                self._reader_of[t.name] = r
         self.arch = str(self.meta("general.architecture"))
 
     @staticmethod
@@ -371,14 +371,35 @@ class GGUFFile:
         return {**self.config(), **MODEL_ARCHITECTURES[self.arch](self)}
 
     def layout(self, registry=None):
-        """The MoELayout the zoo's family gives this file's config."""
+        """The MoELayout the zoo's family gives this file's config, its quantization the types the file
+        stores each MoE layer's experts in (`stored_formats`)."""
         from ..family import load_layout
-        return load_layout(self.config(), registry)
+        layout = load_layout(self.config(), registry)
+        return dataclasses.replace(layout, quantization=self.stored_formats(layout))
+
+    def stored_formats(self, layout) -> Quantization:
+        """Quantization scheme "gguf": each MoE layer's routed experts in the moetier format the file stores
+        them in (`mixed_format(gate, down)`: a Q4_K_M file's layers differ), None for a layer in types moetier
+        has no format for, or with gate and up in different types; `fmt` the format most layers store."""
+        names = _names()
+        per_layer = []
+        for m in layout.moe_layers:
+            gate, up, down = (self.native_format(n) if self.has(n) else None
+                              for n in (names[w].format(bid=m.index) for w in ("gate", "up", "down")))
+            same = None not in (gate, up, down) and gate == up
+            per_layer.append((m.index, mixed_format(gate, down).name if same else None))
+        counts = Counter(f for _, f in per_layer if f is not None)
+        most = counts.most_common(1)[0][0] if counts else layout.quantization.fmt
+        return Quantization("gguf", most, "experts", tuple(per_layer))  # other tensors: each its own type
 
     # -- tensors -----------------------------------------------------------------------------------
 
     def has(self, name: str) -> bool:
         return name in self._tensors
+
+    def stored_bytes(self, *, experts: bool) -> int:
+        """Bytes the file's routed-expert tensors (experts=True) or all its other tensors take."""
+        return sum(int(t.n_bytes) for name, t in self._tensors.items() if ("_exps." in name) == experts)
 
     def tensor(self, name: str):
         t = self._tensors.get(name)
@@ -416,6 +437,8 @@ class GGUFFile:
             raise ExpertIdError(f"{self.path}: tensor {name!r} holds experts 0..{dims[0] - 1}, asked for {expert}")
         fmt = self.native_format(name)
         raw = np.array(t.data[expert])  # copies this expert's bytes (and only those) out of the mapping
+        if self.drop_page_cache:
+            self._drop(name, int(t.data_offset) + expert * raw.nbytes, raw.nbytes)
         if fmt is None:
             if not convert:
                 raise FormatError(f"{self.path}: tensor {name!r} is stored as {self.type_name(name)}, which moetier "
@@ -459,6 +482,23 @@ class GGUFFile:
                               "nor the gguf package can decode") from None
 
     # -- lifetime ----------------------------------------------------------------------------------
+
+    def _drop(self, name: str, offset: int, nbytes: int) -> None:
+        """Unmap bytes [offset, offset + nbytes) of the file holding tensor `name` and drop them from the page cache."""
+        reader = self._reader_of[name]
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        m = getattr(reader.data, "_mmap", None)
+        if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                m.madvise(mmap.MADV_DONTNEED, start, min(offset + nbytes, len(m)) - start)
+            except (OSError, ValueError):
+                pass
+        fd = os.open(reader.data.filename, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Drop the pages read so far from this process's resident memory (they stay in the page cache),

@@ -49,7 +49,7 @@ def register(sub) -> None:
                         "accelerator here, plans for one)")
     p.add_argument("--cpu-mem", type=_size("--cpu-mem"), metavar="SIZE",
                    help="DRAM moetier may use, split over the NUMA nodes (default: each node's memory less 5%%)")
-    p.add_argument("--disk", action="store_true", help="leave the experts that do not fit in their safetensors files, "
+    p.add_argument("--disk", action="store_true", help="leave the experts that do not fit in their checkpoint files, "
                                                         "read on demand through a DRAM cache")
     p.add_argument("--disk-cache", type=_size("--disk-cache"), metavar="SIZE",
                    help="DRAM for the disk tier's cache (default: 10%% of the CPU budget)")
@@ -158,6 +158,7 @@ def run(args) -> int:
     budgets = make_budgets(parts, ctx.inventory, registry.tiers.values(), gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
                            disk=args.disk, disk_cache=args.disk_cache, context=context, batch=args.batch)
     compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
+                           cpu_mixed=registry.backend(cpu_backend).mixed_formats,
                            accelerator_backends=accel, cpu_format=args.cpu_format)
     measure = not args.speeds and args.inventory is None and ctx.inventory.source == "detected"
     speeds = make_speeds(budgets, ctx.inventory, measure=measure, bench_file=args.speeds, threads=args.threads,
@@ -207,17 +208,29 @@ def _gb(n: float) -> str:
     return format_size(n)
 
 
+def _shipped(quantization) -> str:
+    """"q4_k", or per format the MoE layers a file stores in it: "q4_k (layers 1-3), q4_k+q6_k (layers 0, 4)"."""
+    from ..placement.plan import compact_ids
+
+    if not quantization.layers:
+        return quantization.fmt
+    by_fmt: dict[str, list[int]] = {}
+    for i, f in quantization.layers:
+        by_fmt.setdefault(f or "a type moetier has no format for", []).append(i)
+    return ", ".join(f"{f} (layer{'s' if len(ids) > 1 else ''} {compact_ids(ids)})" for f, ids in by_fmt.items())
+
+
 def print_plan(console: Console, plan, info, prediction, speeds) -> None:
     lay = info.layout
     m0 = lay.moe_layers[0].experts
     console.print(f"[bold]{lay.version}[/bold] ({lay.family}), {info.source}: {lay.num_hidden_layers} layers "
                   f"({len(lay.moe_layers)} MoE x {m0.num_experts} experts, top {m0.top_k}), hidden {lay.hidden_size}, "
-                  f"shipped {lay.quantization.fmt}")
-    computes = {}
+                  f"shipped {_shipped(lay.quantization)}")
+    computes: dict[str, dict[str, str]] = {}
     for i in plan.moe_layers:
         for s in plan.shards(i):
-            computes[s.tier] = f"{s.fmt} on {s.backend}"
-    computes = {t: computes[t] for t in plan.tier_names if t in computes}
+            computes.setdefault(s.tier, {})[s.fmt] = s.backend
+    computes = {t: ", ".join(f"{f} on {b}" for f, b in computes[t].items()) for t in plan.tier_names if t in computes}
     console.print(f"strategy {plan.strategy}; {plan.batch} sequence(s) x {plan.context} tokens of context; "
                   + "; ".join(f"{t}: {c}" for t, c in computes.items()))
     tiers = list(plan.tier_names)

@@ -11,7 +11,7 @@ From the hardware inventory (the tier providers of core/tiers.py), overridable:
   other processes (`--cpu-mem` gives the total moetier may use instead, split evenly over the nodes, with
   no headroom taken); the non-expert parts land here when there is no accelerator; the DRAM cache of the
   disk tier is reserved here when the disk tier is on;
-- disk (`--disk`): experts left in their safetensors files and read on demand; it takes no new bytes, so
+- disk (`--disk`): experts left in their checkpoint files (safetensors or GGUF) and read on demand; it takes no new bytes, so
   it has no budget (capacity None).
 """
 from __future__ import annotations
@@ -187,7 +187,7 @@ def make_budgets(parts: ModelParts, inventory: HardwareInventory, tier_providers
         first = next(k for k, t in enumerate(tiers) if t.device == "cpu")
         t = tiers[first]
         tiers[first] = TierBudget(t.name, t.device, t.capacity_bytes, t.reserved + (("disk cache", cache),), t.source)
-        tiers.append(TierBudget("disk", "disk", None, (), "experts stay in their safetensors files"))
+        tiers.append(TierBudget("disk", "disk", None, (), "experts stay in their checkpoint files"))
         if disk_cache is None:
             assumptions.append(f"disk cache: {DISK_CACHE_FRACTION:.0%} of the CPU budget")
     return Budgets(tuple(tiers), parts_tier, context, batch, tuple(assumptions))

@@ -67,8 +67,9 @@ def cost(problem: PlacementProblem):
     fast, slow = classes[0][0], classes[1][0]
     model = ModelRef.of(problem.layout)
     probs = probabilities(model.layers, problem.stats)
-    saved = expert_savings(model.layers, probs, problem.speeds.of(fast.name), fast.fmt, problem.speeds.of(slow.name),
-                           slow.fmt, batch=problem.batch, context=problem.context,
+    fmts = {t.name: {i: problem.compute_format(i, t.name) for i in problem.moe_layers} for t in (fast, slow)}
+    saved = expert_savings(model.layers, probs, problem.speeds.of(fast.name), fmts[fast.name],
+                           problem.speeds.of(slow.name), fmts[slow.name], batch=problem.batch, context=problem.context,
                            decode_share=float(problem.options.get("decode_share", 0.5)),
                            hidden=problem.layout.hidden_size)
     keyed = []

@@ -18,7 +18,7 @@ tier (and "read" or "compute") whose time is largest.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,7 +165,7 @@ def predict(plan: PlacementPlan, parts: ModelParts, speeds: Speeds, stats=None, 
                 continue
             speed = speeds.of(s.tier)
             idx = torch.tensor(s.experts)
-            fmt_bytes = spec.expert_bytes(plan.model.shipped_format if s.tier == DISK else s.fmt)
+            fmt_bytes = spec.expert_bytes(plan.model.shipped(i) if s.tier == DISK else s.fmt)
             for tokens, table in ((batch, dec), (context, pre)):
                 touched = float((1.0 - (1.0 - p[idx]).pow(tokens)).sum())
                 flops = tokens * float(p[idx].sum()) * per_pair
@@ -192,20 +192,23 @@ def predict(plan: PlacementPlan, parts: ModelParts, speeds: Speeds, stats=None, 
     return Prediction(tuple(costs), batch, context, head, notes)
 
 
-def expert_savings(plan_shapes: Sequence, probs: dict[int, torch.Tensor], fast: TierSpeed, fast_fmt: str,
-                   slow: TierSpeed, slow_fmt: str, *, batch: int, context: int, decode_share: float,
-                   hidden: int) -> dict[int, torch.Tensor]:
+def expert_savings(plan_shapes: Sequence, probs: dict[int, torch.Tensor], fast: TierSpeed,
+                   fast_fmt: str | Mapping[int, str], slow: TierSpeed, slow_fmt: str | Mapping[int, str], *,
+                   batch: int, context: int, decode_share: float, hidden: int) -> dict[int, torch.Tensor]:
     """layer -> [E] seconds saved per token of the workload by an expert living on the fast tier instead
     of the slow one: decode_share of the tokens are decode steps of `batch` tokens, the rest prompts of
-    `context` tokens (the cost strategy ranks experts by this over their bytes on the fast tier)."""
+    `context` tokens (the cost strategy ranks experts by this over their bytes on the fast tier). The
+    formats: one for every layer, or one per layer."""
     out = {}
     for shape in plan_shapes:
         spec = shape.spec(hidden)
+        fast_fmt_i = fast_fmt if isinstance(fast_fmt, str) else fast_fmt[shape.index]
+        slow_fmt_i = slow_fmt if isinstance(slow_fmt, str) else slow_fmt[shape.index]
         p = probs[shape.index]
         per_pair = 6 * hidden * spec.intermediate_size
-        d = (expert_time(slow, spec.expert_bytes(slow_fmt), p, batch, per_pair, slow_fmt)
-             - expert_time(fast, spec.expert_bytes(fast_fmt), p, batch, per_pair, fast_fmt)) / batch
-        pf = (expert_time(slow, spec.expert_bytes(slow_fmt), p, context, per_pair, slow_fmt)
-              - expert_time(fast, spec.expert_bytes(fast_fmt), p, context, per_pair, fast_fmt)) / context
+        d = (expert_time(slow, spec.expert_bytes(slow_fmt_i), p, batch, per_pair, slow_fmt_i)
+             - expert_time(fast, spec.expert_bytes(fast_fmt_i), p, batch, per_pair, fast_fmt_i)) / batch
+        pf = (expert_time(slow, spec.expert_bytes(slow_fmt_i), p, context, per_pair, slow_fmt_i)
+              - expert_time(fast, spec.expert_bytes(fast_fmt_i), p, context, per_pair, fast_fmt_i)) / context
         out[shape.index] = decode_share * d + (1.0 - decode_share) * pf
     return out

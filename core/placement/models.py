@@ -1,8 +1,9 @@
 """What `moetier plan` is asked about: a checkpoint folder (only config.json, the index and the
-safetensors headers are read), a config.json, or a zoo version name (the published dimensions each
-family module carries for its versions, so a plan needs no download)."""
+safetensors headers are read), a GGUF file (its header), a config.json, or a zoo version name (the
+published dimensions each family module carries for its versions, so a plan needs no download)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,10 +49,10 @@ def resolve_model(model: str, registry) -> ModelInfo:
             return ModelInfo(config, layout, parts_from_config(config, layout),
                              f"config of {model} (weights not read: {str(exc).split(':')[-1].strip()})")
     if model.endswith(".json") or os.path.isfile(model):
-        from ..checkpoint.gguf import is_gguf, plan_refusal
+        from ..checkpoint.gguf import is_gguf
 
         if is_gguf(model):
-            raise plan_refusal(model)
+            return gguf_model(model, registry)
         config = read_config(model)
         family, version = identify(config, registry.families.values())
         layout = family.layout(config, version)
@@ -64,3 +65,22 @@ def resolve_model(model: str, registry) -> ModelInfo:
     family, version = identify(match, registry.families.values())
     layout = family.layout(match, version)
     return ModelInfo(match, layout, parts_from_config(match, layout), f"published dimensions of {version}")
+
+
+def gguf_model(path: str, registry) -> ModelInfo:
+    """A GGUF file: its metadata as the config; each MoE layer's experts in the type the file stores them
+    in (the layout's quantization); the other parts as `moetier.load` holds them, read out of the file's
+    types into the model's dtype (routers fp32), so sized from the config, not from the file."""
+    from ..checkpoint.gguf import GGUFFile, verify_gguf
+    from .sizes import format_size
+
+    with GGUFFile(path) as gf:
+        config = gf.model_config()
+        layout = gf.layout(registry)
+        verify_gguf(gf, layout)
+        stored = gf.stored_bytes(experts=False)
+    parts = parts_from_config(config, layout)
+    note = (f"GGUF: the non-expert parts held in {layout.dtype} as moetier.load reads them (the file stores them "
+            f"in {format_size(stored)})")
+    return ModelInfo(config, layout, dataclasses.replace(parts, source="GGUF metadata",
+                                                         assumptions=parts.assumptions + (note,)), f"GGUF file {path}")

@@ -14,6 +14,7 @@ JSON (schema_version 1)::
 
     {"schema": "moetier.placement_plan", "schema_version": 1,
      "model": {"family", "version", "num_hidden_layers", "hidden_size", "shipped_format",
+               "shipped_formats" (only where the layers differ, a GGUF file's: {"3": "q4_k+q6_k", ...}),
                "moe_layers": [{"index", "num_experts", "top_k", "intermediate_size"}, ...]},
      "context": 4096, "batch": 1,
      "tiers": [{"name", "device", "capacity_bytes" (null: unbounded), "reserved": {what: bytes}, "source"}],
@@ -33,7 +34,7 @@ from pathlib import Path
 from ..errors import BudgetError, FormatError, LayoutError, SettingError
 from ..experts import ExpertLayerSpec
 from ..formats import get_format
-from ..layout import MoELayout
+from ..layout import MoELayout, stored_format
 from .budgets import Budgets, TierBudget
 from .model_parts import PARTS
 from .sizes import format_size
@@ -80,13 +81,19 @@ class ModelRef:
     hidden_size: int
     shipped_format: str
     layers: tuple[LayerShape, ...]
+    # (MoE layer, format) where the checkpoint's layers differ (a GGUF file); None: a type moetier has no format for
+    shipped_layers: tuple[tuple[int, str | None], ...] = ()
 
     @classmethod
     def of(cls, layout: MoELayout) -> ModelRef:
         return cls(layout.family, layout.version, layout.num_hidden_layers, layout.hidden_size,
                    layout.quantization.fmt,
                    tuple(LayerShape(m.index, m.experts.num_experts, m.experts.top_k, m.experts.intermediate_size)
-                         for m in layout.moe_layers))
+                         for m in layout.moe_layers), layout.quantization.layers)
+
+    def shipped(self, layer_index: int) -> str:
+        """The format MoE layer `layer_index` ships its routed experts in (what the disk tier reads)."""
+        return stored_format(self.shipped_format, self.shipped_layers, layer_index)
 
     def layer(self, index: int) -> LayerShape:
         for s in self.layers:
@@ -176,6 +183,11 @@ class PlacementPlan:
                 if tier_names and s.tier not in tier_names:
                     raise SettingError(f"plan: layer {p.index} names tier {s.tier!r}, which the plan's tiers "
                                        f"({', '.join(sorted(tier_names))}) lack")
+        for i, f in self.model.shipped_layers:
+            try:
+                f is None or get_format(f)
+            except FormatError as exc:
+                raise SettingError(f"plan: MoE layer {i}'s shipped format: {exc}") from None
         for part, tier in self.parts:
             if part not in PARTS:
                 raise SettingError(f"plan: unknown part {part!r}; parts: {', '.join(PARTS)}")
@@ -232,7 +244,7 @@ class PlacementPlan:
         shape = self.model.layer(layer_index).spec(self.model.hidden_size)
         out: dict[str, int] = {}
         for s in self.shards(layer_index):
-            fmt = self.model.shipped_format if s.tier == DISK else s.fmt
+            fmt = self.model.shipped(layer_index) if s.tier == DISK else s.fmt
             out[s.tier] = out.get(s.tier, 0) + len(s.experts) * shape.expert_bytes(fmt)
         return out
 
@@ -249,7 +261,7 @@ class PlacementPlan:
             for s in p.shards:
                 if not s.experts:
                     continue
-                fmt = self.model.shipped_format if s.tier == DISK else s.fmt
+                fmt = self.model.shipped(p.index) if s.tier == DISK else s.fmt
                 g = groups.setdefault((s.tier, fmt), [0, 0, p.index, p.index])
                 g[0] += len(s.experts)
                 g[1] += len(s.experts) * spec.expert_bytes(fmt)
@@ -323,6 +335,7 @@ class PlacementPlan:
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "model": {"family": m.family, "version": m.version, "num_hidden_layers": m.num_hidden_layers,
                       "hidden_size": m.hidden_size, "shipped_format": m.shipped_format,
+                      **({"shipped_formats": {str(i): f for i, f in m.shipped_layers}} if m.shipped_layers else {}),
                       "moe_layers": [{"index": s.index, "num_experts": s.num_experts, "top_k": s.top_k,
                                       "intermediate_size": s.intermediate_size} for s in m.layers]},
             "context": self.context, "batch": self.batch,
@@ -354,7 +367,9 @@ class PlacementPlan:
             model = ModelRef(str(m["family"]), str(m["version"]), int(m["num_hidden_layers"]), int(m["hidden_size"]),
                              str(m["shipped_format"]),
                              tuple(LayerShape(int(x["index"]), int(x["num_experts"]), int(x["top_k"]),
-                                              int(x["intermediate_size"])) for x in m["moe_layers"]))
+                                              int(x["intermediate_size"])) for x in m["moe_layers"]),
+                             tuple((int(i), None if f is None else str(f))
+                                   for i, f in dict(m.get("shipped_formats") or {}).items()))
             experts = tuple(LayerPlacement(int(p["layer"]), tuple(
                 ShardSpec(str(s["tier"]), str(s["backend"]), str(s["format"]), tuple(int(e) for e in s["experts"]))
                 for s in p["shards"])) for p in d["experts"])

@@ -5,6 +5,11 @@ Formats per tier: accelerator experts stay as shipped (the checkpoint's own form
 shipped format is an error naming the choices (converting silently, e.g. mxfp4 to bf16, is four times
 the memory: never a default); experts left on disk are read in the shipped format and computed by the CPU backend in the CPU
 format. An accelerator-resident expert has no CPU copy unless `cpu_copies` asks for one.
+
+"As shipped" is per MoE layer (`layout.quantization.fmt_of`): a GGUF file's layers may each store their
+experts in another type (Q4_K_M keeps some layers' down in Q6_K), and a tier computing them as shipped
+holds each layer in its own (TierCompute.fmt None). The accelerator backends compute no GGML type, so a
+GGUF file's experts are placed on the CPU and disk tiers only.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SettingError
-from ..formats import get_format
+from ..formats import computes, get_format
 from ..layout import MoELayout
 from .budgets import Budgets
 from .model_parts import PARTS, ModelParts
@@ -25,23 +30,33 @@ from .strategy import ExpertTier, PlacementProblem, PlacementStrategy
 
 @dataclass(frozen=True)
 class TierCompute:
-    """Who computes the experts of a tier, in which format."""
+    """Who computes the experts of a tier, in which format (None: each MoE layer in the one it ships in)."""
 
     backend: str
-    fmt: str
+    fmt: str | None
 
 
 def tier_compute(layout: MoELayout, budgets: Budgets, *, cpu_backend: str, cpu_formats: tuple[str, ...],
-                 accelerator_backends: Mapping[str, str], cpu_format: str | None = None) -> dict[str, TierCompute]:
+                 accelerator_backends: Mapping[str, str], cpu_format: str | None = None,
+                 cpu_mixed: bool = False) -> dict[str, TierCompute]:
     """tier -> (backend, format) by the rules of the module docstring. accelerator_backends: device kind
-    -> backend name ("cuda" -> "cuda")."""
-    shipped = layout.quantization.fmt
+    -> backend name ("cuda" -> "cuda"). cpu_mixed: the CPU backend computes mixed formats (q4_k+q6_k)."""
+    q = layout.quantization
+    shipped = q.fmt
     if cpu_format is not None:
         get_format(cpu_format)
         if cpu_format not in cpu_formats:
             raise SettingError(f"--cpu-format {cpu_format}: backend {cpu_backend} does not compute it; it computes "
                                f"{', '.join(cpu_formats)}")
         cpu_fmt = cpu_format
+    elif q.layers:  # each layer as the file stores it
+        for i in layout.moe_layer_indices:
+            f = q.fmt_of(i)
+            if not computes(cpu_formats, f, mixed=cpu_mixed):
+                raise SettingError(f"backend {cpu_backend} does not compute {f}, the format MoE layer {i}'s experts "
+                                   f"are stored in; give --cpu-format (one of {', '.join(cpu_formats)}) or --backend "
+                                   f"with one that computes it")
+        cpu_fmt = None
     elif shipped in cpu_formats:
         cpu_fmt = shipped
     else:
@@ -51,6 +66,10 @@ def tier_compute(layout: MoELayout, budgets: Budgets, *, cpu_backend: str, cpu_f
     out = {}
     for t in budgets.tiers:
         if t.kind == "accelerator":
+            if q.scheme == "gguf" and t.free_bytes != 0:
+                raise SettingError(f"a GGUF file's experts stay on the CPU: the accelerator backends compute no GGML "
+                                   f"type, and tier {t.name} would hold them as stored; give --gpu-mem 0 (or plan "
+                                   "the safetensors checkpoint the file was made from)")
             backend = accelerator_backends.get(t.device)
             if backend is None:
                 raise SettingError(f"no backend is registered for {t.device} devices (tier {t.name})")
@@ -78,7 +97,10 @@ def make_plan(layout: MoELayout, parts: ModelParts, budgets: Budgets, strategy: 
     if cpu_copies:
         if not cpu_tiers or not budgets.of_kind("accelerator"):
             raise SettingError("--cpu-copies keeps CPU copies of accelerator experts: it needs both tiers")
-        copy = CopySpec(cpu_tiers[0].name, compute[cpu_tiers[0].name].fmt)
+        fmt = compute[cpu_tiers[0].name].fmt
+        if fmt is None:
+            raise SettingError("--cpu-copies holds the CPU copies of accelerator experts in one format: give --cpu-format")
+        copy = CopySpec(cpu_tiers[0].name, fmt)
     tiers = tuple(ExpertTier(t.name, t.kind, t.free_bytes, compute[t.name].fmt) for t in budgets.tiers)
     problem = PlacementProblem(layout, tiers, stats, options, speeds, budgets.context, budgets.batch,
                                copy.tier if copy else None, copy.fmt if copy else None)
@@ -96,7 +118,7 @@ def make_plan(layout: MoELayout, parts: ModelParts, budgets: Budgets, strategy: 
                                    f"which is not one of {', '.join(budgets.names)}")
             groups.setdefault(tier, []).append(e)
         order = {t: k for k, t in enumerate(budgets.names)}
-        shards = tuple(ShardSpec(t, compute[t].backend, compute[t].fmt, tuple(ids))
+        shards = tuple(ShardSpec(t, compute[t].backend, problem.compute_format(m.index, t), tuple(ids))
                        for t, ids in sorted(groups.items(), key=lambda kv: order[kv[0]]))
         layers.append(LayerPlacement(m.index, shards))
     shown = {k: list(v) if k == "rules" else v for k, v in options.items()}  # JSON-able

@@ -59,10 +59,11 @@ class TierSpeed:
         return dict(self.read_by_format).get(fmt, self.read_gb_per_s)
 
     def peak(self, fmt: str) -> float:
-        """GFLOP/s the format's math runs at: bf16 for float and fp8 weights, int8 for int8/int4 (their
-        kernels quantize activations to int8), whichever the tier has."""
-        kind = get_format(fmt).kind
-        if kind in ("int8", "int4") and self.int8_gop_per_s:
+        """GFLOP/s the format's math runs at: bf16 for float and fp8 weights, int8 for int8/int4 and the block
+        formats (GGUF, MXFP4: their kernels quantize activations to int8), whichever the tier has; a mixed
+        format at its gate/up part's (two thirds of the work)."""
+        kind = get_format(fmt).gate_up.kind
+        if kind in ("int8", "int4", "gguf", "mxfp4") and self.int8_gop_per_s:
             return self.int8_gop_per_s
         return self.bf16_gflop_per_s
 

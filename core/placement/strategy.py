@@ -53,13 +53,14 @@ class PlacementStrategy:
 
 @dataclass(frozen=True)
 class ExpertTier:
-    """A tier experts may go to: `free_bytes` left for experts (None: unbounded), the format they are held
-    in there, and the tier kind ("accelerator", "cpu", "disk")."""
+    """A tier experts may go to: `free_bytes` left for experts (None: unbounded), the format they are
+    computed in there (None: each MoE layer in the one it ships in), and the tier kind ("accelerator",
+    "cpu", "disk")."""
 
     name: str
     kind: str
     free_bytes: int | None
-    fmt: str
+    fmt: str | None
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,15 @@ class PlacementProblem:
     def num_experts(self, layer: int) -> int:
         return self.layout.layer(layer).experts.num_experts
 
+    def compute_format(self, layer: int, tier: str) -> str:
+        """The format `tier` computes MoE layer `layer`'s experts in."""
+        fmt = self.tier(tier).fmt
+        return self.layout.quantization.fmt_of(layer) if fmt is None else fmt
+
     def expert_bytes(self, layer: int, tier: str) -> int:
+        """Bytes one expert of `layer` takes on `tier` (disk: as shipped, what a read brings in)."""
         t = self.tier(tier)
-        fmt = self.layout.quantization.fmt if t.kind == "disk" else t.fmt
+        fmt = self.layout.quantization.fmt_of(layer) if t.kind == "disk" else self.compute_format(layer, tier)
         return self.layout.layer(layer).experts.expert_bytes(fmt)
 
     def tier(self, name: str) -> ExpertTier:

@@ -128,7 +128,7 @@ def _load_experts(model, gguf, *, plan, fmt, registry, inventory, threads, cache
                   progress) -> ModelExperts:
     """load_experts, with the GGUF file open when `model` is one (its experts are read in each layer's own
     format: a GGUF file may store them in a different type per layer)."""
-    from ..checkpoint.gguf import GGUFExperts
+    from ..checkpoint.gguf import GGUFExperts, GGUFFile
     from ..selection import select_backends
 
     layout = gguf.layout(registry) if gguf is not None else load_layout(model, registry)
@@ -189,22 +189,22 @@ def _load_experts(model, gguf, *, plan, fmt, registry, inventory, threads, cache
                 shards.append(shard)
             disk = None
             if disk_specs:
-                if gguf is not None:
-                    raise SettingError("the plan leaves experts on disk: the disk tier reads safetensors checkpoints; "
-                                       "a GGUF file's experts must fit the memory tiers")
                 if cache_bytes is None:
                     raise SettingError("the plan leaves experts on disk: give the DRAM budget of their cache "
                                        "(cache_bytes)")
                 if cache is None:
                     cache = ExpertCache(cache_bytes)
                     prefetcher = Prefetcher(cache) if prefetch else None
-                    disk_ckpt = Checkpoint(model, max_mapped_bytes=0, drop_page_cache=True)
+                    # its own handle, whose reads leave neither mapped pages nor the page cache behind
+                    disk_ckpt = (GGUFFile(model, drop_page_cache=True) if gguf is not None else
+                                 Checkpoint(model, max_mapped_bytes=0, drop_page_cache=True))
                 if len({(s.backend, s.fmt) for s in disk_specs}) != 1:
                     raise SettingError(f"layer {index}: the disk tier's experts must share one backend and format")
                 d = disk_specs[0]
-                disk = DiskShard(index, layer.experts, [e for s in disk_specs for e in s.experts],
-                                 CheckpointExperts(disk_ckpt, layout, layer), backend(d.backend), d.fmt, cache,
-                                 prefetcher)
+                disk_source = (GGUFExperts(disk_ckpt, layer, convert=True) if gguf is not None else
+                               CheckpointExperts(disk_ckpt, layout, layer))
+                disk = DiskShard(index, layer.experts, [e for s in disk_specs for e in s.experts], disk_source,
+                                 backend(d.backend), d.fmt, cache, prefetcher)
             built[index] = TieredExperts(index, layer.experts, shards, disk)
             ckpt.release()  # unmap what this layer read: resident memory stays what the shards keep
         if prefetcher is not None:
@@ -252,9 +252,14 @@ class Lookahead:
         self.disk.prefetch(torch.unique(ids).tolist())
 
 
-def _wire_lookahead(ckpt: Checkpoint, layout: MoELayout, built: dict[int, TieredExperts]) -> None:
+def _wire_lookahead(ckpt, layout: MoELayout, built: dict[int, TieredExperts]) -> None:
+    """Each layer guesses the next one's disk experts with the next router (read from `ckpt`: a Checkpoint
+    or a GGUFFile)."""
+    from ..checkpoint.gguf import GGUFFile, read_router as gguf_router
+
+    routers = gguf_router if isinstance(ckpt, GGUFFile) else read_router
     order = sorted(built)
     for here, nxt in zip(order, order[1:]):
         disk = built[nxt].disk
         if disk is not None:
-            built[here].lookahead = Lookahead(layout, nxt, read_router(ckpt, layout.layer(nxt)), disk)
+            built[here].lookahead = Lookahead(layout, nxt, routers(ckpt, layout.layer(nxt)), disk)

@@ -265,6 +265,7 @@ def placement_shares(plan_stats: ActivationStats, judged_on: ActivationStats, ch
 
     probe, fast = budgets_for(1)
     compute = tier_compute(layout, probe, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
+                           cpu_mixed=registry.backend(cpu_backend).mixed_formats,
                            accelerator_backends=accel)
     sizes = {m.experts.expert_bytes(compute[fast.name].fmt) for m in layout.moe_layers}
     if len(sizes) != 1:

@@ -11,6 +11,7 @@ choices. Dense linear layers left on the CPU move onto the experts' CPU backend'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import warnings
@@ -192,6 +193,7 @@ def plan_from_budgets(folder: Path, layout, registry, inventory, *, cpu_backend:
     budgets = make_budgets(info.parts, inventory, registry.tiers.values(), gpu_mem=gpu_mem, cpu_mem=cpu_mem,
                            disk=disk, disk_cache=disk_cache, context=default_context(info.config))
     compute = tier_compute(layout, budgets, cpu_backend=cpu_backend, cpu_formats=registry.backend(cpu_backend).formats,
+                           cpu_mixed=registry.backend(cpu_backend).mixed_formats,
                            accelerator_backends=accel, cpu_format=cpu_format)
     speeds = None
     if chosen.name == "cost":  # the cost model trades tiers by their speeds: measured here, as `moetier plan` does
@@ -257,7 +259,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     `set_recorder()`, `close()`), `moetier_layout`, `moetier_dense` (a DenseRouting) and `moetier_attention`
     (the name of the backend computing decode attention, or None)."""
     from ...checkpoint import Checkpoint
-    from ...checkpoint.gguf import GGUFFile, is_gguf, plan_refusal, verify_gguf
+    from ...checkpoint.gguf import GGUFFile, is_gguf, verify_gguf
     from ...checkpoint.progress import progress_enabled
     from ...errors import BackendUnavailable
     from ...family import load_layout, read_config
@@ -278,6 +280,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
         with GGUFFile(gguf_file) as gf:  # header only: config, layout, every MoE tensor with its shape
             raw = gf.model_config()
             layout = load_layout(raw, registry)
+            layout = dataclasses.replace(layout, quantization=gf.stored_formats(layout))  # each layer's own types
             verify_gguf(gf, layout)
     else:
         folder = checkpoint_folder(model)
@@ -286,8 +289,6 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     budgets = {"gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "disk_cache": disk_cache, "strategy": strategy,
                "stats": stats}
     asked = sorted(k for k, v in budgets.items() if v is not None) + (["disk"] if disk else [])
-    if gguf_file is not None and asked:
-        raise plan_refusal(gguf_file)
     beside = asked + [k for k, v in (("backend", backend), ("fmt", fmt)) if v is not None]
     if plan is not None and beside:
         raise SettingError(f"a plan already says where every expert goes and how it is computed: give no "
