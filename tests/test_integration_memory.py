@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +40,7 @@ def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM, the peak RSS, := the current RSS
 
-folder, cpu_mib, cache_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+folder, cpu_mib, cache_mib, as_gguf = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "gguf"
 registry = load_registry()
 from moetier.hardware import load_inventory
 from moetier.selection import select_backends
@@ -53,6 +54,13 @@ config = config_dict(cfg, version="Qwen3-30B-A3B", architectures=["Qwen3MoeForCa
 write_tiny(TinySpec("Qwen3-30B-A3B", config, lambda: transformers.Qwen3MoeForCausalLM(cfg)), family.layout, folder,
            seed=0)
 layout = load_layout(folder, registry)
+source = folder
+if as_gguf:  # the same weights as llama.cpp's converter writes them (BF16), converted in another process
+    import subprocess
+    source = folder + "/model-BF16.gguf"
+    subprocess.run([sys.executable, "-c", "import importlib.util, sys; s = importlib.util.spec_from_file_location('c', "
+                    "sys.argv[1]); m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+                    "from pathlib import Path; m.convert_bf16(Path(sys.argv[2]), Path(sys.argv[3]))", sys.argv[5], folder, source], check=True)
 
 # Warm-up on a small checkpoint: imports, kernels and first-use allocations are not the load's.
 small = tempfile.mkdtemp()
@@ -67,7 +75,7 @@ before = kib("VmRSS")
 reset_peak()
 # The budgets of `moetier run --cpu-mem ... --disk --disk-cache ...`: a plan made here (uniform strategy) keeps
 # what fits in DRAM and leaves the rest on disk.
-model = moetier.load(folder, dtype=torch.float32, backend=backend, threads=1, progress=False,
+model = moetier.load(source, dtype=torch.float32, backend=backend, threads=1, progress=False,
                      cpu_mem=cpu_mib * 2**20, disk=True, disk_cache=cache_mib * 2**20)
 peak, after = kib("VmHWM") - before, kib("VmRSS") - before
 dense = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -91,12 +99,18 @@ print(json.dumps(dict(backend=backend, on_disk=on_disk, peak=peak, after=after, 
 
 
 @linux_only
-def test_loading_stays_within_the_budget_plus_one_expert(tmp_path):
+@pytest.mark.parametrize("source", ["safetensors", "gguf"])
+def test_loading_stays_within_the_budget_plus_one_expert(tmp_path, source):
+    """The same for the checkpoint converted to a BF16 GGUF file (its experts read in their own type; those
+    left in the file read on demand without keeping their pages)."""
+    if source == "gguf":
+        pytest.importorskip("gguf")
     cpu_mib, cache_mib = 64, 8  # the budget also reserves 36 MiB for a 4096-token context: 24 of 128 experts fit
     # A fixed mmap threshold makes glibc return every freed expert buffer at once, so RSS shows what is held.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    r = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path / "ckpt"), str(cpu_mib), str(cache_mib)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    converter = Path(__file__).parents[1] / "ci" / "llama_cpp_bench.py"
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path / "ckpt"), str(cpu_mib), str(cache_mib), source,
+                        str(converter)], capture_output=True, text=True, env=env, timeout=600)
     if "clear_refs" in r.stderr:
         pytest.skip("this kernel does not let a process reset its peak RSS")
     assert r.returncode == 0, r.stderr[-3000:]
