@@ -280,6 +280,21 @@ def test_moetier_run_on_a_gguf_file_writes_what_the_checkpoint_writes(tmp_path):
     got = moetier("run", path, "--tokenizer", folder, "--plan", plan, *args[:-2])
     assert got.returncode == 0 and "Traceback" not in got.stderr, got.stderr[-2000:]
     assert got.stdout == want.stdout, (got.stdout, want.stdout)
+    # Routing statistics recorded through the file, and the cost strategy keeps the hot experts in DRAM.
+    text, stats = tmp_path / "text.py", tmp_path / "stats.safetensors"
+    text.write_text(Path(mt.__file__).read_text())
+    r = moetier("stats", "record", path, "--tokenizer", folder, "--text", text, "--out", stats, "--max-tokens", "600",
+                "--backend", "cpu.torch")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = plan_gguf(path, plan, str(all_in.tier("cpu:numa0").reserved_bytes + experts // 2), "--stats", stats)
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = mt.placement.ActivationStats.load(stats, all_in.moe_layers)
+    cost = mt.placement.PlacementPlan.load(plan)
+    assert cost.strategy == "cost" and cost.expert_count("disk") > 0
+    for i in cost.moe_layers:
+        row = counts.row(i).float()
+        held = {s.tier: row[list(s.experts)].mean() for s in cost.shards(i)}
+        assert held.get("disk", 0) <= held.get("cpu:numa0", row.max()), (i, held)
     # Without --tokenizer the synthetic vocabulary the converter wrote is all there is: transformers rebuilds it
     # or says why not, never a traceback.
     r = moetier("run", path, *args)

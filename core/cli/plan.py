@@ -212,7 +212,7 @@ def _shipped(quantization) -> str:
     """"q4_k", or per format the MoE layers a file stores in it: "q4_k (layers 1-3), q4_k+q6_k (layers 0, 4)"."""
     from ..placement.plan import compact_ids
 
-    if not quantization.layers:
+    if len({f for _, f in quantization.layers} | {quantization.fmt}) == 1:
         return quantization.fmt
     by_fmt: dict[str, list[int]] = {}
     for i, f in quantization.layers:
