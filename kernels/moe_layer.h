@@ -334,9 +334,9 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
         case BF16: run_f32<NP, DecBF16, false>(mb, pn, g, x, o); break;
         // The scale kinds each format packs into (Geometry's checks): the kernels are instantiated per kind.
         case I8:
-            if (g.mins && g.scale_kind == SCALE_K) run_f32<NP, DecI8, true, true, SCALE_K>(mb, pn, g, x, o);
+            if (g.hbits == 1) run_f32<NP, DecSplit<1, 0>, true, true, SCALE_K>(mb, pn, g, x, o);  // q5_k
+            else if (g.hbits == 2) run_f32<NP, DecSplit<2, 32>, true, false, SCALE_K>(mb, pn, g, x, o);  // q6_k
             else if (g.mins) run_f32<NP, DecI8, true, true>(mb, pn, g, x, o);
-            else if (g.scale_kind == SCALE_K) run_f32<NP, DecI8, true, false, SCALE_K>(mb, pn, g, x, o);
             else if (g.scale_kind == SCALE_F16) run_f32<NP, DecI8, true, false, SCALE_F16>(mb, pn, g, x, o);
             else run_f32<NP, DecI8, true>(mb, pn, g, x, o);
             break;
@@ -373,9 +373,9 @@ MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8
         else if (g.scale_kind == SCALE_F16) gemm_int8dot<true, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<true, false, M, NP>(pn, g, xq, xc, xs, o);
     } else {
-        if (g.mins && g.scale_kind == SCALE_K) gemm_int8dot<false, true, M, NP, SCALE_K>(pn, g, xq, xc, xs, o);
+        if (g.hbits == 1) gemm_int8dot<false, true, M, NP, SCALE_K, 1>(pn, g, xq, xc, xs, o);  // q5_k
+        else if (g.hbits == 2) gemm_int8dot<false, false, M, NP, SCALE_K, 2>(pn, g, xq, xc, xs, o);  // q6_k
         else if (g.mins) gemm_int8dot<false, true, M, NP>(pn, g, xq, xc, xs, o);
-        else if (g.scale_kind == SCALE_K) gemm_int8dot<false, false, M, NP, SCALE_K>(pn, g, xq, xc, xs, o);
         else if (g.scale_kind == SCALE_F16) gemm_int8dot<false, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<false, false, M, NP>(pn, g, xq, xc, xs, o);
     }
@@ -529,7 +529,9 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
 // The unsigned-weight offset of a format on the vpdpbusd path (gemm_int8dot); with mins the codes are
 // unsigned already and the kernel wants the plain code sums (1).
 inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
-inline int weight_offset(const Geometry& g) { return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : weight_offset(g.fmt); }
+inline int weight_offset(const Geometry& g) {
+    return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : g.hbits ? 32 : weight_offset(g.fmt);  // q6_k's codes are q + 32
+}
 
 // One activation row (n values, fp32 or bf16 bits) in the forms the kernels read: fp32 in xf, zero-padded
 // to xs columns; when asked (non-null), its bf16 copy xb, the bf16 low part xl = x - bf16(x) (fp8 decode),

@@ -35,13 +35,13 @@ MatFormat parse_format(const std::string& name) {
     if (name == "int4_g128") return {I4, 128};
     // Layouts of GGUF's block formats, which the Python side decodes into codes and the file's scales:
     // int8 / int4 with its fp16 scale per 32 (q8_0 / q4_0); the K-quants' two levels (fp16 d / dmin per
-    // 256 with 6-bit sc / m per 32 over unsigned int8 / int4 codes for q5_k / q4_k; q6_k: fp16 d per 256,
-    // int8 sc per 16).
+    // 256 with 6-bit sc / m per 32 over unsigned 4- / 5-bit codes for q4_k / q5_k; q6_k: fp16 d per 256,
+    // int8 sc per 16 over 6-bit codes), the 5- and 6-bit codes split into nibbles and top bits.
     if (name == "int8_g32_f16") return {I8, 32, false, SCALE_F16};
     if (name == "int4_g32_f16") return {I4, 32, false, SCALE_F16};
-    if (name == "int8_g32_kscales") return {I8, 32, true, SCALE_K};
+    if (name == "int5_g32_kscales") return {I8, 32, true, SCALE_K, 1};
     if (name == "int4_g32_kscales") return {I4, 32, true, SCALE_K};
-    if (name == "int8_g16_kscales") return {I8, 16, false, SCALE_K};
+    if (name == "int6_g16_kscales") return {I8, 16, false, SCALE_K, 2};
     // MXFP4: the e2m1 codes and e8m0 scales as they ship
     if (name == "mxfp4") return {I4, 32, false, SCALE_E8M0};
     throw py::value_error("native kernels do not compute format '" + name + "'");

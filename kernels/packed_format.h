@@ -15,6 +15,10 @@
 // case in the kernels. Formats with mins (GGUF's K-quants) hold unsigned codes q and mean
 // w = scale * q - min per row and group: sum_k x_k w_k = scale * sum_k x_k q_k - min * sum_k x_k, so a
 // kernel subtracts min times the group's activation sum instead of dequantizing each weight.
+// The K-quants' 5- and 6-bit codes (q5_k, q6_k) keep their bits too: int8 panels whose codes are split
+// into int4 nibble lines, as int4 lays them out, and one high line per group holding the codes' top bits
+// (hbits 1 or 2: 32 x 1 or 16 x 2 bits per row, so a group of 32 or 16 columns ends with one line), 5.5
+// and 6.5 bits per weight instead of 8 (the kernels rebuild each code with a shift and a merge per 64).
 // int4 panels may instead hold e2m1 codes (MXFP4): the nibble indexes twice the e2m1 values (integers
 // -12..12, so the vpdpbusd path takes them as bytes too), and the scales stay e8m0 bytes read as
 // 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight; likewise
@@ -33,6 +37,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -62,12 +67,14 @@ enum ScaleKind : int { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E8M0 = 2, SCALE_K = 3
 constexpr int K_SUPER = 256;  // columns per K-quant superblock: one d (and dmin) header per 256 / G groups
 
 // The packed format of one matrix: format code, group (int4 32/64/128; int8 0 = one scale per row, 16
-// or 32; ignored by the other formats), per-group mins, and how the scales are stored (int4 panels with
-// e8m0 scales hold e2m1 codes: MXFP4).
+// or 32; ignored by the other formats), per-group mins, how the scales are stored (int4 panels with
+// e8m0 scales hold e2m1 codes: MXFP4), and for int8 panels of K-quant codes the high bits above each
+// code's nibble (0: plain int8 lines; 1: 5-bit codes 0..31, with mins; 2: 6-bit codes, q + 32).
 struct MatFormat {
     int fmt = F32, group = 0;
     bool mins = false;
     int scales = SCALE_F32;
+    int hbits = 0;
 };
 
 struct Geometry {
@@ -88,10 +95,12 @@ struct Geometry {
     bool mins = false;        // a min line per group, unsigned codes: w = scale * q - min
     bool e2m1 = false;        // int4 nibbles are e2m1 codes (MXFP4: the panels with e8m0 scales)
     bool fp8_pairs = false;   // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
+    int hbits = 0;            // int8 codes as nibble lines plus a high line per group (MatFormat::hbits)
 
     Geometry() = default;
     Geometry(MatFormat f, int N_, int K_)
-        : fmt(f.fmt), N(N_), K(K_), scale_kind(f.scales), mins(f.mins), e2m1(f.scales == SCALE_E8M0) {
+        : fmt(f.fmt), N(N_), K(K_), scale_kind(f.scales), mins(f.mins), e2m1(f.scales == SCALE_E8M0),
+          hbits(f.hbits) {
         const int group = f.group;
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
@@ -122,8 +131,15 @@ struct Geometry {
         if (scale_kind == SCALE_K && !(((mins && G == 32) || (!mins && fmt == I8 && G == 16)) && K % K_SUPER == 0))
             throw std::invalid_argument("K-quant scales need panels with mins and groups of 32, or int8 panels "
                                         "with groups of 16, over whole 256-column superblocks");
+        if (hbits != 0 && !(fmt == I8 && scale_kind == SCALE_K && G * hbits == 32 && mins == (hbits == 1)))
+            throw std::invalid_argument("split codes need int8 K-quant panels: 5-bit codes with mins in groups of "
+                                        "32, or 6-bit codes in groups of 16");
         ngroups = Kp / G;
         lines = G / cols_per_line;
+        if (hbits) {
+            cols_per_line = 8;  // the nibble lines, as int4's
+            lines = G / 8 + 1;  // and the high line
+        }
         scale_stride = scale_kind == SCALE_E8M0 || scale_kind == SCALE_K ? PANEL
                        : scale_kind == SCALE_F16 ? 2 * PANEL : LINE;
         scale_bytes = scaled ? (mins ? 2 : 1) * scale_stride : 0;
@@ -236,6 +252,21 @@ inline uint8_t k_sub_of(float v, bool is_unsigned) {
                                     std::to_string(int(hi)) + ", got " + std::to_string(v));
     return uint8_t(int8_t(int(v)));
 }
+// Code v (the source byte: q5_k's 0..31, q6_k's signed -32..31) of row r, group column kk, into a split
+// group (hbits) at w: its low nibble where int4 keeps column kk, its top bits in the group's high line,
+// byte r * 4 + kk % 4, field 2 * (kk / 8) + (kk % 8) / 4 (the nibble vector the kernels build first).
+inline void split_code(const Geometry& g, uint8_t* w, int64_t ls, int r, int kk, uint8_t v) {
+    const int u = g.mins ? int(v) : int(int8_t(v)) + 32;
+    if (u < 0 || u >= (16 << g.hbits))
+        throw std::invalid_argument("a " + std::to_string(4 + g.hbits) + "-bit code must be 0.." +
+                                    std::to_string((16 << g.hbits) - 1) + " (stored " + std::to_string(int(int8_t(v))) +
+                                    ")");
+    const int j = kk % 8, b = r * 4 + (j & 3);
+    uint8_t& d = w[int64_t(kk / 8) * ls + b];
+    d = (j & 4) ? uint8_t((d & 0x0F) | ((u & 15) << 4)) : uint8_t((d & 0xF0) | (u & 15));
+    const int field = 2 * (kk / 8) + (j >> 2);
+    w[int64_t(g.lines - 1) * ls + b] |= uint8_t((u >> 4) << (g.hbits * field));
+}
 inline void store_scale(const Geometry& g, uint8_t* p, int r, float s) {
     if (g.scale_kind == SCALE_E8M0) p[r] = e8m0_of(s);
     else if (g.scale_kind == SCALE_F16) {
@@ -321,8 +352,10 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                             } else if constexpr (FMT == FP8) {
                                 const int at = g.fp8_pairs ? (r / 4) * 16 + (j / 2) * 8 + (r % 4) * 2 + (j % 2) : j * 16 + r;
                                 line[at] = ps.data[int64_t(row) * K + k];
-                            } else if constexpr (FMT == I8) {  // vpdpbusd quad order
-                                line[r * 4 + j] = ps.data[int64_t(row) * K + k];
+                            } else if constexpr (FMT == I8) {
+                                const uint8_t v = ps.data[int64_t(row) * K + k];
+                                if (g.hbits) split_code(g, w, ls, r, kk, v);
+                                else line[r * 4 + j] = v;  // vpdpbusd quad order
                             } else {  // I4: 8 columns (4 source bytes) per 32-bit lane, low nibble for j < 4
                                 const uint8_t sb = ps.data[int64_t(row) * K2 + k / 2];
                                 const uint8_t code = (k & 1) ? (sb >> 4) : (sb & 15);
@@ -409,6 +442,34 @@ struct DecE2M1 {
         unroll<8>([&](auto J) { fn(J, e2m1_get<decltype(J)::value>(r)); });
     }
 };
+// Split K-quant codes (Geometry::hbits = HB): one call decodes a whole group, its UK columns from
+// LINES lines (the nibble lines, then the high line; `ls` apart), each code less OFF (q6_k's 32; q5_k
+// has mins and unsigned codes).
+template <int HB, int OFF>
+struct DecSplit {
+    static constexpr int UK = 32 / HB;
+    static constexpr int LINES = UK / 8 + 1;
+    template <class Fn>
+    static MOE_INLINE void line(const uint8_t* p, int64_t ls, Fn&& fn) {
+        const R hb = rload(p + (LINES - 1) * ls);
+        unroll<LINES - 1>([&](auto L) {
+            constexpr int l = decltype(L)::value;
+            const R raw = rload(p + l * ls);
+            const R lo = split_codes<HB, 2 * l, OFF>(raw, hb), hi = split_codes<HB, 2 * l + 1, OFF>(raw, hb);
+            unroll<4>([&](auto J) {
+                constexpr int j = decltype(J)::value;
+                fn(std::integral_constant<int, 8 * l + j>{}, i8_get<j>(lo));
+                fn(std::integral_constant<int, 8 * l + 4 + j>{}, i8_get<j>(hi));
+            });
+        });
+    }
+};
+// Lines one decoder call reads: 1, or a split group's.
+template <class D, class = void>
+constexpr int lines_per_call = 1;
+template <class D>
+constexpr int lines_per_call<D, std::void_t<decltype(D::LINES)>> = D::LINES;
+
 // int4 with mins: the nibbles are the codes q in 0..15 themselves (i4_get reads them as q - 8).
 struct DecU4 {
     static constexpr int UK = 8;

@@ -70,7 +70,8 @@ MOE_INLINE float vhsum(V a) {
 template <class D, int M, int NP, bool SCALED, bool MINS = false, int SK = SCALE_F32>
 void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float* out) {
     constexpr int NA = kAvx512 ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M == 1 ? 2 : 1);
-    constexpr int S = D::UK >= 4 ? 1 : 4 / D::UK;  // lines per step (a group has a multiple of S lines)
+    constexpr int DL = lines_per_call<D>;  // lines per decoder call (a split group's, else 1)
+    constexpr int S = DL > 1 || D::UK >= 4 ? 1 : 4 / D::UK;  // calls per step (a group has a multiple of S)
     const float* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = x[m];
     const int64_t ls = pn.stride();
@@ -89,19 +90,21 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
             for (int q = 0; q < NP; ++q)
                 for (int m = 0; m < M; ++m) t[a][q][m] = vzero();
         const int k0 = gi * g.G;
-        for (int l = 0; l < g.lines; l += S) {
-            const int k = k0 + l * D::UK;
-            prefetch_stream(p[0] - pn.q0 * LINE, S * ls);
+        for (int l = 0; l < g.lines; l += S * DL) {
+            const int k = k0 + l / DL * D::UK;
+            prefetch_stream(p[0] - pn.q0 * LINE, S * DL * ls);
             for (int q = 0; q < NP; ++q) {
                 unroll<S>([&](auto SI) {
                     constexpr int si = decltype(SI)::value;
-                    D::line(p[q] + si * ls, [&](auto J, V w) {
+                    auto fma = [&](auto J, V w) {
                         constexpr int j = si * D::UK + decltype(J)::value;
                         constexpr int a = j % NA;
                         for (int m = 0; m < M; ++m) t[a][q][m] = vfma(w, vset1(xr[m][k + j]), t[a][q][m]);
-                    });
+                    };
+                    if constexpr (DL > 1) D::line(p[q] + si * ls, ls, fma);
+                    else D::line(p[q] + si * ls, fma);
                 });
-                p[q] += S * ls;
+                p[q] += S * DL * ls;
             }
         }
         float xsum[M];  // MINS: the activations' sum over the group's columns (a multiple of 16)
@@ -198,7 +201,7 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 // MINS: the codes are unsigned already (int4 0..15, int8 0..127), so there is no offset: the sums start
 // at 0, xcorr holds the plain code sums (c = 1), and each group ends with - min * xcorr, again exact
 // zero for a zero row.
-template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32>
+template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32, int HB = 0>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
     // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
@@ -231,7 +234,34 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             }
         }
         const int k0 = gi * g.G;
-        if constexpr (!INT4) {
+        if constexpr (HB > 0) {
+            // Split codes (q5_k, q6_k): the group's nibble lines, then its high line; each code rebuilt
+            // unsigned (q6_k's offset 32 comes back out through xcorr).
+            constexpr int NL = 32 / HB / 8;
+            prefetch_stream(p - pn.q0 * LINE, (NL + 1) * ls);
+            __m512i hb[NP];
+            for (int q = 0; q < NP; ++q) hb[q] = _mm512_loadu_si512(p + NL * ls + q * LINE);
+            unroll<NL>([&](auto L) {
+                constexpr int l = decltype(L)::value;
+                const int k = k0 + 8 * l;
+                __m512i wl[NP], wh[NP];
+                for (int q = 0; q < NP; ++q) {
+                    const __m512i raw = _mm512_loadu_si512(p + l * ls + q * LINE);
+                    wl[q] = split_codes_v<HB, 2 * l, 0>(raw, hb[q]);
+                    wh[q] = split_codes_v<HB, 2 * l + 1, 0>(raw, hb[q]);
+                }
+                for (int m = 0; m < M; ++m) {
+                    int32_t q0, q1;
+                    std::memcpy(&q0, xr[m] + k, 4);
+                    std::memcpy(&q1, xr[m] + k + 4, 4);
+                    const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
+                    for (int q = 0; q < NP; ++q) {
+                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], wl[q], x0);
+                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], wh[q], x1);
+                    }
+                }
+            });
+        } else if constexpr (!INT4) {
             // A group has an even number of lines (4 columns each): two lines per step.
             for (int l = 0; l < g.lines; l += 2, p += 2 * ls) {
                 const int k = k0 + 4 * l;

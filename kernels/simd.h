@@ -115,6 +115,23 @@ MOE_INLINE V f16_get(const uint8_t* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 MOE_INLINE V f32_get(const uint8_t* p) { return {_mm512_loadu_ps(reinterpret_cast<const float*>(p))}; }
+// Split K-quant codes (packed_format.h): nibble vector SV of a group (2 l: the low nibbles of its nibble
+// line l, 2 l + 1: the high ones) with its HB top bits from the group's high line hb, less OFF: 64 codes,
+// one byte each. The 16-bit shifts carry bits across bytes only where the mask drops them.
+template <int HB, int SV, int OFF>
+MOE_INLINE __m512i split_codes_v(__m512i raw, __m512i hb) {
+    constexpr int sh = 4 - HB * SV;
+    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+    const __m512i nib = SV & 1 ? _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4) : _mm512_and_si512(raw, lo4);
+    __m512i top = hb;
+    if constexpr (sh > 0) top = _mm512_slli_epi16(hb, sh);
+    else if constexpr (sh < 0) top = _mm512_srli_epi16(hb, -sh);
+    __m512i c = _mm512_ternarylogic_epi32(nib, top, _mm512_set1_epi8(char(((1 << HB) - 1) << 4)), 0xF8);  // nib | (top & m)
+    if constexpr (OFF != 0) c = _mm512_sub_epi8(c, _mm512_set1_epi8(char(OFF)));
+    return c;
+}
+template <int HB, int SV, int OFF>
+MOE_INLINE R split_codes(R raw, R hb) { return {split_codes_v<HB, SV, OFF>(raw.v, hb.v)}; }
 
 #else  // AVX2: a V is two ymm (rows 0-7, rows 8-15)
 constexpr bool kAvx512 = false;
@@ -224,6 +241,22 @@ MOE_INLINE V f16_get(const uint8_t* p) {
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))};
 }
 MOE_INLINE V f32_get(const uint8_t* p) { return vload(reinterpret_cast<const float*>(p)); }
+template <int HB, int SV, int OFF>
+MOE_INLINE __m256i split_codes_half(__m256i raw, __m256i hb) {
+    constexpr int sh = 4 - HB * SV;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    const __m256i nib = SV & 1 ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4) : _mm256_and_si256(raw, lo4);
+    __m256i top = hb;
+    if constexpr (sh > 0) top = _mm256_slli_epi16(hb, sh);
+    else if constexpr (sh < 0) top = _mm256_srli_epi16(hb, -sh);
+    __m256i c = _mm256_or_si256(nib, _mm256_and_si256(top, _mm256_set1_epi8(char(((1 << HB) - 1) << 4))));
+    if constexpr (OFF != 0) c = _mm256_sub_epi8(c, _mm256_set1_epi8(char(OFF)));
+    return c;
+}
+template <int HB, int SV, int OFF>
+MOE_INLINE R split_codes(R raw, R hb) {
+    return {split_codes_half<HB, SV, OFF>(raw.a, hb.a), split_codes_half<HB, SV, OFF>(raw.b, hb.b)};
+}
 #endif
 
 // exp(x) to ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, then scale by 2^n.

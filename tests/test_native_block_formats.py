@@ -146,8 +146,8 @@ def test_panels_refuse_a_scale_their_storage_would_round(layout, scale, monkeypa
 
 
 @needs_native
-@pytest.mark.parametrize("layout,levels,sub", [("int4_g32_kscales", 2, 8), ("int8_g32_kscales", 2, 8),
-                                               ("int8_g16_kscales", 1, 16)])
+@pytest.mark.parametrize("layout,levels,sub", [("int4_g32_kscales", 2, 8), ("int5_g32_kscales", 2, 8),
+                                               ("int6_g16_kscales", 1, 16)])
 def test_k_quant_panels_refuse_scales_they_would_round(layout, levels, sub, monkeypatch):
     """The K-quants' two levels are kept as stored: d (and dmin) must be fp16 values, sc (and m) integers in
     their range (0..63 with mins, int8 for q6_k); anything else is a ValueError of the binding."""
@@ -162,3 +162,8 @@ def test_k_quant_panels_refuse_scales_they_would_round(layout, levels, sub, monk
         with pytest.raises(ValueError, match=match):
             ext.DenseLinear(16, 256, layout).pack(codes, bad)
     ext.DenseLinear(16, 256, layout).pack(codes, scales(sc=-5.0 if levels == 1 else 5.0))
+    if layout != "int4_g32_kscales":  # q5_k's / q6_k's codes keep 5 / 6 bits: a wider one is refused, not cut
+        wide = codes.copy()
+        wide[7] = 32 if layout == "int5_g32_kscales" else 40
+        with pytest.raises(ValueError, match="-bit code"):
+            ext.DenseLinear(16, 256, layout).pack(wide, scales(sc=5.0))
