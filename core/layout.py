@@ -213,9 +213,10 @@ def stored_format(fmt: str, layers: tuple[tuple[int, str | None], ...], layer: i
     for i, f in layers:
         if i == layer:
             if f is None:
-                raise FormatError(f"MoE layer {layer} stores its routed experts in GGML types moetier has no format "
-                                  "for (`moetier zoo show FILE` lists them): they can only be converted on load; "
-                                  "give a format to convert them to (--cpu-format / --format)")
+                raise FormatError(f"MoE layer {layer} stores its routed experts in no format moetier computes as "
+                                  "stored (a GGML type it does not read, or gate and up in different types; `moetier "
+                                  "zoo show FILE` lists them): they can only be converted on load; give a format to "
+                                  "convert them to (--cpu-format / --format)")
             return f
     return fmt
 

@@ -234,6 +234,19 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             }
         }
         const int k0 = gi * g.G;
+        // Each panel's weights of columns k..k+3 (lo) and k+4..k+7 (hi), 16 rows, times every token's codes.
+        auto dot8 = [&](int k, const __m512i* lo, const __m512i* hi) {
+            for (int m = 0; m < M; ++m) {
+                int32_t q0, q1;
+                std::memcpy(&q0, xr[m] + k, 4);
+                std::memcpy(&q1, xr[m] + k + 4, 4);
+                const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
+                for (int q = 0; q < NP; ++q) {
+                    ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], lo[q], x0);
+                    ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], hi[q], x1);
+                }
+            }
+        };
         if constexpr (HB > 0) {
             // Split codes (q5_k, q6_k): the group's nibble lines, then its high line; each code rebuilt
             // unsigned (q6_k's offset 32 comes back out through xcorr).
@@ -250,16 +263,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                     wl[q] = split_codes_v<HB, 2 * l, 0>(raw, hb[q]);
                     wh[q] = split_codes_v<HB, 2 * l + 1, 0>(raw, hb[q]);
                 }
-                for (int m = 0; m < M; ++m) {
-                    int32_t q0, q1;
-                    std::memcpy(&q0, xr[m] + k, 4);
-                    std::memcpy(&q1, xr[m] + k + 4, 4);
-                    const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
-                    for (int q = 0; q < NP; ++q) {
-                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], wl[q], x0);
-                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], wh[q], x1);
-                    }
-                }
+                dot8(k, wl, wh);
             });
         } else if constexpr (!INT4) {
             // A group has an even number of lines (4 columns each): two lines per step.
@@ -275,16 +279,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                         w1[q] = _mm512_xor_si512(w1[q], sign);
                     }
                 }
-                for (int m = 0; m < M; ++m) {
-                    int32_t q0, q1;
-                    std::memcpy(&q0, xr[m] + k, 4);
-                    std::memcpy(&q1, xr[m] + k + 4, 4);
-                    const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
-                    for (int q = 0; q < NP; ++q) {
-                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], w0[q], x0);
-                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], w1[q], x1);
-                    }
-                }
+                dot8(k, w0, w1);
             }
         } else {
             for (int l = 0; l < g.lines; ++l, p += ls) {
@@ -300,16 +295,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                         wh[q] = _mm512_shuffle_epi8(e2m1_lut, wh[q]);
                     }
                 }
-                for (int m = 0; m < M; ++m) {
-                    int32_t q0, q1;
-                    std::memcpy(&q0, xr[m] + k, 4);
-                    std::memcpy(&q1, xr[m] + k + 4, 4);
-                    const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
-                    for (int q = 0; q < NP; ++q) {
-                        ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], wl[q], x0);
-                        ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], wh[q], x1);
-                    }
-                }
+                dot8(k, wl, wh);
             }
         }
         for (int q = 0; q < NP; ++q) {

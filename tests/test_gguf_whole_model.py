@@ -236,13 +236,23 @@ def test_a_gguf_file_runs_with_experts_left_on_disk(mixed_file, tmp_path, how):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
 
 
-def test_gguf_plans_refuse_what_cannot_be_honoured(models, mixed_file, tmp_path):
-    """The accelerator backends compute no GGML type: a GPU budget for a GGUF file's experts is refused, named.
-    A layer whose gate and up are stored in different types has no format of its own: it is planned only
-    converted (--cpu-format), and cannot be left on disk."""
-    r = moetier("plan", mixed_file, "--gpu-mem", "8GiB", "--inventory",
-                Path(__file__).parent / "inventories" / "xeon_amx_2socket_rtx4090.json")
-    assert_usage_error(r, "GGUF file's experts stay on the CPU", "--gpu-mem 0")
+def test_gguf_plans_keep_experts_where_they_can_be_computed(models, mixed_file, tmp_path):
+    """The accelerator backends compute no GGML type: on a GPU machine (detected, or given --gpu-mem) the GPU
+    holds the non-expert parts and no expert, and the plan says why. A layer whose gate and up are stored in
+    different types has no format of its own: it is planned only converted (--cpu-format), and cannot be
+    left on disk. A plan made for one quantization mix is refused for another file."""
+    gpu = Path(__file__).parent / "inventories" / "xeon_amx_2socket_rtx4090.json"
+    for budget in ((), ("--gpu-mem", "8GiB")):
+        out = tmp_path / "gpu.json"
+        r = moetier("plan", mixed_file, *budget, "--inventory", gpu, "--json", out)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        plan = mt.placement.PlacementPlan.load(out)
+        assert plan.expert_count("cuda:0") == 0 and set(plan.part_tiers.values()) == {"cuda:0"}
+        assert "cuda:0: no routed experts" in " ".join(r.stdout.split())
+    q8 = tmp_path / "q8.gguf"
+    requantize_experts(models["tiny"] / "model-BF16.gguf", q8, "q8_0")
+    with pytest.raises(LayoutError, match="MoE layer 1's experts as q4_0\\+q8_0; the model given stores them as q8_0"):
+        mt.load(q8, plan=out, progress=False)
     odd = tmp_path / "odd.gguf"
     requantize_experts(models["tiny"] / "model-BF16.gguf", odd,
                        lambda name: "q4_0" if name.startswith("blk.1.ffn_gate") else "q8_0")
@@ -251,7 +261,27 @@ def test_gguf_plans_refuse_what_cannot_be_honoured(models, mixed_file, tmp_path)
     r = plan_gguf(odd, out, "1GiB", "--cpu-format", "int8")
     assert r.returncode == 0, r.stderr[-2000:]
     assert {s.fmt for s in mt.placement.PlacementPlan.load(out).shards(1)} == {"int8"}
-    assert_usage_error(plan_gguf(odd, out, "3.2MiB", "--cpu-format", "int8"), "MoE layer 1", "converted on load")
+    assert_usage_error(plan_gguf(odd, out, "3.2MiB", "--cpu-format", "int8"), "MoE layer 1's experts cannot be left "
+                       "on disk", "--cpu-mem")
+
+
+def test_the_disk_tier_drops_what_it_read_from_the_page_cache(mixed_file, monkeypatch):
+    """A GGUF file opened for the disk tier tells the OS to drop each expert's bytes once read, exactly those."""
+    import os
+
+    from moetier.checkpoint.gguf import GGUFExperts, GGUFFile
+
+    dropped = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: dropped.append((offset, n, advice)))
+    with GGUFFile(mixed_file, drop_page_cache=True) as gf:
+        layer = gf.layout().layer(1)
+        GGUFExperts(gf, layer).expert(5)
+        want = []
+        for w in ("gate", "up", "down"):
+            t = gf.tensor(f"blk.1.ffn_{w}_exps.weight")
+            per_expert = int(t.n_bytes) // layer.experts.num_experts
+            want.append((int(t.data_offset) + 5 * per_expert, per_expert, os.POSIX_FADV_DONTNEED))
+    assert dropped == want
 
 
 def test_moetier_run_on_a_gguf_file_writes_what_the_checkpoint_writes(tmp_path):

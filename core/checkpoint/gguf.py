@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from .errors import CorruptFileError, MissingShardError, MissingTensorError, Ten
 from .experts import RouterTensors, SharedTensors
 from .matrices import convert_to
 from .progress import track
+from .reader import drop_cached
 
 MAGIC = b"GGUF"
 TOKEN_EMBD, OUTPUT = "token_embd", "output"  # llama.cpp's names of the embedding table and the LM head
@@ -397,9 +399,9 @@ class GGUFFile:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
-    def stored_bytes(self, *, experts: bool) -> int:
-        """Bytes the file's routed-expert tensors (experts=True) or all its other tensors take."""
-        return sum(int(t.n_bytes) for name, t in self._tensors.items() if ("_exps." in name) == experts)
+    def other_bytes(self) -> int:
+        """Bytes the file's tensors other than the routed experts take."""
+        return sum(int(t.n_bytes) for name, t in self._tensors.items() if "_exps." not in name)
 
     def tensor(self, name: str):
         t = self._tensors.get(name)
@@ -494,11 +496,7 @@ class GGUFFile:
                 m.madvise(mmap.MADV_DONTNEED, start, min(offset + nbytes, len(m)) - start)
             except (OSError, ValueError):
                 pass
-        fd = os.open(reader.data.filename, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_cached(reader.data.filename, offset, nbytes)
 
     def release(self) -> None:
         """Drop the pages read so far from this process's resident memory (they stay in the page cache),
@@ -538,6 +536,7 @@ class GGUFExperts:
                               "only separate ffn_gate_exps / ffn_up_exps / ffn_down_exps are read")
         self.names = {w: names[w].format(bid=i) for w in ("gate", "up", "down")}
         self._ticks = track(range(layer.experts.num_experts), description=f"layer {i} experts", enabled=progress)
+        self._tick_lock = threading.Lock()  # the disk tier reads from the forward and the prefetch threads
 
     def formats(self) -> dict[str, WeightFormat | None]:
         """The native format of the gate, up and down tensors (None: a type without a moetier format)."""
@@ -550,7 +549,8 @@ class GGUFExperts:
         spec, i = self.layer.experts, self.layer.index
         if not 0 <= expert_id < spec.num_experts:
             raise ExpertIdError(f"layer {i}: expert id {expert_id} out of range [0, {spec.num_experts})")
-        next(self._ticks, None)
+        with self._tick_lock:
+            next(self._ticks, None)
         H, I = spec.hidden_size, spec.intermediate_size
         m = [self.gf.expert_matrix(self.names[w], expert_id, shape, convert=self.convert)
              for w, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I)))]

@@ -367,9 +367,15 @@ def open_checkpoint(path: str | os.PathLike, **kw) -> Checkpoint:
 
 
 def _drop_cached(info: TensorInfo) -> None:
-    fd = os.open(info.file, os.O_RDONLY)
+    drop_cached(info.file, info.offsets[0], info.nbytes)
+
+
+def drop_cached(path, offset: int, nbytes: int) -> None:
+    """Tell the OS to drop bytes [offset, offset + nbytes) of file `path` from its page cache (a disk tier's
+    reads live in its own bounded cache, not twice in memory)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, info.offsets[0], info.nbytes, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 

@@ -68,8 +68,15 @@ def cost(problem: PlacementProblem):
     model = ModelRef.of(problem.layout)
     probs = probabilities(model.layers, problem.stats)
     fmts = {t.name: {i: problem.compute_format(i, t.name) for i in problem.moe_layers} for t in (fast, slow)}
+    slow_bytes = {}
+    if slow.kind == "disk":  # read as shipped; a layer that cannot stay on disk is refused when filled there
+        for i in problem.moe_layers:
+            try:
+                slow_bytes[i] = problem.expert_bytes(i, slow.name)
+            except SettingError:
+                pass
     saved = expert_savings(model.layers, probs, problem.speeds.of(fast.name), fmts[fast.name],
-                           problem.speeds.of(slow.name), fmts[slow.name], batch=problem.batch, context=problem.context,
+                           problem.speeds.of(slow.name), fmts[slow.name], slow_bytes=slow_bytes, batch=problem.batch, context=problem.context,
                            decode_share=float(problem.options.get("decode_share", 0.5)),
                            hidden=problem.layout.hidden_size)
     keyed = []

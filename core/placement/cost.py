@@ -194,11 +194,13 @@ def predict(plan: PlacementPlan, parts: ModelParts, speeds: Speeds, stats=None, 
 
 def expert_savings(plan_shapes: Sequence, probs: dict[int, torch.Tensor], fast: TierSpeed,
                    fast_fmt: str | Mapping[int, str], slow: TierSpeed, slow_fmt: str | Mapping[int, str], *,
-                   batch: int, context: int, decode_share: float, hidden: int) -> dict[int, torch.Tensor]:
+                   batch: int, context: int, decode_share: float, hidden: int,
+                   slow_bytes: Mapping[int, int] | None = None) -> dict[int, torch.Tensor]:
     """layer -> [E] seconds saved per token of the workload by an expert living on the fast tier instead
     of the slow one: decode_share of the tokens are decode steps of `batch` tokens, the rest prompts of
     `context` tokens (the cost strategy ranks experts by this over their bytes on the fast tier). The
-    formats: one for every layer, or one per layer."""
+    formats the tiers compute in: one for every layer, or one per layer. slow_bytes: layer -> bytes one
+    expert reads on the slow tier where that is not its compute format's (the disk tier reads as shipped)."""
     out = {}
     for shape in plan_shapes:
         spec = shape.spec(hidden)
@@ -206,9 +208,10 @@ def expert_savings(plan_shapes: Sequence, probs: dict[int, torch.Tensor], fast: 
         slow_fmt_i = slow_fmt if isinstance(slow_fmt, str) else slow_fmt[shape.index]
         p = probs[shape.index]
         per_pair = 6 * hidden * spec.intermediate_size
-        d = (expert_time(slow, spec.expert_bytes(slow_fmt_i), p, batch, per_pair, slow_fmt_i)
+        slow_read = dict(slow_bytes or {}).get(shape.index) or spec.expert_bytes(slow_fmt_i)
+        d = (expert_time(slow, slow_read, p, batch, per_pair, slow_fmt_i)
              - expert_time(fast, spec.expert_bytes(fast_fmt_i), p, batch, per_pair, fast_fmt_i)) / batch
-        pf = (expert_time(slow, spec.expert_bytes(slow_fmt_i), p, context, per_pair, slow_fmt_i)
+        pf = (expert_time(slow, slow_read, p, context, per_pair, slow_fmt_i)
               - expert_time(fast, spec.expert_bytes(fast_fmt_i), p, context, per_pair, fast_fmt_i)) / context
         out[shape.index] = decode_share * d + (1.0 - decode_share) * pf
     return out

@@ -78,7 +78,7 @@ def gguf_model(path: str, registry) -> ModelInfo:
         config = gf.model_config()
         layout = gf.layout(registry)
         verify_gguf(gf, layout)
-        stored = gf.stored_bytes(experts=False)
+        stored = gf.other_bytes()
     parts = parts_from_config(config, layout)
     note = (f"GGUF: the non-expert parts held in {layout.dtype} as moetier.load reads them (the file stores them "
             f"in {format_size(stored)})")

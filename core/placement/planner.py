@@ -9,7 +9,8 @@ format. An accelerator-resident expert has no CPU copy unless `cpu_copies` asks 
 "As shipped" is per MoE layer (`layout.quantization.fmt_of`): a GGUF file's layers may each store their
 experts in another type (Q4_K_M keeps some layers' down in Q6_K), and a tier computing them as shipped
 holds each layer in its own (TierCompute.fmt None). The accelerator backends compute no GGML type, so a
-GGUF file's experts are placed on the CPU and disk tiers only.
+GGUF file's experts are placed on the CPU and disk tiers only: an accelerator tier holds its other parts
+(TierCompute.experts False), and the plan says so.
 """
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ from .strategy import ExpertTier, PlacementProblem, PlacementStrategy
 
 @dataclass(frozen=True)
 class TierCompute:
-    """Who computes the experts of a tier, in which format (None: each MoE layer in the one it ships in)."""
+    """Who computes the experts of a tier, in which format (None: each MoE layer in the one it ships in);
+    experts False: the tier holds none (its backend cannot compute them as shipped)."""
 
     backend: str
     fmt: str | None
+    experts: bool = True
 
 
 def tier_compute(layout: MoELayout, budgets: Budgets, *, cpu_backend: str, cpu_formats: tuple[str, ...],
@@ -66,14 +69,10 @@ def tier_compute(layout: MoELayout, budgets: Budgets, *, cpu_backend: str, cpu_f
     out = {}
     for t in budgets.tiers:
         if t.kind == "accelerator":
-            if q.scheme == "gguf" and t.free_bytes != 0:
-                raise SettingError(f"a GGUF file's experts stay on the CPU: the accelerator backends compute no GGML "
-                                   f"type, and tier {t.name} would hold them as stored; give --gpu-mem 0 (or plan "
-                                   "the safetensors checkpoint the file was made from)")
             backend = accelerator_backends.get(t.device)
             if backend is None:
                 raise SettingError(f"no backend is registered for {t.device} devices (tier {t.name})")
-            out[t.name] = TierCompute(backend, shipped)
+            out[t.name] = TierCompute(backend, shipped, experts=q.scheme != "gguf")
         else:  # CPU nodes, and the disk tier, computed by the CPU after a read
             out[t.name] = TierCompute(cpu_backend, cpu_fmt)
     return out
@@ -101,7 +100,12 @@ def make_plan(layout: MoELayout, parts: ModelParts, budgets: Budgets, strategy: 
         if fmt is None:
             raise SettingError("--cpu-copies holds the CPU copies of accelerator experts in one format: give --cpu-format")
         copy = CopySpec(cpu_tiers[0].name, fmt)
-    tiers = tuple(ExpertTier(t.name, t.kind, t.free_bytes, compute[t.name].fmt) for t in budgets.tiers)
+    tiers = tuple(ExpertTier(t.name, t.kind, t.free_bytes if compute[t.name].experts else 0, compute[t.name].fmt)
+                  for t in budgets.tiers)
+    without = [t.name for t in budgets.tiers if not compute[t.name].experts]
+    if without:
+        notes = tuple(notes) + (f"{', '.join(without)}: no routed experts (no backend there computes the GGML types "
+                                "the file stores them in; they stay on the CPU and disk tiers)",)
     problem = PlacementProblem(layout, tiers, stats, options, speeds, budgets.context, budgets.batch,
                                copy.tier if copy else None, copy.fmt if copy else None)
     assignment = strategy.place(problem)

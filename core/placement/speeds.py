@@ -62,10 +62,15 @@ class TierSpeed:
         """GFLOP/s the format's math runs at: bf16 for float and fp8 weights, int8 for int8/int4 and the block
         formats (GGUF, MXFP4: their kernels quantize activations to int8), whichever the tier has; a mixed
         format at its gate/up part's (two thirds of the work)."""
-        kind = get_format(fmt).gate_up.kind
-        if kind in ("int8", "int4", "gguf", "mxfp4") and self.int8_gop_per_s:
+        if on_int8_dot(fmt) and self.int8_gop_per_s:
             return self.int8_gop_per_s
         return self.bf16_gflop_per_s
+
+
+def on_int8_dot(fmt: str) -> bool:
+    """Whether the CPU kernels compute `fmt` on int8 dot products (int8 / int4 and the block formats, GGUF
+    and MXFP4, quantize the activations to int8); a mixed format by its gate/up part (two thirds of the work)."""
+    return get_format(fmt).gate_up.kind in ("int8", "int4", "gguf", "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def cpu_from_bench(path: str | Path, inventory: HardwareInventory, *, backend: s
         if r.get("batch") != 1 or r.get("threads") != threads or (backend and r.get("backend") != backend):
             continue
         try:
-            peak = int8 if get_format(r["format"]).kind in ("int8", "int4") else bf16
+            peak = int8 if on_int8_dot(r["format"]) else bf16
             reading = float(r["seconds"]) - float(r["flops"]) / (peak * GB_)
             if reading > 0:
                 rates.setdefault(r["format"], []).append(float(r["weight_bytes"]) / reading / GB_)

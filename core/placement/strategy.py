@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BudgetError, SettingError
+from ..errors import BudgetError, FormatError, SettingError
 from ..layout import MoELayout
 from .stats import ActivationStats
 
@@ -91,8 +91,15 @@ class PlacementProblem:
     def expert_bytes(self, layer: int, tier: str) -> int:
         """Bytes one expert of `layer` takes on `tier` (disk: as shipped, what a read brings in)."""
         t = self.tier(tier)
-        fmt = self.layout.quantization.fmt_of(layer) if t.kind == "disk" else self.compute_format(layer, tier)
-        return self.layout.layer(layer).experts.expert_bytes(fmt)
+        if t.kind != "disk":
+            return self.layout.layer(layer).experts.expert_bytes(self.compute_format(layer, tier))
+        try:
+            return self.layout.layer(layer).experts.expert_bytes(self.layout.quantization.fmt_of(layer))
+        except FormatError:
+            raise SettingError(f"MoE layer {layer}'s experts cannot be left on disk: the file stores them in no format "
+                               "moetier computes as stored (`moetier zoo show FILE` lists the types), so they are read "
+                               "only converted, on load; give them room in memory (a larger --cpu-mem) or leave out "
+                               "--disk") from None
 
     def tier(self, name: str) -> ExpertTier:
         for t in self.tiers:
