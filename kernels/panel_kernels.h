@@ -219,7 +219,8 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // The steps below prefetch the weight lines ahead; the group's scale (and min) lines lie between
         // them, and with short groups the hardware prefetchers alone leave them to DRAM latency. Measured
         // (one Zen 4 core, Qwen3 layer, batch 1): q4_k x1.74, q5_k x1.27, int4_g32 x1.05-1.10, int4_g64 x1.03-1.05;
-        // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there.
+        // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there (q6_k's
+        // split codes too: x0.95-1.00, A/B 2026-11-30).
         if constexpr (INT4 || MINS) prefetch_stream(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
         for (int q = 0; q < NP; ++q)
