@@ -28,11 +28,17 @@ inline namespace MOETIER_NS {
 #define MOE_PF_HINT _MM_HINT_T1
 #endif
 constexpr int PREFETCH_BYTES = MOE_PREFETCH_BYTES;
-// The `bytes` of the stream starting at p, PREFETCH_BYTES ahead (one prefetch per 64-byte line).
+// The int4 panels on the vpdpbusd path (int4, q4_0, q4_k, mxfp4) prefetch twice as far: each of their
+// bytes holds two weights, so a core spends longer per byte and a line must be asked for earlier.
+// Same-run A/B, one thread, Qwen3 layer (2026-11-30): int4_g64 x1.02-1.03, q4_k x1.05-1.07 at 8 KiB,
+// while int8 read x0.97-1.00 there and stays at 4 KiB.
+constexpr int PREFETCH_BYTES_INT4 = 2 * MOE_PREFETCH_BYTES;
+// The `bytes` of the stream starting at p, DIST bytes ahead (one prefetch per 64-byte line).
+template <int DIST = PREFETCH_BYTES>
 MOE_INLINE void prefetch_stream(const uint8_t* p, int64_t bytes) {
-    if constexpr (PREFETCH_BYTES > 0)
+    if constexpr (DIST > 0)
         for (int64_t i = 0; i < bytes; i += LINE)
-            _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES + i, MOE_PF_HINT);
+            _mm_prefetch(reinterpret_cast<const char*>(p) + DIST + i, MOE_PF_HINT);
 }
 
 // Panel q's 16 row scales of group gi as fp32, stored as the ScaleKind SK (g.scale_kind; a template
@@ -207,6 +213,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
     // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
     // half the length and decode is not bound by the instruction's latency (more would not fit the registers).
     constexpr int NS = M * NP <= 8 ? 2 : 1;
+    constexpr int PF = INT4 ? PREFETCH_BYTES_INT4 : PREFETCH_BYTES;  // prefetch distance (see there)
     const int8_t* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = xq[m];
     const int64_t ls = pn.stride();
@@ -221,7 +228,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // (one Zen 4 core, Qwen3 layer, batch 1): q4_k x1.74, q5_k x1.27, int4_g32 x1.05-1.10, int4_g64 x1.03-1.05;
         // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there (q6_k's
         // split codes too: x0.95-1.00, A/B 2026-11-30).
-        if constexpr (INT4 || MINS) prefetch_stream(pn.group(g, gi), pn.n * g.scale_bytes);
+        if constexpr (INT4 || MINS) prefetch_stream<PF>(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
         for (int q = 0; q < NP; ++q)
             scl[q] = group_scales<SK>(pn, g, gi, q).v;
@@ -286,7 +293,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             for (int l = 0; l < g.lines; ++l, p += ls) {
                 const int k = k0 + 8 * l;
                 __m512i wl[NP], wh[NP];
-                prefetch_stream(p - pn.q0 * LINE, ls);
+                prefetch_stream<PF>(p - pn.q0 * LINE, ls);
                 for (int q = 0; q < NP; ++q) {
                     const __m512i raw = _mm512_loadu_si512(p + q * LINE);
                     wl[q] = _mm512_and_si512(raw, lo4);
