@@ -21,7 +21,7 @@ linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), rea
 # A Qwen3-MoE checkpoint whose experts dominate: 4 MoE layers x 32 experts of 3 x 256 x 512 bf16 = 96 MiB
 # of experts (0.75 MiB each), 2 MiB of everything else.
 _PROBE = r"""
-import gc, json, sys, tempfile
+import gc, json, shutil, sys, tempfile
 import torch
 torch.set_num_threads(1)
 import transformers
@@ -70,6 +70,7 @@ m(torch.tensor([[1, 2, 3]]))
 m.moetier_experts.close()
 del m
 gc.collect()
+shutil.rmtree(small)
 
 before = kib("VmRSS")
 reset_peak()
