@@ -294,13 +294,14 @@ class PlacementPlan:
         """Refuse a plan made for another model (other MoE layers, expert counts or widths), or for a file
         storing its layers in other formats (a GGUF of another quantization mix: its shards would convert)."""
         mine = ModelRef.of(layout)
-        if mine.shipped_layers != self.model.shipped_layers and (mine.shipped_layers or self.model.shipped_layers):
-            differ = [i for i in self.moe_layers if dict(mine.shipped_layers).get(i) != dict(self.model.shipped_layers).get(i)]
-            i = differ[0] if differ else self.moe_layers[0]
+        planned, given = dict(self.model.shipped_layers), dict(mine.shipped_layers)
+        if planned != given:
+            differ = [i for i in self.moe_layers if planned.get(i) != given.get(i)] or [self.moe_layers[0]]
+            i = differ[0]
             raise LayoutError(f"this plan was made for a file storing MoE layer {i}'s experts as "
-                              f"{dict(self.model.shipped_layers).get(i, self.model.shipped_format)}; the model given "
-                              f"stores them as {dict(mine.shipped_layers).get(i, mine.shipped_format)} ({len(differ)} "
-                              f"layer(s) differ); make a plan for it with `moetier plan`")
+                              f"{planned.get(i, self.model.shipped_format)}; the model given stores them as "
+                              f"{given.get(i, mine.shipped_format)} ({len(differ)} layer(s) differ); make a plan for "
+                              "it with `moetier plan`")
         if (mine.hidden_size, mine.layers) != (self.model.hidden_size, self.model.layers):
             raise LayoutError(f"this plan was made for {self.model.version} ({len(self.model.layers)} MoE layers x "
                               f"{self.model.layers[0].num_experts if self.model.layers else 0} experts, hidden "

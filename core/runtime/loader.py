@@ -156,11 +156,12 @@ def _load_experts(model, gguf, *, plan, fmt, registry, inventory, threads, cache
         cache_bytes = plan.disk_cache_bytes
     ckpt = gguf if gguf is not None else Checkpoint(model)
 
-    def source_of(layer, **kw):
+    def source_of(layer, reader=None, **kw):
+        """Layer `layer`'s experts read from `reader` (default: the checkpoint or GGUF file opened for loading)."""
         if gguf is None:
-            return CheckpointExperts(ckpt, layout, layer, **kw)
+            return CheckpointExperts(reader or ckpt, layout, layer, **kw)
         # A type without a moetier format is read through the gguf dequantizer (the plan converts it).
-        return GGUFExperts(gguf, layer, convert=True, **kw)
+        return GGUFExperts(reader or gguf, layer, convert=True, **kw)
 
     cache = prefetcher = disk_ckpt = None
     built: dict[int, TieredExperts] = {}
@@ -201,10 +202,8 @@ def _load_experts(model, gguf, *, plan, fmt, registry, inventory, threads, cache
                 if len({(s.backend, s.fmt) for s in disk_specs}) != 1:
                     raise SettingError(f"layer {index}: the disk tier's experts must share one backend and format")
                 d = disk_specs[0]
-                disk_source = (GGUFExperts(disk_ckpt, layer, convert=True) if gguf is not None else
-                               CheckpointExperts(disk_ckpt, layout, layer))
-                disk = DiskShard(index, layer.experts, [e for s in disk_specs for e in s.experts], disk_source,
-                                 backend(d.backend), d.fmt, cache, prefetcher)
+                disk = DiskShard(index, layer.experts, [e for s in disk_specs for e in s.experts],
+                                 source_of(layer, disk_ckpt), backend(d.backend), d.fmt, cache, prefetcher)
             built[index] = TieredExperts(index, layer.experts, shards, disk)
             ckpt.release()  # unmap what this layer read: resident memory stays what the shards keep
         if prefetcher is not None:
