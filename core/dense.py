@@ -21,15 +21,20 @@ LINEAR_DTYPES = (torch.float32, torch.bfloat16)
 
 @dataclass(frozen=True)
 class PackedLinear:
-    """One matrix W [out_features, in_features] (and a bias) in a backend's layout: y = x W^T + b."""
+    """One matrix W [out_features, in_features] (and a bias) in a backend's layout: y = x W^T + b.
+
+    groups G > 1: a block-diagonal matrix of G blocks [out_features / G, in_features / G] (multi-head latent
+    attention's per-head W_kb / W_vb), stored as the blocks stacked [out_features, in_features / G]: block g
+    multiplies x's columns [g, g + 1) * in_features / G into outputs [g, g + 1) * out_features / G."""
 
     backend: str
     fmt: WeightFormat
     out_features: int
-    in_features: int
+    in_features: int  # x's width (all groups)
     has_bias: bool
     nbytes: int  # what the packed form occupies (padding and scales included)
     payload: Any = field(repr=False, compare=False)
+    groups: int = 1
 
 
 def check_linear_input(backend: str, packed: PackedLinear, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

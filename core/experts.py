@@ -324,9 +324,19 @@ class ExpertBackend(ABC):
     def dense_nbytes(self, payload: Any, weight: QuantizedTensor) -> int:
         return weight.nbytes
 
-    def pack_linear(self, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> PackedLinear:
+    # Whether pack_dense_grouped / compute_dense take block-diagonal matrices (PackedLinear.groups > 1).
+    grouped_dense: bool = False
+
+    def pack_dense_grouped(self, weight: QuantizedTensor, bias: torch.Tensor | None, groups: int) -> Any:
+        """Repack the stacked blocks [out, in / groups] of a block-diagonal matrix; return the payload
+        (compute_dense then gets x [T, in] for it)."""
+        raise FormatError(f"backend {self.name} computes no grouped (block-diagonal) dense matrices")
+
+    def pack_linear(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, *,
+                    groups: int = 1) -> PackedLinear:
         """A dense matrix (moetier.formats.quantize's output, or any QuantizedTensor) and its bias [out]
-        packed for `linear`."""
+        packed for `linear`. groups > 1: `weight` [out, k] holds the blocks of a block-diagonal matrix
+        [out, groups * k] stacked (moetier.dense.PackedLinear), each of out / groups rows."""
         if not isinstance(weight, QuantizedTensor):
             raise DTypeError(f"pack_linear takes a moetier.formats.QuantizedTensor (formats.quantize(w, fmt)), "
                              f"got {type(weight).__name__}")
@@ -334,12 +344,17 @@ class ExpertBackend(ABC):
             have = ", ".join(self.dense_formats) or "none"
             raise FormatError(f"backend {self.name} does not compute dense matrices in {weight.fmt}; it computes: {have}")
         out_f, in_f = weight.shape
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or out_f % groups:
+            raise ShapeError(f"groups must be a positive integer dividing out_features {out_f}, got {groups!r}")
+        if groups > 1 and not self.grouped_dense:
+            raise FormatError(f"backend {self.name} computes no grouped (block-diagonal) dense matrices")
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_f,)):
             raise ShapeError(f"bias must be a tensor of shape [{out_f}], got "
                              f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        payload = self.pack_dense(weight, None if bias is None else bias.detach().to(torch.float32).contiguous())
-        return PackedLinear(self.name, weight.fmt, out_f, in_f, bias is not None, self.dense_nbytes(payload, weight),
-                            payload)
+        bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        payload = self.pack_dense(weight, bias) if groups == 1 else self.pack_dense_grouped(weight, bias, groups)
+        return PackedLinear(self.name, weight.fmt, out_f, in_f * groups, bias is not None,
+                            self.dense_nbytes(payload, weight), payload, groups)
 
     def linear(self, packed: PackedLinear, x: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x [T, in_features] (float32 or bfloat16) -> x W^T + b [T, out_features] in out_dtype (default:

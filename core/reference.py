@@ -97,12 +97,22 @@ class ReferenceBackend(ExpertBackend):
     def pack(self, layer, fmt, experts):
         return {e: DenseExpert.from_tensors(t, self.precision) for e, t in experts.items()}
 
+    grouped_dense = True
+
     def pack_dense(self, weight, bias):
         return weight.dequantize(self.precision), None if bias is None else bias.to(self.precision)
 
+    def pack_dense_grouped(self, weight, bias, groups):
+        return self.pack_dense(weight, bias)
+
     def compute_dense(self, packed, x, out_dtype):
         w, b = packed.payload
-        y = x.to(self.precision) @ w.T
+        if packed.groups > 1:  # block g of w times x's g-th slice of columns
+            G = packed.groups
+            y = torch.einsum("tgk,gnk->tgn", x.to(self.precision).view(x.shape[0], G, -1),
+                             w.view(G, -1, w.shape[1])).reshape(x.shape[0], -1)
+        else:
+            y = x.to(self.precision) @ w.T
         return (y if b is None else y + b).to(out_dtype)
 
     attention_dtypes = ATTENTION_DTYPES

@@ -286,15 +286,17 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
     py::class_<DenseLinear>(m, "DenseLinear", py::module_local(),
                             "one dense matrix W [out, in] in the packed layout: y = x W^T + b on the experts' kernels")
         .def(py::init([](int out_features, int in_features, const std::string& fmt, bool has_bias,
-                         bool int8_activations, bool fp8_vbmi) {
+                         bool int8_activations, bool fp8_vbmi, int groups) {
                  return new DenseLinear(out_features, in_features, parse_format(fmt), has_bias, int8_activations,
-                                        fp8_vbmi);
+                                        fp8_vbmi, groups);
              }),
              py::arg("out_features"), py::arg("in_features"), py::arg("fmt"), py::arg("has_bias") = false,
-             py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true)
+             py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true, py::arg("groups") = 1,
+             "groups > 1: block-diagonal, rows [g N/G, (g+1) N/G) times x's columns [g K, (g+1) K)")
         .def_property_readonly("nbytes", &DenseLinear::bytes, "packed bytes (panels padded to 16 rows, scales)")
         .def_property_readonly("out_features", [](const DenseLinear& d) { return d.geometry().N; })
         .def_property_readonly("in_features", [](const DenseLinear& d) { return d.geometry().K; })
+        .def_property_readonly("groups", &DenseLinear::groups)
         .def_property_readonly("fp8_vbmi", &DenseLinear::fp8_vbmi)
         .def(
             "pack",
@@ -312,7 +314,7 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
             "forward",
             [](const DenseLinear& d, ThreadPool& pool, py::array x, bool x_bf16, py::array out, bool out_bf16) {
                 int T = 0;
-                const void* xp = dense_input(x, d.geometry().K, x_bf16, T);
+                const void* xp = dense_input(x, d.in_width(), x_bf16, T);
                 void* op = dense_output(d, out, T, out_bf16);
                 if (T == 0) return;
                 py::gil_scoped_release release;

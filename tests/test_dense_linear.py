@@ -249,3 +249,62 @@ def test_several_matrices_in_one_call_compute_what_each_does(variant, fmt, T, mo
     with pytest.raises(ValueError, match="differ"):
         backend._ext.dense_forward_many(backend._kernel_pool, [packed[0].payload, other.payload], x.numpy(), False,
                                         [torch.empty(T, 256).numpy(), torch.empty(T, 32).numpy()], False)
+
+
+# ---- grouped (block-diagonal) matrices: multi-head latent attention's per-head W_kb / W_vb -------------
+
+def grouped_reference(q: QuantizedTensor, groups: int, x: torch.Tensor, b) -> torch.Tensor:
+    """x [T, G k] times the block-diagonal matrix of q's stacked blocks, in float64."""
+    w = q.dequantize(torch.float64)
+    blocks = w.view(groups, -1, w.shape[1])
+    y = torch.einsum("tgk,gnk->tgn", x.double().view(x.shape[0], groups, -1), blocks).reshape(x.shape[0], -1)
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4_g64", "fp8_e4m3", "q8_0"])
+def test_grouped_matrices_match_the_oracle(variant, fmt, monkeypatch):
+    """Blocks of 16 rows (four groups share a bundle), 48 (groups straddle bundles), 128 and 512 rows (a
+    group spans bundles), over 1-5 tokens; each token's row of x meets only its own block (a block that
+    read another group's x moves the error to ~1)."""
+    backend = make_backend(variant, monkeypatch, threads=2)
+    gen = fresh_gen()
+    for rows, K, G in ((16, 256, 12), (48, 320, 5), (128, 256, 6), (512, 256, 3)):
+        q = quantize(torch.randn(rows * G, K, generator=gen) / K ** 0.5, fmt)
+        b = torch.randn(rows * G, generator=gen) if G % 2 else None
+        packed = backend.pack_linear(q, b, groups=G)
+        assert (packed.groups, packed.in_features, packed.out_features) == (G, G * K, G * rows)
+        for T in (1, 2, 5):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(T, G * K, generator=gen).to(dtype)
+                y = backend.linear(packed, x)
+                assert y.shape == (T, rows * G) and y.dtype == dtype
+                err = rel_err(y, grouped_reference(q, G, x, b))
+                limit = max(bound(variant, fmt, 1, K, backend), 4e-3 if dtype == torch.bfloat16 else 0)
+                assert err <= limit, f"{variant} {fmt} rows={rows} G={G} T={T} {dtype}: {err:.2e} > {limit:g}"
+        # the reference backend computes the same block-diagonal product
+        o = oracle()
+        x = torch.randn(2, G * K, generator=gen)
+        assert rel_err(o.linear(o.pack_linear(q, b, groups=G), x), grouped_reference(q, G, x, b)) < 1e-7  # fp32 output
+
+
+def test_grouped_matrices_are_refused_where_they_cannot_be_packed(monkeypatch):
+    backend = make_backend(RUNNABLE[-1], monkeypatch)
+    q = quantize(torch.randn(96, 64), "bf16")
+    with pytest.raises(ShapeError, match="16-row panels per group"):
+        backend.pack_linear(q, groups=12)  # 8 rows per group
+    with pytest.raises(ShapeError, match="dividing out_features 96"):
+        backend.pack_linear(q, groups=5)
+    with pytest.raises(ShapeError, match="positive integer"):
+        backend.pack_linear(q, groups=0)
+    packed = backend.pack_linear(q, groups=3)
+    with pytest.raises(ShapeError, match=r"\[T, 192\]"):
+        backend.linear(packed, torch.randn(1, 64))
+    # never one of several matrices sharing an input
+    plain = backend.pack_linear(quantize(torch.randn(32, 192), "bf16"))
+    x = torch.randn(1, 192)
+    a, c = backend.compute_dense_many([packed, plain], x, torch.float32)
+    assert torch.equal(a, backend.linear(packed, x)) and torch.equal(c, backend.linear(plain, x))
+    backend.grouped_dense = False  # as a backend without block-diagonal kernels declares
+    with pytest.raises(FormatError, match="grouped"):
+        backend.pack_linear(q, groups=3)

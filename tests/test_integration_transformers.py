@@ -330,7 +330,12 @@ def test_dense_layers_move_onto_the_experts_backend(prepared, family, version):
         assert (routing.backend, routing.fmt) == (backend.name, "bf16")
         ours = [m for m in model.modules() if isinstance(m, MoetierLinear)]
         left = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
-        assert routing.matrices == len(ours) > 0
+        # MLA's per-head W_kb / W_vb are packed beside the linears (two block-diagonal matrices per module)
+        from moetier.integrations.transformers.mla import PACKED_ATTR
+
+        absorbed = [n for n in model.moetier_mla if hasattr(model.get_submodule(n), PACKED_ATTR)]
+        assert absorbed == (model.moetier_mla if backend.grouped_dense else [])
+        assert routing.matrices == len(ours) + 2 * len(absorbed) and len(ours) > 0
         assert left == routers(model, p.layout) | {f"{n}.kv_b_proj" for n in model.moetier_mla}
         assert all(m.packed.backend == backend.name and m.weight.dtype == torch.bfloat16 for m in ours)
         assert routing.replaced_nbytes <= routing.nbytes <= 1.1 * routing.replaced_nbytes + len(ours) * 65536

@@ -59,3 +59,38 @@ def test_absorbed_decode_is_transformers_decode(tmp_path, family, version):
     assert torch.equal(absorbed, expanded), (absorbed, expanded)
     err = ((logits - want).abs().amax(-1) / want.abs().amax(-1)).max()
     assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("family,version", CASES)
+def test_absorbed_decode_on_the_dense_kernels_is_transformers_decode(tmp_path, family, version):
+    """With the dense layers on a native backend, W_kb / W_vb are packed there as one block per head
+    (moetier.dense.PackedLinear.groups) and the decode reads them instead of kv_b; in fp32 (the kernels' exact
+    fp32 path at these widths) greedy tokens equal transformers' expanded forward and the logits agree within
+    1e-5 of their scale, as the torch products do."""
+    from moetier.integrations.transformers.mla import PACKED_ATTR
+
+    registry = load_registry()
+    registry.family(family).tiny(version, str(tmp_path), quant=None, seed=3)
+    model = moetier.load(tmp_path, dtype=torch.float32, device="cpu", progress=False, threads=1)
+    try:
+        routing, mods = model.moetier_dense, mla_modules(model)
+        backend = next(iter(model.moetier_experts.values())).shards[0].backend
+        if not getattr(backend, "grouped_dense", False):
+            pytest.skip(f"{backend.name} computes no grouped dense matrices")
+        packed = [getattr(m, PACKED_ATTR) for m in mods.values()]
+        assert len(packed) == len(mods) > 0
+        for (be, w_k, w_v), m in zip(packed, mods.values()):
+            assert be is backend and w_k.groups == w_v.groups == m.num_heads
+            assert (w_k.in_features, w_k.out_features) == (m.num_heads * m.qk_nope_head_dim, m.num_heads * m.kv_lora_rank)
+            assert (w_v.in_features, w_v.out_features) == (m.num_heads * m.kv_lora_rank, m.num_heads * m.v_head_dim)
+        assert routing.backend == backend.name and routing.matrices >= 2 * len(mods)
+        ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+        absorbed, logits = greedy(model, ids, 16)
+        for m in mods.values():
+            m.forward = m._moetier_expanded_forward
+        expanded, want = greedy(model, ids, 16)
+    finally:
+        model.moetier_experts.close()
+    assert torch.equal(absorbed, expanded), (absorbed, expanded)
+    err = ((logits - want).abs().amax(-1) / want.abs().amax(-1)).max()
+    assert err <= 1e-5, err

@@ -197,6 +197,18 @@ class NativeBackend(ExpertBackend):
         packed.pack(*_panel_source(weight), _floats(bias))
         return packed
 
+    grouped_dense = True
+
+    def pack_dense_grouped(self, weight, bias, groups):
+        out_f, in_f = weight.shape
+        if (out_f // groups) % 16:
+            raise ShapeError(f"backend {self.name} packs grouped matrices of whole 16-row panels per group: "
+                             f"{out_f} rows in {groups} groups are {out_f / groups:g} per group")
+        packed = self._ext.DenseLinear(out_f, in_f, _layout(weight.fmt), bias is not None, self.int8_activations,
+                                       self.fp8_vbmi, groups)
+        packed.pack(*_panel_source(weight), _floats(bias))
+        return packed
+
     def dense_nbytes(self, payload, weight) -> int:
         return payload.nbytes  # panels padded to 16 rows, scales beside them
 
@@ -209,7 +221,8 @@ class NativeBackend(ExpertBackend):
     def compute_dense_many(self, packed, x, out_dtype):
         # One kernel call for matrices of one format and width (a layer's q, k, v): x converted once, one
         # pool dispatch instead of one per matrix.
-        if len(packed) < 2 or any(p.fmt != packed[0].fmt or p.in_features != packed[0].in_features for p in packed):
+        if len(packed) < 2 or any(p.fmt != packed[0].fmt or p.in_features != packed[0].in_features or p.groups > 1
+                                  for p in packed):
             return super().compute_dense_many(packed, x, out_dtype)
         outs = [torch.empty(x.shape[0], p.out_features, dtype=out_dtype) for p in packed]
         self._ext.dense_forward_many(self._kernel_pool, [p.payload for p in packed], _storage(x),

@@ -399,8 +399,11 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             dense_backend, dense_fmt = dense_mod.choose_dense_backend(list(experts.backends.values()), dense_format,
                                                                       dtype)
             if dense_backend is not None:
-                hf_model.moetier_dense = dense_mod.route_dense(
-                    hf_model, layout, dense_backend, dense_fmt, keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla})
+                routed = dense_mod.route_dense(hf_model, layout, dense_backend, dense_fmt,
+                                               keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla})
+                # MLA's per-head W_kb / W_vb beside them (kv_b_proj itself stays for the prefill)
+                hf_model.moetier_dense = mla.route_absorbed(hf_model, hf_model.moetier_mla, dense_backend, dense_fmt,
+                                                            routed)
             attention_backend = attention_mod.choose_attention_backend(
                 list(experts.backends.values()), dtype, attn_implementation, hf_model.config._attn_implementation)
             if attention_backend is not None:
