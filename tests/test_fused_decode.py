@@ -181,9 +181,12 @@ def _unfuse(model) -> None:
 # Each fused layer class with what sets it apart: Qwen3 per-head q/k norms and the fused router; Qwen2-MoE
 # q/k/v biases, a shared expert with its sigmoid gate and sliding-window layer types; GLM-4.5-Air partial
 # rotary, dense first layers and a sigmoid router with shared experts (its own module); GLM-4.7 per-head
-# q/k norms (use_qk_norm); MiniMax-M2 q/k norms over all heads and partial rotary.
+# q/k norms (use_qk_norm); MiniMax-M2 q/k norms over all heads and partial rotary. Multi-head latent
+# attention (FusedMLADecode): DeepSeek-V3 (interleaved rotary, q LoRA, dense first layer, grouped sigmoid
+# router with shared experts), Kimi-K2 (its layout of the same classes), GLM-4.7-Flash (Glm4MoeLite).
 FUSED_MODELS = [("qwen", "Qwen3-30B-A3B", "default"), ("qwen", "Qwen1.5-MoE-A2.7B", "default"),
-                ("glm", "GLM-4.5-Air", "default"), ("glm", "GLM-4.7", "default"), ("minimax", "MiniMax-M2", None)]
+                ("glm", "GLM-4.5-Air", "default"), ("glm", "GLM-4.7", "default"), ("minimax", "MiniMax-M2", None),
+                ("deepseek", "DeepSeek-V3", None), ("kimi", "Kimi-K2", None), ("glm", "GLM-4.7-Flash", None)]
 
 
 @pytest.mark.parametrize("family,version,quant", FUSED_MODELS, ids=[v for _, v, _ in FUSED_MODELS])
@@ -241,9 +244,9 @@ def test_fused_layers_in_moetiers_generate(prepared):
 
 
 def test_other_layers_and_settings_are_not_fused(prepared):
-    """Families the fusion does not reproduce keep their layers; so does a model whose attention stays on
-    transformers' sdpa (the fused layer calls the kernels' attention)."""
-    p = prepared("deepseek", "DeepSeek-V3", None, "bf16")
+    """Families the fusion does not reproduce keep their layers (DeepSeek-V2's complex rotary); so does a
+    model whose attention stays on transformers' sdpa (the fused layer calls the kernels' attention)."""
+    p = prepared("deepseek", "DeepSeek-V2-Lite", None, "bf16")
     model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False)
     try:
         assert model.moetier_fused_decode == []
@@ -255,3 +258,32 @@ def test_other_layers_and_settings_are_not_fused(prepared):
         assert model.moetier_fused_decode == []
     finally:
         model.moetier_experts.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_mla_layers_with_rotate_half_rotary(registry, tmp_path, dtype):
+    """DeepSeek-V3's layers with rope_interleave off (the rotary dims in rotate-half order, read as they
+    lie): fused, they generate the unfused model's tokens, the logits within the dtype's rounding."""
+    import json
+
+    registry.family("deepseek").tiny("DeepSeek-V3", str(tmp_path), quant=None, seed=5)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_interleave"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load(tmp_path, dtype=dtype, threads=1, progress=False)
+    try:
+        backend = next(iter(model.moetier_experts.values())).shards[0].backend
+        if dtype not in backend.rotary_dtypes or model.moetier_dense.backend is None:
+            assert model.moetier_fused_decode == []
+            pytest.skip(f"{backend.name} does not compute the fused decode's operations")
+        assert model.moetier_fused_decode == [f"model.layers.{i}" for i in range(len(model.model.layers))]
+        assert model.model.layers[0].self_attn.config.rope_interleave is False
+        model.generation_config.cache_implementation = "static"
+        tokens, logits = greedy(model)
+        _unfuse(model)
+        want, want_logits = greedy(model)
+    finally:
+        model.moetier_experts.close()
+    assert torch.equal(tokens, want)
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert float((logits - want_logits).abs().max() / want_logits.abs().max()) <= bound

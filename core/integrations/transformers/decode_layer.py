@@ -13,12 +13,19 @@ one sequence, on the CPU), makes the layer's calls itself:
 with the operations and roundings of transformers' own modules (moetier.norm, moetier.rotary; the router
 in the model's dtype, never quantized). Prefill, batches and anything else go to the layer's own forward.
 The cache update and the attention function are the ones the layer would have called.
+
+Decoder layers with multi-head latent attention (DeepSeek-V3/R1, Kimi-K2, GLM-4.7-Flash) get
+`FusedMLADecode`: the same norms and projections on the kernels, the latents' norm and both rotary
+embeddings there too (the interleaved rotary as rotate-half on de-interleaved dims, the same products and
+roundings), the absorbed attention of moetier.integrations.transformers.mla, and the MLP block as its own
+module (its router's group-limited selection in torch, the experts and shared experts on the kernels).
 """
 from __future__ import annotations
 
 import torch
 
 from ...formats import quantize
+from . import mla
 from .attention import BACKEND_ATTR, attention_forward
 from .dense import DECODE_TOKENS, MoetierLinear, dtype_format
 from .experts import RUNTIME_ATTR
@@ -33,6 +40,10 @@ NORMS = ("Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "Glm4MoeRMSNorm", "MiniMaxM2RMSNo
 # blocks (GLM's and MiniMax's sigmoid routers with their correction bias, and the shared experts they add)
 # run as transformers' own module, on the kernels through the experts and dense routing.
 ROUTERS = ("Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter")
+# Decoder layers with multi-head latent attention that `FusedMLADecode` reproduces (cos / sin rotary of
+# mla.ROPE_COS_SIN), and their norms (the Llama-family formula).
+MLA_LAYERS = ("DeepseekV3DecoderLayer", "Glm4MoeLiteDecoderLayer")
+MLA_NORMS = ("DeepseekV3RMSNorm", "Glm4MoeLiteRMSNorm")
 
 
 def _rms(module) -> tuple[torch.Tensor, float]:
@@ -115,6 +126,65 @@ class FusedDecode:
         return (x + out)[None]
 
 
+class FusedMLADecode:
+    """One multi-head-latent-attention decoder layer's decode step on `backend` (`fuse_decode_layers`)."""
+
+    def __init__(self, layer: torch.nn.Module, backend, dtype: torch.dtype):
+        attn = layer.self_attn
+        self.backend, self.dtype, self.attn, self.mlp = backend, dtype, attn, layer.mlp
+        self.layer_idx = attn.layer_idx
+        self.nope, self.rope, self.rank = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+        self.kv_a, self.o = attn.kv_a_proj_with_mqa.packed, attn.o_proj.packed
+        self.q_a, self.q_b, self.q_a_norm = attn.q_a_proj.packed, attn.q_b_proj.packed, _rms(attn.q_a_layernorm)
+        self.kv_a_norm = _rms(attn.kv_a_layernorm)
+        self.input_norm = _rms(layer.input_layernorm)
+        self.post_norm = _rms(layer.post_attention_layernorm)
+        self.interleave = bool(attn.config.rope_interleave)
+
+    def _rope_dims(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, rope] (a strided view) as the rotary kernel's rotate-half reads it: contiguous; the
+        interleaved pairs (x0, x1), (x2, x3), ... de-interleaved to (x0, x2, ..., x1, x3, ...). transformers'
+        interleaved rotary returns exactly that order, each half's products and sums as rotate-half's."""
+        if self.interleave:
+            return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        return x.contiguous()
+
+    def decode(self, hidden: torch.Tensor, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:
+        b, dtype = self.backend, self.dtype
+        nope, rope, rank = self.nope, self.rope, self.rank
+        x = hidden[0]
+        T = x.shape[0]
+        h = b.compute_rms_norm(x, *self.input_norm)
+        q_a, kv = b.compute_dense_many((self.q_a, self.kv_a), h, dtype)
+        q = b.compute_dense(self.q_b, b.compute_rms_norm(q_a, *self.q_a_norm), dtype)
+        q = q.view(T, -1, nope + rope)
+        latent = b.compute_rms_norm(kv[:, :rank], *self.kv_a_norm)  # rows read in place (stride rank + rope)
+        cos, sin = position_embeddings[0][0], position_embeddings[1][0]
+        q_rot = b.compute_rotary(self._rope_dims(q[..., nope:]), cos, sin, None, 0.0)
+        k_rot = b.compute_rotary(self._rope_dims(kv[:, None, rank:]), cos, sin, None, 0.0)
+        latents, rot = cache.update(latent.view(1, 1, T, rank), k_rot.view(1, 1, T, rope), self.layer_idx,
+                                    kwargs=kwargs)
+        out = mla.attend(self.attn, q[None, ..., :nope], q_rot[None], latents[:, 0], rot[:, 0], attention_mask)
+        x = x + b.compute_dense(self.o, out[0], dtype)
+        h = b.compute_rms_norm(x, *self.post_norm)
+        return (x + self.mlp(h[None])[0])[None]
+
+
+def _supported_mla(layer: torch.nn.Module, backend, dtype: torch.dtype) -> bool:
+    """Whether `layer` is an MLA decoder layer `FusedMLADecode` reproduces with its projections on `backend`."""
+    if type(layer).__name__ not in MLA_LAYERS or dtype not in backend.norm_dtypes or dtype not in backend.rotary_dtypes:
+        return False
+    attn = layer.self_attn
+    # The released models of these classes compress q (q_lora_rank); without it the layer's own forward runs.
+    if type(attn).__name__ not in mla.ROPE_COS_SIN or attn.q_lora_rank is None:
+        return False
+    names = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")
+    if not all(isinstance(getattr(attn, n, None), MoetierLinear) and getattr(attn, n).backend is backend for n in names):
+        return False
+    norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.kv_a_layernorm, attn.q_a_layernorm)
+    return all(type(m).__name__ in MLA_NORMS and m.weight.dtype == dtype for m in norms)
+
+
 def _supported(layer: torch.nn.Module, backend, dtype: torch.dtype) -> bool:
     """Whether `layer` is a class `FusedDecode` reproduces with every matrix on `backend`'s kernels."""
     if type(layer).__name__ not in LAYERS or dtype not in backend.norm_dtypes or dtype not in backend.rotary_dtypes \
@@ -134,9 +204,13 @@ def fuse_decode_layers(model: torch.nn.Module, backend, dtype: torch.dtype) -> l
     """Give every supported decoder layer of `model` the fused decode path on `backend`; returns their names."""
     names = []
     for name, layer in model.named_modules():
-        if not _supported(layer, backend, dtype):
+        if _supported(layer, backend, dtype):
+            fused = FusedDecode(layer, backend, dtype)
+        elif _supported_mla(layer, backend, dtype):
+            fused = FusedMLADecode(layer, backend, dtype)
+        else:
             continue
-        layer.forward = _forward(layer.forward, FusedDecode(layer, backend, dtype))
+        layer.forward = _forward(layer.forward, fused)
         names.append(name)
     return names
 

@@ -409,7 +409,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             if attention_backend is not None:
                 hf_model.moetier_attention = attention_backend.name
                 attention_mod.route_attention(hf_model, attention_backend)
-            if dense_backend is not None and attention_backend is dense_backend:
+            if dense_backend is not None:  # (layers whose attention the dense backend does not compute stay)
                 hf_model.moetier_fused_decode = decode_layer.fuse_decode_layers(hf_model, dense_backend, dtype)
             if dense_backend is not None or attention_backend is not None:
                 cpu_backends = [b for b in experts.backends.values() if b.device.type == "cpu"]
