@@ -118,9 +118,10 @@ def test_layers_keep_the_format_the_file_stores_them_in(models, tmp_path):
     assert torch.equal(got, want), (got - want).abs().max()
 
 
-def requantize_experts(src: Path, dst: Path, fmt) -> None:
+def requantize_experts(src: Path, dst: Path, fmt, dense=None) -> None:
     """A copy of a GGUF file with its routed experts in `fmt` (moetier's quantizer: llama.cpp's bytes), or in
-    fmt(tensor name) per tensor, as llama.cpp's mixes (Q4_K_M) choose a type per tensor."""
+    fmt(tensor name) per tensor, as llama.cpp's mixes (Q4_K_M) choose a type per tensor; dense(tensor name)
+    gives the other matrices' types (None: as they are)."""
     from moetier.formats import quantize
 
     reader = gguf.GGUFReader(str(src))
@@ -138,12 +139,54 @@ def requantize_experts(src: Path, dst: Path, fmt) -> None:
             f = fmt(t.name) if callable(fmt) else fmt
             q = np.stack([quantize(w[e], f).data.numpy() for e in range(shape[0])])
             writer.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType[f.upper()])
+        elif dense is not None and len(shape) == 2 and dense(t.name) is not None:
+            w = torch.from_numpy(np.array(t.data).view(np.uint16).astype(np.int32) << 16).view(torch.float32)
+            f = dense(t.name)
+            writer.add_tensor(t.name, quantize(w.reshape(shape), f).data.numpy(),
+                              raw_dtype=gguf.GGMLQuantizationType[f.upper()])
         else:
             writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _dense_types(name: str):
+    """Attention in Q8_0, the LM head in Q4_0 (a mix as llama.cpp's types write), the embedding as it is."""
+    if name.startswith("blk.") and ".attn_" in name:
+        return "q8_0"
+    return "q4_0" if name == "output.weight" else None
+
+
+def test_dense_matrices_run_in_the_types_the_file_stores(models, tmp_path):
+    """From a GGUF file the dense matrices go to the kernels in the file's own types (no dequantize and
+    requantize): attention projections in q8_0, the LM head in q4_0. Over 4 tokens (rows of 128 values:
+    the kernels' exact fp32 decode path) the logits are transformers' on the file's dequantized weights
+    to fp32 rounding (1e-5 of their scale; a misread block moves them by order 1). A dense format asked
+    for is honoured instead."""
+    from moetier.integrations.transformers.dense import MoetierLinear
+
+    folder = models["tiny"]
+    path = tmp_path / "q8-dense.gguf"
+    requantize_experts(folder / "model-BF16.gguf", path, "q8_0", dense=_dense_types)
+    ids = torch.randint(0, mb.DIMS["tiny"].vocab, (1, 4), generator=torch.Generator().manual_seed(4))
+    kw = dict(dtype=torch.float32, device="cpu", progress=False, threads=1)
+    model = mt.load(path, **kw)
+    backend = next(iter(model.moetier_experts.values())).shards[0].backend
+    if not {"q8_0", "q4_0"} <= set(backend.dense_formats):
+        model.moetier_experts.close()
+        pytest.skip(f"{backend.name} computes no GGUF dense matrices")
+    linears = {n: m.packed.fmt.name for n, m in model.named_modules() if isinstance(m, MoetierLinear)}
+    assert {f for n, f in linears.items() if ".self_attn." in n} == {"q8_0"} and linears["lm_head"] == "q4_0"
+    assert model.moetier_dense.fmt == "q4_0+q8_0"
+    got = logits(model, ids)
+    want = logits(mt.load(path, dense_format="transformers", **kw), ids)
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= 1e-5, err
+    asked = mt.load(path, dense_format="bf16", **kw)
+    assert {m.packed.fmt.name for m in asked.modules() if isinstance(m, MoetierLinear)} == {"bf16"}
+    asked.moetier_experts.close()
 
 
 def test_refusals_name_the_problem(models, tmp_path):

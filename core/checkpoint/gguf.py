@@ -448,11 +448,16 @@ class GGUFFile:
                                   + "; pass a format to convert these experts to (e.g. bf16)")
             w = self._gguf_dequantize(name, raw)
             return QuantizedTensor(FORMATS["fp32"], shape, torch.from_numpy(np.ascontiguousarray(w, np.float32)))
-        if fmt.name == "bf16":  # GGUF bf16 arrives as raw bytes
-            data = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-        else:
-            data = torch.from_numpy(raw)
-        return QuantizedTensor(fmt, shape, data.contiguous())
+        return _as_stored(fmt, shape, raw)
+
+    def matrix(self, name: str) -> QuantizedTensor | None:
+        """A 2-D tensor [out, in] (a dense layer's weight) in its native format, its bytes as stored; None for a
+        type moetier has no format for."""
+        dims = self.dims(name)
+        if len(dims) != 2:
+            raise TensorShapeError(f"{self.path}: tensor {name!r} has shape {list(dims)}, expected a matrix")
+        fmt = self.native_format(name)
+        return None if fmt is None else _as_stored(fmt, dims, np.array(self.tensor(name).data))
 
     @staticmethod
     def native_names() -> list[str]:
@@ -588,6 +593,31 @@ def read_shared(gf: GGUFFile, layer) -> SharedTensors | None:
                          gf.read_float(names["shared_down"].format(bid=i), (H, S)), gate_weight)
 
 
+def _as_stored(fmt: WeightFormat, shape: tuple[int, int], raw: np.ndarray) -> QuantizedTensor:
+    if fmt.name == "bf16":  # GGUF bf16 arrives as raw bytes
+        data = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    else:
+        data = torch.from_numpy(raw)
+    return QuantizedTensor(fmt, tuple(shape), data.reshape(shape[0], -1).contiguous())
+
+
+def tensor_names(gf: GGUFFile):
+    """name -> llama.cpp's tensor name for transformers' parameter names (the gguf package's own table, what
+    convert_hf_to_gguf.py writes by), or None where it maps none."""
+    g = gguf_package()
+    arch = next((a for a, n in g.MODEL_ARCH_NAMES.items() if n == gf.arch), None)
+    if arch is None:
+        raise LayoutError(f"{gf.path}: the gguf package does not know architecture {gf.arch!r}")
+    tmap = g.get_tensor_name_map(arch, int(gf.llm("block_count")))
+
+    def gguf_name(name: str) -> str | None:
+        if name.endswith("e_score_correction_bias"):  # a buffer named like a parameter: llama.cpp's is a bias
+            return tmap.get_name(name.removesuffix("_bias") + ".bias", try_suffixes=(".bias",))
+        return tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+
+    return gguf_name
+
+
 def hf_state_dict(gf: GGUFFile, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
                   progress: bool | None = False) -> dict[str, torch.Tensor]:
     """The tensors of the file under transformers' names: `wanted` maps each parameter or persistent buffer of
@@ -596,17 +626,10 @@ def hf_state_dict(gf: GGUFFile, wanted: dict[str, tuple[tuple[int, ...], torch.d
     kv_b_proj is put back together from the k_b / v_b halves llama.cpp's absorbed MLA stores. Each tensor is
     dequantized by its type and cast to its dtype (a tied LM head is left to transformers).
     MissingTensorError names a tensor the model needs that the file lacks."""
-    g = gguf_package()
-    arch = next((a for a, n in g.MODEL_ARCH_NAMES.items() if n == gf.arch), None)
-    if arch is None:
-        raise LayoutError(f"{gf.path}: the gguf package does not know architecture {gf.arch!r}")
-    tmap = g.get_tensor_name_map(arch, int(gf.llm("block_count")))
+    gguf_name = tensor_names(gf)
     out = {}
     for name, (shape, dtype) in track(wanted.items(), description="dense tensors", enabled=progress):
-        if name.endswith("e_score_correction_bias"):  # a buffer named like a parameter: llama.cpp's is a bias
-            gname = tmap.get_name(name.removesuffix("_bias") + ".bias", try_suffixes=(".bias",))
-        else:
-            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        gname = gguf_name(name)
         if name.endswith("kv_b_proj.weight") and gname is not None and not gf.has(gname):
             t = _kv_b(gf, gname, shape)
         elif gname is not None and gf.has(gname):

@@ -58,8 +58,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "a backend that does not compute it is an error)")
     p.add_argument("--dense-format", metavar="FMT",
                    help="format of the dense layers left on the CPU (attention, dense MLPs, LM head), computed "
-                        "by the experts' CPU backend (default: the model's dtype; 'transformers': torch's own "
-                        "layers)")
+                        "by the experts' CPU backend (default: the model's dtype, and a GGUF file's quantized "
+                        "matrices in their own types; 'transformers': torch's own layers)")
     p.add_argument("--attention", metavar="IMPL",
                    help="attention implementation: 'moetier' (decode attention on the experts' CPU backend's "
                         "kernels; the default where that backend computes it), or one of transformers' "

@@ -97,23 +97,31 @@ def choose_dense_backend(backends, dense_format: str | None, dtype: torch.dtype)
                        f"pick another format or dense_format='{KEEP}'")
 
 
-def route_dense(model: torch.nn.Module, layout, backend, fmt: str, keep=()) -> DenseRouting:
+def route_dense(model: torch.nn.Module, layout, backend, fmt: str, keep=(), stored=None) -> DenseRouting:
     """Swap every CPU `nn.Linear` of `model` but the routers (and the linears named in `keep`, whose weight
-    other code reads) for a MoetierLinear on `backend` in `fmt`."""
+    other code reads) for a MoetierLinear on `backend` in `fmt`. stored: a function of a linear's name giving
+    its weight as the checkpoint stores it (a GGUF file's Q4_K, Q6_K, ... matrices), or None; a stored matrix
+    in a format the backend computes is packed as it is instead (DenseRouting.fmt then lists the formats)."""
     skip = routers(model, layout) | set(keep)
     todo = [(name, m) for name, m in model.named_modules()
             if type(m) is torch.nn.Linear and name not in skip and m.weight.device.type == "cpu"]
     matrices = nbytes = replaced = 0
+    used = set()
     for name, m in todo:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         w = m.weight.detach()
-        packed = backend.pack_linear(quantize(w, fmt), None if m.bias is None else m.bias.detach())
+        q = stored(name) if stored is not None else None
+        if q is None or q.fmt.name not in backend.dense_formats or tuple(q.shape) != tuple(w.shape):
+            q = quantize(w, fmt)
+        packed = backend.pack_linear(q, None if m.bias is None else m.bias.detach())
         setattr(parent, child, MoetierLinear(backend, packed, w.dtype))
+        used.add(q.fmt.name)
         matrices += 1
         nbytes += packed.nbytes
         replaced += w.numel() * w.element_size()
-    return DenseRouting(backend.name, fmt, matrices, nbytes, replaced)
+    return DenseRouting(backend.name, "+".join(sorted(used)) if len(used) > 1 else fmt if not used else used.pop(),
+                        matrices, nbytes, replaced)
 
 
 class DecodeThreads:

@@ -77,6 +77,29 @@ def gguf_dense_state_dict(path: Path, hf_config, cls, dtype: torch.dtype, progre
         return hf_state_dict(gf, wanted, progress=progress)
 
 
+class gguf_matrices:
+    """A dense linear's weight as a GGUF file stores it when that is a quantized type (Q8_0, Q4_K, ...), by
+    transformers' module name; for route_dense. None for a float type (F32 / F16 / BF16: computed in the
+    model's dtype, as from a safetensors file), a type moetier has no format for, or a name the gguf
+    package maps to no tensor."""
+
+    def __init__(self, path: Path):
+        from ...checkpoint.gguf import GGUFFile, tensor_names
+
+        self._gf = GGUFFile(path)
+        self._name = tensor_names(self._gf)
+
+    def __call__(self, module_name: str):
+        gname = self._name(module_name + ".weight")
+        if gname is None or not self._gf.has(gname) or len(self._gf.dims(gname)) != 2:
+            return None
+        fmt = self._gf.native_format(gname)
+        return None if fmt is None or fmt.kind == "float" else self._gf.matrix(gname)
+
+    def close(self) -> None:
+        self._gf.close()
+
+
 def hf_model_class(folder: Path | None, raw: dict, layout):
     """(transformers config, causal-LM class, key_mapping) for the checkpoint's language model (`folder`
     None: the config comes from `raw` alone, as a GGUF file's metadata gives it).
@@ -249,7 +272,9 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     that goes (default: the plan's tier for it, else the first CUDA device when there is one, else the
     CPU). dense_format: the dense linear layers left on the CPU (attention, dense MLPs, shared experts, LM
     head; not the routers) run on the experts' CPU backend's kernels in this format (default: the model's
-    dtype, where that backend computes dense matrices; "transformers": transformers' own layers).
+    dtype, where that backend computes dense matrices; from a GGUF file, each matrix the file quantizes
+    (Q8_0, Q4_K, ...) in its own type where the backend computes it, as llama.cpp reads it; "transformers":
+    transformers' own layers).
     attn_implementation: transformers' attention implementation; unset, decode attention on the CPU runs on
     the experts' CPU backend's kernels where it computes the model's dtype ("moetier": must, else an error),
     prefill on transformers' sdpa. threads: the CPU backends' kernel threads. cache_bytes: the DRAM cache of
@@ -399,8 +424,16 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
             dense_backend, dense_fmt = dense_mod.choose_dense_backend(list(experts.backends.values()), dense_format,
                                                                       dtype)
             if dense_backend is not None:
-                routed = dense_mod.route_dense(hf_model, layout, dense_backend, dense_fmt,
-                                               keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla})
+                # A GGUF file's matrices go to the kernels in the types it stores them in (Q4_K, Q6_K, ...),
+                # unless a dense format was asked for.
+                stored = gguf_matrices(gguf_file) if gguf_file is not None and dense_format is None else None
+                try:
+                    routed = dense_mod.route_dense(hf_model, layout, dense_backend, dense_fmt,
+                                                   keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla},
+                                                   stored=stored)
+                finally:
+                    if stored is not None:
+                        stored.close()
                 # MLA's per-head W_kb / W_vb beside them (kv_b_proj itself stays for the prefill)
                 hf_model.moetier_dense = mla.route_absorbed(hf_model, hf_model.moetier_mla, dense_backend, dense_fmt,
                                                             routed)
