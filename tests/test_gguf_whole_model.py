@@ -139,11 +139,11 @@ def requantize_experts(src: Path, dst: Path, fmt, dense=None) -> None:
             f = fmt(t.name) if callable(fmt) else fmt
             q = np.stack([quantize(w[e], f).data.numpy() for e in range(shape[0])])
             writer.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType[f.upper()])
-        elif dense is not None and len(shape) == 2 and dense(t.name) is not None:
+        elif dense is not None and len(shape) >= 2 and dense(t.name) is not None:
             w = torch.from_numpy(np.array(t.data).view(np.uint16).astype(np.int32) << 16).view(torch.float32)
             f = dense(t.name)
-            writer.add_tensor(t.name, quantize(w.reshape(shape), f).data.numpy(),
-                              raw_dtype=gguf.GGMLQuantizationType[f.upper()])
+            rows = quantize(w.reshape(-1, shape[-1]), f).data.numpy()  # DeepSeek's k_b / v_b: [heads, rows, in]
+            writer.add_tensor(t.name, rows.reshape(*shape[:-1], -1), raw_dtype=gguf.GGMLQuantizationType[f.upper()])
         else:
             writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
@@ -187,6 +187,38 @@ def test_dense_matrices_run_in_the_types_the_file_stores(models, tmp_path):
     asked = mt.load(path, dense_format="bf16", **kw)
     assert {m.packed.fmt.name for m in asked.modules() if isinstance(m, MoetierLinear)} == {"bf16"}
     asked.moetier_experts.close()
+
+
+def test_mla_k_b_and_v_b_run_in_the_types_the_file_stores(models, tmp_path):
+    """DeepSeek's k_b / v_b as llama.cpp stores them (per head, quantized) are the absorbed decode's W_kb^T /
+    W_vb blocks as they are: packed in q8_0 from the file, they generate the tokens of the same model whose
+    blocks were packed in fp32 from the dequantized kv_b (the same values; rows of 32: the kernels' exact
+    fp32 decode path), the logits within 1e-5 of their scale."""
+    from moetier.integrations.transformers.mla import PACKED_ATTR, mla_modules
+
+    path = tmp_path / "kvb-q8.gguf"
+    requantize_experts(models["tiny-deepseek"] / "model-BF16.gguf", path, "q8_0",
+                       dense=lambda name: "q8_0" if ".attn_k_b." in name or ".attn_v_b." in name else None)
+    ids = torch.randint(0, mb.DIMS["tiny-deepseek"].vocab, (1, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(dtype=torch.float32, device="cpu", progress=False, threads=1)
+    runs = {}
+    for dense in (None, "fp32"):
+        model = mt.load(path, dense_format=dense, **kw)
+        try:
+            halves = [getattr(m, PACKED_ATTR, None) for m in mla_modules(model).values()]
+            if not all(halves):
+                pytest.skip("this machine's backend packs no grouped dense matrices")
+            assert {(k.fmt.name, v.fmt.name) for _, k, v in halves} == {("q8_0", "q8_0") if dense is None else
+                                                                        ("fp32", "fp32")}
+            model.generation_config.cache_implementation = "static"
+            out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+            runs[dense] = out.sequences[0], torch.stack(out.logits)[:, 0]
+        finally:
+            model.moetier_experts.close()
+    (tokens, got), (want_tokens, want) = runs[None], runs["fp32"]
+    assert torch.equal(tokens, want_tokens)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
 def test_refusals_name_the_problem(models, tmp_path):

@@ -451,13 +451,14 @@ class GGUFFile:
         return _as_stored(fmt, shape, raw)
 
     def matrix(self, name: str) -> QuantizedTensor | None:
-        """A 2-D tensor [out, in] (a dense layer's weight) in its native format, its bytes as stored; None for a
-        type moetier has no format for."""
+        """A tensor [..., in] as the matrix of its rows [out, in] (a dense layer's weight; DeepSeek's per-head
+        k_b / v_b stacked) in its native format, its bytes as stored; None for a type moetier has no format for."""
         dims = self.dims(name)
-        if len(dims) != 2:
+        if len(dims) < 2:
             raise TensorShapeError(f"{self.path}: tensor {name!r} has shape {list(dims)}, expected a matrix")
         fmt = self.native_format(name)
-        return None if fmt is None else _as_stored(fmt, dims, np.array(self.tensor(name).data))
+        shape = (math.prod(dims[:-1]), dims[-1])
+        return None if fmt is None else _as_stored(fmt, shape, np.array(self.tensor(name).data))
 
     @staticmethod
     def native_names() -> list[str]:

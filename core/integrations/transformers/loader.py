@@ -91,7 +91,18 @@ class gguf_matrices:
 
     def __call__(self, module_name: str):
         gname = self._name(module_name + ".weight")
-        if gname is None or not self._gf.has(gname) or len(self._gf.dims(gname)) != 2:
+        return None if gname is None or len(self._gf.dims(gname)) != 2 else self._quantized(gname)
+
+    def kv_b_halves(self, attention_name: str):
+        """An MLA module's k_b [heads * kv_rank, nope] and v_b [heads * v, kv_rank] as llama.cpp's absorbed
+        MLA stores them (W_kb^T / W_vb, one block per head: what mla.route_absorbed packs), each or None."""
+        gname = self._name(attention_name + ".kv_b_proj.weight")
+        if gname is None:
+            return None, None
+        return tuple(self._quantized(gname.replace("attn_kv_b", half)) for half in ("attn_k_b", "attn_v_b"))
+
+    def _quantized(self, gname: str):
+        if not self._gf.has(gname):
             return None
         fmt = self._gf.native_format(gname)
         return None if fmt is None or fmt.kind == "float" else self._gf.matrix(gname)
@@ -431,12 +442,13 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
                     routed = dense_mod.route_dense(hf_model, layout, dense_backend, dense_fmt,
                                                    keep={f"{n}.kv_b_proj" for n in hf_model.moetier_mla},
                                                    stored=stored)
+                    # MLA's per-head W_kb / W_vb beside them (kv_b_proj itself stays for the prefill)
+                    hf_model.moetier_dense = mla.route_absorbed(
+                        hf_model, hf_model.moetier_mla, dense_backend, dense_fmt, routed,
+                        stored=None if stored is None else stored.kv_b_halves)
                 finally:
                     if stored is not None:
                         stored.close()
-                # MLA's per-head W_kb / W_vb beside them (kv_b_proj itself stays for the prefill)
-                hf_model.moetier_dense = mla.route_absorbed(hf_model, hf_model.moetier_mla, dense_backend, dense_fmt,
-                                                            routed)
             attention_backend = attention_mod.choose_attention_backend(
                 list(experts.backends.values()), dtype, attn_implementation, hf_model.config._attn_implementation)
             if attention_backend is not None:

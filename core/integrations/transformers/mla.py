@@ -51,11 +51,14 @@ def absorb_mla(model: torch.nn.Module) -> list[str]:
     return sorted(modules)
 
 
-def route_absorbed(model: torch.nn.Module, names, backend, fmt: str, routing: DenseRouting) -> DenseRouting:
+def route_absorbed(model: torch.nn.Module, names, backend, fmt: str, routing: DenseRouting,
+                   stored=None) -> DenseRouting:
     """Pack each named MLA module's W_kb^T and W_vb on `backend` as block-diagonal matrices (one block per
     head) in `fmt`, or in the model's dtype where `fmt` cannot hold rows of their width (a K-quant's
     256-value blocks against 128 nope dims); modules whose blocks the backend cannot pack keep torch's
-    products. Returns `routing` with these matrices added (they replace kv_b's bytes in a decode step)."""
+    products. stored: a function of a module's name giving its (W_kb^T, W_vb) blocks as a checkpoint
+    stores them (a GGUF file's k_b / v_b), each or None; one in a format the backend computes is packed as
+    it is. Returns `routing` with these matrices added (they replace kv_b's bytes in a decode step)."""
     if not getattr(backend, "grouped_dense", False):
         return routing
     matrices, nbytes, replaced = routing.matrices, routing.nbytes, routing.replaced_nbytes
@@ -66,8 +69,11 @@ def route_absorbed(model: torch.nn.Module, names, backend, fmt: str, routing: De
         kv_b = w.view(heads, module.qk_nope_head_dim + module.v_head_dim, module.kv_lora_rank)
         k_blocks = kv_b[:, : module.qk_nope_head_dim].transpose(1, 2).reshape(-1, module.qk_nope_head_dim)
         v_blocks = kv_b[:, module.qk_nope_head_dim:].reshape(-1, module.kv_lora_rank)
+        as_stored = stored(name) if stored is not None else (None, None)
+        halves = [q if q is not None and q.fmt.name in backend.dense_formats and tuple(q.shape) == tuple(b.shape)
+                  else _quantized(b, fmt) for q, b in zip(as_stored, (k_blocks, v_blocks))]
         try:
-            packed = tuple(backend.pack_linear(_quantized(blocks, fmt), groups=heads) for blocks in (k_blocks, v_blocks))
+            packed = tuple(backend.pack_linear(q, groups=heads) for q in halves)
         except ShapeError:
             continue  # blocks the kernels do not take (not whole 16-row panels): torch's products
         setattr(module, PACKED_ATTR, (backend,) + packed)
