@@ -222,6 +222,9 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
     const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
     const __m512i e2m1_lut = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    __m512 kd[NP], kdmin[NP];  // SCALE_K: the current super-block's d and dmin per panel
+    (void)kd;
+    (void)kdmin;
     for (int gi = 0; gi < g.ngroups; ++gi) {
         // The steps below prefetch the weight lines ahead; the group's scale (and min) lines lie between
         // them, and with short groups the hardware prefetchers alone leave them to DRAM latency. Measured
@@ -230,8 +233,21 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // split codes too: x0.95-1.00, A/B 2026-11-30).
         if constexpr (INT4 || MINS) prefetch_stream<PF>(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
-        for (int q = 0; q < NP; ++q)
-            scl[q] = group_scales<SK>(pn, g, gi, q).v;
+        if constexpr (SK == SCALE_K) {
+            // The K-quants' d and dmin are per super-block of 256 values: converted once per header, not per
+            // group (q4_k: 8 groups of 32 share them). Same-run A/B, Qwen3 layer, one thread: q4_k x1.05
+            // (batches 1 and 16), q5_k x1.02-1.03, q6_k even; two threads x0.99-1.03 (2026-12-01).
+            if ((gi & ((1 << g.header_shift) - 1)) == 0)
+                for (int q = 0; q < NP; ++q) {
+                    kd[q] = f16_get(pn.d_f16(g, gi, q)).v;
+                    if constexpr (MINS) kdmin[q] = f16_get(pn.dmin_f16(g, gi, q)).v;
+                }
+            for (int q = 0; q < NP; ++q)
+                scl[q] = _mm512_mul_ps(kd[q], (g.mins ? u8_get(pn.scale_bytes(g, gi, q)) : s8_get(pn.scale_bytes(g, gi, q))).v);
+        } else {
+            for (int q = 0; q < NP; ++q)
+                scl[q] = group_scales<SK>(pn, g, gi, q).v;
+        }
         const uint8_t* p = pn.weights(g, gi, 0);
         __m512i ai[NS][NP][M];
         for (int m = 0; m < M; ++m) {
@@ -307,7 +323,9 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             }
         }
         for (int q = 0; q < NP; ++q) {
-            const __m512 mn = MINS ? group_mins<SK>(pn, g, gi, q).v : _mm512_setzero_ps();
+            __m512 mn = _mm512_setzero_ps();
+            if constexpr (MINS && SK == SCALE_K) mn = _mm512_mul_ps(kdmin[q], u8_get(pn.min_bytes(g, gi, q)).v);
+            else if constexpr (MINS) mn = group_mins<SK>(pn, g, gi, q).v;
             for (int m = 0; m < M; ++m) {
                 __m512i t = ai[0][q][m];
                 if constexpr (NS == 2) t = _mm512_add_epi32(t, ai[1][q][m]);
