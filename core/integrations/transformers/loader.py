@@ -90,8 +90,10 @@ class gguf_matrices:
         self._name = tensor_names(self._gf)
 
     def __call__(self, module_name: str):
-        gname = self._name(module_name + ".weight")
-        return None if gname is None or len(self._gf.dims(gname)) != 2 else self._quantized(gname)
+        gname = self._name(module_name + ".weight")  # (a tied LM head has no tensor of its own)
+        if gname is None or not self._gf.has(gname) or len(self._gf.dims(gname)) != 2:
+            return None
+        return self._quantized(gname)
 
     def kv_b_halves(self, attention_name: str):
         """An MLA module's k_b [heads * kv_rank, nope] and v_b [heads * v, kv_rank] as llama.cpp's absorbed
