@@ -1,4 +1,5 @@
 """The conformance suite: it passes on every backend this host runs, and it catches broken backends."""
+import dataclasses
 import subprocess
 import sys
 
@@ -86,9 +87,30 @@ class NoValidation(_Broken):
         return ForwardInputs(hidden, topk_ids.long(), topk_weights.float(), out_dtype)
 
 
+class DenseIgnoresBias(_Broken):
+    name = "test.densebias"
+
+    def compute_dense(self, packed, x, out_dtype):
+        w, _ = packed.payload
+        return super().compute_dense(dataclasses.replace(packed, payload=(w, None)), x, out_dtype)
+
+
+class GroupedAsOneBlock(_Broken):
+    """Multiplies every row of a block-diagonal matrix with the first block's inputs."""
+
+    name = "test.groupedblock"
+
+    def compute_dense(self, packed, x, out_dtype):
+        if packed.groups == 1:
+            return super().compute_dense(packed, x, out_dtype)
+        w, b = packed.payload
+        y = x[:, : w.shape[1]].to(self.precision) @ w.T
+        return (y if b is None else y + b).to(out_dtype)
+
+
 @pytest.mark.parametrize("backend,category", [
     (ComputesUnheldExperts(), "subset"), (DropsLastSlot(), "shapes"), (IgnoresInt8Scales(), "shapes"),
-    (NoValidation(), "bad-input"),
+    (NoValidation(), "bad-input"), (DenseIgnoresBias(), "dense"), (GroupedAsOneBlock(), "dense"),
 ])
 def test_the_suite_catches_broken_backends(backend, category):
     report = run_suite([backend])

@@ -301,6 +301,64 @@ def _error_case(shape: Shape, fmt: str, what: str) -> Callable[[Context], None]:
 ERROR_KINDS = ("hidden-shape", "ids-shape", "dtype", "ids-range", "non-contiguous", "nan", "device", "prepare-shape",
                "format")
 
+# Dense matrices (moetier.dense), for a CPU backend declaring dense_formats: (out, in) odd, with partial
+# blocks and a bundle of one panel, and rows long enough for int8-activation decode; grouped ones
+# (block-diagonal, `grouped_dense`) as 3 blocks of 32 rows.
+DENSE_SHAPES = ((37, 50), (200, 130), (96, 256))
+DENSE_TOKENS = (0, 1, 3, 130)
+
+
+def _dense_case(fmt: str, N: int, K: int, T: int, *, bias: bool, x_dtype=torch.float32, out_dtype=torch.float32,
+                groups: int = 1) -> Callable[[Context], float]:
+    def run(ctx: Context) -> float:
+        g = ctx.generator("dense", fmt, N, K, T, bias, str(x_dtype), str(out_dtype), groups)
+        q = quantize(torch.randn(N, K, generator=g) / K ** 0.5, fmt)
+        b = torch.randn(N, generator=g) if bias else None
+        x = torch.randn(T, groups * K, generator=g).to(x_dtype)
+        ref = ctx.oracle.compute_dense(ctx.oracle.pack_linear(q, b, groups=groups), x, torch.float64)
+        packed = ctx.backend.pack_linear(q, b, groups=groups)
+        if (packed.out_features, packed.in_features, packed.groups) != (N, groups * K, groups):
+            raise CaseFailure(f"packed as [{packed.out_features}, {packed.in_features}] in {packed.groups} groups, "
+                              f"expected [{N}, {groups * K}] in {groups}")
+        return check_close(ctx.backend.linear(packed, x, out_dtype=out_dtype), ref, fmt, out_dtype)
+    return run
+
+
+def _dense_errors(fmt: str, K: int) -> Callable[[Context], None]:
+    def run(ctx: Context) -> None:
+        packed = ctx.backend.pack_linear(quantize(torch.randn(16, K, generator=ctx.generator("dense-errors", fmt)), fmt))
+        for label, exc_type, x in (("x of another width", ShapeError, torch.randn(2, K + 1)),
+                                   ("x of one dimension", ShapeError, torch.randn(K)),
+                                   ("float16 x", DTypeError, torch.randn(2, K).half())):
+            try:
+                ctx.backend.linear(packed, x)
+            except exc_type:
+                continue
+            except Exception as exc:  # noqa: BLE001 - any other type is the failure being reported
+                raise CaseFailure(f"{label}: raised {type(exc).__name__}, expected {exc_type.__name__}") from exc
+            raise CaseFailure(f"{label}: accepted, expected {exc_type.__name__}")
+    return run
+
+
+def dense_cases(formats: tuple[str, ...], grouped: bool) -> list[Case]:
+    """The dense-matrix cases for a CPU backend computing dense matrices in `formats`."""
+    cases: list[Case] = []
+    for fmt in formats:
+        m = math.lcm(*(p.block_size or 1 for p in get_format(fmt).parts))
+        up = lambda n: -(-n // m) * m  # noqa: E731  (block formats hold whole blocks per row)
+        for N, K in DENSE_SHAPES:
+            for T in DENSE_TOKENS:
+                cases.append(Case(f"{fmt}/dense/{N}x{up(K)}/T{T}", "dense", fmt,
+                                  _dense_case(fmt, N, up(K), T, bias=T % 2 == 1)))
+        cases.append(Case(f"{fmt}/dense/bf16-in-out", "dense", fmt,
+                          _dense_case(fmt, 96, up(256), 5, bias=True, x_dtype=torch.bfloat16, out_dtype=torch.bfloat16)))
+        if grouped:
+            for T in (1, 3):
+                cases.append(Case(f"{fmt}/dense/grouped/T{T}", "dense", fmt,
+                                  _dense_case(fmt, 96, up(64), T, bias=T == 3, groups=3)))
+        cases.append(Case(f"{fmt}/dense/errors", "bad-input", fmt, _dense_errors(fmt, up(64))))
+    return cases
+
 
 def build_cases(formats: tuple[str, ...]) -> list[Case]:
     """Every case for a backend that declares `formats`."""

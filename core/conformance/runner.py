@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from ..errors import MoetierError
+from ..formats import get_format
 from ..experts import ExpertBackend
 from ..reference import oracle as make_oracle
-from .cases import Case, CaseFailure, Context, build_cases
+from .cases import Case, CaseFailure, Context, build_cases, dense_cases
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,11 @@ def run_backend(backend: ExpertBackend, *, seed: int, formats: Iterable[str] | N
             report.results.append(CaseResult(backend.name, f"{fmt}/*", "format", fmt, "skipped",
                                              f"backend does not declare format {fmt}"))
     ctx = Context(backend, make_oracle(), seed)
-    for case in build_cases(tuple(f for f in wanted if backend.computes(f))):
+    cases = build_cases(tuple(f for f in wanted if backend.computes(f)))
+    if backend.device.type == "cpu":  # dense matrices are a CPU contract (moetier.dense)
+        dense = tuple(f for f in backend.dense_formats if f in wanted and get_format(f).kind != "mixed")
+        cases += dense_cases(dense, getattr(backend, "grouped_dense", False))
+    for case in cases:
         result = run_case(backend.name, case, ctx)
         report.results.append(result)
         if progress:
