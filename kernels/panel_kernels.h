@@ -41,6 +41,16 @@ MOE_INLINE void prefetch_stream(const uint8_t* p, int64_t bytes) {
             _mm_prefetch(reinterpret_cast<const char*>(p) + DIST + i, MOE_PF_HINT);
 }
 
+// A K-quant group's 16 row scales d * sc and mins dmin * m from its super-block's d / dmin (exact; sc
+// unsigned with mins (q4_k, q5_k), signed without (q6_k)).
+MOE_INLINE V k_scales(V d, const Panels& pn, const Geometry& g, int gi, int q) {
+    const uint8_t* p = pn.scale_bytes(g, gi, q);
+    return vmul(d, g.mins ? u8_get(p) : s8_get(p));
+}
+MOE_INLINE V k_mins(V dmin, const Panels& pn, const Geometry& g, int gi, int q) {
+    return vmul(dmin, u8_get(pn.min_bytes(g, gi, q)));
+}
+
 // Panel q's 16 row scales of group gi as fp32, stored as the ScaleKind SK (g.scale_kind; a template
 // parameter, so the kernels' group loops carry no per-group dispatch: it cost int4_g64 decode 6%).
 template <int SK>
@@ -48,14 +58,13 @@ MOE_INLINE V group_scales(const Panels& pn, const Geometry& g, int gi, int q) {
     const uint8_t* p = pn.scale_bytes(g, gi, q);
     if constexpr (SK == SCALE_E8M0) return e8m0_scales(p);
     else if constexpr (SK == SCALE_F16) return f16_get(p);
-    else if constexpr (SK == SCALE_K)  // d * sc, exact; sc unsigned with mins (q4_k, q5_k), signed without (q6_k)
-        return vmul(f16_get(pn.d_f16(g, gi, q)), g.mins ? u8_get(p) : s8_get(p));
+    else if constexpr (SK == SCALE_K) return k_scales(f16_get(pn.d_f16(g, gi, q)), pn, g, gi, q);
     else return vload(reinterpret_cast<const float*>(p));
 }
 // The same for the mins of formats with mins.
 template <int SK>
 MOE_INLINE V group_mins(const Panels& pn, const Geometry& g, int gi, int q) {
-    if constexpr (SK == SCALE_K) return vmul(f16_get(pn.dmin_f16(g, gi, q)), u8_get(pn.min_bytes(g, gi, q)));
+    if constexpr (SK == SCALE_K) return k_mins(f16_get(pn.dmin_f16(g, gi, q)), pn, g, gi, q);
     else return vload(pn.mins(g, gi, q));
 }
 
@@ -222,7 +231,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
     const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
     const __m512i e2m1_lut = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-    __m512 kd[NP], kdmin[NP];  // SCALE_K: the current super-block's d and dmin per panel
+    V kd[NP], kdmin[NP];  // SCALE_K: the current super-block's d and dmin per panel
     (void)kd;
     (void)kdmin;
     for (int gi = 0; gi < g.ngroups; ++gi) {
@@ -239,11 +248,10 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             // (batches 1 and 16), q5_k x1.02-1.03, q6_k even; two threads x0.99-1.03 (2026-12-01).
             if ((gi & ((1 << g.header_shift) - 1)) == 0)
                 for (int q = 0; q < NP; ++q) {
-                    kd[q] = f16_get(pn.d_f16(g, gi, q)).v;
-                    if constexpr (MINS) kdmin[q] = f16_get(pn.dmin_f16(g, gi, q)).v;
+                    kd[q] = f16_get(pn.d_f16(g, gi, q));
+                    if constexpr (MINS) kdmin[q] = f16_get(pn.dmin_f16(g, gi, q));
                 }
-            for (int q = 0; q < NP; ++q)
-                scl[q] = _mm512_mul_ps(kd[q], (g.mins ? u8_get(pn.scale_bytes(g, gi, q)) : s8_get(pn.scale_bytes(g, gi, q))).v);
+            for (int q = 0; q < NP; ++q) scl[q] = k_scales(kd[q], pn, g, gi, q).v;
         } else {
             for (int q = 0; q < NP; ++q)
                 scl[q] = group_scales<SK>(pn, g, gi, q).v;
@@ -324,7 +332,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         }
         for (int q = 0; q < NP; ++q) {
             __m512 mn = _mm512_setzero_ps();
-            if constexpr (MINS && SK == SCALE_K) mn = _mm512_mul_ps(kdmin[q], u8_get(pn.min_bytes(g, gi, q)).v);
+            if constexpr (MINS && SK == SCALE_K) mn = k_mins(kdmin[q], pn, g, gi, q).v;
             else if constexpr (MINS) mn = group_mins<SK>(pn, g, gi, q).v;
             for (int m = 0; m < M; ++m) {
                 __m512i t = ai[0][q][m];

@@ -40,12 +40,17 @@ SHAPES = (
 TOKEN_COUNTS = (0, 1, 3, 130)
 
 
+def whole_blocks(fmt: str, n: int) -> int:
+    """n rounded up to whole blocks of `fmt` (GGUF, mxfp4: 32 or 256 inputs per row; mixed: both parts')."""
+    m = math.lcm(*(p.block_size or 1 for p in get_format(fmt).parts))
+    return -(-n // m) * m
+
+
 def shapes_for(fmt: str, shapes: tuple[Shape, ...] = SHAPES) -> tuple[Shape, ...]:
-    """`shapes` as a format can store them: block formats (GGUF, mxfp4) hold whole blocks of 32 or 256
-    inputs per row, so hidden and intermediate sizes are rounded up to the block (same experts, same k)."""
-    m = math.lcm(*(p.block_size or 1 for p in get_format(fmt).parts))  # mixed: both parts' blocks
-    up = lambda n: -(-n // m) * m  # noqa: E731
-    return tuple(Shape(s.name, s.num_experts, s.top_k, up(s.hidden), up(s.intermediate)) for s in shapes)
+    """`shapes` as a format can store them: block formats hold whole blocks per row, so hidden and
+    intermediate sizes are rounded up to the block (same experts, same k)."""
+    return tuple(Shape(s.name, s.num_experts, s.top_k, whole_blocks(fmt, s.hidden), whole_blocks(fmt, s.intermediate))
+                 for s in shapes)
 TOPK_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 10)
 
 
@@ -344,8 +349,7 @@ def dense_cases(formats: tuple[str, ...], grouped: bool) -> list[Case]:
     """The dense-matrix cases for a CPU backend computing dense matrices in `formats`."""
     cases: list[Case] = []
     for fmt in formats:
-        m = math.lcm(*(p.block_size or 1 for p in get_format(fmt).parts))
-        up = lambda n: -(-n // m) * m  # noqa: E731  (block formats hold whole blocks per row)
+        up = lambda n: whole_blocks(fmt, n)  # noqa: E731
         for N, K in DENSE_SHAPES:
             for T in DENSE_TOKENS:
                 cases.append(Case(f"{fmt}/dense/{N}x{up(K)}/T{T}", "dense", fmt,

@@ -98,7 +98,7 @@ def run_backend(backend: ExpertBackend, *, seed: int, formats: Iterable[str] | N
     cases = build_cases(tuple(f for f in wanted if backend.computes(f)))
     if backend.device.type == "cpu":  # dense matrices are a CPU contract (moetier.dense)
         dense = tuple(f for f in backend.dense_formats if f in wanted and get_format(f).kind != "mixed")
-        cases += dense_cases(dense, getattr(backend, "grouped_dense", False))
+        cases += dense_cases(dense, backend.grouped_dense)
     for case in cases:
         result = run_case(backend.name, case, ctx)
         report.results.append(result)

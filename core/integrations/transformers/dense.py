@@ -120,8 +120,7 @@ def route_dense(model: torch.nn.Module, layout, backend, fmt: str, keep=(), stor
         matrices += 1
         nbytes += packed.nbytes
         replaced += w.numel() * w.element_size()
-    return DenseRouting(backend.name, "+".join(sorted(used)) if len(used) > 1 else fmt if not used else used.pop(),
-                        matrices, nbytes, replaced)
+    return DenseRouting(backend.name, "+".join(sorted(used)) or fmt, matrices, nbytes, replaced)
 
 
 class DecodeThreads:

@@ -59,7 +59,7 @@ def route_absorbed(model: torch.nn.Module, names, backend, fmt: str, routing: De
     products. stored: a function of a module's name giving its (W_kb^T, W_vb) blocks as a checkpoint
     stores them (a GGUF file's k_b / v_b), each or None; one in a format the backend computes is packed as
     it is. Returns `routing` with these matrices added (they replace kv_b's bytes in a decode step)."""
-    if not getattr(backend, "grouped_dense", False):
+    if not backend.grouped_dense:
         return routing
     matrices, nbytes, replaced = routing.matrices, routing.nbytes, routing.replaced_nbytes
     for name in names:
