@@ -35,6 +35,7 @@ from numba.extending import intrinsic
 KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8, KIND_INT4, KIND_FP8 = range(6)
 # Block formats: the rows are the blocks' own bytes (GGUF's structs; mxfp4 codes then its e8m0 scales).
 KIND_Q8_0, KIND_Q4_0, KIND_Q4_K, KIND_Q5_K, KIND_Q6_K, KIND_MXFP4 = range(6, 12)
+KIND_Q4_1, KIND_Q5_0, KIND_Q5_1 = range(12, 15)
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
 # Rows one parallel work item covers: large enough that the per-item bookkeeping is noise, small enough
@@ -193,6 +194,35 @@ def decode_blocks(kind, n, e, r, u8, buf):
                         buf[k0 + 32 + jj] = d2 * np.float32(q2)
                         buf[k0 + 64 + jj] = d3 * np.float32(q3)
                         buf[k0 + 96 + jj] = d4 * np.float32(q4)
+    elif kind == KIND_Q4_1 or kind == KIND_Q5_0 or kind == KIND_Q5_1:
+        # d * q (+ m): 32 values per block, q5's fifth bits in a little-endian uint32 before the nibbles
+        five = kind != KIND_Q4_1
+        has_m = kind != KIND_Q5_0
+        size = 20 if kind == KIND_Q4_1 else 22 if kind == KIND_Q5_0 else 24
+        qh_at = 4 if has_m else 2
+        qs_at = qh_at + 4 if five else qh_at
+        off = np.int32(16) if kind == KIND_Q5_0 else np.int32(0)
+        for b in range(n // 32):
+            o = b * size
+            d = half_at(u8, e, r, o)
+            m = half_at(u8, e, r, o + 2) if has_m else np.float32(0.0)
+            qh = np.int32(0)
+            if five:
+                qh = (np.int32(u8[e, r, o + qh_at]) | (np.int32(u8[e, r, o + qh_at + 1]) << np.int32(8))
+                      | (np.int32(u8[e, r, o + qh_at + 2]) << np.int32(16)) | (np.int32(u8[e, r, o + qh_at + 3]) << np.int32(24)))
+            for j in range(16):
+                q = np.int32(u8[e, r, o + qs_at + j])
+                lo = q & np.int32(15)
+                hi = q >> np.int32(4)
+                if five:
+                    lo |= ((qh >> np.int32(j)) & np.int32(1)) << np.int32(4)
+                    hi |= ((qh >> np.int32(j + 16)) & np.int32(1)) << np.int32(4)
+                if has_m:
+                    buf[b * 32 + j] = d * np.float32(lo) + m
+                    buf[b * 32 + 16 + j] = d * np.float32(hi) + m
+                else:
+                    buf[b * 32 + j] = d * np.float32(lo - off)
+                    buf[b * 32 + 16 + j] = d * np.float32(hi - off)
     else:  # KIND_MXFP4: n/2 code bytes (element 2j low nibble, 2j+1 high), then n/32 e8m0 scale bytes
         codes_end = n // 2
         for b in range(n // 32):

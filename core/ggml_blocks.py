@@ -9,6 +9,12 @@ roundings, never a fused multiply-add).
     q8_0  32 values, 34 bytes : f16 d | i8 qs[32]                        x[j] = d * qs[j]
     q4_0  32 values, 18 bytes : f16 d | u8 qs[16]                        x[j] = d * ((qs[j] & 15) - 8),
                                                                          x[j+16] = d * ((qs[j] >> 4) - 8)
+    q4_1  32 values, 20 bytes : f16 d | f16 m | u8 qs[16]                x[j] = d * (qs[j] & 15) + m,
+                                                                         x[j+16] = d * (qs[j] >> 4) + m
+    q5_0  32 values, 22 bytes : f16 d | u8 qh[4] | u8 qs[16]             as q4_0 with a fifth bit, less 16:
+         q[j] = (qs[j] & 15) | bit j of qh << 4, q[j+16] = (qs[j] >> 4) | bit j+16 of qh << 4 (qh read as a
+         little-endian uint32);                                          x[j] = d * (q[j] - 16)
+    q5_1  32 values, 24 bytes : f16 d | f16 m | u8 qh[4] | u8 qs[16]     q as q5_0's, x[j] = d * q[j] + m
     q4_k 256 values, 144 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
          8 sub-blocks of 32 with 6-bit scale sc[s] and min m[s] (packing: `scale_min`);
          x[64g + l]      = (d*sc[2g])   * (qs[32g + l] & 15) - (dmin*m[2g])      g < 4, l < 32
@@ -21,7 +27,11 @@ roundings, never a fused multiply-add).
          low nibble: i=0 ql[l] & 15, i=1 ql[l+32] & 15, i=2 ql[l] >> 4, i=3 ql[l+32] >> 4;
          high two bits: (qh[l] >> 2i) & 3;  q = (low | high << 4) - 32;  x[v] = (d * scales[v // 16]) * q
 
-The quantizers: q8_0 and q4_0 reproduce `gguf.quants.quantize` (which matches llama.cpp's reference
+llama.cpp writes the 32-value types where a K-quant cannot hold a row (a row length that is not a multiple
+of 256: Q4_K falls back to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0), e.g. DeepSeek-V2-Lite's and Qwen1.5-MoE's
+expert down matrices (1408 columns) and MLA's per-head k_b (128 columns) in their Q4_K_M files.
+
+The quantizers: q8_0, q4_0, q4_1, q5_0 and q5_1 reproduce `gguf.quants.quantize` (which matches llama.cpp's reference
 quantize_row_*_ref) byte for byte. The K-quant quantizers are moetier's own plain round-to-nearest
 (min/max per sub-block, scales rounded up so no value is clamped; error <= half the stored step): valid
 blocks every llama.cpp build reads, but not the bytes llama.cpp's `make_qkx2_quants` / `make_qx_quants`
@@ -51,6 +61,9 @@ class BlockType:
 BLOCK_TYPES: dict[str, BlockType] = {
     "q8_0": BlockType("q8_0", 8, 32, 34),
     "q4_0": BlockType("q4_0", 2, 32, 18),
+    "q4_1": BlockType("q4_1", 3, 32, 20),
+    "q5_0": BlockType("q5_0", 6, 32, 22),
+    "q5_1": BlockType("q5_1", 7, 32, 24),
     "q4_k": BlockType("q4_k", 12, QK_K, 144),
     "q5_k": BlockType("q5_k", 13, QK_K, 176),
     "q6_k": BlockType("q6_k", 14, QK_K, 210),
@@ -103,9 +116,10 @@ class AffineParts:
     x[j] = scales[j // group] * codes[j] - mins[j // group] (in fp32, in that order: the product is exact,
     the subtraction rounds once). Every dequantizer here is this; kernels can compute on the parts."""
 
-    codes: torch.Tensor  # int8 [rows, in]: q8_0 -128..127, q4_0 -8..7, q4_k 0..15, q5_k 0..31, q6_k -32..31
+    # int8 [rows, in]: q8_0 -128..127, q4_0 -8..7, q4_1 / q4_k 0..15, q5_0 -16..15, q5_1 / q5_k 0..31, q6_k -32..31
+    codes: torch.Tensor
     scales: torch.Tensor  # fp32 [rows, in / group]
-    mins: torch.Tensor | None  # fp32 [rows, in / group] (q4_k, q5_k), else None
+    mins: torch.Tensor | None  # fp32 [rows, in / group] (q4_1, q5_1: -m; q4_k, q5_k), else None
     group: int  # values per sub-block
 
 
@@ -114,8 +128,29 @@ def _parts_q8_0(b: torch.Tensor):
 
 
 def _parts_q4_0(b: torch.Tensor):
-    qs = b[:, 2:]
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.int8) - 8, _f16(b[:, :2]), None
+    return _nibbles32(b[:, 2:]).to(torch.int8) - 8, _f16(b[:, :2]), None
+
+
+def _nibbles32(qs: torch.Tensor) -> torch.Tensor:
+    """A 32-value block's 16 nibble bytes [n, 16] -> its low 4 bits per value [n, 32] (low nibbles first)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """q5_0 / q5_1's qh [n, 4] (a little-endian uint32) -> bit j for value j, as 16 or 0 [n, 32]."""
+    return ((qh.unsqueeze(2) >> _shifts(*range(8), shape=(1, 1, 8))) & 0x01).reshape(-1, 32) << 4
+
+
+def _parts_q4_1(b: torch.Tensor):
+    return _nibbles32(b[:, 4:20]).to(torch.int8), _f16(b[:, :2]), -_f16(b[:, 2:4])
+
+
+def _parts_q5_0(b: torch.Tensor):
+    return (_nibbles32(b[:, 6:22]) | _fifth_bits(b[:, 2:6])).to(torch.int8) - 16, _f16(b[:, :2]), None
+
+
+def _parts_q5_1(b: torch.Tensor):
+    return (_nibbles32(b[:, 8:24]) | _fifth_bits(b[:, 4:8])).to(torch.int8), _f16(b[:, :2]), -_f16(b[:, 2:4])
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,11 +201,48 @@ def _q_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _q_q4_0(x: torch.Tensor) -> torch.Tensor:
-    n = x.shape[0]
     imax = x.abs().argmax(dim=1, keepdim=True)  # first of equal magnitudes, as numpy's argmax
     d = torch.gather(x, 1, imax) / -8
-    q = torch.trunc(x * _inverse(d) + 8.5).clamp(0, 15).to(_U8).view(n, 2, 16)
-    return torch.cat([_to_f16_bytes(d, "scale"), q[:, 0] | (q[:, 1] << 4)], dim=1)
+    q = torch.trunc(x * _inverse(d) + 8.5).clamp(0, 15).to(_U8)
+    return torch.cat([_to_f16_bytes(d, "scale"), _pack32(q)], dim=1)
+
+
+def _pack32(q: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [n, 32] -> the nibble bytes [n, 16]: value j low, value j + 16 high (4 bits each)."""
+    q = (q & 0x0F).view(-1, 2, 16)
+    return q[:, 0] | (q[:, 1] << 4)
+
+
+def _qh32(q: torch.Tensor) -> torch.Tensor:
+    """5-bit codes uint8 [n, 32] -> qh [n, 4]: bit j (of a little-endian uint32) = code j's fifth bit."""
+    hi = (q >> 4).view(-1, 4, 8).to(torch.int32) << torch.arange(8, dtype=torch.int32)
+    return hi.sum(dim=2).to(_U8)
+
+
+def _q_q5_0(x: torch.Tensor) -> torch.Tensor:
+    imax = x.abs().argmax(dim=1, keepdim=True)
+    d = torch.gather(x, 1, imax) / -16
+    q = torch.trunc(x * _inverse(d) + 16.5).clamp(0, 31).to(_U8)
+    return torch.cat([_to_f16_bytes(d, "scale"), _qh32(q), _pack32(q)], dim=1)
+
+
+def _q_min_max(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4_1 / q5_1 (gguf.quants' arithmetic): d = (max - min) / levels, q = trunc((x - min) / d + 0.5),
+    min stored as m; returns the fp16 bytes of d and m and the codes."""
+    mx, mn = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    d = (mx - mn) / levels
+    q = torch.trunc((x - mn) * _inverse(d) + 0.5).clamp(0, levels).to(_U8)
+    return _to_f16_bytes(d, "scale"), _to_f16_bytes(mn, "min"), q
+
+
+def _q_q4_1(x: torch.Tensor) -> torch.Tensor:
+    d_b, m_b, q = _q_min_max(x, 15)
+    return torch.cat([d_b, m_b, _pack32(q)], dim=1)
+
+
+def _q_q5_1(x: torch.Tensor) -> torch.Tensor:
+    d_b, m_b, q = _q_min_max(x, 31)
+    return torch.cat([d_b, m_b, _qh32(q), _pack32(q)], dim=1)
 
 
 def _f16_up(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -250,9 +322,11 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
 
 
 # name -> (decoder of blocks, values per sub-block)
-_PARTS = {"q8_0": (_parts_q8_0, 32), "q4_0": (_parts_q4_0, 32), "q4_k": (_parts_q4_k, 32),
+_PARTS = {"q8_0": (_parts_q8_0, 32), "q4_0": (_parts_q4_0, 32), "q4_1": (_parts_q4_1, 32),
+          "q5_0": (_parts_q5_0, 32), "q5_1": (_parts_q5_1, 32), "q4_k": (_parts_q4_k, 32),
           "q5_k": (_parts_q5_k, 32), "q6_k": (_parts_q6_k, 16)}
-_QUANT = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k}
+_QUANT = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q5_0": _q_q5_0, "q5_1": _q_q5_1,
+          "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k}
 
 
 def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts:

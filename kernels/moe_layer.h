@@ -334,7 +334,10 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
         case BF16: run_f32<NP, DecBF16, false>(mb, pn, g, x, o); break;
         // The scale kinds each format packs into (Geometry's checks): the kernels are instantiated per kind.
         case I8:
-            if (g.hbits == 1) run_f32<NP, DecSplit<1, 0>, true, true, SCALE_K>(mb, pn, g, x, o);  // q5_k
+            if (g.hbits == 1 && g.scale_kind == SCALE_F16) {
+                if (g.mins) run_f32<NP, DecSplit<1, 0>, true, true, SCALE_F16>(mb, pn, g, x, o);  // q5_1
+                else run_f32<NP, DecSplit<1, 16>, true, false, SCALE_F16>(mb, pn, g, x, o);  // q5_0
+            } else if (g.hbits == 1) run_f32<NP, DecSplit<1, 0>, true, true, SCALE_K>(mb, pn, g, x, o);  // q5_k
             else if (g.hbits == 2) run_f32<NP, DecSplit<2, 32>, true, false, SCALE_K>(mb, pn, g, x, o);  // q6_k
             else if (g.mins) run_f32<NP, DecI8, true, true>(mb, pn, g, x, o);
             else if (g.scale_kind == SCALE_F16) run_f32<NP, DecI8, true, false, SCALE_F16>(mb, pn, g, x, o);
@@ -342,6 +345,7 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
             break;
         case I4:
             if (g.mins && g.scale_kind == SCALE_K) run_f32<NP, DecU4, true, true, SCALE_K>(mb, pn, g, x, o);
+            else if (g.mins && g.scale_kind == SCALE_F16) run_f32<NP, DecU4, true, true, SCALE_F16>(mb, pn, g, x, o);  // q4_1
             else if (g.mins) run_f32<NP, DecU4, true, true>(mb, pn, g, x, o);
             else if (g.e2m1) run_f32<NP, DecE2M1, true, false, SCALE_E8M0>(mb, pn, g, x, o);
             else if (g.scale_kind == SCALE_F16) run_f32<NP, DecI4, true, false, SCALE_F16>(mb, pn, g, x, o);
@@ -368,12 +372,16 @@ MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8
                         const int32_t* const* xc, const float* xs, float* o) {
     if (fmt == I4) {
         if (g.mins && g.scale_kind == SCALE_K) gemm_int8dot<true, true, M, NP, SCALE_K>(pn, g, xq, xc, xs, o);
+        else if (g.mins && g.scale_kind == SCALE_F16) gemm_int8dot<true, true, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else if (g.mins) gemm_int8dot<true, true, M, NP>(pn, g, xq, xc, xs, o);
         else if (g.e2m1) gemm_int8dot<true, false, M, NP, SCALE_E8M0>(pn, g, xq, xc, xs, o);
         else if (g.scale_kind == SCALE_F16) gemm_int8dot<true, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<true, false, M, NP>(pn, g, xq, xc, xs, o);
     } else {
-        if (g.hbits == 1) gemm_int8dot<false, true, M, NP, SCALE_K, 1>(pn, g, xq, xc, xs, o);  // q5_k
+        if (g.hbits == 1 && g.scale_kind == SCALE_F16) {
+            if (g.mins) gemm_int8dot<false, true, M, NP, SCALE_F16, 1>(pn, g, xq, xc, xs, o);  // q5_1
+            else gemm_int8dot<false, false, M, NP, SCALE_F16, 1>(pn, g, xq, xc, xs, o);  // q5_0
+        } else if (g.hbits == 1) gemm_int8dot<false, true, M, NP, SCALE_K, 1>(pn, g, xq, xc, xs, o);  // q5_k
         else if (g.hbits == 2) gemm_int8dot<false, false, M, NP, SCALE_K, 2>(pn, g, xq, xc, xs, o);  // q6_k
         else if (g.mins) gemm_int8dot<false, true, M, NP>(pn, g, xq, xc, xs, o);
         else if (g.scale_kind == SCALE_F16) gemm_int8dot<false, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
@@ -530,7 +538,8 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
 // unsigned already and the kernel wants the plain code sums (1).
 inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
 inline int weight_offset(const Geometry& g) {
-    return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : g.hbits ? 32 : weight_offset(g.fmt);  // q6_k's codes are q + 32
+    // split codes without mins are stored q + (8 << hbits): q5_0's q + 16, q6_k's q + 32
+    return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : g.hbits ? (8 << g.hbits) : weight_offset(g.fmt);
 }
 
 // One activation row (n values, fp32 or bf16 bits) in the forms the kernels read: fp32 in xf, zero-padded

@@ -39,6 +39,11 @@ MatFormat parse_format(const std::string& name) {
     // int8 sc per 16 over 6-bit codes), the 5- and 6-bit codes split into nibbles and top bits.
     if (name == "int8_g32_f16") return {I8, 32, false, SCALE_F16};
     if (name == "int4_g32_f16") return {I4, 32, false, SCALE_F16};
+    // q4_1 / q5_1: fp16 d and m per 32 over unsigned 4- / 5-bit codes (m kept as the min -m); q5_0: fp16 d
+    // per 32 over 5-bit codes q + 16
+    if (name == "int4_g32_f16_mins") return {I4, 32, true, SCALE_F16};
+    if (name == "int5_g32_f16") return {I8, 32, false, SCALE_F16, 1};
+    if (name == "int5_g32_f16_mins") return {I8, 32, true, SCALE_F16, 1};
     if (name == "int5_g32_kscales") return {I8, 32, true, SCALE_K, 1};
     if (name == "int4_g32_kscales") return {I4, 32, true, SCALE_K};
     if (name == "int6_g16_kscales") return {I8, 16, false, SCALE_K, 2};

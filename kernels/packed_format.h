@@ -5,7 +5,8 @@
 //     for each group of G input columns:
 //         [1 scale line: 16 fp32 scales, one per row]          (int8, int4, fp8 only)
 //         [1 min line: 16 fp32 mins, one per row]              (formats with mins only)
-//         (scales as the file has them: 16 fp16 (GGUF q8_0 / q4_0, two panels to a line) or 16
+//         (scales as the file has them: 16 fp16 (GGUF q8_0 / q4_0 / q5_0, and q4_1 / q5_1 with their
+//          mins likewise; two panels to a line) or 16
 //          e8m0 bytes (mxfp4, a bundle of four to a line) instead of fp32; K-quants: 16 sc bytes
 //          then 16 m bytes, with the fp16 d and dmin lines of the panels in a header before every
 //          8 groups (256 columns))
@@ -15,10 +16,11 @@
 // case in the kernels. Formats with mins (GGUF's K-quants) hold unsigned codes q and mean
 // w = scale * q - min per row and group: sum_k x_k w_k = scale * sum_k x_k q_k - min * sum_k x_k, so a
 // kernel subtracts min times the group's activation sum instead of dequantizing each weight.
-// The K-quants' 5- and 6-bit codes (q5_k, q6_k) keep their bits too: int8 panels whose codes are split
+// The 5- and 6-bit codes (q5_0, q5_1, q5_k, q6_k) keep their bits too: int8 panels whose codes are split
 // into int4 nibble lines, as int4 lays them out, and one high line per group holding the codes' top bits
 // (hbits 1 or 2: 32 x 1 or 16 x 2 bits per row, so a group of 32 or 16 columns ends with one line), 5.5
 // and 6.5 bits per weight instead of 8 (the kernels rebuild each code with a shift and a merge per 64).
+// Without mins the codes are stored unsigned, q + (8 << hbits): q5_0's q + 16, q6_k's q + 32.
 // int4 panels may instead hold e2m1 codes (MXFP4): the nibble indexes twice the e2m1 values (integers
 // -12..12, so the vpdpbusd path takes them as bytes too), and the scales stay e8m0 bytes read as
 // 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight; likewise
@@ -68,8 +70,8 @@ constexpr int K_SUPER = 256;  // columns per K-quant superblock: one d (and dmin
 
 // The packed format of one matrix: format code, group (int4 32/64/128; int8 0 = one scale per row, 16
 // or 32; ignored by the other formats), per-group mins, how the scales are stored (int4 panels with
-// e8m0 scales hold e2m1 codes: MXFP4), and for int8 panels of K-quant codes the high bits above each
-// code's nibble (0: plain int8 lines; 1: 5-bit codes 0..31, with mins; 2: 6-bit codes, q + 32).
+// e8m0 scales hold e2m1 codes: MXFP4), and for int8 panels of 5- or 6-bit codes the high bits above each
+// code's nibble (0: plain int8 lines; 1: 5-bit codes, 0..31 with mins, else q + 16; 2: 6-bit codes, q + 32).
 struct MatFormat {
     int fmt = F32, group = 0;
     bool mins = false;
@@ -126,14 +128,15 @@ struct Geometry {
             throw std::invalid_argument("per-group mins need int4 or grouped int8 weights");
         if (e2m1 && !(fmt == I4 && G == 32 && !mins))
             throw std::invalid_argument("e8m0 scales (e2m1 codes) need int4 panels with groups of 32 and no mins");
-        if (scale_kind == SCALE_F16 && !((fmt == I4 || (fmt == I8 && !row_scales)) && !mins))
-            throw std::invalid_argument("fp16 scales need grouped int4 / int8 panels without mins");
+        if (scale_kind == SCALE_F16 && !(fmt == I4 || (fmt == I8 && !row_scales)))
+            throw std::invalid_argument("fp16 scales need grouped int4 / int8 panels");
         if (scale_kind == SCALE_K && !(((mins && G == 32) || (!mins && fmt == I8 && G == 16)) && K % K_SUPER == 0))
             throw std::invalid_argument("K-quant scales need panels with mins and groups of 32, or int8 panels "
                                         "with groups of 16, over whole 256-column superblocks");
-        if (hbits != 0 && !(fmt == I8 && scale_kind == SCALE_K && G * hbits == 32 && mins == (hbits == 1)))
-            throw std::invalid_argument("split codes need int8 K-quant panels: 5-bit codes with mins in groups of "
-                                        "32, or 6-bit codes in groups of 16");
+        if (hbits != 0 && !(fmt == I8 && G * hbits == 32 &&
+                            ((scale_kind == SCALE_K && mins == (hbits == 1)) || (scale_kind == SCALE_F16 && hbits == 1))))
+            throw std::invalid_argument("split codes need int8 panels: K-quant 5-bit codes with mins in groups of 32 "
+                                        "or 6-bit codes in groups of 16, or 5-bit codes with fp16 scales in groups of 32");
         ngroups = Kp / G;
         lines = G / cols_per_line;
         if (hbits) {
@@ -252,11 +255,12 @@ inline uint8_t k_sub_of(float v, bool is_unsigned) {
                                     std::to_string(int(hi)) + ", got " + std::to_string(v));
     return uint8_t(int8_t(int(v)));
 }
-// Code v (the source byte: q5_k's 0..31, q6_k's signed -32..31) of row r, group column kk, into a split
+// Code v (the source byte: 0..31 with mins, else signed: q5_0's -16..15, q6_k's -32..31) of row r, group
+// column kk, into a split
 // group (hbits) at w: its low nibble where int4 keeps column kk, its top bits in the group's high line,
 // byte r * 4 + kk % 4, field 2 * (kk / 8) + (kk % 8) / 4 (the nibble vector the kernels build first).
 inline void split_code(const Geometry& g, uint8_t* w, int64_t ls, int r, int kk, uint8_t v) {
-    const int u = g.mins ? int(v) : int(int8_t(v)) + 32;
+    const int u = g.mins ? int(v) : int(int8_t(v)) + (8 << g.hbits);
     if (u < 0 || u >= (16 << g.hbits))
         throw std::invalid_argument("a " + std::to_string(4 + g.hbits) + "-bit code must be 0.." +
                                     std::to_string((16 << g.hbits) - 1) + " (stored " + std::to_string(int(int8_t(v))) +
@@ -322,14 +326,14 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                 uint8_t* w = bbase + (bd.weights(g, gi, q) - bd.base);
                 uint8_t* sc8 = bbase + (bd.scale_bytes(g, gi, q) - bd.base);
                 float* sc = reinterpret_cast<float*>(sc8);
-                float* mn = reinterpret_cast<float*>(bbase + (bd.min_bytes(g, gi, q) - bd.base));
+                uint8_t* mn8 = bbase + (bd.min_bytes(g, gi, q) - bd.base);
                 const int g0 = gi * G, g1 = std::min(K, (gi + 1) * G);
                 for (int r = 0; r < rows; ++r) {
                     const int row = p * PANEL + r;
                     if (g.scale_kind == SCALE_K) pack_k_scales(g, bd, ps.scales, gi, q, r, row);
                     else if ((FMT == I8 && !g.row_scales) || FMT == I4) {
                         store_scale(g, sc8, r, ps.scales[int64_t(row) * sgroups_in + gi]);
-                        if (g.mins) mn[r] = ps.scales[(int64_t(N) + row) * sgroups_in + gi];
+                        if (g.mins) store_scale(g, mn8, r, ps.scales[(int64_t(N) + row) * sgroups_in + gi]);
                     } else if (FMT == I8) sc[r] = ps.scales[row];
                     else if (FMT == FP8) sc[r] = ps.scales[int64_t(row / FP8_BLOCK) * fp8_cols + gi] * 256.0f;
                 }
@@ -443,8 +447,8 @@ struct DecE2M1 {
     }
 };
 // Split K-quant codes (Geometry::hbits = HB): one call decodes a whole group, its UK columns from
-// LINES lines (the nibble lines, then the high line; `ls` apart), each code less OFF (q6_k's 32; q5_k
-// has mins and unsigned codes).
+// LINES lines (the nibble lines, then the high line; `ls` apart), each code less OFF (q5_0's 16, q6_k's
+// 32; q5_1 and q5_k have mins and unsigned codes).
 template <int HB, int OFF>
 struct DecSplit {
     static constexpr int UK = 32 / HB;

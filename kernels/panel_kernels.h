@@ -65,6 +65,7 @@ MOE_INLINE V group_scales(const Panels& pn, const Geometry& g, int gi, int q) {
 template <int SK>
 MOE_INLINE V group_mins(const Panels& pn, const Geometry& g, int gi, int q) {
     if constexpr (SK == SCALE_K) return k_mins(f16_get(pn.dmin_f16(g, gi, q)), pn, g, gi, q);
+    else if constexpr (SK == SCALE_F16) return f16_get(pn.min_bytes(g, gi, q));  // q4_1, q5_1
     else return vload(pn.mins(g, gi, q));
 }
 

@@ -1,7 +1,8 @@
-"""GGUF block formats (q8_0, q4_0, q4_k, q5_k, q6_k) against the `gguf` package, llama.cpp's own Python.
+"""GGUF block formats (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k) against the `gguf` package, llama.cpp's
+own Python.
 
 Dequantization must be bit-identical to gguf.quants.dequantize on any bytes (our reference quantizer's
-output and random bytes, NaN patterns included); q8_0/q4_0 quantization must produce gguf.quants.quantize's
+output and random bytes, NaN patterns included); the 32-value types' quantization must produce gguf.quants.quantize's
 bytes; the K-quant reference quantizers (moetier's own, no search) must stay within half a step; and
 cpu.numba's in-kernel block decoder must give the reference values.
 """
@@ -18,6 +19,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402
 
 GGUF_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
+              "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
+              "q5_1": GGMLQuantizationType.Q5_1,
               "q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K,
               "q6_k": GGMLQuantizationType.Q6_K}
 NAMES = tuple(GGUF_TYPES)
@@ -73,14 +76,15 @@ def test_dequantize_any_bytes_is_bit_identical_to_gguf(name):
                                   err_msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
-def test_q8_0_q4_0_quantize_matches_gguf_bytes(name):
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_32_value_types_quantize_to_gguf_bytes(name):
     g, seed = fresh()
     w = torch.randn(40, 96, generator=g)
     w[3] = 0.0  # an all-zero block: scale 0
     w[5, :32] = torch.tensor([0.5, -0.5, 1.5, -2.5] * 8)  # exact ties for the rounding rule
     w[6, :32] = 7.0  # a constant block
-    w[7, 5] = -w[7].abs().max() * 2  # q4_0's signed max: the most negative value leads
+    w[7, 5] = -w[7].abs().max() * 2  # q4_0 / q5_0's signed max: the most negative value leads
+    w[8, 32:64] = torch.linspace(-3, 1, 32)  # q4_1 / q5_1: min and max at the block's ends
     theirs = gguf.quants.quantize(w.numpy(), GGUF_TYPES[name])
     ours = quantize(w, name).data.numpy()
     np.testing.assert_array_equal(ours, theirs, err_msg=f"seed {seed}")
@@ -148,6 +152,23 @@ def test_known_values_q4_k_scale_packing():
     np.testing.assert_array_equal(x.numpy(), gguf.quants.dequantize(blk.numpy(), GGUF_TYPES["q4_k"])[0])
 
 
+def test_known_values_q4_1_q5_0_q5_1():
+    # d = 2 (0x4000), m = -1 (0xBC00); nibble byte j = (j & 15) | (15 - j) << 4; qh = 0xFFFF0000 sets the
+    # fifth bit of values 16..31 only.
+    nib = bytes(((j & 15) | ((15 - j) << 4)) for j in range(16))
+    lo, hi = [j for j in range(16)], [15 - j for j in range(16)]
+    qh = bytes([0x00, 0x00, 0xFF, 0xFF])
+
+    def values(name, blk):
+        nb = BLOCK_TYPES[name].type_size
+        return dequantize(QuantizedTensor(FORMATS[name], (1, 32), torch.frombuffer(bytearray(blk), dtype=torch.uint8)
+                                          .view(1, nb)))[0].tolist()
+
+    assert values("q4_1", bytes([0x00, 0x40, 0x00, 0xBC]) + nib) == [2.0 * q - 1 for q in lo + hi]
+    assert values("q5_0", bytes([0x00, 0x40]) + qh + nib) == [2.0 * (q - 16) for q in lo + [h + 16 for h in hi]]
+    assert values("q5_1", bytes([0x00, 0x40, 0x00, 0xBC]) + qh + nib) == [2.0 * q - 1 for q in lo + [h + 16 for h in hi]]
+
+
 @pytest.mark.parametrize("name", NAMES + ("mxfp4",))
 def test_numba_block_decoder_gives_the_reference_values(name):
     pytest.importorskip("numba")
@@ -167,7 +188,7 @@ def test_numba_block_decoder_gives_the_reference_values(name):
         buf = np.zeros(n + k.SCRATCH_ALIGN, np.float32)
         k.decode_row(kind, 1, n, 0, r, raw, z16, zi8, z32, np.zeros((1, rows, 0), np.float32), buf, buf.view(np.uint32))
         got[r] = buf[:n]
-    if name in ("q4_k", "q5_k"):
+    if name in ("q4_1", "q5_1", "q4_k", "q5_k"):
         # d*q - m: LLVM may fuse it into one FMA (one rounding instead of two): at most an ulp of the terms.
         tol = 2.0 ** -22 * np.abs(want).max(axis=1, keepdims=True)
         assert (np.abs(got - want) <= tol).all(), f"seed {seed}"

@@ -189,16 +189,18 @@ def test_dense_matrices_run_in_the_types_the_file_stores(models, tmp_path):
     asked.moetier_experts.close()
 
 
-def test_mla_k_b_and_v_b_run_in_the_types_the_file_stores(models, tmp_path):
-    """DeepSeek's k_b / v_b as llama.cpp stores them (per head, quantized) are the absorbed decode's W_kb^T /
-    W_vb blocks as they are: packed in q8_0 from the file, they generate the tokens of the same model whose
-    blocks were packed in fp32 from the dequantized kv_b (the same values; rows of 32: the kernels' exact
-    fp32 decode path), the logits within 1e-5 of their scale."""
+@pytest.mark.parametrize("k_b,v_b", [("q8_0", "q8_0"), ("q5_0", "q5_1")])
+def test_mla_k_b_and_v_b_run_in_the_types_the_file_stores(models, tmp_path, k_b, v_b):
+    """DeepSeek's k_b / v_b as llama.cpp stores them (per head, quantized; a Q4_K_M file's k_b is Q5_0, its
+    rows too short for a K-quant) are the absorbed decode's W_kb^T / W_vb blocks as they are: packed in their
+    types from the file, they generate the tokens of the same model whose blocks were packed in fp32 from
+    the dequantized kv_b (the same values; rows of 32: the kernels' exact fp32 decode path), the logits
+    within 1e-5 of their scale."""
     from moetier.integrations.transformers.mla import PACKED_ATTR, mla_modules
 
-    path = tmp_path / "kvb-q8.gguf"
+    path = tmp_path / f"kvb-{k_b}-{v_b}.gguf"
     requantize_experts(models["tiny-deepseek"] / "model-BF16.gguf", path, "q8_0",
-                       dense=lambda name: "q8_0" if ".attn_k_b." in name or ".attn_v_b." in name else None)
+                       dense=lambda name: k_b if ".attn_k_b." in name else v_b if ".attn_v_b." in name else None)
     ids = torch.randint(0, mb.DIMS["tiny-deepseek"].vocab, (1, 6), generator=torch.Generator().manual_seed(3))
     kw = dict(dtype=torch.float32, device="cpu", progress=False, threads=1)
     runs = {}
@@ -208,7 +210,7 @@ def test_mla_k_b_and_v_b_run_in_the_types_the_file_stores(models, tmp_path):
             halves = [getattr(m, PACKED_ATTR, None) for m in mla_modules(model).values()]
             if not all(halves):
                 pytest.skip("this machine's backend packs no grouped dense matrices")
-            assert {(k.fmt.name, v.fmt.name) for _, k, v in halves} == {("q8_0", "q8_0") if dense is None else
+            assert {(k.fmt.name, v.fmt.name) for _, k, v in halves} == {(k_b, v_b) if dense is None else
                                                                         ("fp32", "fp32")}
             model.generation_config.cache_implementation = "static"
             out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,

@@ -1,6 +1,6 @@
-"""Block formats on the native kernels. GGUF's q8_0, q4_0, q4_k, q5_k and q6_k are packed as integer codes
-with an fp32 scale (and, for the K-quants with mins, an fp32 min) per row and sub-block, which hold the
-GGUF values exactly, so the kernels multiply the file's own weights. mxfp4 keeps its e2m1 codes as they
+"""Block formats on the native kernels. GGUF's q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k and q6_k are packed as
+integer codes with the file's scale (and, for the types with mins, its min) per row and sub-block, which hold
+the GGUF values exactly, so the kernels multiply the file's own weights. mxfp4 keeps its e2m1 codes as they
 ship, in int4 panels that decode them through a table of twice the e2m1 values, with half the e8m0
 power of two as the fp32 scale per 32: the same values exactly.
 
@@ -30,7 +30,7 @@ from moetier.formats import convert, dequantize, quantize
 from test_native_common import (DOT_VARIANTS, RUNNABLE, make_backend, needs_native, random_layer, reference,
                                 rel_err, routing)
 
-GGUF = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+GGUF = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 BLOCKS = (*GGUF, "mxfp4")
 E, K, H, I = 4, 2, 256, 512
 PATHS = {"decode": 3, "mid": 24, "prefill": 80}  # tokens; E = 4, k = 2: 1-2, 12, 40 per expert
@@ -130,19 +130,26 @@ def test_the_nan_scale_of_mxfp4_is_refused(monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("layout,scale", [("int8_g32_f16", 0.1), ("int4_g32_f16", 1e-9), ("mxfp4", 0.75)])
+@pytest.mark.parametrize("layout,scale", [("int8_g32_f16", 0.1), ("int4_g32_f16", 1e-9), ("mxfp4", 0.75),
+                                          ("int5_g32_f16", 0.1), ("int4_g32_f16_mins", 0.1), ("int5_g32_f16_mins", 1e-9)])
 def test_panels_refuse_a_scale_their_storage_would_round(layout, scale, monkeypatch):
-    """Panels that keep the file's scales (fp16 for q8_0 / q4_0, e8m0 for mxfp4) take exactly those values:
-    a scale the storage cannot hold (0.1 is no fp16, 1e-9 below fp16's range, 0.75 no power of two) is a
-    ValueError of the binding, never a rounded scale."""
+    """Panels that keep the file's scales (fp16 for q8_0 / q4_0 / q5_0, fp16 scales and mins for q4_1 / q5_1,
+    e8m0 for mxfp4) take exactly those values: a scale or min the storage cannot hold (0.1 is no fp16, 1e-9
+    below fp16's range, 0.75 no power of two) is a ValueError of the binding, never a rounded one."""
     ext = make_backend(RUNNABLE[-1], monkeypatch)._ext
-    d = ext.DenseLinear(16, 64, layout)
-    codes = np.zeros(16 * 64 if layout.startswith("int8") else 16 * 32, dtype=np.uint8)
-    scales = np.full(16 * 2, scale, dtype=np.float32)
-    with pytest.raises(ValueError, match="scale"):
-        d.pack(codes, scales)
-    scales[:] = 0.5  # an fp16 value and a power of two
-    d.pack(codes, scales)
+    codes = np.zeros(16 * 32 if layout.startswith("int4") or layout == "mxfp4" else 16 * 64, dtype=np.uint8)
+    levels = 2 if layout.endswith("_mins") else 1
+    for at in range(levels):  # the scales, then (with mins) the mins
+        scales = np.full(levels * 16 * 2, 0.5, dtype=np.float32)
+        scales[at * 32 + 5] = scale
+        with pytest.raises(ValueError, match="scale"):
+            ext.DenseLinear(16, 64, layout).pack(codes, scales)
+    ext.DenseLinear(16, 64, layout).pack(codes, np.full(levels * 16 * 2, 0.5, dtype=np.float32))  # fp16, 2^-1
+    if layout.startswith("int5"):  # 5-bit codes: a wider one is refused, not cut
+        wide = codes.copy()
+        wide[7] = 32 if levels == 2 else 16  # q5_1's codes are 0..31, q5_0's -16..15
+        with pytest.raises(ValueError, match="5-bit code"):
+            ext.DenseLinear(16, 64, layout).pack(wide, np.full(levels * 16 * 2, 0.5, dtype=np.float32))
 
 
 @needs_native

@@ -31,6 +31,9 @@ TOLERANCES: dict[str, float] = {
     # blocks' own d/min/sub-scale decoding is exact in fp32 up to one rounding of d*q - m: the int8 budget.
     "q8_0": 4e-2,
     "q4_0": 4e-2,
+    "q4_1": 4e-2,
+    "q5_0": 4e-2,
+    "q5_1": 4e-2,
     "q4_k": 4e-2,
     "q5_k": 4e-2,
     "q6_k": 4e-2,
