@@ -35,7 +35,8 @@ from numba.extending import intrinsic
 KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8, KIND_INT4, KIND_FP8 = range(6)
 # Block formats: the rows are the blocks' own bytes (GGUF's structs; mxfp4 codes then its e8m0 scales).
 KIND_Q8_0, KIND_Q4_0, KIND_Q4_K, KIND_Q5_K, KIND_Q6_K, KIND_MXFP4 = range(6, 12)
-KIND_Q4_1, KIND_Q5_0, KIND_Q5_1 = range(12, 15)
+KIND_Q4_1, KIND_Q5_0, KIND_Q5_1, KIND_IQ4_NL, KIND_IQ4_XS = range(12, 17)
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
 # Rows one parallel work item covers: large enough that the per-item bookkeeping is noise, small enough
@@ -223,6 +224,26 @@ def decode_blocks(kind, n, e, r, u8, buf):
                 else:
                     buf[b * 32 + j] = d * np.float32(lo - off)
                     buf[b * 32 + 16 + j] = d * np.float32(hi - off)
+    elif kind == KIND_IQ4_NL or kind == KIND_IQ4_XS:
+        # d (iq4_xs: d * (ls - 32) per 32) times the grid value of each 4-bit index
+        xs = kind == KIND_IQ4_XS
+        for b in range(n // 32):
+            if xs:
+                o = (b // 8) * 136
+                s = b % 8
+                ls = (np.int32(u8[e, r, o + 4 + s // 2]) >> np.int32(4 * (s % 2))) & np.int32(15)
+                h = np.int32(u8[e, r, o + 2]) | (np.int32(u8[e, r, o + 3]) << np.int32(8))
+                ls |= ((h >> np.int32(2 * s)) & np.int32(3)) << np.int32(4)
+                d = half_at(u8, e, r, o) * np.float32(ls - np.int32(32))
+                q0 = o + 8 + 16 * s
+            else:
+                o = b * 18
+                d = half_at(u8, e, r, o)
+                q0 = o + 2
+            for j in range(16):
+                q = np.int32(u8[e, r, q0 + j])
+                buf[b * 32 + j] = d * IQ4_VALUES[q & np.int32(15)]
+                buf[b * 32 + 16 + j] = d * IQ4_VALUES[q >> np.int32(4)]
     else:  # KIND_MXFP4: n/2 code bytes (element 2j low nibble, 2j+1 high), then n/32 e8m0 scale bytes
         codes_end = n // 2
         for b in range(n // 32):

@@ -22,6 +22,12 @@ roundings, never a fused multiply-add).
     q5_k 256 values, 176 bytes: f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128]
          as q4_k with a fifth bit: value 64g + l adds 16 * bit (2g) of qh[l], value 64g + 32 + l adds
          16 * bit (2g + 1) of qh[l]
+    iq4_nl 32 values, 18 bytes: f16 d | u8 qs[16]                       x[j] = d * IQ4[qs[j] & 15],
+                                                                         x[j+16] = d * IQ4[qs[j] >> 4]
+         IQ4 = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113} (a non-linear grid)
+    iq4_xs 256 values, 136 bytes: f16 d | u16 scales_h | u8 scales_l[4] | u8 qs[128]
+         8 sub-blocks of 32 as iq4_nl's with scale d * (ls - 32), ls = (scales_l[s/2] >> 4 (s%2)) & 15 |
+         ((scales_h >> 2s) & 3) << 4 (6 bits)
     q6_k 256 values, 210 bytes: u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
          for half h < 2, l < 32 (ql += 64h, qh += 32h), value v = 128h + 32i + l, i < 4:
          low nibble: i=0 ql[l] & 15, i=1 ql[l+32] & 15, i=2 ql[l] >> 4, i=3 ql[l+32] >> 4;
@@ -35,7 +41,8 @@ The quantizers: q8_0, q4_0, q4_1, q5_0 and q5_1 reproduce `gguf.quants.quantize`
 quantize_row_*_ref) byte for byte. The K-quant quantizers are moetier's own plain round-to-nearest
 (min/max per sub-block, scales rounded up so no value is clamped; error <= half the stored step): valid
 blocks every llama.cpp build reads, but not the bytes llama.cpp's `make_qkx2_quants` / `make_qx_quants`
-search would choose (gguf has no K-quant quantizer to compare with).
+search would choose (gguf has no K-quant quantizer to compare with). The IQ4 quantizers are moetier's own
+too (nearest grid value under a scale that maps each block's largest magnitude to -127; gguf has none).
 """
 from __future__ import annotations
 
@@ -67,7 +74,11 @@ BLOCK_TYPES: dict[str, BlockType] = {
     "q4_k": BlockType("q4_k", 12, QK_K, 144),
     "q5_k": BlockType("q5_k", 13, QK_K, 176),
     "q6_k": BlockType("q6_k", 14, QK_K, 210),
+    "iq4_nl": BlockType("iq4_nl", 20, 32, 18),
+    "iq4_xs": BlockType("iq4_xs", 23, QK_K, 136),
 }
+IQ4_TYPES = ("iq4_nl", "iq4_xs")  # 4-bit indices into IQ4_VALUES, not codes
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 BY_GGML_TYPE = {b.ggml_type: b for b in BLOCK_TYPES.values()}
 
 _U8 = torch.uint8
@@ -116,7 +127,8 @@ class AffineParts:
     x[j] = scales[j // group] * codes[j] - mins[j // group] (in fp32, in that order: the product is exact,
     the subtraction rounds once). Every dequantizer here is this; kernels can compute on the parts."""
 
-    # int8 [rows, in]: q8_0 -128..127, q4_0 -8..7, q4_1 / q4_k 0..15, q5_0 -16..15, q5_1 / q5_k 0..31, q6_k -32..31
+    # int8 [rows, in]: q8_0 -128..127, q4_0 -8..7, q4_1 / q4_k 0..15, q5_0 -16..15, q5_1 / q5_k 0..31, q6_k -32..31,
+    # iq4: the grid values IQ4_VALUES
     codes: torch.Tensor
     scales: torch.Tensor  # fp32 [rows, in / group]
     mins: torch.Tensor | None  # fp32 [rows, in / group] (q4_1, q5_1: -m; q4_k, q5_k), else None
@@ -151,6 +163,36 @@ def _parts_q5_0(b: torch.Tensor):
 
 def _parts_q5_1(b: torch.Tensor):
     return (_nibbles32(b[:, 8:24]) | _fifth_bits(b[:, 4:8])).to(torch.int8), _f16(b[:, :2]), -_f16(b[:, 2:4])
+
+
+def _iq4_values(idx: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(IQ4_VALUES, dtype=torch.int8)[idx.long()]
+
+
+def _iq4_xs_ls(b: torch.Tensor) -> torch.Tensor:
+    """iq4_xs blocks [n, 136] -> the 6-bit sub-block scales ls [n, 8] (the scale is d * (ls - 32))."""
+    lo = ((b[:, 4:8].unsqueeze(2) >> _shifts(0, 4, shape=(1, 1, 2))) & 0x0F).reshape(-1, 8)
+    h = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)
+    hi = (h.unsqueeze(1) >> (2 * torch.arange(8, dtype=torch.int32))) & 3
+    return lo.to(torch.int32) | (hi << 4)
+
+
+def _parts_iq4_nl(b: torch.Tensor):
+    return _iq4_values(_nibbles32(b[:, 2:])), _f16(b[:, :2]), None
+
+
+def _parts_iq4_xs(b: torch.Tensor):
+    n = b.shape[0]
+    idx = _nibbles32(b[:, 8:136].reshape(n * 8, 16)).reshape(n, QK_K)
+    return _iq4_values(idx), _f16(b[:, :2]) * (_iq4_xs_ls(b) - 32).to(torch.float32), None
+
+
+def iq4_indices(name: str, data: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 iq4_nl / iq4_xs rows -> each value's 4-bit index into IQ4_VALUES, uint8 [rows, in_features]."""
+    bt = BLOCK_TYPES[name]
+    b = data.contiguous().view(-1, bt.type_size)
+    qs = b[:, 2:] if name == "iq4_nl" else b[:, 8:].reshape(-1, 16)
+    return _nibbles32(qs).reshape(data.shape[0], in_features)
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +287,45 @@ def _q_q5_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([d_b, m_b, _qh32(q), _pack32(q)], dim=1)
 
 
+def _iq4_nearest(y: torch.Tensor) -> torch.Tensor:
+    """The index of the IQ4 grid value nearest to each y (ties to the lower one)."""
+    grid = torch.tensor(IQ4_VALUES, dtype=torch.float32)
+    mid = (grid[1:] + grid[:-1]) / 2
+    return torch.bucketize(y, mid, right=False).to(_U8)
+
+
+def _iq4_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per row of x, the scale that maps its largest magnitude to the grid's -127 (the widest end)."""
+    imax = x.abs().argmax(dim=-1, keepdim=True)
+    return torch.gather(x, -1, imax) / -127
+
+
+def _q_iq4_nl(x: torch.Tensor) -> torch.Tensor:
+    d_b = _to_f16_bytes(_iq4_scale(x), "scale")
+    idx = _iq4_nearest(x * _inverse(_f16(d_b)))
+    return torch.cat([d_b, _pack32(idx)], dim=1)
+
+
+def _q_iq4_xs(x: torch.Tensor) -> torch.Tensor:
+    """Sub-block scales s (largest magnitude to -127) on the 6-bit grid d * l, d = max |s| / 31 rounded up to
+    fp16 and |l| = ceil(|s| / d) <= 31; then the nearest grid value under each sub-block's d * l."""
+    n = x.shape[0]
+    sub = x.view(n, 8, 32)
+    s = _iq4_scale(sub).squeeze(2)
+    d_b = _f16_up(s.abs().amax(dim=1, keepdim=True) / 31, "scale")
+    d = _f16(d_b)
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    # |l| rounded up: the sub-block's scale d * l is at least |s|, so no value lies past the grid's ends
+    l = torch.sign(s) * torch.ceil(s.abs() / safe)
+    ls = (torch.where(d == 0, torch.zeros_like(s), l).clamp(-31, 31) + 32).to(torch.int32)
+    step = (d * (ls - 32).to(torch.float32)).unsqueeze(2)
+    idx = _iq4_nearest(sub * _inverse(step)).view(n * 8, 32)
+    lo = (ls & 15).to(_U8).view(n, 4, 2)
+    h = ((ls >> 4) << (2 * torch.arange(8, dtype=torch.int32))).sum(dim=1)
+    h_b = torch.stack([h & 0xFF, h >> 8], dim=1).to(_U8)
+    return torch.cat([d_b, h_b, lo[:, :, 0] | (lo[:, :, 1] << 4), _pack32(idx).view(n, 128)], dim=1)
+
+
 def _f16_up(x: torch.Tensor, what: str) -> torch.Tensor:
     """fp32 [n, 1] >= 0 -> the smallest fp16 >= x, as uint8 [n, 2] (a stored super-block scale must not
     be below the one the sub-block scales were sized for)."""
@@ -324,9 +405,10 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
 # name -> (decoder of blocks, values per sub-block)
 _PARTS = {"q8_0": (_parts_q8_0, 32), "q4_0": (_parts_q4_0, 32), "q4_1": (_parts_q4_1, 32),
           "q5_0": (_parts_q5_0, 32), "q5_1": (_parts_q5_1, 32), "q4_k": (_parts_q4_k, 32),
-          "q5_k": (_parts_q5_k, 32), "q6_k": (_parts_q6_k, 16)}
+          "q5_k": (_parts_q5_k, 32), "q6_k": (_parts_q6_k, 16), "iq4_nl": (_parts_iq4_nl, 32),
+          "iq4_xs": (_parts_iq4_xs, 32)}
 _QUANT = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q5_0": _q_q5_0, "q5_1": _q_q5_1,
-          "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k}
+          "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k, "iq4_nl": _q_iq4_nl, "iq4_xs": _q_iq4_xs}
 
 
 def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts:
@@ -343,8 +425,8 @@ def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts
 @dataclass(frozen=True, eq=False)
 class KScales:
     """The two levels of a K-quant row's scales as stored: per superblock of 256 the fp16 d (and dmin) as
-    fp32, exact, per sub-block the 6-bit sc and m (q4_k, q5_k: 32 values) or the int8 sc (q6_k: 16 values);
-    AffineParts' scales are d * sc, its mins dmin * m."""
+    fp32, exact, per sub-block the 6-bit sc and m (q4_k, q5_k: 32 values) or the int8 sc (q6_k: 16 values;
+    iq4_xs: ls - 32, 32 values); AffineParts' scales are d * sc, its mins dmin * m."""
 
     d: torch.Tensor  # fp32 [rows, in / 256]
     dmin: torch.Tensor | None  # fp32 [rows, in / 256]; q6_k: None
@@ -353,11 +435,14 @@ class KScales:
 
 
 def k_scales(name: str, data: torch.Tensor, in_features: int) -> KScales:
-    """uint8 q4_k / q5_k / q6_k rows [rows, in/256 * type_size] -> their d, dmin, sc and m."""
-    if name not in ("q4_k", "q5_k", "q6_k"):
-        raise FormatError(f"{name} has no two-level scales (the K-quants q4_k, q5_k and q6_k have)")
+    """uint8 q4_k / q5_k / q6_k / iq4_xs rows [rows, in/256 * type_size] -> their d, dmin, sc and m."""
+    if name not in ("q4_k", "q5_k", "q6_k", "iq4_xs"):
+        raise FormatError(f"{name} has no two-level scales (q4_k, q5_k, q6_k and iq4_xs have)")
     b = data.contiguous().view(-1, BLOCK_TYPES[name].type_size)
     rows, blocks = data.shape[0], in_features // QK_K
+    if name == "iq4_xs":
+        return KScales(_f16(b[:, 0:2]).reshape(rows, blocks), None,
+                       (_iq4_xs_ls(b) - 32).to(torch.int8).reshape(rows, blocks * 8), None)
     if name == "q6_k":
         return KScales(_f16(b[:, 208:210]).reshape(rows, blocks), None,
                        b[:, 192:208].contiguous().view(torch.int8).reshape(rows, blocks * 16), None)

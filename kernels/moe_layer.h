@@ -348,6 +348,8 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
             else if (g.mins && g.scale_kind == SCALE_F16) run_f32<NP, DecU4, true, true, SCALE_F16>(mb, pn, g, x, o);  // q4_1
             else if (g.mins) run_f32<NP, DecU4, true, true>(mb, pn, g, x, o);
             else if (g.e2m1) run_f32<NP, DecE2M1, true, false, SCALE_E8M0>(mb, pn, g, x, o);
+            else if (g.iq4 && g.scale_kind == SCALE_K) run_f32<NP, DecIQ4, true, false, SCALE_K>(mb, pn, g, x, o);
+            else if (g.iq4) run_f32<NP, DecIQ4, true, false, SCALE_F16>(mb, pn, g, x, o);
             else if (g.scale_kind == SCALE_F16) run_f32<NP, DecI4, true, false, SCALE_F16>(mb, pn, g, x, o);
             else run_f32<NP, DecI4, true>(mb, pn, g, x, o);
             break;
@@ -375,6 +377,8 @@ MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8
         else if (g.mins && g.scale_kind == SCALE_F16) gemm_int8dot<true, true, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else if (g.mins) gemm_int8dot<true, true, M, NP>(pn, g, xq, xc, xs, o);
         else if (g.e2m1) gemm_int8dot<true, false, M, NP, SCALE_E8M0>(pn, g, xq, xc, xs, o);
+        else if (g.iq4 && g.scale_kind == SCALE_K) gemm_int8dot<true, false, M, NP, SCALE_K, 0, true>(pn, g, xq, xc, xs, o);
+        else if (g.iq4) gemm_int8dot<true, false, M, NP, SCALE_F16, 0, true>(pn, g, xq, xc, xs, o);
         else if (g.scale_kind == SCALE_F16) gemm_int8dot<true, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<true, false, M, NP>(pn, g, xq, xc, xs, o);
     } else {
@@ -539,7 +543,7 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
 inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
 inline int weight_offset(const Geometry& g) {
     // split codes without mins are stored q + (8 << hbits): q5_0's q + 16, q6_k's q + 32
-    return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : g.hbits ? (8 << g.hbits) : weight_offset(g.fmt);
+    return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : g.iq4 ? IQ4_OFFSET : g.hbits ? (8 << g.hbits) : weight_offset(g.fmt);
 }
 
 // One activation row (n values, fp32 or bf16 bits) in the forms the kernels read: fp32 in xf, zero-padded

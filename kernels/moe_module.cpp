@@ -44,6 +44,9 @@ MatFormat parse_format(const std::string& name) {
     if (name == "int4_g32_f16_mins") return {I4, 32, true, SCALE_F16};
     if (name == "int5_g32_f16") return {I8, 32, false, SCALE_F16, 1};
     if (name == "int5_g32_f16_mins") return {I8, 32, true, SCALE_F16, 1};
+    // iq4_nl / iq4_xs: 4-bit indices into IQ4's grid with fp16 d per 32, or d per 256 and ls - 32 per 32
+    if (name == "iq4_g32_f16") return {I4, 32, false, SCALE_F16, 0, true};
+    if (name == "iq4_g32_kscales") return {I4, 32, false, SCALE_K, 0, true};
     if (name == "int5_g32_kscales") return {I8, 32, true, SCALE_K, 1};
     if (name == "int4_g32_kscales") return {I4, 32, true, SCALE_K};
     if (name == "int6_g16_kscales") return {I8, 16, false, SCALE_K, 2};

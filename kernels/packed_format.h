@@ -23,7 +23,9 @@
 // Without mins the codes are stored unsigned, q + (8 << hbits): q5_0's q + 16, q6_k's q + 32.
 // int4 panels may instead hold e2m1 codes (MXFP4): the nibble indexes twice the e2m1 values (integers
 // -12..12, so the vpdpbusd path takes them as bytes too), and the scales stay e8m0 bytes read as
-// 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight; likewise
+// 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight. Likewise int4
+// panels of GGUF's iq4_nl / iq4_xs hold the file's 4-bit indices into IQ4's non-linear grid of integers
+// (-127..113), which the vpdpbusd path shuffles into bytes (grid + 128) and the fp32 path looks up; likewise
 // GGUF's q8_0 and q4_0 keep their fp16 scales (8.5 and 4.5 bits, not 9 and 5).
 //
 // Panels are stored in bundles of up to four, interleaved line by line: in each group, the scale lines
@@ -58,6 +60,7 @@ constexpr int LINE = 64;   // bytes per line
 constexpr int BUNDLE = 4;  // panels per bundle
 constexpr int FP8_BLOCK = 128;
 constexpr int E2M1_OFFSET = 12;  // e2m1 codes on the vpdpbusd path: 12 + twice the value, unsigned
+constexpr int IQ4_OFFSET = 128;  // iq4 grid values on the vpdpbusd path: 128 + the value, unsigned
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -77,6 +80,7 @@ struct MatFormat {
     bool mins = false;
     int scales = SCALE_F32;
     int hbits = 0;
+    bool iq4 = false;  // int4 nibbles index IQ4's grid (GGUF iq4_nl: fp16 scales; iq4_xs: K-quant scales)
 };
 
 struct Geometry {
@@ -98,11 +102,12 @@ struct Geometry {
     bool e2m1 = false;        // int4 nibbles are e2m1 codes (MXFP4: the panels with e8m0 scales)
     bool fp8_pairs = false;   // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
     int hbits = 0;            // int8 codes as nibble lines plus a high line per group (MatFormat::hbits)
+    bool iq4 = false;         // int4 nibbles index IQ4's grid (MatFormat::iq4)
 
     Geometry() = default;
     Geometry(MatFormat f, int N_, int K_)
         : fmt(f.fmt), N(N_), K(K_), scale_kind(f.scales), mins(f.mins), e2m1(f.scales == SCALE_E8M0),
-          hbits(f.hbits) {
+          hbits(f.hbits), iq4(f.iq4) {
         const int group = f.group;
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
@@ -130,7 +135,11 @@ struct Geometry {
             throw std::invalid_argument("e8m0 scales (e2m1 codes) need int4 panels with groups of 32 and no mins");
         if (scale_kind == SCALE_F16 && !(fmt == I4 || (fmt == I8 && !row_scales)))
             throw std::invalid_argument("fp16 scales need grouped int4 / int8 panels");
-        if (scale_kind == SCALE_K && !(((mins && G == 32) || (!mins && fmt == I8 && G == 16)) && K % K_SUPER == 0))
+        if (iq4 && !(fmt == I4 && G == 32 && !mins && (scale_kind == SCALE_F16 || scale_kind == SCALE_K)))
+            throw std::invalid_argument("iq4 grid indices need int4 panels with groups of 32, fp16 or K-quant scales "
+                                        "and no mins");
+        if (scale_kind == SCALE_K &&
+            !(((mins && G == 32) || (!mins && fmt == I8 && G == 16) || (iq4 && G == 32)) && K % K_SUPER == 0))
             throw std::invalid_argument("K-quant scales need panels with mins and groups of 32, or int8 panels "
                                         "with groups of 16, over whole 256-column superblocks");
         if (hbits != 0 && !(fmt == I8 && G * hbits == 32 &&
@@ -313,7 +322,9 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
         const Panels bd = bundle(dst, g, count, b);
         uint8_t* bbase = const_cast<uint8_t*>(bd.base);
         std::memset(bbase, 0, size_t(bd.n * g.panel_bytes));
-        if (FMT == I4 && !g.mins && !g.e2m1)  // code 8 = weight 0: the weight lines of a group are contiguous for the bundle
+        // code 8 = weight 0 (int4; an e2m1 / iq4 panel's padding rows have zero scales instead): the weight
+        // lines of a group are contiguous for the bundle
+        if (FMT == I4 && !g.mins && !g.e2m1 && !g.iq4)
             for (int gi = 0; gi < g.ngroups; ++gi)
                 std::memset(bbase + (bd.group(g, gi) - bd.base) + bd.n * g.scale_bytes, 0x88,
                             size_t(bd.n) * g.lines * LINE);
@@ -444,6 +455,15 @@ struct DecE2M1 {
     static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
         R r = rload(p);
         unroll<8>([&](auto J) { fn(J, e2m1_get<decltype(J)::value>(r)); });
+    }
+};
+// int4 nibbles holding iq4 grid indices: the grid's integers (the scales hold the rest).
+struct DecIQ4 {
+    static constexpr int UK = 8;
+    template <class Fn>
+    static MOE_INLINE void line(const uint8_t* p, Fn&& fn) {
+        R r = rload(p);
+        unroll<8>([&](auto J) { fn(J, iq4_get<decltype(J)::value>(r)); });
     }
 };
 // Split K-quant codes (Geometry::hbits = HB): one call decodes a whole group, its UK columns from

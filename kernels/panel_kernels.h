@@ -213,11 +213,12 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 // xcorr[m][gi] = c * sum of the row's codes in group gi (int8: one group), start value -xcorr.
 // SK: how the panels store their scales (ScaleKind). With e8m0 scales (SCALE_E8M0) the nibbles are e2m1
 // codes; one byte shuffle per 64 weights turns each into E2M1_OFFSET plus
-// twice its value (0..24), and the offset comes back out as above (c = 12).
+// twice its value (0..24), and the offset comes back out as above (c = 12). IQ4: the nibbles index IQ4's
+// grid; the shuffle gives IQ4_OFFSET plus the grid value (1..241), c = 128.
 // MINS: the codes are unsigned already (int4 0..15, int8 0..127), so there is no offset: the sums start
 // at 0, xcorr holds the plain code sums (c = 1), and each group ends with - min * xcorr, again exact
 // zero for a zero row.
-template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32, int HB = 0>
+template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32, int HB = 0, bool IQ4 = false>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
     // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
@@ -231,7 +232,11 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
     for (int q = 0; q < NP; ++q)
         for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
     const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
-    const __m512i e2m1_lut = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    // nibble -> unsigned byte: e2m1 (e8m0 scales) E2M1_OFFSET + twice the value; iq4 IQ4_OFFSET + the grid value
+    const __m512i lut = IQ4 ? _mm512_broadcast_i32x4(_mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, char(129), char(141),
+                                                                   char(153), char(166), char(181), char(197),
+                                                                   char(217), char(241)))
+                            : _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
     V kd[NP], kdmin[NP];  // SCALE_K: the current super-block's d and dmin per panel
     (void)kd;
     (void)kdmin;
@@ -323,9 +328,9 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                     const __m512i raw = _mm512_loadu_si512(p + q * LINE);
                     wl[q] = _mm512_and_si512(raw, lo4);
                     wh[q] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
-                    if constexpr (SK == SCALE_E8M0) {  // e2m1 codes
-                        wl[q] = _mm512_shuffle_epi8(e2m1_lut, wl[q]);
-                        wh[q] = _mm512_shuffle_epi8(e2m1_lut, wh[q]);
+                    if constexpr (SK == SCALE_E8M0 || IQ4) {  // e2m1 codes, iq4 grid indices
+                        wl[q] = _mm512_shuffle_epi8(lut, wl[q]);
+                        wh[q] = _mm512_shuffle_epi8(lut, wh[q]);
                     }
                 }
                 dot8(k, wl, wh);

@@ -96,6 +96,11 @@ template <int J>
 MOE_INLINE V e2m1_get(R r) {
     return nibble_lookup<J>(r, _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, -0.f, -1, -2, -3, -4, -6, -8, -12));
 }
+// The same layout holding indices into IQ4's non-linear grid (GGUF iq4_nl / iq4_xs).
+template <int J>
+MOE_INLINE V iq4_get(R r) {
+    return nibble_lookup<J>(r, _mm512_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113));
+}
 // 16 e4m3 bytes -> 16 floats / 256. Sign-extending to 16 bits and shifting left by 7 puts the sign in
 // bit 15 and exponent|mantissa in bits 13..7: exactly an fp16 (subnormals included) 2^8 smaller than the
 // e4m3 value; the 2^8 is folded into the packed scales.
@@ -227,6 +232,17 @@ MOE_INLINE __m256 e2m1_half(__m256i x) {
 }
 template <int J>
 MOE_INLINE V e2m1_get(R r) { return {e2m1_half<J>(r.a), e2m1_half<J>(r.b)}; }
+// iq4: the grid's 16 values from two 8-entry tables, bit 3 of the index picks the table.
+template <int J>
+MOE_INLINE __m256 iq4_half(__m256i x) {
+    constexpr int sh = nibble_shift<J>;
+    const __m256i t = sh ? _mm256_srli_epi32(x, sh) : x;
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10), t);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_setr_ps(1, 13, 25, 38, 53, 69, 89, 113), t);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(t, 28)));  // bit 3 -> the sign bit
+}
+template <int J>
+MOE_INLINE V iq4_get(R r) { return {iq4_half<J>(r.a), iq4_half<J>(r.b)}; }
 MOE_INLINE V fp8_get(const uint8_t* p) {
     __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(int16_t(0xBF80)));

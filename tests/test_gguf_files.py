@@ -50,7 +50,9 @@ CASES = {
                                                             expert_weights_norm=True)),
                        ("kimi", "Kimi-K2"), dict(scoring="sigmoid", selection_bias=True, renormalize=True, scaling=2.827),
                        (64, False), (0,), (1,)),
-    "glm4moe": (Model("glm4moe", "GLM-4.5-Air", 2, 64, 64, 8, 2, ("q8_0", "q8_0", "q8_0"), shared=1, leading_dense=1,
+    # an IQ4_XS file: gate/up rows of 256 in iq4_xs, down rows of 64 in iq4_nl (llama.cpp's fallback)
+    "glm4moe": (Model("glm4moe", "GLM-4.5-Air", 2, 256, 64, 8, 2, ("iq4_xs", "iq4_xs", "iq4_nl"), shared=1,
+                      leading_dense=1,
                       nextn=1, selection_bias=True,
                       meta=dict(expert_gating_func=SIGMOID, expert_weights_scale=1.0, expert_weights_norm=True)),
                 ("glm", "GLM-4.5-Air"), dict(scoring="sigmoid", selection_bias=True, renormalize=True), (64, False),
@@ -227,7 +229,8 @@ def test_a_backend_without_the_files_format_is_refused(files):
     from moetier.backends.accel.plan import plan_kernels
 
     accel = AccelBackend("cpu.accel", "cpu", plan_kernels("cpu", None, detect_build()))
-    assert not {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "mxfp4"} & set(accel.formats)
+    assert not {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs",
+                "mxfp4"} & set(accel.formats)
     w = files("qwen3moe")
     with GGUFFile(w.path) as gf:
         layout = gf.layout()

@@ -1,4 +1,4 @@
-"""GGUF block formats (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k) against the `gguf` package, llama.cpp's
+"""GGUF block formats (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, iq4_nl, iq4_xs) against the `gguf` package, llama.cpp's
 own Python.
 
 Dequantization must be bit-identical to gguf.quants.dequantize on any bytes (our reference quantizer's
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moetier.formats import FORMATS, QuantizedTensor, dequantize, quantize
-from moetier.ggml_blocks import BLOCK_TYPES, scale_min
+from moetier.ggml_blocks import BLOCK_TYPES, IQ4_VALUES, affine_parts, iq4_indices, scale_min
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402
@@ -22,7 +22,8 @@ GGUF_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4
               "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
               "q5_1": GGMLQuantizationType.Q5_1,
               "q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K,
-              "q6_k": GGMLQuantizationType.Q6_K}
+              "q6_k": GGMLQuantizationType.Q6_K, "iq4_nl": GGMLQuantizationType.IQ4_NL,
+              "iq4_xs": GGMLQuantizationType.IQ4_XS}
 NAMES = tuple(GGUF_TYPES)
 
 
@@ -150,6 +151,43 @@ def test_known_values_q4_k_scale_packing():
     want = torch.tensor([(s + 1) * 3 - 0.5 * (63 - s) for s in range(8)]).repeat_interleave(32)
     assert torch.equal(x, want)
     np.testing.assert_array_equal(x.numpy(), gguf.quants.dequantize(blk.numpy(), GGUF_TYPES["q4_k"])[0])
+
+
+@pytest.mark.parametrize("name", ["iq4_nl", "iq4_xs"])
+def test_iq4_reference_quantizer_picks_the_nearest_grid_value(name):
+    # moetier's own quantizer (gguf has none): each value's index is the nearest grid value under its block's
+    # stored scale, so |error| <= half the widest grid gap (24) times that scale, or the clamp past 113.
+    g, seed = fresh()
+    w = torch.randn(12, 512, generator=g) * torch.rand(12, 1, generator=g) * 2
+    w[4] = 0.0
+    q = quantize(w, name)
+    p = affine_parts(name, q.data, 512)
+    step = p.scales.abs().repeat_interleave(32, dim=1).double()
+    err = (dequantize(q, torch.float64) - w.double()).abs()
+    assert (err <= 14 * step + 1e-6 * w.abs().amax()).all(), f"seed {seed}"
+    assert torch.equal(dequantize(q)[4], torch.zeros(512))
+    rel = float((dequantize(q, torch.float64) - w.double()).norm() / w.double().norm())
+    assert rel < 0.12, f"seed {seed}: rel {rel}"  # 4-bit RTN on normal draws: ~0.08
+    idx = iq4_indices(name, q.data, 512)
+    assert torch.equal(torch.tensor(IQ4_VALUES, dtype=torch.int8)[idx.long()], p.codes)
+
+
+def test_known_values_iq4_nl_and_iq4_xs():
+    # d = 0.5: index j of the 16 low nibbles, 15 - j of the high ones
+    nib = bytes(((j & 15) | ((15 - j) << 4)) for j in range(16))
+    want = [0.5 * v for v in IQ4_VALUES] + [0.5 * v for v in reversed(IQ4_VALUES)]
+    blk = torch.frombuffer(bytearray(bytes([0x00, 0x38]) + nib), dtype=torch.uint8).view(1, 18)
+    assert dequantize(QuantizedTensor(FORMATS["iq4_nl"], (1, 32), blk))[0].tolist() == want
+    # iq4_xs: d = 0.5, sub-block s has ls = 33 + s (scale 0.5 (s + 1)): low nibbles 1..8, high bits of 33+s = 2
+    ls = [33 + s for s in range(8)]
+    lo = bytes(((ls[2 * i] & 15) | ((ls[2 * i + 1] & 15) << 4)) for i in range(4))
+    h = sum(((v >> 4) & 3) << (2 * s) for s, v in enumerate(ls))
+    blk = bytes([0x00, 0x38, h & 0xFF, h >> 8]) + lo + nib * 8
+    x = dequantize(QuantizedTensor(FORMATS["iq4_xs"], (1, 256), torch.frombuffer(bytearray(blk), dtype=torch.uint8)
+                                   .view(1, 136)))[0]
+    assert x.tolist() == [v * (s + 1) for s in range(8) for v in want]
+    np.testing.assert_array_equal(x.numpy(), gguf.quants.dequantize(np.frombuffer(blk, np.uint8).reshape(1, 136),
+                                                                    GGUF_TYPES["iq4_xs"])[0])
 
 
 def test_known_values_q4_1_q5_0_q5_1():

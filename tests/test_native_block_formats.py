@@ -1,5 +1,5 @@
 """Block formats on the native kernels. GGUF's q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k and q6_k are packed as
-integer codes with the file's scale (and, for the types with mins, its min) per row and sub-block, which hold
+integer codes (iq4_nl / iq4_xs as the file's indices into IQ4's grid of integers) with the file's scale (and, for the types with mins, its min) per row and sub-block, which hold
 the GGUF values exactly, so the kernels multiply the file's own weights. mxfp4 keeps its e2m1 codes as they
 ship, in int4 panels that decode them through a table of twice the e2m1 values, with half the e8m0
 power of two as the fp32 scale per 32: the same values exactly.
@@ -30,7 +30,7 @@ from moetier.formats import convert, dequantize, quantize
 from test_native_common import (DOT_VARIANTS, RUNNABLE, make_backend, needs_native, random_layer, reference,
                                 rel_err, routing)
 
-GGUF = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+GGUF = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
 BLOCKS = (*GGUF, "mxfp4")
 E, K, H, I = 4, 2, 256, 512
 PATHS = {"decode": 3, "mid": 24, "prefill": 80}  # tokens; E = 4, k = 2: 1-2, 12, 40 per expert
@@ -131,13 +131,14 @@ def test_the_nan_scale_of_mxfp4_is_refused(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("layout,scale", [("int8_g32_f16", 0.1), ("int4_g32_f16", 1e-9), ("mxfp4", 0.75),
-                                          ("int5_g32_f16", 0.1), ("int4_g32_f16_mins", 0.1), ("int5_g32_f16_mins", 1e-9)])
+                                          ("int5_g32_f16", 0.1), ("int4_g32_f16_mins", 0.1), ("int5_g32_f16_mins", 1e-9),
+                                          ("iq4_g32_f16", 0.1)])
 def test_panels_refuse_a_scale_their_storage_would_round(layout, scale, monkeypatch):
     """Panels that keep the file's scales (fp16 for q8_0 / q4_0 / q5_0, fp16 scales and mins for q4_1 / q5_1,
     e8m0 for mxfp4) take exactly those values: a scale or min the storage cannot hold (0.1 is no fp16, 1e-9
     below fp16's range, 0.75 no power of two) is a ValueError of the binding, never a rounded one."""
     ext = make_backend(RUNNABLE[-1], monkeypatch)._ext
-    codes = np.zeros(16 * 32 if layout.startswith("int4") or layout == "mxfp4" else 16 * 64, dtype=np.uint8)
+    codes = np.zeros(16 * 32 if layout.startswith(("int4", "iq4")) or layout == "mxfp4" else 16 * 64, dtype=np.uint8)
     levels = 2 if layout.endswith("_mins") else 1
     for at in range(levels):  # the scales, then (with mins) the mins
         scales = np.full(levels * 16 * 2, 0.5, dtype=np.float32)
@@ -154,12 +155,12 @@ def test_panels_refuse_a_scale_their_storage_would_round(layout, scale, monkeypa
 
 @needs_native
 @pytest.mark.parametrize("layout,levels,sub", [("int4_g32_kscales", 2, 8), ("int5_g32_kscales", 2, 8),
-                                               ("int6_g16_kscales", 1, 16)])
+                                               ("int6_g16_kscales", 1, 16), ("iq4_g32_kscales", 1, 8)])
 def test_k_quant_panels_refuse_scales_they_would_round(layout, levels, sub, monkeypatch):
     """The K-quants' two levels are kept as stored: d (and dmin) must be fp16 values, sc (and m) integers in
     their range (0..63 with mins, int8 for q6_k); anything else is a ValueError of the binding."""
     ext = make_backend(RUNNABLE[-1], monkeypatch)._ext
-    codes = np.zeros(16 * (128 if layout.startswith("int4") else 256), dtype=np.uint8)
+    codes = np.zeros(16 * (128 if layout.startswith(("int4", "iq4")) else 256), dtype=np.uint8)
 
     def scales(d=0.5, sc=3.0):
         return np.concatenate([np.full(16 * levels, d), np.full(16 * sub * levels, sc)]).astype(np.float32)
@@ -169,7 +170,7 @@ def test_k_quant_panels_refuse_scales_they_would_round(layout, levels, sub, monk
         with pytest.raises(ValueError, match=match):
             ext.DenseLinear(16, 256, layout).pack(codes, bad)
     ext.DenseLinear(16, 256, layout).pack(codes, scales(sc=-5.0 if levels == 1 else 5.0))
-    if layout != "int4_g32_kscales":  # q5_k's / q6_k's codes keep 5 / 6 bits: a wider one is refused, not cut
+    if layout in ("int5_g32_kscales", "int6_g16_kscales"):  # q5_k's / q6_k's codes keep 5 / 6 bits: a wider one is refused, not cut
         wide = codes.copy()
         wide[7] = 32 if layout == "int5_g32_kscales" else 40
         with pytest.raises(ValueError, match="-bit code"):

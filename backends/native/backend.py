@@ -30,7 +30,7 @@ from moetier.formats import QuantizedTensor, WeightFormat, pack_int4
 from . import load_variant
 
 NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3",
-                  "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "mxfp4")
+                  "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "mxfp4")
 # GGUF block formats -> the kernels' layout that holds their values exactly: the blocks decode into
 # integer codes with a scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed panels
 # keep per row and group as the file stores them (q8_0 / q4_0 / q5_0: fp16 d; q4_1 / q5_1: fp16 d and m;
@@ -39,7 +39,7 @@ NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_
 # a byte each.
 GGUF_LAYOUTS = {"q8_0": "int8_g32_f16", "q6_k": "int6_g16_kscales", "q5_k": "int5_g32_kscales", "q4_k": "int4_g32_kscales",
                 "q4_0": "int4_g32_f16", "q4_1": "int4_g32_f16_mins", "q5_0": "int5_g32_f16",
-                "q5_1": "int5_g32_f16_mins"}
+                "q5_1": "int5_g32_f16_mins", "iq4_nl": "iq4_g32_f16", "iq4_xs": "iq4_g32_kscales"}
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
@@ -328,7 +328,9 @@ def _panel_source(q: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
         return _bytes(q.data), _floats(q.scales)
     p = ggml_blocks.affine_parts(q.fmt.name, q.data, q.shape[1])
     codes = p.codes
-    if GGUF_LAYOUTS[q.fmt.name].startswith("int4"):
+    if q.fmt.name in ggml_blocks.IQ4_TYPES:  # the file's grid indices as the nibbles
+        codes = pack_int4(ggml_blocks.iq4_indices(q.fmt.name, q.data, q.shape[1]).to(torch.int8) - 8)
+    elif GGUF_LAYOUTS[q.fmt.name].startswith("int4"):
         codes = pack_int4(codes if p.mins is None else codes - 8)  # pack_int4 stores q + 8
     if GGUF_LAYOUTS[q.fmt.name].endswith("_kscales"):  # the two levels as stored: d, dmin, sc, m
         k = ggml_blocks.k_scales(q.fmt.name, q.data, q.shape[1])

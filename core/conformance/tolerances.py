@@ -37,6 +37,8 @@ TOLERANCES: dict[str, float] = {
     "q4_k": 4e-2,
     "q5_k": 4e-2,
     "q6_k": 4e-2,
+    "iq4_nl": 4e-2,
+    "iq4_xs": 4e-2,
     # mxfp4: e2m1 x 2^k values are exact in bf16, so a bf16-activation kernel has the bf16 budget; llama.cpp's
     # mxfp4 x q8_0 dot quantizes activations to int8 per 32, which is the int8 budget. The larger one holds.
     "mxfp4": 4e-2,

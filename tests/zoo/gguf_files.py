@@ -12,7 +12,8 @@ from moetier.formats import quantize
 
 gguf = __import__("gguf")
 Q = gguf.GGMLQuantizationType
-TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "f32": Q.F32, "f16": Q.F16,
+TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_nl": Q.IQ4_NL,
+         "iq4_xs": Q.IQ4_XS, "f32": Q.F32, "f16": Q.F16,
          "q3_k": Q.Q3_K}
 
 
