@@ -103,18 +103,21 @@ def test_zoo_checkpoints_as_gguf_are_the_same_models(tmp_path, family, version):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_layers_keep_the_format_the_file_stores_them_in(models, tmp_path):
-    """A GGUF whose MoE layers store their experts in Q8_0 loads them in q8_0 with no conversion, and computes
-    what the safetensors model computes with its experts converted to q8_0 (the same bytes)."""
+@pytest.mark.parametrize("fmt,backend", [("q8_0", "cpu.torch"), ("q5_0", "cpu.torch"), ("iq4_nl", "cpu.torch"),
+                                         ("iq4_nl", None)])
+def test_layers_keep_the_format_the_file_stores_them_in(models, tmp_path, fmt, backend):
+    """A GGUF whose MoE layers store their experts in Q8_0 (Q5_0, IQ4_NL) loads them in that type with no
+    conversion, and computes what the safetensors model computes with its experts converted to it (the same
+    bytes), on the reference backend and on the one this machine selects."""
     folder = models["tiny"]
-    path = tmp_path / "q8.gguf"
-    requantize_experts(folder / "model-BF16.gguf", path, "q8_0")
+    path = tmp_path / f"{fmt}.gguf"
+    requantize_experts(folder / "model-BF16.gguf", path, fmt)
     ids = torch.randint(0, mb.DIMS["tiny"].vocab, (1, 9), generator=torch.Generator().manual_seed(2))
-    kw = dict(backend="cpu.torch", dtype=torch.float32, device="cpu", progress=False)
+    kw = dict(backend=backend, dtype=torch.float32, device="cpu", progress=False, threads=1)
     model = mt.load(path, **kw)
-    assert {s.prepared.fmt.name for layer in model.moetier_experts.values() for s in layer.shards} == {"q8_0"}
+    assert {s.prepared.fmt.name for layer in model.moetier_experts.values() for s in layer.shards} == {fmt}
     got = logits(model, ids)
-    want = logits(mt.load(folder, fmt="q8_0", **kw), ids)
+    want = logits(mt.load(folder, fmt=fmt, **kw), ids)
     assert torch.equal(got, want), (got - want).abs().max()
 
 
