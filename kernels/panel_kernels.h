@@ -240,6 +240,16 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
     V kd[NP], kdmin[NP];  // SCALE_K: the current super-block's d and dmin per panel
     (void)kd;
     (void)kdmin;
+    // SCALE_K decode (two accumulator sets: few tokens and panels): the group sums are multiplied by the
+    // integer sub-scales (and the activation sums by the integer mins) and summed exactly in int32 over the
+    // super-block; d and dmin are applied once per super-block instead of forming a float scale and min per
+    // group. |sum| < 2^28 for every K-quant (e.g. q6_k: 16 groups x 16 x 32 x 127 x 127).
+    constexpr bool SBI = SK == SCALE_K && NS == 2;
+    __m512i sa[NP][M], sb[NP][M];
+    for (int q = 0; q < NP; ++q)
+        for (int m = 0; m < M; ++m) sa[q][m] = sb[q][m] = _mm512_setzero_si512();
+    (void)sa;
+    (void)sb;
     for (int gi = 0; gi < g.ngroups; ++gi) {
         // The steps below prefetch the weight lines ahead; the group's scale (and min) lines lie between
         // them, and with short groups the hardware prefetchers alone leave them to DRAM latency. Measured
@@ -248,7 +258,9 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // split codes too: x0.95-1.00, A/B 2026-11-30).
         if constexpr (INT4 || MINS) prefetch_stream<PF>(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
-        if constexpr (SK == SCALE_K) {
+        if constexpr (SBI) {
+            // (the integer sub-scales are read after the group's dot products)
+        } else if constexpr (SK == SCALE_K) {
             // The K-quants' d and dmin are per super-block of 256 values: converted once per header, not per
             // group (q4_k: 8 groups of 32 share them). Same-run A/B, Qwen3 layer, one thread: q4_k x1.05
             // (batches 1 and 16), q5_k x1.02-1.03, q6_k even; two threads x0.99-1.03 (2026-12-01).
@@ -335,6 +347,33 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                 }
                 dot8(k, wl, wh);
             }
+        }
+        if constexpr (SBI) {
+            for (int q = 0; q < NP; ++q) {
+                const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pn.scale_bytes(g, gi, q)));
+                const __m512i isc = MINS ? _mm512_cvtepu8_epi32(sc8) : _mm512_cvtepi8_epi32(sc8);
+                __m512i imn = _mm512_setzero_si512();
+                if constexpr (MINS)
+                    imn = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pn.min_bytes(g, gi, q))));
+                for (int m = 0; m < M; ++m) {
+                    const __m512i t = _mm512_add_epi32(ai[0][q][m], ai[1][q][m]);
+                    sa[q][m] = _mm512_add_epi32(sa[q][m], _mm512_mullo_epi32(t, isc));
+                    if constexpr (MINS)
+                        sb[q][m] = _mm512_add_epi32(sb[q][m], _mm512_mullo_epi32(_mm512_set1_epi32(xcorr[m][gi]), imn));
+                }
+            }
+            if (((gi + 1) & ((1 << g.header_shift) - 1)) == 0)  // the super-block's last group (K % 256 == 0)
+                for (int q = 0; q < NP; ++q) {
+                    const __m512 d = f16_get(pn.d_f16(g, gi, q)).v;
+                    __m512 dmin = _mm512_setzero_ps();
+                    if constexpr (MINS) dmin = f16_get(pn.dmin_f16(g, gi, q)).v;
+                    for (int m = 0; m < M; ++m) {
+                        acc[q][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sa[q][m]), d, acc[q][m]);
+                        if constexpr (MINS) acc[q][m] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sb[q][m]), dmin, acc[q][m]);
+                        sa[q][m] = sb[q][m] = _mm512_setzero_si512();
+                    }
+                }
+            continue;
         }
         for (int q = 0; q < NP; ++q) {
             __m512 mn = _mm512_setzero_ps();
