@@ -31,12 +31,14 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from moetier import ggml_blocks
+
 # Format kinds (cpu_numba maps WeightFormat names onto these).
 KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8, KIND_INT4, KIND_FP8 = range(6)
 # Block formats: the rows are the blocks' own bytes (GGUF's structs; mxfp4 codes then its e8m0 scales).
 KIND_Q8_0, KIND_Q4_0, KIND_Q4_K, KIND_Q5_K, KIND_Q6_K, KIND_MXFP4 = range(6, 12)
 KIND_Q4_1, KIND_Q5_0, KIND_Q5_1, KIND_IQ4_NL, KIND_IQ4_XS = range(12, 17)
-IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+IQ4_VALUES = np.array(ggml_blocks.IQ4_VALUES, np.float32)
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
 # Rows one parallel work item covers: large enough that the per-item bookkeeping is noise, small enough

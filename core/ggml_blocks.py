@@ -177,22 +177,24 @@ def _iq4_xs_ls(b: torch.Tensor) -> torch.Tensor:
     return lo.to(torch.int32) | (hi << 4)
 
 
+def _iq4_nibbles(b: torch.Tensor) -> torch.Tensor:
+    """iq4_nl [n, 18] or iq4_xs [n, 136] blocks -> each value's 4-bit grid index [n, values per block]."""
+    qs = b[:, 2:] if b.shape[1] == BLOCK_TYPES["iq4_nl"].type_size else b[:, 8:].reshape(-1, 16)
+    return _nibbles32(qs).reshape(b.shape[0], -1)
+
+
 def _parts_iq4_nl(b: torch.Tensor):
-    return _iq4_values(_nibbles32(b[:, 2:])), _f16(b[:, :2]), None
+    return _iq4_values(_iq4_nibbles(b)), _f16(b[:, :2]), None
 
 
 def _parts_iq4_xs(b: torch.Tensor):
-    n = b.shape[0]
-    idx = _nibbles32(b[:, 8:136].reshape(n * 8, 16)).reshape(n, QK_K)
-    return _iq4_values(idx), _f16(b[:, :2]) * (_iq4_xs_ls(b) - 32).to(torch.float32), None
+    return _iq4_values(_iq4_nibbles(b)), _f16(b[:, :2]) * (_iq4_xs_ls(b) - 32).to(torch.float32), None
 
 
 def iq4_indices(name: str, data: torch.Tensor, in_features: int) -> torch.Tensor:
     """uint8 iq4_nl / iq4_xs rows -> each value's 4-bit index into IQ4_VALUES, uint8 [rows, in_features]."""
-    bt = BLOCK_TYPES[name]
-    b = data.contiguous().view(-1, bt.type_size)
-    qs = b[:, 2:] if name == "iq4_nl" else b[:, 8:].reshape(-1, 16)
-    return _nibbles32(qs).reshape(data.shape[0], in_features)
+    b = data.contiguous().view(-1, BLOCK_TYPES[name].type_size)
+    return _iq4_nibbles(b).reshape(data.shape[0], in_features)
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,11 +244,23 @@ def _q_q8_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_to_f16_bytes(d, "scale"), qs], dim=1)
 
 
+def _signed_amax(x: torch.Tensor) -> torch.Tensor:
+    """Per row of x, its value of largest magnitude, sign kept (the first of equal magnitudes, as numpy's
+    argmax): q4_0, q5_0 and iq4 map it to their grid's negative end."""
+    return torch.gather(x, -1, x.abs().argmax(dim=-1, keepdim=True))
+
+
+def _q_signed(x: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_0 / q5_0 (gguf.quants' arithmetic): d = the signed largest magnitude / -half, q = trunc(x / d + half
+    + 0.5) in 0..2 half - 1; returns the fp16 bytes of d and the codes."""
+    d = _signed_amax(x) / -half
+    q = torch.trunc(x * _inverse(d) + (half + 0.5)).clamp(0, 2 * half - 1).to(_U8)
+    return _to_f16_bytes(d, "scale"), q
+
+
 def _q_q4_0(x: torch.Tensor) -> torch.Tensor:
-    imax = x.abs().argmax(dim=1, keepdim=True)  # first of equal magnitudes, as numpy's argmax
-    d = torch.gather(x, 1, imax) / -8
-    q = torch.trunc(x * _inverse(d) + 8.5).clamp(0, 15).to(_U8)
-    return torch.cat([_to_f16_bytes(d, "scale"), _pack32(q)], dim=1)
+    d_b, q = _q_signed(x, 8)
+    return torch.cat([d_b, _pack32(q)], dim=1)
 
 
 def _pack32(q: torch.Tensor) -> torch.Tensor:
@@ -262,10 +276,8 @@ def _qh32(q: torch.Tensor) -> torch.Tensor:
 
 
 def _q_q5_0(x: torch.Tensor) -> torch.Tensor:
-    imax = x.abs().argmax(dim=1, keepdim=True)
-    d = torch.gather(x, 1, imax) / -16
-    q = torch.trunc(x * _inverse(d) + 16.5).clamp(0, 31).to(_U8)
-    return torch.cat([_to_f16_bytes(d, "scale"), _qh32(q), _pack32(q)], dim=1)
+    d_b, q = _q_signed(x, 16)
+    return torch.cat([d_b, _qh32(q), _pack32(q)], dim=1)
 
 
 def _q_min_max(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -296,8 +308,7 @@ def _iq4_nearest(y: torch.Tensor) -> torch.Tensor:
 
 def _iq4_scale(x: torch.Tensor) -> torch.Tensor:
     """Per row of x, the scale that maps its largest magnitude to the grid's -127 (the widest end)."""
-    imax = x.abs().argmax(dim=-1, keepdim=True)
-    return torch.gather(x, -1, imax) / -127
+    return _signed_amax(x) / -127
 
 
 def _q_iq4_nl(x: torch.Tensor) -> torch.Tensor:
