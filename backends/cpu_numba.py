@@ -26,7 +26,7 @@ TOKENS_PER_LAUNCH = 1024
 # module can describe itself without importing numba).
 _KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4_g32": 4, "int4_g64": 4, "int4_g128": 4, "fp8_e4m3": 5,
           "q8_0": 6, "q4_0": 7, "q4_k": 8, "q5_k": 9, "q6_k": 10, "mxfp4": 11, "q4_1": 12, "q5_0": 13, "q5_1": 14,
-          "iq4_nl": 15, "iq4_xs": 16}
+          "iq4_nl": 15, "iq4_xs": 16, "q2_k": 17, "q3_k": 18}
 _ACTS = {"silu": 0, "swiglu_oai": 1}
 # A format the core gains later is simply not declared until a kernel kind computes it (a test flags it).
 COMPUTED_FORMATS = tuple(f for f in FORMATS if f in _KINDS)
@@ -77,7 +77,7 @@ class PackedMatrix:
 
 _PLACEHOLDER = {t: np.zeros((1, 1, 1), t) for t in (np.uint8, np.uint16, np.int8, np.float32)}
 _VIEW_OF_KIND = {0: np.float32, 1: np.uint16, 2: np.uint16, 3: np.int8, 4: np.uint8, 5: np.uint8,
-                 **{k: np.uint8 for k in range(6, 17)}}  # the block formats
+                 **{k: np.uint8 for k in range(6, max(_KINDS.values()) + 1)}}  # the block formats
 
 
 @dataclass(frozen=True, eq=False)

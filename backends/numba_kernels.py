@@ -37,7 +37,7 @@ from moetier import ggml_blocks
 KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8, KIND_INT4, KIND_FP8 = range(6)
 # Block formats: the rows are the blocks' own bytes (GGUF's structs; mxfp4 codes then its e8m0 scales).
 KIND_Q8_0, KIND_Q4_0, KIND_Q4_K, KIND_Q5_K, KIND_Q6_K, KIND_MXFP4 = range(6, 12)
-KIND_Q4_1, KIND_Q5_0, KIND_Q5_1, KIND_IQ4_NL, KIND_IQ4_XS = range(12, 17)
+KIND_Q4_1, KIND_Q5_0, KIND_Q5_1, KIND_IQ4_NL, KIND_IQ4_XS, KIND_Q2_K, KIND_Q3_K = range(12, 19)
 IQ4_VALUES = np.array(ggml_blocks.IQ4_VALUES, np.float32)
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1
 
@@ -246,6 +246,39 @@ def decode_blocks(kind, n, e, r, u8, buf):
                 q = np.int32(u8[e, r, q0 + j])
                 buf[b * 32 + j] = d * IQ4_VALUES[q & np.int32(15)]
                 buf[b * 32 + 16 + j] = d * IQ4_VALUES[q >> np.int32(4)]
+    elif kind == KIND_Q2_K or kind == KIND_Q3_K:
+        # 16 sub-blocks of 16; value 128h + 32i + l has its low two bits at bits 2i of qs[32h + l]
+        two = kind == KIND_Q2_K
+        size = 84 if two else 110
+        qs_at = 16 if two else 32
+        for b in range(n // 256):
+            o = b * size
+            if two:
+                d = half_at(u8, e, r, o + 80)
+                dmin = half_at(u8, e, r, o + 82)
+            else:
+                d = half_at(u8, e, r, o + 108)
+                dmin = np.float32(0.0)
+            for s in range(16):
+                h, i, l0 = s // 8, (s // 2) % 4, 16 * (s % 2)
+                if two:
+                    sb = np.int32(u8[e, r, o + s])
+                    dl = d * np.float32(sb & np.int32(15))
+                    ml = dmin * np.float32(sb >> np.int32(4))
+                else:
+                    lo = (np.int32(u8[e, r, o + 96 + s % 8]) >> np.int32(4 * (s // 8))) & np.int32(15)
+                    hi = (np.int32(u8[e, r, o + 104 + s % 4]) >> np.int32(2 * (s // 4))) & np.int32(3)
+                    dl = d * np.float32((lo | (hi << np.int32(4))) - np.int32(32))
+                    ml = np.float32(0.0)
+                k0 = b * 256 + 16 * s
+                for jj in range(16):
+                    l = l0 + jj
+                    q = (np.int32(u8[e, r, o + qs_at + 32 * h + l]) >> np.int32(2 * i)) & np.int32(3)
+                    if two:
+                        buf[k0 + jj] = dl * np.float32(q) - ml
+                    else:  # the third bit (value 32 (4h + i) + l: bit 4h + i of hmask[l]) set: q >= 0
+                        q -= (np.int32(1) - ((np.int32(u8[e, r, o + l]) >> np.int32(4 * h + i)) & np.int32(1))) << np.int32(2)
+                        buf[k0 + jj] = dl * np.float32(q)
     else:  # KIND_MXFP4: n/2 code bytes (element 2j low nibble, 2j+1 high), then n/32 e8m0 scale bytes
         codes_end = n // 2
         for b in range(n // 32):

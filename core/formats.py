@@ -5,7 +5,8 @@ checkpoints call `weight_scale_inv`, the inverse of the quantization factor). Pa
 the matrix alone, never on the thread or NUMA count of the machine that made them.
 
 Block formats keep other projects' storage byte for byte, so their files are computed without conversion:
-the GGUF types q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, iq4_nl, iq4_xs (llama.cpp's block structs; see `ggml_blocks`) and mxfp4
+the GGUF types q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs (llama.cpp's block
+structs; see `ggml_blocks`) and mxfp4
 (OCP microscaling as gpt-oss ships it; see `mxfp4`). Their rows are whole blocks: `in` must be a multiple
 of the block size (32, or 256 for the K-quants), and any other shape is refused with a FormatError.
 

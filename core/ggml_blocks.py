@@ -28,6 +28,14 @@ roundings, never a fused multiply-add).
     iq4_xs 256 values, 136 bytes: f16 d | u16 scales_h | u8 scales_l[4] | u8 qs[128]
          8 sub-blocks of 32 as iq4_nl's with scale d * (ls - 32), ls = (scales_l[s/2] >> 4 (s%2)) & 15 |
          ((scales_h >> 2s) & 3) << 4 (6 bits)
+    q2_k 256 values, 84 bytes: u8 scales[16] | u8 qs[64] | f16 d | f16 dmin
+         16 sub-blocks of 16, scales[s] = sc | m << 4 (4 bits each); for half h < 2, l < 32, i < 4, value
+         v = 128h + 32i + l has the 2-bit code q = (qs[32h + l] >> 2i) & 3;
+         x[v] = (d * sc[v // 16]) * q - (dmin * m[v // 16])
+    q3_k 256 values, 110 bytes: u8 hmask[32] | u8 qs[64] | u8 scales[12] | f16 d
+         16 sub-blocks of 16 with 6-bit scales less 32 (packing: `q3_k_scales`); low two bits as q2_k's,
+         the third bit of value 32j + l is bit j of hmask[l], set for the non-negative codes:
+         q = low - 4 (1 - bit) in -4..3;                                 x[v] = (d * (sc[v // 16] - 32)) * q
     q6_k 256 values, 210 bytes: u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d
          for half h < 2, l < 32 (ql += 64h, qh += 32h), value v = 128h + 32i + l, i < 4:
          low nibble: i=0 ql[l] & 15, i=1 ql[l+32] & 15, i=2 ql[l] >> 4, i=3 ql[l+32] >> 4;
@@ -36,6 +44,9 @@ roundings, never a fused multiply-add).
 llama.cpp writes the 32-value types where a K-quant cannot hold a row (a row length that is not a multiple
 of 256: Q4_K falls back to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0), e.g. DeepSeek-V2-Lite's and Qwen1.5-MoE's
 expert down matrices (1408 columns) and MLA's per-head k_b (128 columns) in their Q4_K_M files.
+
+llama.cpp's Q2_K / Q3_K files (and unsloth's dynamic Q2_K_XL mixes) hold the giant models' experts in these
+two; their scales per 16 values are what let 2.6 and 3.4 bits per weight work at all.
 
 The quantizers: q8_0, q4_0, q4_1, q5_0 and q5_1 reproduce `gguf.quants.quantize` (which matches llama.cpp's reference
 quantize_row_*_ref) byte for byte. The K-quant quantizers are moetier's own plain round-to-nearest
@@ -73,10 +84,13 @@ BLOCK_TYPES: dict[str, BlockType] = {
     "q5_1": BlockType("q5_1", 7, 32, 24),
     "q4_k": BlockType("q4_k", 12, QK_K, 144),
     "q5_k": BlockType("q5_k", 13, QK_K, 176),
+    "q2_k": BlockType("q2_k", 10, QK_K, 84),
+    "q3_k": BlockType("q3_k", 11, QK_K, 110),
     "q6_k": BlockType("q6_k", 14, QK_K, 210),
     "iq4_nl": BlockType("iq4_nl", 20, 32, 18),
     "iq4_xs": BlockType("iq4_xs", 23, QK_K, 136),
 }
+K_SCALED = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")  # d (and dmin) per 256, sub-scales inside
 IQ4_TYPES = ("iq4_nl", "iq4_xs")  # 4-bit indices into IQ4_VALUES, not codes
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 BY_GGML_TYPE = {b.ggml_type: b for b in BLOCK_TYPES.values()}
@@ -127,11 +141,11 @@ class AffineParts:
     x[j] = scales[j // group] * codes[j] - mins[j // group] (in fp32, in that order: the product is exact,
     the subtraction rounds once). Every dequantizer here is this; kernels can compute on the parts."""
 
-    # int8 [rows, in]: q8_0 -128..127, q4_0 -8..7, q4_1 / q4_k 0..15, q5_0 -16..15, q5_1 / q5_k 0..31, q6_k -32..31,
+    # int8 [rows, in]: q8_0 -128..127, q2_k 0..3, q3_k -4..3, q4_0 -8..7, q4_1 / q4_k 0..15, q5_0 -16..15, q5_1 / q5_k 0..31, q6_k -32..31,
     # iq4: the grid values IQ4_VALUES
     codes: torch.Tensor
     scales: torch.Tensor  # fp32 [rows, in / group]
-    mins: torch.Tensor | None  # fp32 [rows, in / group] (q4_1, q5_1: -m; q4_k, q5_k), else None
+    mins: torch.Tensor | None  # fp32 [rows, in / group] (q4_1, q5_1: -m; q2_k, q4_k, q5_k), else None
     group: int  # values per sub-block
 
 
@@ -213,6 +227,49 @@ def _parts_q5_k(b: torch.Tensor):
     ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F).reshape(n, 8, 32)
     qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(*range(8), shape=(1, 1, 8, 1))) & 0x01).reshape(n, 8, 32)
     return ((ql | (qh << 4)).reshape(n, QK_K).to(torch.int8), *_k_scales(b))
+
+
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """q2_k / q3_k's qs [n, 64] -> the low two bits of each of the block's 256 values (value 128h + 32i + l
+    in bits 2i of qs[32h + l])."""
+    n = qs.shape[0]
+    return ((qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & 0x03).reshape(n, QK_K)
+
+
+def _q2_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q2_k blocks [n, 84] -> d, dmin [n, 1] and the 4-bit sc, m [n, 16]."""
+    return _f16(b[:, 80:82]), _f16(b[:, 82:84]), b[:, 0:16] & 0x0F, b[:, 0:16] >> 4
+
+
+def _parts_q2_k(b: torch.Tensor):
+    d, dmin, sc, m = _q2_k_scales(b)
+    return _crumbs(b[:, 16:80]).to(torch.int8), d * sc.to(torch.float32), dmin * m.to(torch.float32)
+
+
+def q3_k_scales(scales: torch.Tensor) -> torch.Tensor:
+    """q3_k's 12 packed bytes [n, 12] -> its 16 sub-block scales, 6-bit, 0..63 (the scale is d * (s - 32)):
+    the low four bits of s are nibble s // 8 of byte s % 8, the top two bits field s // 4 of byte 8 + s % 4."""
+    lo = ((scales[:, 0:8].unsqueeze(1) >> _shifts(0, 4, shape=(1, 2, 1))) & 0x0F).reshape(-1, 16)
+    hi = ((scales[:, 8:12].unsqueeze(1) >> _shifts(0, 2, 4, 6, shape=(1, 4, 1))) & 0x03).reshape(-1, 16)
+    return lo | (hi << 4)
+
+
+def pack_q3_k_scales(s: torch.Tensor) -> torch.Tensor:
+    """Inverse of `q3_k_scales`: 6-bit values uint8 [n, 16] -> the 12 packed bytes [n, 12]."""
+    lo = (s & 0x0F).view(-1, 2, 8)
+    hi = (s >> 4).to(torch.int32).view(-1, 4, 4) << (2 * torch.arange(4, dtype=torch.int32)).view(1, 4, 1)
+    return torch.cat([lo[:, 0] | (lo[:, 1] << 4), hi.sum(dim=1).to(_U8)], dim=1)
+
+
+def _q3_k_codes(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    bit = ((b[:, 0:32].reshape(n, 1, 32) >> _shifts(*range(8), shape=(1, 8, 1))) & 0x01).reshape(n, QK_K)
+    return _crumbs(b[:, 32:96]).to(torch.int8) - ((1 - bit.to(torch.int8)) << 2)
+
+
+def _parts_q3_k(b: torch.Tensor):
+    sc = q3_k_scales(b[:, 96:108]).to(torch.float32) - 32
+    return _q3_k_codes(b), _f16(b[:, 108:110]) * sc, None
 
 
 def _parts_q6_k(b: torch.Tensor):
@@ -356,23 +413,24 @@ def _ceil_ratio(num: torch.Tensor, den: torch.Tensor, top: int) -> torch.Tensor:
     return torch.where(den == 0, torch.zeros_like(num), torch.ceil(num / safe)).clamp(0, top)
 
 
-def _k_min_scale_quant(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, ...]:
-    """Asymmetric sub-blocks of 32 (q4_k: levels 15, q5_k: 31): x ~ (d*sc) * q - (dmin*m) with 6-bit sc, m.
+def _k_min_scale_quant(x: torch.Tensor, levels: int, sub_size: int = 32, top: int = 63) -> tuple[torch.Tensor, ...]:
+    """Asymmetric sub-blocks of `sub_size` (q4_k: levels 15, q5_k: 31; q2_k: 3 over sub-blocks of 16 with
+    4-bit sc and m, top 15): x ~ (d*sc) * q - (dmin*m) with sc, m in 0..top.
 
     Mins are clipped at 0 as llama.cpp does (m >= 0), and both the min and the scale are rounded UP to
     their stored grids (m = ceil, sc = ceil, super-block d and dmin rounded up to fp16), so every value
     lies inside its sub-block's grid and the error is at most half the stored step d*sc: never a clamp."""
     n = x.shape[0]
-    sub = x.view(n, 8, 32)
+    sub = x.view(n, QK_K // sub_size, sub_size)
     neg_min = -sub.amin(dim=2).clamp(max=0.0)
-    m_b = _f16_up(neg_min.amax(dim=1, keepdim=True) / 63, "min")
+    m_b = _f16_up(neg_min.amax(dim=1, keepdim=True) / top, "min")
     dmin = _f16(m_b)
-    mn = _ceil_ratio(neg_min, dmin, 63)
+    mn = _ceil_ratio(neg_min, dmin, top)
     shift = (dmin * mn).unsqueeze(2)  # exact in fp32 (11 x 6 significant bits), >= -min
     scale = (sub.amax(dim=2) + shift.squeeze(2)) / levels
-    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / 63, "scale")
+    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / top, "scale")
     d = _f16(d_b)
-    sc = _ceil_ratio(scale, d, 63)
+    sc = _ceil_ratio(scale, d, top)
     step = (d * sc).unsqueeze(2)
     q = torch.round((sub + shift) * _inverse(step)).clamp(0, levels).to(_U8).view(n, QK_K)
     return d_b, m_b, sc.to(_U8), mn.to(_U8), q
@@ -395,6 +453,33 @@ def _q_q5_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([d_b, m_b, pack_scale_min(sc, mn), qh, qs], dim=1)
 
 
+def _pack_crumbs(u: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_crumbs`: 2-bit codes uint8 [n, 256] -> qs [n, 64]."""
+    n = u.shape[0]
+    c = (u & 0x03).to(torch.int32).view(n, 2, 4, 32) << torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 1, 4, 1)
+    return c.sum(dim=2).to(_U8).reshape(n, 64)
+
+
+def _q_q2_k(x: torch.Tensor) -> torch.Tensor:
+    d_b, m_b, sc, mn, q = _k_min_scale_quant(x, 3, sub_size=16, top=15)
+    return torch.cat([sc | (mn << 4), _pack_crumbs(q), d_b, m_b], dim=1)
+
+
+def _q_q3_k(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric sub-blocks of 16 with q in [-3, 3] (llama.cpp's search may also use -4) and 6-bit
+    sub-block scales 0..31 rounded up under an fp16 d rounded up: error at most half the stored step."""
+    n = x.shape[0]
+    sub = x.view(n, 16, 16)
+    scale = sub.abs().amax(dim=2) / 3
+    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / 31, "scale")
+    d = _f16(d_b)
+    sc = _ceil_ratio(scale, d, 31)
+    step = (d * sc).unsqueeze(2)
+    u = (torch.round(sub * _inverse(step)).clamp(-3, 3) + 4).to(_U8).view(n, QK_K)  # q + 4: bit 2 = q >= 0
+    hmask = ((u >> 2).to(torch.int32).view(n, 8, 32) << torch.arange(8, dtype=torch.int32).view(1, 8, 1)).sum(dim=1)
+    return torch.cat([hmask.to(_U8), _pack_crumbs(u), pack_q3_k_scales((sc + 32).to(_U8)), d_b], dim=1)
+
+
 def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
     """Symmetric sub-blocks of 16 with q in [-31, 31] (stored q + 32; llama.cpp's search may also use -32)
     and int8 sub-block scales rounded up under an fp16 d rounded up: error at most half the stored step."""
@@ -415,11 +500,12 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
 
 # name -> (decoder of blocks, values per sub-block)
 _PARTS = {"q8_0": (_parts_q8_0, 32), "q4_0": (_parts_q4_0, 32), "q4_1": (_parts_q4_1, 32),
-          "q5_0": (_parts_q5_0, 32), "q5_1": (_parts_q5_1, 32), "q4_k": (_parts_q4_k, 32),
-          "q5_k": (_parts_q5_k, 32), "q6_k": (_parts_q6_k, 16), "iq4_nl": (_parts_iq4_nl, 32),
-          "iq4_xs": (_parts_iq4_xs, 32)}
+          "q5_0": (_parts_q5_0, 32), "q5_1": (_parts_q5_1, 32), "q2_k": (_parts_q2_k, 16),
+          "q3_k": (_parts_q3_k, 16), "q4_k": (_parts_q4_k, 32), "q5_k": (_parts_q5_k, 32),
+          "q6_k": (_parts_q6_k, 16), "iq4_nl": (_parts_iq4_nl, 32), "iq4_xs": (_parts_iq4_xs, 32)}
 _QUANT = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q5_0": _q_q5_0, "q5_1": _q_q5_1,
-          "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k, "iq4_nl": _q_iq4_nl, "iq4_xs": _q_iq4_xs}
+          "q2_k": _q_q2_k, "q3_k": _q_q3_k, "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k,
+          "iq4_nl": _q_iq4_nl, "iq4_xs": _q_iq4_xs}
 
 
 def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts:
@@ -436,21 +522,30 @@ def affine_parts(name: str, data: torch.Tensor, in_features: int) -> AffineParts
 @dataclass(frozen=True, eq=False)
 class KScales:
     """The two levels of a K-quant row's scales as stored: per superblock of 256 the fp16 d (and dmin) as
-    fp32, exact, per sub-block the 6-bit sc and m (q4_k, q5_k: 32 values) or the int8 sc (q6_k: 16 values;
-    iq4_xs: ls - 32, 32 values); AffineParts' scales are d * sc, its mins dmin * m."""
+    fp32, exact, per sub-block the 6-bit sc and m (q4_k, q5_k: 32 values), the 4-bit sc and m (q2_k: 16
+    values) or the signed sc (q6_k: int8, 16 values; q3_k: s - 32, 16 values; iq4_xs: ls - 32, 32 values);
+    AffineParts' scales are d * sc, its mins dmin * m."""
 
     d: torch.Tensor  # fp32 [rows, in / 256]
-    dmin: torch.Tensor | None  # fp32 [rows, in / 256]; q6_k: None
-    sc: torch.Tensor  # [rows, in / group]: uint8 0..63, q6_k int8
-    m: torch.Tensor | None  # uint8 [rows, in / 32], 0..63; q6_k: None
+    dmin: torch.Tensor | None  # fp32 [rows, in / 256]; without mins None
+    sc: torch.Tensor  # [rows, in / group]: uint8 (q4_k, q5_k 0..63; q2_k 0..15), else int8
+    m: torch.Tensor | None  # uint8 [rows, in / group], 0..63 (q2_k 0..15); without mins None
 
 
 def k_scales(name: str, data: torch.Tensor, in_features: int) -> KScales:
-    """uint8 q4_k / q5_k / q6_k / iq4_xs rows [rows, in/256 * type_size] -> their d, dmin, sc and m."""
-    if name not in ("q4_k", "q5_k", "q6_k", "iq4_xs"):
-        raise FormatError(f"{name} has no two-level scales (q4_k, q5_k, q6_k and iq4_xs have)")
+    """uint8 q2_k / q3_k / q4_k / q5_k / q6_k / iq4_xs rows [rows, in/256 * type_size] -> their d, dmin, sc
+    and m."""
+    if name not in K_SCALED:
+        raise FormatError(f"{name} has no two-level scales ({', '.join(K_SCALED)} have)")
     b = data.contiguous().view(-1, BLOCK_TYPES[name].type_size)
     rows, blocks = data.shape[0], in_features // QK_K
+    if name == "q2_k":
+        d, dmin, sc, m = _q2_k_scales(b)
+        return KScales(d.reshape(rows, blocks), dmin.reshape(rows, blocks), sc.reshape(rows, blocks * 16),
+                       m.reshape(rows, blocks * 16))
+    if name == "q3_k":
+        sc = q3_k_scales(b[:, 96:108]).to(torch.int8) - 32
+        return KScales(_f16(b[:, 108:110]).reshape(rows, blocks), None, sc.reshape(rows, blocks * 16), None)
     if name == "iq4_xs":
         return KScales(_f16(b[:, 0:2]).reshape(rows, blocks), None,
                        (_iq4_xs_ls(b) - 32).to(torch.int8).reshape(rows, blocks * 8), None)

@@ -109,7 +109,8 @@ def test_every_format_listed_round_trips_shape_and_dtype():
 
 # Block formats: bytes per block (scales included) as llama.cpp's structs and the OCP MX spec define them.
 @pytest.mark.parametrize("fmt,block,nbytes", [
-    ("q8_0", 32, 34), ("q4_0", 32, 18), ("q4_1", 32, 20), ("q5_0", 32, 22), ("q5_1", 32, 24), ("q4_k", 256, 144), ("q5_k", 256, 176), ("q6_k", 256, 210), ("iq4_nl", 32, 18), ("iq4_xs", 256, 136),
+    ("q8_0", 32, 34), ("q4_0", 32, 18), ("q4_1", 32, 20), ("q5_0", 32, 22), ("q5_1", 32, 24), ("q2_k", 256, 84),
+    ("q3_k", 256, 110), ("q4_k", 256, 144), ("q5_k", 256, 176), ("q6_k", 256, 210), ("iq4_nl", 32, 18), ("iq4_xs", 256, 136),
     ("mxfp4", 32, 17),
 ])
 def test_block_format_sizes_are_exact(fmt, block, nbytes):
@@ -124,8 +125,8 @@ def test_block_format_sizes_are_exact(fmt, block, nbytes):
         assert q.data.shape == (3, 4 * nbytes) and q.scales is None
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs",
-                                 "mxfp4"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                                 "iq4_nl", "iq4_xs", "mxfp4"])
 def test_partial_blocks_are_refused_naming_the_rule(fmt):
     block = get_format(fmt).block_size
     bad = block + 16

@@ -209,17 +209,17 @@ def test_gate_and_up_in_different_types_need_an_explicit_format(tmp_path):
 
 
 def test_types_without_a_moetier_format_are_refused_or_converted_on_request(tmp_path):
-    m = Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("q3_k", "q3_k", "q3_k"))
-    w = write(tmp_path / "q3k.gguf", m)
+    m = Model("qwen3moe", "Qwen3-30B-A3B", 1, 256, 256, 4, 2, ("iq2_xxs", "iq2_xxs", "iq2_xxs"))
+    w = write(tmp_path / "iq2.gguf", m)
     ref = ReferenceBackend()
     with GGUFFile(w.path) as gf:
         layout = gf.layout()
-        with pytest.raises(FormatError, match=r"Q3_K.*cannot compute.*--format"):
+        with pytest.raises(FormatError, match=r"IQ2_XXS.*cannot compute.*--format"):
             gguf_block(gf, layout, 0, ref)
         block = gguf_block(gf, layout, 0, ref, fmt="bf16")
         got = block.prepared.payload[1].gate
         want = gguf.quants.dequantize(_gguf_tensor(w.path, "blk.0.ffn_gate_exps.weight").data[1],
-                                      gguf.GGMLQuantizationType.Q3_K)
+                                      gguf.GGMLQuantizationType.IQ2_XXS)
         assert torch.equal(got, torch.from_numpy(want).to(torch.bfloat16).float())
 
 
@@ -229,8 +229,8 @@ def test_a_backend_without_the_files_format_is_refused(files):
     from moetier.backends.accel.plan import plan_kernels
 
     accel = AccelBackend("cpu.accel", "cpu", plan_kernels("cpu", None, detect_build()))
-    assert not {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs",
-                "mxfp4"} & set(accel.formats)
+    assert not {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl",
+                "iq4_xs", "mxfp4"} & set(accel.formats)
     w = files("qwen3moe")
     with GGUFFile(w.path) as gf:
         layout = gf.layout()

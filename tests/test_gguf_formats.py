@@ -1,4 +1,4 @@
-"""GGUF block formats (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, iq4_nl, iq4_xs) against the `gguf` package, llama.cpp's
+"""GGUF block formats (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs) against the `gguf` package, llama.cpp's
 own Python.
 
 Dequantization must be bit-identical to gguf.quants.dequantize on any bytes (our reference quantizer's
@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from moetier.formats import FORMATS, QuantizedTensor, dequantize, quantize
-from moetier.ggml_blocks import BLOCK_TYPES, IQ4_VALUES, affine_parts, iq4_indices, scale_min
+from moetier.ggml_blocks import BLOCK_TYPES, IQ4_VALUES, affine_parts, iq4_indices, k_scales, scale_min
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402
 
 GGUF_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
               "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
-              "q5_1": GGMLQuantizationType.Q5_1,
+              "q5_1": GGMLQuantizationType.Q5_1, "q2_k": GGMLQuantizationType.Q2_K, "q3_k": GGMLQuantizationType.Q3_K,
               "q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K,
               "q6_k": GGMLQuantizationType.Q6_K, "iq4_nl": GGMLQuantizationType.IQ4_NL,
               "iq4_xs": GGMLQuantizationType.IQ4_XS}
@@ -100,12 +100,15 @@ def _k_step(name: str, data: torch.Tensor, in_f: int) -> torch.Tensor:
         d = blocks[:, 208:210].contiguous().view(torch.float16).float()
         sc = blocks[:, 192:208].contiguous().view(torch.int8).float()
         return (d * sc).abs().repeat_interleave(16, dim=1).reshape(data.shape[0], in_f)
+    if name in ("q2_k", "q3_k"):  # read through the other decoder (k_scales) than the values (affine_parts)
+        k = k_scales(name, data, in_f)
+        return (k.d.repeat_interleave(16, dim=1) * k.sc.float()).abs().repeat_interleave(16, dim=1)
     d = blocks[:, 0:2].contiguous().view(torch.float16).float()
     sc, _ = scale_min(blocks[:, 4:16])
     return (d * sc.float()).repeat_interleave(32, dim=1).reshape(n // (in_f // 256), in_f)
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_k_quant_reference_quantizer_error_within_half_a_step(name):
     # Round to nearest on each sub-block's own stored grid (d*sc), which the quantizer sizes (rounding the
     # scales and mins up) so that no value is clamped: |error| <= step / 2 everywhere, up to the fp32
@@ -122,7 +125,8 @@ def test_k_quant_reference_quantizer_error_within_half_a_step(name):
     assert torch.equal(back[3, 256:], torch.zeros(256, dtype=torch.float64))
     rel = float((back - w.double()).norm() / w.double().norm())
     # RTN on N(0,1) draws: step ~ range / levels, rms error ~ step / sqrt(12)
-    assert rel < {"q4_k": 0.1, "q5_k": 0.05, "q6_k": 0.03}[name], f"seed {seed}: rel {rel}"
+    # (q2_k: 4 levels over a 16-value range of ~3.5 sigma -> ~0.34; q3_k: 7 levels over +-max -> ~0.2)
+    assert rel < {"q2_k": 0.4, "q3_k": 0.25, "q4_k": 0.1, "q5_k": 0.05, "q6_k": 0.03}[name], f"seed {seed}: rel {rel}"
 
 
 def test_known_values_q8_0_and_q4_0():
@@ -151,6 +155,27 @@ def test_known_values_q4_k_scale_packing():
     want = torch.tensor([(s + 1) * 3 - 0.5 * (63 - s) for s in range(8)]).repeat_interleave(32)
     assert torch.equal(x, want)
     np.testing.assert_array_equal(x.numpy(), gguf.quants.dequantize(blk.numpy(), GGUF_TYPES["q4_k"])[0])
+
+
+def test_known_values_q2_k_and_q3_k():
+    # Written out by hand from the block structs. q2_k: d = 1, dmin = 0.5, sub-block s: sc = s % 16,
+    # m = 15 - s; qs[32h + l] = 0b11100100 (codes 0, 1, 2, 3 for i = 0..3): value 128h + 32i + l = i.
+    sc_m = bytes((s % 16) | ((15 - s) << 4) for s in range(16))
+    blk = sc_m + bytes([0b11100100] * 64) + bytes([0x00, 0x3C, 0x00, 0x38])
+    x = dequantize(QuantizedTensor(FORMATS["q2_k"], (1, 256), torch.frombuffer(bytearray(blk), dtype=torch.uint8)
+                                   .view(1, 84)))[0].tolist()
+    assert x == [(v // 16) * ((v // 32) % 4) - 0.5 * (15 - v // 16) for v in range(256)]
+    # q3_k: d = 2; sub-block s has the 6-bit scale 32 + s - 8 (split 4 + 2 bits); low bits as above; hmask
+    # bit j of byte l set for odd l only: value 32j + l is i - 4 + 4 (l % 2), i = j % 4.
+    s6 = [32 + s - 8 for s in range(16)]
+    low = bytes((s6[b] & 15) | ((s6[b + 8] & 15) << 4) for b in range(8))
+    high = bytes(sum(((s6[4 * c + b] >> 4) & 3) << (2 * c) for c in range(4)) for b in range(4))
+    blk = bytes([0xFF if l % 2 else 0x00 for l in range(32)]) + bytes([0b11100100] * 64) + low + high + bytes([0x00, 0x40])
+    x = dequantize(QuantizedTensor(FORMATS["q3_k"], (1, 256), torch.frombuffer(bytearray(blk), dtype=torch.uint8)
+                                   .view(1, 110)))[0].tolist()
+    assert x == [2.0 * (v // 16 - 8) * ((v // 32) % 4 - 4 + 4 * (v % 2)) for v in range(256)]
+    np.testing.assert_array_equal(np.asarray(x, np.float32),
+                                  gguf.quants.dequantize(np.frombuffer(blk, np.uint8).reshape(1, -1), GGUF_TYPES["q3_k"])[0])
 
 
 @pytest.mark.parametrize("name", ["iq4_nl", "iq4_xs"])
@@ -226,7 +251,7 @@ def test_numba_block_decoder_gives_the_reference_values(name):
         buf = np.zeros(n + k.SCRATCH_ALIGN, np.float32)
         k.decode_row(kind, 1, n, 0, r, raw, z16, zi8, z32, np.zeros((1, rows, 0), np.float32), buf, buf.view(np.uint32))
         got[r] = buf[:n]
-    if name in ("q4_1", "q5_1", "q4_k", "q5_k"):
+    if name in ("q4_1", "q5_1", "q2_k", "q4_k", "q5_k"):
         # d*q - m: LLVM may fuse it into one FMA (one rounding instead of two): at most an ulp of the terms.
         tol = 2.0 ** -22 * np.abs(want).max(axis=1, keepdims=True)
         assert (np.abs(got - want) <= tol).all(), f"seed {seed}"

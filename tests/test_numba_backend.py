@@ -279,7 +279,7 @@ def test_probe_and_registration():
              "int4_g32": k.KIND_INT4, "int4_g64": k.KIND_INT4, "int4_g128": k.KIND_INT4, "fp8_e4m3": k.KIND_FP8,
              "q8_0": k.KIND_Q8_0, "q4_0": k.KIND_Q4_0, "q4_k": k.KIND_Q4_K, "q5_k": k.KIND_Q5_K, "q6_k": k.KIND_Q6_K,
              "mxfp4": k.KIND_MXFP4, "q4_1": k.KIND_Q4_1, "q5_0": k.KIND_Q5_0, "q5_1": k.KIND_Q5_1,
-             "iq4_nl": k.KIND_IQ4_NL, "iq4_xs": k.KIND_IQ4_XS}
+             "iq4_nl": k.KIND_IQ4_NL, "iq4_xs": k.KIND_IQ4_XS, "q2_k": k.KIND_Q2_K, "q3_k": k.KIND_Q3_K}
     assert cpu_numba._KINDS == kinds
 
 

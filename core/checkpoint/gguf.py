@@ -12,10 +12,10 @@ GGUFReader, which memory-maps it: nothing but the header is read until a tensor 
   the selection bias `blk.{i}.exp_probs_b.bias` [E], shared experts `blk.{i}.ffn_{gate,up,down}_shexp`
   and Qwen's shared-expert gate `blk.{i}.ffn_gate_inp_shexp.weight` [H].
 - `GGUFExperts`: the ExpertSource of one MoE layer. Expert e's three matrices come back in their native
-  GGUF format (q8_0, q4_0, q4_k, q5_k, q6_k, or f32/f16/bf16) as moetier QuantizedTensors whose data are
+  GGUF format (the types of `ggml_blocks.BLOCK_TYPES`, or f32/f16/bf16) as moetier QuantizedTensors whose data are
   the bytes of that expert's slice only, copied out of the mapping.
 
-Tensor types moetier has no format for (Q2_K, Q3_K, IQ*, ...) are refused for routed experts unless a
+Tensor types moetier has no format for (IQ1-IQ3, TQ*, ...) are refused for routed experts unless a
 conversion is asked for (then the gguf package's own dequantizer reads them); other tensors (router,
 shared expert) are dequantized to fp32 with the same dequantizer.
 """

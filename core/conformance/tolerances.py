@@ -34,6 +34,8 @@ TOLERANCES: dict[str, float] = {
     "q4_1": 4e-2,
     "q5_0": 4e-2,
     "q5_1": 4e-2,
+    "q2_k": 4e-2,
+    "q3_k": 4e-2,
     "q4_k": 4e-2,
     "q5_k": 4e-2,
     "q6_k": 4e-2,

@@ -12,9 +12,9 @@ from moetier.formats import quantize
 
 gguf = __import__("gguf")
 Q = gguf.GGMLQuantizationType
-TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_nl": Q.IQ4_NL,
-         "iq4_xs": Q.IQ4_XS, "f32": Q.F32, "f16": Q.F16,
-         "q3_k": Q.Q3_K}
+TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q2_k": Q.Q2_K,
+         "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_nl": Q.IQ4_NL, "iq4_xs": Q.IQ4_XS,
+         "f32": Q.F32, "f16": Q.F16, "iq2_xxs": Q.IQ2_XXS}
 
 
 @dataclass
@@ -54,11 +54,11 @@ def _stored(w: torch.Tensor, t: str) -> np.ndarray:
         return w.numpy().astype(np.float32)
     if t == "f16":
         return w.numpy().astype(np.float16)
-    if t == "q3_k":  # no quantizer anywhere: random blocks, which gguf's dequantizer still reads
+    if t == "iq2_xxs":  # a type moetier has no format for: random blocks, which gguf's dequantizer still reads
         g = torch.Generator().manual_seed(int(w.abs().sum() * 1000) % 2**31)
-        n = w.shape[2] // 256 * 110
+        n = w.shape[2] // 256 * 66
         b = torch.randint(0, 256, (w.shape[0], w.shape[1], n), generator=g, dtype=torch.uint8).numpy()
-        b.reshape(-1, 110)[:, 108:110] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # finite d
+        b.reshape(-1, 66)[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # finite d
         return b
     return np.stack([quantize(w[e], t).data.numpy() for e in range(w.shape[0])])
 
