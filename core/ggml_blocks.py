@@ -465,32 +465,34 @@ def _q_q2_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([sc | (mn << 4), _pack_crumbs(q), d_b, m_b], dim=1)
 
 
-def _q_q3_k(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric sub-blocks of 16 with q in [-3, 3] (llama.cpp's search may also use -4) and 6-bit
-    sub-block scales 0..31 rounded up under an fp16 d rounded up: error at most half the stored step."""
+def _k_symmetric_quant(x: torch.Tensor, levels: int, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric sub-blocks of 16 (q3_k: q in [-3, 3], sub-scales 0..31; q6_k: [-31, 31], 0..127): sub-block
+    scales rounded up under an fp16 d rounded up, so the error is at most half the stored step. Returns the
+    fp16 bytes of d, the sub-scales and the codes q + levels + 1 (uint8 [n, 256])."""
     n = x.shape[0]
     sub = x.view(n, 16, 16)
-    scale = sub.abs().amax(dim=2) / 3
-    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / 31, "scale")
+    scale = sub.abs().amax(dim=2) / levels
+    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / top, "scale")
     d = _f16(d_b)
-    sc = _ceil_ratio(scale, d, 31)
+    sc = _ceil_ratio(scale, d, top)
     step = (d * sc).unsqueeze(2)
-    u = (torch.round(sub * _inverse(step)).clamp(-3, 3) + 4).to(_U8).view(n, QK_K)  # q + 4: bit 2 = q >= 0
+    u = (torch.round(sub * _inverse(step)).clamp(-levels, levels) + levels + 1).to(_U8).view(n, QK_K)
+    return d_b, sc, u
+
+
+def _q_q3_k(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's search may also use q = -4; this quantizer keeps -3..3."""
+    n = x.shape[0]
+    d_b, sc, u = _k_symmetric_quant(x, 3, 31)  # u = q + 4: bit 2 = q >= 0
     hmask = ((u >> 2).to(torch.int32).view(n, 8, 32) << torch.arange(8, dtype=torch.int32).view(1, 8, 1)).sum(dim=1)
     return torch.cat([hmask.to(_U8), _pack_crumbs(u), pack_q3_k_scales((sc + 32).to(_U8)), d_b], dim=1)
 
 
 def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric sub-blocks of 16 with q in [-31, 31] (stored q + 32; llama.cpp's search may also use -32)
-    and int8 sub-block scales rounded up under an fp16 d rounded up: error at most half the stored step."""
+    """Stored q + 32, q in [-31, 31] (llama.cpp's search may also use -32), int8 sub-block scales."""
     n = x.shape[0]
-    sub = x.view(n, 16, 16)
-    scale = sub.abs().amax(dim=2) / 31
-    d_b = _f16_up(scale.amax(dim=1, keepdim=True) / 127, "scale")
-    d = _f16(d_b)
-    sc = _ceil_ratio(scale, d, 127)
-    step = (d * sc).unsqueeze(2)
-    q = (torch.round(sub * _inverse(step)).clamp(-31, 31) + 32).to(_U8).view(n, 2, 4, 32)  # [half, i, l]
+    d_b, sc, q = _k_symmetric_quant(x, 31, 127)
+    q = q.view(n, 2, 4, 32)  # [half, i, l]
     lo = q & 0x0F
     ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2)  # [n, 2, 64]
     hb = (q >> 4).to(torch.int32) << torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 1, 4, 1)

@@ -334,7 +334,9 @@ inline void run_f32_fmt(int fmt, int mb, const Panels& pn, const Geometry& g, co
         case BF16: run_f32<NP, DecBF16, false>(mb, pn, g, x, o); break;
         // The scale kinds each format packs into (Geometry's checks): the kernels are instantiated per kind.
         case I8:
-            if (g.hbits == 1 && g.scale_kind == SCALE_F16) {
+            if (g.crumbs && g.mins) run_f32<NP, DecCrumb<0, 0>, true, true, SCALE_K>(mb, pn, g, x, o);  // q2_k
+            else if (g.crumbs) run_f32<NP, DecCrumb<1, 4>, true, false, SCALE_K>(mb, pn, g, x, o);  // q3_k
+            else if (g.hbits == 1 && g.scale_kind == SCALE_F16) {
                 if (g.mins) run_f32<NP, DecSplit<1, 0>, true, true, SCALE_F16>(mb, pn, g, x, o);  // q5_1
                 else run_f32<NP, DecSplit<1, 16>, true, false, SCALE_F16>(mb, pn, g, x, o);  // q5_0
             } else if (g.hbits == 1) run_f32<NP, DecSplit<1, 0>, true, true, SCALE_K>(mb, pn, g, x, o);  // q5_k
@@ -382,7 +384,9 @@ MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8
         else if (g.scale_kind == SCALE_F16) gemm_int8dot<true, false, M, NP, SCALE_F16>(pn, g, xq, xc, xs, o);
         else gemm_int8dot<true, false, M, NP>(pn, g, xq, xc, xs, o);
     } else {
-        if (g.hbits == 1 && g.scale_kind == SCALE_F16) {
+        if (g.crumbs && g.mins) gemm_int8dot<false, true, M, NP, SCALE_K, 0, false, true>(pn, g, xq, xc, xs, o);  // q2_k
+        else if (g.crumbs) gemm_int8dot<false, false, M, NP, SCALE_K, 1, false, true>(pn, g, xq, xc, xs, o);  // q3_k
+        else if (g.hbits == 1 && g.scale_kind == SCALE_F16) {
             if (g.mins) gemm_int8dot<false, true, M, NP, SCALE_F16, 1>(pn, g, xq, xc, xs, o);  // q5_1
             else gemm_int8dot<false, false, M, NP, SCALE_F16, 1>(pn, g, xq, xc, xs, o);  // q5_0
         } else if (g.hbits == 1) gemm_int8dot<false, true, M, NP, SCALE_K, 1>(pn, g, xq, xc, xs, o);  // q5_k
@@ -542,8 +546,9 @@ inline void quantize_row_i8(const float* x, int n, int G, int groups, int c, int
 // unsigned already and the kernel wants the plain code sums (1).
 inline int weight_offset(int fmt) { return fmt == I4 ? 8 : 128; }
 inline int weight_offset(const Geometry& g) {
-    // split codes without mins are stored q + (8 << hbits): q5_0's q + 16, q6_k's q + 32
-    return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : g.iq4 ? IQ4_OFFSET : g.hbits ? (8 << g.hbits) : weight_offset(g.fmt);
+    // split codes without mins are stored q + (8 << hbits): q5_0's q + 16, q6_k's q + 32; q3_k's q + 4
+    return g.mins ? 1 : g.e2m1 ? E2M1_OFFSET : g.iq4 ? IQ4_OFFSET : g.crumbs ? 4 : g.hbits ? (8 << g.hbits)
+                                                                                  : weight_offset(g.fmt);
 }
 
 // One activation row (n values, fp32 or bf16 bits) in the forms the kernels read: fp32 in xf, zero-padded

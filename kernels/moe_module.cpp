@@ -50,6 +50,10 @@ MatFormat parse_format(const std::string& name) {
     if (name == "int5_g32_kscales") return {I8, 32, true, SCALE_K, 1};
     if (name == "int4_g32_kscales") return {I4, 32, true, SCALE_K};
     if (name == "int6_g16_kscales") return {I8, 16, false, SCALE_K, 2};
+    // q2_k: fp16 d and dmin per 256, 4-bit sc and m per 16 over 2-bit codes; q3_k: fp16 d per 256, sc - 32
+    // per 16 over 3-bit codes (2-bit code lines plus third bits)
+    if (name == "int2_g16_kscales") return {I8, 16, true, SCALE_K, 0, false, true};
+    if (name == "int3_g16_kscales") return {I8, 16, false, SCALE_K, 1, false, true};
     // MXFP4: the e2m1 codes and e8m0 scales as they ship
     if (name == "mxfp4") return {I4, 32, false, SCALE_E8M0};
     throw py::value_error("native kernels do not compute format '" + name + "'");

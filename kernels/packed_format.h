@@ -21,6 +21,11 @@
 // (hbits 1 or 2: 32 x 1 or 16 x 2 bits per row, so a group of 32 or 16 columns ends with one line), 5.5
 // and 6.5 bits per weight instead of 8 (the kernels rebuild each code with a shift and a merge per 64).
 // Without mins the codes are stored unsigned, q + (8 << hbits): q5_0's q + 16, q6_k's q + 32.
+// The 2- and 3-bit codes (q2_k, q3_k; groups of 16) keep theirs likewise (`crumbs`): one line of 2-bit codes
+// per group (byte r * 4 + t, bits 2j: row r, column 4j + t) and for q3_k a half line (32 bytes) of third bits
+// after the bundle's code lines, four 64-bit words (word j, bit r * 4 + t), codes stored q + 4. q2_k's 4-bit
+// sub-scale and min share one byte as in the file, so the panels keep its 2.625 bits per weight (q3_k 3.56,
+// the file 3.44: its 6-bit sub-scales take a byte here).
 // int4 panels may instead hold e2m1 codes (MXFP4): the nibble indexes twice the e2m1 values (integers
 // -12..12, so the vpdpbusd path takes them as bytes too), and the scales stay e8m0 bytes read as
 // 2^(e - 128) (the half is in the scale), so the panels keep MXFP4's 4.25 bits per weight. Likewise int4
@@ -81,6 +86,7 @@ struct MatFormat {
     int scales = SCALE_F32;
     int hbits = 0;
     bool iq4 = false;  // int4 nibbles index IQ4's grid (GGUF iq4_nl: fp16 scales; iq4_xs: K-quant scales)
+    bool crumbs = false;  // int8 panels of 2-bit code lines (q2_k; with hbits 1 and third bits: q3_k)
 };
 
 struct Geometry {
@@ -103,11 +109,14 @@ struct Geometry {
     bool fp8_pairs = false;   // fp8 lines in the column-pair order of the VBMI kernels (fp8_vbmi.h)
     int hbits = 0;            // int8 codes as nibble lines plus a high line per group (MatFormat::hbits)
     bool iq4 = false;         // int4 nibbles index IQ4's grid (MatFormat::iq4)
+    bool crumbs = false;      // 2-bit code lines (MatFormat::crumbs); with hbits 1 a half line of third bits
+    bool k4 = false;          // K-quant 4-bit sub-scale and min in one byte, the min in the high nibble (q2_k)
+    int64_t tail_bytes = 0;   // per panel and group after the bundle's weight lines: q3_k's third bits (32)
 
     Geometry() = default;
     Geometry(MatFormat f, int N_, int K_)
         : fmt(f.fmt), N(N_), K(K_), scale_kind(f.scales), mins(f.mins), e2m1(f.scales == SCALE_E8M0),
-          hbits(f.hbits), iq4(f.iq4) {
+          hbits(f.hbits), iq4(f.iq4), crumbs(f.crumbs) {
         const int group = f.group;
         if (N <= 0 || K <= 0) throw std::invalid_argument("matrix sizes must be positive");
         panels = int((N + PANEL - 1) / PANEL);
@@ -138,24 +147,33 @@ struct Geometry {
         if (iq4 && !(fmt == I4 && G == 32 && !mins && (scale_kind == SCALE_F16 || scale_kind == SCALE_K)))
             throw std::invalid_argument("iq4 grid indices need int4 panels with groups of 32, fp16 or K-quant scales "
                                         "and no mins");
+        if (crumbs && !(fmt == I8 && G == 16 && scale_kind == SCALE_K && (mins ? hbits == 0 : hbits == 1)))
+            throw std::invalid_argument("2-bit code lines need int8 panels with groups of 16 and K-quant scales: "
+                                        "2-bit codes with mins or 3-bit codes without");
         if (scale_kind == SCALE_K &&
-            !(((mins && G == 32) || (!mins && fmt == I8 && G == 16) || (iq4 && G == 32)) && K % K_SUPER == 0))
+            !(((mins && G == 32) || (!mins && fmt == I8 && G == 16) || (iq4 && G == 32) || crumbs) &&
+              K % K_SUPER == 0))
             throw std::invalid_argument("K-quant scales need panels with mins and groups of 32, or int8 panels "
                                         "with groups of 16, over whole 256-column superblocks");
-        if (hbits != 0 && !(fmt == I8 && G * hbits == 32 &&
+        if (hbits != 0 && !crumbs && !(fmt == I8 && G * hbits == 32 &&
                             ((scale_kind == SCALE_K && mins == (hbits == 1)) || (scale_kind == SCALE_F16 && hbits == 1))))
             throw std::invalid_argument("split codes need int8 panels: K-quant 5-bit codes with mins in groups of 32 "
                                         "or 6-bit codes in groups of 16, or 5-bit codes with fp16 scales in groups of 32");
         ngroups = Kp / G;
         lines = G / cols_per_line;
-        if (hbits) {
+        if (crumbs) {
+            cols_per_line = 16;  // one line of 2-bit codes per group
+            lines = 1;
+            k4 = mins;
+            tail_bytes = hbits ? 32 : 0;
+        } else if (hbits) {
             cols_per_line = 8;  // the nibble lines, as int4's
             lines = G / 8 + 1;  // and the high line
         }
         scale_stride = scale_kind == SCALE_E8M0 || scale_kind == SCALE_K ? PANEL
                        : scale_kind == SCALE_F16 ? 2 * PANEL : LINE;
-        scale_bytes = scaled ? (mins ? 2 : 1) * scale_stride : 0;
-        group_bytes = scale_bytes + int64_t(lines) * LINE;
+        scale_bytes = scaled ? (mins && !k4 ? 2 : 1) * scale_stride : 0;
+        group_bytes = scale_bytes + int64_t(lines) * LINE + tail_bytes;
         if (scale_kind == SCALE_K) {
             header_shift = G == 32 ? 3 : 4;  // 256 / G groups
             header_bytes = (mins ? 2 : 1) * 2 * PANEL;
@@ -212,7 +230,7 @@ struct Panels {
         return reinterpret_cast<const float*>(scale_bytes(g, gi, q));
     }
     MOE_INLINE const uint8_t* min_bytes(const Geometry& g, int gi, int q) const {
-        return group(g, gi) + int64_t(n + q0 + q) * g.scale_stride;
+        return group(g, gi) + int64_t((g.k4 ? 0 : n) + q0 + q) * g.scale_stride;  // k4: in the scale bytes
     }
     MOE_INLINE const float* mins(const Geometry& g, int gi, int q) const {
         return reinterpret_cast<const float*>(min_bytes(g, gi, q));
@@ -222,6 +240,10 @@ struct Panels {
         return group(g, gi) + n * g.scale_bytes + int64_t(q0 + q) * LINE;
     }
     MOE_INLINE int64_t stride() const { return int64_t(n) * LINE; }
+    // q3_k's third bits of panel q in group gi (Geometry::tail_bytes): after the bundle's weight lines.
+    MOE_INLINE const uint8_t* tail(const Geometry& g, int gi, int q) const {
+        return group(g, gi) + n * (g.scale_bytes + int64_t(g.lines) * LINE) + int64_t(q0 + q) * g.tail_bytes;
+    }
     Panels sub(int q) const { return {base, n, q0 + q}; }
 };
 
@@ -256,9 +278,9 @@ inline uint16_t f16_of(float s) {
     if (_cvtsh_ss(h) != s) throw std::invalid_argument("a panel scale stored as fp16 must be an fp16 value, got " + std::to_string(s));
     return h;
 }
-// A K-quant sub-scale or sub-min as its byte: an integer 0..63 (with mins) or -128..127 (q6_k).
-inline uint8_t k_sub_of(float v, bool is_unsigned) {
-    const float lo = is_unsigned ? 0.f : -128.f, hi = is_unsigned ? 63.f : 127.f;
+// A K-quant sub-scale or sub-min as its byte: an integer 0..63 (with mins; q2_k's 0..15) or -128..127 (q6_k).
+inline uint8_t k_sub_of(float v, bool is_unsigned, bool four_bits = false) {
+    const float lo = is_unsigned ? 0.f : -128.f, hi = four_bits ? 15.f : is_unsigned ? 63.f : 127.f;
     if (!(v >= lo && v <= hi) || v != std::floor(v))
         throw std::invalid_argument("a K-quant sub-block scale must be an integer " + std::to_string(int(lo)) + ".." +
                                     std::to_string(int(hi)) + ", got " + std::to_string(v));
@@ -279,6 +301,18 @@ inline void split_code(const Geometry& g, uint8_t* w, int64_t ls, int r, int kk,
     d = (j & 4) ? uint8_t((d & 0x0F) | ((u & 15) << 4)) : uint8_t((d & 0xF0) | (u & 15));
     const int field = 2 * (kk / 8) + (j >> 2);
     w[int64_t(g.lines - 1) * ls + b] |= uint8_t((u >> 4) << (g.hbits * field));
+}
+// Code v (the source byte: q2_k's 0..3, q3_k's -4..3) of row r, group column kk into a group of 2-bit code
+// lines at w (line byte r * 4 + kk % 4, bits 2 (kk / 4)), q3_k's third bit (of q + 4) into its tail t (word
+// kk / 4, bit r * 4 + kk % 4).
+inline void crumb_code(const Geometry& g, uint8_t* w, uint8_t* t, int r, int kk, uint8_t v) {
+    const int u = g.mins ? int(v) : int(int8_t(v)) + 4, top = g.hbits ? 8 : 4;
+    if (u < 0 || u >= top)
+        throw std::invalid_argument(std::string("a ") + (g.hbits ? "3-bit code must be -4..3" : "2-bit code must be 0..3") +
+                                    " (stored " + std::to_string(int(int8_t(v))) + ")");
+    const int b = r * 4 + kk % 4, j = kk / 4;
+    w[b] |= uint8_t((u & 3) << (2 * j));
+    if (g.hbits) t[8 * j + b / 8] |= uint8_t((u >> 2) << (b % 8));
 }
 inline void store_scale(const Geometry& g, uint8_t* p, int r, float s) {
     if (g.scale_kind == SCALE_E8M0) p[r] = e8m0_of(s);
@@ -303,6 +337,11 @@ inline void pack_k_scales(const Geometry& g, const Panels& bd, const float* src,
             const uint16_t dmin = f16_of(src[(N + row) * nsb + sb]);
             std::memcpy(at(bd.dmin_f16(g, gi, q)) + 2 * r, &dmin, 2);
         }
+    }
+    if (g.k4) {  // q2_k: sc | m << 4
+        at(bd.scale_bytes(g, gi, q))[r] = uint8_t(k_sub_of(sub[row * g.ngroups + gi], true, true) |
+                                                  (k_sub_of(sub[(N + row) * g.ngroups + gi], true, true) << 4));
+        return;
     }
     at(bd.scale_bytes(g, gi, q))[r] = k_sub_of(sub[row * g.ngroups + gi], g.mins);
     if (g.mins) at(bd.min_bytes(g, gi, q))[r] = k_sub_of(sub[(N + row) * g.ngroups + gi], true);
@@ -335,6 +374,7 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
             const int rows = std::min(PANEL, N - p * PANEL);
             for (int gi = 0; gi < g.ngroups; ++gi) {
                 uint8_t* w = bbase + (bd.weights(g, gi, q) - bd.base);
+                uint8_t* tail = bbase + (bd.tail(g, gi, q) - bd.base);
                 uint8_t* sc8 = bbase + (bd.scale_bytes(g, gi, q) - bd.base);
                 float* sc = reinterpret_cast<float*>(sc8);
                 uint8_t* mn8 = bbase + (bd.min_bytes(g, gi, q) - bd.base);
@@ -369,7 +409,8 @@ void pack_panels_fmt(const Geometry& g, int count, const PanelSource* src, uint8
                                 line[at] = ps.data[int64_t(row) * K + k];
                             } else if constexpr (FMT == I8) {
                                 const uint8_t v = ps.data[int64_t(row) * K + k];
-                                if (g.hbits) split_code(g, w, ls, r, kk, v);
+                                if (g.crumbs) crumb_code(g, w, tail, r, kk, v);
+                                else if (g.hbits) split_code(g, w, ls, r, kk, v);
                                 else line[r * 4 + j] = v;  // vpdpbusd quad order
                             } else {  // I4: 8 columns (4 source bytes) per 32-bit lane, low nibble for j < 4
                                 const uint8_t sb = ps.data[int64_t(row) * K2 + k / 2];
@@ -488,6 +529,29 @@ struct DecSplit {
         });
     }
 };
+// 2-bit code lines (Geometry::crumbs): a group's 16 columns from its one line, with HB (q3_k) the third
+// bits from the group's tail t, each code less OFF (q3_k's 4; q2_k has mins and unsigned codes).
+template <int HB, int OFF>
+struct DecCrumb {
+    static constexpr int UK = 16;
+    static constexpr bool CRUMBS = true;
+    template <class Fn>
+    static MOE_INLINE void line(const uint8_t* p, const uint8_t* t, Fn&& fn) {
+        const R raw = rload(p);
+        unroll<4>([&](auto F) {
+            constexpr int f = decltype(F)::value;
+            const R c = crumb_codes<f, HB, OFF>(raw, t);
+            unroll<4>([&](auto J) {
+                constexpr int j = decltype(J)::value;
+                fn(std::integral_constant<int, 4 * f + j>{}, i8_get<j>(c));
+            });
+        });
+    }
+};
+template <class D, class = void>
+constexpr bool is_crumbs = false;
+template <class D>
+constexpr bool is_crumbs<D, std::void_t<decltype(D::CRUMBS)>> = true;
 // Lines one decoder call reads: 1, or a split group's.
 template <class D, class = void>
 constexpr int lines_per_call = 1;

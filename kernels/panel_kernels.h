@@ -45,10 +45,11 @@ MOE_INLINE void prefetch_stream(const uint8_t* p, int64_t bytes) {
 // unsigned with mins (q4_k, q5_k), signed without (q6_k)).
 MOE_INLINE V k_scales(V d, const Panels& pn, const Geometry& g, int gi, int q) {
     const uint8_t* p = pn.scale_bytes(g, gi, q);
-    return vmul(d, g.mins ? u8_get(p) : s8_get(p));
+    return vmul(d, g.k4 ? u4_get<false>(p) : g.mins ? u8_get(p) : s8_get(p));
 }
 MOE_INLINE V k_mins(V dmin, const Panels& pn, const Geometry& g, int gi, int q) {
-    return vmul(dmin, u8_get(pn.min_bytes(g, gi, q)));
+    const uint8_t* p = pn.min_bytes(g, gi, q);
+    return vmul(dmin, g.k4 ? u4_get<true>(p) : u8_get(p));
 }
 
 // Panel q's 16 row scales of group gi as fp32, stored as the ScaleKind SK (g.scale_kind; a template
@@ -117,7 +118,8 @@ void gemm_f32(const Panels& pn, const Geometry& g, const float* const* x, float*
                         constexpr int a = j % NA;
                         for (int m = 0; m < M; ++m) t[a][q][m] = vfma(w, vset1(xr[m][k + j]), t[a][q][m]);
                     };
-                    if constexpr (DL > 1) D::line(p[q] + si * ls, ls, fma);
+                    if constexpr (is_crumbs<D>) D::line(p[q], pn.tail(g, gi, q), fma);
+                    else if constexpr (DL > 1) D::line(p[q] + si * ls, ls, fma);
                     else D::line(p[q] + si * ls, fma);
                 });
                 p[q] += S * DL * ls;
@@ -217,8 +219,8 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 // grid; the shuffle gives IQ4_OFFSET plus the grid value (1..241), c = 128.
 // MINS: the codes are unsigned already (int4 0..15, int8 0..127), so there is no offset: the sums start
 // at 0, xcorr holds the plain code sums (c = 1), and each group ends with - min * xcorr, again exact
-// zero for a zero row.
-template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32, int HB = 0, bool IQ4 = false>
+// zero for a zero row. CR: 2-bit code lines (q2_k; with HB 1 q3_k, its codes q + 4, c = 4).
+template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32, int HB = 0, bool IQ4 = false, bool CR = false>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
     // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
@@ -256,7 +258,8 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // (one Zen 4 core, Qwen3 layer, batch 1): q4_k x1.74, q5_k x1.27, int4_g32 x1.05-1.10, int4_g64 x1.03-1.05;
         // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there (q6_k's
         // split codes too: x0.95-1.00, A/B 2026-11-30).
-        if constexpr (INT4 || MINS) prefetch_stream<PF>(pn.group(g, gi), pn.n * g.scale_bytes);
+        if constexpr (CR) prefetch_stream(pn.group(g, gi), pn.n * g.group_bytes);  // a whole group is 1.25-1.75 lines
+        else if constexpr (INT4 || MINS) prefetch_stream<PF>(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
         if constexpr (SBI) {
             // (the integer sub-scales are read after the group's dot products)
@@ -297,7 +300,20 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                 }
             }
         };
-        if constexpr (HB > 0) {
+        if constexpr (CR) {
+            // 2-bit code lines: the group's one line, four fields of four columns (q3_k: plus the third bits)
+            __m512i w[4][NP];
+            for (int q = 0; q < NP; ++q) {
+                const __m512i raw = _mm512_loadu_si512(p + q * LINE);
+                const uint8_t* t = pn.tail(g, gi, q);
+                w[0][q] = crumb_codes_v<0, HB, 0>(raw, t);
+                w[1][q] = crumb_codes_v<1, HB, 0>(raw, t);
+                w[2][q] = crumb_codes_v<2, HB, 0>(raw, t);
+                w[3][q] = crumb_codes_v<3, HB, 0>(raw, t);
+            }
+            dot8(k0, w[0], w[1]);
+            dot8(k0 + 8, w[2], w[3]);
+        } else if constexpr (HB > 0) {
             // Split codes (q5_k, q6_k): the group's nibble lines, then its high line; each code rebuilt
             // unsigned (q6_k's offset 32 comes back out through xcorr).
             constexpr int NL = 32 / HB / 8;
@@ -351,11 +367,22 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         if constexpr (SBI) {
             for (int q = 0; q < NP; ++q) {
                 const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pn.scale_bytes(g, gi, q)));
-                const __m512i isc = MINS ? _mm512_cvtepu8_epi32(sc8) : _mm512_cvtepi8_epi32(sc8);
+                __m512i isc = MINS ? _mm512_cvtepu8_epi32(sc8) : _mm512_cvtepi8_epi32(sc8);
                 __m512i imn = _mm512_setzero_si512();
-                if constexpr (MINS)
+                if constexpr (CR && MINS) {  // q2_k: sc | m << 4 in one byte
+                    imn = _mm512_srli_epi32(isc, 4);
+                    isc = _mm512_and_si512(isc, _mm512_set1_epi32(15));
+                } else if constexpr (MINS)
                     imn = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pn.min_bytes(g, gi, q))));
                 for (int m = 0; m < M; ++m) {
+                    if constexpr (CR) {
+                        // 2- and 3-bit groups of 16: |sums| < 2^14 and sc, m < 2^15, so each product is one
+                        // int16 multiply-add (the high halves: the sums' sign times 0)
+                        sa[q][m] = _mm512_dpwssd_epi32(sa[q][m], ai[0][q][m], isc);
+                        sa[q][m] = _mm512_dpwssd_epi32(sa[q][m], ai[1][q][m], isc);
+                        if constexpr (MINS) sb[q][m] = _mm512_dpwssd_epi32(sb[q][m], _mm512_set1_epi32(xcorr[m][gi]), imn);
+                        continue;
+                    }
                     const __m512i t = _mm512_add_epi32(ai[0][q][m], ai[1][q][m]);
                     sa[q][m] = _mm512_add_epi32(sa[q][m], _mm512_mullo_epi32(t, isc));
                     if constexpr (MINS)

@@ -137,6 +137,28 @@ MOE_INLINE __m512i split_codes_v(__m512i raw, __m512i hb) {
 }
 template <int HB, int SV, int OFF>
 MOE_INLINE R split_codes(R raw, R hb) { return {split_codes_v<HB, SV, OFF>(raw.v, hb.v)}; }
+// 2-bit code lines (packed_format.h, q2_k / q3_k): field J of a line (bits 2J of every byte: columns 4J..4J+3)
+// as 64 code bytes, with HB (q3_k) the third bit from word J of the group's third-bit masks t (bit i = byte i),
+// less OFF.
+template <int J, int HB, int OFF>
+MOE_INLINE __m512i crumb_codes_v(__m512i raw, const uint8_t* t) {
+    __m512i c = _mm512_and_si512(J ? _mm512_srli_epi16(raw, 2 * J) : raw, _mm512_set1_epi8(3));
+    if constexpr (HB) {
+        uint64_t bits;
+        std::memcpy(&bits, t + 8 * J, 8);
+        c = _mm512_mask_add_epi8(c, _cvtu64_mask64(bits), c, _mm512_set1_epi8(4));
+    }
+    if constexpr (OFF != 0) c = _mm512_sub_epi8(c, _mm512_set1_epi8(char(OFF)));
+    return c;
+}
+template <int J, int HB, int OFF>
+MOE_INLINE R crumb_codes(R raw, const uint8_t* t) { return {crumb_codes_v<J, HB, OFF>(raw.v, t)}; }
+// 16 bytes -> their low (HIGH false) or high nibbles as 16 floats (q2_k's sub-scale and min in one byte).
+template <bool HIGH>
+MOE_INLINE V u4_get(const uint8_t* p) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm512_cvtepi32_ps(HIGH ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15)))};
+}
 
 #else  // AVX2: a V is two ymm (rows 0-7, rows 8-15)
 constexpr bool kAvx512 = false;
@@ -273,6 +295,36 @@ template <int HB, int SV, int OFF>
 MOE_INLINE R split_codes(R raw, R hb) {
     return {split_codes_half<HB, SV, OFF>(raw.a, hb.a), split_codes_half<HB, SV, OFF>(raw.b, hb.b)};
 }
+// 32 mask bits (bit i = byte i) -> 32 bytes 0xFF / 0: each byte takes its mask byte, then tests its own bit.
+MOE_INLINE __m256i bits_to_bytes(uint32_t m) {
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(m)), pick);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+template <int J, int HB, int OFF>
+MOE_INLINE __m256i crumb_codes_half(__m256i raw, const uint8_t* t) {
+    __m256i c = _mm256_and_si256(J ? _mm256_srli_epi16(raw, 2 * J) : raw, _mm256_set1_epi8(3));
+    if constexpr (HB) {
+        uint32_t bits;
+        std::memcpy(&bits, t, 4);
+        c = _mm256_or_si256(c, _mm256_and_si256(bits_to_bytes(bits), _mm256_set1_epi8(4)));
+    }
+    if constexpr (OFF != 0) c = _mm256_sub_epi8(c, _mm256_set1_epi8(char(OFF)));
+    return c;
+}
+template <int J, int HB, int OFF>
+MOE_INLINE R crumb_codes(R raw, const uint8_t* t) {
+    return {crumb_codes_half<J, HB, OFF>(raw.a, t + 8 * J), crumb_codes_half<J, HB, OFF>(raw.b, t + 8 * J + 4)};
+}
+template <bool HIGH>
+MOE_INLINE __m256 u4_half(const uint8_t* p) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtepi32_ps(HIGH ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, _mm256_set1_epi32(15)));
+}
+template <bool HIGH>
+MOE_INLINE V u4_get(const uint8_t* p) { return {u4_half<HIGH>(p), u4_half<HIGH>(p + 8)}; }
 #endif
 
 // exp(x) to ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, then scale by 2^n.

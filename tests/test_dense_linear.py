@@ -26,7 +26,7 @@ pytestmark = needs_native
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3")
 # GGUF blocks and mxfp4: rows of whole blocks (256 values for the K-quants, 32 for the others)
-BLOCKS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "mxfp4")
+BLOCKS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "mxfp4")
 FP32_BOUND = 2e-5
 FP8_SPLIT_BOUND = 5e-5
 INT8_DECODE_MIN_K = 256  # kernels/moe_layer.h: shorter rows decode on the exact fp32 path

@@ -117,7 +117,7 @@ def test_zero_in_gives_zero_out_on_tiles(emulated, fmt):
     check_exact_zeros(lambda: emulated_backend(emulated), fmt, int(torch.randint(0, 2**31, ()).item()))
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "iq4_xs"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"])
 def test_gguf_formats_take_vpdpbusd_not_tiles(emulated, fmt, monkeypatch):
     """Per-group scales (and mins) do not fit the int8 tiles' one scale per row: GGUF prefill on the amx
     build runs the same vpdpbusd kernels as the avx512_bf16 build, bit for bit, and no tile dot."""

@@ -1,4 +1,4 @@
-"""Block formats on the native kernels. GGUF's q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k and q6_k are packed as
+"""Block formats on the native kernels. GGUF's q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k and q6_k are packed as
 integer codes (iq4_nl / iq4_xs as the file's indices into IQ4's grid of integers) with the file's scale (and, for the types with mins, its min) per row and sub-block, which hold
 the GGUF values exactly, so the kernels multiply the file's own weights. mxfp4 keeps its e2m1 codes as they
 ship, in int4 panels that decode them through a table of twice the e2m1 values, with half the e8m0
@@ -30,7 +30,7 @@ from moetier.formats import convert, dequantize, quantize
 from test_native_common import (DOT_VARIANTS, RUNNABLE, make_backend, needs_native, random_layer, reference,
                                 rel_err, routing)
 
-GGUF = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
+GGUF = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
 BLOCKS = (*GGUF, "mxfp4")
 E, K, H, I = 4, 2, 256, 512
 PATHS = {"decode": 3, "mid": 24, "prefill": 80}  # tokens; E = 4, k = 2: 1-2, 12, 40 per expert
@@ -154,24 +154,41 @@ def test_panels_refuse_a_scale_their_storage_would_round(layout, scale, monkeypa
 
 
 @needs_native
-@pytest.mark.parametrize("layout,levels,sub", [("int4_g32_kscales", 2, 8), ("int5_g32_kscales", 2, 8),
-                                               ("int6_g16_kscales", 1, 16), ("iq4_g32_kscales", 1, 8)])
-def test_k_quant_panels_refuse_scales_they_would_round(layout, levels, sub, monkeypatch):
+@pytest.mark.parametrize("layout,levels,sub,sc_past,wide", [
+    ("int4_g32_kscales", 2, 8, 64.0, None), ("int5_g32_kscales", 2, 8, 64.0, 32), ("int6_g16_kscales", 1, 16, 128.0, 40),
+    ("iq4_g32_kscales", 1, 8, 128.0, None), ("int2_g16_kscales", 2, 16, 16.0, 4), ("int3_g16_kscales", 1, 16, 128.0, 4)])
+def test_k_quant_panels_refuse_scales_they_would_round(layout, levels, sub, sc_past, wide, monkeypatch):
     """The K-quants' two levels are kept as stored: d (and dmin) must be fp16 values, sc (and m) integers in
-    their range (0..63 with mins, int8 for q6_k); anything else is a ValueError of the binding."""
+    their range (0..63 with mins, q2_k's 0..15, int8 for q3_k / q6_k); anything else is a ValueError of the
+    binding. Codes wider than the layout's bits (q2_k 2, q3_k 3, q5_k 5, q6_k 6) are refused, not cut."""
     ext = make_backend(RUNNABLE[-1], monkeypatch)._ext
     codes = np.zeros(16 * (128 if layout.startswith(("int4", "iq4")) else 256), dtype=np.uint8)
 
     def scales(d=0.5, sc=3.0):
         return np.concatenate([np.full(16 * levels, d), np.full(16 * sub * levels, sc)]).astype(np.float32)
 
-    for bad, match in ((scales(d=0.1), "fp16"), (scales(sc=64.0 if levels == 2 else 128.0), "integer"),
-                       (scales(sc=2.5), "integer")):
+    for bad, match in ((scales(d=0.1), "fp16"), (scales(sc=sc_past), "integer"), (scales(sc=2.5), "integer")):
         with pytest.raises(ValueError, match=match):
             ext.DenseLinear(16, 256, layout).pack(codes, bad)
     ext.DenseLinear(16, 256, layout).pack(codes, scales(sc=-5.0 if levels == 1 else 5.0))
-    if layout in ("int5_g32_kscales", "int6_g16_kscales"):  # q5_k's / q6_k's codes keep 5 / 6 bits: a wider one is refused, not cut
-        wide = codes.copy()
-        wide[7] = 32 if layout == "int5_g32_kscales" else 40
+    if wide is not None:
+        too_wide = codes.copy()
+        too_wide[7] = wide
         with pytest.raises(ValueError, match="-bit code"):
-            ext.DenseLinear(16, 256, layout).pack(wide, scales(sc=5.0))
+            ext.DenseLinear(16, 256, layout).pack(too_wide, scales(sc=5.0))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt,ratio", [("q2_k", 1.0), ("q3_k", 114 / 110), ("q4_k", 148 / 144), ("q6_k", 1.0),
+                                       ("q4_0", 1.0), ("iq4_xs", 138 / 136)])
+def test_packed_experts_keep_the_files_bits_per_weight(fmt, ratio, monkeypatch):
+    """The panels hold the codes in their own width (2-bit lines, nibbles, third / top bits), not a byte each:
+    an expert packed from a GGUF type takes the file's bytes, up to the sub-scales kept a byte each (q3_k's
+    6-bit scales: 114 bytes per 256 values for the file's 110) and the K-quants' d (dmin) lines per panel."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    layer, w = random_layer(g, fmt, 2, 1, 512, 256)
+    b = make_backend(RUNNABLE[0], monkeypatch)
+    prepared = b.prepare(layer, w, [0, 1], fmt)
+    file_bytes = layer.expert_bytes(fmt)
+    assert prepared.payload.expert_bytes == pytest.approx(file_bytes * ratio, rel=1e-9), (
+        f"{fmt}: {prepared.payload.expert_bytes} bytes per expert packed, the file's {file_bytes}")

@@ -27,7 +27,7 @@ from moetier.formats import QuantizedTensor, get_format, quantize
 from test_native_common import DOT_VARIANTS, RUNNABLE, make_backend, needs_native, random_layer, routing
 
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3",
-           "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
+           "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
 E, K, H0, I = 4, 2, 264, 256
 
 

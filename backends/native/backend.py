@@ -30,16 +30,19 @@ from moetier.formats import QuantizedTensor, WeightFormat, pack_int4
 from . import load_variant
 
 NATIVE_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "fp8_e4m3",
-                  "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "mxfp4")
+                  "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs",
+                  "mxfp4")
 # GGUF block formats -> the kernels' layout that holds their values exactly: the blocks decode into
 # integer codes with a scale (and min) per sub-block (ggml_blocks.affine_parts), which the packed panels
 # keep per row and group as the file stores them (q8_0 / q4_0 / q5_0: fp16 d; q4_1 / q5_1: fp16 d and m;
-# q4_k / q5_k: fp16 d and dmin per 256 with 6-bit sc and m per 32; q6_k: fp16 d per 256, int8 sc per 16),
-# so the kernels multiply the GGUF values; 5- and 6-bit codes keep their bits (nibbles plus top bits), not
-# a byte each.
+# q4_k / q5_k: fp16 d and dmin per 256 with 6-bit sc and m per 32; q6_k: fp16 d per 256, int8 sc per 16;
+# q2_k: d and dmin per 256, 4-bit sc and m per 16; q3_k: d per 256, sc - 32 per 16),
+# so the kernels multiply the GGUF values; 2-, 3-, 5- and 6-bit codes keep their bits (2-bit lines plus third
+# bits, nibbles plus top bits), not a byte each.
 GGUF_LAYOUTS = {"q8_0": "int8_g32_f16", "q6_k": "int6_g16_kscales", "q5_k": "int5_g32_kscales", "q4_k": "int4_g32_kscales",
                 "q4_0": "int4_g32_f16", "q4_1": "int4_g32_f16_mins", "q5_0": "int5_g32_f16",
-                "q5_1": "int5_g32_f16_mins", "iq4_nl": "iq4_g32_f16", "iq4_xs": "iq4_g32_kscales"}
+                "q5_1": "int5_g32_f16_mins", "iq4_nl": "iq4_g32_f16", "iq4_xs": "iq4_g32_kscales",
+                "q2_k": "int2_g16_kscales", "q3_k": "int3_g16_kscales"}
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
