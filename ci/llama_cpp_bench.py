@@ -7,8 +7,8 @@ torch, no moetier).
    kv_b split into k_b and v_b for llama.cpp's absorbed MLA), written with the gguf package;
    the weights' bf16 bytes are copied as they are, the 1-D norms stored as F32 (as the converter does).
    The checkpoint has no tokenizer: a synthetic vocabulary of the model's size ("<0>", "<1>", ...) is
-   written, since the runs feed token ids directly. Q8_0, Q4_0 and Q4_K_M come from llama.cpp's own
-   quantizer (`llama_model_quantize`) on that BF16 file, as a user would make them.
+   written, since the runs feed token ids directly. Q8_0, Q4_0, Q4_K_M (and on request Q3_K_M, Q2_K) come
+   from llama.cpp's own quantizer (`llama_model_quantize`) on that BF16 file, as a user would make them.
 2. Measure, per type: a prompt of --prompt-tokens random ids evaluated in one batch (prefill: tokens /
    seconds), then --new-tokens greedy steps, one token each (decode: tokens / seconds), after an untimed
    warm-up run; the median of --repeats runs. The same lengths, threads and repeats as the moetier bench.
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-TYPES = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")
+TYPES = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")  # the default run
+KNOWN_TYPES = (*TYPES, "Q3_K_M", "Q2_K")
 
 
 def read_safetensors(folder: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
@@ -248,7 +249,8 @@ def quantize(src: Path, dst: Path, gguf_type: str, threads: int) -> None:
     import llama_cpp
 
     ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-             "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[gguf_type]
+             "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q3_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
+             "Q2_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K}[gguf_type]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
@@ -302,7 +304,8 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="ci/llama_cpp_bench.sh")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--types", default=",".join(TYPES), help=f"comma-separated GGUF types (default {','.join(TYPES)})")
+    p.add_argument("--types", default=",".join(TYPES),
+                   help=f"comma-separated GGUF types of {', '.join(KNOWN_TYPES)} (default {','.join(TYPES)})")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (the moetier bench: 65 new "
                                                               "tokens, timed from the first: 64 steps)")
@@ -316,9 +319,9 @@ def main() -> int:
     if args.quick:
         args.prompt_tokens, args.new_tokens, args.repeats = 128, 16, 1
     types = [x.strip() for x in args.types.split(",") if x.strip()]
-    bad = [x for x in types if x not in TYPES]
+    bad = [x for x in types if x not in KNOWN_TYPES]
     if bad:
-        p.error(f"unknown GGUF types {bad}; known: {', '.join(TYPES)}")
+        p.error(f"unknown GGUF types {bad}; known: {', '.join(KNOWN_TYPES)}")
     threads = int(os.environ.get("THREADS", "2"))
     import llama_cpp
 

@@ -106,6 +106,52 @@ def test_bytes_per_token(tiny_run, registry):
 
 
 @pytest.fixture(scope="module")
+def gguf_run(tiny_run):
+    """The tiny checkpoint as the BF16 GGUF llama.cpp's converter writes (ci/llama_cpp_bench.py, gguf package
+    only), run by moetier as stored beside the bf16 row, with the same llama.cpp figures."""
+    import importlib.util
+
+    _, out = tiny_run
+    spec = importlib.util.spec_from_file_location("llama_cpp_bench", Path(__file__).parents[1] / "ci" / "llama_cpp_bench.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    gguf_file = out / "model-BF16.gguf"
+    conv.convert_bf16(out / "ckpt", gguf_file)
+    r = moetier("bench", "model", *TINY_ARGS, "--format", "bf16", "--no-transformers", "--model", out / "ckpt",
+                "--gguf", gguf_file, "--llama-cpp", out / "llama.json", "--json", out / "gguf.json", timeout=300)
+    return r, out, gguf_file
+
+
+def test_a_gguf_file_runs_as_stored_beside_llama_cpp(gguf_run):
+    r, out, gguf_file = gguf_run
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "gguf BF16" in r.stdout
+    rows = {r_["format"]: r_ for r_ in json.loads((out / "gguf.json").read_text())["records"]
+            if r_["implementation"].startswith("moetier")}
+    g, b = rows["gguf BF16"], rows["bf16"]
+    assert g["dense"] == "as stored" and g["decode_tok_s"] > 0 and g["prefill_tok_s"] > 0
+    # the file holds the checkpoint's bf16 weights: its logits are those of the checkpoint loaded in bf16
+    assert abs(g["logits_relerr"] - b["logits_relerr"]) < 1e-3, (g["logits_relerr"], b["logits_relerr"])
+    # against llama.cpp on the same type (its BF16 record: decode 10 tok/s)
+    assert g["llama_cpp_type"] == "BF16" and g["decode_x_llama_cpp"] == pytest.approx(g["decode_tok_s"] / 10.0)
+    # bytes per token from the file: the bf16 row's, with the converter's fp32 norms and routers (2 more bytes
+    # a value)
+    d = mb.DIMS["tiny"]
+    fp32 = d.layers * (2 * d.hidden + 2 * d.head_dim + d.experts * d.hidden) + d.hidden
+    assert g["bytes_per_token"] == b["bytes_per_token"] + 2 * fp32, (g["bytes_per_token"], b["bytes_per_token"])
+
+
+def test_gguf_files_that_are_not_of_the_checkpoint_are_refused(tmp_path, tiny_run):
+    _, out = tiny_run
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf file")
+    assert_usage_error(moetier("bench", "model", *TINY_ARGS, "--model", out / "ckpt", "--gguf", bad, timeout=120),
+                       "not a GGUF file")
+    assert_usage_error(moetier("bench", "model", *TINY_ARGS, "--gguf", out / "model-BF16.gguf", timeout=120),
+                       "--gguf needs --model")
+
+
+@pytest.fixture(scope="module")
 def deepseek_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-model-deepseek")
     r = moetier("bench", "model", "--dims", "tiny-deepseek", "--prompt-tokens", "16", "--new-tokens", "4", "--repeats",

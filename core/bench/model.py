@@ -162,6 +162,9 @@ class ModelBenchConfig:
     # moetier's dense layers: "auto" (the model's bf16 on the backend's kernels, moetier.load's default),
     # "same" (each row's expert format), "transformers" (torch's own layers) or a format name.
     dense: str = "auto"
+    # GGUF files of this checkpoint's weights (llama.cpp's own quantizations, ci/llama_cpp_bench.sh's files)
+    # that moetier also runs as stored: every tensor in the file's types, nothing converted.
+    gguf_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -528,7 +531,83 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
         gc.collect()
         status("read bandwidth probe")
         reads += _read_probe(inventory, config.threads, config.quick)
+    for path in config.gguf_files:
+        rows.append(_gguf_row(Path(path), config, layout, refs["bf16"], check_ids, prompt, registry=registry,
+                              inventory=inventory, status=status))
+        gc.collect()
+        status("read bandwidth probe")
+        reads += _read_probe(inventory, config.threads, config.quick)
     return ModelBenchResult(config, rows, max(reads), reads, notes, dense)
+
+
+def gguf_file_type(path: Path) -> str:
+    """The llama.cpp file type a GGUF file declares (general.file_type: "Q4_K_M", "BF16", ...), or "GGUF"."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).get_field("general.file_type")
+    if field is None:
+        return "GGUF"
+    try:
+        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return "GGUF"
+
+
+def gguf_decode_bytes(path: Path, layout) -> int:
+    """Weight bytes one decode token reads from a GGUF file as stored: every tensor, but of the routed experts
+    top-k of E per layer and of the token embedding one row (the whole table when it is also the LM head)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    moe = {f"blk.{i}.": m.experts for i, m in zip(layout.moe_layer_indices, layout.moe_layers)}
+    total = 0.0
+    for t in reader.tensors:
+        n = int(t.n_bytes)
+        if "_exps." in t.name:
+            e = moe[t.name[:t.name.index(".", 4) + 1]]
+            n = n * e.top_k / e.num_experts
+        elif t.name == "token_embd.weight" and "output.weight" in names:
+            n = n / int(t.shape[-1])  # GGUF lists [hidden, vocab]: one row of the vocabulary
+        total += n
+    return round(total)
+
+
+def _gguf_row(path: Path, config: ModelBenchConfig, layout, ref: Reference, check_ids, prompt, *, registry,
+              inventory, status) -> Row:
+    """moetier on a GGUF file of this checkpoint, every tensor as the file stores it. Its logits are compared
+    with transformers' on the checkpoint's bf16 weights (informational: the file's own rounding is in them);
+    the file must be of this model (same layers, experts and vocabulary)."""
+    import time
+
+    from ..checkpoint.gguf import GGUFFile
+    from ..integrations.transformers import load as moetier_load
+
+    with GGUFFile(path) as gf:
+        glayout = gf.layout()
+    want = [(m.experts.num_experts, m.experts.hidden_size, m.experts.intermediate_size) for m in layout.moe_layers]
+    have = [(m.experts.num_experts, m.experts.hidden_size, m.experts.intermediate_size) for m in glayout.moe_layers]
+    if have != want:
+        raise SettingError(f"--gguf {path}: its MoE layers (experts, hidden, intermediate) {have} are not this "
+                           f"checkpoint's {want}; pass a GGUF file made from this checkpoint (ci/llama_cpp_bench.sh)")
+    label = f"moetier {config.backend}"
+    fmt = f"gguf {gguf_file_type(path)}"
+    status(f"{label} {fmt}: loading {path.name}")
+    t0 = time.perf_counter()
+    model = moetier_load(path, backend=config.backend, threads=config.threads, dtype=torch.bfloat16, device="cpu",
+                         registry=registry, inventory=inventory, progress=False)
+    load_s = time.perf_counter() - t0
+    model.eval()
+    logits = _logits(model, check_ids)
+    if logits.shape != ref.logits.shape:
+        raise SettingError(f"--gguf {path}: its vocabulary ({logits.shape[-1]}) is not this checkpoint's "
+                           f"({ref.logits.shape[-1]})")
+    logits_err = check_error(logits, ref.logits)
+    pre, dec = time_generation(model, prompt, config.new_tokens, config.repeats, status, f"{label} {fmt}")
+    row = Row(label, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec), gguf_decode_bytes(path, layout), None, None,
+              True, logits_err, load_s, note=f"{path.name}, every tensor as stored", dense="as stored")
+    _release(model)
+    return row
 
 
 def _hf_load(folder: Path, impl: str):
@@ -552,7 +631,8 @@ def _med(values: list[float]) -> float | None:
 # count it (Q4_K_M mixes q4_k and q6_k tensors; its routed experts are counted as q4_k).
 LLAMA_CPP_FOR = {"bf16": "BF16", "int8": "Q8_0", "int4_g32": "Q4_0", "int4_g64": "Q4_0", "int4_g128": "Q4_0",
                  "fp8_e4m3": "Q8_0"}
-GGUF_BYTES_FORMAT = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K_M": "q4_k"}
+GGUF_BYTES_FORMAT = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K_M": "q4_k", "Q3_K_M": "q3_k",
+                     "Q2_K": "q2_k"}
 
 
 def load_llama_cpp(path: str | Path) -> list[dict]:
@@ -613,7 +693,10 @@ def document(result: ModelBenchResult, inventory, *, command: list[str], llama: 
     for r in rows:
         rec = asdict(r)
         limit = result.byte_limit(r.bytes_per_token) if r.bytes_per_token == r.bytes_per_token else None
-        peer = by_gguf.get(LLAMA_CPP_FOR.get(r.format, "")) if r.implementation.startswith("moetier") else None
+        peer = None
+        if r.implementation.startswith("moetier"):  # a GGUF file's row against llama.cpp on the same type
+            peer = by_gguf.get(r.format.removeprefix("gguf ") if r.format.startswith("gguf ") else
+                               LLAMA_CPP_FOR.get(r.format, ""))
         rec.update(
             byte_limit_tok_s=limit,
             pct_byte_limit=100 * r.decode_tok_s / limit if r.decode_tok_s and limit else None,
@@ -678,7 +761,7 @@ def print_report(doc: dict, console) -> None:
     console.print(f"read bandwidth ({s['threads']} threads, {len(doc['read_runs'])} probe passes in this run): best "
                   f"{doc['read_gb_per_s']:.1f} GB/s, median {doc['read_gb_per_s_median']:.1f} GB/s; byte limit = that / weight bytes per decode token; "
                   "x tf = against the faster transformers; x llama = against llama.cpp's matching GGUF type "
-                  "(bf16: BF16, int8: Q8_0, int4: Q4_0); dense = the format of the dense layers (attention, LM head; "
+                  "(bf16: BF16, int8: Q8_0, int4: Q4_0; a GGUF file's row: llama.cpp on the same file type); dense = the format of the dense layers (attention, LM head; "
                   "torch: transformers' own bf16 layers; llama.cpp: its type's); check = the experts' largest relative error over the layers "
                   "against transformers eager's on the same inputs and weights (FAIL: over the format's bound, not "
                   "timed); logits = max logit difference / logit scale over the check prompt (whole model, where "

@@ -150,6 +150,10 @@ def register(sub) -> None:
                                                                   "gives the correctness check)")
     p.add_argument("--llama-cpp", metavar="RESULTS.json",
                    help="llama.cpp figures on the same checkpoint (from ci/llama_cpp_bench.sh) to show side by side")
+    p.add_argument("--gguf", metavar="FILE.gguf", action="append", default=[],
+                   help="also run moetier on a GGUF file of this checkpoint, every tensor in the file's own types "
+                        "(e.g. the CHECKPOINT/gguf/model-Q4_K_M.gguf that ci/llama_cpp_bench.sh made and llama.cpp "
+                        "read); repeatable"),
     p.add_argument("--quick", action="store_true",
                    help="2 layers, prefill 128, decode 16 tokens, bf16 and int4_g64, one repeat "
                         "(explicit options override these)")
@@ -194,6 +198,14 @@ def run_model(args) -> int:
     llama_records = mb.load_llama_cpp(args.llama_cpp) if args.llama_cpp else []
     if args.model and Path(args.model).exists() and not Path(args.model).is_dir():
         raise SettingError(f"--model {args.model} is not a folder")
+    from ..checkpoint.gguf import is_gguf
+
+    if args.gguf and not args.model:
+        raise SettingError("--gguf needs --model DIR: the checkpoint the GGUF files were made from")
+    for f in args.gguf:
+        if not is_gguf(f):
+            raise SettingError(f"--gguf {f}: not a GGUF file (make one of this checkpoint with "
+                               "ci/llama_cpp_bench.sh CHECKPOINT RESULTS.json: CHECKPOINT/gguf/model-TYPE.gguf)")
     ctx = load_context(args)
     name = ctx.requested[0] if ctx.requested else ctx.selection.for_device("cpu")
     if name is None:
@@ -213,7 +225,7 @@ def run_model(args) -> int:
         prompt_tokens=args.prompt_tokens or (128 if args.quick else 512),
         new_tokens=args.new_tokens or (17 if args.quick else 65), repeats=args.repeats or (1 if args.quick else 3),
         transformers=not args.no_transformers, quick=args.quick,
-        seed=args.seed, dense=args.dense)
+        seed=args.seed, dense=args.dense, gguf_files=tuple(str(Path(f).resolve()) for f in args.gguf))
     if config.new_tokens < 2:
         raise SettingError("--new-tokens must be at least 2 (decode is timed from the first new token to the last)")
     console = make_console()
