@@ -117,7 +117,7 @@ def gguf_run(tiny_run):
     spec.loader.exec_module(conv)
     gguf_file = out / "model-BF16.gguf"
     conv.convert_bf16(out / "ckpt", gguf_file)
-    r = moetier("bench", "model", *TINY_ARGS, "--format", "bf16", "--no-transformers", "--model", out / "ckpt",
+    r = moetier("bench", "model", *TINY_ARGS, "--format", "bf16,q8_0", "--no-transformers", "--model", out / "ckpt",
                 "--gguf", gguf_file, "--llama-cpp", out / "llama.json", "--json", out / "gguf.json", timeout=300)
     return r, out, gguf_file
 
@@ -129,11 +129,18 @@ def test_a_gguf_file_runs_as_stored_beside_llama_cpp(gguf_run):
     rows = {r_["format"]: r_ for r_ in json.loads((out / "gguf.json").read_text())["records"]
             if r_["implementation"].startswith("moetier")}
     g, b = rows["gguf BF16"], rows["bf16"]
+    # a GGUF type as a format moetier converts the checkpoint to: checked like the others before it is timed
+    assert rows["q8_0"]["check_ok"] and rows["q8_0"]["check_relerr"] <= rows["q8_0"]["check_bound"]
+    assert rows["q8_0"]["decode_tok_s"] > 0
     assert g["dense"] == "as stored" and g["decode_tok_s"] > 0 and g["prefill_tok_s"] > 0
     # the file holds the checkpoint's bf16 weights: its logits are those of the checkpoint loaded in bf16
     assert abs(g["logits_relerr"] - b["logits_relerr"]) < 1e-3, (g["logits_relerr"], b["logits_relerr"])
     # against llama.cpp on the same type (its BF16 record: decode 10 tok/s)
     assert g["llama_cpp_type"] == "BF16" and g["decode_x_llama_cpp"] == pytest.approx(g["decode_tok_s"] / 10.0)
+    # llama.cpp read that very file: its bytes per token are the file's count, not the size estimate
+    llama = {r_["format"]: r_ for r_ in json.loads((out / "gguf.json").read_text())["records"]
+             if r_["implementation"] == "llama.cpp"}
+    assert llama["BF16"]["bytes_per_token"] == g["bytes_per_token"]
     # bytes per token from the file: the bf16 row's, with the converter's fp32 norms and routers (2 more bytes
     # a value)
     d = mb.DIMS["tiny"]

@@ -684,7 +684,11 @@ def document(result: ModelBenchResult, inventory, *, command: list[str], llama: 
 
     from .. import __version__
 
-    rows = list(result.rows) + list(llama)
+    # llama.cpp's bytes per token are estimated from its file's size; where moetier ran that very file, its
+    # count from the file's tensors is exact and replaces the estimate
+    exact = {r.format.removeprefix("gguf "): r.bytes_per_token for r in result.rows if r.format.startswith("gguf ")}
+    llama = [replace(r, bytes_per_token=exact.get(r.format, r.bytes_per_token)) for r in llama]
+    rows = list(result.rows) + llama
     records = []
     tf = {r.implementation: r for r in result.rows if r.implementation.startswith("transformers")}
     best_tf_pre = max((r.prefill_tok_s for r in tf.values() if r.prefill_tok_s), default=None)

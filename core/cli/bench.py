@@ -121,9 +121,9 @@ def register(sub) -> None:
                                       "weights and against the byte limit", description=MODEL_DESCRIPTION)
     add_backend_options(p, backend_help="CPU backend for the experts (default: MOETIER_BACKEND, else the one "
                                         "`moetier doctor` chooses)")
-    p.add_argument("--format", type=_csv("format", BENCH_FORMATS), metavar="LIST",
-                   help="comma-separated expert formats for moetier (default: bf16,int8,int4_g64,fp8_e4m3; "
-                        "--quick: bf16,int4_g64)")
+    p.add_argument("--format", type=_csv("format", tuple(FORMATS)), metavar="LIST",
+                   help="comma-separated expert formats for moetier, any the backend computes (GGUF types too: "
+                        "q4_k, q2_k, ...; default: bf16,int8,int4_g64,fp8_e4m3; --quick: bf16,int4_g64)")
     p.add_argument("--threads", type=positive_int, default=2, help="threads of torch and the kernels (default 2)")
     p.add_argument("--layers", type=positive_int,
                    help="decoder layers of the synthetic model (default: qwen3-30b-a3b 8, deepseek-v3 3; --quick 2)")
