@@ -109,14 +109,11 @@ def test_bytes_per_token(tiny_run, registry):
 def gguf_run(tiny_run):
     """The tiny checkpoint as the BF16 GGUF llama.cpp's converter writes (ci/llama_cpp_bench.py, gguf package
     only), run by moetier as stored beside the bf16 row, with the same llama.cpp figures."""
-    import importlib.util
+    from zoo.gguf_files import llama_cpp_converter
 
     _, out = tiny_run
-    spec = importlib.util.spec_from_file_location("llama_cpp_bench", Path(__file__).parents[1] / "ci" / "llama_cpp_bench.py")
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
     gguf_file = out / "model-BF16.gguf"
-    conv.convert_bf16(out / "ckpt", gguf_file)
+    llama_cpp_converter().convert_bf16(out / "ckpt", gguf_file)
     r = moetier("bench", "model", *TINY_ARGS, "--format", "bf16,q8_0", "--no-transformers", "--model", out / "ckpt",
                 "--gguf", gguf_file, "--llama-cpp", out / "llama.json", "--json", out / "gguf.json", timeout=300)
     return r, out, gguf_file
@@ -277,19 +274,15 @@ def test_the_llama_cpp_converter_writes_deepseek2_as_llama_cpp_reads_it(deepseek
     """ci/llama_cpp_bench.py's conversion of the DeepSeek-V3 slice (run without llama.cpp: only the gguf
     package): moetier's own GGUF reader finds the deepseek2 layout of the checkpoint in it, the experts and
     the shared expert are the checkpoint's bf16 bytes, and kv_b comes back from the k_b / v_b split."""
-    import importlib.util
-
     import numpy as np
     from safetensors.torch import load_file
 
     from moetier.checkpoint.gguf import GGUFFile, GGUFExperts, read_shared
+    from zoo.gguf_files import llama_cpp_converter
 
     _, out = deepseek_run
-    spec = importlib.util.spec_from_file_location("llama_cpp_bench", Path(__file__).parents[1] / "ci" / "llama_cpp_bench.py")
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
     path = tmp_path / "ds.gguf"
-    conv.convert_bf16(out / "ckpt", path)
+    llama_cpp_converter().convert_bf16(out / "ckpt", path)
     d = mb.DIMS["tiny-deepseek"]
     tensors = {}
     for f in sorted((out / "ckpt").glob("*.safetensors")):

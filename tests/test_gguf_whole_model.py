@@ -9,7 +9,6 @@ by order 1. A Q8_0 file (experts quantized by moetier's q8_0 quantizer, which wr
 checked against the safetensors model with its experts in q8_0: equal as well."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,7 @@ import moetier as mt  # noqa: E402
 from moetier.bench import model as mb  # noqa: E402
 from moetier.integrations.transformers.generation import generate  # noqa: E402
 from moetier.errors import LayoutError, SettingError  # noqa: E402
-
-
-def converter():
-    spec = importlib.util.spec_from_file_location("llama_cpp_bench", Path(__file__).parents[1] / "ci" / "llama_cpp_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from zoo.gguf_files import llama_cpp_converter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def models(tmp_path_factory):
     from moetier.plugins import load_registry
 
     out = {}
-    conv = converter()
+    conv = llama_cpp_converter()
     for dims in ("tiny", "tiny-deepseek"):
         folder = tmp_path_factory.mktemp(dims)
         mb.write_model(folder, mb.DIMS[dims], registry=load_registry(), seed=5)
@@ -82,7 +75,7 @@ def test_zoo_checkpoints_as_gguf_are_the_same_models(tmp_path, family, version):
 
     folder = tmp_path / version
     load_registry().family(family).tiny(version, str(folder), quant=None, seed=1)
-    converter().convert_bf16(folder, folder / "model-BF16.gguf")
+    llama_cpp_converter().convert_bf16(folder, folder / "model-BF16.gguf")
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     for backend in ("cpu.torch", None):
         kw = dict(backend=backend, dtype=torch.float32, device="cpu", threads=1, progress=False)
@@ -371,7 +364,7 @@ def test_moetier_run_on_a_gguf_file_writes_what_the_checkpoint_writes(tmp_path):
 
     folder = Path(named_model("default"))
     path = tmp_path / "default.gguf"
-    converter().convert_bf16(folder, path)
+    llama_cpp_converter().convert_bf16(folder, path)
     args = ("--prompt", "def fibonacci(n):", "--max-new-tokens", "12", "--dtype", "fp32", "--backend", "cpu.torch")
     want = moetier("run", "default", *args)
     got = moetier("run", path, "--tokenizer", folder, *args)

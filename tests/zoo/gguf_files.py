@@ -63,6 +63,18 @@ def _stored(w: torch.Tensor, t: str) -> np.ndarray:
     return np.stack([quantize(w[e], t).data.numpy() for e in range(w.shape[0])])
 
 
+def llama_cpp_converter():
+    """ci/llama_cpp_bench.py as a module: its convert_bf16(CHECKPOINT, FILE.gguf) writes what llama.cpp's
+    converter writes for a checkpoint of `moetier bench model` (needs only the gguf package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("llama_cpp_bench", Path(__file__).parents[2] / "ci" / "llama_cpp_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def write(path, m: Model, seed: int = 0, split_max_tensors: int = 0) -> Written:
     g = torch.Generator().manual_seed(seed)
     E, H, I, L = m.experts, m.hidden, m.inter, m.layers
