@@ -258,7 +258,9 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // (one Zen 4 core, Qwen3 layer, batch 1): q4_k x1.74, q5_k x1.27, int4_g32 x1.05-1.10, int4_g64 x1.03-1.05;
         // int8 with groups of 16/32 (q6_k, q8_0) went 5-8% slower with it, so it is left out there (q6_k's
         // split codes too: x0.95-1.00, A/B 2026-11-30).
-        if constexpr (CR) prefetch_stream(pn.group(g, gi), pn.n * g.group_bytes);  // a whole group is 1.25-1.75 lines
+        // 2-bit code lines: the whole group (1.25 lines a panel, q3_k 1.75); q3_k twice as far ahead (A/B, two
+        // runs of 4 rounds, batch 1: x1.06 / x1.01 one thread, x1.08 / x1.06 two; q2_k x1.00 / x0.98: not there)
+        if constexpr (CR) prefetch_stream<HB ? PREFETCH_BYTES_INT4 : PREFETCH_BYTES>(pn.group(g, gi), pn.n * g.group_bytes);
         else if constexpr (INT4 || MINS) prefetch_stream<PF>(pn.group(g, gi), pn.n * g.scale_bytes);
         __m512 scl[NP];
         if constexpr (SBI) {
