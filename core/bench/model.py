@@ -540,35 +540,30 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
     return ModelBenchResult(config, rows, max(reads), reads, notes, dense)
 
 
-def gguf_file_type(path: Path) -> str:
-    """The llama.cpp file type a GGUF file declares (general.file_type: "Q4_K_M", "BF16", ...), or "GGUF"."""
+def gguf_file_type(gf) -> str:
+    """The llama.cpp file type a GGUFFile declares (general.file_type: "Q4_K_M", "BF16", ...), or "GGUF"."""
     import gguf
 
-    field = gguf.GGUFReader(str(path)).get_field("general.file_type")
-    if field is None:
-        return "GGUF"
+    code = gf.meta("general.file_type", None)
     try:
-        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
+        return gguf.LlamaFileType(int(code)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
         return "GGUF"
 
 
-def gguf_decode_bytes(path: Path, layout) -> int:
-    """Weight bytes one decode token reads from a GGUF file as stored: every tensor, but of the routed experts
-    top-k of E per layer and of the token embedding one row (the whole table when it is also the LM head)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    names = {t.name for t in reader.tensors}
+def gguf_decode_bytes(gf, layout) -> int:
+    """Weight bytes one decode token reads from a GGUFFile (its `layout`) as stored: every tensor, but of the
+    routed experts top-k of E per layer and of the token embedding one row (the whole table when it is also
+    the LM head)."""
+    sizes = gf.tensor_bytes()
     moe = {f"blk.{i}.": m.experts for i, m in zip(layout.moe_layer_indices, layout.moe_layers)}
     total = 0.0
-    for t in reader.tensors:
-        n = int(t.n_bytes)
-        if "_exps." in t.name:
-            e = moe[t.name[:t.name.index(".", 4) + 1]]
+    for name, n in sizes.items():
+        if "_exps." in name:
+            e = moe[name[:name.index(".", 4) + 1]]
             n = n * e.top_k / e.num_experts
-        elif t.name == "token_embd.weight" and "output.weight" in names:
-            n = n / int(t.shape[-1])  # GGUF lists [hidden, vocab]: one row of the vocabulary
+        elif name == "token_embd.weight" and "output.weight" in sizes:
+            n = n / gf.dims(name)[0]  # one row of the vocabulary
         total += n
     return round(total)
 
@@ -585,13 +580,14 @@ def _gguf_row(path: Path, config: ModelBenchConfig, layout, ref: Reference, chec
 
     with GGUFFile(path) as gf:
         glayout = gf.layout()
+        fmt = f"gguf {gguf_file_type(gf)}"
+        decode_bytes = gguf_decode_bytes(gf, glayout)
     want = [(m.experts.num_experts, m.experts.hidden_size, m.experts.intermediate_size) for m in layout.moe_layers]
     have = [(m.experts.num_experts, m.experts.hidden_size, m.experts.intermediate_size) for m in glayout.moe_layers]
     if have != want:
         raise SettingError(f"--gguf {path}: its MoE layers (experts, hidden, intermediate) {have} are not this "
                            f"checkpoint's {want}; pass a GGUF file made from this checkpoint (ci/llama_cpp_bench.sh)")
     label = f"moetier {config.backend}"
-    fmt = f"gguf {gguf_file_type(path)}"
     status(f"{label} {fmt}: loading {path.name}")
     t0 = time.perf_counter()
     model = moetier_load(path, backend=config.backend, threads=config.threads, dtype=torch.bfloat16, device="cpu",
@@ -604,7 +600,7 @@ def _gguf_row(path: Path, config: ModelBenchConfig, layout, ref: Reference, chec
                            f"({ref.logits.shape[-1]})")
     logits_err = check_error(logits, ref.logits)
     pre, dec = time_generation(model, prompt, config.new_tokens, config.repeats, status, f"{label} {fmt}")
-    row = Row(label, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec), gguf_decode_bytes(path, layout), None, None,
+    row = Row(label, fmt, _med(pre), _med(dec), tuple(pre), tuple(dec), decode_bytes, None, None,
               True, logits_err, load_s, note=f"{path.name}, every tensor as stored", dense="as stored")
     _release(model)
     return row

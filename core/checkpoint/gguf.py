@@ -399,9 +399,13 @@ class GGUFFile:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
+    def tensor_bytes(self) -> dict[str, int]:
+        """Every tensor's bytes in the file (all shards), by name."""
+        return {name: int(t.n_bytes) for name, t in self._tensors.items()}
+
     def other_bytes(self) -> int:
         """Bytes the file's tensors other than the routed experts take."""
-        return sum(int(t.n_bytes) for name, t in self._tensors.items() if "_exps." not in name)
+        return sum(n for name, n in self.tensor_bytes().items() if "_exps." not in name)
 
     def tensor(self, name: str):
         t = self._tensors.get(name)
