@@ -1,6 +1,7 @@
 """A/B timing of two builds of one kernel variant, for kernel development on a shared, noisy machine.
 
-    python kernels/ab_bench.py build DIR                 # compile the avx512_bf16 variant of this tree into DIR
+    python kernels/ab_bench.py build DIR [--variant V]   # compile a variant of this tree into DIR (default:
+                                                         # the best this CPU runs of avx2 / avx512 / avx512_bf16)
     python kernels/ab_bench.py compare DIR_A DIR_B [DIR_C ...] --formats bf16,int4_g64 --threads 1,2 --batches 1,128
 
 `compare` runs the two builds in alternating subprocesses (A B A B ...), each timing the kernel alone on
@@ -26,11 +27,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANT = "avx512_bf16"
-MODULE = f"_moe_{VARIANT}"
+BACKEND_OF = {"avx2": "cpu.avx2", "avx512": "cpu.avx512", "avx512_bf16": "cpu.avx512", "amx": "cpu.amx"}
 
 
-def build(out_dir: Path, variant: str = VARIANT, defines: tuple[str, ...] = ()) -> Path:
+def host_variant() -> str:
+    """The best variant below AMX this CPU runs (AMX's kernels differ in prefill only)."""
+    from moetier.backends.native import missing_features
+    from moetier.hardware import detect_inventory
+
+    inv = detect_inventory()
+    runnable = [v for v in ("avx512_bf16", "avx512", "avx2") if not missing_features(v, inv)]
+    if not runnable:
+        raise SystemExit("this CPU runs none of the kernel variants")
+    return runnable[0]
+
+
+def build(out_dir: Path, variant: str, defines: tuple[str, ...] = ()) -> Path:
     """Compile this tree's kernels for `variant` into out_dir (setup.py's flags); returns the module path."""
     from pybind11.setup_helpers import Pybind11Extension, build_ext
     from setuptools import Distribution
@@ -71,11 +83,16 @@ class _OlderBuild:
 
 
 def _load(module_dir: Path):
-    path = Path(module_dir) / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
-    spec = importlib.util.spec_from_file_location(MODULE, path)
+    """The one variant built in module_dir: (module, variant name)."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    found = sorted(Path(module_dir).glob("_moe_*" + suffix))
+    if len(found) != 1:
+        raise SystemExit(f"{module_dir}: expected one built variant (_moe_*{suffix}), found {len(found)}")
+    name = found[0].name[: -len(suffix)]
+    spec = importlib.util.spec_from_file_location(name, found[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return _OlderBuild(module)
+    return _OlderBuild(module), name.removeprefix("_moe_")
 
 
 def run_one(module_dir: Path, fmt: str, threads: list[int], batches: list[int], seconds: float, seed: int) -> list[dict]:
@@ -84,13 +101,14 @@ def run_one(module_dir: Path, fmt: str, threads: list[int], batches: list[int], 
 
     from moetier.backends.native.backend import NativeBackend
     from moetier.bench import probes
+    from moetier.errors import KernelVariantError
     from moetier.bench.workload import (distinct_experts, flops_per_forward, qwen3_30b, random_hidden,
                                         random_routing, random_weights, weights_seed)
     from moetier.hardware import detect_inventory
 
     torch.set_num_threads(1)
     inv = detect_inventory()
-    module = _load(module_dir)
+    module, variant = _load(module_dir)
     renamed = module_dir / "layouts.json"  # an older build that names a format's kernel layout differently
     if renamed.exists():
         from moetier.backends.native import backend as native_backend
@@ -99,11 +117,11 @@ def run_one(module_dir: Path, fmt: str, threads: list[int], batches: list[int], 
     layer = qwen3_30b().layer
     weights = random_weights(layer, fmt, weights_seed(seed, fmt))
     out = []
-    backend = NativeBackend("cpu.avx512", VARIANT, inv, threads=max(threads), extension=module)
+    backend = NativeBackend(BACKEND_OF[variant], variant, inv, threads=max(threads), extension=module)
     prepared = backend.prepare(layer, weights, range(layer.num_experts), fmt)
     del weights
     for t in threads:
-        be = NativeBackend("cpu.avx512", VARIANT, inv, threads=t, extension=module)
+        be = NativeBackend(BACKEND_OF[variant], variant, inv, threads=t, extension=module)
         # Best pass of the read probe (a 256 MiB pass takes ~7 ms: the best of 8 is rarely preempted).
         read = max(probes.read_bandwidth(inv, t, nbytes=256 << 20, repeats=8))
         for b in batches:
@@ -134,15 +152,18 @@ def run_one(module_dir: Path, fmt: str, threads: list[int], batches: list[int], 
             if t == 1:  # the caller's thread did all the work: its CPU time leaves out preemption
                 rec["cpu_gb_per_s"] = statistics.fmean(used) / statistics.median(cpu) / 1e9
                 rec["cpu_gflop_per_s"] = flops_per_forward(layer, b) / statistics.median(cpu) / 1e9
-            kind = "bf16" if fmt in ("bf16", "fp8_e4m3", "fp16") else "int8"
-            rec["peak_kind"] = kind
-            peak = probes.bf16_peak if kind == "bf16" else probes.int8_peak
-            rec["peak_gflop_per_s"] = max(peak(inv, t) for _ in range(3)) / 1e9  # best of 3: preemption only lowers it
-            if t == 1:  # the same probe in the caller's CPU time (its ~25 ms calibration counted too: <= 3% low)
-                fn = getattr(probes._module(), "bf16_peak" if kind == "bf16" else "int8_peak")
-                c0 = time.thread_time()
-                r = fn(1, 1.0)
-                rec["cpu_peak_gflop_per_s"] = r["ops_per_s"] * r["seconds"] / (time.thread_time() - c0) / 1e9
+            try:  # the peak probes run on AVX-512 (VNNI / BF16) only
+                kind = "bf16" if fmt in ("bf16", "fp8_e4m3", "fp16") else "int8"
+                rec["peak_kind"] = kind
+                peak = probes.bf16_peak if kind == "bf16" else probes.int8_peak
+                rec["peak_gflop_per_s"] = max(peak(inv, t) for _ in range(3)) / 1e9  # best of 3: preemption only lowers it
+                if t == 1:  # the same probe in the caller's CPU time (its ~25 ms calibration counted too: <= 3% low)
+                    fn = getattr(probes._module(), "bf16_peak" if kind == "bf16" else "int8_peak")
+                    c0 = time.thread_time()
+                    r = fn(1, 1.0)
+                    rec["cpu_peak_gflop_per_s"] = r["ops_per_s"] * r["seconds"] / (time.thread_time() - c0) / 1e9
+            except KernelVariantError:
+                pass
             out.append(rec)
         del be
     return out
@@ -194,6 +215,7 @@ def main(argv=None) -> int:
     pb = sub.add_parser("build")
     pb.add_argument("out_dir", type=Path)
     pb.add_argument("--define", action="append", default=[], help="a preprocessor macro (experiments)")
+    pb.add_argument("--variant", help="kernel variant (default: the best this CPU runs, below amx)")
     for name in ("run", "compare"):
         q = sub.add_parser(name)
         q.add_argument("dirs", type=Path, nargs=1 if name == "run" else "+")
@@ -209,7 +231,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "build":
         a.out_dir.mkdir(parents=True, exist_ok=True)
-        print(build(a.out_dir, defines=tuple(a.define)))
+        print(build(a.out_dir, a.variant or host_variant(), defines=tuple(a.define)))
         return 0
     threads = [int(x) for x in a.threads.split(",")]
     batches = [int(x) for x in a.batches.split(",")]

@@ -146,8 +146,8 @@ inline void DenseLinear::bundle_decode(const Acts& a, int path, const Panels& bd
         run_f32_np(bd.n, g_.fmt, M, bd, g_, xp, o);
         return;
     }
-#if MOETIER_HAS_DOT
     if (split_acts(path)) {
+#if MOETIER_HAS_DOT
         const uint16_t* xh[DECODE_MAX_TOKENS];
         const uint16_t* xl[DECODE_MAX_TOKENS];
         bool exact = true;
@@ -158,6 +158,7 @@ inline void DenseLinear::bundle_decode(const Acts& a, int path, const Panels& bd
         }
         if (path == P_FP8DOT) fp8_dot(bd.n, M, exact ? 1 : 2, bd, g_, xh, xl, o);
         else bf16_bundle(bd.n, M, bd, g_, xh, o, exact ? 1 : 2, xl);
+#endif
     } else {
         const int8_t* xq[DECODE_MAX_TOKENS];
         const int32_t* xc[DECODE_MAX_TOKENS];
@@ -169,7 +170,6 @@ inline void DenseLinear::bundle_decode(const Acts& a, int path, const Panels& bd
         }
         int8_decode(g_.fmt, bd.n, M, bd, g_, xq, xc, xsc, o);
     }
-#endif
 }
 
 // Bundles [b0, b1), whole bundles per call, all T (<= DECODE_MAX_TOKENS) tokens.

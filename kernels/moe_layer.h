@@ -146,9 +146,9 @@ inline int choose_path(const Geometry& g, bool prefill, int min_k, bool int8_act
         if (fp8_vbmi) path = P_FP8DOT;
         else if (g.fmt == BF16) path = P_BF16DOT;
         else if ((g.fmt == FP8 || g.fmt == F16) && prefill) path = P_DEQDOT;
-        else if ((g.fmt == I8 || g.fmt == I4) && int8_acts && (prefill || min_k >= INT8_DECODE_MIN_K))
-            path = P_INT8DOT;
     }
+    // Every build has the integer dot kernel (vpdpbusd, or vpmaddubsw + vpmaddwd without VNNI).
+    if ((g.fmt == I8 || g.fmt == I4) && int8_acts && (prefill || min_k >= INT8_DECODE_MIN_K)) path = P_INT8DOT;
     if (MOETIER_HAS_AMX && prefill) {
         if (path == P_BF16DOT) path = P_AMX_BF16;
         else if (path == P_DEQDOT || path == P_FP8DOT) path = P_AMX_DEQ;
@@ -368,8 +368,8 @@ inline void run_f32_np(int np, int fmt, int mb, const Panels& pn, const Geometry
     }
 }
 constexpr int F32_BLOCK = 4;
-#if MOETIER_HAS_DOT
-constexpr int DOT_BLOCK = 8;
+// Tokens per call of the dot kernels' prefill blocks (two panels each): AVX2 has half the registers.
+constexpr int DOT_BLOCK = kAvx512 ? 8 : 4;
 // gemm_int8dot for int4 / int8 panels, with or without mins.
 template <int M, int NP>
 MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8_t* const* xq,
@@ -399,8 +399,12 @@ MOE_INLINE void int8dot(int fmt, const Panels& pn, const Geometry& g, const int8
 template <int NP, int M>
 MOE_INLINE void run_dot_m(int path, int fmt, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
                           const int8_t* const* xq, const int32_t* const* xc, const float* xs, float* o) {
-    if (path == P_BF16DOT) gemm_bf16dot<M, NP>(pn, g, xb, o);
-    else int8dot<M, NP>(fmt, pn, g, xq, xc, xs, o);
+#if MOETIER_HAS_DOT
+    if (path == P_BF16DOT) return gemm_bf16dot<M, NP>(pn, g, xb, o);
+#else
+    (void)path, (void)xb;
+#endif
+    int8dot<M, NP>(fmt, pn, g, xq, xc, xs, o);
 }
 template <int NP>
 inline void run_dot(int path, int fmt, int mb, const Panels& pn, const Geometry& g, const uint16_t* const* xb,
@@ -410,10 +414,18 @@ inline void run_dot(int path, int fmt, int mb, const Panels& pn, const Geometry&
         case 2: run_dot_m<NP, 2>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
         case 3: run_dot_m<NP, 3>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
         case 4: run_dot_m<NP, 4>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
-        case 5: run_dot_m<NP, 5>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
-        case 6: run_dot_m<NP, 6>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
-        case 7: run_dot_m<NP, 7>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
-        default: run_dot_m<NP, 8>(path, fmt, pn, g, xb, xq, xc, xs, o); break;
+        case 5:
+            if constexpr (DOT_BLOCK == 8) run_dot_m<NP, 5>(path, fmt, pn, g, xb, xq, xc, xs, o);
+            break;
+        case 6:
+            if constexpr (DOT_BLOCK == 8) run_dot_m<NP, 6>(path, fmt, pn, g, xb, xq, xc, xs, o);
+            break;
+        case 7:
+            if constexpr (DOT_BLOCK == 8) run_dot_m<NP, 7>(path, fmt, pn, g, xb, xq, xc, xs, o);
+            break;
+        default:
+            if constexpr (DOT_BLOCK == 8) run_dot_m<NP, 8>(path, fmt, pn, g, xb, xq, xc, xs, o);
+            break;
     }
 }
 // Calls go(MC, NC) with MC = mb (1..4 tokens) and NC = np (1..4 panels) as compile-time constants: the
@@ -442,6 +454,7 @@ inline void int8_decode(int fmt, int np, int mb, const Panels& pn, const Geometr
         int8dot<decltype(MC)::value, decltype(NC)::value>(fmt, pn, g, xq, xc, xs, o);
     });
 }
+#if MOETIER_HAS_DOT
 // fp8 on the VBMI kernels: decode (mb <= DECODE_MAX_TOKENS, a whole bundle of np <= 4 panels, split 1
 // or 2) or prefill (mb <= DOT_BLOCK, np <= 2, split 1).
 inline void fp8_dot(int np, int mb, int split, const Panels& pn, const Geometry& g, const uint16_t* const* xh,
@@ -493,8 +506,6 @@ inline void bf16_bundle(int np, int mb, const Panels& pn, const Geometry& g, con
         gemm_bf16dot<decltype(MC)::value, decltype(NC)::value>(pn, g, xb, o);
     });
 }
-#else
-constexpr int DOT_BLOCK = 4;
 #endif
 
 // fp8/fp16 panels (`np` of `pn`) -> a bf16 pair bundle of np panels at dst (see dequant_bf16_pairs).
@@ -659,7 +670,6 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                     for (int m = 0; m < mb; ++m) x[m] = c.X + int64_t(c.row_tok[row0 + m0 + m]) * c.xs;
                     run_f32_np(bd.n, gu_.fmt, mb, bd, gu_, x, o);
                 } else {
-#if MOETIER_HAS_DOT
                     const uint16_t* xh[BUNDLE_TOKENS];
                     const uint16_t* xl[BUNDLE_TOKENS];
                     const int8_t* xq[BUNDLE_TOKENS];
@@ -675,10 +685,13 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                         xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
                         xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                     }
-                    if (path == P_FP8DOT) fp8_dot(bd.n, mb, exact ? 1 : 2, bd, gu_, xh, xl, o);
+                    if (path == P_INT8DOT) int8_decode(gu_.fmt, bd.n, mb, bd, gu_, xq, xc, xsc, o);
+#if MOETIER_HAS_DOT
+                    else if (path == P_FP8DOT) fp8_dot(bd.n, mb, exact ? 1 : 2, bd, gu_, xh, xl, o);
                     else if (path == P_BF16DOT && decode) bf16_bundle(bd.n, mb, bd, gu_, xh, o, exact ? 1 : 2, xl);
                     else if (path == P_BF16DOT) bf16_bundle(bd.n, mb, bd, gu_, xh, o);
-                    else int8_decode(gu_.fmt, bd.n, mb, bd, gu_, xq, xc, xsc, o);
+#else
+                    (void)xh, (void)xl, (void)exact;
 #endif
                 }
                 for (int j = 0; 2 * j < bd.n; ++j)
@@ -708,7 +721,6 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                     else amx_panels<false>(pr, 2, *g, xa, c.xg_stride, mb, nullptr, o);
 #endif
                 } else {
-#if MOETIER_HAS_DOT
                     const uint16_t* xb[DOT_BLOCK];
                     const int8_t* xq[DOT_BLOCK];
                     const int32_t* xc[DOT_BLOCK];
@@ -720,9 +732,11 @@ inline void MoELayer::phase_gate_up(Ctx& c, int a, int b0, int b1) const {
                         xc[m] = c.need_xq ? c.Xcorr + int64_t(t) * c.xgroups : nullptr;
                         xsc[m] = c.need_xq ? c.Xscale[t] : 0.f;
                     }
+#if MOETIER_HAS_DOT
                     if (path == P_FP8DOT) fp8_dot(2, mb, 1, pr, *g, xb, nullptr, o);
-                    else run_dot<2>(deq ? P_BF16DOT : path, gu_.fmt, mb, pr, *g, xb, xq, xc, xsc, o);
+                    else
 #endif
+                        run_dot<2>(deq ? P_BF16DOT : path, gu_.fmt, mb, pr, *g, xb, xq, xc, xsc, o);
                 }
                 finish(p, o, o + ld * PANEL, m0, mb);
             }
@@ -785,7 +799,6 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
             else bf16_bundle(bd.n, M, bd, dn_, xh, o, 2, xl);
 #endif
         } else {
-#if MOETIER_HAS_DOT
             const int8_t* xq[DECODE_MAX_TOKENS];
             const int32_t* xc[DECODE_MAX_TOKENS];
             float xsc[DECODE_MAX_TOKENS];
@@ -796,7 +809,6 @@ inline void MoELayer::phase_down_decode(Ctx& c, int a, int b0, int b1) const {
                 xsc[m] = c.Hscale[r];
             }
             int8_decode(dn_.fmt, bd.n, M, bd, dn_, xq, xc, xsc, o);
-#endif
         }
         for (int q = 0; q < bd.n; ++q) {
             const int p = BUNDLE * b + q;
@@ -841,7 +853,6 @@ inline void prefill_block(int path, bool whole, int np, int mb, const Panels& pr
                               nullptr, o);
 #endif
     } else {
-#if MOETIER_HAS_DOT
         const uint16_t* xb[DOT_BLOCK];
         const int8_t* xq[DOT_BLOCK];
         const int32_t* xc[DOT_BLOCK];
@@ -855,12 +866,13 @@ inline void prefill_block(int path, bool whole, int np, int mb, const Panels& pr
             xsc[m] = i8 ? a.scale[r] : 0.f;
         }
         const int kp = path == P_DEQDOT ? P_BF16DOT : path;
-        if (path == P_FP8DOT) fp8_dot(np, mb, 1, pr, g, xb, nullptr, o);
-        else if (whole && path == P_BF16DOT) bf16_bundle(np, mb, pr, g, xb, o);
-        else if (whole) int8_decode(own.fmt, np, mb, pr, g, xq, xc, xsc, o);
+#if MOETIER_HAS_DOT
+        if (path == P_FP8DOT) return fp8_dot(np, mb, 1, pr, g, xb, nullptr, o);
+        if (whole && path == P_BF16DOT) return bf16_bundle(np, mb, pr, g, xb, o);
+#endif
+        if (whole) int8_decode(own.fmt, np, mb, pr, g, xq, xc, xsc, o);
         else if (np == 2) run_dot<2>(kp, own.fmt, mb, pr, g, xb, xq, xc, xsc, o);
         else run_dot<1>(kp, own.fmt, mb, pr, g, xb, xq, xc, xsc, o);
-#endif
     }
 }
 

@@ -207,9 +207,13 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
     }
 }
 
-// vpdpbusd multiplies unsigned by signed bytes. The activations are the signed side (xq[m]: int8 codes,
-// xs[m]: their per-row scale) and the weights the unsigned one: int4 nibbles are stored as q + 8 and
-// int8 weights become q + 128 with one xor. The offset comes back out in integers, per group:
+#endif
+
+// The integer dot kernel: vpdpbusd (VNNI), else vpmaddubsw + vpmaddwd (AVX2 and AVX-512 without VNNI, as
+// llama.cpp's AVX2 dot products), both multiplying unsigned by signed bytes. The activations are the
+// signed side (xq[m]: int8 codes in -127..127, xs[m]: their per-row scale) and the weights the unsigned
+// one: int4 nibbles are stored as q + 8 and int8 weights become q + 128 with one xor. The offset comes
+// back out in integers, per group:
 //     sum_k q_x (q_w + c) - c sum_k q_x = sum_k q_x q_w        (c = 8 or 128)
 // so every group sum is exact, and a zero activation row (all codes 0, whatever its scale) gives +0.0.
 // xcorr[m][gi] = c * sum of the row's codes in group gi (int8: one group), start value -xcorr.
@@ -220,36 +224,47 @@ void dequant_bf16_pairs(const Panels& src, const Geometry& g, uint8_t* dst, int 
 // MINS: the codes are unsigned already (int4 0..15, int8 0..127), so there is no offset: the sums start
 // at 0, xcorr holds the plain code sums (c = 1), and each group ends with - min * xcorr, again exact
 // zero for a zero row. CR: 2-bit code lines (q2_k; with HB 1 q3_k, its codes q + 4, c = 4).
+// Without VNNI, vpmaddubsw's int16 pair sums would saturate on unsigned weights past 128: int8 and IQ4
+// weights stay signed there (no offset, the sums start at 0) and multiply |w| by the activation with w's
+// sign; the codes of every other format are at most 63 (q6_k's q + 32), so two products' four terms
+// are summed in int16 before one widening. All of these sums are exact: the paths agree bit for bit.
 template <bool INT4, bool MINS, int M, int NP, int SK = SCALE_F32, int HB = 0, bool IQ4 = false, bool CR = false>
 void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, const int32_t* const* xcorr,
                   const float* xs, float* out) {
-    // Few accumulators: two sets (int4: low/high nibbles; int8: even/odd lines) so each dpbusd chain has
-    // half the length and decode is not bound by the instruction's latency (more would not fit the registers).
-    constexpr int NS = M * NP <= 8 ? 2 : 1;
+    constexpr bool VNNI = MOETIER_HAS_VNNI;
+    constexpr bool PLAIN_I8 = !INT4 && !MINS && HB == 0 && !CR;  // int8 codes, signed in the file
+    constexpr bool SIGNED = !VNNI && (PLAIN_I8 || IQ4);  // weights kept signed (see above)
+    constexpr bool SUM16 = !VNNI && !SIGNED && (INT4 || HB > 0 || CR);  // codes <= 63: two products per widening
+    // Few tokens and panels (decode): with vpdpbusd two accumulator sets (int4: low/high nibbles; int8:
+    // even/odd lines) so each chain has half the length and decode is not bound by the instruction's
+    // latency (more would not fit the registers); the emulation's chains run through one vpaddd.
+    constexpr bool FEW = M * NP <= 8;
+    constexpr int NS = VNNI && FEW ? 2 : 1;
     constexpr int PF = INT4 ? PREFETCH_BYTES_INT4 : PREFETCH_BYTES;  // prefetch distance (see there)
     const int8_t* xr[M];
     for (int m = 0; m < M; ++m) xr[m] = xq[m];
     const int64_t ls = pn.stride();
-    __m512 acc[NP][M];
+    V acc[NP][M];
     for (int q = 0; q < NP; ++q)
-        for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
-    const __m512i lo4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(int8_t(0x80));
-    // nibble -> unsigned byte: e2m1 (e8m0 scales) E2M1_OFFSET + twice the value; iq4 IQ4_OFFSET + the grid value
-    const __m512i lut = IQ4 ? _mm512_broadcast_i32x4(_mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, char(129), char(141),
-                                                                   char(153), char(166), char(181), char(197),
-                                                                   char(217), char(241)))
-                            : _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+        for (int m = 0; m < M; ++m) acc[q][m] = vzero();
+    const R lo4 = rset1_8(0x0F), sign = rset1_8(int8_t(0x80));
+    // nibble -> byte: e2m1 (e8m0 scales) E2M1_OFFSET + twice the value; iq4 IQ4_OFFSET + the grid value
+    // (SIGNED: the grid value itself)
+    const R lut = IQ4 && SIGNED ? rlut(_mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113))
+                  : IQ4 ? rlut(_mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, char(129), char(141), char(153), char(166),
+                                             char(181), char(197), char(217), char(241)))
+                        : rlut(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
     V kd[NP], kdmin[NP];  // SCALE_K: the current super-block's d and dmin per panel
-    (void)kd;
-    (void)kdmin;
-    // SCALE_K decode (two accumulator sets: few tokens and panels): the group sums are multiplied by the
-    // integer sub-scales (and the activation sums by the integer mins) and summed exactly in int32 over the
-    // super-block; d and dmin are applied once per super-block instead of forming a float scale and min per
-    // group. |sum| < 2^28 for every K-quant (e.g. q6_k: 16 groups x 16 x 32 x 127 x 127).
-    constexpr bool SBI = SK == SCALE_K && NS == 2;
-    __m512i sa[NP][M], sb[NP][M];
+    for (int q = 0; q < NP; ++q) kd[q] = kdmin[q] = vzero();
+    (void)sign;
+    // SCALE_K decode (few tokens and panels): the group sums are multiplied by the integer sub-scales (and
+    // the activation sums by the integer mins) and summed exactly in int32 over the super-block; d and dmin
+    // are applied once per super-block instead of forming a float scale and min per group. |sum| < 2^28
+    // for every K-quant (e.g. q6_k: 16 groups x 16 x 32 x 127 x 127).
+    constexpr bool SBI = SK == SCALE_K && FEW;
+    R sa[NP][M], sb[NP][M];
     for (int q = 0; q < NP; ++q)
-        for (int m = 0; m < M; ++m) sa[q][m] = sb[q][m] = _mm512_setzero_si512();
+        for (int m = 0; m < M; ++m) sa[q][m] = sb[q][m] = rzero();
     (void)sa;
     (void)sb;
     for (int gi = 0; gi < g.ngroups; ++gi) {
@@ -262,7 +277,7 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         // runs of 4 rounds, batch 1: x1.06 / x1.01 one thread, x1.08 / x1.06 two; q2_k x1.00 / x0.98: not there)
         if constexpr (CR) prefetch_stream<HB ? PREFETCH_BYTES_INT4 : PREFETCH_BYTES>(pn.group(g, gi), pn.n * g.group_bytes);
         else if constexpr (INT4 || MINS) prefetch_stream<PF>(pn.group(g, gi), pn.n * g.scale_bytes);
-        __m512 scl[NP];
+        V scl[NP];
         if constexpr (SBI) {
             // (the integer sub-scales are read after the group's dot products)
         } else if constexpr (SK == SCALE_K) {
@@ -274,44 +289,49 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
                     kd[q] = f16_get(pn.d_f16(g, gi, q));
                     if constexpr (MINS) kdmin[q] = f16_get(pn.dmin_f16(g, gi, q));
                 }
-            for (int q = 0; q < NP; ++q) scl[q] = k_scales(kd[q], pn, g, gi, q).v;
+            for (int q = 0; q < NP; ++q) scl[q] = k_scales(kd[q], pn, g, gi, q);
         } else {
-            for (int q = 0; q < NP; ++q)
-                scl[q] = group_scales<SK>(pn, g, gi, q).v;
+            for (int q = 0; q < NP; ++q) scl[q] = group_scales<SK>(pn, g, gi, q);
         }
         const uint8_t* p = pn.weights(g, gi, 0);
-        __m512i ai[NS][NP][M];
+        R ai[NS][NP][M];
         for (int m = 0; m < M; ++m) {
-            const __m512i c0 = MINS ? _mm512_setzero_si512() : _mm512_set1_epi32(-xcorr[m][gi]);
+            const R c0 = MINS || SIGNED ? rzero() : rset1(-xcorr[m][gi]);
             for (int q = 0; q < NP; ++q) {
                 ai[0][q][m] = c0;
-                if constexpr (NS == 2) ai[1][q][m] = _mm512_setzero_si512();
+                if constexpr (NS == 2) ai[1][q][m] = rzero();
             }
         }
         const int k0 = gi * g.G;
         // Each panel's weights of columns k..k+3 (lo) and k+4..k+7 (hi), 16 rows, times every token's codes.
-        auto dot8 = [&](int k, const __m512i* lo, const __m512i* hi) {
+        auto dot8 = [&](int k, const R* lo, const R* hi) {
             for (int m = 0; m < M; ++m) {
                 int32_t q0, q1;
                 std::memcpy(&q0, xr[m] + k, 4);
                 std::memcpy(&q1, xr[m] + k + 4, 4);
-                const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
+                const R x0 = rset1(q0), x1 = rset1(q1);
                 for (int q = 0; q < NP; ++q) {
-                    ai[0][q][m] = _mm512_dpbusd_epi32(ai[0][q][m], lo[q], x0);
-                    ai[NS - 1][q][m] = _mm512_dpbusd_epi32(ai[NS - 1][q][m], hi[q], x1);
+                    if constexpr (SIGNED) {
+                        ai[0][q][m] = rdot_signed(rdot_signed(ai[0][q][m], lo[q], x0), hi[q], x1);
+                    } else if constexpr (SUM16) {
+                        ai[0][q][m] = rdot2(ai[0][q][m], lo[q], x0, hi[q], x1);
+                    } else {
+                        ai[0][q][m] = rdot(ai[0][q][m], lo[q], x0);
+                        ai[NS - 1][q][m] = rdot(ai[NS - 1][q][m], hi[q], x1);
+                    }
                 }
             }
         };
         if constexpr (CR) {
             // 2-bit code lines: the group's one line, four fields of four columns (q3_k: plus the third bits)
-            __m512i w[4][NP];
+            R w[4][NP];
             for (int q = 0; q < NP; ++q) {
-                const __m512i raw = _mm512_loadu_si512(p + q * LINE);
+                const R raw = rload(p + q * LINE);
                 const uint8_t* t = pn.tail(g, gi, q);
-                w[0][q] = crumb_codes_v<0, HB, 0>(raw, t);
-                w[1][q] = crumb_codes_v<1, HB, 0>(raw, t);
-                w[2][q] = crumb_codes_v<2, HB, 0>(raw, t);
-                w[3][q] = crumb_codes_v<3, HB, 0>(raw, t);
+                w[0][q] = crumb_codes<0, HB, 0>(raw, t);
+                w[1][q] = crumb_codes<1, HB, 0>(raw, t);
+                w[2][q] = crumb_codes<2, HB, 0>(raw, t);
+                w[3][q] = crumb_codes<3, HB, 0>(raw, t);
             }
             dot8(k0, w[0], w[1]);
             dot8(k0 + 8, w[2], w[3]);
@@ -320,16 +340,16 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             // unsigned (q6_k's offset 32 comes back out through xcorr).
             constexpr int NL = 32 / HB / 8;
             prefetch_stream(p - pn.q0 * LINE, (NL + 1) * ls);
-            __m512i hb[NP];
-            for (int q = 0; q < NP; ++q) hb[q] = _mm512_loadu_si512(p + NL * ls + q * LINE);
+            R hb[NP];
+            for (int q = 0; q < NP; ++q) hb[q] = rload(p + NL * ls + q * LINE);
             unroll<NL>([&](auto L) {
                 constexpr int l = decltype(L)::value;
                 const int k = k0 + 8 * l;
-                __m512i wl[NP], wh[NP];
+                R wl[NP], wh[NP];
                 for (int q = 0; q < NP; ++q) {
-                    const __m512i raw = _mm512_loadu_si512(p + l * ls + q * LINE);
-                    wl[q] = split_codes_v<HB, 2 * l, 0>(raw, hb[q]);
-                    wh[q] = split_codes_v<HB, 2 * l + 1, 0>(raw, hb[q]);
+                    const R raw = rload(p + l * ls + q * LINE);
+                    wl[q] = split_codes<HB, 2 * l, 0>(raw, hb[q]);
+                    wh[q] = split_codes<HB, 2 * l + 1, 0>(raw, hb[q]);
                 }
                 dot8(k, wl, wh);
             });
@@ -337,14 +357,14 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
             // A group has an even number of lines (4 columns each): two lines per step.
             for (int l = 0; l < g.lines; l += 2, p += 2 * ls) {
                 const int k = k0 + 4 * l;
-                __m512i w0[NP], w1[NP];
+                R w0[NP], w1[NP];
                 prefetch_stream(p - pn.q0 * LINE, 2 * ls);
                 for (int q = 0; q < NP; ++q) {
-                    w0[q] = _mm512_loadu_si512(p + q * LINE);
-                    w1[q] = _mm512_loadu_si512(p + ls + q * LINE);
-                    if constexpr (!MINS) {
-                        w0[q] = _mm512_xor_si512(w0[q], sign);
-                        w1[q] = _mm512_xor_si512(w1[q], sign);
+                    w0[q] = rload(p + q * LINE);
+                    w1[q] = rload(p + ls + q * LINE);
+                    if constexpr (!MINS && !SIGNED) {
+                        w0[q] = rxor(w0[q], sign);
+                        w1[q] = rxor(w1[q], sign);
                     }
                 }
                 dot8(k, w0, w1);
@@ -352,15 +372,15 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         } else {
             for (int l = 0; l < g.lines; ++l, p += ls) {
                 const int k = k0 + 8 * l;
-                __m512i wl[NP], wh[NP];
+                R wl[NP], wh[NP];
                 prefetch_stream<PF>(p - pn.q0 * LINE, ls);
                 for (int q = 0; q < NP; ++q) {
-                    const __m512i raw = _mm512_loadu_si512(p + q * LINE);
-                    wl[q] = _mm512_and_si512(raw, lo4);
-                    wh[q] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
+                    const R raw = rload(p + q * LINE);
+                    wl[q] = rband(raw, lo4);
+                    wh[q] = rband(rsrl16<4>(raw), lo4);
                     if constexpr (SK == SCALE_E8M0 || IQ4) {  // e2m1 codes, iq4 grid indices
-                        wl[q] = _mm512_shuffle_epi8(lut, wl[q]);
-                        wh[q] = _mm512_shuffle_epi8(lut, wh[q]);
+                        wl[q] = rshuffle(lut, wl[q]);
+                        wh[q] = rshuffle(lut, wh[q]);
                     }
                 }
                 dot8(k, wl, wh);
@@ -368,59 +388,56 @@ void gemm_int8dot(const Panels& pn, const Geometry& g, const int8_t* const* xq, 
         }
         if constexpr (SBI) {
             for (int q = 0; q < NP; ++q) {
-                const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pn.scale_bytes(g, gi, q)));
-                __m512i isc = MINS ? _mm512_cvtepu8_epi32(sc8) : _mm512_cvtepi8_epi32(sc8);
-                __m512i imn = _mm512_setzero_si512();
+                R isc = MINS ? ru8(pn.scale_bytes(g, gi, q)) : rs8(pn.scale_bytes(g, gi, q));
+                R imn = rzero();
                 if constexpr (CR && MINS) {  // q2_k: sc | m << 4 in one byte
-                    imn = _mm512_srli_epi32(isc, 4);
-                    isc = _mm512_and_si512(isc, _mm512_set1_epi32(15));
+                    imn = rsrl32<4>(isc);
+                    isc = rband(isc, rset1(15));
                 } else if constexpr (MINS)
-                    imn = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pn.min_bytes(g, gi, q))));
+                    imn = ru8(pn.min_bytes(g, gi, q));
                 for (int m = 0; m < M; ++m) {
                     if constexpr (CR) {
                         // 2- and 3-bit groups of 16: |sums| < 2^14 and sc, m < 2^15, so each product is one
                         // int16 multiply-add (the high halves: the sums' sign times 0)
-                        sa[q][m] = _mm512_dpwssd_epi32(sa[q][m], ai[0][q][m], isc);
-                        sa[q][m] = _mm512_dpwssd_epi32(sa[q][m], ai[1][q][m], isc);
-                        if constexpr (MINS) sb[q][m] = _mm512_dpwssd_epi32(sb[q][m], _mm512_set1_epi32(xcorr[m][gi]), imn);
+                        sa[q][m] = rdot16(sa[q][m], ai[0][q][m], isc);
+                        if constexpr (NS == 2) sa[q][m] = rdot16(sa[q][m], ai[1][q][m], isc);
+                        if constexpr (MINS) sb[q][m] = rdot16(sb[q][m], rset1(xcorr[m][gi]), imn);
                         continue;
                     }
-                    const __m512i t = _mm512_add_epi32(ai[0][q][m], ai[1][q][m]);
-                    sa[q][m] = _mm512_add_epi32(sa[q][m], _mm512_mullo_epi32(t, isc));
-                    if constexpr (MINS)
-                        sb[q][m] = _mm512_add_epi32(sb[q][m], _mm512_mullo_epi32(_mm512_set1_epi32(xcorr[m][gi]), imn));
+                    R t = ai[0][q][m];
+                    if constexpr (NS == 2) t = radd(t, ai[1][q][m]);
+                    sa[q][m] = radd(sa[q][m], rmul(t, isc));
+                    if constexpr (MINS) sb[q][m] = radd(sb[q][m], rmul(rset1(xcorr[m][gi]), imn));
                 }
             }
             if (((gi + 1) & ((1 << g.header_shift) - 1)) == 0)  // the super-block's last group (K % 256 == 0)
                 for (int q = 0; q < NP; ++q) {
-                    const __m512 d = f16_get(pn.d_f16(g, gi, q)).v;
-                    __m512 dmin = _mm512_setzero_ps();
-                    if constexpr (MINS) dmin = f16_get(pn.dmin_f16(g, gi, q)).v;
+                    const V d = f16_get(pn.d_f16(g, gi, q));
+                    V dmin = vzero();
+                    if constexpr (MINS) dmin = f16_get(pn.dmin_f16(g, gi, q));
                     for (int m = 0; m < M; ++m) {
-                        acc[q][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sa[q][m]), d, acc[q][m]);
-                        if constexpr (MINS) acc[q][m] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sb[q][m]), dmin, acc[q][m]);
-                        sa[q][m] = sb[q][m] = _mm512_setzero_si512();
+                        acc[q][m] = vfma(rfloat(sa[q][m]), d, acc[q][m]);
+                        if constexpr (MINS) acc[q][m] = vfnma(rfloat(sb[q][m]), dmin, acc[q][m]);
+                        sa[q][m] = sb[q][m] = rzero();
                     }
                 }
             continue;
         }
         for (int q = 0; q < NP; ++q) {
-            __m512 mn = _mm512_setzero_ps();
-            if constexpr (MINS && SK == SCALE_K) mn = k_mins(kdmin[q], pn, g, gi, q).v;
-            else if constexpr (MINS) mn = group_mins<SK>(pn, g, gi, q).v;
+            V mn = vzero();
+            if constexpr (MINS && SK == SCALE_K) mn = k_mins(kdmin[q], pn, g, gi, q);
+            else if constexpr (MINS) mn = group_mins<SK>(pn, g, gi, q);
             for (int m = 0; m < M; ++m) {
-                __m512i t = ai[0][q][m];
-                if constexpr (NS == 2) t = _mm512_add_epi32(t, ai[1][q][m]);
-                acc[q][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scl[q], acc[q][m]);
-                if constexpr (MINS) acc[q][m] = _mm512_fnmadd_ps(_mm512_set1_ps(float(xcorr[m][gi])), mn, acc[q][m]);
+                R t = ai[0][q][m];
+                if constexpr (NS == 2) t = radd(t, ai[1][q][m]);
+                acc[q][m] = vfma(rfloat(t), scl[q], acc[q][m]);
+                if constexpr (MINS) acc[q][m] = vfnma(vset1(float(xcorr[m][gi])), mn, acc[q][m]);
             }
         }
     }
     for (int q = 0; q < NP; ++q)
-        for (int m = 0; m < M; ++m)
-            _mm512_storeu_ps(out + (q * M + m) * PANEL, _mm512_mul_ps(acc[q][m], _mm512_set1_ps(xs[m])));
+        for (int m = 0; m < M; ++m) vstore(out + (q * M + m) * PANEL, vmul(acc[q][m], vset1(xs[m])));
 }
-#endif
 
 }  // namespace MOETIER_NS
 }  // namespace moetier_kernels

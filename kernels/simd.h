@@ -160,6 +160,54 @@ MOE_INLINE V u4_get(const uint8_t* p) {
     return {_mm512_cvtepi32_ps(HIGH ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15)))};
 }
 
+// ---- R as 16 int32 lanes: the integer dot kernel (gemm_int8dot) ----
+MOE_INLINE V vfnma(V a, V b, V c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a * b, one rounding
+MOE_INLINE R rzero() { return {_mm512_setzero_si512()}; }
+MOE_INLINE R rset1(int32_t x) { return {_mm512_set1_epi32(x)}; }
+MOE_INLINE R rset1_8(int8_t x) { return {_mm512_set1_epi8(x)}; }
+MOE_INLINE R rlut(__m128i t) { return {_mm512_broadcast_i32x4(t)}; }  // a byte table in every 16-byte lane
+MOE_INLINE R radd(R a, R b) { return {_mm512_add_epi32(a.v, b.v)}; }
+MOE_INLINE R rmul(R a, R b) { return {_mm512_mullo_epi32(a.v, b.v)}; }
+MOE_INLINE R rband(R a, R b) { return {_mm512_and_si512(a.v, b.v)}; }
+MOE_INLINE R rxor(R a, R b) { return {_mm512_xor_si512(a.v, b.v)}; }
+template <int N>
+MOE_INLINE R rsrl16(R a) { return {_mm512_srli_epi16(a.v, N)}; }
+template <int N>
+MOE_INLINE R rsrl32(R a) { return {_mm512_srli_epi32(a.v, N)}; }
+MOE_INLINE R rshuffle(R table, R idx) { return {_mm512_shuffle_epi8(table.v, idx.v)}; }
+MOE_INLINE V rfloat(R a) { return {_mm512_cvtepi32_ps(a.v)}; }
+MOE_INLINE R ru8(const uint8_t* p) { return {_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+MOE_INLINE R rs8(const uint8_t* p) { return {_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+// acc + per lane the dot product of 4 unsigned bytes u and 4 signed bytes s. VNNI: vpdpbusd. Otherwise
+// vpmaddubsw + vpmaddwd, whose pair sums saturate at int16: callers keep u * 127 * 2 < 2^15 (u <= 127).
+MOE_INLINE R rdot(R acc, R u, R s) {
+#if MOETIER_HAS_VNNI
+    return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)};
+#else
+    return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(_mm512_maddubs_epi16(u.v, s.v), _mm512_set1_epi16(1)))};
+#endif
+}
+// Without VNNI: acc + both products, summed in int16 before one widening (four products per int16:
+// u <= 63). With VNNI the kernels call rdot per product (two accumulator chains).
+MOE_INLINE R rdot2(R acc, R u0, R s0, R u1, R s1) {
+    const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(u0.v, s0.v), _mm512_maddubs_epi16(u1.v, s1.v));
+    return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(p, _mm512_set1_epi16(1)))};
+}
+// Without VNNI: acc + the dot product of signed bytes w and s (|s| <= 127): |w| times s with w's sign,
+// so no pair sum passes 2 * 128 * 127 < 2^15.
+MOE_INLINE R rdot_signed(R acc, R w, R s) {
+    const __m512i sv = _mm512_mask_sub_epi8(s.v, _mm512_movepi8_mask(w.v), _mm512_setzero_si512(), s.v);
+    return rdot(acc, {_mm512_abs_epi8(w.v)}, {sv});
+}
+// acc + per lane the products of the int16 halves of a and b, summed (vpdpwssd / vpmaddwd).
+MOE_INLINE R rdot16(R acc, R a, R b) {
+#if MOETIER_HAS_VNNI
+    return {_mm512_dpwssd_epi32(acc.v, a.v, b.v)};
+#else
+    return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(a.v, b.v))};
+#endif
+}
+
 #else  // AVX2: a V is two ymm (rows 0-7, rows 8-15)
 constexpr bool kAvx512 = false;
 
@@ -325,6 +373,61 @@ MOE_INLINE __m256 u4_half(const uint8_t* p) {
 }
 template <bool HIGH>
 MOE_INLINE V u4_get(const uint8_t* p) { return {u4_half<HIGH>(p), u4_half<HIGH>(p + 8)}; }
+
+// ---- R as 16 int32 lanes (two ymm): the integer dot kernel (gemm_int8dot) ----
+MOE_INLINE V vfnma(V x, V y, V z) { return {_mm256_fnmadd_ps(x.a, y.a, z.a), _mm256_fnmadd_ps(x.b, y.b, z.b)}; }
+MOE_INLINE R rzero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+MOE_INLINE R rset1(int32_t x) {
+    const __m256i s = _mm256_set1_epi32(x);
+    return {s, s};
+}
+MOE_INLINE R rset1_8(int8_t x) {
+    const __m256i s = _mm256_set1_epi8(x);
+    return {s, s};
+}
+MOE_INLINE R rlut(__m128i t) {
+    const __m256i s = _mm256_broadcastsi128_si256(t);
+    return {s, s};
+}
+#define MOE_R2(name, op) \
+    MOE_INLINE R name(R x, R y) { return {op(x.a, y.a), op(x.b, y.b)}; }
+MOE_R2(radd, _mm256_add_epi32)
+MOE_R2(rmul, _mm256_mullo_epi32)
+MOE_R2(rband, _mm256_and_si256)
+MOE_R2(rxor, _mm256_xor_si256)
+MOE_R2(rshuffle, _mm256_shuffle_epi8)
+#undef MOE_R2
+template <int N>
+MOE_INLINE R rsrl16(R x) { return {_mm256_srli_epi16(x.a, N), _mm256_srli_epi16(x.b, N)}; }
+template <int N>
+MOE_INLINE R rsrl32(R x) { return {_mm256_srli_epi32(x.a, N), _mm256_srli_epi32(x.b, N)}; }
+MOE_INLINE V rfloat(R x) { return {_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32_ps(x.b)}; }
+MOE_INLINE R ru8(const uint8_t* p) {
+    return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+MOE_INLINE R rs8(const uint8_t* p) {
+    return {_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+// The AVX-512 section's integer dot products, on AVX2's vpmaddubsw + vpmaddwd (same saturation rules).
+MOE_INLINE __m256i dot_half(__m256i acc, __m256i p16) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+MOE_INLINE R rdot(R acc, R u, R s) {
+    return {dot_half(acc.a, _mm256_maddubs_epi16(u.a, s.a)), dot_half(acc.b, _mm256_maddubs_epi16(u.b, s.b))};
+}
+MOE_INLINE R rdot2(R acc, R u0, R s0, R u1, R s1) {
+    return {dot_half(acc.a, _mm256_add_epi16(_mm256_maddubs_epi16(u0.a, s0.a), _mm256_maddubs_epi16(u1.a, s1.a))),
+            dot_half(acc.b, _mm256_add_epi16(_mm256_maddubs_epi16(u0.b, s0.b), _mm256_maddubs_epi16(u1.b, s1.b)))};
+}
+MOE_INLINE R rdot_signed(R acc, R w, R s) {
+    return {dot_half(acc.a, _mm256_maddubs_epi16(_mm256_abs_epi8(w.a), _mm256_sign_epi8(s.a, w.a))),
+            dot_half(acc.b, _mm256_maddubs_epi16(_mm256_abs_epi8(w.b), _mm256_sign_epi8(s.b, w.b)))};
+}
+MOE_INLINE R rdot16(R acc, R x, R y) {
+    return {_mm256_add_epi32(acc.a, _mm256_madd_epi16(x.a, y.a)), _mm256_add_epi32(acc.b, _mm256_madd_epi16(x.b, y.b))};
+}
 #endif
 
 // exp(x) to ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, then scale by 2^n.

@@ -32,11 +32,18 @@
 #error "AVX-512 variants need -mavx512f -mavx512bw -mavx512vl -mavx512dq"
 #endif
 
-// vdpbf16ps / vpdpbusd prefill kernels: only where the compiler may emit them.
+// vdpbf16ps kernels (bf16 products, fp8 / fp16 through bf16): only where the compiler may emit them.
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #define MOETIER_HAS_DOT 1
 #else
 #define MOETIER_HAS_DOT 0
+#endif
+
+// vpdpbusd / vpdpwssd for the integer dot kernel; without them it runs on vpmaddubsw + vpmaddwd (simd.h).
+#if defined(__AVX512VNNI__)
+#define MOETIER_HAS_VNNI 1
+#else
+#define MOETIER_HAS_VNNI 0
 #endif
 
 // AMX tile kernels (tdpbf16ps / tdpbusd prefill): the amx build, or a test build over the emulator.

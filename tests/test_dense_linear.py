@@ -37,14 +37,17 @@ def fresh_gen() -> torch.Generator:
 
 
 def bound(variant: str, fmt: str, T: int, K: int, backend) -> float:
-    if variant not in DOT_VARIANTS or fmt == "fp32":
-        return FP32_BOUND  # no dot kernels: every format on the fp32 path
+    if fmt == "fp32":
+        return FP32_BOUND
+    if fmt.startswith("int") or fmt in BLOCKS:  # the integer dot path, every variant
+        return tolerance(fmt) if T > 4 or K >= INT8_DECODE_MIN_K else FP32_BOUND
+    if variant not in DOT_VARIANTS:
+        return FP32_BOUND  # no vdpbf16ps kernels: float formats on the fp32 path
     if T > 4:
         return tolerance(fmt)
     if fmt == "fp8_e4m3" and backend.fp8_vbmi:
         return FP8_SPLIT_BOUND
-    int_fmt = fmt.startswith("int") or fmt in BLOCKS
-    return tolerance(fmt) if int_fmt and K >= INT8_DECODE_MIN_K else FP32_BOUND
+    return FP32_BOUND
 
 
 def check(backend, variant, fmt, N, K, T, *, bias: bool, dtype=torch.float32):

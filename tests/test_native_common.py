@@ -13,7 +13,8 @@ INVENTORY = detect_inventory()
 # Every variant this CPU can execute and that is built: the tests run each of them (lower ones forced).
 RUNNABLE = [v for v in VARIANTS if is_built(v) and not missing_features(v, INVENTORY)]
 BACKEND_OF = {"avx2": "cpu.avx2", "avx512": "cpu.avx512", "avx512_bf16": "cpu.avx512", "amx": "cpu.amx"}
-# Variants whose prefill uses vdpbf16ps (bf16 activations) and vpdpbusd (int8 activations).
+# Variants with vdpbf16ps kernels (bf16 activations: bf16 / fp16 / fp8 prefill, bf16 and fp8 decode). The
+# integer dot path (int8 activations) runs on every variant: vpdpbusd on these, vpmaddubsw on the others.
 DOT_VARIANTS = ("avx512_bf16", "amx")
 
 needs_native = pytest.mark.skipif(not RUNNABLE, reason="no native kernel variant is built for this CPU "
