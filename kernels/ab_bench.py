@@ -32,14 +32,13 @@ BACKEND_OF = {"avx2": "cpu.avx2", "avx512": "cpu.avx512", "avx512_bf16": "cpu.av
 
 def host_variant() -> str:
     """The best variant below AMX this CPU runs (AMX's kernels differ in prefill only)."""
-    from moetier.backends.native import missing_features
+    from moetier.backends.native import runnable_variants
     from moetier.hardware import detect_inventory
 
-    inv = detect_inventory()
-    runnable = [v for v in ("avx512_bf16", "avx512", "avx2") if not missing_features(v, inv)]
+    runnable = [v for v in runnable_variants(detect_inventory()) if v != "amx"]
     if not runnable:
         raise SystemExit("this CPU runs none of the kernel variants")
-    return runnable[0]
+    return runnable[-1]
 
 
 def build(out_dir: Path, variant: str, defines: tuple[str, ...] = ()) -> Path:
