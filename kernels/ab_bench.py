@@ -73,11 +73,13 @@ class _OlderBuild:
         return getattr(self._module, name)
 
     def MoELayer(self, *args, **kwargs):  # noqa: N802 (the extension's class name)
-        for n in range(len(args), 0, -1):
-            try:
-                return self._module.MoELayer(*args[:n], **kwargs)
-            except TypeError:
-                continue
+        newer = {k: kwargs.pop(k) for k in ("capacity",) if k in kwargs}  # options older builds lack
+        for extra in (newer, {}):
+            for n in range(len(args), 0, -1):
+                try:
+                    return self._module.MoELayer(*args[:n], **kwargs, **extra)
+                except TypeError:
+                    continue
         raise TypeError("no MoELayer signature of this build accepts the arguments")
 
 

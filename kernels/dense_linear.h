@@ -46,6 +46,7 @@ class DenseLinear {
     // W in the reference storage (see PanelSource), its scales (or null), bias fp32 [N] (or null). Once.
     void pack(const uint8_t* data, const float* scales, const float* bias) {
         if (mem_) throw std::invalid_argument("the matrix is already packed");
+        arena_.expect(size_t(g_.bytes()));  // exactly this matrix
         uint8_t* mem = arena_.allocate(size_t(g_.bytes()), 0, 1);
         std::vector<PanelSource> src(g_.panels);
         for (int p = 0; p < g_.panels; ++p) src[p] = {data, scales, p};

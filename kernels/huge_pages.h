@@ -13,9 +13,14 @@ namespace moetier_os {
 
 constexpr size_t HUGE_PAGE = size_t(2) << 20;
 
-inline size_t round_up_huge(size_t bytes) { return (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
+constexpr size_t SMALL_PAGE = size_t(4) << 10;
 
-// `bytes` (a multiple of HUGE_PAGE) at a 2 MiB boundary: over-map by one huge page and trim both ends.
+inline size_t round_up_huge(size_t bytes) { return (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
+inline size_t round_up_small(size_t bytes) { return (bytes + SMALL_PAGE - 1) / SMALL_PAGE * SMALL_PAGE; }
+
+// `bytes` (a multiple of 4 KiB) at a 2 MiB boundary: over-map by one huge page and trim both ends. The
+// whole 2 MiB ranges get huge pages; a tail shorter than one stays in 4 KiB pages (a huge page there
+// would make resident memory up to 2 MiB larger than the buffer).
 inline uint8_t* map_huge(size_t bytes) {
     const size_t span = bytes + HUGE_PAGE;
     void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

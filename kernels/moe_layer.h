@@ -49,11 +49,12 @@ constexpr int TILE_ROW_PAD = AMX_TOKENS;  // rows past the last one that AMX til
 // Memory for packed experts: huge-page chunks (huge_pages.h) shared by the experts of a layer, so huge
 // pages back all of it (an expert in a mapping of its own is rarely 2 MiB-aligned: a 2.6 MiB int4 expert
 // got at most one huge page). On a multi-node machine each node has its own chunks, preferred on that
-// node's memory. Untouched parts of a chunk cost address space only.
+// node's memory. Untouched parts of a chunk cost address space only; its size follows the number of experts
+// the caller will pack (a disk-cache entry of one expert maps just that expert, not 64 MiB).
 class NodeBuffer {
    public:
     NodeBuffer(size_t bytes, int node, int num_nodes)
-        : bytes_(moetier_os::round_up_huge(bytes)), ptr_(moetier_os::map_huge(bytes_)) {
+        : bytes_(moetier_os::round_up_small(bytes)), ptr_(moetier_os::map_huge(bytes_)) {
 #ifdef SYS_mbind
         if (num_nodes > 1 && node >= 0 && node < 64) {
             unsigned long mask = 1ul << node;
@@ -77,6 +78,8 @@ class ExpertArena {
    public:
     static constexpr size_t CHUNK = size_t(64) << 20;
     static constexpr size_t ALIGN = 4096;
+    // The chunk for `bytes` total (what the owner expects to allocate), capped at CHUNK.
+    void expect(size_t bytes) { chunk_ = std::min(CHUNK, moetier_os::round_up_small(std::max<size_t>(bytes, 1))); }
     uint8_t* allocate(size_t bytes, int node, int num_nodes) {
         std::lock_guard<std::mutex> lk(m_);
         const size_t n = size_t(std::max(0, node));
@@ -84,7 +87,7 @@ class ExpertArena {
         Open& o = open_[n];
         const size_t need = size_t(round_up(int64_t(bytes), ALIGN));
         if (!o.chunk || o.used + need > o.chunk->size()) {
-            chunks_.push_back(std::make_unique<NodeBuffer>(std::max(CHUNK, need), int(n), num_nodes));
+            chunks_.push_back(std::make_unique<NodeBuffer>(std::max(chunk_, need), int(n), num_nodes));
             o = Open{chunks_.back().get(), 0};
         }
         uint8_t* p = o.chunk->data() + o.used;
@@ -97,6 +100,7 @@ class ExpertArena {
         NodeBuffer* chunk = nullptr;
         size_t used = 0;
     };
+    size_t chunk_ = CHUNK;
     std::mutex m_;
     std::vector<std::unique_ptr<NodeBuffer>> chunks_;
     std::vector<Open> open_;
@@ -168,7 +172,7 @@ class MoELayer {
     // keeps some down matrices in Q6_K): each projection has its own geometry and kernel path.
     // fp8_vbmi: compute fp8 with the VBMI kernels (fp8_vbmi.h) where this build and CPU can.
     MoELayer(int num_experts, int H, int I, MatFormat gate_up, MatFormat down, int act, float alpha, float limit,
-             bool has_bias, bool int8_activations, bool fp8_vbmi = true)
+             bool has_bias, bool int8_activations, bool fp8_vbmi = true, int capacity = 0)
         : num_experts_(num_experts), H_(H), I_(I), act_(act), alpha_(alpha), limit_(limit),
           has_bias_(has_bias), int8_acts_(int8_activations), gu_(gate_up, I, H),
           dn_(down, H, I), gu_deq_(MatFormat{BF16}, I, gu_.Kp), dn_deq_(MatFormat{BF16}, H, dn_.Kp) {
@@ -181,6 +185,9 @@ class MoELayer {
         dn_.fp8_pairs = dn_.fmt == FP8 && vbmi;
 #endif
         fp8_vbmi_ = gu_.fp8_pairs || dn_.fp8_pairs;
+        // capacity: how many experts will be packed (0: all of them); expert_bytes follows the fp8 layout.
+        const size_t n = size_t(capacity > 0 ? std::min(capacity, num_experts) : num_experts);
+        arena_.expect(n * moetier_os::round_up_small(size_t(expert_bytes())));
     }
 
     const Geometry& gate_up_geometry() const { return gu_; }

@@ -241,17 +241,20 @@ PYBIND11_MODULE(MOETIER_MODULE, m) {
     py::class_<MoELayer>(m, "MoELayer", py::module_local())
         .def(py::init([](int num_experts, int hidden, int intermediate, const std::string& fmt,
                          const std::string& activation, float alpha, float limit, bool has_bias,
-                         bool int8_activations, bool fp8_vbmi, const std::optional<std::string>& down_fmt) {
+                         bool int8_activations, bool fp8_vbmi, const std::optional<std::string>& down_fmt,
+                         int capacity) {
+                 if (capacity < 0) throw std::invalid_argument("capacity must be >= 0 (0: every expert)");
                  const MatFormat f = parse_format(fmt);
                  const MatFormat d = down_fmt ? parse_format(*down_fmt) : f;
                  return new MoELayer(num_experts, hidden, intermediate, f, d, activation_code(activation), alpha, limit,
-                                     has_bias, int8_activations, fp8_vbmi);
+                                     has_bias, int8_activations, fp8_vbmi, capacity);
              }),
              py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("fmt"),
              py::arg("activation") = "silu", py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f,
              py::arg("has_bias") = false, py::arg("int8_activations") = true, py::arg("fp8_vbmi") = true,
-             py::arg("down_fmt") = py::none(),
-             "fmt: the gate/up matrices' packed layout; down_fmt: the down matrix's (None: the same)")
+             py::arg("down_fmt") = py::none(), py::arg("capacity") = 0,
+             "fmt: the gate/up matrices' packed layout; down_fmt: the down matrix's (None: the same); capacity: "
+             "how many experts will be packed (0: all), which sizes the memory mapped for them")
         .def_property_readonly("expert_bytes", &MoELayer::expert_bytes, "packed bytes of one expert")
         .def_property_readonly("num_slots", &MoELayer::num_slots)
         .def_property_readonly("int8_activations", &MoELayer::int8_activations)

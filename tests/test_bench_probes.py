@@ -52,6 +52,18 @@ def test_read_isa_follows_the_inventory():
         assert probes.read_isa(without("avx512f")) == "avx2"
 
 
+def test_a_recorded_wider_cpu_never_picks_a_read_loop_this_cpu_lacks():
+    # The probe measures this machine: a recorded AMX server's inventory must not select zmm loads here.
+    from pathlib import Path
+
+    from moetier.hardware import load_inventory
+
+    server = load_inventory(Path(__file__).parent / "inventories" / "xeon_amx_2socket_rtx4090.json")
+    isa = probes.read_isa(server)
+    assert isa == ("avx512" if inventory.cpu.has("avx512f") else "avx2" if inventory.cpu.has("avx2") else "sse2")
+    assert min(probes.read_bandwidth(server, 1, nbytes=16 << 20, repeats=1)) > 0
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_dot_peaks_are_plausible(kind, threads):

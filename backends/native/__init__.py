@@ -7,7 +7,6 @@ CPU lacks, or an unknown one, raises KernelVariantError instead of loading anyth
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -101,13 +100,6 @@ def choose_variant(candidates: tuple[str, ...], inventory) -> str:
     raise KernelVariantError("no usable native variant: " + "; ".join(reasons))
 
 
-@functools.lru_cache(maxsize=1)
-def _host_cpu():
-    from moetier.hardware.detect import detect_cpu
-
-    return detect_cpu([])
-
-
 def load_variant(variant: str, inventory=None) -> ModuleType:
     """Import the extension of `variant` after checking that this CPU can execute it.
 
@@ -122,7 +114,9 @@ def load_variant(variant: str, inventory=None) -> ModuleType:
     missing = missing_features(variant, inventory)
     if missing:
         raise KernelVariantError(f"refusing to load kernel variant {variant}: this CPU lacks {', '.join(missing)}")
-    host = _host_cpu()
+    from moetier.hardware.detect import host_cpu
+
+    host = host_cpu()
     host_missing = [f"x86 CPU (this is {host.arch})"] if not host.is_x86 else host.missing(*VARIANT_FEATURES[variant])
     if host_missing:
         raise KernelVariantError(f"refusing to load kernel variant {variant}: the inventory in use allows it, but "

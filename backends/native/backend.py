@@ -148,11 +148,11 @@ class NativeBackend(ExpertBackend):
         gu, dn = fmt.gate_up, fmt.down  # a mixed format packs each projection in its own layout
         gu.check_in_features(layer.hidden_size)  # block formats: rows of whole blocks (gate/up rows are H
         dn.check_in_features(layer.intermediate_size)  # long, down rows I)
+        ids = sorted(experts)
         packed = self._ext.MoELayer(layer.num_experts, layer.hidden_size, layer.intermediate_size,
                                     _layout(gu), layer.activation,
                                     float(layer.swiglu_alpha), float(layer.swiglu_limit), bool(layer.has_bias),
-                                    self.int8_activations, self.fp8_vbmi, down_fmt=_layout(dn))
-        ids = sorted(experts)
+                                    self.int8_activations, self.fp8_vbmi, down_fmt=_layout(dn), capacity=len(ids))
 
         def add(i_e):
             i, e = i_e

@@ -37,13 +37,17 @@ def _module():
 
 
 def read_isa(inventory: HardwareInventory) -> str:
-    """The widest read loop this CPU runs (wider loads need fewer instructions per byte; DRAM is the limit)."""
-    if not inventory.cpu.is_x86:
-        raise KernelVariantError(f"the bench probes are x86-only; this CPU is {inventory.cpu.arch}")
-    if inventory.cpu.has("avx512f"):
-        return "avx512"
-    if inventory.cpu.has("avx2"):
-        return "avx2"
+    """The widest read loop both the inventory's CPU and the CPU running this process run (wider loads need
+    fewer instructions per byte; DRAM is the limit). The probe measures this machine: a recorded inventory
+    of a wider CPU must not pick a loop this one cannot execute."""
+    from ..hardware.detect import host_cpu
+
+    for cpu in (inventory.cpu, host_cpu()):
+        if not cpu.is_x86:
+            raise KernelVariantError(f"the bench probes are x86-only; this CPU is {cpu.arch}")
+    for isa, feature in (("avx512", "avx512f"), ("avx2", "avx2")):
+        if inventory.cpu.has(feature) and host_cpu().has(feature):
+            return isa
     return "sse2"
 
 

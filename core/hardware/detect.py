@@ -2,6 +2,7 @@
 becomes a note in the inventory."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -94,6 +95,13 @@ def _meminfo(text: str | None) -> dict[str, int]:
         if parts and parts[0].isdigit():
             out[key.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu() -> CpuInfo:
+    """The CPU running this process, whatever inventory the caller works with: code that executes
+    instructions (kernels, probes) is checked against it, never against a recorded inventory."""
+    return detect_cpu([])
 
 
 def detect_cpu(notes: list[str]) -> CpuInfo:
