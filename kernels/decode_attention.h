@@ -80,12 +80,6 @@ MOE_INLINE void load_row(const uint8_t* src, bool bf16, int n, float scale, floa
     for (; i < round16(n); ++i) dst[i] = 0.f;
 }
 
-MOE_INLINE float dot(const float* a, const float* b, int n16) {
-    V acc = vzero();
-    for (int i = 0; i < n16; i += 16) acc = vfma(vload(a + i), vload(b + i), acc);
-    return vhsum(acc);
-}
-
 // exp(s - m), exactly 0 where s is -inf: vexp clamps its argument, and a masked key must weigh nothing,
 // not exp(-87).
 MOE_INLINE V exp_or_zero(V s, V m) {
@@ -160,7 +154,22 @@ MOE_INLINE void scores16(const float* q, const float* kblk, int Dp, float* out) 
     }
     reduce16(acc, out);
 #else
-    for (int j = 0; j < 16; ++j) out[j] = dot(q, kblk + size_t(j) * Dp, Dp);
+    // Two blocks of 8 keys, one ymm accumulator each, reduced together by two levels of vhaddps (a
+    // horizontal sum per key was most of a decode step's attention on AVX2).
+    for (int h = 0; h < 2; ++h) {
+        const float* kb = kblk + size_t(8 * h) * Dp;
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+        for (int i = 0; i < Dp; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + size_t(j) * Dp + i), acc[j]);
+        }
+        // Each 128-bit half of u0 holds keys 0-3's partial sums over that half's lanes, u1 keys 4-7's.
+        const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        _mm256_storeu_ps(out + 8 * h, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                                    _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
 #endif
 }
 
@@ -182,7 +191,7 @@ MOE_INLINE void scores16_bf16(const uint16_t* q, const uint16_t* const* krows, i
 
 // out[Dvp] (+)= sum_j p[j] vblk[j] over n keys, 128 values at a time in registers.
 MOE_INLINE void weighted_values(const float* p, const float* vblk, int n, int Dvp, float* out, bool first) {
-    constexpr int W = 8;  // vectors per register block
+    constexpr int W = kAvx512 ? 8 : 4;  // vectors per register block (16 zmm or ymm registers of the 32 or 16)
     for (int d = 0; d < Dvp; d += 16 * W) {
         const int vecs = std::min(W, (Dvp - d) / 16);
         V acc[W];
