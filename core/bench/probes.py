@@ -42,11 +42,12 @@ def read_isa(inventory: HardwareInventory) -> str:
     of a wider CPU must not pick a loop this one cannot execute."""
     from ..hardware.detect import host_cpu
 
-    for cpu in (inventory.cpu, host_cpu()):
+    cpus = (inventory.cpu, host_cpu())
+    for cpu in cpus:
         if not cpu.is_x86:
             raise KernelVariantError(f"the bench probes are x86-only; this CPU is {cpu.arch}")
     for isa, feature in (("avx512", "avx512f"), ("avx2", "avx2")):
-        if inventory.cpu.has(feature) and host_cpu().has(feature):
+        if all(cpu.has(feature) for cpu in cpus):
             return isa
     return "sse2"
 
