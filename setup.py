@@ -51,4 +51,14 @@ def extensions():
     return exts
 
 
-setup(packages=packages(), ext_modules=extensions(), cmdclass={"build_ext": build_ext})
+class ParallelBuildExt(build_ext):
+    """Builds the extensions side by side: each kernel variant is one large translation unit, so
+    ParallelCompile (parallel objects within an extension) leaves all cores but one idle."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
+
+
+setup(packages=packages(), ext_modules=extensions(), cmdclass={"build_ext": ParallelBuildExt})

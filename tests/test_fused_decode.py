@@ -173,9 +173,12 @@ def test_backends_without_the_ops_say_so():
 # ---- the fused layers in a whole model -------------------------------------------------------------------
 
 def _unfuse(model) -> None:
-    """Back to transformers' own layer forwards (the fusion is an instance attribute over the class's)."""
+    """Back to transformers' own layer and model forwards (the fusions are instance attributes over the
+    classes')."""
     for name in model.moetier_fused_decode:
         del model.get_submodule(name).forward
+    if model.moetier_fused_model:
+        del model.forward
 
 
 # Each fused layer class with what sets it apart: Qwen3 per-head q/k norms and the fused router; Qwen2-MoE
@@ -192,10 +195,12 @@ FUSED_MODELS = [("qwen", "Qwen3-30B-A3B", "default"), ("qwen", "Qwen1.5-MoE-A2.7
 @pytest.mark.parametrize("family,version,quant", FUSED_MODELS, ids=[v for _, v, _ in FUSED_MODELS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_fused_layers_generate_what_the_layers_do(prepared, family, version, quant, dtype):
-    """On the selected backend every decoder layer of these families is fused; decode steps (and only those)
-    take the fused path, one rotary call for q and one for k per layer and step; greedy tokens over a static
-    and a dynamic cache equal those of the same model with the fusion undone, and the logits agree within
-    the dtype's rounding of sums taken in another order (the router's)."""
+    """On the selected backend every decoder layer of these families is fused, and so is the model's decode
+    forward; decode steps (and only those) take the fused path, one rotary call for q and one for k per
+    layer and step, the model's own wrapper skipped on every step over a static cache (generate's 4D
+    masks) and on none over a dynamic one (2D masks: the model makes them); greedy tokens over both
+    caches equal those of the same model with both fusions undone, and the logits agree within the
+    dtype's rounding of sums taken in another order (the router's)."""
     p = prepared(family, version, quant, "bf16")
     model = load(p.folder, dtype=dtype, threads=1, progress=False)
     try:
@@ -205,9 +210,13 @@ def test_fused_layers_generate_what_the_layers_do(prepared, family, version, qua
             pytest.skip(f"{backend.name} does not compute the fused decode's operations")
         layers = len(model.model.layers)
         assert model.moetier_fused_decode == [f"model.layers.{i}" for i in range(layers)]
-        calls = []
+        assert model.moetier_fused_model
+        calls, steps = [], []
         real = backend.compute_rotary
         backend.compute_rotary = lambda x, *a: calls.append(x.shape[0]) or real(x, *a)
+        step = model.forward.fused
+        real_step = step.forward
+        step.forward = lambda ids, *a: steps.append(ids.shape[1]) or real_step(ids, *a)
         runs = {}
         for fused in (True, False):
             if not fused:
@@ -215,8 +224,10 @@ def test_fused_layers_generate_what_the_layers_do(prepared, family, version, qua
             for cache in ("static", "dynamic"):
                 model.generation_config.cache_implementation = cache
                 calls.clear()
+                steps.clear()
                 runs[fused, cache] = greedy(model)
                 assert calls == ([1] * 2 * layers * (NEW_TOKENS - 1) if fused else []), (fused, cache)
+                assert steps == ([1] * (NEW_TOKENS - 1) if fused and cache == "static" else []), (fused, cache)
         bound = 2e-2 if dtype == torch.bfloat16 else 1e-5
         for cache in ("static", "dynamic"):
             (tokens, logits), (want, want_logits) = runs[True, cache], runs[False, cache]
@@ -239,6 +250,32 @@ def test_fused_layers_in_moetiers_generate(prepared):
         _unfuse(model)
         plain, _ = generate(model, torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, pad_token_id=0)
         assert torch.equal(fused, plain)
+    finally:
+        model.moetier_experts.close()
+
+
+def test_fused_model_forward_leaves_other_forwards_to_the_model(prepared):
+    """Decode forwards that ask for more than the logits (hidden states here) or carry gradients run the
+    model's own forward: its outputs are all there, and the fused step never ran."""
+    p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
+    model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False)
+    try:
+        if not model.moetier_fused_model:
+            pytest.skip("no fused model forward on this machine's backend")
+        steps = []
+        step = model.forward.fused
+        real_step = step.forward
+        step.forward = lambda ids, *a: steps.append(ids.shape[1]) or real_step(ids, *a)
+        model.generation_config.cache_implementation = "static"
+        ids = torch.tensor(PROMPT)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                                 output_hidden_states=True, return_dict_in_generate=True)
+        assert steps == [] and len(out.hidden_states) == 4
+        assert len(out.hidden_states[-1]) == len(model.model.layers) + 1
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert steps == [1, 1, 1]
     finally:
         model.moetier_experts.close()
 

@@ -509,7 +509,8 @@ def run_model_bench(config: ModelBenchConfig, folder: Path, *, registry, invento
         routed = model.moetier_dense
         if model.moetier_fused_decode:
             notes.append(f"{label} {fmt}: {len(model.moetier_fused_decode)} decoder layers fused for decode "
-                         "(moetier.integrations.transformers.decode_layer)")
+                         "(moetier.integrations.transformers.decode_layer)"
+                         + ("; the model's decode forward too (decode_model)" if model.moetier_fused_model else ""))
         this_load = time.perf_counter() - t0
         model.eval()
         bound = check_bound(fmt)

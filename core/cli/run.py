@@ -231,6 +231,8 @@ def run(args) -> int:
                   f"; attention {model.config._attn_implementation} (transformers)")
         if model.moetier_fused_decode:
             where += f"; {len(model.moetier_fused_decode)} decoder layers fused for decode"
+            if model.moetier_fused_model:
+                where += " (the model's wrapper too)"
         print(f"experts  {tiers or 'none'} ({backend}; {where}, {str(model.dtype).removeprefix('torch.')})",
               file=err)
     finally:

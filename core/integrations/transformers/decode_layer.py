@@ -46,7 +46,7 @@ MLA_LAYERS = ("DeepseekV3DecoderLayer", "Glm4MoeLiteDecoderLayer")
 MLA_NORMS = ("DeepseekV3RMSNorm", "Glm4MoeLiteRMSNorm")
 
 
-def _rms(module) -> tuple[torch.Tensor, float]:
+def rms_params(module) -> tuple[torch.Tensor, float]:
     return module.weight.detach().contiguous(), float(module.variance_epsilon)
 
 
@@ -74,12 +74,12 @@ class FusedDecode:
             if module is None:
                 continue
             if module.weight.numel() == D:
-                setattr(self, name, _rms(module))
+                setattr(self, name, rms_params(module))
             else:
-                setattr(self, f"whole_{name}", _rms(module))
+                setattr(self, f"whole_{name}", rms_params(module))
         self.sliding_window = getattr(attn, "sliding_window", None)
-        self.input_norm = _rms(layer.input_layernorm)
-        self.post_norm = _rms(layer.post_attention_layernorm)
+        self.input_norm = rms_params(layer.input_layernorm)
+        self.post_norm = rms_params(layer.post_attention_layernorm)
         self.mlp = layer.mlp
         router = getattr(layer.mlp, "gate", None)
         self.experts = getattr(getattr(layer.mlp, "experts", None), RUNTIME_ATTR, None)
@@ -135,10 +135,10 @@ class FusedMLADecode:
         self.layer_idx = attn.layer_idx
         self.nope, self.rope, self.rank = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
         self.kv_a, self.o = attn.kv_a_proj_with_mqa.packed, attn.o_proj.packed
-        self.q_a, self.q_b, self.q_a_norm = attn.q_a_proj.packed, attn.q_b_proj.packed, _rms(attn.q_a_layernorm)
-        self.kv_a_norm = _rms(attn.kv_a_layernorm)
-        self.input_norm = _rms(layer.input_layernorm)
-        self.post_norm = _rms(layer.post_attention_layernorm)
+        self.q_a, self.q_b, self.q_a_norm = attn.q_a_proj.packed, attn.q_b_proj.packed, rms_params(attn.q_a_layernorm)
+        self.kv_a_norm = rms_params(attn.kv_a_layernorm)
+        self.input_norm = rms_params(layer.input_layernorm)
+        self.post_norm = rms_params(layer.post_attention_layernorm)
         self.interleave = bool(attn.config.rope_interleave)
 
     def _rope_dims(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,4 +229,5 @@ def _forward(original, fused: FusedDecode):
                 ("cache", "past_key_values", "position_embeddings", "position_ids", "use_cache", "attention_mask")}
         return fused.decode(hidden_states, kwargs.get("attention_mask"), cache, embeddings, rest)
 
+    forward.fused = fused  # the whole-model decode (decode_model) calls it directly
     return forward

@@ -26,7 +26,7 @@ from ...formats import get_format
 from . import attention as attention_mod
 from . import dense as dense_mod
 from . import experts as experts_mod
-from . import decode_layer, mla, quantizer
+from . import decode_layer, decode_model, mla, quantizer
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -429,6 +429,7 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
     hf_model.moetier_dense = dense_mod.DenseRouting(None, None)
     hf_model.moetier_attention = None  # the backend whose kernels compute decode attention, if any
     hf_model.moetier_fused_decode = []  # decoder layers whose decode steps run as one call sequence
+    hf_model.moetier_fused_model = False  # whether decode forwards skip transformers' model wrapper
     hf_model.moetier_mla = mla.absorb_mla(hf_model)  # decode without expanding the latent cache
     if dev.type == "cpu" and openmp.workers_may_spin() and torch.get_num_threads() > 1:
         warnings.warn(openmp.SPIN_ADVICE, RuntimeWarning, stacklevel=2)
@@ -458,6 +459,8 @@ def load(model: str | os.PathLike, plan=None, *, dtype: torch.dtype = torch.bflo
                 attention_mod.route_attention(hf_model, attention_backend)
             if dense_backend is not None:  # (layers whose attention the dense backend does not compute stay)
                 hf_model.moetier_fused_decode = decode_layer.fuse_decode_layers(hf_model, dense_backend, dtype)
+                hf_model.moetier_fused_model = decode_model.fuse_decode_model(
+                    hf_model, hf_model.moetier_fused_decode, dense_backend, dtype)
             if dense_backend is not None or attention_backend is not None:
                 cpu_backends = [b for b in experts.backends.values() if b.device.type == "cpu"]
                 hf_model.moetier_decode_threads = dense_mod.DecodeThreads(hf_model, cpu_backends)
