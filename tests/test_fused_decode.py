@@ -255,8 +255,9 @@ def test_fused_layers_in_moetiers_generate(prepared):
 
 
 def test_fused_model_forward_leaves_other_forwards_to_the_model(prepared):
-    """Decode forwards that ask for more than the logits (hidden states here) or carry gradients run the
-    model's own forward: its outputs are all there, and the fused step never ran."""
+    """Decode forwards that ask for more than the logits (hidden states here) run the model's own forward:
+    its outputs are all there, and the fused step never ran. Plain ones take the fused step, and the
+    prompt's forward computes the LM head on its last token only, as for the model itself."""
     p = prepared("qwen", "Qwen3-30B-A3B", "default", "bf16")
     model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False)
     try:
@@ -273,9 +274,13 @@ def test_fused_model_forward_leaves_other_forwards_to_the_model(prepared):
                                  output_hidden_states=True, return_dict_in_generate=True)
         assert steps == [] and len(out.hidden_states) == 4
         assert len(out.hidden_states[-1]) == len(model.model.layers) + 1
+        # generate still sees the model's signature: the prompt's logits on its last token only.
+        rows = []
+        real_head = model.lm_head.forward
+        model.lm_head.forward = lambda x: rows.append(x.shape[1]) or real_head(x)
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-        assert steps == [1, 1, 1]
+        assert steps == [1, 1, 1] and rows == [1, 1, 1, 1]
     finally:
         model.moetier_experts.close()
 

@@ -17,6 +17,8 @@ transformers version: the tests compare the tokens and logits with the forward u
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .decode_layer import MLA_NORMS, NORMS, FusedDecode, FusedMLADecode, rms_params
@@ -94,6 +96,9 @@ def fuse_decode_model(model: torch.nn.Module, fused_names: list[str], backend, d
     step = FusedModelDecode(model, fused, backend, dtype)
     original = model.forward
 
+    # The original's signature stays visible: generate inspects it (with logits_to_keep there, a prefill
+    # computes the LM head on its last token only, not on all of them).
+    @functools.wraps(original)
     def forward(*args, **kwargs):
         ids = kwargs.get("input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
