@@ -254,6 +254,56 @@ def test_fused_layers_in_moetiers_generate(prepared):
         model.moetier_experts.close()
 
 
+@pytest.mark.parametrize("family,version,quant", FUSED_MODELS, ids=[v for _, v, _ in FUSED_MODELS])
+def test_moetiers_greedy_loop_is_transformers_greedy_search(prepared, family, version, quant):
+    """moetier's generate runs its own greedy loop over the fused model forward where transformers' greedy
+    search would be an argmax per step (full attention, no logits processors): the same tokens as
+    transformers' generate on the same model, an end token stops both (and is kept), the streamer gets
+    the prompt then each token. Sliding-window layers or a repetition penalty leave it to transformers."""
+    from moetier.integrations.transformers import generation
+
+    p = prepared(family, version, quant, "bf16")
+    model = load(p.folder, dtype=torch.bfloat16, threads=1, progress=False)
+    try:
+        if not model.moetier_fused_model:
+            pytest.skip("no fused model forward on this machine's backend")
+        config = model.config.get_text_config()
+        full = all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
+        assert generation._own_greedy_loop(model) == full
+        ids = torch.tensor(PROMPT)
+        with torch.inference_mode():
+            want = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                                  attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
+        hf_calls = []
+        real_generate = model.generate
+        model.generate = lambda *a, **k: hf_calls.append(1) or real_generate(*a, **k)
+
+        class Tokens:
+            def __init__(self):
+                self.seen, self.ended = [], False
+
+            def put(self, value):
+                self.seen.append(value.reshape(-1).tolist())
+
+            def end(self):
+                self.ended = True
+
+        stream = Tokens()
+        got, times = generate(model, ids, max_new_tokens=NEW_TOKENS, pad_token_id=0, streamer=stream)
+        assert hf_calls == ([] if full else [1])
+        assert torch.equal(got, want)
+        assert times.new_tokens == want.numel() and stream.ended  # (want may end at the config's end token)
+        assert stream.seen == [PROMPT[0]] + [[int(t)] for t in want]
+        stop = int(want[want.numel() // 2])
+        first = int((want == stop).nonzero()[0, 0])
+        got, _ = generate(model, ids, max_new_tokens=NEW_TOKENS, pad_token_id=0, eos_token_id=stop)
+        assert torch.equal(got, want[:first + 1])
+        model.generation_config.repetition_penalty = 1.3
+        assert not generation._own_greedy_loop(model)
+    finally:
+        model.moetier_experts.close()
+
+
 def test_fused_model_forward_leaves_other_forwards_to_the_model(prepared):
     """Decode forwards that ask for more than the logits (hidden states here) run the model's own forward:
     its outputs are all there, and the fused step never ran. Plain ones take the fused step, and the
