@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .decode_layer import MLA_NORMS, NORMS, FusedDecode, FusedMLADecode, rms_params
+from .decode_layer import MLA_NORMS, NORMS, rms_params
 from .dense import DECODE_TOKENS, MoetierLinear
 
 MODELS = ("Qwen3MoeModel", "Qwen2MoeModel", "Glm4MoeModel", "MiniMaxM2Model", "DeepseekV3Model", "Glm4MoeLiteModel")
@@ -43,8 +43,9 @@ class FusedModelDecode:
         self.output = CausalLMOutputWithPast
         self.cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         self.embed, self.rotary, self.lm_head = inner.embed_tokens, inner.rotary_emb, model.lm_head
-        self.fused, self.backend, self.dtype = fused, backend, dtype
-        self.layer_types = getattr(inner.config, "layer_types", None)
+        self.fused, self.backend = fused, backend
+        types = getattr(inner.config, "layer_types", None)
+        self.layer_types = None if types is None else list(types[:len(fused)])
         norm = inner.norm
         # The final norm on the kernels when it is the Llama-family formula, else the module itself.
         self.norm = rms_params(norm) if type(norm).__name__ in NORMS + MLA_NORMS and norm.weight.dtype == dtype \
@@ -56,8 +57,8 @@ class FusedModelDecode:
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
             return [attention_mask] * len(self.fused)
         if isinstance(attention_mask, dict) and self.layer_types is not None \
-                and all(t in attention_mask for t in self.layer_types[:len(self.fused)]):
-            return [attention_mask[t] for t in self.layer_types[:len(self.fused)]]
+                and all(t in attention_mask for t in self.layer_types):
+            return [attention_mask[t] for t in self.layer_types]
         return None
 
     def forward(self, input_ids: torch.Tensor, masks: list, position_ids, cache, logits_to_keep):
@@ -75,25 +76,17 @@ class FusedModelDecode:
         return self.output(logits=self.lm_head(hidden[:, keep, :]), **{self.cache_field: cache})
 
 
-def _supported(model: torch.nn.Module, fused_names: list[str]) -> bool:
-    inner = getattr(model, "model", None)
-    if type(inner).__name__ not in MODELS or not isinstance(getattr(model, "lm_head", None), MoetierLinear):
-        return False
-    layers = list(inner.layers[: inner.config.num_hidden_layers])
-    return fused_names == [f"model.layers.{i}" for i in range(len(layers))]
-
-
 def fuse_decode_model(model: torch.nn.Module, fused_names: list[str], backend, dtype: torch.dtype) -> bool:
     """Give `model` (a causal LM) the fused decode forward when its base model is one of MODELS, all its
     decoder layers are fused (`fused_names`, as fuse_decode_layers returned them) and its LM head is on
     the kernels; returns whether it did."""
-    if not _supported(model, fused_names):
+    inner = getattr(model, "model", None)
+    if type(inner).__name__ not in MODELS or not isinstance(getattr(model, "lm_head", None), MoetierLinear):
         return False
-    layers = model.model.layers[: model.model.config.num_hidden_layers]
-    fused = [layer.forward.fused for layer in layers]
-    if not all(isinstance(f, (FusedDecode, FusedMLADecode)) for f in fused):
+    layers = inner.layers[: inner.config.num_hidden_layers]
+    if fused_names != [f"model.layers.{i}" for i in range(len(layers))]:
         return False
-    step = FusedModelDecode(model, fused, backend, dtype)
+    step = FusedModelDecode(model, [layer.forward.fused for layer in layers], backend, dtype)
     original = model.forward
 
     # The original's signature stays visible: generate inspects it (with logits_to_keep there, a prefill
